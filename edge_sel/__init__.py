@@ -1,0 +1,31 @@
+"""edge_sel: on-device inference for selection workloads (reranking, KV-bounded generation).
+
+``edge_sel.export(model, out, task="rerank")`` (needs the ``export`` extra: torch),
+``edge_sel.Bundle.open(path)``, ``edge_sel.Reranker(bundle, memory_budget="128MB").rank(query, docs)``.
+Importing ``edge_sel`` never imports torch.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .bundle import Bundle
+from .errors import BudgetError, BundleError, EdgeSelError, InputError, ModelNotFoundError
+
+
+def export(model, out, task: str = "rerank", **kwargs):
+    """Export a model to a bundle (see :func:`edge_sel.export.export`). Imports torch lazily."""
+    from edge_sel.export import export as _export
+
+    return _export(model, out, task=task, **kwargs)
+
+
+def __getattr__(name):
+    if name == "Reranker":
+        from .runtime import Reranker
+
+        return Reranker
+    raise AttributeError(f"module 'edge_sel' has no attribute {name!r}")
+
+
+__all__ = ["Bundle", "Reranker", "export", "EdgeSelError", "BundleError", "BudgetError", "InputError", "ModelNotFoundError"]

@@ -1,0 +1,290 @@
+"""The ``edge-sel`` command line. Every subcommand has ``--help`` with examples.
+
+User errors (bad input, missing files, infeasible budgets) print one message and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from .errors import EdgeSelError
+from .units import format_size, parse_size
+
+EXAMPLES = {
+    "models": """examples:
+  edge-sel models list
+  edge-sel models fetch all-minilm-l6-v2
+  edge-sel models fetch smollm2-135m-instruct""",
+    "export": """examples:
+  edge-sel export all-minilm-l6-v2 -o bundles/minilm --verify
+  edge-sel export all-minilm-l6-v2 -o bundles/minilm-ce --scoring cross_encoder --seed 0
+  edge-sel export smollm2-135m-instruct -o bundles/smollm2 --task rerank --verify
+  edge-sel export ~/models/my-cross-encoder -o bundles/ce""",
+    "rerank": """examples:
+  edge-sel rerank bundles/minilm --query "copy a file" --documents docs.txt --top-k 5
+  edge-sel rerank bundles/smollm2 --query "..." --documents docs.jsonl --memory-budget 128MB --json
+documents: plain text, one document per non-empty line (corpus_id = index among those lines),
+or JSONL (one object per line with a "text" field).""",
+    "demo": """examples:
+  edge-sel demo
+  edge-sel demo --model smollm2-135m-instruct --memory-budget 128MB""",
+    "verify": """examples:
+  edge-sel verify bundles/minilm""",
+    "info": """examples:
+  edge-sel info bundles/minilm""",
+    "bench": """examples:
+  edge-sel bench rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out results.json
+  edge-sel bench rerank --model all-minilm-l6-v2 --quick""",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: exit 2 with the usage line, as argparse does
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except EdgeSelError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edge-sel", description="On-device selection: memory-bounded reranking over exported layer bundles.",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def cmd(name, help_):
+        return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    m = cmd("models", "list or fetch the packaged default models")
+    msub = m.add_subparsers(dest="models_cmd", metavar="ACTION", parser_class=_Parser)
+    msub.required = True
+    ml = msub.add_parser("list", help="show packaged models and whether they are fetched")
+    ml.add_argument("--json", action="store_true")
+    mf = msub.add_parser("fetch", help="download a packaged model into the edge_sel cache")
+    mf.add_argument("name")
+    mf.add_argument("--force", action="store_true", help="download again even if present")
+
+    e = cmd("export", "export a model to a bundle")
+    e.add_argument("model", help="packaged name, local HF directory, .gguf file, or an id in the local HF cache")
+    e.add_argument("-o", "--out", required=True, help="bundle directory to write (atomically)")
+    e.add_argument("--task", default="rerank", choices=["rerank", "generate"])
+    e.add_argument("--scoring", choices=["yes_no", "cross_encoder", "bi_encoder"], help="default: from the model")
+    e.add_argument("--max-length", type=int, help="maximum tokens per candidate (default: the model's)")
+    e.add_argument("--verify", action="store_true", help="compare bundle and torch scores; fail above 1e-3")
+    e.add_argument("--seed", type=int, default=0, help="seed for freshly initialised head weights")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    e.add_argument("--json", action="store_true")
+
+    r = cmd("rerank", "rank documents for a query with a bundle")
+    r.add_argument("bundle")
+    r.add_argument("--query", "-q", required=True)
+    r.add_argument("--documents", "-d", required=True, help="text file (one per line) or JSONL with 'text'")
+    r.add_argument("--top-k", "-k", type=int, default=10)
+    r.add_argument("--memory-budget", "-m", type=_size, help="e.g. 128MB, 1.5GiB (default: all layers resident)")
+    r.add_argument("--instruction", help="decoder rerankers: the <Instruct> line of the prompt")
+    r.add_argument("--show-text", action="store_true", help="print document text with the results")
+    r.add_argument("--json", action="store_true", help="print {results, stats} as JSON")
+
+    d = cmd("demo", "select from real text (CPython docstrings) with a packaged model")
+    d.add_argument("--model", default="all-minilm-l6-v2", help="all-minilm-l6-v2 (default) or smollm2-135m-instruct")
+    d.add_argument("--memory-budget", "-m", type=_size, default=None, help="default: 64MB (MiniLM) / 128MB (SmolLM2)")
+    d.add_argument("--pool", type=int, default=300, help="number of candidate docstrings")
+    d.add_argument("--top-k", "-k", type=int, default=3)
+    d.add_argument("--json", action="store_true")
+
+    v = cmd("verify", "check a bundle's files against its manifest (sizes and sha256)")
+    v.add_argument("bundle")
+    v.add_argument("--json", action="store_true")
+
+    i = cmd("info", "summarise a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true")
+
+    b = cmd("bench", "benchmarks side by side with the peers (each configuration in a fresh process)")
+    b.add_argument("workload", choices=["rerank"])
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `edge-sel bench rerank -- --help`)")
+    return p
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _progress_export(console):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prog = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=console, transient=True)
+    tasks = {}
+
+    def cb(stage, i, n):
+        if stage not in tasks:
+            label = {"load": "loading model (torch)", "layers": "exporting layers", "verify": "verifying vs torch"}.get(stage, stage)
+            tasks[stage] = prog.add_task(label, total=n)
+        prog.update(tasks[stage], completed=i, total=n)
+
+    return prog, cb
+
+
+def cmd_models(args, console) -> int:
+    from . import sources
+
+    if args.models_cmd == "list":
+        rows = []
+        for m in sources.PACKAGED.values():
+            rows.append({"name": m.name, "fetched": sources.is_fetched(m.name), "path": str(sources.packaged_path(m.name)),
+                         "package": f"{m.package}=={m.version}", "family": m.family, "scoring": m.default_scoring,
+                         "description": m.description})
+        if args.json:
+            print(json.dumps(rows, indent=1))
+            return 0
+        from rich.table import Table
+
+        t = Table(title="packaged models")
+        for col in ("name", "fetched", "family", "scoring", "package", "path"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(r["name"], "yes" if r["fetched"] else "no", r["family"], r["scoring"], r["package"], r["path"])
+        console.print(t)
+        return 0
+    path = sources.fetch(args.name, force=args.force)
+    console.print(f"[green]fetched[/] {args.name} -> {path}")
+    return 0
+
+
+def cmd_export(args, console) -> int:
+    from edge_sel.export import export
+
+    prog, cb = _progress_export(console)
+    with prog:
+        out = export(args.model, args.out, task=args.task, scoring=args.scoring, max_length=args.max_length,
+                     verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb)
+    from .bundle import Bundle
+
+    b = Bundle.open(out)
+    ex = b.manifest["export"]
+    info = {"bundle": str(out), "scoring": b.scoring, "layers": len(b.layers), "bytes": b.total_bytes(),
+            "seconds": ex["seconds"], "verified_max_abs_diff": ex["verified_max_abs_diff"]}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        msg = f"[green]bundle written[/] {out}  ({b.scoring}, {len(b.layers)} layers, {format_size(b.total_bytes())}, {ex['seconds']} s)"
+        if ex["verified_max_abs_diff"] is not None:
+            msg += f"\nverified against torch: max |score diff| = {ex['verified_max_abs_diff']:.2e}"
+        console.print(msg)
+    return 0
+
+
+def _stats_public(stats: dict) -> dict:
+    keep = ("latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s", "peak_rss_bytes",
+            "start_rss_bytes", "window_layers", "chunk_size", "chunk_tokens", "n_chunks", "memory_budget_bytes",
+            "live_per_layer", "n_layers", "n_documents", "n_truncated", "layer_loads")
+    return {k: stats[k] for k in keep if k in stats}
+
+
+def cmd_rerank(args, console) -> int:
+    from .documents import read_documents
+    from .runtime import Reranker
+
+    docs = read_documents(args.documents)
+    rr = Reranker(args.bundle, memory_budget=args.memory_budget)
+    try:
+        results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=args.show_text, instruction=args.instruction)
+    finally:
+        rr.close()
+    stats = _stats_public(rr.last_stats)
+    if args.json:
+        print(json.dumps({"results": results, "stats": stats}))
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"top {len(results)} of {len(docs)} for: {args.query}")
+    t.add_column("rank", justify="right")
+    t.add_column("corpus_id", justify="right")
+    t.add_column("score", justify="right")
+    t.add_column("document")
+    for n, r in enumerate(results, 1):
+        text = docs[r["corpus_id"]]
+        t.add_row(str(n), str(r["corpus_id"]), f"{r['score']:.4f}", textwrap.shorten(text, 90))
+    console.print(t)
+    console.print(f"latency {stats['latency_s']:.3f} s · peak RSS {format_size(stats['peak_rss_bytes'])} "
+                  f"· window {stats['window_layers']}/{stats['n_layers']} layers · chunk {stats['chunk_size']} docs"
+                  + (f" · {stats['n_truncated']} documents truncated" if stats.get("n_truncated") else ""))
+    return 0
+
+
+def cmd_verify(args, console) -> int:
+    from .bundle import Bundle
+
+    b = Bundle.open(args.bundle)
+    b.verify()
+    n = len(b.manifest["files"])
+    if args.json:
+        print(json.dumps({"bundle": str(b.root), "ok": True, "files": n, "bytes": b.total_bytes()}))
+    else:
+        console.print(f"[green]ok[/] {b.root}: {n} files, {format_size(b.total_bytes())}, all sizes and sha256 match")
+    return 0
+
+
+def cmd_info(args, console) -> int:
+    from .bundle import Bundle
+
+    b = Bundle.open(args.bundle)
+    m = b.manifest
+    info = {"bundle": str(b.root), "model": m["model"], "dims": m["dims"], "max_length": m["max_length"],
+            "layers": len(b.layers), "bytes": b.total_bytes(), "dropped_layers": m.get("dropped_layers", []),
+            "schedule": m.get("schedule"), "export": m.get("export")}
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        for k, v in info.items():
+            console.print(f"[bold]{k}[/]: {v}")
+    return 0
+
+
+def cmd_bench(args, console) -> int:
+    rest = [a for a in args.rest if a != "--"]
+    if args.workload == "rerank":
+        from edge_sel.benchmarks.rerank import main as bench_main
+
+        return bench_main(rest)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    console = _console()
+    handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
+                "info": cmd_info, "bench": cmd_bench}
+    try:
+        if args.command == "demo":
+            from .demo import run_demo
+
+            return run_demo(args, console)
+        return handlers[args.command](args, console)
+    except EdgeSelError as e:
+        print(f"edge-sel: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("edge-sel: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Process memory measurement: current RSS, a resettable peak (Linux VmHWM), and a sampling fallback."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import psutil
+
+_PROC = psutil.Process()
+
+
+def rss_bytes() -> int:
+    return _PROC.memory_info().rss
+
+
+def _read_status(field: str) -> int | None:
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """Peak RSS of this process since start or the last :func:`reset_peak`."""
+    hwm = _read_status("VmHWM")
+    if hwm is not None:
+        return hwm
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0: write 5 to clear_refs). False when unsupported."""
+    try:
+        with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakTracker:
+    """Measure the peak RSS over a block: kernel high-water mark when resettable, else a 5 ms sampler.
+
+    >>> with PeakTracker() as t: work()
+    >>> t.peak, t.start
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.start = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._kernel = False
+
+    def __enter__(self) -> "PeakTracker":
+        self.start = rss_bytes()
+        self._kernel = reset_peak()
+        self.peak = self.start
+        if not self._kernel:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        if self._kernel:
+            self.peak = max(self.peak, peak_rss_bytes())
+        else:
+            self._stop.set()
+            if self._thread:
+                self._thread.join()
+        self.peak = max(self.peak, rss_bytes())

@@ -1,0 +1,111 @@
+"""Real text that needs no download: CPython's own docstrings (query = first sentence, passage = the rest).
+
+Deterministic for a given Python version: modules are walked in a fixed order and functions sorted
+by qualified name. Used by the demo, export verification and benchmarks. ``botchan()`` reads
+Project Gutenberg's *Botchan* from the sentencepiece source distribution (fetched with pip).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+import warnings
+from functools import lru_cache
+
+# stdlib modules with many well-documented functions; importing them has no side effects
+MODULES = [
+    "os", "os.path", "shutil", "json", "re", "string", "textwrap", "difflib", "collections", "itertools",
+    "functools", "operator", "math", "statistics", "random", "datetime", "calendar", "time", "heapq", "bisect",
+    "copy", "pathlib", "glob", "fnmatch", "tempfile", "csv", "zipfile", "tarfile", "gzip", "hashlib", "hmac",
+    "base64", "binascii", "struct", "codecs", "unicodedata", "locale", "gettext", "argparse", "logging",
+    "subprocess", "socket", "ssl", "select", "threading", "queue", "sched", "contextlib", "abc", "types",
+    "inspect", "dis", "ast", "tokenize", "keyword", "pprint", "reprlib", "enum", "numbers", "decimal",
+    "fractions", "email.utils", "html", "xml.dom.minidom", "urllib.parse", "http.client", "mimetypes",
+    "ipaddress", "uuid", "secrets", "getpass", "platform", "sysconfig", "warnings", "traceback", "weakref",
+    "gc", "pickle", "shelve", "sqlite3", "zlib", "bz2", "lzma", "configparser", "plistlib", "filecmp",
+    "linecache", "stat", "io", "array", "graphlib", "colorsys", "wave", "quopri", "uu", "shlex", "cmd",
+]
+
+_SENTENCE = re.compile(r"^(.+?[.!?])(\s+|$)", re.S)
+
+
+def _split(doc: str) -> tuple[str, str] | None:
+    doc = inspect.cleandoc(doc).strip()
+    paras = doc.split("\n\n")
+    first = " ".join(paras[0].split())
+    m = _SENTENCE.match(first)
+    if not m:
+        return None
+    query = m.group(1).strip()
+    rest = (first[m.end():] + "\n\n" + "\n\n".join(paras[1:])).strip()
+    rest = " ".join(rest.split())
+    if len(query) < 20 or len(rest) < 60 or len(query.split()) < 4:
+        return None
+    return query, rest
+
+
+@lru_cache(maxsize=4)
+def docstring_items(limit: int | None = None) -> tuple[tuple[str, str, str], ...]:
+    """``(qualified_name, first_sentence, rest)`` for documented stdlib functions, deterministic order."""
+    seen: set[str] = set()
+    items = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for modname in MODULES:
+            try:
+                mod = importlib.import_module(modname)
+            except Exception:
+                continue
+            members = []
+            for name, obj in vars(mod).items():
+                if name.startswith("_"):
+                    continue
+                if inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj):
+                    members.append((name, obj))
+                    if inspect.isclass(obj) and getattr(obj, "__module__", "") == mod.__name__:
+                        for mname, meth in vars(obj).items():
+                            if not mname.startswith("_") and inspect.isfunction(meth):
+                                members.append((f"{name}.{mname}", meth))
+            for name, obj in sorted(members, key=lambda x: x[0]):
+                doc = getattr(obj, "__doc__", None)
+                if not isinstance(doc, str):
+                    continue
+                parts = _split(doc)
+                if parts is None or parts[1] in seen:
+                    continue
+                seen.add(parts[1])
+                items.append((f"{modname}.{name}", parts[0], parts[1]))
+    return tuple(items[:limit] if limit else items)
+
+
+def docstring_pairs(limit: int | None = None) -> list[tuple[str, str]]:
+    """``(query, passage)`` pairs: a docstring's first sentence and the rest of it."""
+    return [(q, p) for _, q, p in docstring_items(limit)]
+
+
+def botchan() -> str:
+    """Project Gutenberg's *Botchan*, shipped as ``test/botchan.txt`` in sentencepiece's sdist (cached)."""
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    from .home import data_dir
+
+    path = data_dir() / "botchan.txt"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        "sentencepiece==0.2.0", "-d", tmp], check=True)
+        sdist = next(Path(tmp).glob("sentencepiece-*.tar.gz"))
+        with tarfile.open(sdist) as tf:
+            member = next(m for m in tf.getmembers() if m.name.endswith("test/botchan.txt"))
+            text = tf.extractfile(member).read().decode("utf-8")
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(text, encoding="utf-8")
+    tmp_path.replace(path)
+    return text

@@ -1,0 +1,44 @@
+"""Human sizes: parse ``256MB`` / ``1.5GiB`` / ``1048576`` and print bytes readably."""
+
+from __future__ import annotations
+
+import re
+
+from .errors import InputError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes from ``"256MB"``, ``"1.5GiB"``, ``"4096"`` or a number. MB/GB are decimal, MiB/GiB binary."""
+    if isinstance(text, (int, float)):
+        value = int(text)
+    else:
+        match = _SIZE.match(str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise InputError(
+                f"cannot read size {text!r}: expected a number with an optional unit, e.g. 256MB, 1.5GiB, 1048576"
+            )
+        value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise InputError(f"size must be positive, got {text!r}")
+    return value
+
+
+def format_size(n: float | int | None) -> str:
+    """``134217728`` -> ``'128.0 MiB'``."""
+    if n is None:
+        return "-"
+    n = float(n)
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
+        n /= 1024
+    return f"{sign}{n:.1f} GiB"

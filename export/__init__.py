@@ -1,0 +1,176 @@
+"""edge_sel.export — the torch side: turn a Hugging Face / GGUF model into a bundle (DESIGN §2).
+
+``export(model, out, task="rerank")`` resolves the model (packaged name, local directory, GGUF file
+or local HF-cache id), splits it with the family adapter, writes embedding arrays, per-layer ONNX
+graphs with external weights, the scoring head and the tokenizer into a staging directory, checks
+the bundle against the torch model when ``verify=True``, and renames it into place.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edge_sel.bundle import Bundle, BundleWriter
+from edge_sel.errors import EdgeSelError, InputError
+from edge_sel.sources import resolve
+
+from .adapters import adapter_for
+from .graphs import export_graph
+
+VERIFY_TOLERANCE = 1e-3
+
+
+class ExportVerificationError(EdgeSelError):
+    """The exported bundle's scores differ from the torch model's by more than the tolerance."""
+
+
+def _model_type(resolved) -> str:
+    if resolved.kind == "gguf":
+        return "llama"  # GGUF decoders load through transformers' llama-family path
+    import json
+
+    return json.loads((resolved.path / "config.json").read_text())["model_type"]
+
+
+def _default_scoring(resolved, model_type: str) -> str:
+    if resolved.packaged is not None:
+        return resolved.packaged.default_scoring
+    if model_type in ("llama", "qwen2", "qwen3", "mistral"):
+        return "yes_no"
+    import json
+
+    archs = json.loads((resolved.path / "config.json").read_text()).get("architectures") or []
+    return "cross_encoder" if any("SequenceClassification" in a for a in archs) else "bi_encoder"
+
+
+def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank", scoring: str | None = None,
+           max_length: int | None = None, verify: bool = False, overwrite: bool = False, seed: int = 0,
+           fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Export ``model`` to a bundle directory ``out`` and return its path.
+
+    task: ``"rerank"`` (``"generate"`` lands with the generation issue).
+    scoring: ``"yes_no"`` (decoders), ``"cross_encoder"`` or ``"bi_encoder"`` (BERT family); default from the model.
+    verify: run sample queries through torch and the bundle; fail if scores differ by > 1e-3.
+    seed: seeds any freshly initialised head weights (e.g. a classifier on a plain encoder).
+    """
+    if task != "rerank":
+        raise InputError(f"task {task!r} is not supported by this exporter yet (supported: rerank)")
+    resolved = resolve(model, fetch_missing=fetch_missing)
+    model_type = _model_type(resolved)
+    adapter = adapter_for(model_type)
+    scoring = scoring or _default_scoring(resolved, model_type)
+    if scoring not in adapter.scorings:
+        raise InputError(f"scoring {scoring!r} is not available for {adapter.family} models (choose from {', '.join(adapter.scorings)})")
+    say = progress or (lambda stage, i, n: None)
+
+    t0 = time.perf_counter()
+    say("load", 0, 1)
+    torch_model, tokenizer = adapter.load(resolved, scoring, seed)
+    say("load", 1, 1)
+    split = adapter.split(torch_model, tokenizer, scoring, max_length,
+                          resolved_path=resolved.path if resolved.kind == "hf_dir" else None)
+
+    with BundleWriter(out, overwrite=overwrite) as w:
+        tokenizer.backend_tokenizer.save(str(w.file("tokenizer.json")))
+        embed = w.write_array("embed/tokens.bin", split.embed.astype(np.float32))
+        arrays = {name: w.write_array(f"embed/{name}.bin", arr.astype(np.float32)) for name, arr in split.arrays.items()}
+        layers = []
+        n = len(split.layers)
+        for i, spec in enumerate(split.layers):
+            say("layers", i, n)
+            rel = f"layers/layer_{i:03d}.onnx"
+            data = export_graph(spec, w.file(rel))
+            layers.append({"index": i, "source_index": i, "file": rel, "weights": f"layers/{data}" if data else None})
+        say("layers", n, n)
+        export_graph(split.head, w.file("head.onnx"), external=False)
+        manifest: dict[str, Any] = {
+            "created_by": "edge_sel 0.1.0",
+            "model": {"name": resolved.name, "source": str(resolved.spec), "family": split.family,
+                      "model_type": model_type, "scoring": scoring, "task": task},
+            "dims": split.dims,
+            "dtype": "float32",
+            "max_length": int(split.max_length),
+            "embed": embed,
+            "arrays": arrays,
+            "layers": layers,
+            "layer_io": {"inputs": split.layers[0].input_names, "outputs": split.layers[0].output_names},
+            "head": {"file": "head.onnx", "inputs": split.head.input_names, "outputs": split.head.output_names},
+            "tokenizer": {"file": "tokenizer.json"},
+            "dropped_layers": [],
+            "schedule": None,
+            "export": {"seed": seed, "seconds": None, "verified_max_abs_diff": None},
+            **split.extras,
+        }
+        # verification runs on the staged bundle, so a failing export never reaches `out`
+        if verify:
+            say("verify", 0, 1)
+            staged = _stage_manifest(w, manifest)
+            diff = verify_bundle(staged, adapter, torch_model, split)
+            manifest["export"]["verified_max_abs_diff"] = diff
+            if diff > VERIFY_TOLERANCE:
+                raise ExportVerificationError(
+                    f"bundle scores differ from the torch model by {diff:.2e} (> {VERIFY_TOLERANCE:g}); export not written")
+            say("verify", 1, 1)
+        manifest["export"]["seconds"] = round(time.perf_counter() - t0, 2)
+        return w.commit(manifest)
+
+
+def _stage_manifest(w: BundleWriter, manifest: dict) -> Bundle:
+    """Write a provisional manifest into the staging directory and open it (hashes are rewritten at commit)."""
+    import json
+
+    from edge_sel.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+    files = {}
+    for p in sorted(w.staging.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(w.staging).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    (w.staging / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}))
+    return Bundle.open(w.staging)
+
+
+def sample_texts() -> tuple[list[str], list[str]]:
+    from edge_sel.textdata import docstring_pairs
+
+    pairs = docstring_pairs(limit=40)
+    queries = [q for q, _ in pairs[:3]]
+    docs = [d for _, d in pairs[:12]]
+    return queries, docs
+
+
+def verify_bundle(bundle: Bundle, adapter, torch_model, split) -> float:
+    """Largest |score difference| between the bundle (edge_sel runtime) and torch over sample queries."""
+    from edge_sel.runtime import Reranker
+
+    queries, docs = sample_texts()
+    rr = Reranker(bundle)
+    worst = 0.0
+    for q in queries:
+        enc = rr.encoder.encode(q, docs)
+        mine = rr.score_encoded(enc)
+        ref = adapter.reference_scores(torch_model, enc.doc_ids, enc.doc_types, split, query_ids=enc.query_ids)
+        worst = max(worst, float(np.max(np.abs(mine - ref))))
+    rr.close()
+    return worst
+
+
+__all__ = ["export", "verify_bundle", "ExportVerificationError", "VERIFY_TOLERANCE"]
+
+
+# `edge_sel.export` is both this subpackage and the public function `edge_sel.export(model, out, ...)`:
+# importing the subpackage rebinds the attribute on `edge_sel`, so make the module itself callable.
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return export(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,9 @@
+"""edge_sel.runtime — the run side: numpy + onnxruntime + tokenizers, never torch (DESIGN §1, §3)."""
+
+from edge_sel.bundle import Bundle
+
+from .plan import Planner
+from .reranker import Reranker
+from .stream import LayerStream
+
+__all__ = ["Bundle", "Reranker", "LayerStream", "Planner"]

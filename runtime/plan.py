@@ -1,0 +1,91 @@
+"""Memory planning: turn a budget into a layer window W and a chunk size, or refuse it up front.
+
+The budget covers the model's own share of the process (peak RSS minus idle RSS): resident layer
+weights (W x the largest layer's files, file-backed pages count while mapped), the embedding pages
+a gather touches, hidden states kept between layers for every live candidate, the activations of
+one chunk inside a layer, plus fixed costs (tokenizer, head, session bookkeeping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edge_sel.bundle import Bundle
+from edge_sel.errors import BudgetError
+from edge_sel.units import format_size
+
+SESSION_OVERHEAD = 3 * 1024**2   # per live onnxruntime session beyond its weight files (graph, kernels)
+FIXED_OVERHEAD = 12 * 1024**2    # head session, tokenizer state, numpy scratch
+SAFETY = 1.0                     # measured: the formula already sits ~20% above onnxruntime's real per-layer peak
+DEFAULT_CHUNK_TOKENS = 1024  # measured: 1k-token chunks beat 4k-16k ones by 1.4-2x (cache-friendly, no huge attention buffers)
+DEFAULT_MAX_BATCH = 64
+
+
+@dataclass
+class Plan:
+    budget: int | None
+    window: int
+    chunk_tokens: int
+    max_batch: int
+    estimate: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Planner:
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        d = bundle.dims
+        self.H, self.I, self.heads = d["hidden"], d["intermediate"], d["heads"]
+        self.kv = d.get("kv_heads", self.heads) * d.get("head_dim", self.H // self.heads)
+        self.n_layers = len(bundle.layers)
+        self.layer_bytes = max(bundle.layer_weight_bytes(i) for i in range(self.n_layers)) + SESSION_OVERHEAD
+        tok_file = bundle.manifest["files"][bundle.manifest["tokenizer"]["file"]]["size"]
+        head_file = bundle.manifest["files"][bundle.manifest["head"]["file"]]["size"]
+        self.fixed = FIXED_OVERHEAD + 6 * tok_file + head_file + SESSION_OVERHEAD
+
+    def act_bytes_per_token(self, seq_len: int) -> int:
+        """Peak live activation bytes per token inside one layer run (attention rows grow with length)."""
+        per = 4 * (4 * self.H + 2 * self.kv + 3 * self.I + 2 * self.heads * seq_len)
+        return int(per * SAFETY)
+
+    def hidden_bytes(self, total_tokens: int, max_len: int) -> int:
+        # kept states for every candidate + the output of the chunk in flight
+        return int(4 * self.H * (total_tokens * 1.1 + 2 * max_len))
+
+    def minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0) -> int:
+        return int(self.fixed + 2 * self.layer_bytes + self.hidden_bytes(total_tokens, max_len) + embed_bytes
+                   + self.act_bytes_per_token(max_len) * max_len)
+
+    def static_minimum(self) -> int:
+        """Smallest budget that could run even a single short candidate (checked at construction)."""
+        return self.minimum(64, 64)
+
+    def plan(self, budget: int | None, total_tokens: int, max_len: int, embed_bytes: int = 0) -> Plan:
+        if budget is None:
+            chunk = max(DEFAULT_CHUNK_TOKENS, max_len)
+            return Plan(None, self.n_layers, chunk, DEFAULT_MAX_BATCH, {"layer_bytes": self.layer_bytes})
+        need = self.minimum(total_tokens, max_len, embed_bytes)
+        if budget < need:
+            raise BudgetError(
+                f"memory budget {format_size(budget)} is below the minimum for this input: {format_size(need)} "
+                f"(2 layers x {format_size(self.layer_bytes)} + kept hidden states for {total_tokens} tokens "
+                f"+ one {max_len}-token candidate's activations + fixed costs). Use --memory-budget {-(-need // 1024**2)}MiB or more, "
+                f"or rank fewer/shorter documents.",
+                minimum_bytes=need,
+            )
+        free = budget - self.fixed - self.hidden_bytes(total_tokens, max_len) - embed_bytes
+        per_tok = self.act_bytes_per_token(max_len)
+        act_min = per_tok * max_len
+        window = int(min(self.n_layers, max(2, (free - act_min) // self.layer_bytes)))
+        # prefer a bigger chunk over one more resident layer once the window is >= 2, unless all layers fit
+        if window < self.n_layers:
+            window = 2 if free - 2 * self.layer_bytes < per_tok * min(total_tokens, DEFAULT_CHUNK_TOKENS) else window
+        act_room = free - window * self.layer_bytes
+        chunk = int(max(max_len, min(DEFAULT_CHUNK_TOKENS, act_room // per_tok)))
+        estimate = {
+            "fixed": self.fixed, "layers": window * self.layer_bytes, "hidden": self.hidden_bytes(total_tokens, max_len),
+            "embed": embed_bytes, "activations": chunk * per_tok, "layer_bytes": self.layer_bytes,
+        }
+        return Plan(budget, window, chunk, DEFAULT_MAX_BATCH, estimate)

@@ -1,0 +1,75 @@
+"""The layer stream: execute a bundle's layers in order holding a window of W >= 2 sessions.
+
+While layer i computes, layers i+1 .. i+W-1 load on a background thread (GRATING's "monolithic
+forwarding" keeps all candidates moving through one layer at a time, so each layer is loaded once
+per call). When W covers every layer the sessions stay resident across calls (no reload cost).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Iterator
+
+from edge_sel.bundle import Bundle
+
+from .sessions import load_session
+
+
+class LayerStream:
+    def __init__(self, bundle: Bundle, window: int, threads: int | None = None, optimize: str = "all"):
+        self.bundle = bundle
+        self.n = len(bundle.layers)
+        self.threads = threads
+        self.optimize = optimize
+        self._resident: dict[int, object] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge_sel-layer-loader")
+        self.load_wait_s = 0.0
+        self.loads = 0
+        self.set_window(window)
+
+    def set_window(self, window: int) -> None:
+        self.window = max(2, min(int(window), self.n)) if self.n > 1 else 1
+        self.keep_all = self.window >= self.n
+        if not self.keep_all:
+            self._resident.clear()
+
+    def _load(self, i: int):
+        sess = load_session(self.bundle.layer_path(i), self.threads, self.optimize)
+        self.loads += 1
+        return sess
+
+    def run(self, layers: list[int] | None = None) -> Iterator[tuple[int, object]]:
+        """Yield ``(layer_index, session)`` in order; at most ``window`` sessions alive at once."""
+        order = list(range(self.n)) if layers is None else list(layers)
+        self.load_wait_s = 0.0
+        pending: dict[int, Future] = {}
+
+        def want(pos: int) -> None:
+            if pos < len(order):
+                j = order[pos]
+                if j not in self._resident and j not in pending:
+                    pending[j] = self._pool.submit(self._load, j)
+
+        try:
+            for pos in range(min(self.window, len(order))):
+                want(pos)
+            for pos, i in enumerate(order):
+                t = time.perf_counter()
+                sess = self._resident.get(i)
+                if sess is None:
+                    sess = pending.pop(i).result()
+                    if self.keep_all:
+                        self._resident[i] = sess
+                self.load_wait_s += time.perf_counter() - t
+                want(pos + self.window - 1)
+                yield i, sess
+                del sess
+        finally:
+            for f in pending.values():
+                f.cancel()
+            pending.clear()
+
+    def close(self) -> None:
+        self._resident.clear()
+        self._pool.shutdown(wait=True)

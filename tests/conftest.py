@@ -1,0 +1,49 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests use their own cache unless the caller points EDGE_SEL_HOME somewhere (CI and devs reuse fetched models).
+os.environ.setdefault("EDGE_SEL_HOME", str(Path(__file__).resolve().parent.parent / ".edge_sel_home"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+@pytest.fixture(scope="session")
+def docs():
+    from edge_sel.textdata import docstring_pairs
+
+    pairs = docstring_pairs(limit=80)
+    return [p for _, p in pairs[:40]], [q for q, _ in pairs[:5]]
+
+
+def _tiny_bundle(tmp_path_factory, name, make, **kw):
+    from edge_sel.export import export
+
+    root = tmp_path_factory.mktemp(name)
+    model_dir = make(root / "hf", **kw)
+    out = export(model_dir, root / "bundle", verify=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bert_bi_bundle(tmp_path_factory):
+    from tiny_models import make_bert
+
+    return _tiny_bundle(tmp_path_factory, "bert_bi", make_bert)
+
+
+@pytest.fixture(scope="session")
+def bert_ce_bundle(tmp_path_factory):
+    from tiny_models import make_bert
+
+    return _tiny_bundle(tmp_path_factory, "bert_ce", make_bert, cross_encoder=True)
+
+
+@pytest.fixture(scope="session")
+def llama_bundle(tmp_path_factory):
+    from tiny_models import make_decoder
+
+    return _tiny_bundle(tmp_path_factory, "llama", make_decoder)

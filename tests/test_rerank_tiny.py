@@ -1,0 +1,102 @@
+"""Export + layer-streaming runtime on small random-weight models of each family (real ORT sessions)."""
+
+import numpy as np
+import pytest
+
+from edge_sel.errors import BudgetError, InputError
+from edge_sel.runtime import Reranker
+
+
+@pytest.mark.parametrize("fixture", ["bert_bi_bundle", "bert_ce_bundle", "llama_bundle"])
+def test_budget_streaming_matches_all_resident(fixture, request, docs):
+    bundle = request.getfixturevalue(fixture)
+    documents, queries = docs
+    full = Reranker(bundle)
+    minimum = full.minimum_budget(queries[0], documents)
+    tight = Reranker(bundle, memory_budget=minimum + full.planner.layer_bytes // 2)
+    for q in queries[:1]:
+        a = full.predict(q, documents)
+        b = tight.predict(q, documents)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+        assert tight.last_stats["window_layers"] == 2
+        assert tight.last_stats["n_chunks"] > full.last_stats["n_chunks"]
+        assert np.std(a) > 0  # scores actually depend on the document
+    with pytest.raises(BudgetError):
+        Reranker(bundle, memory_budget=minimum - 1).predict(queries[0], documents)
+
+
+@pytest.mark.parametrize("fixture", ["bert_bi_bundle", "bert_ce_bundle", "llama_bundle"])
+def test_rank_conventions(fixture, request, docs):
+    bundle = request.getfixturevalue(fixture)
+    documents, queries = docs
+    rr = Reranker(bundle)
+    scores = rr.predict(queries[0], documents)
+    res = rr.rank(queries[0], documents, top_k=5, return_documents=True)
+    assert [r["corpus_id"] for r in res] == list(np.argsort(-scores, kind="stable")[:5])
+    assert all(r["text"] == documents[r["corpus_id"]] for r in res)
+    assert res[0]["score"] >= res[-1]["score"]
+    # top_k larger than N is clamped to N
+    assert len(rr.rank(queries[0], documents[:3], top_k=10)) == 3
+    st = rr.last_stats
+    for key in ("latency_s", "peak_rss_bytes", "window_layers", "chunk_size", "live_per_layer"):
+        assert key in st
+
+
+def test_bad_inputs(bert_ce_bundle, docs):
+    documents, queries = docs
+    rr = Reranker(bert_ce_bundle)
+    with pytest.raises(InputError, match="empty"):
+        rr.rank(queries[0], [])
+    with pytest.raises(InputError, match="top_k"):
+        rr.rank(queries[0], documents, top_k=0)
+    with pytest.raises(InputError, match="query"):
+        rr.rank("  ", documents)
+    with pytest.raises(InputError, match="list of strings"):
+        rr.rank(queries[0], "a single string")
+
+
+def test_budget_below_minimum_is_refused(llama_bundle, docs):
+    with pytest.raises(BudgetError) as e:
+        Reranker(llama_bundle, memory_budget="1MB")
+    assert e.value.minimum_bytes and e.value.minimum_bytes > 1_000_000
+    documents, queries = docs
+    rr = Reranker(llama_bundle, memory_budget=Reranker(llama_bundle).planner.static_minimum())
+    with pytest.raises(BudgetError, match="minimum") as e:
+        rr.rank(queries[0], documents * 20)
+    assert e.value.minimum_bytes > rr.memory_budget
+
+
+def test_truncation_warns(bert_ce_bundle, caplog):
+    rr = Reranker(bert_ce_bundle)
+    long_doc = "word " * 2000
+    with caplog.at_level("WARNING"):
+        res = rr.rank("a query about words", [long_doc, "short one"], top_k=2)
+    assert len(res) == 2
+    assert "1 of 2 documents" in caplog.text and "truncated" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_other_decoder_families_export_and_match(kind, tmp_path, docs):
+    from edge_sel.bundle import Bundle
+    from edge_sel.export import export
+    from tiny_models import make_decoder
+
+    out = export(make_decoder(tmp_path / "hf", kind=kind, layers=2), tmp_path / "b", verify=True)
+    b = Bundle.open(out)
+    assert b.manifest["export"]["verified_max_abs_diff"] < 1e-4
+    assert b.manifest["model"]["model_type"] == kind
+
+
+@pytest.mark.parametrize("cross", [True, False])
+def test_xlm_roberta_family(cross, tmp_path):
+    from edge_sel.bundle import Bundle
+    from edge_sel.export import export
+    from tiny_models import make_bert
+
+    out = export(make_bert(tmp_path / "hf", kind="xlm-roberta", cross_encoder=cross, layers=2), tmp_path / "b", verify=True)
+    b = Bundle.open(out)
+    assert b.manifest["export"]["verified_max_abs_diff"] < 1e-4
+    import json
+
+    pad = json.loads((tmp_path / "hf" / "config.json").read_text())["pad_token_id"]
+    assert b.manifest["embedding"]["position_offset"] == pad + 1  # RoBERTa positions start after padding_idx

@@ -1,0 +1,90 @@
+"""Small random-weight models of the real architectures, with real (tiny, trained-here) tokenizers.
+
+Saved as ordinary Hugging Face directories so the exporter takes exactly the path a user's model takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge_sel.textdata import docstring_pairs
+
+SPECIALS_BERT = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+SPECIALS_CHAT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def corpus() -> list[str]:
+    return [q + " " + p for q, p in docstring_pairs(limit=300)] + ["yes no " * 20]
+
+
+def bert_tokenizer(vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(corpus(), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS_BERT))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    tok.decoder = decoders.WordPiece()
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", model_max_length=128)
+
+
+def chat_tokenizer(vocab_size: int = 800):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus(), trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS_CHAT,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_tokens(["yes", "no"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>", model_max_length=512)
+
+
+def make_bert(path: Path, kind: str = "bert", cross_encoder: bool = False, seed: int = 0, layers: int = 3) -> Path:
+    import torch
+    from transformers import (BertConfig, BertForSequenceClassification, BertModel, XLMRobertaConfig,
+                              XLMRobertaForSequenceClassification, XLMRobertaModel)
+
+    torch.manual_seed(seed)
+    tok = bert_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=160, num_labels=1)
+    if kind == "bert":
+        cfg = BertConfig(**common, type_vocab_size=2, pad_token_id=tok.pad_token_id)
+        model = BertForSequenceClassification(cfg) if cross_encoder else BertModel(cfg)
+    else:  # xlm-roberta: positions offset by pad_token_id + 1, classifier head on <s>
+        cfg = XLMRobertaConfig(**common, type_vocab_size=1, pad_token_id=tok.pad_token_id)
+        model = XLMRobertaForSequenceClassification(cfg) if cross_encoder else XLMRobertaModel(cfg)
+    model.eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def make_decoder(path: Path, kind: str = "llama", seed: int = 0, layers: int = 3) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = chat_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
+    extra = {"head_dim": 8} if kind == "qwen3" else {}
+    model = cls[1](cls[0](**common, **extra)).eval()
+    with torch.no_grad():  # random init is tiny; widen it so scores differ visibly between documents
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
