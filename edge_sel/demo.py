@@ -13,7 +13,8 @@ import textwrap
 from .home import bundles_dir
 from .units import format_size
 
-DEFAULT_BUDGET = {"all-minilm-l6-v2": 64 * 1024**2, "smollm2-135m-instruct": 128 * 1024**2}
+DEFAULT_BUDGET = {"all-minilm-l6-v2": 128 * 1024**2, "smollm2-135m-instruct": 192 * 1024**2}
+DEFAULT_POOL = {"all-minilm-l6-v2": 200, "smollm2-135m-instruct": 48}  # SmolLM2 costs ~0.35 s per candidate on 2 cores
 # questions whose answers are stdlib functions (picked by name so the demo reads well)
 PICKS = ["shutil.copyfile", "json.dumps", "os.path.splitext", "textwrap.dedent", "statistics.median",
          "glob.glob", "difflib.get_close_matches", "base64.b64encode"]
@@ -72,7 +73,8 @@ def run_demo(args, console) -> int:
     bundle = ensure_bundle(model, console)
     items = list(docstring_items())
     chosen = pick_queries(items)
-    pool_idx = sorted(set(range(min(args.pool, len(items)))) | set(chosen))
+    pool = args.pool or DEFAULT_POOL.get(model, 100)
+    pool_idx = sorted(set(range(min(pool, len(items)))) | set(chosen))
     docs = [items[i][2] for i in pool_idx]
     names = [items[i][0] for i in pool_idx]
 
