@@ -25,7 +25,11 @@ def __getattr__(name):
         from .runtime import Reranker
 
         return Reranker
+    if name == "Generator":
+        from .runtime.generator import Generator
+
+        return Generator
     raise AttributeError(f"module 'edge_sel' has no attribute {name!r}")
 
 
-__all__ = ["Bundle", "Reranker", "export", "EdgeSelError", "BundleError", "BudgetError", "InputError", "ModelNotFoundError"]
+__all__ = ["Bundle", "Reranker", "Generator", "export", "EdgeSelError", "BundleError", "BudgetError", "InputError", "ModelNotFoundError"]

@@ -28,7 +28,7 @@ from .errors import BundleError
 FORMAT = "edge-sel-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SCORINGS = ("yes_no", "cross_encoder", "bi_encoder")
+SCORINGS = ("yes_no", "cross_encoder", "bi_encoder", "lm")  # "lm": generate bundles (full-vocabulary head)
 TASKS = ("rerank", "generate")
 
 

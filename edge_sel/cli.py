@@ -33,6 +33,14 @@ or JSONL (one object per line with a "text" field).""",
     "demo": """examples:
   edge-sel demo
   edge-sel demo --model smollm2-135m-instruct --memory-budget 128MB""",
+    "generate": """examples:
+  edge-sel export smollm2-135m-instruct -o bundles/smol-gen --task generate --verify
+  edge-sel generate bundles/smol-gen --prompt "Write a haiku about the sea." --chat
+  edge-sel generate bundles/smol-gen --prompt-file book.txt --kv-budget 0.2 --policy mpcache --json
+  edge-sel generate bundles/smol-gen -p "Once upon a time" --kv-budget 64MB --temperature 0.8 --seed 1
+--kv-budget: tokens per layer (512), a fraction of the prompt (0.2) or bytes for the whole cache (64MB);
+default: room for the prompt and every new token. Prompts longer than the model's context are refused.
+policies: full, streaming_llm, h2o, snapkv, mpcache, windowkv, prompt_distill, layer_skip (combine with +).""",
     "verify": """examples:
   edge-sel verify bundles/minilm""",
     "info": """examples:
@@ -103,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pool", type=int, default=300, help="number of candidate docstrings")
     d.add_argument("--top-k", "-k", type=int, default=3)
     d.add_argument("--json", action="store_true")
+
+    g = cmd("generate", "generate text with a generate bundle under a KV-cache budget")
+    g.add_argument("bundle")
+    g.add_argument("--prompt", "-p", help="the prompt text")
+    g.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    g.add_argument("--kv-budget", "-b", default=None, help="512 (tokens/layer) | 0.2 (of the prompt) | 64MB (bytes, whole cache)")
+    g.add_argument("--policy", default="full", help="KV policy (default full): full, streaming_llm, h2o, snapkv, mpcache, "
+                   "windowkv, prompt_distill, layer_skip, or a+b")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
+    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
 
     v = cmd("verify", "check a bundle's files against its manifest (sizes and sha256)")
     v.add_argument("bundle")
@@ -256,6 +279,47 @@ def cmd_info(args, console) -> int:
     return 0
 
 
+def cmd_generate(args, console) -> int:
+    from .errors import InputError
+    from .runtime.generator import Generator
+
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise InputError("give exactly one of --prompt or --prompt-file")
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"prompt file not found: {args.prompt_file}") from None
+        except UnicodeDecodeError as e:
+            raise InputError(f"{args.prompt_file} is not UTF-8 text ({e})") from None
+    gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+              chat=args.chat, system=args.system)
+    keep = ("policy", "prefill_s", "decode_ms_per_token", "kv_bytes_peak", "peak_rss_bytes", "prompt_tokens", "new_tokens",
+            "kv_capacity_tokens", "kv_bytes_allocated", "kv_budget_bytes", "evictions", "cost_per_decode_step",
+            "skipped_layers")
+    try:
+        if args.json:
+            res = gen.generate(prompt, **kw)
+            print(json.dumps({"text": res.text, "tokens": res.tokens, "finish_reason": res.finish_reason,
+                              "stats": {k: res.stats.get(k) for k in keep}}))
+            return 0
+        for piece in gen.stream(prompt, **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        st = gen.last_stats
+        ms = st.get("decode_ms_per_token")
+        print(f"[{st['policy']}] prompt {st['prompt_tokens']} tok · prefill {st['prefill_s']:.2f} s · "
+              f"decode {ms:.1f} ms/token · KV peak {format_size(st['kv_bytes_peak'])} "
+              f"(capacity {st['kv_capacity_tokens']} tok/layer) · peak RSS {format_size(st['peak_rss_bytes'])}"
+              if ms is not None else f"[{st['policy']}] prompt {st['prompt_tokens']} tok", file=sys.stderr)
+        return 0
+    finally:
+        gen.close()
+
+
 def cmd_bench(args, console) -> int:
     rest = [a for a in args.rest if a != "--"]
     if args.workload == "rerank":
@@ -271,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     console = _console()
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
-                "info": cmd_info, "bench": cmd_bench}
+                "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate}
     try:
         if args.command == "demo":
             from .demo import run_demo

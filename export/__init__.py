@@ -53,16 +53,23 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
            fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Export ``model`` to a bundle directory ``out`` and return its path.
 
-    task: ``"rerank"`` (``"generate"`` lands with the generation issue).
+    task: ``"rerank"`` or ``"generate"`` (Llama-family decoders; see :mod:`edge_sel.export.generate`).
     scoring: ``"yes_no"`` (decoders), ``"cross_encoder"`` or ``"bi_encoder"`` (BERT family); default from the model.
     verify: run sample queries through torch and the bundle; fail if scores differ by > 1e-3.
     seed: seeds any freshly initialised head weights (e.g. a classifier on a plain encoder).
     """
-    if task != "rerank":
-        raise InputError(f"task {task!r} is not supported by this exporter yet (supported: rerank)")
+    if task not in ("rerank", "generate"):
+        raise InputError(f"task {task!r} is not supported (supported: rerank, generate)")
     resolved = resolve(model, fetch_missing=fetch_missing)
     model_type = _model_type(resolved)
     adapter = adapter_for(model_type)
+    if task == "generate":
+        from .generate import export_generate
+
+        if adapter.family != "llama":
+            raise InputError(f"task 'generate' needs a decoder (llama, qwen2, qwen3, mistral); {model_type!r} is not one")
+        return export_generate(resolved, adapter, model_type, out, max_length=max_length, verify=verify,
+                               overwrite=overwrite, seed=seed, say=progress, verify_tolerance=VERIFY_TOLERANCE)
     scoring = scoring or _default_scoring(resolved, model_type)
     if scoring not in adapter.scorings:
         raise InputError(f"scoring {scoring!r} is not available for {adapter.family} models (choose from {', '.join(adapter.scorings)})")

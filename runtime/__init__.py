@@ -2,8 +2,9 @@
 
 from edge_sel.bundle import Bundle
 
+from .generator import GenerationResult, Generator
 from .plan import Planner
 from .reranker import Reranker
 from .stream import LayerStream
 
-__all__ = ["Bundle", "Reranker", "LayerStream", "Planner"]
+__all__ = ["Bundle", "Reranker", "Generator", "GenerationResult", "LayerStream", "Planner"]

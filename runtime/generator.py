@@ -1,0 +1,446 @@
+"""``Generator``: text generation over a generate bundle with a KV cache that never exceeds a budget.
+
+Torch-free (numpy + onnxruntime + tokenizers). Per call: tokenize (optionally through the bundle's
+chat template) -> gather embedding rows -> **chunked prefill, layer by layer** (each layer runs the
+prompt in chunks; its cache is filled chunk by chunk and, when the prompt is longer than the budget,
+the policy evicts as it goes, so no full-length attention matrix and no over-budget cache ever exist)
+-> decode loop (greedy or seeded temperature / top-p sampling, stop tokens).
+
+The cache of every layer is a set of numpy buffers preallocated at the start of the call with a
+fixed capacity derived from ``kv_budget``; a policy (:mod:`edge_sel.runtime.policies`) decides what
+stays (``keep``) and, at each decode step, what the attention reads (``select``).
+
+``kv_budget``: ``None`` (room for the whole prompt and every new token), tokens per layer (``int``),
+a fraction of the prompt (``float`` in (0, 1]), or bytes for the whole cache (``"64MB"``: keys, values,
+slot positions, scores and the policy's own statistics, all layers). An infeasible budget is refused
+before any work with the minimum that would work (:class:`BudgetError.minimum_bytes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from edge_sel.bundle import Bundle
+from edge_sel.errors import BudgetError, InputError
+from edge_sel.memory import PeakTracker
+from edge_sel.units import format_size, parse_size
+
+from .embedding import Embedder
+from .kvcache import LayerCache
+from .policies import Context, Full, Policy, make_policy, policy_label
+from .sessions import load_session, session_options
+
+log = logging.getLogger("edge_sel")
+
+DEFAULT_CHUNK_TOKENS = 512
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    prompt_ids: list[int]
+    stats: dict[str, Any]
+    logits: list[np.ndarray] | None = None
+    finish_reason: str = "length"
+
+
+@dataclass
+class _Call:
+    """State of one generate call."""
+
+    prompt_ids: list[int]
+    max_new: int
+    capacity: int
+    policy: Policy
+    caches: list[LayerCache] = field(default_factory=list)
+    evictions: int = 0
+    scratch_peak: int = 0
+
+
+def _parse_budget(kv_budget) -> tuple[str, float] | None:
+    if kv_budget is None:
+        return None
+    if isinstance(kv_budget, bool):
+        raise InputError(f"kv_budget must be tokens, a fraction or a size, got {kv_budget!r}")
+    if isinstance(kv_budget, (int, np.integer)):
+        if kv_budget <= 0:
+            raise BudgetError(f"kv_budget must be positive, got {kv_budget} tokens")
+        return ("tokens", int(kv_budget))
+    if isinstance(kv_budget, float):
+        if not 0.0 < kv_budget <= 1.0:
+            raise BudgetError(f"kv_budget as a fraction of the prompt must be in (0, 1], got {kv_budget}")
+        return ("fraction", float(kv_budget))
+    text = str(kv_budget).strip()
+    try:  # "512" -> tokens, "0.2" -> fraction, "64MB" -> bytes
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is not None:
+        if value <= 0:
+            raise BudgetError(f"kv_budget must be positive, got {text!r}")
+        if "." in text or "e" in text.lower():
+            return _parse_budget(value if value <= 1.0 else int(value))
+        return ("tokens", int(value))
+    try:
+        return ("bytes", parse_size(text))
+    except InputError as e:
+        raise BudgetError(f"kv_budget {text!r}: {e}. Use tokens (512), a fraction of the prompt (0.2) or a size (64MB)") from None
+
+
+class Generator:
+    """Generate text from a generate bundle under a KV-cache budget.
+
+    >>> gen = Generator("bundles/smol-gen", kv_budget="64MB", policy="mpcache")
+    >>> gen.generate("Write a haiku about the sea.", chat=True, max_new_tokens=64).text
+    >>> for piece in gen.stream("Once upon a time", max_new_tokens=32): print(piece, end="")
+
+    policy: a name from :data:`edge_sel.runtime.policies.REGISTRY` (``full``, ``streaming_llm``, ``h2o``,
+    ``snapkv``, ``mpcache``, ``windowkv``, ``prompt_distill``, ``layer_skip``), a ``+`` composition, or a
+    :class:`Policy` instance. Prompts longer than the bundle's context are refused (not truncated);
+    ``max_new_tokens`` is clamped so positions stay inside the context.
+    """
+
+    def __init__(self, bundle: Bundle | str | os.PathLike, kv_budget: int | float | str | None = None,
+                 policy: str | Policy | None = "full", threads: int | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        if self.bundle.task != "generate":
+            raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; generation needs a bundle exported "
+                             f"with `edge-sel export MODEL -o OUT --task generate`")
+        self.budget = _parse_budget(kv_budget)
+        self.policy_spec = policy
+        make_policy(policy)  # validate the name now
+        if chunk_tokens <= 0:
+            raise InputError(f"chunk_tokens must be positive, got {chunk_tokens}")
+        self.chunk_tokens = int(chunk_tokens)
+        m = self.bundle.manifest
+        d = self.bundle.dims
+        self.n_layers, self.H = len(self.bundle.layers), d["hidden"]
+        self.heads, self.kv_heads, self.head_dim = d["heads"], d["kv_heads"], d["head_dim"]
+        self.context = self.bundle.max_length
+        self.stop_ids = set(int(i) for i in m.get("stop_ids", []))
+        self.chat = m.get("chat")
+        self.tok = Tokenizer.from_file(str(self.bundle.path(m["tokenizer"]["file"])))
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.embedder = Embedder(self.bundle)
+        self._table = self.embedder.open_table()
+        so_threads = threads
+        self.sessions = []
+        for i, layer in enumerate(self.bundle.layers):
+            qkv = m["extra_graphs"][layer["qkv"]]["file"]
+            self.sessions.append((self._load(self.bundle.path(qkv), so_threads), self._load(self.bundle.layer_path(i), so_threads)))
+        self.head = self._load(self.bundle.path(m["head"]["file"]), so_threads)
+        self.last_stats: dict[str, Any] = {}
+
+    @staticmethod
+    def _load(path, threads):
+        import onnxruntime as ort
+
+        from edge_sel.errors import BundleError
+
+        so = session_options(threads)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # 60+ sessions share 2 cores
+        try:
+            return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise BundleError(f"cannot load graph {path}: {e}") from None
+
+    # ---- public API ----------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("prompt is empty")
+        if chat:
+            c = self.chat
+            if not c:
+                raise InputError(f"{self.bundle.root} has no chat template; run without --chat")
+            if system is not None and "system_before" in c:
+                text = c["system_before"] + system + c["system_between"] + prompt + c["after"]
+            else:
+                text = c["before"] + prompt + c["after"]
+            return self.tok.encode(text, add_special_tokens=False).ids
+        return self.tok.encode(prompt, add_special_tokens=True).ids
+
+    def bytes_per_token(self, policy: Policy | None = None) -> int:
+        """Budget bytes one cached token costs across all layers (K, V, position, score, policy statistics)."""
+        p = policy or make_policy(self.policy_spec)
+        return self.n_layers * (LayerCache.bytes_per_slot(self.kv_heads, self.head_dim) + p.bytes_per_token(self.kv_heads, self.head_dim))
+
+    def minimum_budget(self, prompt: str, max_new_tokens: int = 128, chat: bool = False) -> int:
+        """Smallest ``kv_budget`` in bytes this prompt can run with under the policy."""
+        ids = self.encode(prompt, chat)
+        policy = make_policy(self.policy_spec)
+        return self._min_tokens(policy, len(ids), self._clamp_new(len(ids), max_new_tokens)) * self.bytes_per_token(policy)
+
+    def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, chat: bool = False, system: str | None = None, stop: bool = True,
+                 return_logits: bool = False) -> GenerationResult:
+        tokens: list[int] = []
+        logits: list[np.ndarray] | None = [] if return_logits else None
+        call = None
+        for tok, lg, call in self._run(prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop):
+            tokens.append(tok)
+            if logits is not None:
+                logits.append(lg)
+        text_ids = [t for t in tokens if not (stop and t in self.stop_ids)]
+        finish = "stop" if tokens and stop and tokens[-1] in self.stop_ids else "length"
+        return GenerationResult(self.tok.decode(text_ids, skip_special_tokens=True), tokens,
+                                list(call.prompt_ids) if call else [], dict(self.last_stats), logits, finish)
+
+    def stream(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+               seed: int | None = None, chat: bool = False, system: str | None = None, stop: bool = True) -> Iterator[str]:
+        """Yield the continuation as text pieces as tokens are generated (``last_stats`` is set at the end)."""
+        ids: list[int] = []
+        shown = ""
+        for tok, _, _ in self._run(prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop):
+            if stop and tok in self.stop_ids:
+                break
+            ids.append(tok)
+            text = self.tok.decode(ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the next byte token
+            if len(text) > len(shown) and text.startswith(shown):
+                yield text[len(shown):]
+            shown = text
+        final = self.tok.decode(ids, skip_special_tokens=True)
+        if len(final) > len(shown) and final.startswith(shown):
+            yield final[len(shown):]
+
+    def close(self) -> None:
+        self.sessions = []
+        self.head = None
+        self._table = None
+
+    # ---- planning -------------------------------------------------------------------------
+    def _clamp_new(self, n_prompt: int, max_new: int) -> int:
+        room = self.context - n_prompt
+        if max_new > room:
+            log.warning("max_new_tokens=%d clamped to %d: the model's context is %d tokens", max_new, room, self.context)
+        return max(1, min(max_new, room))
+
+    def _min_tokens(self, policy: Policy, n_prompt: int, max_new: int) -> int:
+        if isinstance(policy, Full):
+            return n_prompt + max_new
+        a = policy.align
+        need = max(policy.min_tokens + 1, 2 * a, 8)
+        return -(-need // a) * a
+
+    def _capacity(self, policy: Policy, n_prompt: int, max_new: int) -> int:
+        whole = n_prompt + max_new
+        per_tok = self.bytes_per_token(policy)
+        need = self._min_tokens(policy, n_prompt, max_new)
+        if self.budget is None:
+            cap = whole
+        else:
+            kind, value = self.budget
+            cap = {"tokens": lambda: int(value), "fraction": lambda: int(np.ceil(value * n_prompt)),
+                   "bytes": lambda: int(value) // per_tok}[kind]()
+        a = policy.align
+        cap = -(-whole // a) * a if self.budget is None else min(-(-whole // a) * a, cap // a * a)
+        if cap < need and cap < whole:
+            what = {"tokens": "tokens", "fraction": "of the prompt", "bytes": "bytes"}[self.budget[0]] if self.budget else ""
+            extra = (f"the 'full' policy keeps the {n_prompt}-token prompt and {max_new} new tokens"
+                     if isinstance(policy, Full) else f"policy {policy_label(policy)!r} needs at least {need} tokens per layer")
+            raise BudgetError(
+                f"kv_budget {self.budget[1] if self.budget else None} {what} gives {cap} cached tokens per layer, below the "
+                f"minimum {need} ({extra}); minimum budget: {need} tokens = {format_size(need * per_tok)} "
+                f"(--kv-budget {need} or {-(-need * per_tok // 1024**2)}MiB)", minimum_bytes=need * per_tok)
+        return cap
+
+    # ---- engine ---------------------------------------------------------------------------
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        return self.embedder(self._table, ids)
+
+    def _logits(self, h_last: np.ndarray) -> np.ndarray:
+        return self.head.run(None, {"hidden": np.ascontiguousarray(h_last, dtype=np.float32)})[0][0]
+
+    @staticmethod
+    def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+        if temperature <= 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / temperature
+        z -= z.max()
+        p = np.exp(z)
+        p /= p.sum()
+        if top_p < 1.0:
+            order = np.argsort(-p, kind="stable")
+            cum = np.cumsum(p[order])
+            cut = int(np.searchsorted(cum, top_p)) + 1
+            keep = order[:cut]
+            q = p[keep] / p[keep].sum()
+            return int(keep[rng.choice(len(keep), p=q)])
+        return int(rng.choice(len(p), p=p))
+
+    def _make_room(self, call: _Call, L: int, need: int, phase: str) -> None:
+        c, policy = call.caches[L], call.policy
+        a = policy.align
+        block = need
+        if phase == "decode":
+            block = max(need, min(32, max(1, call.capacity // 8)))
+        block = -(-block // a) * a
+        target = max(0, (call.capacity - block) // a * a)
+        idx = policy.keep(L, c, target, phase)
+        if idx is None:  # no opinion: attention sinks + recent tokens (StreamingLLM), needs no scores
+            sinks = min(4, target)
+            idx = np.concatenate([np.arange(sinks), np.arange(c.n - (target - sinks), c.n)])
+        c.compact(idx)
+        policy.after_compact(L, c)
+        call.evictions += 1
+
+    def _plan_chunks(self, n: int, chunk: int, obs: int) -> list[tuple[int, int, str]]:
+        out = []
+        end = n
+        if 0 < obs < n:
+            end = n - obs
+        for a in range(0, end, chunk):
+            out.append((a, min(end, a + chunk), "prefill"))
+        if end < n:
+            out.append((end, n, "window"))
+        elif out and obs:
+            a, b, _ = out[-1]
+            out[-1] = (a, b, "window")
+        return out
+
+    def _run(self, prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop):
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise InputError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        ids = self.encode(prompt, chat, system)
+        N = len(ids)
+        if N >= self.context:
+            raise InputError(f"prompt is {N} tokens, the model's context is {self.context}; refusing (not truncating): "
+                             f"shorten the prompt to at most {self.context - 1} tokens")
+        max_new = self._clamp_new(N, int(max_new_tokens))
+        policy = make_policy(self.policy_spec)
+        cap = self._capacity(policy, N, max_new)
+        policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, cap, N, max_new))
+        call = _Call(ids, max_new, cap, policy)
+        call.caches = [LayerCache(self.kv_heads, cap, self.head_dim) for _ in range(self.n_layers)]
+        rng = np.random.default_rng(seed)
+        cost_of = (lambda: dict(getattr(policy, "total_cost", policy.cost)))
+        t0 = time.perf_counter()
+        tracker = PeakTracker()
+        tracker.__enter__()
+        try:
+            logits = self._prefill(call)
+            prefill_s = time.perf_counter() - t0
+            prefill_cost = cost_of()
+            t1 = time.perf_counter()
+            pos = N
+            n_decode = 0
+            for step in range(max_new):
+                tok = self._sample(logits, temperature, top_p, rng)
+                self._set_stats(call, prefill_s, t1, n_decode, tracker, prefill_cost, cost_of(), step + 1)
+                yield tok, logits, call
+                if (stop and tok in self.stop_ids) or step == max_new - 1:
+                    break
+                logits = self._decode_step(call, tok, pos)
+                pos += 1
+                n_decode += 1
+        finally:
+            tracker.__exit__(None, None, None)
+            if "prefill_s" in self.last_stats:
+                self.last_stats["peak_rss_bytes"] = max(self.last_stats.get("peak_rss_bytes", 0), tracker.peak)
+
+    def _set_stats(self, call: _Call, prefill_s: float, t_decode0: float, n_decode: int, tracker, prefill_cost, cost, n_tokens):
+        decode_s = time.perf_counter() - t_decode0
+        per_slot = LayerCache.bytes_per_slot(self.kv_heads, self.head_dim) + call.policy.bytes_per_token(self.kv_heads, self.head_dim)
+        decode_cost = {k: cost.get(k, 0) - prefill_cost.get(k, 0) for k in ("comparisons", "multiplications", "exp_div", "gathers")}
+        peak = max(tracker.peak, tracker.start)
+        try:
+            from edge_sel.memory import peak_rss_bytes
+
+            peak = max(peak, peak_rss_bytes())
+        except Exception:
+            pass
+        self.last_stats = {
+            "policy": policy_label(call.policy),
+            "prompt_tokens": len(call.prompt_ids),
+            "new_tokens": n_tokens,
+            "prefill_s": prefill_s,
+            "decode_s": decode_s,
+            "decode_ms_per_token": 1000 * decode_s / n_decode if n_decode else None,
+            "kv_capacity_tokens": call.capacity,
+            "kv_budget_bytes": self.budget[1] if self.budget and self.budget[0] == "bytes" else None,
+            "kv_bytes_allocated": call.capacity * per_slot * self.n_layers,
+            "kv_bytes_peak": sum(c.peak for c in call.caches) * per_slot,
+            "kv_tokens_peak_per_layer": max(c.peak for c in call.caches),
+            "kv_tokens_kept": [c.n for c in call.caches],
+            "selection_scratch_bytes_peak": call.scratch_peak,
+            "evictions": call.evictions,
+            "cost_prefill": {k: prefill_cost.get(k, 0) for k in ("comparisons", "multiplications", "exp_div", "gathers")},
+            "cost_per_decode_step": {k: (v / n_decode if n_decode else 0.0) for k, v in decode_cost.items()},
+            "skipped_layers": sorted(l for l in range(self.n_layers) if call.policy.skip_layer(l)),
+            "peak_rss_bytes": peak,
+        }
+
+    def _prefill(self, call: _Call) -> np.ndarray:
+        policy, cap = call.policy, call.capacity
+        ids = np.asarray(call.prompt_ids, dtype=np.int64)[None]
+        hidden = self._embed(ids)
+        positions = np.arange(ids.shape[1], dtype=np.int64)
+        N, max_new = ids.shape[1], call.max_new
+        evicting = N + max_new > cap
+        chunk = self.chunk_tokens if not evicting else max(1, min(self.chunk_tokens, cap // 4))
+        obs = policy.observation_window(N)
+        if evicting:
+            obs = min(obs, max(1, cap // 2))
+        for L, (qkv, attn) in enumerate(self.sessions):
+            c = call.caches[L]
+            out = np.empty_like(hidden)
+            q = None
+            for a, b, phase in self._plan_chunks(hidden.shape[1], chunk, obs):
+                h = hidden[:, a:b]
+                p = positions[None, a:b]
+                q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
+                if c.n + (b - a) > cap:
+                    self._make_room(call, L, b - a, phase)
+                s = c.append(k, v, p[0])
+                policy.after_append(L, c, s)
+                kc, vc, kp = c.prefix()
+                ho, asum, amax = attn.run(None, {"hidden": h, "q": q, "k_cache": kc, "v_cache": vc, "key_pos": kp,
+                                                 "position_ids": p})
+                policy.observe(L, c, asum, amax, None, phase)
+                out[:, a:b] = ho
+            keep = policy.after_layer(L, hidden, out, q[0, :, -1], c, positions)
+            hidden = out
+            if keep is not None:
+                hidden = np.ascontiguousarray(hidden[:, keep])
+                positions = positions[keep]
+        return self._logits(hidden[:, -1])
+
+    def _decode_step(self, call: _Call, tok: int, pos: int) -> np.ndarray:
+        policy, cap = call.policy, call.capacity
+        h = self._embed(np.array([[tok]], dtype=np.int64))
+        p = np.array([[pos]], dtype=np.int64)
+        observe = policy.needs_decode_attention
+        for L, (qkv, attn) in enumerate(self.sessions):
+            if policy.skip_layer(L):
+                continue
+            c = call.caches[L]
+            q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
+            if c.n + 1 > cap:
+                self._make_room(call, L, 1, "decode")
+            s = c.append(k, v, p[0])
+            policy.after_append(L, c, s)
+            slots = policy.select(L, q, c)
+            if slots is None:
+                kc, vc, kp = c.full()
+            else:
+                kc, vc, kp = c.gather(slots)
+                call.scratch_peak = max(call.scratch_peak, kc.nbytes + vc.nbytes + kp.nbytes)
+            h, asum, amax = attn.run(None, {"hidden": h, "q": q, "k_cache": kc, "v_cache": vc, "key_pos": kp, "position_ids": p})
+            if observe:
+                policy.observe(L, c, asum, amax, slots, "decode")
+        return self._logits(h[:, -1])
+
+
+__all__ = ["Generator", "GenerationResult"]

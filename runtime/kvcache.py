@@ -1,0 +1,85 @@
+"""The KV cache of one layer: preallocated numpy buffers that never grow (DESIGN §3).
+
+``k``/``v`` are ``[1, kv_heads, capacity, head_dim]`` float32 (keys stored after rotary embedding),
+``pos`` ``[kv_heads, capacity]`` the token position held by each slot (``EMPTY_POS`` when empty, which
+the attention graph masks out), ``score`` ``[kv_heads, capacity]`` an importance a policy may keep
+(accumulated attention for H2O, max attention for MPCache). All heads hold the same number of
+tokens ``n``; which tokens may differ per head (per-head eviction). Slots stay in position order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMPTY_POS = 2**40
+
+
+class LayerCache:
+    def __init__(self, kv_heads: int, capacity: int, head_dim: int):
+        self.kv_heads, self.capacity, self.head_dim = kv_heads, capacity, head_dim
+        self.k = np.zeros((1, kv_heads, capacity, head_dim), dtype=np.float32)
+        self.v = np.zeros((1, kv_heads, capacity, head_dim), dtype=np.float32)
+        self.pos = np.full((kv_heads, capacity), EMPTY_POS, dtype=np.int64)
+        self.score = np.zeros((kv_heads, capacity), dtype=np.float32)
+        self.n = 0
+        self.peak = 0
+
+    @staticmethod
+    def bytes_per_slot(kv_heads: int, head_dim: int) -> int:
+        return kv_heads * (2 * head_dim * 4 + 8 + 4)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes + self.pos.nbytes + self.score.nbytes
+
+    def used_bytes(self) -> int:
+        return self.n * self.bytes_per_slot(self.kv_heads, self.head_dim)
+
+    def append(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> slice:
+        """Write ``T`` new tokens (``k``/``v`` ``[1, kv, T, D]``) after the filled slots; returns their slots."""
+        T = k.shape[2]
+        if self.n + T > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.n} + {T} > capacity {self.capacity} (policy bug)")
+        s = slice(self.n, self.n + T)
+        self.k[0, :, s] = k[0]
+        self.v[0, :, s] = v[0]
+        self.pos[:, s] = positions[None, :]
+        self.score[:, s] = 0.0
+        self.n += T
+        self.peak = max(self.peak, self.n)
+        return s
+
+    def compact(self, keep: np.ndarray) -> None:
+        """Keep only slots ``keep`` (``[m]`` shared by all heads, or ``[kv, m]`` per head; ascending)."""
+        keep = np.asarray(keep, dtype=np.int64)
+        m = keep.shape[-1]
+        if keep.ndim == 1:
+            self.k[0, :, :m] = self.k[0][:, keep]
+            self.v[0, :, :m] = self.v[0][:, keep]
+            self.pos[:, :m] = self.pos[:, keep]
+            self.score[:, :m] = self.score[:, keep]
+        else:
+            self.k[0, :, :m] = np.take_along_axis(self.k[0], keep[..., None], axis=1)
+            self.v[0, :, :m] = np.take_along_axis(self.v[0], keep[..., None], axis=1)
+            self.pos[:, :m] = np.take_along_axis(self.pos, keep, axis=1)
+            self.score[:, :m] = np.take_along_axis(self.score, keep, axis=1)
+        self.pos[:, m:self.n] = EMPTY_POS
+        self.score[:, m:self.n] = 0.0
+        self.n = m
+
+    def prefix(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Contiguous copies of the filled slots (prefill: avoids attending over empty capacity)."""
+        n = self.n
+        return (np.ascontiguousarray(self.k[:, :, :n]), np.ascontiguousarray(self.v[:, :, :n]),
+                np.ascontiguousarray(self.pos[None, :, :n]))
+
+    def full(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole buffer (no copy); empty slots carry ``EMPTY_POS`` and are masked by the graph."""
+        return self.k, self.v, self.pos[None]
+
+    def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keys/values/positions of ``slots`` ``[kv, m]`` (a per-head selection) as new contiguous arrays."""
+        k = np.take_along_axis(self.k[0], slots[..., None], axis=1)[None]
+        v = np.take_along_axis(self.v[0], slots[..., None], axis=1)[None]
+        p = np.take_along_axis(self.pos, slots, axis=1)[None]
+        return k, v, p

@@ -1,0 +1,61 @@
+"""KV-cache policies, selectable by name and composable with ``+`` (a static prefill policy + a dynamic
+decode-time one, e.g. ``"snapkv+mpcache_dynamic"`` or ``"mpcache+layer_skip"``). Adding a policy: one
+module with a small dataclass and one line in :data:`REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from edge_sel.errors import InputError
+
+from .base import Composite, Context, Policy
+from .full import Full
+from .h2o import H2O
+from .layer_skip import LayerSkip
+from .mpcache import MPCacheDynamic, MPCacheStatic, mpcache
+from .prompt_distill import PromptDistill
+from .snapkv import SnapKV
+from .streaming_llm import StreamingLLM
+from .windowkv import WindowKV
+
+REGISTRY: dict[str, Callable[[], Policy]] = {
+    "full": Full,
+    "streaming_llm": StreamingLLM,
+    "h2o": H2O,
+    "snapkv": SnapKV,
+    "mpcache": mpcache,
+    "mpcache_static": MPCacheStatic,
+    "mpcache_dynamic": MPCacheDynamic,
+    "windowkv": WindowKV,
+    "prompt_distill": PromptDistill,
+    "layer_skip": LayerSkip,
+}
+
+
+def policy_label(p: Policy) -> str:
+    return p.label if isinstance(p, Composite) else p.name
+
+
+def make_policy(spec: "str | Policy | None") -> Policy:
+    """A policy from a name (``"mpcache"``), a ``+``-composition (``"snapkv+layer_skip"``) or an instance."""
+    if spec is None:
+        return Full()
+    if isinstance(spec, Policy):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise InputError(f"policy must be a name, got {spec!r}; known: {', '.join(REGISTRY)}")
+    names = [s.strip() for s in spec.split("+")]
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise InputError(f"unknown policy {unknown[0]!r}; known policies: {', '.join(REGISTRY)} (combine with '+')")
+    parts = [REGISTRY[n]() for n in names]
+    if len(parts) == 1:
+        return parts[0]
+    if any(isinstance(p, Full) for p in parts):
+        raise InputError("'full' keeps everything; it cannot be combined with other policies")
+    return Composite(parts=tuple(parts))
+
+
+__all__ = ["Policy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label", "Full", "StreamingLLM", "H2O",
+           "SnapKV", "MPCacheStatic", "MPCacheDynamic", "mpcache", "WindowKV", "PromptDistill", "LayerSkip"]

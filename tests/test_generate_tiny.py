@@ -1,0 +1,279 @@
+"""Generation on tiny random-weight Llama / Qwen2 / Qwen3 generate bundles: parity with transformers,
+the budget as a hard bound, and each policy's defining property (real onnxruntime sessions)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_sel.errors import BudgetError, InputError
+from edge_sel.runtime.generator import Generator
+from edge_sel.runtime.kvcache import EMPTY_POS
+from edge_sel.runtime.policies import REGISTRY, LayerSkip, MPCacheDynamic, MPCacheStatic, make_policy, mpcache
+
+from gen_tiny import long_text, make_gen_decoder
+
+_MODELS: dict = {}
+
+
+def _bundle(tmp_path_factory, kind="llama", layers=4):
+    key = (kind, layers)
+    if key not in _MODELS:
+        from edge_sel.export import export
+
+        root = tmp_path_factory.mktemp(f"gen_{kind}_{layers}")
+        hf = make_gen_decoder(root / "hf", kind=kind, layers=layers)
+        _MODELS[key] = (export(hf, root / "bundle", task="generate", verify=True), hf)
+    return _MODELS[key]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return _bundle(tmp_path_factory)[0]
+
+
+@pytest.fixture(scope="module")
+def gen_full(llama):
+    g = Generator(llama)
+    yield g
+    g.close()
+
+
+PROMPTS = ["Return the number of items in a container.", "Open a file and return a stream.",
+           "Sort a list in place, stable, with an optional key function."]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_full_policy_matches_transformers(tmp_path_factory, kind):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edge_sel.export.generate import reference_logits
+
+    bundle, hf = _bundle(tmp_path_factory, kind)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
+    gen = Generator(bundle, policy="full", chunk_tokens=7)  # several prefill chunks
+    for p in PROMPTS:
+        res = gen.generate(p, max_new_tokens=24, return_logits=True, stop=False)
+        ref = reference_logits(model, res.prompt_ids, res.tokens[:-1])
+        mine = np.stack(res.logits)
+        assert np.max(np.abs(mine - ref)) < 1e-3
+        assert res.tokens == [int(np.argmax(r)) for r in ref]  # same greedy tokens
+    gen.close()
+
+
+def test_manifest_and_chat_template(llama, gen_full):
+    from edge_sel.bundle import Bundle
+
+    b = Bundle.open(llama, verify=True)
+    assert b.task == "generate" and b.scoring == "lm"
+    assert b.manifest["export"]["verified_max_abs_diff"] < 1e-3
+    chat = b.manifest["chat"]
+    assert chat["before"].endswith("<|im_start|>user\n") and chat["after"] == "<|im_end|>\n<|im_start|>assistant\n"
+    ids = gen_full.encode("hello", chat=True)
+    assert ids[0] == gen_full.tok.token_to_id("<|im_start|>")
+
+
+def test_stream_equals_generate_and_sampling_is_seeded(gen_full):
+    res = gen_full.generate(PROMPTS[0], max_new_tokens=20, stop=False)
+    assert "".join(gen_full.stream(PROMPTS[0], max_new_tokens=20, stop=False)) == res.text
+    a = gen_full.generate(PROMPTS[1], max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7, stop=False).tokens
+    b = gen_full.generate(PROMPTS[1], max_new_tokens=20, temperature=0.9, top_p=0.9, seed=7, stop=False).tokens
+    c = gen_full.generate(PROMPTS[1], max_new_tokens=20, temperature=0.9, top_p=0.9, seed=8, stop=False).tokens
+    assert a == b and a != c
+
+
+def test_stop_tokens_end_generation(llama):
+    g = Generator(llama)
+    free = g.generate(PROMPTS[0], max_new_tokens=10, stop=False).tokens
+    stop_tok = free[-1]
+    g.stop_ids = {stop_tok}
+    res = g.generate(PROMPTS[0], max_new_tokens=10)
+    assert res.finish_reason == "stop" and res.tokens == free[: free.index(stop_tok) + 1]
+    assert stop_tok not in g.tok.encode(res.text, add_special_tokens=False).ids or res.text == ""
+
+
+LONG = None
+
+
+def _long_prompt():
+    global LONG
+    if LONG is None:
+        LONG = long_text(16000)
+    return LONG
+
+
+@pytest.mark.parametrize("policy", [p for p in REGISTRY if p != "full"] + ["snapkv+mpcache_dynamic", "mpcache+layer_skip"])
+def test_budget_is_a_hard_bound_on_a_4k_prompt(llama, policy):
+    g = Generator(llama, kv_budget="1MB", policy=policy)
+    res = g.generate(_long_prompt(), max_new_tokens=48, stop=False)
+    st = res.stats
+    assert st["prompt_tokens"] >= 4000
+    per_tok = g.bytes_per_token(make_policy(policy))
+    assert st["kv_capacity_tokens"] * per_tok <= 1_000_000
+    assert st["kv_bytes_allocated"] <= 1_000_000 and st["kv_bytes_peak"] <= 1_000_000
+    assert st["kv_tokens_peak_per_layer"] <= st["kv_capacity_tokens"]
+    assert st["evictions"] > 0 and len(res.tokens) == 48
+    assert set(st["cost_per_decode_step"]) == {"comparisons", "multiplications", "exp_div", "gathers"}
+
+
+def test_budget_forms_and_refusals(llama):
+    prompt = PROMPTS[2]
+    n = len(Generator(llama).encode(prompt))
+    assert Generator(llama, kv_budget=0.5, policy="h2o").generate(_long_prompt()[:2000], max_new_tokens=4).stats["kv_capacity_tokens"] > 0
+    assert Generator(llama, kv_budget="64", policy="h2o").generate(prompt, max_new_tokens=4).stats["kv_capacity_tokens"] <= 64
+    for bad in (0, -5, "0", "-1MB", 1.5, 0.0):
+        with pytest.raises((BudgetError, InputError)):
+            Generator(llama, kv_budget=bad)
+    with pytest.raises(BudgetError) as e:  # full must hold prompt + new tokens
+        Generator(llama, kv_budget=n + 3, policy="full").generate(prompt, max_new_tokens=8)
+    g = Generator(llama, policy="full")
+    assert e.value.minimum_bytes == (n + 8) * g.bytes_per_token()
+    assert "minimum" in str(e.value)
+    with pytest.raises(BudgetError) as e2:
+        Generator(llama, kv_budget=40, policy="mpcache").generate(_long_prompt()[:3000], max_new_tokens=8)
+    assert e2.value.minimum_bytes > 0
+    with pytest.raises(InputError, match="unknown policy 'nope'.*streaming_llm"):
+        Generator(llama, policy="nope")
+    with pytest.raises(InputError, match="empty"):
+        g.generate("   ")
+    with pytest.raises(InputError, match="refusing"):
+        g.generate(long_text(60000))
+
+
+def test_rerank_bundle_is_refused(llama_bundle):
+    with pytest.raises(InputError, match="generate"):
+        Generator(llama_bundle)
+
+
+def _run_with(llama, policy, budget=300, n_new=40, prompt_chars=6000):
+    g = Generator(llama, kv_budget=budget, policy=policy)
+    calls = []
+    orig = g._run
+
+    def spy(*a, **k):
+        for item in orig(*a, **k):
+            calls.append(item[2])
+            yield item
+    g._run = spy
+    res = g.generate(_long_prompt()[:prompt_chars], max_new_tokens=n_new, stop=False)
+    return g, res, calls[-1]
+
+
+def test_streaming_llm_keeps_sinks_and_recent(llama):
+    _, res, call = _run_with(llama, "streaming_llm")
+    last = res.stats["prompt_tokens"] + len(res.tokens) - 2  # position of the last token fed
+    for c in call.caches:
+        assert list(c.pos[0, :4]) == [0, 1, 2, 3]
+        assert c.pos[0, c.n - 1] == last
+        assert np.all(np.diff(c.pos[0, 4:c.n]) == 1)  # a contiguous recent window
+
+
+def test_h2o_keeps_recent_window_and_evicts_per_head(llama):
+    _, res, call = _run_with(llama, "h2o")
+    c = call.caches[1]
+    assert c.n <= call.capacity
+    assert not np.array_equal(c.pos[0, :c.n], c.pos[1, :c.n])  # heads keep different heavy hitters
+    assert np.all(np.diff(c.pos[:, :c.n], axis=1) > 0)         # slots stay in position order
+
+
+def test_mpcache_group_minmax_equal_brute_force_and_shared_indices(llama):
+    pol = mpcache(share=2, min_tokens_to_select=64)
+    g, res, call = _run_with(llama, pol)
+    dyn = pol.parts[1]
+    assert isinstance(dyn, MPCacheDynamic) and isinstance(pol.parts[0], MPCacheStatic)
+    for L in (0, 2):
+        c, st = call.caches[L], dyn.stats[L]
+        k = c.k[0, :, :c.n]
+        for g16 in range(-(-c.n // 16)):
+            blk = k[:, g16 * 16:(g16 + 1) * 16]
+            np.testing.assert_array_equal(st["max16"][:, g16], blk.max(axis=1))
+            np.testing.assert_array_equal(st["min16"][:, g16], blk.min(axis=1))
+        for g32 in range(-(-c.n // 32)):
+            blk = k[:, g32 * 32:(g32 + 1) * 32]
+            np.testing.assert_array_equal(st["max32"][:, g32], blk.max(axis=1))
+            np.testing.assert_array_equal(st["min32"][:, g32], blk.min(axis=1))
+    # cross-layer sharing: layers 0/1 and 2/3 hold identical token sets and read one selection
+    for a, b in ((0, 1), (2, 3)):
+        np.testing.assert_array_equal(call.caches[a].pos, call.caches[b].pos)
+    assert set(dyn.last) == {0, 2}
+    # the selection always reads the first and the most recent group, and reads less than the cache
+    sel = dyn.last[0]
+    n = call.caches[0].n
+    assert np.all((sel == 0).any(axis=1)) and np.all((sel == n - 1).any(axis=1))
+    assert sel.shape[1] < n
+    assert res.stats["cost_per_decode_step"]["exp_div"] == 0  # linear scoring: no exponentials
+    assert res.stats["cost_per_decode_step"]["multiplications"] > 0
+
+
+def test_mpcache_selection_scores_match_definition():
+    """Σ q·(α·kmax + (1−α)·kmin) picks the best 32-groups (brute force on a synthetic cache)."""
+    from edge_sel.runtime.kvcache import LayerCache
+    from edge_sel.runtime.policies import Context
+
+    rng = np.random.default_rng(0)
+    dyn = MPCacheDynamic(min_tokens_to_select=0, share=1, keep_groups=0.25, keep_sub=1.0)
+    dyn.begin(Context(1, 2, 4, 8, 512, 500, 10))
+    c = LayerCache(2, 512, 8)
+    k = rng.standard_normal((1, 2, 512, 8)).astype(np.float32)
+    s = c.append(k, k, np.arange(512))
+    dyn.after_append(0, c, s)
+    q = rng.standard_normal((1, 4, 1, 8)).astype(np.float32)
+    slots = dyn.select(0, q, c)
+    qs = q[0, :, 0].reshape(2, 2, 8).sum(1)
+    for h in range(2):
+        grp = k[0, h].reshape(16, 32, 8)
+        score = qs[h] @ (0.6 * grp.max(1) + 0.4 * grp.min(1)).T
+        score[0] = score[-1] = np.inf
+        best = set(np.argsort(-score)[:4])
+        assert set(np.unique(slots[h] // 32)) == best
+
+
+def test_windowkv_keeps_whole_windows_shared_in_layer_groups(llama):
+    _, _, call = _run_with(llama, "windowkv")
+    for L in (1, 2, 3):
+        np.testing.assert_array_equal(call.caches[0].pos, call.caches[L].pos)  # share=4: one group
+    assert call.capacity % 8 == 0
+
+
+def test_prompt_distill_drops_prompt_tokens_for_later_layers(tmp_path_factory):
+    bundle, _ = _bundle(tmp_path_factory, "llama", layers=6)
+    g = Generator(bundle, policy="prompt_distill")
+    calls = []
+    orig = g._run
+
+    def spy(*a, **k):
+        for item in orig(*a, **k):
+            calls.append(item[2])
+            yield item
+    g._run = spy
+    res = g.generate(_long_prompt()[:2000], max_new_tokens=4, stop=False)
+    kept = [c.n for c in calls[-1].caches]
+    at = calls[-1].policy.at
+    assert kept[at + 1] < kept[at] and kept[at + 1] >= 36
+    assert len(res.tokens) == 4
+
+
+def test_layer_skip_skips_layers_at_decode(tmp_path_factory):
+    bundle, _ = _bundle(tmp_path_factory, "llama", layers=6)
+    pol = LayerSkip(fraction=0.34, protect=1)
+    g = Generator(bundle, policy=pol)
+    res = g.generate(PROMPTS[2], max_new_tokens=10, stop=False)
+    skipped = res.stats["skipped_layers"]
+    assert len(skipped) == 2 and all(1 <= s <= 4 for s in skipped)
+    n = res.stats["prompt_tokens"]
+    for L, kept in enumerate(res.stats["kv_tokens_kept"]):
+        assert kept == (n if L in skipped else n + 9)
+
+
+def test_policies_are_deterministic(llama):
+    for p in ("mpcache", "snapkv", "h2o", "windowkv"):
+        a = Generator(llama, kv_budget=200, policy=p).generate(_long_prompt()[:3000], max_new_tokens=16, stop=False)
+        b = Generator(llama, kv_budget=200, policy=p).generate(_long_prompt()[:3000], max_new_tokens=16, stop=False)
+        assert a.tokens == b.tokens and a.stats["cost_per_decode_step"] == b.stats["cost_per_decode_step"]
+
+
+def test_policies_with_room_for_everything_equal_full(llama, gen_full):
+    ref = gen_full.generate(PROMPTS[0], max_new_tokens=16, stop=False).tokens
+    for p in ("streaming_llm", "h2o", "snapkv", "mpcache_static", "windowkv"):
+        assert Generator(llama, policy=p).generate(PROMPTS[0], max_new_tokens=16, stop=False).tokens == ref
