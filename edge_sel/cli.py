@@ -33,6 +33,11 @@ or JSONL (one object per line with a "text" field).""",
     "demo": """examples:
   edge-sel demo
   edge-sel demo --model smollm2-135m-instruct --memory-budget 128MB""",
+    "calibrate": """examples:
+  edge-sel calibrate bundles/smollm2                        # builtin calibration text, top-10
+  edge-sel calibrate bundles/minilm --top-k 5 --json
+  edge-sel calibrate bundles/bge --data my_queries.jsonl    # lines: {"query": "...", "documents": ["...", ...]}
+calibration text never overlaps the benchmark text (builtin: docstrings of other stdlib modules).""",
     "generate": """examples:
   edge-sel export smollm2-135m-instruct -o bundles/smol-gen --task generate --verify
   edge-sel generate bundles/smol-gen --prompt "Write a haiku about the sea." --chat
@@ -93,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--verify", action="store_true", help="compare bundle and torch scores; fail above 1e-3")
     e.add_argument("--seed", type=int, default=0, help="seed for freshly initialised head weights")
     e.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    e.add_argument("--drop-layers", metavar="N|auto", help="drop the N layers that matter least (block influence + measured "
+                   "ranking effect on calibration text); auto: as many as keep top-10 agreement >= 0.9")
+    e.add_argument("--calibrate", action="store_true", help="calibrate early-ranking pruning after export (see `edge-sel calibrate`)")
     e.add_argument("--json", action="store_true")
 
     r = cmd("rerank", "rank documents for a query with a bundle")
@@ -103,14 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-budget", "-m", type=_size, help="e.g. 128MB, 1.5GiB (default: all layers resident)")
     r.add_argument("--instruction", help="decoder rerankers: the <Instruct> line of the prompt")
     r.add_argument("--show-text", action="store_true", help="print document text with the results")
+    r.add_argument("--pruning", choices=["auto", "on", "off"], default="auto",
+                   help="early-ranking pruning: auto = the bundle's calibrated schedule if it has one; on = require one; off")
     r.add_argument("--json", action="store_true", help="print {results, stats} as JSON")
 
     d = cmd("demo", "select from real text (CPython docstrings) with a packaged model")
     d.add_argument("--model", default="all-minilm-l6-v2", help="all-minilm-l6-v2 (default) or smollm2-135m-instruct")
-    d.add_argument("--memory-budget", "-m", type=_size, default=None, help="default: 64MB (MiniLM) / 128MB (SmolLM2)")
-    d.add_argument("--pool", type=int, default=300, help="number of candidate docstrings")
+    d.add_argument("--memory-budget", "-m", type=_size, default=None, help="default: 128MB (MiniLM) / 192MB (SmolLM2)")
+    d.add_argument("--pool", type=int, default=None, help="number of candidate docstrings (default: 200 MiniLM, 48 SmolLM2)")
     d.add_argument("--top-k", "-k", type=int, default=3)
     d.add_argument("--json", action="store_true")
+
+    c = cmd("calibrate", "calibrate early-ranking pruning for a bundle (runtime only, no torch); rewrites its manifest")
+    c.add_argument("bundle")
+    c.add_argument("--data", default="builtin", help="'builtin' (default) or a JSONL file of {query, documents}")
+    c.add_argument("--top-k", "-k", type=int, default=10, help="the top-K the schedule must always keep (default 10)")
+    c.add_argument("--method", default="auto", choices=["auto", "probe", "head", "cosine"], help="how a layer is scored")
+    c.add_argument("--safety", type=float, default=1.5, help="margin multiplier over the worst calibration gap (default 1.5)")
+    c.add_argument("--queries", type=int, default=32, help="builtin data: number of queries")
+    c.add_argument("--candidates", type=int, default=48, help="builtin data: candidates per query")
+    c.add_argument("--max-layers", type=int, default=4, help="at most this many pruning layers")
+    c.add_argument("--memory-budget", "-m", type=_size, help="run calibration under this budget")
+    c.add_argument("--json", action="store_true")
 
     g = cmd("generate", "generate text with a generate bundle under a KV-cache budget")
     g.add_argument("bundle")
@@ -192,22 +214,33 @@ def cmd_models(args, console) -> int:
 def cmd_export(args, console) -> int:
     from edge_sel.export import export
 
+    drop = None
+    if args.drop_layers is not None:
+        if args.drop_layers != "auto" and not args.drop_layers.isdigit():
+            raise EdgeSelError(f"--drop-layers takes a number of layers or 'auto', got {args.drop_layers!r}")
+        drop = args.drop_layers if args.drop_layers == "auto" else int(args.drop_layers)
     prog, cb = _progress_export(console)
     with prog:
         out = export(args.model, args.out, task=args.task, scoring=args.scoring, max_length=args.max_length,
-                     verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb)
+                     verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb,
+                     **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}))
     from .bundle import Bundle
 
     b = Bundle.open(out)
     ex = b.manifest["export"]
     info = {"bundle": str(out), "scoring": b.scoring, "layers": len(b.layers), "bytes": b.total_bytes(),
-            "seconds": ex["seconds"], "verified_max_abs_diff": ex["verified_max_abs_diff"]}
+            "seconds": ex["seconds"], "verified_max_abs_diff": ex["verified_max_abs_diff"],
+            "dropped_layers": b.manifest.get("dropped_layers") or [], "schedule": b.manifest.get("schedule")}
     if args.json:
         print(json.dumps(info))
     else:
         msg = f"[green]bundle written[/] {out}  ({b.scoring}, {len(b.layers)} layers, {format_size(b.total_bytes())}, {ex['seconds']} s)"
         if ex["verified_max_abs_diff"] is not None:
             msg += f"\nverified against torch: max |score diff| = {ex['verified_max_abs_diff']:.2e}"
+        if info["dropped_layers"]:
+            msg += "\n" + _dropped_line(b.manifest)
+        if info["schedule"]:
+            msg += "\n" + _schedule_line(info["schedule"])
         console.print(msg)
     return 0
 
@@ -215,7 +248,8 @@ def cmd_export(args, console) -> int:
 def _stats_public(stats: dict) -> dict:
     keep = ("latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s", "peak_rss_bytes",
             "start_rss_bytes", "window_layers", "chunk_size", "chunk_tokens", "n_chunks", "memory_budget_bytes",
-            "live_per_layer", "n_layers", "n_documents", "n_truncated", "layer_loads")
+            "live_per_layer", "n_layers", "n_documents", "n_truncated", "layer_loads", "pruning", "layer_work_saved",
+            "token_work_saved", "n_pruned", "dropped_layers")
     return {k: stats[k] for k in keep if k in stats}
 
 
@@ -224,7 +258,7 @@ def cmd_rerank(args, console) -> int:
     from .runtime import Reranker
 
     docs = read_documents(args.documents)
-    rr = Reranker(args.bundle, memory_budget=args.memory_budget)
+    rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning)
     try:
         results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=args.show_text, instruction=args.instruction)
     finally:
@@ -247,6 +281,50 @@ def cmd_rerank(args, console) -> int:
     console.print(f"latency {stats['latency_s']:.3f} s · peak RSS {format_size(stats['peak_rss_bytes'])} "
                   f"· window {stats['window_layers']}/{stats['n_layers']} layers · chunk {stats['chunk_size']} docs"
                   + (f" · {stats['n_truncated']} documents truncated" if stats.get("n_truncated") else ""))
+    console.print(f"pruning: {stats.get('pruning')}"
+                  + (f" · {stats['n_pruned']} pruned early, {100 * stats['layer_work_saved']:.0f}% of layer-work saved"
+                     if stats.get("n_pruned") else ""))
+    if rr.bundle.manifest.get("dropped_layers"):
+        console.print(_dropped_line(rr.bundle.manifest))
+    return 0
+
+
+def _dropped_line(manifest: dict) -> str:
+    d = manifest.get("dropped_layers") or []
+    cost = manifest.get("drop_cost") or {}
+    line = f"dropped layers (source indices): {d}"
+    if cost:
+        line += (f" · measured on calibration text: top-10 agreement {cost.get('top10_overlap', float('nan')):.3f}, "
+                 f"same top-10 set on {100 * cost.get('top10_identical', float('nan')):.0f}% of queries")
+    return line
+
+
+def _schedule_line(s: dict) -> str:
+    ag = s.get("agreement") or {}
+    return (f"early ranking: {s['method']} at layers {[e['layer'] for e in s['layers']]} for top-{s['top_k']} · calibration: "
+            f"top-K kept {ag.get('topk_recall', float('nan')):.3f}, layer-work saved {100 * ag.get('layer_work_saved', 0):.0f}%")
+
+
+def cmd_calibrate(args, console) -> int:
+    from .runtime.calibrate import calibrate
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} queries"),
+                  TimeElapsedColumn(), console=console, transient=True, disable=args.json) as prog:
+        task = prog.add_task("cal", total=None)
+        rep = calibrate(args.bundle, args.data, top_k=args.top_k, method=args.method, safety=args.safety,
+                        max_layers=args.max_layers, n_queries=args.queries, n_candidates=args.candidates,
+                        memory_budget=args.memory_budget, progress=lambda i, n: prog.update(task, completed=i, total=n))
+    if args.json:
+        print(json.dumps({"bundle": rep["bundle"], "method": rep["method"], "schedule": rep["schedule"],
+                          "candidates": rep["candidates"]}))
+        return 0
+    console.print(f"[green]calibrated[/] {rep['bundle']}")
+    console.print(_schedule_line(rep["schedule"]))
+    for m, c in rep["candidates"].items():
+        console.print(f"  {m:7s} layers {c['layers']} margins {[round(x, 3) for x in c['margins']]} · "
+                      f"simulated layer-work saved {100 * c['simulated']['layer_work_saved']:.0f}%")
     return 0
 
 
@@ -270,6 +348,7 @@ def cmd_info(args, console) -> int:
     m = b.manifest
     info = {"bundle": str(b.root), "model": m["model"], "dims": m["dims"], "max_length": m["max_length"],
             "layers": len(b.layers), "bytes": b.total_bytes(), "dropped_layers": m.get("dropped_layers", []),
+            "drop_cost": m.get("drop_cost"),
             "schedule": m.get("schedule"), "export": m.get("export")}
     if args.json:
         print(json.dumps(info, indent=1))
@@ -335,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     console = _console()
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
-                "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate}
+                "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate}
     try:
         if args.command == "demo":
             from .demo import run_demo

@@ -50,13 +50,19 @@ def _default_scoring(resolved, model_type: str) -> str:
 
 def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank", scoring: str | None = None,
            max_length: int | None = None, verify: bool = False, overwrite: bool = False, seed: int = 0,
-           fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None) -> Path:
+           fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None,
+           drop_layers: int | str | None = None, calibrate: bool = False, prefix_reuse: bool | None = None) -> Path:
     """Export ``model`` to a bundle directory ``out`` and return its path.
 
     task: ``"rerank"`` or ``"generate"`` (Llama-family decoders; see :mod:`edge_sel.export.generate`).
     scoring: ``"yes_no"`` (decoders), ``"cross_encoder"`` or ``"bi_encoder"`` (BERT family); default from the model.
     verify: run sample queries through torch and the bundle; fail if scores differ by > 1e-3.
     seed: seeds any freshly initialised head weights (e.g. a classifier on a plain encoder).
+    drop_layers: rerank bundles: drop N layers (or ``"auto"``) after export, see :mod:`edge_sel.export.drop_layers`.
+    calibrate: rerank bundles: calibrate early-ranking pruning after export (after dropping layers), see
+    :mod:`edge_sel.runtime.calibrate`.
+    prefix_reuse: yes/no (decoder) rerankers: split layer graphs so the instruction + query prefix is computed
+    once per query (default True for decoders; see :mod:`edge_sel.export.prefix_layers`).
     """
     if task not in ("rerank", "generate"):
         raise InputError(f"task {task!r} is not supported (supported: rerank, generate)")
@@ -81,6 +87,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     say("load", 1, 1)
     split = adapter.split(torch_model, tokenizer, scoring, max_length,
                           resolved_path=resolved.path if resolved.kind == "hf_dir" else None)
+    if drop_layers is not None and drop_layers != "auto" and not 0 <= int(drop_layers) < len(split.layers):
+        raise InputError(f"--drop-layers {drop_layers}: the model has {len(split.layers)} layers; "
+                         f"between 0 and {len(split.layers) - 1} can be dropped (at least one must stay)")
 
     with BundleWriter(out, overwrite=overwrite) as w:
         tokenizer.backend_tokenizer.save(str(w.file("tokenizer.json")))
@@ -88,7 +97,12 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
         arrays = {name: w.write_array(f"embed/{name}.bin", arr.astype(np.float32)) for name, arr in split.arrays.items()}
         layers = []
         n = len(split.layers)
-        for i, spec in enumerate(split.layers):
+        extra_graphs, layer_io = {}, {"inputs": split.layers[0].input_names, "outputs": split.layers[0].output_names}
+        if scoring == "yes_no" and prefix_reuse is not False:
+            from .prefix_layers import write_split_layers
+
+            layers, extra_graphs, layer_io = write_split_layers(w, torch_model, say)
+        for i, spec in enumerate(split.layers if not layers else []):
             say("layers", i, n)
             rel = f"layers/layer_{i:03d}.onnx"
             data = export_graph(spec, w.file(rel))
@@ -105,7 +119,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             "embed": embed,
             "arrays": arrays,
             "layers": layers,
-            "layer_io": {"inputs": split.layers[0].input_names, "outputs": split.layers[0].output_names},
+            "layer_io": layer_io,
+            "extra_graphs": extra_graphs,
             "head": {"file": "head.onnx", "inputs": split.head.input_names, "outputs": split.head.output_names},
             "tokenizer": {"file": "tokenizer.json"},
             "dropped_layers": [],
@@ -124,7 +139,17 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
                     f"bundle scores differ from the torch model by {diff:.2e} (> {VERIFY_TOLERANCE:g}); export not written")
             say("verify", 1, 1)
         manifest["export"]["seconds"] = round(time.perf_counter() - t0, 2)
-        return w.commit(manifest)
+        path = w.commit(manifest)
+    if drop_layers not in (None, 0):
+        from .drop_layers import drop_layers as _drop
+
+        _drop(path, drop_layers, say=say)
+    if calibrate:
+        from edge_sel.runtime.calibrate import calibrate as _calibrate
+
+        say("calibrate", 0, 1)
+        _calibrate(path, "builtin", progress=lambda i, n: say("calibrate", i, n))
+    return path
 
 
 def _stage_manifest(w: BundleWriter, manifest: dict) -> Bundle:
@@ -155,7 +180,7 @@ def verify_bundle(bundle: Bundle, adapter, torch_model, split) -> float:
     from edge_sel.runtime import Reranker
 
     queries, docs = sample_texts()
-    rr = Reranker(bundle)
+    rr = Reranker(bundle, pruning="off")
     worst = 0.0
     for q in queries:
         enc = rr.encoder.encode(q, docs)

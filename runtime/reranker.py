@@ -3,7 +3,9 @@
 All live candidates advance through one layer before the next layer runs (GRATING, EuroSys'26,
 "monolithic forwarding"), grouped by length and cut into chunks that fit the budget; only a window
 of layer sessions is resident. ``_after_layer`` is where early ranking / progressive cluster
-pruning plugs in: it sees every candidate's hidden state after each layer and may shrink the live set.
+pruning plugs in: at the layers of the bundle's calibrated schedule it scores the live candidates,
+drops the score clusters that cannot reach the top-K (see :mod:`.early_rank`) and compacts the chunks
+so that dropped candidates cost nothing in later layers.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from edge_sel.errors import BudgetError, InputError
 from edge_sel.memory import PeakTracker, rss_bytes
 from edge_sel.units import format_size, parse_size
 
+from .early_rank import LayerScorer, Schedule, prune_mask
 from .embedding import Embedder
 from .plan import Planner
+from .prefix import PairStream, is_split, qkv_weight_bytes, run_candidates, run_prefix
 from .sessions import load_session
 from .stream import LayerStream
 from .text import Encoded, TextEncoder
@@ -51,37 +55,76 @@ class Reranker:
 
     memory_budget: bytes or a size string ("128MB", "1.5GiB"); None keeps every layer resident.
     ``top_k`` larger than the number of documents is clamped to it (with a log note); ``top_k <= 0`` is refused.
+
+    pruning (early ranking, used by :meth:`rank`; :meth:`predict` always computes every score):
+      ``"auto"`` (default) — prune with the bundle's calibrated schedule; a bundle without one runs
+      every candidate through every layer (logged; ``last_stats["pruning"]`` says to calibrate);
+      ``"on"`` — like auto, but a bundle without a schedule is refused (InputError: run ``edge-sel calibrate``);
+      ``"off"`` / None — never prune; or a schedule (dict as in the manifest, or :class:`Schedule`).
+    A schedule calibrated for top-K protects any ``top_k <= K``; for a larger ``top_k`` that call runs unpruned (warning).
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget: int | str | None = None,
-                 pruning: str | None = "off", threads: int | None = None, optimize: str = "all"):
+                 pruning: str | dict | Schedule | None = "auto", threads: int | None = None, optimize: str = "all"):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if self.bundle.task != "rerank":
             raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; ranking needs a bundle exported with --task rerank")
         self.memory_budget = parse_size(memory_budget) if memory_budget is not None else None
         self.planner = Planner(self.bundle)
+        self.split = is_split(self.bundle)  # qkv + attn layer graphs: the shared prompt prefix is computed once
+        if self.split:
+            self.planner.layer_bytes += max(qkv_weight_bytes(self.bundle, i) for i in range(len(self.bundle.layers)))
         if self.memory_budget is not None and self.memory_budget < self.planner.static_minimum():
             need = self.planner.static_minimum()
             raise BudgetError(
                 f"memory budget {format_size(self.memory_budget)} is below the minimum this bundle can run in: "
                 f"{format_size(need)} (two layers of {format_size(self.planner.layer_bytes)} + fixed costs)", minimum_bytes=need)
-        if pruning not in (None, "off"):
-            raise InputError(f"pruning={pruning!r}: early-ranking pruning is not available yet in this version (use 'off')")
-        self.pruning = pruning
         self.encoder = TextEncoder(self.bundle)
         self.embedder = Embedder(self.bundle)
         self.head = load_session(self.bundle.path(self.bundle.manifest["head"]["file"]), threads)
-        self.stream = LayerStream(self.bundle, len(self.bundle.layers), threads, optimize)
+        self.pruning = "off" if pruning is None else pruning
+        self.schedule, self.pruning_note = self._resolve_schedule(self.pruning)
+        self.scorer = LayerScorer(self.bundle, self.schedule, self.head) if self.schedule else None
+        self.observer = None  # calibration hook: observer(layer, chunk, hidden_in) after each layer, before pruning
+        self._prune_state: dict[str, Any] | None = None
+        self._skip_layers: set[int] = set()  # layer-drop measurement (export --drop-layers): skip these positions
+        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.layers), threads, optimize)
+        self._pos_offset = 0
         self.pooling = self.bundle.manifest.get("pooling", "cls")
         self.pad_id = int(self.bundle.manifest.get("pad_id", 0))
         self.layer_inputs = self.bundle.manifest.get("layer_io", {}).get("inputs", ["hidden", "mask"])
         self.last_stats: dict[str, Any] = {}
+
+    def _resolve_schedule(self, pruning) -> tuple[Schedule | None, str]:
+        root = self.bundle.root
+        if isinstance(pruning, str):
+            if pruning == "off":
+                return None, "off"
+            if pruning not in ("auto", "on"):
+                raise InputError(f"pruning={pruning!r}: expected 'auto', 'on', 'off' or a schedule")
+            raw = self.bundle.manifest.get("schedule")
+            if not raw:
+                if pruning == "on":
+                    raise InputError(f"{root} has no early-ranking schedule, so pruning cannot be used; "
+                                     f"calibrate it first: `edge-sel calibrate {root}` (or use pruning='auto'/'off')")
+                log.info("%s has no early-ranking schedule: ranking without pruning (run `edge-sel calibrate %s`)", root, root)
+                return None, "off (bundle not calibrated: run `edge-sel calibrate`)"
+            sched = Schedule.from_manifest(raw)
+        elif isinstance(pruning, Schedule):
+            sched = pruning
+        elif isinstance(pruning, dict):
+            sched = Schedule.from_manifest(pruning)
+        else:
+            raise InputError(f"pruning must be 'auto', 'on', 'off' or a schedule, got {type(pruning).__name__}")
+        sched.validate(self.bundle)
+        return sched, f"{sched.method} at layers {sched.layers} (top-{sched.top_k})"
 
     # ---- public API ----------------------------------------------------------------------
     def rank(self, query: str, documents: list[str], top_k: int | None = 10, return_documents: bool = False,
              instruction: str | None = None) -> list[dict[str, Any]]:
         documents = self._check_documents(documents)
         n = len(documents)
+        prune_k = top_k  # None: full ordering; pruned with the schedule's own K (dropped candidates listed last)
         if top_k is None:
             top_k = n
         if not isinstance(top_k, (int, np.integer)) or top_k <= 0:
@@ -89,18 +132,26 @@ class Reranker:
         if top_k > n:
             log.info("top_k=%d is larger than the %d documents; returning all %d", top_k, n, n)
             top_k = n
-        scores = self.predict(query, documents, instruction=instruction)
-        order = np.argsort(-scores, kind="stable")[:top_k]
+        scores = self._run(query, documents, instruction, top_k=prune_k, prune=True)
+        dropped = self._prune_state["dropped_at"] if self._prune_state else np.full(n, -1)
+        # survivors by final score, then dropped candidates: later drop first, then by their last score
+        key_drop = np.where(dropped < 0, np.iinfo(np.int64).max, dropped)
+        order = np.lexsort((-scores, -key_drop))[:top_k]
         results = []
         for i in order:
             r = {"corpus_id": int(i), "score": float(scores[i])}
+            if dropped[i] >= 0:
+                r["pruned_at_layer"] = int(dropped[i])
             if return_documents:
                 r["text"] = documents[i]
             results.append(r)
         return results
 
     def predict(self, query: str, documents: list[str], instruction: str | None = None) -> np.ndarray:
-        """Scores for every document, in input order."""
+        """Full-model scores for every document, in input order (never pruned; :meth:`rank` prunes)."""
+        return self._run(query, documents, instruction, top_k=None, prune=False)
+
+    def _run(self, query: str, documents: list[str], instruction: str | None, top_k: int | None, prune: bool) -> np.ndarray:
         documents = self._check_documents(documents)
         t0 = time.perf_counter()
         with PeakTracker() as peak:
@@ -109,7 +160,7 @@ class Reranker:
             if enc.n_truncated:
                 log.warning("%d of %d documents were longer than the model's maximum of %d tokens and were truncated",
                             enc.n_truncated, len(documents), self.bundle.max_length)
-            scores = self.score_encoded(enc)
+            scores = self.score_encoded(enc, top_k=top_k, prune=prune)
         self.last_stats.update({
             "latency_s": time.perf_counter() - t0, "tokenize_s": t_tok,
             "peak_rss_bytes": peak.peak, "start_rss_bytes": peak.start, "n_documents": len(documents),
@@ -142,6 +193,8 @@ class Reranker:
         return documents
 
     def _items(self, enc: Encoded) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        if self.split:  # candidates carry only their own tokens; the prefix runs once
+            return [x[enc.prefix_len:] for x in enc.doc_ids], None
         ids = list(enc.doc_ids)
         types = list(enc.doc_types) if enc.doc_types is not None else None
         if self.bundle.scoring == "bi_encoder":
@@ -168,7 +221,7 @@ class Reranker:
                 m[r, : L[r]] = 1.0
                 if t is not None:
                     t[r, : L[r]] = types[i]
-            pos = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T)).copy()
+            pos = np.broadcast_to(np.arange(self._pos_offset, self._pos_offset + T, dtype=np.int64), (B, T)).copy()
             chunks.append(Chunk(idx, L, a, m, pos, t))
             cur.clear()
 
@@ -187,8 +240,71 @@ class Reranker:
         return feeds
 
     def _after_layer(self, layer: int, chunks: list[Chunk]) -> list[Chunk]:
-        """Early-ranking hook (GRATING progressive cluster pruning plugs in here). Default: keep all."""
-        return chunks
+        """Progressive cluster pruning at the schedule's layers (GRATING); elsewhere keep all."""
+        st = self._prune_state
+        if st is None or layer not in st["layers"] or layer >= len(self.bundle.layers) - 1:
+            return chunks
+        sched: Schedule = self.schedule
+        n_docs = st["n_docs"]
+        items, pooled = [], []
+        q_pooled = None
+        for c in chunks:
+            p = self._pool(c)
+            docs = c.items < n_docs
+            if not docs.all():  # bi-encoder query item
+                q_pooled = p[~docs][0]
+            items.append(c.items[docs])
+            pooled.append(p[docs])
+        items = np.concatenate(items)
+        if len(items) <= st["k"]:
+            return chunks
+        est = self.scorer(layer, np.concatenate(pooled), q_pooled)
+        keep = prune_mask(est, st["k"], sched.margin_at(layer), sched.floor, sched.cluster_gap * sched.margin_at(layer))
+        if keep.all():
+            return chunks
+        gone = items[~keep]
+        st["dropped_at"][gone] = layer
+        st["last_score"][gone] = est[~keep]
+        keep_items = np.ones(st["n_items"], dtype=bool)
+        keep_items[gone] = False
+        return self._compact(chunks, keep_items)
+
+    def _compact(self, chunks: list[Chunk], keep_items: np.ndarray) -> list[Chunk]:
+        """Rebuild the chunks from the surviving rows (re-packed by length, padding trimmed)."""
+        rows = []  # (item, length, ids, positions, types, hidden)
+        for c in chunks:
+            for r, it in enumerate(c.items):
+                if keep_items[it]:
+                    L = int(c.lengths[r])
+                    rows.append((int(it), L, c.ids[r, :L], c.positions[r, :L],
+                                 None if c.types is None else c.types[r, :L], c.hidden[r, :L]))
+        rows.sort(key=lambda x: x[1])
+        st = self._prune_state
+        out, cur = [], []
+
+        def flush():
+            if not cur:
+                return
+            B, T = len(cur), max(x[1] for x in cur)
+            H = cur[0][5].shape[-1]
+            ids = np.full((B, T), self.pad_id, dtype=np.int64)
+            mask = np.zeros((B, T), dtype=np.float32)
+            pos = np.broadcast_to(np.arange(self._pos_offset, self._pos_offset + T, dtype=np.int64), (B, T)).copy()
+            types = np.zeros((B, T), dtype=np.int64) if cur[0][4] is not None else None
+            hidden = np.zeros((B, T, H), dtype=np.float32)
+            for r, (_, L, a, p, t, h) in enumerate(cur):
+                ids[r, :L], mask[r, :L], pos[r, :L], hidden[r, :L] = a, 1.0, p, h
+                if types is not None:
+                    types[r, :L] = t
+            out.append(Chunk(np.array([x[0] for x in cur]), np.array([x[1] for x in cur]), ids, mask, pos, types, hidden))
+            cur.clear()
+
+        for row in rows:
+            if cur and ((len(cur) + 1) * row[1] > st["chunk_tokens"] or len(cur) >= st["max_batch"]):
+                flush()
+            cur.append(row)
+        flush()
+        return out
 
     def _pool(self, c: Chunk) -> np.ndarray:
         h = c.hidden
@@ -199,7 +315,9 @@ class Reranker:
         m = c.mask[..., None]
         return (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
 
-    def score_encoded(self, enc: Encoded) -> np.ndarray:
+    def score_encoded(self, enc: Encoded, top_k: int | None = None, prune: bool = False) -> np.ndarray:
+        """Scores for the encoded documents. With ``prune`` and a schedule, prune early for ``top_k``
+        (None: the schedule's K) — see :meth:`rank`; dropped candidates carry their last early score."""
         ids, types = self._items(enc)
         lengths = np.array([len(x) for x in ids])
         n_items = len(ids)
@@ -208,22 +326,57 @@ class Reranker:
         plan = self.planner.plan(self.memory_budget, total, max_len, self.embedder.touched_bytes(unique))
         self.stream.set_window(plan.window)
         t0 = time.perf_counter()
+        self._pos_offset = enc.prefix_len if self.split else 0
         chunks = self._make_chunks(ids, types, plan.chunk_tokens, plan.max_batch)
         table = self.embedder.open_table()
+        prefix_h = prefix_pos = None
+        if self.split and enc.prefix_len:
+            prefix_pos = np.arange(enc.prefix_len, dtype=np.int64)[None]
+            prefix_h = self.embedder(table, np.asarray(enc.doc_ids[0][: enc.prefix_len], dtype=np.int64)[None], None, prefix_pos)
         for c in chunks:
             c.hidden = self.embedder(table, c.ids, c.types, c.positions)
         del table  # unmap: the touched embedding pages leave RSS
         t_embed = time.perf_counter() - t0
 
+        n_docs = len(enc.doc_ids)
+        self._prune_state = None
+        pruning_note = self.pruning_note
+        if prune and self.schedule is not None:
+            if top_k is not None and top_k > self.schedule.top_k:
+                log.warning("top_k=%d is larger than the top-%d the pruning schedule was calibrated for: this call runs "
+                            "without pruning (recalibrate with `edge-sel calibrate BUNDLE --top-k %d`)", top_k, self.schedule.top_k, top_k)
+                pruning_note = f"off for this call (top_k={top_k} > calibrated top-{self.schedule.top_k})"
+            else:
+                # protect the calibrated K: the final top-top_k is a subset of the final top-K
+                self._prune_state = {"layers": set(self.schedule.layers), "k": int(self.schedule.top_k), "n_docs": n_docs,
+                                     "n_items": n_items, "dropped_at": np.full(n_docs, -1, dtype=np.int64),
+                                     "last_score": np.zeros(n_docs, dtype=np.float32),
+                                     "chunk_tokens": plan.chunk_tokens, "max_batch": plan.max_batch}
+        elif self.schedule is not None:
+            pruning_note = "off (predict computes every score)"
+
         t1 = time.perf_counter()
-        live_per_layer = []
+        live_per_layer = []   # documents computed by each layer
+        tokens_per_layer = []
         rss_peak_layers = 0
-        for i, sess in self.stream.run():
+        order = [j for j in range(len(self.bundle.layers)) if j not in self._skip_layers] if self._skip_layers else None
+        for i, sess in self.stream.run(order):
+            live_per_layer.append(int(sum(int((c.items < n_docs).sum()) for c in chunks)))
+            tokens_per_layer.append(int(sum(int(c.lengths[c.items < n_docs].sum()) for c in chunks)))
+            kp = vp = None
+            if prefix_h is not None:
+                prefix_h, kp, vp = run_prefix(sess, prefix_h, prefix_pos)
             for c in chunks:
-                c.hidden = sess.run(None, self._feeds(c))[0]
-            del sess
+                h_in = c.hidden
+                if self.split:
+                    c.hidden = run_candidates(sess, c.hidden, c.mask, c.positions, kp, vp, prefix_pos)
+                else:
+                    c.hidden = sess.run(None, self._feeds(c))[0]
+                if self.observer is not None:
+                    self.observer(i, c, h_in)
+                del h_in
+            del sess, kp, vp
             chunks = self._after_layer(i, chunks)
-            live_per_layer.append(int(sum(len(c.items) for c in chunks)))
             rss_peak_layers = max(rss_peak_layers, rss_bytes())
         t_layers = time.perf_counter() - t1
 
@@ -242,12 +395,23 @@ class Reranker:
         if self.bundle.scoring == "bi_encoder":
             q = emb[-1]
             out = emb[:-1] @ q
+        st = self._prune_state
+        if st is not None:
+            dropped = st["dropped_at"] >= 0
+            out[dropped] = st["last_score"][dropped]  # dropped candidates keep their last (early) score
+        n_layers = len(self.bundle.layers)
+        full_tokens = int(lengths[:n_docs].sum()) * n_layers
         t_head = time.perf_counter() - t2
         self.last_stats = {
             "embed_s": t_embed, "layers_s": t_layers, "head_s": t_head, "layer_load_wait_s": self.stream.load_wait_s,
             "window_layers": self.stream.window, "chunk_size": int(max(len(c.items) for c in chunks)) if chunks else 0,
             "chunk_tokens": plan.chunk_tokens, "n_chunks": len(chunks), "memory_budget_bytes": plan.budget,
-            "plan_estimate": plan.estimate, "live_per_layer": live_per_layer, "n_layers": len(self.bundle.layers),
-            "layer_loads": self.stream.loads,
+            "plan_estimate": plan.estimate, "live_per_layer": live_per_layer, "n_layers": n_layers,
+            "layer_loads": self.stream.loads, "pruning": pruning_note,
+            "layer_work_saved": 1.0 - sum(live_per_layer) / max(1, n_docs * n_layers),
+            "token_work_saved": 1.0 - sum(tokens_per_layer) / max(1, full_tokens),
+            "n_pruned": int((st["dropped_at"] >= 0).sum()) if st is not None else 0,
+            "dropped_layers": self.bundle.manifest.get("dropped_layers") or [],
+            "prefix_reuse_tokens": int(enc.prefix_len) if self.split else 0,
         }
         return out

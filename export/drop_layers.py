@@ -1,0 +1,149 @@
+"""Pruned layers at export (``edge-sel export ... --drop-layers N|auto``).
+
+Layers are ranked by how little they change the hidden state on calibration text — block influence,
+the mean over tokens of ``1 - cos(layer input, layer output)`` (ShortGPT, Men et al. 2024) — and by
+their *measured* effect on the ranking: the bundle is run with each low-influence layer skipped and
+the top-10 is compared with the full model's. The cheapest layers are dropped: N of them, or with
+``auto`` as many as keep the mean top-10 overlap with the full model >= ``threshold`` (added one at a
+time, each step measured cumulatively). The manifest records ``dropped_layers`` (source indices) and
+``drop_cost`` (what was measured).
+
+Works on an exported bundle with the runtime only (no torch): layer files are hard-linked (copied
+when linking is impossible) into a staged bundle without the dropped layers, which is renamed into
+place (:class:`edge_sel.bundle.BundleWriter`). Calibration text: the builtin calibration data of
+:mod:`edge_sel.runtime.calibrate` (never the benchmark text). A calibrated early-ranking schedule is
+invalidated by dropping layers and removed (calibrate again afterwards; ``export --calibrate`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edge_sel.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.errors import InputError
+
+DEFAULT_THRESHOLD = 0.9
+TOP = 10
+
+
+def _agreement(rr, data, refs, skip) -> dict:
+    rr._skip_layers = set(int(x) for x in skip)
+    try:
+        over, ident = [], []
+        for (q, docs), ref in zip(data, refs):
+            s = rr.predict(q, docs)
+            k = min(TOP, len(docs))
+            a, b = set(np.argsort(-s, kind="stable")[:k]), set(ref[:k])
+            over.append(len(a & b) / k)
+            ident.append(a == b)
+    finally:
+        rr._skip_layers = set()
+    return {"top10_overlap": float(np.mean(over)), "top10_identical": float(np.mean(ident))}
+
+
+def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRESHOLD, n_queries: int = 8,
+                  n_candidates: int = 32, say: Callable[[str, int, int], None] | None = None) -> dict:
+    """Measure and pick the layers to drop; returns ``{"drop": [positions], "influence", "individual", "cost"}``."""
+    from edge_sel.runtime import Reranker
+    from edge_sel.runtime.calibrate import builtin_data, collect_traces
+
+    say = say or (lambda *a: None)
+    L = len(bundle.layers)
+    if n != "auto":
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise InputError(f"--drop-layers takes a non-negative number or 'auto', got {n!r}")
+        if n >= L:
+            raise InputError(f"--drop-layers {n}: the model has {L} layers; at most {L - 1} can be dropped (at least one must stay)")
+    data = builtin_data(n_queries, n_candidates, seed=1)
+    rr = Reranker(bundle, pruning="off")
+    try:
+        traces = collect_traces(rr, data)
+        refs = [np.argsort(-t.final, kind="stable") for t in traces]
+        influence = np.mean([t.influence for t in traces], 0)
+        order = [int(i) for i in np.argsort(influence, kind="stable")]
+        n_eval = min(L, max(6, 2 * (n if n != "auto" else 4)))
+        individual = {}
+        for j, l in enumerate(order[:n_eval]):
+            say("drop: measure", j, n_eval)
+            individual[l] = _agreement(rr, data, refs, [l])
+        say("drop: measure", n_eval, n_eval)
+        ranked = sorted(individual, key=lambda l: (-individual[l]["top10_overlap"], influence[l]))
+        ranked += [l for l in order if l not in individual]
+        if n == "auto":
+            chosen, cost = [], {"top10_overlap": 1.0, "top10_identical": 1.0}
+            for l in ranked[: L - 1]:
+                trial = _agreement(rr, data, refs, chosen + [l])
+                if trial["top10_overlap"] < threshold:
+                    break
+                chosen.append(l)
+                cost = trial
+        else:
+            chosen = ranked[:n]
+            cost = _agreement(rr, data, refs, chosen) if chosen else {"top10_overlap": 1.0, "top10_identical": 1.0}
+    finally:
+        rr.close()
+    return {"drop": sorted(chosen), "influence": influence.tolist(),
+            "individual": {int(k): v for k, v in individual.items()}, "cost": cost,
+            "calibration": {"data": "builtin", "queries": n_queries, "candidates": n_candidates, "seed": 1}}
+
+
+def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
+    """Rewrite ``bundle`` without the layers at positions ``drop`` (atomic; files hard-linked)."""
+    L = len(bundle.layers)
+    if any(not 0 <= d < L for d in drop) or len(set(drop)) >= L:
+        raise InputError(f"cannot drop layers {drop} from a bundle with {L} layers")
+    root = bundle.root
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    dropped_files = set()
+    kept = []
+    for pos, layer in enumerate(manifest["layers"]):
+        if pos in drop:
+            dropped_files.update(x for x in (layer["file"], layer.get("weights")) if x)
+            if layer.get("qkv"):  # split (prefix-reuse) layers: the qkv graph goes too
+                spec = manifest.get("extra_graphs", {}).pop(layer["qkv"])
+                dropped_files.update(x for x in (spec["file"], spec.get("weights")) if x)
+        else:
+            kept.append({**layer, "index": len(kept)})
+    prev = list(manifest.get("dropped_layers") or [])
+    newly = [int(manifest["layers"][p].get("source_index", p)) for p in drop]
+    manifest["layers"] = kept
+    manifest["dropped_layers"] = sorted(prev + newly)
+    manifest["drop_cost"] = cost
+    if manifest.get("schedule"):
+        manifest["schedule"] = None  # its layer positions no longer hold; calibrate again
+    probe = manifest.get("arrays", {}).pop("early_probe", None)
+    if probe:
+        dropped_files.add(probe["file"])
+    for key in ("format", "format_version", "files"):
+        manifest.pop(key, None)
+    with BundleWriter(root, overwrite=True) as w:
+        for rel in bundle.manifest["files"]:
+            if rel in dropped_files:
+                continue
+            dst = w.file(rel)
+            try:
+                os.link(root / rel, dst)
+            except OSError:
+                shutil.copy2(root / rel, dst)
+        return w.commit(manifest)
+
+
+def drop_layers(path: str | os.PathLike, n: int | str, threshold: float = DEFAULT_THRESHOLD, n_queries: int = 8,
+                n_candidates: int = 32, say=None) -> dict:
+    """Choose and drop layers from the bundle at ``path`` in place; returns what was measured."""
+    bundle = Bundle.open(path)
+    if n == 0:
+        return {"drop": [], "cost": None}
+    res = choose_layers(bundle, n, threshold, n_queries, n_candidates, say)
+    cost = {**res["cost"], "threshold": threshold if n == "auto" else None, "requested": n,
+            "block_influence": {int(bundle.layers[p].get("source_index", p)): round(res["influence"][p], 5) for p in res["drop"]},
+            "calibration": res["calibration"]}
+    if res["drop"]:
+        rewrite_without(bundle, res["drop"], cost)
+    return {**res, "cost": cost}

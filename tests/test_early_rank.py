@@ -1,0 +1,296 @@
+"""Early ranking (issue 3): cluster pruning properties, calibration round-trip, pruned runtime, dropped layers."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_sel.bundle import Bundle
+from edge_sel.errors import InputError
+from edge_sel.runtime import Reranker
+from edge_sel.runtime.calibrate import (calibrate, calibration_items, choose_schedule, simulate)
+from edge_sel.runtime.early_rank import Schedule, clusters_1d, prune_mask
+
+
+# ---- properties of the pruning rule ----------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(scores=st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=60),
+       k=st.integers(1, 20), margin=st.floats(0, 10), floor=st.none() | st.integers(0, 30), gap=st.floats(0, 5))
+def test_prune_mask_keeps_k_and_everything_within_margin(scores, k, margin, floor, gap):
+    s = np.array(scores)
+    keep = prune_mask(s, k, margin, floor, gap)
+    n = len(s)
+    assert keep.sum() >= min(n, max(k, floor or 0))  # never fewer than K (or the floor) live
+    if n > k:
+        kth = np.sort(s)[::-1][k - 1]
+        assert keep[s >= kth - margin].all()  # anything that could still reach the top-K under the margin stays
+    # whole clusters are kept or dropped (except the floor top-up, which only adds the best dropped ones)
+    if keep.sum() > min(n, max(k, floor or 0)):
+        for members in clusters_1d(s, gap):
+            assert keep[members].all() or not keep[members].any()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n=st.integers(12, 80), layers=st.integers(2, 8), k=st.integers(1, 10),
+       safety=st.floats(1.0, 3.0), noise=st.floats(0.05, 3.0))
+def test_calibrated_schedule_always_keeps_final_topk_on_calibration_trajectories(seed, n, layers, k, safety, noise):
+    """Synthetic score trajectories that converge to the final score: the schedule chosen on them never loses a final top-K member."""
+    from edge_sel.runtime.calibrate import Trace
+
+    rng = np.random.default_rng(seed)
+    traces, scores = [], []
+    for _ in range(6):
+        final = rng.normal(size=n)
+        traj = np.stack([final + rng.normal(size=n) * noise * (layers - 1 - l) / layers for l in range(layers)])
+        traces.append(Trace(final, np.zeros((layers, n, 1), np.float32), None, np.zeros(layers)))
+        scores.append(traj)
+    chosen, margins, info = choose_schedule(scores, traces, k, safety=safety, max_layers=3, min_gain=0.0)
+    assert all(0 <= l < layers - 1 for l in chosen)
+    r = simulate(scores, traces, k, chosen, margins)
+    assert r["topk_recall"] == 1.0 and r["topk_identical"] == 1.0
+    assert 0.0 <= r["layer_work_saved"] < 1.0
+
+
+# ---- calibration data -----------------------------------------------------------------------------
+def test_calibration_text_is_disjoint_from_benchmark_text():
+    from edge_sel.runtime.calibrate import CALIBRATION_MODULES
+    from edge_sel.textdata import MODULES, docstring_pairs
+
+    assert not set(MODULES) & set(CALIBRATION_MODULES)
+    bench = {p for _, p in docstring_pairs()} | {q for q, _ in docstring_pairs()}
+    cal = calibration_items()
+    assert len(cal) > 200
+    assert not ({p for _, p in cal} & bench)
+
+
+# ---- calibrated bundles ---------------------------------------------------------------------------
+def _copy(src, tmp_path_factory, name):
+    dst = tmp_path_factory.mktemp(name) / "b"
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def calibrated(bert_ce_bundle, bert_bi_bundle, llama_bundle, tmp_path_factory):
+    out = {}
+    for name, src in (("ce", bert_ce_bundle), ("bi", bert_bi_bundle), ("yes_no", llama_bundle)):
+        b = _copy(src, tmp_path_factory, f"cal_{name}")
+        rep = calibrate(b, "builtin", top_k=5, n_queries=6, n_candidates=24)
+        out[name] = (b, rep)
+    return out
+
+
+@pytest.mark.parametrize("name", ["ce", "bi", "yes_no"])
+def test_schedule_round_trips_through_manifest(calibrated, name):
+    path, rep = calibrated[name]
+    b = Bundle.open(path, verify=True)  # hashes still match after the in-place rewrite
+    raw = b.manifest["schedule"]
+    assert raw == rep["schedule"]
+    sched = Schedule.from_manifest(raw)
+    assert sched.to_manifest() == raw
+    sched.validate(b)
+    assert sched.top_k == 5 and sched.method in ("probe", "head", "cosine")
+    assert raw["agreement"]["topk_recall"] == 1.0  # the calibration set's final top-K is always kept
+    if sched.method == "probe":
+        assert b.array("early_probe").shape[0] == len(b.layers)
+    assert subprocess.run([sys.executable, "-m", "edge_sel.cli", "verify", str(path)], capture_output=True).returncode == 0
+
+
+def test_recalibration_replaces_probe_file(calibrated, bert_ce_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(bert_ce_bundle, b)
+    calibrate(b, "builtin", top_k=3, n_queries=4, n_candidates=12, method="probe")
+    first = Bundle.open(b).manifest["arrays"]["early_probe"]["file"]
+    calibrate(b, "builtin", top_k=3, n_queries=4, n_candidates=12, method="probe", seed=1)
+    bundle = Bundle.open(b, verify=True)
+    second = bundle.manifest["arrays"]["early_probe"]["file"]
+    assert first != second and not (b / first).exists()
+    assert sorted(p.name for p in (b / "calibration").iterdir()) == [second.split("/")[-1]]
+
+
+@pytest.mark.parametrize("fixture,method", [("bert_ce_bundle", "head"), ("llama_bundle", "head"), ("bert_bi_bundle", "cosine")])
+def test_forced_pruning_compacts_and_keeps_exact_scores(fixture, method, request, docs):
+    """A schedule that prunes hard at layer 0: survivors' scores equal the full model's, dropped rank below."""
+    bundle = request.getfixturevalue(fixture)
+    documents, queries = docs
+    sched = {"method": method, "top_k": 5, "layers": [{"layer": 0, "margin": 0.0}], "floor": 8}
+    rr = Reranker(bundle, pruning=sched)
+    full = rr.predict(queries[0], documents)  # predict never prunes
+    assert rr.last_stats["layer_work_saved"] == 0.0
+    res = rr.rank(queries[0], documents, top_k=12)  # top_k > calibrated 5: runs unpruned
+    assert rr.last_stats["n_pruned"] == 0 and "off for this call" in rr.last_stats["pruning"]
+    res = rr.rank(queries[0], documents, top_k=5)
+    st_ = rr.last_stats
+    assert len(res) == 5
+    live = st_["live_per_layer"]
+    assert live[0] == len(documents) and live[1] < len(documents) and live[1] >= 8
+    assert st_["layer_work_saved"] > 0 and st_["n_pruned"] == len(documents) - live[-1]
+    for r in res:
+        assert "pruned_at_layer" not in r
+        assert abs(r["score"] - full[r["corpus_id"]]) < 1e-4  # compaction does not change the computation
+    everything = rr.rank(queries[0], documents, top_k=5)
+    assert [r["corpus_id"] for r in everything] == [r["corpus_id"] for r in res]
+    allres = rr.rank(queries[0], documents, top_k=None)  # full ordering: dropped candidates listed last
+    assert len(allres) == len(documents) and "pruned_at_layer" in allres[-1]
+
+
+def test_pruned_candidates_rank_below_survivors(bert_ce_bundle, docs):
+    """rank(top_k=None) lists every document: survivors by final score, then dropped ones (later drops first)."""
+    documents, queries = docs
+    sched = {"method": "head", "top_k": 3, "layers": [{"layer": 0, "margin": 0.0}, {"layer": 1, "margin": 0.0}]}
+    rr = Reranker(bert_ce_bundle, pruning=sched)
+    res = rr.rank(queries[0], documents, top_k=None)
+    assert sorted(r["corpus_id"] for r in res) == list(range(len(documents)))
+    layers = [r.get("pruned_at_layer", 99) for r in res]
+    assert layers == sorted(layers, reverse=True) and layers[0] == 99 and layers[-1] == 0
+    n_live = sum(1 for x in layers if x == 99)
+    assert n_live == rr.last_stats["live_per_layer"][-1] >= 3
+    full = rr.predict(queries[0], documents)
+    survivors = [r["score"] for r in res[:n_live]]
+    assert survivors == sorted(survivors, reverse=True)
+    for r in res[:n_live]:
+        assert abs(r["score"] - full[r["corpus_id"]]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["ce", "bi", "yes_no"])
+def test_calibrated_auto_pruning_ranks(calibrated, name, docs):
+    path, rep = calibrated[name]
+    documents, queries = docs
+    pr = Reranker(path)  # pruning="auto" by default
+    full = Reranker(path, pruning="off")
+    for q in queries[:2]:
+        a = pr.rank(q, documents, top_k=5)
+        b = full.rank(q, documents, top_k=5)
+        assert len(a) == 5
+        assert pr.last_stats["pruning"].startswith(rep["method"])
+        assert 0.0 <= pr.last_stats["layer_work_saved"] < 1.0
+        assert len(set(r["corpus_id"] for r in a) & set(r["corpus_id"] for r in b)) >= 3
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def test_schedule_with_layers_the_bundle_lacks(bert_ce_bundle):
+    with pytest.raises(InputError, match="layers 0..2"):
+        Reranker(bert_ce_bundle, pruning={"method": "head", "top_k": 5, "layers": [{"layer": 7, "margin": 1.0}]})
+    with pytest.raises(InputError, match="probe"):
+        Reranker(bert_ce_bundle, pruning={"method": "probe", "top_k": 5, "layers": [{"layer": 0, "margin": 1.0}], "probe": "nope"})
+    with pytest.raises(InputError, match="cosine"):
+        Reranker(bert_ce_bundle, pruning={"method": "cosine", "top_k": 5, "layers": [{"layer": 0, "margin": 1.0}]})
+    with pytest.raises(InputError, match="malformed"):
+        Reranker(bert_ce_bundle, pruning={"method": "head", "layers": [{"layer": 0}]})
+    with pytest.raises(InputError, match="source layers"):
+        Reranker(bert_ce_bundle, pruning={"method": "head", "top_k": 5, "layers": [{"layer": 1, "margin": 1.0}], "source_layers": [2]})
+
+
+def test_pruning_on_bundle_without_schedule(bert_ce_bundle, docs):
+    with pytest.raises(InputError, match="edge-sel calibrate"):
+        Reranker(bert_ce_bundle, pruning="on")
+    rr = Reranker(bert_ce_bundle, pruning="auto")  # falls back to no pruning, says so
+    rr.rank(docs[1][0], docs[0], top_k=3)
+    assert "not calibrated" in rr.last_stats["pruning"] and rr.last_stats["layer_work_saved"] == 0.0
+    with pytest.raises(InputError, match="pruning"):
+        Reranker(bert_ce_bundle, pruning="sometimes")
+
+
+def test_calibration_data_with_fewer_candidates_than_k(bert_ce_bundle, tmp_path):
+    f = tmp_path / "cal.jsonl"
+    f.write_text("\n".join(json.dumps({"query": f"question {i}", "documents": ["a", "b", "c"]}) for i in range(3)))
+    with pytest.raises(InputError, match="3 candidates"):
+        calibrate(bert_ce_bundle, str(f), top_k=5, write=False)
+    f.write_text('{"query": 1}\n')
+    with pytest.raises(InputError, match="line 1"):
+        calibrate(bert_ce_bundle, str(f), top_k=5, write=False)
+    with pytest.raises(InputError, match="not found"):
+        calibrate(bert_ce_bundle, str(tmp_path / "missing.jsonl"), write=False)
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "edge_sel.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_calibrate_then_rerank_with_pruning(bert_ce_bundle, tmp_path, docs):
+    b = tmp_path / "b"
+    shutil.copytree(bert_ce_bundle, b)
+    d = tmp_path / "d.txt"
+    d.write_text("\n".join(docs[0]) + "\n")
+    out = _cli("rerank", b, "-q", docs[1][0], "-d", d, "-k", 3, "--pruning", "on")
+    assert out.returncode == 2 and "edge-sel calibrate" in out.stderr
+    out = _cli("calibrate", b, "--top-k", 3, "--queries", 4, "--candidates", 16, "--json")
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    assert rep["schedule"]["top_k"] == 3
+    assert _cli("verify", b).returncode == 0
+    out = _cli("rerank", b, "-q", docs[1][0], "-d", d, "-k", 3, "--pruning", "on", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert len(data["results"]) == 3 and "layer_work_saved" in data["stats"]
+    out = _cli("rerank", b, "-q", docs[1][0], "-d", d, "-k", 3)
+    assert out.returncode == 0 and "pruning:" in out.stdout
+
+
+def test_runtime_calibrate_and_prune_never_import_torch(bert_bi_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(bert_bi_bundle, b)
+    code = r"""
+import sys, json
+from edge_sel.runtime.calibrate import calibrate
+from edge_sel.runtime import Reranker
+calibrate(sys.argv[1], "builtin", top_k=2, n_queries=3, n_candidates=8)
+rr = Reranker(sys.argv[1], pruning="on")
+rr.rank("Return the number of items.", ["Return the length.", "Sort a list.", "Open a file.", "Close it.", "Read bytes."], top_k=2)
+print(json.dumps([m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "optimum")]))
+"""
+    out = subprocess.run([sys.executable, "-c", code, str(b)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# ---- dropped layers -------------------------------------------------------------------------------
+def test_drop_layers_bundle_loads_and_runs(bert_ce_bundle, tmp_path, docs):
+    from edge_sel.export.drop_layers import drop_layers
+
+    b = tmp_path / "b"
+    shutil.copytree(bert_ce_bundle, b)
+    calibrate(b, "builtin", top_k=3, n_queries=3, n_candidates=10)
+    res = drop_layers(b, 1, n_queries=3, n_candidates=12)
+    bundle = Bundle.open(b, verify=True)
+    assert len(bundle.layers) == 2 and len(res["drop"]) == 1
+    assert bundle.manifest["dropped_layers"] == [res["drop"][0]]
+    assert [l["index"] for l in bundle.layers] == [0, 1]
+    assert sorted(l["source_index"] for l in bundle.layers + [{"source_index": res["drop"][0]}]) == [0, 1, 2]
+    assert bundle.manifest["schedule"] is None and not bundle.has_array("early_probe")  # invalidated by the drop
+    cost = bundle.manifest["drop_cost"]
+    assert 0.0 <= cost["top10_overlap"] <= 1.0
+    documents, queries = docs
+    assert len(Reranker(bundle).rank(queries[0], documents, top_k=4)) == 4
+    d = tmp_path / "d.txt"
+    d.write_text("\n".join(documents[:10]) + "\n")
+    out = _cli("rerank", b, "-q", queries[0], "-d", d, "-k", 3)
+    assert out.returncode == 0 and "dropped layers" in out.stdout
+    with pytest.raises(InputError, match="at most 1"):
+        drop_layers(b, 2)
+
+
+def test_drop_layers_auto_and_export_refuses_too_many(tmp_path):
+    from edge_sel.export import export
+    from edge_sel.export.drop_layers import drop_layers
+    from tiny_models import make_bert
+
+    hf = make_bert(tmp_path / "hf", cross_encoder=True, layers=2)
+    with pytest.raises(InputError, match="between 0 and 1"):
+        export(hf, tmp_path / "x", drop_layers=2)
+    assert not (tmp_path / "x").exists()
+    out = export(hf, tmp_path / "b", drop_layers="auto", calibrate=True)
+    b = Bundle.open(out, verify=True)
+    assert 1 <= len(b.layers) <= 2
+    assert b.manifest["schedule"] is not None  # calibrated after dropping
+    Schedule.from_manifest(b.manifest["schedule"]).validate(b)
+    if b.manifest["dropped_layers"]:
+        assert b.manifest["drop_cost"]["top10_overlap"] >= 0.9
+    with pytest.raises(InputError, match="non-negative"):
+        drop_layers(out, -1)
