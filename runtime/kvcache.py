@@ -67,6 +67,34 @@ class LayerCache:
         self.score[:, m:self.n] = 0.0
         self.n = m
 
+    def reset(self) -> None:
+        self.pos[:, : self.n] = EMPTY_POS
+        self.score[:, : self.n] = 0.0
+        self.n = 0
+
+    def load_from(self, src: "LayerCache", keep: np.ndarray | None) -> None:
+        """Fill this (empty) cache with ``src``'s slots ``keep`` (``[m]`` or ``[kv, m]``, ascending; None = all)."""
+        if keep is None:
+            keep = np.arange(src.n)
+        keep = np.asarray(keep, dtype=np.int64)
+        m = keep.shape[-1]
+        if m > self.capacity:
+            raise RuntimeError(f"KV cache overflow: keeping {m} > capacity {self.capacity} (policy bug)")
+        if keep.ndim == 1:
+            self.k[0, :, :m] = src.k[0][:, keep]
+            self.v[0, :, :m] = src.v[0][:, keep]
+            self.pos[:, :m] = src.pos[:, keep]
+            self.score[:, :m] = src.score[:, keep]
+        else:
+            self.k[0, :, :m] = np.take_along_axis(src.k[0], keep[..., None], axis=1)
+            self.v[0, :, :m] = np.take_along_axis(src.v[0], keep[..., None], axis=1)
+            self.pos[:, :m] = np.take_along_axis(src.pos, keep, axis=1)
+            self.score[:, :m] = np.take_along_axis(src.score, keep, axis=1)
+        self.pos[:, m:] = EMPTY_POS
+        self.score[:, m:] = 0.0
+        self.n = m
+        self.peak = max(self.peak, m)
+
     def prefix(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Contiguous copies of the filled slots (prefill: avoids attending over empty capacity)."""
         n = self.n

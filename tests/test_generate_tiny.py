@@ -277,3 +277,33 @@ def test_policies_with_room_for_everything_equal_full(llama, gen_full):
     ref = gen_full.generate(PROMPTS[0], max_new_tokens=16, stop=False).tokens
     for p in ("streaming_llm", "h2o", "snapkv", "mpcache_static", "windowkv"):
         assert Generator(llama, policy=p).generate(PROMPTS[0], max_new_tokens=16, stop=False).tokens == ref
+
+
+def test_score_is_teacher_forced_nll(tmp_path_factory):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    bundle, hf = _bundle(tmp_path_factory)
+    model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
+    g = Generator(bundle)
+    ids = g.encode(_long_prompt()[:600])
+    P = len(ids) - 20
+    with torch.no_grad():
+        lg = model(input_ids=torch.as_tensor(ids)[None]).logits[0].double()
+    ref = float((torch.logsumexp(lg[P - 1:-1], -1) - lg[P - 1:-1].gather(1, torch.as_tensor(ids[P:])[:, None])[:, 0]).mean())
+    assert abs(g.score(ids[:P], ids[P:])["nll"] - ref) < 1e-4
+    compressed = Generator(bundle, kv_budget=64, policy="streaming_llm").score(ids[:P], ids[P:])
+    assert compressed["n"] == 20 and np.isfinite(compressed["ppl"])
+
+
+@pytest.mark.parametrize("policy", ["mpcache", "snapkv"])
+def test_rolling_prefill_never_holds_more_than_the_budget(llama, policy):
+    """prefill="rolling": no one-layer scratch either — every byte of KV lives in the budgeted buffers."""
+    g = Generator(llama, kv_budget="1MB", policy=policy, prefill="rolling")
+    res = g.generate(_long_prompt(), max_new_tokens=8, stop=False)
+    st = res.stats
+    assert st["prefill_mode"] == "rolling" and st["prefill_scratch_bytes"] == 0
+    assert st["kv_bytes_peak"] <= st["kv_bytes_allocated"] <= 1_000_000
+    layer = Generator(llama, kv_budget="1MB", policy=policy).generate(_long_prompt(), max_new_tokens=8, stop=False).stats
+    assert layer["prefill_mode"] == "layer" and layer["kv_bytes_peak"] <= 1_000_000
+    assert layer["kv_capacity_tokens"] < st["kv_capacity_tokens"]  # the scratch is paid from the same budget

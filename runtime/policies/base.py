@@ -4,11 +4,12 @@ carries the shared mechanics.
 The generator calls, per layer ``L``:
 
 * ``observe(L, cache, attn_sum, attn_max, slots, phase)`` after every attention run
-  (``phase`` is ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunk — or
+  (``phase`` is ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks — or
   ``"decode"``; ``slots`` is None when the whole cache was read, else the ``[kv, m]`` selection);
-* ``keep(L, cache, target, phase) -> slots`` whenever the cache must shrink to ``target`` tokens to
-  make room (rolling during a prefill longer than the budget, at the end of prefill, in blocks during
-  decode). Returns ascending slot indices, ``[m]`` for all heads or ``[kv, m]`` per head;
+* ``keep(L, cache, target, phase) -> slots`` whenever the cache must shrink to ``target`` tokens:
+  once per layer at the end of its prefill (``"final"``: the layer's whole prompt is in a one-layer
+  scratch buffer, scored by the observation window), in blocks during decode, or — in the strict
+  ``prefill="rolling"`` mode — as chunks arrive. Returns ascending slot indices, ``[m]`` for all heads or ``[kv, m]`` per head;
 * ``select(L, q, cache) -> slots | None`` before each decode-step attention (dynamic, query-aware
   selection; None reads the whole cache);
 * ``skip_layer(L) -> bool`` (decode), ``after_layer(L, h_in, h_out, q_last, cache, positions) -> token index | None``
@@ -58,6 +59,7 @@ class Policy:
 
     name: ClassVar[str] = "base"
     needs_decode_attention: ClassVar[bool] = False   # wants observe() at decode steps
+    window_reset: ClassVar[bool] = False             # "layer" prefill: score keys by the observation window only
     min_tokens: ClassVar[int] = 8                    # smallest cache (tokens per layer) it can work with
     align: ClassVar[int] = 1                         # capacity / eviction granularity
 
@@ -142,6 +144,10 @@ class Composite(Policy):
     @property
     def min_tokens(self):  # type: ignore[override]
         return max(p.min_tokens for p in self.parts)
+
+    @property
+    def window_reset(self):  # type: ignore[override]
+        return any(p.window_reset for p in self.parts)
 
     @property
     def align(self):  # type: ignore[override]

@@ -22,6 +22,7 @@ class MPCacheStatic(Policy):
     """
 
     name: ClassVar[str] = "mpcache_static"
+    window_reset: ClassVar[bool] = True   # scores come from the observation window only
     needs_decode_attention: ClassVar[bool] = True
     align: ClassVar[int] = 32
     min_tokens: ClassVar[int] = 96

@@ -29,6 +29,7 @@ class SnapKV(Policy):
     """
 
     name: ClassVar[str] = "snapkv"
+    window_reset: ClassVar[bool] = True   # scores come from the observation window only
     window: int = 32
     kernel: int = 7
 
@@ -42,10 +43,7 @@ class SnapKV(Policy):
         n = a.shape[1]
         pooled = max_pool(a, self.kernel)
         self.count(comparisons=cache.kv_heads * n * (self.kernel - 1))
-        if phase == "window":
-            cache.score[:, :n] = pooled
-        else:
-            cache.score[:, :n] += pooled
+        cache.score[:, :n] += pooled
 
     def keep(self, layer, cache, target, phase):
         return self.keep_top(cache, cache.score, target, recent=min(self.window, target // 2))

@@ -21,6 +21,7 @@ class WindowKV(Policy):
     """
 
     name: ClassVar[str] = "windowkv"
+    window_reset: ClassVar[bool] = True   # scores come from the observation window only
     window: int = 8
     obs: int = 32
     recent: int = 32
@@ -42,10 +43,7 @@ class WindowKV(Policy):
             return
         a = attn_sum[0].sum(axis=0)
         n = a.shape[0]
-        if phase == "window":
-            cache.score[:, :n] = a[None]
-        else:
-            cache.score[:, :n] += a[None]
+        cache.score[:, :n] += a[None]
 
     def keep(self, layer, cache, target, phase):
         event = self.sharing.next_event(layer)
