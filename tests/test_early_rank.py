@@ -294,3 +294,29 @@ def test_drop_layers_auto_and_export_refuses_too_many(tmp_path):
         assert b.manifest["drop_cost"]["top10_overlap"] >= 0.9
     with pytest.raises(InputError, match="non-negative"):
         drop_layers(out, -1)
+
+
+# ---- shared-prefix reuse (decoder rerankers) -------------------------------------------------------
+def test_prefix_reuse_matches_full_prompt_and_drops_with_qkv(llama_bundle, tmp_path, docs):
+    """Decoder rerank bundles split each layer into qkv + attn graphs; the prefix runs once, scores are unchanged."""
+    from edge_sel.export import export
+    from edge_sel.export.drop_layers import drop_layers
+    from tiny_models import make_decoder
+
+    split = Bundle.open(llama_bundle)
+    assert "qkv" in split.layers[0] and split.manifest["layer_io"]["prefix_reuse"]
+    plain = export(make_decoder(tmp_path / "hf"), tmp_path / "plain", prefix_reuse=False)
+    assert "qkv" not in Bundle.open(plain).layers[0]
+    documents, queries = docs
+    a, b = Reranker(split), Reranker(plain)
+    for q in queries[:2]:
+        np.testing.assert_allclose(a.predict(q, documents), b.predict(q, documents), atol=1e-3)
+    assert a.last_stats["prefix_reuse_tokens"] > 0 and b.last_stats["prefix_reuse_tokens"] == 0
+    d = tmp_path / "d"
+    shutil.copytree(llama_bundle, d)
+    res = drop_layers(d, 1, n_queries=2, n_candidates=12)
+    bd = Bundle.open(d, verify=True)
+    assert len(bd.layers) == 2 and len(bd.manifest["extra_graphs"]) == 2
+    gone = f"layers/layer_{res['drop'][0]:03d}_qkv.onnx"
+    assert gone not in bd.manifest["files"] and not (d / gone).exists()
+    assert len(Reranker(bd).rank(queries[0], documents, top_k=3)) == 3
