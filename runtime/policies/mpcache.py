@@ -18,7 +18,9 @@ class MPCacheStatic(Policy):
     (~20%) of the prompt's queries attends to it above ``threshold``; the score is the max attention
     over those queries and all heads of the layer (one comparison per probability), so the kept set is
     shared by the layer's heads. With a budget, the best-scored tokens fill it (``threshold=None``);
-    with a threshold, fewer may be kept. Evictions are replayed in groups of ``share`` layers.
+    with a threshold, fewer may be kept. Scores are max-pooled over ``pool`` neighbouring slots (a
+    token attended to keeps its neighbourhood — our addition, as SnapKV's clustering; ``pool=1`` is the
+    paper's rule). Evictions are replayed in groups of ``share`` layers.
     """
 
     name: ClassVar[str] = "mpcache_static"
@@ -31,13 +33,18 @@ class MPCacheStatic(Policy):
     recent: int = 32
     sinks: int = 32
     share: int = 2
+    pool: int = 15
 
     def begin(self, ctx):
         super().begin(ctx)
         self.sharing = LayerSharing(self.share, ctx.n_layers)
 
     def observation_window(self, prompt_len):
-        return max(1, int(np.ceil(self.window_frac * prompt_len)))
+        # the last ~20% of the prompt, but at most a quarter of the budget: every window query attends
+        # strongly to its own neighbours, so a window as large as the budget would only keep itself
+        w = max(1, int(np.ceil(self.window_frac * prompt_len)))
+        cap = getattr(getattr(self, "ctx", None), "capacity", None)
+        return min(w, max(32, cap // 4)) if cap else w
 
     def observe(self, layer, cache, attn_sum, attn_max, slots, phase):
         a = attn_max[0].max(axis=0)  # max over the layer's KV heads (query heads already maxed in-graph)
@@ -57,6 +64,11 @@ class MPCacheStatic(Policy):
                 self.count(gathers=cache.kv_heads * target)
                 return idx
         score = cache.score[0, : cache.n].copy()
+        if self.pool > 1:  # a token attended to keeps its neighbours (the value after "... is"), as SnapKV's pooling
+            from .snapkv import max_pool
+
+            score = max_pool(score, self.pool)
+            self.count(comparisons=cache.n * (self.pool - 1))
         if self.threshold is not None:
             score[score <= self.threshold] = -1.0  # below threshold: evicted first (kept only to fill sinks/recent)
             self.count(comparisons=cache.n)
