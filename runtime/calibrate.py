@@ -62,7 +62,8 @@ CALIBRATION_MODULES = [
 DEFAULT_SAFETY = 1.5
 DEFAULT_CLUSTER_GAP = 0.25   # clusters split at gaps wider than this fraction of the layer's margin
 DEFAULT_MAX_LAYERS = 4
-MIN_GAIN = 0.01              # a schedule layer must save >= 1% of the layer-work on calibration
+MIN_GAIN = 0.02              # a schedule layer must save >= 2% of the layer-work on calibration
+MAX_SAFETY_STEPS = 4         # split-half validation: raise safety x1.5 up to this many times, else no schedule
 
 
 # ---- calibration data ---------------------------------------------------------------------------
@@ -323,6 +324,39 @@ def choose_schedule(scores: list[np.ndarray], traces: list[Trace], k: int, safet
                                                              "max_gap": G.max(0).tolist()}
 
 
+def validated_schedule(scores: list[np.ndarray], traces: list[Trace], k: int, safety: float = DEFAULT_SAFETY,
+                       max_layers: int = DEFAULT_MAX_LAYERS, min_gain: float = MIN_GAIN) -> tuple[list[int], list[float], dict]:
+    """:func:`choose_schedule`, then a split-half check: margins taken from one half of the calibration
+    queries must keep the other half's final top-K on the chosen layers (both ways). If not, the safety
+    factor grows x1.5 (up to MAX_SAFETY_STEPS times); if it never passes, no layer is scheduled.
+    Measured: worst-case margins from one query set do not always transfer to another (seeded
+    cross-encoder, issue 3 study) — this keeps calibration from storing a schedule that loses top-K members."""
+    s = float(safety)
+    Q = len(traces)
+    info: dict = {}
+    for _ in range(MAX_SAFETY_STEPS):
+        layers, margins, info = choose_schedule(scores, traces, k, s, max_layers, min_gain)
+        if not layers:
+            break
+        ok = Q < 4  # too few queries to split: trust the full-set margins
+        if not ok:
+            ok = True
+            for f in (0, 1):
+                A = [i for i in range(Q) if i % 2 == f]
+                B = [i for i in range(Q) if i % 2 != f]
+                G = layer_gaps([scores[i] for i in A], [traces[i] for i in A], k)
+                mA = [s * max(float(G[:, l].max()), 0.0) for l in layers]
+                r = simulate([scores[i] for i in B], [traces[i] for i in B], k, layers, mA)
+                ok &= r["topk_recall"] == 1.0
+        if ok:
+            info["safety_used"] = s
+            return layers, margins, info
+        s *= 1.5
+    info["safety_used"] = s
+    info["note"] = "no schedule passed split-half validation" if info.get("simulated", {}).get("layer_work_saved", 0) else info.get("note")
+    return [], [], {**info, "simulated": simulate(scores, traces, k, [], [])}
+
+
 # ---- the whole calibration ---------------------------------------------------------------------
 def available_methods(scoring: str) -> list[str]:
     return ["probe", "cosine"] if scoring == "bi_encoder" else ["probe", "head"]
@@ -366,13 +400,13 @@ def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", 
     table = {m: agreement_table(all_scores[m], traces, k) for m in methods}
     results = {}
     for m in methods:
-        layers, margins, info = choose_schedule(all_scores[m], traces, k, safety, max_layers)
+        layers, margins, info = validated_schedule(all_scores[m], traces, k, safety, max_layers)
         results[m] = {"layers": layers, "margins": margins, **info}
     chosen = method if method != "auto" else max(methods, key=lambda m: (results[m]["simulated"]["layer_work_saved"], m == "probe"))
     probes, probe_info = fit_probes(b.scoring, traces) if chosen == "probe" else (None, None)
     r = results[chosen]
     sched = Schedule(method=chosen, top_k=k, layers=r["layers"], margins=r["margins"], floor=None,
-                     cluster_gap=DEFAULT_CLUSTER_GAP, safety=safety, probe=PROBE_ARRAY if chosen == "probe" else None,
+                     cluster_gap=DEFAULT_CLUSTER_GAP, safety=r.get("safety_used", safety), probe=PROBE_ARRAY if chosen == "probe" else None,
                      source_layers=[int(b.layers[l].get("source_index", l)) for l in r["layers"]],
                      info={"calibration": {"data": label, "queries": len(pairs), "candidates": int(np.median([len(d) for _, d in pairs])),
                                            "seed": seed, "seconds": None},
