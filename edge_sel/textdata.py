@@ -45,14 +45,13 @@ def _split(doc: str) -> tuple[str, str] | None:
     return query, rest
 
 
-@lru_cache(maxsize=4)
-def docstring_items(limit: int | None = None) -> tuple[tuple[str, str, str], ...]:
-    """``(qualified_name, first_sentence, rest)`` for documented stdlib functions, deterministic order."""
+def iter_docstrings(modules, exclude: set[str] = frozenset()):
+    """Yield ``(qualified_name, first_sentence, rest)`` for documented members of ``modules``, in a fixed
+    order, skipping passages already yielded or listed in ``exclude``."""
     seen: set[str] = set()
-    items = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for modname in MODULES:
+        for modname in modules:
             try:
                 mod = importlib.import_module(modname)
             except Exception:
@@ -69,13 +68,17 @@ def docstring_items(limit: int | None = None) -> tuple[tuple[str, str, str], ...
                                 members.append((f"{name}.{mname}", meth))
             for name, obj in sorted(members, key=lambda x: x[0]):
                 doc = getattr(obj, "__doc__", None)
-                if not isinstance(doc, str):
-                    continue
-                parts = _split(doc)
-                if parts is None or parts[1] in seen:
+                parts = _split(doc) if isinstance(doc, str) else None
+                if parts is None or parts[1] in seen or parts[1] in exclude:
                     continue
                 seen.add(parts[1])
-                items.append((f"{modname}.{name}", parts[0], parts[1]))
+                yield f"{modname}.{name}", parts[0], parts[1]
+
+
+@lru_cache(maxsize=4)
+def docstring_items(limit: int | None = None) -> tuple[tuple[str, str, str], ...]:
+    """``(qualified_name, first_sentence, rest)`` for documented stdlib functions, deterministic order."""
+    items = list(iter_docstrings(MODULES))
     return tuple(items[:limit] if limit else items)
 
 

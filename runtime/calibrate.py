@@ -25,14 +25,11 @@ the new manifest, both complete); the previous probe file is removed afterwards.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import logging
 import os
 import time
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -69,38 +66,12 @@ MAX_SAFETY_STEPS = 4         # split-half validation: raise safety x1.5 up to th
 # ---- calibration data ---------------------------------------------------------------------------
 def calibration_items() -> list[tuple[str, str]]:
     """``(query, passage)`` pairs from CALIBRATION_MODULES, minus any passage in the benchmark pool."""
-    from edge_sel.textdata import MODULES, _split, docstring_pairs
+    from edge_sel.textdata import MODULES, docstring_pairs, iter_docstrings
 
     bench = {p for _, p in docstring_pairs()}
     overlap = set(MODULES) & set(CALIBRATION_MODULES)
     assert not overlap, overlap
-    seen: set[str] = set()
-    out = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for modname in CALIBRATION_MODULES:
-            try:
-                mod = importlib.import_module(modname)
-            except Exception:
-                continue
-            members = []
-            for name, obj in vars(mod).items():
-                if name.startswith("_"):
-                    continue
-                if inspect.isfunction(obj) or inspect.isbuiltin(obj) or inspect.isclass(obj):
-                    members.append((name, obj))
-                    if inspect.isclass(obj) and getattr(obj, "__module__", "") == mod.__name__:
-                        for mname, meth in vars(obj).items():
-                            if not mname.startswith("_") and inspect.isfunction(meth):
-                                members.append((f"{name}.{mname}", meth))
-            for _, obj in sorted(members, key=lambda x: x[0]):
-                doc = getattr(obj, "__doc__", None)
-                parts = _split(doc) if isinstance(doc, str) else None
-                if parts is None or parts[1] in seen or parts[1] in bench:
-                    continue
-                seen.add(parts[1])
-                out.append(parts)
-    return out
+    return [(q, p) for _, q, p in iter_docstrings(CALIBRATION_MODULES, exclude=bench)]
 
 
 def builtin_data(n_queries: int = 32, n_candidates: int = 48, seed: int = 0) -> list[tuple[str, list[str]]]:
