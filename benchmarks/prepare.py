@@ -1,6 +1,6 @@
 """Build and cache what the rerank benchmark's configurations load (torch side; runs in its own process).
 
-* the edge_sel bundle, under ``$EDGE_SEL_HOME/bundles/`` (exported with ``verify=True``);
+* the edge_sel bundle, ``$EDGE_SEL_HOME/bundles/bench-<key>`` (exporter defaults, ``verify=True``);
 * the peers' model: the exact weights edge_sel exported, loaded by edge_sel's adapter (GGUF
   dequantized to fp32, or a seeded classifier head on a plain encoder) and written with
   ``save_pretrained`` to ``$EDGE_SEL_HOME/peers/<key>/hf`` — the torch peer loads that directory;
@@ -50,26 +50,25 @@ def _atomic_dir(target: Path, build) -> Path:
     return target
 
 
-def ensure_bundle(model: str, scoring: str | None, seed: int = 0, log=print) -> Path:
+def ensure_bundle(model: str, scoring: str | None, seed: int = 0, rebuild: bool = False, log=print) -> Path:
+    """The benchmark's own cached bundle, exported with the exporter's defaults (``--rebuild`` re-exports
+    it, e.g. after the exporter changed)."""
     from edge_sel.bundle import Bundle
     from edge_sel.errors import BundleError
     from edge_sel.sources import PACKAGED, resolve
 
     resolved = resolve(model, fetch_missing=True)
-    default = PACKAGED[model].default_scoring if model in PACKAGED else None
-    scoring = scoring or default
-    if model in PACKAGED and scoring == default:
-        target = bundles_dir() / f"{model}-rerank"  # the bundle `edge-sel demo` caches, shared
-    else:
-        target = bundles_dir() / cache_key(model, scoring or "auto", seed)
-    try:
-        Bundle.open(target)
-        return target
-    except BundleError:
-        pass
+    scoring = scoring or (PACKAGED[model].default_scoring if model in PACKAGED else None)
+    target = bundles_dir() / ("bench-" + cache_key(model, scoring or "auto", seed))
+    if not rebuild:
+        try:
+            Bundle.open(target)
+            return target
+        except BundleError:
+            pass
     from edge_sel.export import export
 
-    log(f"exporting {model} ({scoring or 'default scoring'}) to {target} (first run only)")
+    log(f"exporting {model} ({scoring or 'default scoring'}) to {target} ({'rebuild' if rebuild else 'first run only'})")
     export(resolved.spec, target, scoring=scoring, seed=seed, verify=True, overwrite=True)
     return target
 
@@ -108,19 +107,26 @@ def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m edge_sel.benchmarks.prepare MODEL SCORING SEED NEED_ONNX OUT.json`` (used by the parent)."""
+    """``python -m edge_sel.benchmarks.prepare MODEL SCORING SEED NEED OUT.json [BUNDLE]`` (used by the parent).
+
+    NEED: ``onnx`` (HF copy + optimum export), ``hf`` (HF copy only) or ``none``; BUNDLE: use it, don't
+    export (or the word ``rebuild``: re-export the cached bundle).
+    """
     import sys
 
-    model, scoring, seed, need_onnx, out = (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    model, scoring, seed, need_onnx, out = args[:5]
     scoring = None if scoring == "default" else scoring
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    bundle = ensure_bundle(model, scoring, int(seed), log=log)
+    bundle = args[5] if len(args) > 5 and args[5] != "rebuild" else ensure_bundle(
+        model, scoring, int(seed), rebuild=args[5:6] == ["rebuild"], log=log)
     from edge_sel.bundle import Bundle
 
     b = Bundle.open(bundle)
+    seed = int((b.manifest.get("export") or {}).get("seed", seed))  # the peers get the head the bundle was exported with
     res = {"bundle": str(bundle), "scoring": b.scoring}
     if need_onnx != "none":
-        res.update(ensure_peers(model, b.scoring, int(seed), need_onnx == "onnx", log=log))
+        res.update(ensure_peers(model, b.scoring, seed, need_onnx == "onnx", log=log))
     Path(out).write_text(json.dumps(res))
     return 0
 

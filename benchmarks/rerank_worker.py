@@ -11,6 +11,8 @@ Memory, all from the kernel's counters for this process (``edge_sel.memory``):
   base_rss  RSS after the imports the configuration needs, before any model is loaded;
   idle_rss  RSS after the model is loaded (constructor returned), before the first query;
   peak_rss  whole-process high-water mark (VmHWM) at the end, i.e. over imports, load, warm-up and runs.
+Time: wall seconds per query (``perf_counter``) and CPU seconds per query of the whole process, all
+threads (``process_time``) — the latter is less distorted when other work shares the cores.
 ``peak - idle`` is the model's share while answering (what ``memory_budget`` bounds for edge_sel);
 ``peak - base`` additionally counts what loading the model keeps resident.
 
@@ -194,12 +196,15 @@ class OptimumPeer(NumpyPeer):
 
 
 class EdgeSel:
-    """edge_sel ``Reranker``; timed calls go through the public ``rank()`` (tokenization included)."""
+    """edge_sel ``Reranker``; timed calls go through the public ``rank()`` (tokenization included).
+
+    The warm-up pass uses ``predict()`` (every score, never pruned) for the score comparison.
+    """
 
     def __init__(self, spec, budget: int | None):
         from edge_sel.runtime import Reranker
 
-        self.rr = Reranker(spec["bundle"], memory_budget=budget)
+        self.rr = Reranker(spec["bundle"], memory_budget=budget, pruning=spec.get("pruning", "off"))
         self.top_k = int(spec["top_k"])
 
     def score(self, q: dict) -> np.ndarray:
@@ -266,11 +271,12 @@ def run(config: str, spec: dict) -> dict:
         peak.snap()
         scores.append(np.asarray(s, dtype=np.float64))
 
-    runs, topk = [], []
+    runs, cpu_runs, topk = [], [], []
     for r in range(int(spec["runs"])):
-        times, tk = [], []
+        times, cpu, tk = [], [], []
         for q in queries:
             peak.snap()
+            c = time.process_time()
             t = time.perf_counter()
             if isinstance(engine, EdgeSel):
                 ids = engine.rank(q)
@@ -278,11 +284,13 @@ def run(config: str, spec: dict) -> dict:
                 s = engine.score(q)
                 ids = np.argsort(-s, kind="stable")[:top_k].tolist()
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
             peak.snap()
             tk.append([int(i) for i in ids])
             if isinstance(engine, EdgeSel) and r == int(spec["runs"]) - 1:
                 stats.append(_stats(engine.rr))
         runs.append(times)
+        cpu_runs.append(cpu)
         topk = tk  # top-K of the last run (identical across runs: deterministic engines)
     per_query = [float(np.mean(t)) for t in runs]
     out = {
@@ -291,6 +299,7 @@ def run(config: str, spec: dict) -> dict:
         "imports_s": t_imports, "load_s": load_s,
         "warmup_s": warm_times, "runs_s": runs, "latency_per_query_runs": per_query,
         "latency_per_query": float(np.median(per_query)) if per_query else None,
+        "cpu_runs_s": cpu_runs, "cpu_per_query": float(np.median([np.mean(c) for c in cpu_runs])) if cpu_runs else None,
         "topk": topk, "topk_warmup": [np.argsort(-s, kind="stable")[:top_k].tolist() for s in scores],
         "scores": [s.tolist() for s in scores],
         "torch_imported": "torch" in sys.modules,
