@@ -21,6 +21,10 @@ def session_options(threads: int | None = None, optimize: str = "all") -> ort.Se
     so.add_session_config_entry("session.disable_prepacking", "1")
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = True  # measured: arena off + memory pattern is as fast as the arena without its retained peak
+    # Every session owns an intra-op pool whose threads spin after each op; with W..L resident sessions (and
+    # the layer loader thread) on 2 cores the spinning pools steal each other's CPU. Measured (SmolLM2, 16 docs,
+    # 2 cores shared with other work): CPU per query -18..-55%, wall -7..-40% with spinning off (benchmarks/RESULTS.md).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = {
         "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
