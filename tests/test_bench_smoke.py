@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from edge_sel.benchmarks.rerank import acceptance, main, summarize
+from edge_sel.benchmarks.rerank import acceptance, acceptance_pruned, main, summarize
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +24,13 @@ def test_bench_rerank_quick(tiny_decoder_dir, tmp_path):
     env = dict(os.environ, EDGE_SEL_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     out, md = tmp_path / "r.json", tmp_path / "r.md"
     res = subprocess.run([sys.executable, "-m", "edge_sel.cli", "bench", "rerank", "--model", str(tiny_decoder_dir),
-                          "--quick", "--corpus", "docstrings", "--configs", "ort,edge_sel,edge_sel_budget",
+                          "--quick", "--corpus", "docstrings", "--configs", "ort,edge_sel,edge_sel_budget,edge_sel_pruned",
                           "--out", str(out), "--markdown", str(md)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     doc = json.loads(out.read_text())
     rows = doc["rows"]
-    assert set(rows) == {"ort", "edge_sel", "edge_sel_budget"}
+    assert set(rows) == {"ort", "edge_sel", "edge_sel_budget", "edge_sel_pruned"}
     assert doc["meta"]["reference"] == "ort"
     for name, r in rows.items():
         assert r["ok"], (name, r)
@@ -40,6 +40,10 @@ def test_bench_rerank_quick(tiny_decoder_dir, tmp_path):
         assert r["top_k_identical"] == 1.0, name
         assert r["max_abs_score_diff"] < 1e-3, name
         assert r["torch_imported"] is False, name  # the bare-session peer and edge_sel never import torch
+    # the pruned config ran on a calibrated copy of the bundle (schedule or an explicit "no safe layer" note)
+    assert doc["raw"]["edge_sel_pruned"]["edge_sel_stats"][0]["pruning"]
+    assert 0 < rows["edge_sel_pruned"]["candidate_layers"] <= 1.0
+    assert rows["edge_sel"]["candidate_layers"] == 1.0
     assert rows["edge_sel_budget"]["window_layers"] == 2
     assert rows["edge_sel"]["window_layers"] == 3
     assert doc["raw"]["edge_sel"]["ids_match_workload"] is True
@@ -75,6 +79,29 @@ def test_summary_and_acceptance_logic():
     assert checks["budget: latency <= 2x bare session"] is False                  # 2.5x
     assert checks["all resident: latency <= 1.2x bare session"] is True
     assert checks["edge_sel_budget: top-K sets identical to torch on every query"] is False
+
+
+def test_pruned_acceptance_logic():
+    workload = [{"gold": 0, "doc_ids": [[1]] * 4}, {"gold": 3, "doc_ids": [[1]] * 4}]
+    s_ref = [[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]
+    stats = lambda live: [{"live_per_layer": live, "n_layers": 3, "dropped_layers": [], "pruning": "probe at layers [1]"}] * 2  # noqa: E731
+    results = {
+        "ort": _fake("ort", 1.0, 1000, 500, [[0, 1], [3, 2]], s_ref),
+        "edge_sel_pruned": {**_fake("edge_sel_pruned", 0.3, 300, 100, [[1, 0], [3, 2]], s_ref), "edge_sel_stats": stats([4, 2, 2])},
+        "edge_sel_pruned_budget": {**_fake("edge_sel_pruned_budget", 0.6, 200, 100, [[0, 2], [3, 2]], s_ref),
+                                   "edge_sel_stats": stats([4, 4, 4])},
+    }
+    rows = summarize(results, workload, 2, budget=250)
+    assert rows["edge_sel_pruned"]["candidate_layers"] == pytest.approx(8 / 12)
+    assert rows["edge_sel_pruned_budget"]["top_k_identical"] == 0.5   # timed rank() output is what is judged
+    checks = {c["check"]: c["pass"] for c in acceptance_pruned(rows, "yes_no")}
+    assert checks["edge_sel_pruned: same top-K set as ort on >= 95% of queries"] is True
+    assert checks["edge_sel_pruned: latency <= 0.35x bare session"] is True
+    assert checks["edge_sel_pruned_budget: same top-K set as ort on >= 95% of queries"] is False
+    assert checks["edge_sel_pruned_budget: peak RSS <= 0.25x bare session"] is True
+    assert checks["edge_sel_pruned_budget: latency <= 0.5x bare session"] is False
+    enc = {c["check"]: c["pass"] for c in acceptance_pruned(rows, "cross_encoder")}
+    assert "edge_sel_pruned: latency <= 0.5x bare session" in enc and not any("overlap" in c for c in enc)
 
 
 def test_bench_rejects_bad_options():
