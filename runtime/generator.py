@@ -14,6 +14,13 @@ stays (``keep``) and, at each decode step, what the attention reads (``select``)
 a fraction of the prompt (``float`` in (0, 1]), or bytes for the whole cache (``"64MB"``: keys, values,
 slot positions, scores and the policy's own statistics, all layers). An infeasible budget is refused
 before any work with the minimum that would work (:class:`BudgetError.minimum_bytes`).
+
+``protect_suffix=n`` (``generate``/``score``): the last ``n`` prompt tokens (e.g. a question after a long
+context) are not compressed: each layer compresses the context first (its observation window is the
+end of the context, so the policy never sees the suffix) and then runs the suffix over the compressed
+cache and appends its keys/values — kvpress's "context compressed, question not". A fraction budget
+then means the fraction of the context kept, with the suffix and the new tokens on top (as kvpress's
+``compression_ratio``); a token or byte budget still bounds the whole cache.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ class _Call:
     scratch: LayerCache | None = None  # "layer" prefill: one layer's whole-prompt KV, reused layer after layer
     evictions: int = 0
     scratch_peak: int = 0
+    suffix: int = 0  # protected prompt suffix: prefilled after the rest was compressed, never evicted by prefill
+    suffix_hidden: np.ndarray | None = None  # last layer's hidden from the last compressed token to the end (score)
 
 
 def _parse_budget(kv_budget) -> tuple[str, float] | None:
@@ -187,11 +196,12 @@ class Generator:
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, chat: bool = False, system: str | None = None, stop: bool = True,
-                 return_logits: bool = False) -> GenerationResult:
+                 return_logits: bool = False, protect_suffix: int = 0) -> GenerationResult:
         tokens: list[int] = []
         logits: list[np.ndarray] | None = [] if return_logits else None
         call = None
-        for tok, lg, call in self._run(prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop):
+        for tok, lg, call in self._run(prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop,
+                                       suffix=protect_suffix):
             tokens.append(tok)
             if logits is not None:
                 logits.append(lg)
@@ -238,7 +248,7 @@ class Generator:
         need = max(policy.min_tokens + 1, 2 * a, 8)
         return -(-need // a) * a
 
-    def _capacity(self, policy: Policy, n_prompt: int, max_new: int) -> tuple[int, bool]:
+    def _capacity(self, policy: Policy, n_prompt: int, max_new: int, suffix: int = 0) -> tuple[int, bool]:
         """Tokens per layer the cache holds, and whether prefill uses a one-layer whole-prompt scratch."""
         whole = n_prompt + max_new
         per_tok = self.bytes_per_token(policy)
@@ -248,8 +258,9 @@ class Generator:
             cap = whole
         else:
             kind, value = self.budget
-            cap = {"tokens": lambda: int(value), "fraction": lambda: int(np.ceil(value * n_prompt)),
-                   "bytes": lambda: int(value) // per_tok}[kind]()
+            cap = {"tokens": lambda: int(value), "bytes": lambda: int(value) // per_tok,
+                   "fraction": lambda: (int(np.ceil(value * (n_prompt - suffix))) + suffix + max_new if suffix
+                                        else int(np.ceil(value * n_prompt)))}[kind]()
             if kind == "bytes" and scratch and cap < whole:
                 # the scratch counts against a byte budget; without room for it, prefill rolls instead
                 with_scratch = (int(value) - n_prompt * LayerCache.bytes_per_slot(self.kv_heads, self.head_dim)) // per_tok
@@ -258,11 +269,19 @@ class Generator:
                 else:
                     scratch = False
         a = policy.align
-        cap = -(-whole // a) * a if self.budget is None else min(-(-whole // a) * a, cap // a * a)
-        if cap < need and cap < whole:
+        if self.budget is None:
+            cap = -(-whole // a) * a
+        elif suffix:  # exact: the context's share is not rounded down to the policy's alignment
+            cap = min(-(-whole // a) * a, cap)
+        else:
+            cap = min(-(-whole // a) * a, cap // a * a)
+        if (cap < need or (suffix and cap - suffix - 1 < need)) and cap < whole:
             what = {"tokens": "tokens", "fraction": "of the prompt", "bytes": "bytes"}[self.budget[0]] if self.budget else ""
             extra = (f"the 'full' policy keeps the {n_prompt}-token prompt and {max_new} new tokens"
                      if isinstance(policy, Full) else f"policy {policy_label(policy)!r} needs at least {need} tokens per layer")
+            if suffix and not isinstance(policy, Full):
+                extra += f" besides the {suffix} protected suffix tokens"
+                need += suffix + 1
             raise BudgetError(
                 f"kv_budget {self.budget[1] if self.budget else None} {what} gives {cap} cached tokens per layer, below the "
                 f"minimum {need} ({extra}); minimum budget: {need} tokens = {format_size(need * per_tok)} "
@@ -317,12 +336,27 @@ class Generator:
         out += [(a, min(n, a + chunk), "window") for a in range(end, n, chunk)]
         return out
 
-    def score(self, prompt: str | list[int], continuation: list[int], chat: bool = False) -> dict[str, Any]:
+    def score(self, prompt: str | list[int], continuation: list[int], chat: bool = False,
+              compress_continuation: bool = True) -> dict[str, Any]:
         """Teacher-forced negative log-likelihood of ``continuation`` token ids after ``prompt`` under the
-        policy and budget (the cache is compressed exactly as during generation): ``{"nll", "ppl", "n"}``."""
+        policy and budget: ``{"nll", "ppl", "n"}``. By default the cache is compressed exactly as during
+        generation (the continuation is decoded token by token and may be evicted); with
+        ``compress_continuation=False`` only the prompt is compressed and the continuation is run over it
+        as a protected suffix (kvpress's perplexity: compressed prefix, continuation uncompressed)."""
         cont = [int(t) for t in continuation]
         if not cont:
             raise InputError("continuation is empty")
+        if not compress_continuation:
+            ids = (list(prompt) if isinstance(prompt, (list, tuple, np.ndarray)) else self.encode(prompt, chat)) + cont
+            call = None
+            for _, _, call in self._run(ids, 1, 0.0, 1.0, None, False, None, False, suffix=len(cont), suffix_hidden=True):
+                break
+            lg = self.head.run(None, {"hidden": np.ascontiguousarray(call.suffix_hidden[0, :-1], dtype=np.float32)})[0]
+            z = lg.astype(np.float64)
+            m = z.max(axis=1)
+            lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+            nll_t = lse - z[np.arange(len(cont)), cont]
+            return {"nll": float(nll_t.mean()), "ppl": float(np.exp(nll_t.mean())), "n": len(cont)}
         nll = 0.0
         for step, (tok, lg, _) in enumerate(self._run(prompt, len(cont), 0.0, 1.0, None, chat, None, False, forced=cont)):
             z = lg.astype(np.float64)
@@ -330,7 +364,8 @@ class Generator:
             nll += float(m + np.log(np.exp(z - m).sum()) - z[cont[step]])
         return {"nll": nll / len(cont), "ppl": float(np.exp(nll / len(cont))), "n": len(cont)}
 
-    def _run(self, prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop, forced=None):
+    def _run(self, prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop, forced=None, suffix=0,
+             suffix_hidden=False):
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -345,11 +380,15 @@ class Generator:
         if N >= self.context:
             raise InputError(f"prompt is {N} tokens, the model's context is {self.context}; refusing (not truncating): "
                              f"shorten the prompt to at most {self.context - 1} tokens")
+        if isinstance(suffix, bool) or not isinstance(suffix, (int, np.integer)) or not 0 <= suffix < N:
+            raise InputError(f"protect_suffix must be an integer in [0, {N}) (the prompt is {N} tokens), got {suffix!r}")
         max_new = self._clamp_new(N, int(max_new_tokens))
         policy = make_policy(self.policy_spec)
-        cap, use_scratch = self._capacity(policy, N, max_new)
+        cap, use_scratch = self._capacity(policy, N, max_new, int(suffix))
         policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, cap, N, max_new))
-        call = _Call(ids, max_new, cap, policy)
+        call = _Call(ids, max_new, cap, policy, suffix=int(suffix))
+        if suffix_hidden:
+            call.suffix_hidden = np.empty(0)
         call.caches = [LayerCache(self.kv_heads, cap, self.head_dim) for _ in range(self.n_layers)]
         if use_scratch:
             call.scratch = LayerCache(self.kv_heads, N, self.head_dim)
@@ -432,11 +471,12 @@ class Generator:
         hidden = self._embed(ids)
         positions = np.arange(ids.shape[1], dtype=np.int64)
         N, max_new = ids.shape[1], call.max_new
+        sfx_from = N - call.suffix  # positions >= sfx_from: the protected suffix
         evicting = N + max_new > cap
         scratch = call.scratch
         rolling = evicting and scratch is None
         chunk = self.chunk_tokens if not rolling else max(1, min(self.chunk_tokens, cap // 4))
-        obs = policy.observation_window(N)
+        obs = policy.observation_window(sfx_from)
         if rolling:
             obs = min(obs, max(1, cap // 2))
         for L, (qkv, attn) in enumerate(self.sessions):
@@ -446,7 +486,9 @@ class Generator:
             out = np.empty_like(hidden)
             q = None
             in_window = False
-            for a, b, phase in self._plan_chunks(hidden.shape[1], chunk, obs):
+            n_sfx = int((positions >= sfx_from).sum()) if call.suffix else 0
+            n_ctx = hidden.shape[1] - n_sfx
+            for a, b, phase in self._plan_chunks(n_ctx, chunk, obs):
                 h = hidden[:, a:b]
                 p = positions[None, a:b]
                 q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
@@ -466,9 +508,13 @@ class Generator:
                 out[:, a:b] = ho
             if scratch is not None:
                 idx = None
-                if scratch.n + max_new > cap:
+                if scratch.n + n_sfx + max_new > cap:
                     block = -(-min(32, max(1, cap // 8), max_new) // policy.align) * policy.align
                     target = max(0, (cap - block) // policy.align * policy.align)
+                    if n_sfx:  # room for the suffix and, when it fits, every new token (no decode eviction)
+                        room = cap - n_sfx
+                        target = room - max_new if room - max_new >= self._min_tokens(policy, N, max_new) else \
+                            max(0, (room - block) // policy.align * policy.align)
                     idx = policy.keep(L, scratch, target, "final")
                     if idx is None:
                         sinks = min(4, target)
@@ -476,12 +522,43 @@ class Generator:
                     call.evictions += 1
                 c.load_from(scratch, idx)
                 policy.after_compact(L, c)
+            if n_sfx:
+                q = self._prefill_suffix(call, L, hidden, positions, out, n_ctx)
+                work = c
             keep = policy.after_layer(L, hidden, out, q[0, :, -1], work, positions)
             hidden = out
             if keep is not None:
                 hidden = np.ascontiguousarray(hidden[:, keep])
                 positions = positions[keep]
+        if call.suffix_hidden is not None:
+            n_sfx = int((positions >= sfx_from).sum())
+            call.suffix_hidden = hidden[:, hidden.shape[1] - n_sfx - 1:]
         return self._logits(hidden[:, -1])
+
+    def _prefill_suffix(self, call: _Call, L: int, hidden, positions, out, n_ctx: int):
+        """The protected suffix of layer ``L``: attends to the compressed context and to itself; its
+        keys/values are appended uncompressed (in "rolling" mode the context makes room for them first)."""
+        policy, c = call.policy, call.caches[L]
+        qkv, attn = self.sessions[L]
+        T = hidden.shape[1]
+        if c.n + (T - n_ctx) > c.capacity:
+            reserve = call.max_new if c.capacity - (T - n_ctx) - call.max_new >= self._min_tokens(policy, T, call.max_new) else 0
+            self._make_room(call, L, T - n_ctx + reserve, "window")
+        q = None
+        for a in range(n_ctx, T, self.chunk_tokens):
+            b = min(T, a + self.chunk_tokens)
+            h = hidden[:, a:b]
+            p = positions[None, a:b]
+            q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
+            s = c.append(k, v, p[0])
+            policy.after_append(L, c, s)
+            kc, vc, kp = c.prefix()
+            ho, asum, amax = attn.run(None, {"hidden": h, "q": q, "k_cache": kc, "v_cache": vc, "key_pos": kp,
+                                             "position_ids": p})
+            if policy.needs_decode_attention:  # read like decode steps (H2O / MPCache keep accumulating)
+                policy.observe(L, c, asum, amax, None, "decode")
+            out[:, a:b] = ho
+        return q
 
     def _decode_step(self, call: _Call, tok: int, pos: int) -> np.ndarray:
         policy, cap = call.policy, call.capacity
