@@ -3,20 +3,31 @@
 Workloads, all on Project Gutenberg's *Botchan* (``edge_sel.textdata.botchan``; DESIGN §5):
 
 * **needle in a haystack** (RULER-style): "The special magic number for <word> is <7 digits>." hidden at
-  depth 10/50/90% of a 1k/2k/4k-token haystack, the question asked after the context, uncompressed
-  (completion format: "... Answer: The special magic number for <word> is"); exact match = the 7
-  digits appear in the first 12 greedy tokens. The full cache's own score is reported per cell;
-* **perplexity** of a 256-token continuation after a compressed 1792-token prefix (teacher forced);
+  depth 10/50/90% of a 1k/2k/4k-token haystack; the question ("... Answer: The special magic number
+  for <word> is") asked after the context. Exact match = the 7 digits appear in the 12 greedy tokens.
+  ``--question-mode separate`` (default, kvpress's pipeline): the context is compressed without seeing
+  the question, the question runs over the compressed cache uncompressed (edge_sel: ``protect_suffix``);
+  ``in-context``: the question is part of the compressed prompt (both sides);
+* **perplexity** of a 256-token continuation after a compressed 1792-token prefix (teacher forced,
+  the continuation uncompressed on both sides);
 * **speed / memory**: prefill seconds and decode ms/token per context length, whole-process peak RSS
-  (each configuration runs in its own process), KV bytes (peak).
+  (each configuration runs in its own process), KV bytes.
 
-Configurations: ``full`` (no eviction) and every policy in ``--policies`` at every ratio in ``--ratios``
-(fraction of the prompt kept), plus the ``transformers`` peer (full cache, torch eager). The kvpress
-peers need transformers 5.x and therefore their own virtual environment (DESIGN §5); they are not run
-by this version (``--peers kvpress`` says so in the results).
+Every prompt is tokenized once here, by the bundle's tokenizer (the model's own tokenizer.json), and
+handed to the workers as token ids; the workers return answer token ids and this driver scores them,
+so every configuration sees the same ids and the same exact-match rule.
 
-    edge-sel bench generate --bundle bundles/smol-gen --out gen.json
+Configurations: ``edge_sel full``, every ``--policies`` policy at every ``--ratios`` ratio (fraction
+of the context KEPT), ``transformers full`` (torch, full cache, same weights), and every ``--presses``
+kvpress press at the same ratios (kvpress's ``compression_ratio`` is the fraction REMOVED: 1 - ratio),
+run from their own venv (``$EDGE_SEL_HOME/venvs/kvpress-0.5.5``, built on first use; DESIGN §5).
+Runs in priority order (full caches; ratio 0.2 for mpcache and the presses; 0.1 the same; the other
+policies at 0.2/0.1; ratio 0.5); results are written to ``--out`` after every configuration, and
+``--resume`` skips the configurations already there.
+
+    edge-sel bench generate --bundle bundles/smol-gen --out gen.json --markdown gen.md
     edge-sel bench generate --bundle bundles/smol-gen --quick
+    edge-sel bench generate --bundle bundles/smol-gen --out gen.json --resume --configs "@0.2,full"
 """
 
 from __future__ import annotations
@@ -28,15 +39,99 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 WORDS = ["apple", "river", "copper", "falcon", "meadow", "violet", "harbor", "cactus", "summit", "lantern", "pepper",
          "glacier", "orchid", "thunder", "marble", "willow", "saffron", "canyon", "ember", "quartz"]
+PRESSES = ("StreamingLLMPress", "SnapKVPress", "KnormPress", "ExpectedAttentionPress", "TOVAPress")
+MAX_NEW = 12
+HERE = Path(__file__).resolve().parent
 
 
-def needle_cases(tok_encode, tok_decode, haystack_ids: list[int], lengths, depths, n: int, seed: int = 0):
-    """Prompts (text) with a needle at each depth of each length; ``n`` needles per cell."""
+# ---- pure helpers (tested without any model) ---------------------------------------------------
+def compression_ratio(keep: float) -> float:
+    """kvpress's ``compression_ratio`` (fraction removed) for a kept fraction ``keep``."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"kept fraction must be in (0, 1], got {keep}")
+    return round(1.0 - keep, 10)
+
+
+def is_correct(number: str, text: str) -> bool:
+    """Exact match: the 7 digits appear in the answer (also when the model spaces or groups them)."""
+    return number in text or number in re.sub(r"[^0-9]", "", text)[:14]
+
+
+def press_label(press: str) -> str:
+    return press[:-5] if press.endswith("Press") else press
+
+
+def build_configs(policies: list[str], ratios: list[float], peers: list[str], presses: list[str]) -> list[dict]:
+    """Every configuration, in the order they run (see :func:`priority`)."""
+    cfgs = [{"name": "edge_sel full", "kind": "edge_sel", "policy": "full", "ratio": None}]
+    if "transformers" in peers:
+        cfgs.append({"name": "transformers full", "kind": "transformers", "ratio": None})
+    for r in ratios:
+        for p in policies:
+            cfgs.append({"name": f"edge_sel {p} @{r:g}", "kind": "edge_sel", "policy": p, "ratio": r})
+        if "kvpress" in peers:
+            for pr in presses:
+                cfgs.append({"name": f"kvpress {press_label(pr)} @{r:g}", "kind": "kvpress", "press": pr, "ratio": r,
+                             "compression_ratio": compression_ratio(r)})
+    return sorted(cfgs, key=priority)  # stable: ties keep the order above
+
+
+def priority(cfg: dict) -> int:
+    """Run order: (1) full caches, (2) ratio 0.2 for mpcache and kvpress, (3) 0.1 the same, (4) the other
+    edge_sel policies at 0.2/0.1, (5) ratio 0.5, (6) any other ratio."""
+    r = cfg.get("ratio")
+    if r is None:
+        return 1
+    main = cfg["kind"] == "kvpress" or cfg.get("policy") == "mpcache"
+    if abs(r - 0.2) < 1e-9:
+        return 2 if main else 4
+    if abs(r - 0.1) < 1e-9:
+        return 3 if main else 4
+    return 5 if abs(r - 0.5) < 1e-9 else 6
+
+
+def select_configs(cfgs: list[dict], filters: str | None) -> list[dict]:
+    """Keep configurations whose name contains any of the comma-separated substrings."""
+    if not filters:
+        return cfgs
+    subs = [f.strip() for f in filters.split(",") if f.strip()]
+    return [c for c in cfgs if any(s in c["name"] for s in subs)]
+
+
+def load_doc(path: str | None) -> dict:
+    if path and Path(path).is_file():
+        return json.loads(Path(path).read_text())
+    return {"results": []}
+
+
+def done_names(doc: dict) -> set[str]:
+    return {r["config"] for r in doc.get("results", []) if "error" not in r}
+
+
+def write_doc(path: str, doc: dict) -> None:
+    """Atomic replace, so an interrupted run never leaves a torn file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, p)
+
+
+def upsert(doc: dict, result: dict) -> None:
+    doc["results"] = [r for r in doc.get("results", []) if r["config"] != result["config"]] + [result]
+
+
+def needle_cases(encode, decode, haystack_ids: list[int], lengths, depths, n: int, seed: int = 0) -> list[dict]:
+    """Token-id prompts: ``context_ids`` (BOS + haystack with the needle) and ``question_ids``; ``n`` per cell.
+
+    ``encode(text, special)`` -> ids; ``decode(ids)`` -> text. The context and the question are tokenized
+    separately so that every configuration splits the prompt at the same token."""
     rng = random.Random(seed)
     cases = []
     for L in lengths:
@@ -47,19 +142,43 @@ def needle_cases(tok_encode, tok_decode, haystack_ids: list[int], lengths, depth
                 needle = f" The special magic number for {word} is {number}. "
                 question = (f"\n\nQuestion: What is the special magic number for {word} mentioned in the text above?\n"
                             f"Answer: The special magic number for {word} is")
-                room = L - len(tok_encode(needle)) - len(tok_encode(question))
+                q_ids = encode(question, False)
+                room = L - len(encode(needle, False)) - len(q_ids) - 1
                 start = rng.randrange(0, max(1, len(haystack_ids) - room))
                 hay = haystack_ids[start:start + room]
                 cut = int(d * len(hay))
-                text = tok_decode(hay[:cut]) + needle + tok_decode(hay[cut:]) + question
-                cases.append({"length": L, "depth": d, "number": number, "prompt": text})
+                ctx = encode(decode(hay[:cut]) + needle + decode(hay[cut:]), True)
+                cases.append({"length": L, "depth": d, "number": number, "word": word,
+                              "context_ids": ctx, "question_ids": q_ids})
     return cases
 
 
-def _haystack():
-    from edge_sel.textdata import botchan
+def summarize(raw: dict, decode) -> dict:
+    """Score a worker's raw output: needle accuracy per cell, medians of the speed numbers per length."""
+    from statistics import mean, median
 
-    return botchan()
+    cells: dict = {}
+    speed: dict = {}
+    records = []
+    for r in raw["needle"]:
+        if "error" in r:
+            records.append({k: r[k] for k in ("length", "depth")} | {"error": r["error"]})
+            continue
+        text = decode(r["answer_ids"])
+        ok = is_correct(r["number"], text)
+        cells.setdefault(f"{r['length']}@{r['depth']:g}", []).append(ok)
+        records.append({"length": r["length"], "depth": r["depth"], "ok": ok, "answer": text[:40]})
+        s = speed.setdefault(str(r["length"]), {})
+        for k in ("prefill_s", "decode_ms_per_token", "decode_cpu_ms_per_token", "kv_bytes"):
+            if r.get(k) is not None:
+                s.setdefault(k, []).append(r[k])
+    all_ok = [x for v in cells.values() for x in v]
+    return {"config": raw["config"], "needle_acc": float(mean(all_ok)) if all_ok else None,
+            "needle_n": len(all_ok), "needle_cells": {k: [sum(v), len(v)] for k, v in cells.items()},
+            "ppl": raw.get("ppl"), "speed": {L: {k: median(v) for k, v in s.items()} for L, s in speed.items()},
+            "peak_rss_bytes": raw.get("peak_rss_bytes"), "errors": sum(1 for r in raw["needle"] if "error" in r),
+            "extra": {k: raw[k] for k in ("cost_per_decode_step", "load_s", "versions", "ppl_kept_tokens") if k in raw},
+            "cases": records}
 
 
 # ---- workers (one process per configuration) --------------------------------------------------
@@ -67,77 +186,74 @@ def _worker_edge_sel(cfg: dict) -> dict:
     from edge_sel.memory import peak_rss_bytes
     from edge_sel.runtime.generator import Generator
 
-    gen0 = Generator(cfg["bundle"])
-    enc = lambda t: gen0.encode(t)  # noqa: E731
-    dec = lambda ids: gen0.tok.decode(ids)  # noqa: E731
-    text = _haystack()
-    hay = enc(text)
-    out = {"config": cfg["name"], "needle": [], "ppl": None, "speed": {}}
     gen = Generator(cfg["bundle"], policy=cfg["policy"], kv_budget=cfg["ratio"])
-    for c in needle_cases(enc, dec, hay, cfg["lengths"], cfg["depths"], cfg["needles"]):
+    out = {"config": cfg["name"], "needle": [], "ppl": None}
+    for c in cfg["cases"]:
+        rec = {"length": c["length"], "depth": c["depth"], "number": c["number"]}
+        q = c["question_ids"]
         try:
-            r = gen.generate(c["prompt"], max_new_tokens=12, stop=False)
+            r = gen.generate(c["context_ids"] + q, max_new_tokens=MAX_NEW, stop=False, protect_suffix=len(q))
         except Exception as e:  # an infeasible budget at a short length: record, do not abort the run
-            out["needle"].append({**{k: c[k] for k in ("length", "depth")}, "error": str(e)})
+            out["needle"].append({**rec, "error": f"{type(e).__name__}: {e}"[:300]})
             continue
-        ok = c["number"] in re.sub(r"[^0-9]", "", r.text)[:14] or c["number"] in r.text
-        out["needle"].append({"length": c["length"], "depth": c["depth"], "ok": bool(ok), "answer": r.text[:40]})
-        s = out["speed"].setdefault(str(c["length"]), {"prefill_s": [], "decode_ms_per_token": [], "kv_bytes_peak": []})
-        s["prefill_s"].append(r.stats["prefill_s"])
-        s["decode_ms_per_token"].append(r.stats["decode_ms_per_token"])
-        s["kv_bytes_peak"].append(r.stats["kv_bytes_peak"])
-        out.setdefault("cost_per_decode_step", r.stats["cost_per_decode_step"])
-    if cfg["ppl_prefix"]:
-        ids = hay[5000:5000 + cfg["ppl_prefix"] + cfg["ppl_cont"]]
-        out["ppl"] = gen.score(ids[:cfg["ppl_prefix"]], ids[cfg["ppl_prefix"]:])["ppl"]
+        st = r.stats
+        rec.update({"answer_ids": r.tokens, "prefill_s": st["prefill_s"], "decode_ms_per_token": st["decode_ms_per_token"],
+                    "decode_cpu_ms_per_token": st["decode_cpu_ms_per_token"], "kv_bytes": st["kv_bytes_peak"]})
+        out["needle"].append(rec)
+        out.setdefault("cost_per_decode_step", st["cost_per_decode_step"])
+    if cfg.get("ppl"):
+        out["ppl"] = gen.score(cfg["ppl"]["prefix"], cfg["ppl"]["cont"], compress_continuation=False)["ppl"]
     out["peak_rss_bytes"] = peak_rss_bytes()
     return out
+
+
+def _kv_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []) or []:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None and hasattr(t, "nelement"):
+                total += t.nelement() * t.element_size()
+    if not total and hasattr(cache, "key_cache"):
+        total = sum(t.nelement() * t.element_size() for t in list(cache.key_cache) + list(cache.value_cache))
+    return total
 
 
 def _worker_transformers(cfg: dict) -> dict:
     import numpy as np
     import torch
+    from transformers import AutoModelForCausalLM
 
-    from edge_sel.export.adapters import adapter_for
     from edge_sel.memory import peak_rss_bytes
-    from edge_sel.runtime.generator import Generator
-    from edge_sel.sources import resolve
 
-    gen0 = Generator(cfg["bundle"])  # same tokenizer and token ids as edge_sel
-    enc = lambda t: gen0.encode(t)  # noqa: E731
-    dec = lambda ids: gen0.tok.decode(ids)  # noqa: E731
-    hay = enc(_haystack())
-    gen0.close()
-    model, _ = adapter_for("llama").load(resolve(cfg["model"]), "yes_no", 0)
-    torch.set_num_threads(int(os.environ.get("EDGE_SEL_THREADS", "0")) or torch.get_num_threads())
-    out = {"config": cfg["name"], "needle": [], "ppl": None, "speed": {}}
-    for c in needle_cases(enc, dec, hay, cfg["lengths"], cfg["depths"], cfg["needles"]):
-        ids = torch.as_tensor(enc(c["prompt"]))[None]
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(cfg["hf_dir"], dtype=torch.float32).eval()  # default (sdpa) attention
+    out = {"config": cfg["name"], "needle": [], "ppl": None, "load_s": time.perf_counter() - t0}
+    for c in cfg["cases"]:
+        ids = torch.as_tensor(c["context_ids"] + c["question_ids"])[None]
         with torch.no_grad():
-            t0 = time.perf_counter()
-            o = model(input_ids=ids, use_cache=True)
-            t1 = time.perf_counter()
+            t0, w0 = time.perf_counter(), time.process_time()
+            o = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            t1, w1 = time.perf_counter(), time.process_time()
             past, toks = o.past_key_values, [int(o.logits[0, -1].argmax())]
-            for _ in range(11):
+            for _ in range(MAX_NEW - 1):
                 o = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=past, use_cache=True)
                 past = o.past_key_values
                 toks.append(int(o.logits[0, -1].argmax()))
-            t2 = time.perf_counter()
-        text = dec(toks)
-        ok = c["number"] in text
-        out["needle"].append({"length": c["length"], "depth": c["depth"], "ok": bool(ok), "answer": text[:40]})
-        s = out["speed"].setdefault(str(c["length"]), {"prefill_s": [], "decode_ms_per_token": [], "kv_bytes_peak": []})
-        s["prefill_s"].append(t1 - t0)
-        s["decode_ms_per_token"].append(1000 * (t2 - t1) / 11)
-    if cfg["ppl_prefix"]:
-        ids = hay[5000:5000 + cfg["ppl_prefix"] + cfg["ppl_cont"]]
+            t2, w2 = time.perf_counter(), time.process_time()
+        out["needle"].append({"length": c["length"], "depth": c["depth"], "number": c["number"], "answer_ids": toks,
+                              "prefill_s": t1 - t0, "decode_ms_per_token": 1000 * (t2 - t1) / (MAX_NEW - 1),
+                              "decode_cpu_ms_per_token": 1000 * (w2 - w1) / (MAX_NEW - 1), "kv_bytes": _kv_bytes(past)})
+        del past, o
+    if cfg.get("ppl"):
+        ids = cfg["ppl"]["prefix"] + cfg["ppl"]["cont"]
+        C = len(cfg["ppl"]["cont"])
         with torch.no_grad():
-            logits = model(input_ids=torch.as_tensor(ids)[None]).logits[0].float().numpy()
-        P = cfg["ppl_prefix"]
-        lg = logits[P - 1:-1].astype(np.float64)
-        m = lg.max(1, keepdims=True)
-        lse = (m[:, 0] + np.log(np.exp(lg - m).sum(1)))
-        nll = lse - lg[np.arange(len(ids) - P), ids[P:]]
+            logits = model(input_ids=torch.as_tensor(ids)[None], logits_to_keep=C + 1).logits[0, :-1].double().numpy()
+        m = logits.max(1)
+        lse = m + np.log(np.exp(logits - m[:, None]).sum(1))
+        nll = lse - logits[np.arange(C), ids[-C:]]
         out["ppl"] = float(np.exp(nll.mean()))
     out["peak_rss_bytes"] = peak_rss_bytes()
     return out
@@ -150,79 +266,249 @@ def worker_main(path: str) -> int:
     return 0
 
 
-# ---- driver -------------------------------------------------------------------------------------
-def _summary(res: dict) -> dict:
-    import numpy as np
+# ---- Markdown ----------------------------------------------------------------------------------
+def _fmt(x, nd=2):
+    return "–" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
-    cells: dict = {}
-    for r in res["needle"]:
-        if "ok" in r:
-            cells.setdefault(f"{r['length']}@{r['depth']}", []).append(r["ok"])
-    speed = {L: {k: (float(np.median(v)) if v else None) for k, v in s.items()} for L, s in res["speed"].items()}
-    all_ok = [x for v in cells.values() for x in v]
-    return {"config": res["config"], "needle_acc": float(np.mean(all_ok)) if all_ok else None,
-            "needle_cells": {k: float(np.mean(v)) for k, v in cells.items()}, "ppl": res["ppl"], "speed": speed,
-            "peak_rss_bytes": res["peak_rss_bytes"], "cost_per_decode_step": res.get("cost_per_decode_step"),
-            "errors": sum(1 for r in res["needle"] if "error" in r)}
+
+def acceptance(results: list[dict]) -> list[str]:
+    """The issue's acceptance numbers that this benchmark measures, as lines of text."""
+    by = {r["config"]: r for r in results if "error" not in r}
+    lines = []
+    full, tf = by.get("edge_sel full"), by.get("transformers full")
+
+    def acc(r):
+        return None if r is None or r.get("needle_acc") is None else r["needle_acc"]
+
+    for ratio in (0.2, 0.1):
+        mp = by.get(f"edge_sel mpcache @{ratio:g}")
+        kv = [r for n, r in by.items() if n.startswith("kvpress ") and n.endswith(f"@{ratio:g}")]
+        best_acc = max(kv, key=lambda r: acc(r) or 0.0) if kv else None
+        best_ppl = min((r for r in kv if r.get("ppl")), key=lambda r: r["ppl"], default=None)
+        if mp is None:
+            lines.append(f"- {ratio:g} kept: mpcache not measured yet")
+            continue
+        s = f"- {ratio:g} kept: mpcache needle {_fmt(acc(mp))}"
+        if full and acc(full) is not None:
+            s += f" vs full {_fmt(acc(full))} (diff {100 * (acc(mp) - acc(full)):+.0f} points)"
+        if best_acc:
+            s += f"; best kvpress {best_acc['config']} {_fmt(acc(best_acc))} -> {'OK' if acc(mp) >= acc(best_acc) else 'BELOW'}"
+        if mp.get("ppl") is not None:
+            s += f"; ppl mpcache {_fmt(mp['ppl'])}"
+            if full and full.get("ppl"):
+                s += f" (full {_fmt(full['ppl'])})"
+            if best_ppl:
+                s += f", best kvpress {best_ppl['config']} {_fmt(best_ppl['ppl'])} -> {'OK' if mp['ppl'] <= best_ppl['ppl'] else 'ABOVE'}"
+        lines.append(s)
+    mp1 = by.get("edge_sel mpcache @0.1")
+    L = "4096"
+    if mp1 and full and L in mp1["speed"] and L in full["speed"]:
+        a, b = mp1["speed"][L]["decode_ms_per_token"], full["speed"][L]["decode_ms_per_token"]
+        s = f"- 4k decode ms/token: mpcache@0.1 {a:.1f} / edge_sel full {b:.1f} = {a / b:.2f} (target <= 0.75)"
+        if tf and L in tf["speed"]:
+            t = tf["speed"][L]["decode_ms_per_token"]
+            s += f"; transformers full {t:.1f} -> mpcache@0.1 / transformers = {a / t:.2f} (target <= 1)"
+        ca, cb = mp1["speed"][L].get("decode_cpu_ms_per_token"), full["speed"][L].get("decode_cpu_ms_per_token")
+        if ca and cb:
+            s += f"; CPU ms/token ratio {ca / cb:.2f}"
+        lines.append(s)
+    if tf and tf.get("peak_rss_bytes"):
+        for name in ("edge_sel full", "edge_sel mpcache @0.1", "edge_sel mpcache @0.2"):
+            r = by.get(name)
+            if r and r.get("peak_rss_bytes"):
+                lines.append(f"- peak RSS {name} {r['peak_rss_bytes'] / 2**20:.0f} MiB / transformers full "
+                             f"{tf['peak_rss_bytes'] / 2**20:.0f} MiB = {r['peak_rss_bytes'] / tf['peak_rss_bytes']:.2f} (target <= 0.5)")
+    return lines
+
+
+def display_order(name: str) -> tuple:
+    """Table rows: full caches first, then by kept ratio (high to low), edge_sel before its peers."""
+    m = re.search(r"@([0-9.]+)$", name)
+    ratio = float(m.group(1)) if m else 2.0
+    kind = 0 if name.startswith("edge_sel") else 1 if name.startswith("transformers") else 2
+    mp = 0 if "mpcache" in name else 1
+    return (-ratio, kind, mp, name)
+
+
+def markdown(doc: dict) -> str:
+    res = sorted(doc.get("results", []), key=lambda r: display_order(r["config"]))
+    ok = [r for r in res if "error" not in r]
+    lengths = sorted({int(L) for r in ok for L in r.get("speed", {})})
+    cells = sorted({c for r in ok for c in r.get("needle_cells", {})}, key=lambda c: (int(c.split("@")[0]), float(c.split("@")[1])))
+    out = []
+    a = doc.get("args", {})
+    out.append(f"Needle: {a.get('needles')} per cell, question mode `{a.get('question_mode', 'separate')}`; cells are "
+               f"right/total at length@depth. Perplexity: {a.get('ppl_cont')} tokens after a {a.get('ppl_prefix')}-token "
+               f"compressed prefix. Ratios are the fraction of the context kept.\n")
+    out.append("| config | needle | " + " | ".join(cells) + " |")
+    out.append("|---|---|" + "---|" * len(cells))
+    for r in ok:
+        nc = r.get("needle_cells", {})
+        row = [r["config"], _fmt(r.get("needle_acc"))] + [f"{nc[c][0]}/{nc[c][1]}" if c in nc else "–" for c in cells]
+        out.append("| " + " | ".join(row) + " |")
+    out.append("")
+    hdr = ["config", "ppl"] + [f"prefill s {L}" for L in lengths] + [f"decode ms/tok {L}" for L in lengths] + \
+          [f"decode CPU ms/tok {lengths[-1]}" if lengths else "decode CPU"] + ["peak RSS MiB", f"KV MiB {lengths[-1] if lengths else ''}", "wall s"]
+    out.append("| " + " | ".join(hdr) + " |")
+    out.append("|" + "---|" * len(hdr))
+    for r in ok:
+        sp = r.get("speed", {})
+        row = [r["config"], _fmt(r.get("ppl"))]
+        row += [_fmt(sp.get(str(L), {}).get("prefill_s")) for L in lengths]
+        row += [_fmt(sp.get(str(L), {}).get("decode_ms_per_token"), 1) for L in lengths]
+        last = sp.get(str(lengths[-1]), {}) if lengths else {}
+        row.append(_fmt(last.get("decode_cpu_ms_per_token"), 1))
+        row.append(_fmt(r["peak_rss_bytes"] / 2**20, 0) if r.get("peak_rss_bytes") else "–")
+        row.append(_fmt(last["kv_bytes"] / 2**20, 1) if last.get("kv_bytes") else "–")
+        row.append(_fmt(r.get("wall_s"), 0))
+        out.append("| " + " | ".join(row) + " |")
+    bad = [r for r in res if "error" in r or r.get("errors")]
+    if bad:
+        out.append("")
+        for r in bad:
+            out.append(f"- {r['config']}: " + (f"FAILED: {r['error'][:200]}" if "error" in r else f"{r['errors']} needle cases failed"))
+    acc = acceptance(res)
+    if acc:
+        out += ["", "Acceptance (issue 4):", ""] + acc
+    return "\n".join(out) + "\n"
+
+
+# ---- driver -------------------------------------------------------------------------------------
+def _tokenizer(bundle: str):
+    from tokenizers import Tokenizer
+
+    from edge_sel.bundle import Bundle
+
+    b = Bundle.open(bundle)
+    tok = Tokenizer.from_file(str(b.path(b.manifest["tokenizer"]["file"])))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _run_one(cfg: dict, tmp: str, bundle: str, kvpress_py: Path | None) -> dict:
+    i = re.sub(r"[^A-Za-z0-9.]+", "_", cfg["name"])
+    cfg = {**cfg, "result": os.path.join(tmp, f"r_{i}.json")}
+    cpath = os.path.join(tmp, f"c_{i}.json")
+    Path(cpath).write_text(json.dumps(cfg))
+    if cfg["kind"] == "kvpress":
+        cmd = [str(kvpress_py), str(HERE / "kvpress_worker.py"), cpath]
+    else:
+        cmd = [sys.executable, "-m", "edge_sel.benchmarks.generate", "--bundle", bundle, "--worker", cpath]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:] or f"exit {proc.returncode}")
+    return json.loads(Path(cfg["result"]).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="edge-sel bench generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, help="a generate bundle (edge-sel export MODEL --task generate)")
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="the same model for the transformers peer")
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="the same model for the torch peers")
     ap.add_argument("--lengths", default="1024,2048,4096")
     ap.add_argument("--depths", default="0.1,0.5,0.9")
     ap.add_argument("--needles", type=int, default=10, help="needles per (length, depth) cell")
-    ap.add_argument("--ratios", default="0.5,0.2,0.1", help="fractions of the prompt kept")
+    ap.add_argument("--ratios", default="0.5,0.2,0.1", help="fractions of the context kept")
     ap.add_argument("--policies", default="mpcache,snapkv,h2o,streaming_llm")
-    ap.add_argument("--peers", default="transformers", help="transformers (kvpress: needs its own venv, not run here)")
+    ap.add_argument("--peers", default="transformers,kvpress", help="comma list of transformers, kvpress (or 'none')")
+    ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (class names)")
+    ap.add_argument("--question-mode", default="separate", choices=["separate", "in-context"],
+                    help="separate: the question is not compressed (kvpress pipeline); in-context: part of the compressed prompt")
     ap.add_argument("--ppl-prefix", type=int, default=1792)
     ap.add_argument("--ppl-cont", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the peers (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="1k tokens, depth 0.5, 3 needles, ratio 0.2, short perplexity")
-    ap.add_argument("--out", help="write results JSON here")
+    ap.add_argument("--configs", help="run only configurations whose name contains one of these comma-separated substrings")
+    ap.add_argument("--resume", action="store_true", help="skip configurations already measured in --out")
+    ap.add_argument("--list", action="store_true", help="print the configurations in run order and exit")
+    ap.add_argument("--out", help="results JSON, rewritten after every configuration")
+    ap.add_argument("--markdown", help="write the Markdown tables here (after every configuration)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return worker_main(a.worker)
     if a.quick:
         a.lengths, a.depths, a.needles, a.ratios, a.ppl_prefix, a.ppl_cont = "1024", "0.5", 3, "0.2", 512, 64
-    common = {"bundle": str(Path(a.bundle).absolute()), "model": a.model, "lengths": [int(x) for x in a.lengths.split(",")],
-              "depths": [float(x) for x in a.depths.split(",")], "needles": a.needles, "ppl_prefix": a.ppl_prefix,
-              "ppl_cont": a.ppl_cont}
-    configs = [{"name": "edge_sel full", "kind": "edge_sel", "policy": "full", "ratio": None}]
-    for r in [float(x) for x in a.ratios.split(",")]:
-        for p in a.policies.split(","):
-            configs.append({"name": f"edge_sel {p} @{r:g}", "kind": "edge_sel", "policy": p, "ratio": r})
-    peers = [p for p in a.peers.split(",") if p]
-    if "transformers" in peers:
-        configs.append({"name": "transformers full", "kind": "transformers"})
-    import tempfile
+    peers = [p.strip() for p in a.peers.split(",") if p.strip() and p.strip() != "none"]
+    unknown = [p for p in peers if p not in ("transformers", "kvpress")]
+    presses = [p.strip() for p in a.presses.split(",") if p.strip()]
+    if unknown:
+        ap.error(f"unknown peer {unknown[0]!r}; known: transformers, kvpress")
+    cfgs = build_configs([p for p in a.policies.split(",") if p], [float(x) for x in a.ratios.split(",")], peers, presses)
+    cfgs = select_configs(cfgs, a.configs)
+    doc = load_doc(a.out) if a.resume else {"results": []}
+    if a.resume:
+        skip = done_names(doc)
+        cfgs = [c for c in cfgs if c["name"] not in skip]
+    if a.list:
+        for c in cfgs:
+            print(c["name"])
+        return 0
+    bundle = str(Path(a.bundle).absolute())
+    tok = _tokenizer(bundle)
+    encode = lambda t, special=True: tok.encode(t, add_special_tokens=special).ids  # noqa: E731  (= Generator.encode)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    from edge_sel.textdata import botchan
 
-    results = []
+    hay = encode(botchan())
+    lengths = [int(x) for x in a.lengths.split(",")]
+    cases = needle_cases(encode, decode, hay, lengths, [float(x) for x in a.depths.split(",")], a.needles)
+    if a.question_mode == "in-context":
+        cases = [{**c, "context_ids": c["context_ids"] + c["question_ids"], "question_ids": []} for c in cases]
+    ppl = None
+    if a.ppl_prefix:
+        ids = hay[5000:5000 + a.ppl_prefix + a.ppl_cont]
+        ppl = {"prefix": ids[:a.ppl_prefix], "cont": ids[a.ppl_prefix:]}
+    common = {"bundle": bundle, "model": a.model, "cases": cases, "ppl": ppl, "threads": a.threads, "max_new": MAX_NEW}
+    kvpress_py = None
+    if any(c["kind"] in ("transformers", "kvpress") for c in cfgs):
+        from edge_sel.benchmarks.prepare import ensure_peers
+
+        common["hf_dir"] = ensure_peers(a.model, "yes_no", 0, need_onnx=False, log=print)["peer_hf"]  # same weights as the bundle
+    if any(c["kind"] == "kvpress" for c in cfgs):
+        from edge_sel.benchmarks.peer_env import PeerEnvError, ensure_kvpress_env, env_info
+
+        try:
+            kvpress_py = ensure_kvpress_env(log=print)
+        except PeerEnvError as e:
+            print(f"kvpress peers skipped: {e}", file=sys.stderr)
+            cfgs = [c for c in cfgs if c["kind"] != "kvpress"]
+        else:
+            doc["kvpress_env"] = {"python": str(kvpress_py), **env_info(kvpress_py)}
+    doc["args"] = {k: v for k, v in vars(a).items() if k not in ("worker", "list")}
+    doc["notes"] = ["ratios = fraction of the context kept; kvpress compression_ratio = 1 - ratio",
+                    "question mode 'separate': context compressed without the question; the question and the 12 new "
+                    "tokens are never evicted (edge_sel protect_suffix; kvpress pipeline semantics)",
+                    "decode ms/token and prefill s: medians over the needle prompts of each length (wall clock); "
+                    "peak RSS: VmHWM of the configuration's own process; KV bytes: edge_sel kv_bytes_peak (K, V, "
+                    "positions, scores, policy statistics, prefill scratch), torch peers: K+V tensors at the end"]
+    print(f"{len(cfgs)} configurations: {', '.join(c['name'] for c in cfgs)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="edge_sel-bench-gen-") as tmp:
-        for i, cfg in enumerate(configs):
-            cfg = {**common, **cfg, "result": os.path.join(tmp, f"r{i}.json")}
-            cpath = os.path.join(tmp, f"c{i}.json")
-            Path(cpath).write_text(json.dumps(cfg))
+        for cfg in cfgs:
             t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "edge_sel.benchmarks.generate", "--bundle", a.bundle, "--worker", cpath],
-                                  capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(f"{cfg['name']}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
-                results.append({"config": cfg["name"], "error": proc.stderr[-500:]})
-                continue
-            s = _summary(json.loads(Path(cfg["result"]).read_text()))
-            s["wall_s"] = round(time.perf_counter() - t0, 1)
-            results.append(s)
-            sp = "; ".join(f"{L}: prefill {v['prefill_s']:.1f}s decode {v['decode_ms_per_token']:.0f}ms/tok"
-                           for L, v in s["speed"].items() if v.get("decode_ms_per_token"))
-            print(f"{s['config']:28s} needle {s['needle_acc'] if s['needle_acc'] is None else round(s['needle_acc'], 2)}"
-                  f"  ppl {s['ppl'] and round(s['ppl'], 2)}  peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB  {sp}", flush=True)
-    doc = {"args": vars(a), "results": results,
-           "notes": ["kvpress peers need transformers 5.x in their own venv (DESIGN §5): not run by this version"]}
-    if a.out:
-        Path(a.out).write_text(json.dumps(doc, indent=1))
+            try:
+                raw = _run_one({**common, **cfg}, tmp, a.bundle, kvpress_py)
+            except Exception as e:
+                print(f"{cfg['name']}: FAILED\n{str(e)[-2000:]}", file=sys.stderr, flush=True)
+                s = {"config": cfg["name"], "error": str(e)[-1000:]}
+            else:
+                s = summarize(raw, decode)
+                s["wall_s"] = round(time.perf_counter() - t0, 1)
+                sp = "; ".join(f"{L}: prefill {v['prefill_s']:.2f}s decode {v['decode_ms_per_token']:.0f}ms/tok"
+                               for L, v in s["speed"].items() if v.get("decode_ms_per_token"))
+                acc = s["needle_acc"]
+                print(f"{s['config']:34s} needle {acc if acc is None else round(acc, 2)} ({s['needle_n']})  "
+                      f"ppl {s['ppl'] and round(s['ppl'], 2)}  peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB  {sp}  "
+                      f"[{s['wall_s']:.0f}s]", flush=True)
+            s["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            upsert(doc, s)
+            if a.out:
+                write_doc(a.out, doc)
+            if a.markdown:
+                Path(a.markdown).write_text(markdown(doc))
+    if not a.out and not a.markdown:
+        print(markdown(doc))
     return 0
 
 

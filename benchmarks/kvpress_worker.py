@@ -1,0 +1,134 @@
+"""One kvpress configuration of ``edge-sel bench generate``, run by the kvpress venv's python
+(``benchmarks/peer_env.py``: kvpress 0.5.5, transformers 5.x, torch 2.13.0).
+
+Standalone on purpose: it imports only the standard library, torch, transformers and kvpress (never
+edge_sel, whose export side pins transformers 4.x). The driver hands it every prompt as token ids
+(edge_sel's tokenizer = the model's tokenizer.json) and scores the answers itself, so all
+configurations see the same ids and the same exact-match rule.
+
+    <venv>/bin/python benchmarks/kvpress_worker.py CONFIG.json
+
+Config keys: ``hf_dir``, ``press`` (a kvpress class name, or "none"), ``compression_ratio`` (fraction
+REMOVED), ``cases`` ([{"context_ids", "question_ids", ...}]), ``max_new`` (12), ``ppl`` ({"prefix", "cont"}
+or null), ``threads``, ``result`` (output path). Needle: the context is prefilled under the press (its
+cache compressed layer by layer), then the question runs over the compressed cache uncompressed and
+the answer is greedy-decoded without the press — kvpress's own pipeline (``KVPressTextGenerationPipeline``).
+An empty ``question_ids`` compresses the whole prompt (question included) and answers from its last logits.
+Perplexity: the prefix compressed under the press, the continuation teacher-forced over it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+
+
+def peak_rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def kv_bytes(cache) -> int:
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if t is not None and hasattr(t, "nelement"):
+                total += t.nelement() * t.element_size()
+    return total
+
+
+def cache_len(cache) -> int:
+    return int(cache.get_seq_length())
+
+
+def main(path: str) -> int:
+    cfg = json.loads(open(path).read())
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    import kvpress
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(cfg["hf_dir"], dtype=torch.float32).eval()
+    load_s = time.perf_counter() - t0
+    press = None
+    if cfg["press"] != "none":
+        press = getattr(kvpress, cfg["press"])(compression_ratio=float(cfg["compression_ratio"]))
+    max_new = int(cfg.get("max_new", 12))
+
+    def under_press():
+        return press(model) if press is not None else contextlib.nullcontext()
+
+    def prefill(ids):
+        """Compress ``ids`` under the press; the cache and the last position's logits."""
+        cache = DynamicCache()
+        with torch.no_grad(), under_press():
+            out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, out.logits[0, -1]
+
+    res = {"config": cfg["name"], "needle": [], "ppl": None, "load_s": load_s,
+           "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "kvpress": getattr(kvpress, "__version__", None) or "0.5.5"}}
+    for case in cfg["cases"]:
+        ctx, q = list(case["context_ids"]), list(case["question_ids"])
+        rec = {"length": case["length"], "depth": case["depth"], "number": case["number"]}
+        try:
+            c0, w0 = time.perf_counter(), time.process_time()
+            cache, logits = prefill(ctx)
+            kept_ctx = cache_len(cache)
+            pos = len(ctx)
+            with torch.no_grad():
+                if q:  # the question over the compressed context, uncompressed, no press
+                    out = model(input_ids=torch.tensor([q]), past_key_values=cache, use_cache=True,
+                                position_ids=torch.arange(pos, pos + len(q))[None], logits_to_keep=1)
+                    logits = out.logits[0, -1]
+                    pos += len(q)
+                toks = [int(logits.argmax())]
+                c1, w1 = time.perf_counter(), time.process_time()
+                for i in range(max_new - 1):
+                    out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, use_cache=True,
+                                position_ids=torch.tensor([[pos + i]]))
+                    toks.append(int(out.logits[0, -1].argmax()))
+                c2, w2 = time.perf_counter(), time.process_time()
+        except Exception as e:  # record, do not abort the configuration
+            rec["error"] = f"{type(e).__name__}: {e}"[:300]
+            res["needle"].append(rec)
+            continue
+        n_dec = max(1, max_new - 1)
+        rec.update({"answer_ids": toks, "prefill_s": c1 - c0, "decode_ms_per_token": 1000 * (c2 - c1) / n_dec,
+                    "decode_cpu_ms_per_token": 1000 * (w2 - w1) / n_dec, "kv_bytes": kv_bytes(cache),
+                    "kv_tokens_context": kept_ctx, "prompt_tokens": len(ctx) + len(q)})
+        res["needle"].append(rec)
+        del cache
+    if cfg.get("ppl"):
+        prefix, cont = list(cfg["ppl"]["prefix"]), list(cfg["ppl"]["cont"])
+        cache, last = prefill(prefix)
+        res["ppl_kept_tokens"] = cache_len(cache)
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([cont[:-1]]), past_key_values=cache, use_cache=True,
+                        position_ids=torch.arange(len(prefix), len(prefix) + len(cont) - 1)[None])
+            logits = torch.cat([last[None], out.logits[0]], 0).double()
+            nll = torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(cont)[:, None])[:, 0]
+        res["ppl"] = float(math.exp(float(nll.mean())))
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    with open(cfg["result"], "w") as f:
+        json.dump(res, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,136 @@
+"""``edge-sel bench generate`` driver logic without any model: ratio mapping, run order, filters, resume,
+incremental writing, scoring and the Markdown tables (workers are replaced by a fake)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_sel.benchmarks import generate as bg
+from edge_sel.benchmarks import peer_env
+
+
+def test_kept_fraction_maps_to_kvpress_compression_ratio():
+    assert bg.compression_ratio(0.2) == pytest.approx(0.8)
+    assert bg.compression_ratio(0.1) == pytest.approx(0.9)
+    assert bg.compression_ratio(0.5) == pytest.approx(0.5)
+    assert bg.compression_ratio(1.0) == 0.0
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            bg.compression_ratio(bad)
+    cfgs = bg.build_configs(["mpcache"], [0.2, 0.1], ["kvpress"], ["SnapKVPress"])
+    by = {c["name"]: c for c in cfgs}
+    assert by["kvpress SnapKV @0.2"]["compression_ratio"] == pytest.approx(0.8)
+    assert by["kvpress SnapKV @0.1"]["compression_ratio"] == pytest.approx(0.9)
+    assert by["edge_sel mpcache @0.1"]["ratio"] == 0.1  # edge_sel gets the kept fraction itself
+
+
+def test_run_order_follows_the_priorities():
+    cfgs = bg.build_configs(["mpcache", "snapkv"], [0.5, 0.2, 0.1], ["transformers", "kvpress"], ["SnapKVPress", "TOVAPress"])
+    names = [c["name"] for c in cfgs]
+    assert names[:2] == ["edge_sel full", "transformers full"]
+    assert names[2:5] == ["edge_sel mpcache @0.2", "kvpress SnapKV @0.2", "kvpress TOVA @0.2"]
+    assert names[5:8] == ["edge_sel mpcache @0.1", "kvpress SnapKV @0.1", "kvpress TOVA @0.1"]
+    assert names[8:10] == ["edge_sel snapkv @0.2", "edge_sel snapkv @0.1"]
+    assert set(names[10:]) == {"edge_sel mpcache @0.5", "edge_sel snapkv @0.5", "kvpress SnapKV @0.5", "kvpress TOVA @0.5"}
+    assert "transformers full" not in [c["name"] for c in bg.build_configs(["mpcache"], [0.2], ["kvpress"], [])]
+
+
+def test_config_filter_by_substring():
+    cfgs = bg.build_configs(["mpcache", "h2o"], [0.2, 0.1], ["transformers", "kvpress"], ["SnapKVPress"])
+    assert [c["name"] for c in bg.select_configs(cfgs, "@0.2, full")] == [
+        "edge_sel full", "transformers full", "edge_sel mpcache @0.2", "kvpress SnapKV @0.2", "edge_sel h2o @0.2"]
+    assert bg.select_configs(cfgs, None) == cfgs
+
+
+def test_answers_are_scored_by_exact_digits():
+    assert bg.is_correct("1234567", " 1234567.")
+    assert bg.is_correct("1234567", " 1,234,567")
+    assert not bg.is_correct("1234567", " 123456")
+    assert not bg.is_correct("1234567", " 7654321 1234")
+
+
+def _fake_raw(name, ok=True):
+    return {"config": name, "ppl": 40.0 if "full" in name else 45.0, "peak_rss_bytes": 300 * 2**20,
+            "needle": [{"length": 1024, "depth": 0.5, "number": "1234567", "answer_ids": [1 if ok else 2],
+                        "prefill_s": 1.0, "decode_ms_per_token": 50.0, "decode_cpu_ms_per_token": 90.0, "kv_bytes": 2**20},
+                       {"length": 1024, "depth": 0.5, "number": "7654321", "error": "BudgetError: too small"}]}
+
+
+def test_incremental_writing_and_resume(tmp_path, monkeypatch):
+    out, md = tmp_path / "g.json", tmp_path / "g.md"
+    calls = []
+
+    class Tok:
+        def encode(self, text, add_special_tokens=True):
+            class E:
+                ids = [len(w) for w in text.split()] + ([0] if add_special_tokens else [])
+            return E()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " 1234567" if ids == [1] else " nope"
+
+    def fake_run(cfg, tmp, bundle, py):
+        calls.append(cfg["name"])
+        assert cfg["cases"] and "context_ids" in cfg["cases"][0] and "question_ids" in cfg["cases"][0]
+        if cfg["name"] == "edge_sel h2o @0.2" and calls.count(cfg["name"]) == 1 and len(calls) > 1:
+            raise RuntimeError("worker crashed")  # the first run only
+        if cfg["name"] == "edge_sel mpcache @0.2":  # everything before it is already on disk
+            doc = json.loads(out.read_text())
+            assert [r["config"] for r in doc["results"]] == ["edge_sel full"]
+            assert "edge_sel full" in md.read_text()
+        return _fake_raw(cfg["name"])
+
+    monkeypatch.setattr(bg, "_tokenizer", lambda bundle: Tok())
+    monkeypatch.setattr(bg, "_run_one", fake_run)
+    monkeypatch.setattr("edge_sel.textdata.botchan", lambda: "word " * 6000)
+    args = ["--bundle", str(tmp_path), "--peers", "none", "--policies", "mpcache,h2o", "--ratios", "0.2",
+            "--lengths", "1024", "--depths", "0.5", "--needles", "2", "--out", str(out), "--markdown", str(md)]
+    assert bg.main(args) == 0
+    assert calls == ["edge_sel full", "edge_sel mpcache @0.2", "edge_sel h2o @0.2"]
+    doc = json.loads(out.read_text())
+    res = {r["config"]: r for r in doc["results"]}
+    assert res["edge_sel h2o @0.2"]["error"].startswith("worker crashed")
+    assert res["edge_sel full"]["needle_acc"] == 1.0 and res["edge_sel full"]["errors"] == 1
+    assert res["edge_sel full"]["needle_cells"] == {"1024@0.5": [1, 1]}
+    assert doc["args"]["question_mode"] == "separate"
+    calls.clear()
+    assert bg.main(args + ["--resume"]) == 0
+    assert calls == ["edge_sel h2o @0.2"]  # measured ones skipped, the failed one retried
+    doc = json.loads(out.read_text())
+    assert sorted(r["config"] for r in doc["results"]) == ["edge_sel full", "edge_sel h2o @0.2", "edge_sel mpcache @0.2"]
+    assert all("error" not in r for r in doc["results"])
+    text = md.read_text()
+    assert "| edge_sel mpcache @0.2 | 1.00 | 1/1 |" in text
+    assert "Acceptance" in text and "1 needle cases failed" in text
+
+
+def test_acceptance_lines():
+    def r(name, acc, ppl, dec=None, rss=None):
+        d = {"config": name, "needle_acc": acc, "ppl": ppl, "speed": {}, "peak_rss_bytes": rss}
+        if dec:
+            d["speed"]["4096"] = {"decode_ms_per_token": dec}
+        return d
+
+    lines = bg.acceptance([r("edge_sel full", 0.9, 40.0, 60.0, 400 * 2**20), r("transformers full", 0.9, 40.0, 80.0, 1000 * 2**20),
+                           r("edge_sel mpcache @0.2", 0.8, 42.0), r("kvpress SnapKV @0.2", 0.5, 43.0),
+                           r("kvpress TOVA @0.2", 0.6, 41.0), r("edge_sel mpcache @0.1", 0.4, 44.0, 30.0, 300 * 2**20)])
+    text = "\n".join(lines)
+    assert "0.2 kept: mpcache needle 0.80 vs full 0.90 (diff -10 points); best kvpress kvpress TOVA @0.2 0.60 -> OK" in text
+    assert "best kvpress kvpress TOVA @0.2 41.00 -> ABOVE" in text
+    assert "= 0.50 (target <= 0.75)" in text and "mpcache@0.1 / transformers = 0.38" in text
+    assert "edge_sel mpcache @0.1 300 MiB / transformers full 1000 MiB = 0.30" in text
+
+
+def test_peer_env_version_check_and_requirements(tmp_path):
+    assert peer_env.check_versions({"torch": "2.13.0+cpu", "transformers": "5.2.0", "missing": []}) == []
+    bad = peer_env.check_versions({"torch": "2.14.1", "transformers": "4.57.6", "missing": ["TOVAPress"]})
+    assert len(bad) == 3 and "torch is 2.14.1" in bad[0]
+    assert "torch==2.13.0" in peer_env.requirements() and "kvpress==0.5.5" in peer_env.requirements()
+    assert peer_env.env_dir(tmp_path) == tmp_path / "kvpress-0.5.5"
+    # a directory without the marker is half-built: never returned as ready
+    venv = peer_env.env_dir(tmp_path)
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    assert not (venv / peer_env.MARKER).exists()
