@@ -54,7 +54,8 @@ policies: full, streaming_llm, h2o, snapkv, mpcache, windowkv, prompt_distill, l
   edge-sel bench rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out results.json
   edge-sel bench rerank --model all-minilm-l6-v2 --quick
   edge-sel bench generate --bundle bundles/smol-gen --quick
-  edge-sel bench generate --bundle bundles/smol-gen --lengths 1024,2048,4096 --ratios 0.5,0.2,0.1 --out gen.json""",
+  edge-sel bench generate --bundle bundles/smol-gen --lengths 1024,2048,4096 --ratios 0.5,0.2,0.1 --out gen.json
+  edge-sel bench train-cross-encoder --json     # fine-tune all-MiniLM-L6-v2 into a cross-encoder (cached)""",
 }
 
 
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
 
     b = cmd("bench", "benchmarks side by side with the peers (each configuration in a fresh process)")
-    b.add_argument("workload", choices=["rerank", "generate"])
+    b.add_argument("workload", choices=["rerank", "generate", "train-cross-encoder"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `edge-sel bench rerank -- --help`)")
     return p
 
@@ -411,6 +412,10 @@ def cmd_bench(args, console) -> int:
         from edge_sel.benchmarks.generate import main as bench_generate
 
         return bench_generate(rest)
+    if args.workload == "train-cross-encoder":
+        from edge_sel.benchmarks.train_cross_encoder import main as bench_train_ce
+
+        return bench_train_ce(rest)
     return 2
 
 
