@@ -54,8 +54,15 @@ def cache_len(cache) -> int:
 
 def main(path: str) -> int:
     cfg = json.loads(open(path).read())
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     from transformers import AutoModelForCausalLM, DynamicCache
 
     import kvpress

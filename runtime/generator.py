@@ -275,13 +275,13 @@ class Generator:
             cap = min(-(-whole // a) * a, cap)
         else:
             cap = min(-(-whole // a) * a, cap // a * a)
-        if (cap < need or (suffix and cap - suffix - 1 < need)) and cap < whole:
+        if (cap < need or (suffix and cap - suffix < 8)) and cap < whole:
             what = {"tokens": "tokens", "fraction": "of the prompt", "bytes": "bytes"}[self.budget[0]] if self.budget else ""
             extra = (f"the 'full' policy keeps the {n_prompt}-token prompt and {max_new} new tokens"
                      if isinstance(policy, Full) else f"policy {policy_label(policy)!r} needs at least {need} tokens per layer")
-            if suffix and not isinstance(policy, Full):
-                extra += f" besides the {suffix} protected suffix tokens"
-                need += suffix + 1
+            if suffix and not isinstance(policy, Full) and need < suffix + 8:
+                extra += f" and room for the {suffix} protected suffix tokens plus 8"
+                need = suffix + 8
             raise BudgetError(
                 f"kv_budget {self.budget[1] if self.budget else None} {what} gives {cap} cached tokens per layer, below the "
                 f"minimum {need} ({extra}); minimum budget: {need} tokens = {format_size(need * per_tok)} "
@@ -513,8 +513,8 @@ class Generator:
                     target = max(0, (cap - block) // policy.align * policy.align)
                     if n_sfx:  # room for the suffix and, when it fits, every new token (no decode eviction)
                         room = cap - n_sfx
-                        target = room - max_new if room - max_new >= self._min_tokens(policy, N, max_new) else \
-                            max(0, (room - block) // policy.align * policy.align)
+                        target = room - max_new if room - max_new >= room // 2 else \
+                            max(1, room - block)
                     idx = policy.keep(L, scratch, target, "final")
                     if idx is None:
                         sinks = min(4, target)
@@ -542,7 +542,8 @@ class Generator:
         qkv, attn = self.sessions[L]
         T = hidden.shape[1]
         if c.n + (T - n_ctx) > c.capacity:
-            reserve = call.max_new if c.capacity - (T - n_ctx) - call.max_new >= self._min_tokens(policy, T, call.max_new) else 0
+            room = c.capacity - (T - n_ctx)
+            reserve = call.max_new if room - call.max_new >= room // 2 else 0
             self._make_room(call, L, T - n_ctx + reserve, "window")
         q = None
         for a in range(n_ctx, T, self.chunk_tokens):

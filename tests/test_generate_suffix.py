@@ -103,3 +103,16 @@ def test_bad_suffix_is_refused(llama, context_ids):
     for bad in (-1, len(context_ids), 1.5, True):
         with pytest.raises(InputError, match="protect_suffix"):
             g.generate(context_ids, max_new_tokens=4, protect_suffix=bad)
+
+
+def test_infeasible_budget_with_suffix_is_refused_with_the_minimum(llama, context_ids):
+    from edge_sel.errors import BudgetError
+
+    g = Generator(llama, kv_budget=16, policy="mpcache")
+    with pytest.raises(BudgetError, match="minimum") as e:
+        g.generate(context_ids, max_new_tokens=4, protect_suffix=30)
+    assert e.value.minimum_bytes > 0
+    # a small context share is fine as long as the whole cache meets the policy's minimum
+    g = Generator(llama, kv_budget=0.08, policy="mpcache")
+    r = g.generate(context_ids[:1500], max_new_tokens=4, stop=False, protect_suffix=30)
+    assert r.stats["kv_capacity_tokens"] == int(np.ceil(0.08 * 1470)) + 30 + 4
