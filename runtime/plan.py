@@ -4,6 +4,10 @@ The budget covers the model's own share of the process (peak RSS minus idle RSS)
 weights (W x the largest layer's files, file-backed pages count while mapped), the embedding pages
 a gather touches, hidden states kept between layers for every live candidate, the activations of
 one chunk inside a layer, plus fixed costs (tokenizer, head, session bookkeeping).
+
+When the kept hidden states of every candidate do not fit, the plan *spills* them to files
+(:mod:`.spill`): then only the chunk in flight holds hidden states in RAM, and the minimum no longer
+grows with the number of candidates. Keeping them resident is preferred whenever it fits (no I/O).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class Plan:
     chunk_tokens: int
     max_batch: int
     estimate: dict
+    spill: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,27 +59,43 @@ class Planner:
         # kept states for every candidate + the output of the chunk in flight
         return int(4 * self.H * (total_tokens * 1.1 + 2 * max_len))
 
-    def minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0) -> int:
+    def spill_hidden_bytes(self, chunk_tokens: int) -> int:
+        # a spilled run holds the chunk in flight only: its input, its output and one re-packed chunk
+        return int(4 * self.H * 3 * chunk_tokens)
+
+    def resident_minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0) -> int:
         return int(self.fixed + 2 * self.layer_bytes + self.hidden_bytes(total_tokens, max_len) + embed_bytes
                    + self.act_bytes_per_token(max_len) * max_len)
+
+    def spill_minimum(self, max_len: int, embed_bytes: int = 0) -> int:
+        return int(self.fixed + 2 * self.layer_bytes + self.spill_hidden_bytes(max_len) + embed_bytes
+                   + self.act_bytes_per_token(max_len) * max_len)
+
+    def minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True) -> int:
+        need = self.resident_minimum(total_tokens, max_len, embed_bytes)
+        return min(need, self.spill_minimum(max_len, embed_bytes)) if allow_spill else need
 
     def static_minimum(self) -> int:
         """Smallest budget that could run even a single short candidate (checked at construction)."""
         return self.minimum(64, 64)
 
-    def plan(self, budget: int | None, total_tokens: int, max_len: int, embed_bytes: int = 0) -> Plan:
+    def plan(self, budget: int | None, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True) -> Plan:
         if budget is None:
             chunk = max(DEFAULT_CHUNK_TOKENS, max_len)
             return Plan(None, self.n_layers, chunk, DEFAULT_MAX_BATCH, {"layer_bytes": self.layer_bytes})
-        need = self.minimum(total_tokens, max_len, embed_bytes)
-        if budget < need:
-            raise BudgetError(
-                f"memory budget {format_size(budget)} is below the minimum for this input: {format_size(need)} "
-                f"(2 layers x {format_size(self.layer_bytes)} + kept hidden states for {total_tokens} tokens "
-                f"+ one {max_len}-token candidate's activations + fixed costs). Use --memory-budget {-(-need // 1024**2)}MiB or more, "
-                f"or rank fewer/shorter documents.",
-                minimum_bytes=need,
-            )
+        if budget < self.resident_minimum(total_tokens, max_len, embed_bytes):
+            need = self.minimum(total_tokens, max_len, embed_bytes, allow_spill)
+            if budget < need:
+                kept = ("the chunk in flight's hidden states (the rest spilled to files)" if allow_spill
+                        else f"kept hidden states for {total_tokens} tokens")
+                raise BudgetError(
+                    f"memory budget {format_size(budget)} is below the minimum for this input: {format_size(need)} "
+                    f"(2 layers x {format_size(self.layer_bytes)} + {kept} "
+                    f"+ one {max_len}-token candidate's activations + fixed costs). Use --memory-budget {-(-need // 1024**2)}MiB "
+                    f"or more, or rank shorter documents.",
+                    minimum_bytes=need,
+                )
+            return self._spill_plan(budget, max_len, embed_bytes)
         free = budget - self.fixed - self.hidden_bytes(total_tokens, max_len) - embed_bytes
         per_tok = self.act_bytes_per_token(max_len)
         act_min = per_tok * max_len
@@ -89,3 +110,14 @@ class Planner:
             "embed": embed_bytes, "activations": chunk * per_tok, "layer_bytes": self.layer_bytes,
         }
         return Plan(budget, window, chunk, DEFAULT_MAX_BATCH, estimate)
+
+    def _spill_plan(self, budget: int, max_len: int, embed_bytes: int) -> Plan:
+        free = budget - self.fixed - embed_bytes
+        per_tok = self.act_bytes_per_token(max_len) + 4 * self.H * 3
+        window = 2
+        chunk = int(max(max_len, min(DEFAULT_CHUNK_TOKENS, (free - window * self.layer_bytes) // per_tok)))
+        estimate = {
+            "fixed": self.fixed, "layers": window * self.layer_bytes, "hidden": self.spill_hidden_bytes(chunk),
+            "embed": embed_bytes, "activations": chunk * self.act_bytes_per_token(max_len), "layer_bytes": self.layer_bytes,
+        }
+        return Plan(budget, window, chunk, DEFAULT_MAX_BATCH, estimate, spill=True)

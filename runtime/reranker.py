@@ -29,6 +29,7 @@ from .embedding import Embedder
 from .plan import Planner
 from .prefix import PairStream, is_split, qkv_weight_bytes, run_candidates, run_prefix
 from .sessions import load_session
+from .spill import HiddenSpill
 from .stream import LayerStream
 from .text import Encoded, TextEncoder
 
@@ -44,6 +45,7 @@ class Chunk:
     positions: np.ndarray    # [B, T] int64
     types: np.ndarray | None
     hidden: np.ndarray | None = None
+    spilled: Path | None = None   # hidden state in a spill file instead of RAM (see .spill)
 
 
 class Reranker:
@@ -53,7 +55,10 @@ class Reranker:
     >>> rr.rank("how do I copy a file?", docs, top_k=5)
     [{'corpus_id': 3, 'score': 0.71}, ...]
 
-    memory_budget: bytes or a size string ("128MB", "1.5GiB"); None keeps every layer resident.
+    memory_budget: bytes or a size string ("128MB", "1.5GiB"); None keeps every layer resident. When the
+    kept hidden states of all candidates do not fit the budget they are spilled to files under
+    ``spill_dir`` (default: the system temp directory) — only the chunk in flight stays in RAM;
+    ``spill=False`` refuses such budgets instead.
     ``top_k`` larger than the number of documents is clamped to it (with a log note); ``top_k <= 0`` is refused.
 
     pruning (early ranking, used by :meth:`rank`; :meth:`predict` always computes every score):
@@ -65,7 +70,8 @@ class Reranker:
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget: int | str | None = None,
-                 pruning: str | dict | Schedule | None = "auto", threads: int | None = None, optimize: str = "all"):
+                 pruning: str | dict | Schedule | None = "auto", threads: int | None = None, optimize: str = "all",
+                 spill: bool = True, spill_dir: str | os.PathLike | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if self.bundle.task != "rerank":
             raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; ranking needs a bundle exported with --task rerank")
@@ -94,6 +100,9 @@ class Reranker:
         self.pad_id = int(self.bundle.manifest.get("pad_id", 0))
         self.layer_inputs = self.bundle.manifest.get("layer_io", {}).get("inputs", ["hidden", "mask"])
         self.last_stats: dict[str, Any] = {}
+        self.allow_spill = bool(spill)
+        self.spill_dir = spill_dir
+        self._spill: HiddenSpill | None = None
 
     def _resolve_schedule(self, pruning) -> tuple[Schedule | None, str]:
         root = self.bundle.root
@@ -174,7 +183,7 @@ class Reranker:
         ids, _ = self._items(enc)
         lengths = np.array([len(x) for x in ids])
         unique = len(np.unique(np.concatenate(ids)))
-        return self.planner.minimum(int(lengths.sum()), int(lengths.max()), self.embedder.touched_bytes(unique))
+        return self.planner.minimum(int(lengths.sum()), int(lengths.max()), self.embedder.touched_bytes(unique), self.allow_spill)
 
     def close(self) -> None:
         self.stream.close()
@@ -233,8 +242,8 @@ class Reranker:
         flush()
         return chunks
 
-    def _feeds(self, c: Chunk) -> dict[str, np.ndarray]:
-        feeds = {"hidden": c.hidden, "mask": c.mask}
+    def _feeds(self, c: Chunk, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"hidden": hidden, "mask": c.mask}
         if "position_ids" in self.layer_inputs:
             feeds["position_ids"] = c.positions
         return feeds
@@ -249,7 +258,7 @@ class Reranker:
         items, pooled = [], []
         q_pooled = None
         for c in chunks:
-            p = self._pool(c)
+            p = self._pool(c, self._hidden(c))
             docs = c.items < n_docs
             if not docs.all():  # bi-encoder query item
                 q_pooled = p[~docs][0]
@@ -270,44 +279,63 @@ class Reranker:
         return self._compact(chunks, keep_items)
 
     def _compact(self, chunks: list[Chunk], keep_items: np.ndarray) -> list[Chunk]:
-        """Rebuild the chunks from the surviving rows (re-packed by length, padding trimmed)."""
-        rows = []  # (item, length, ids, positions, types, hidden)
-        for c in chunks:
+        """Rebuild the chunks from the surviving rows (re-packed by length, padding trimmed). With a spill,
+        each new chunk gathers its rows from memory maps of the old chunks' files and is spilled in turn."""
+        rows = []  # (item, length, source chunk, source row)
+        for ci, c in enumerate(chunks):
             for r, it in enumerate(c.items):
                 if keep_items[it]:
-                    L = int(c.lengths[r])
-                    rows.append((int(it), L, c.ids[r, :L], c.positions[r, :L],
-                                 None if c.types is None else c.types[r, :L], c.hidden[r, :L]))
+                    rows.append((int(it), int(c.lengths[r]), ci, r))
         rows.sort(key=lambda x: x[1])
         st = self._prune_state
-        out, cur = [], []
-
-        def flush():
-            if not cur:
-                return
-            B, T = len(cur), max(x[1] for x in cur)
-            H = cur[0][5].shape[-1]
+        groups, cur = [], []
+        for row in rows:
+            if cur and ((len(cur) + 1) * row[1] > st["chunk_tokens"] or len(cur) >= st["max_batch"]):
+                groups.append(cur)
+                cur = []
+            cur.append(row)
+        if cur:
+            groups.append(cur)
+        out = []
+        H = int(self.bundle.dims["hidden"])
+        for g in groups:
+            B, T = len(g), max(x[1] for x in g)
             ids = np.full((B, T), self.pad_id, dtype=np.int64)
             mask = np.zeros((B, T), dtype=np.float32)
             pos = np.broadcast_to(np.arange(self._pos_offset, self._pos_offset + T, dtype=np.int64), (B, T)).copy()
-            types = np.zeros((B, T), dtype=np.int64) if cur[0][4] is not None else None
+            has_types = chunks[g[0][2]].types is not None
+            types = np.zeros((B, T), dtype=np.int64) if has_types else None
             hidden = np.zeros((B, T, H), dtype=np.float32)
-            for r, (_, L, a, p, t, h) in enumerate(cur):
-                ids[r, :L], mask[r, :L], pos[r, :L], hidden[r, :L] = a, 1.0, p, h
+            views: dict[int, np.ndarray] = {}
+            for r, (_, L, ci, sr) in enumerate(g):
+                c = chunks[ci]
+                if ci not in views:
+                    views[ci] = c.hidden if c.hidden is not None else self._spill.view(c.spilled)
+                ids[r, :L], mask[r, :L], pos[r, :L], hidden[r, :L] = c.ids[sr, :L], 1.0, c.positions[sr, :L], views[ci][sr, :L]
                 if types is not None:
-                    types[r, :L] = t
-            out.append(Chunk(np.array([x[0] for x in cur]), np.array([x[1] for x in cur]), ids, mask, pos, types, hidden))
-            cur.clear()
-
-        for row in rows:
-            if cur and ((len(cur) + 1) * row[1] > st["chunk_tokens"] or len(cur) >= st["max_batch"]):
-                flush()
-            cur.append(row)
-        flush()
+                    types[r, :L] = c.types[sr, :L]
+            del views
+            nc = Chunk(np.array([x[0] for x in g]), np.array([x[1] for x in g]), ids, mask, pos, types, hidden)
+            self._keep(nc)
+            out.append(nc)
+        for c in chunks:
+            HiddenSpill.drop(c.spilled)
         return out
 
-    def _pool(self, c: Chunk) -> np.ndarray:
-        h = c.hidden
+    def _hidden(self, c: Chunk) -> np.ndarray:
+        """The chunk's hidden state (read back from its spill file when spilled)."""
+        return c.hidden if c.hidden is not None else self._spill.get(c.spilled)
+
+    def _keep(self, c: Chunk) -> None:
+        """Between layers: spill the chunk's fresh hidden state to a file when the plan says so."""
+        if self._spill is not None and c.hidden is not None:
+            old = c.spilled
+            c.spilled = self._spill.put(c.hidden)
+            c.hidden = None
+            HiddenSpill.drop(old)
+
+    def _pool(self, c: Chunk, h: np.ndarray | None = None) -> np.ndarray:
+        h = c.hidden if h is None else h
         if self.pooling == "cls":
             return h[:, 0, :]
         if self.pooling == "last":
@@ -320,11 +348,22 @@ class Reranker:
         (None: the schedule's K) — see :meth:`rank`; dropped candidates carry their last early score."""
         ids, types = self._items(enc)
         lengths = np.array([len(x) for x in ids])
-        n_items = len(ids)
         total, max_len = int(lengths.sum()), int(lengths.max())
         unique = len(np.unique(np.concatenate(ids)))
-        plan = self.planner.plan(self.memory_budget, total, max_len, self.embedder.touched_bytes(unique))
+        plan = self.planner.plan(self.memory_budget, total, max_len, self.embedder.touched_bytes(unique), self.allow_spill)
         self.stream.set_window(plan.window)
+        self._spill = HiddenSpill(self.spill_dir) if plan.spill else None
+        try:
+            return self._score_planned(enc, plan, ids, types, lengths, top_k, prune)
+        finally:
+            if self._spill is not None:
+                self.last_stats["spill_bytes_written"] = self._spill.bytes_written
+                self.last_stats["spill_bytes_read"] = self._spill.bytes_read
+                self._spill.close()
+                self._spill = None
+
+    def _score_planned(self, enc: Encoded, plan, ids, types, lengths, top_k, prune) -> np.ndarray:
+        n_items = len(ids)
         t0 = time.perf_counter()
         self._pos_offset = enc.prefix_len if self.split else 0
         chunks = self._make_chunks(ids, types, plan.chunk_tokens, plan.max_batch)
@@ -335,6 +374,7 @@ class Reranker:
             prefix_h = self.embedder(table, np.asarray(enc.doc_ids[0][: enc.prefix_len], dtype=np.int64)[None], None, prefix_pos)
         for c in chunks:
             c.hidden = self.embedder(table, c.ids, c.types, c.positions)
+            self._keep(c)
         del table  # unmap: the touched embedding pages leave RSS
         t_embed = time.perf_counter() - t0
 
@@ -367,14 +407,15 @@ class Reranker:
             if prefix_h is not None:
                 prefix_h, kp, vp = run_prefix(sess, prefix_h, prefix_pos)
             for c in chunks:
-                h_in = c.hidden
+                h_in = self._hidden(c)
                 if self.split:
-                    c.hidden = run_candidates(sess, c.hidden, c.mask, c.positions, kp, vp, prefix_pos)
+                    c.hidden = run_candidates(sess, h_in, c.mask, c.positions, kp, vp, prefix_pos)
                 else:
-                    c.hidden = sess.run(None, self._feeds(c))[0]
+                    c.hidden = sess.run(None, self._feeds(c, h_in))[0]
                 if self.observer is not None:
                     self.observer(i, c, h_in)
                 del h_in
+                self._keep(c)
             del sess, kp, vp
             chunks = self._after_layer(i, chunks)
             rss_peak_layers = max(rss_peak_layers, rss_bytes())
@@ -384,7 +425,7 @@ class Reranker:
         out = np.zeros(n_items, dtype=np.float32)
         emb = None
         for c in chunks:
-            res = self.head.run(None, {"pooled": np.ascontiguousarray(self._pool(c), dtype=np.float32)})[0]
+            res = self.head.run(None, {"pooled": np.ascontiguousarray(self._pool(c, self._hidden(c)), dtype=np.float32)})[0]
             if self.bundle.scoring == "bi_encoder":
                 if emb is None:
                     emb = np.zeros((n_items, res.shape[1]), dtype=np.float32)
@@ -392,6 +433,8 @@ class Reranker:
             else:
                 out[c.items] = res
             c.hidden = None
+            HiddenSpill.drop(c.spilled)
+            c.spilled = None
         if self.bundle.scoring == "bi_encoder":
             q = emb[-1]
             out = emb[:-1] @ q
@@ -412,6 +455,6 @@ class Reranker:
             "token_work_saved": 1.0 - sum(tokens_per_layer) / max(1, full_tokens),
             "n_pruned": int((st["dropped_at"] >= 0).sum()) if st is not None else 0,
             "dropped_layers": self.bundle.manifest.get("dropped_layers") or [],
-            "prefix_reuse_tokens": int(enc.prefix_len) if self.split else 0,
+            "prefix_reuse_tokens": int(enc.prefix_len) if self.split else 0, "spill": plan.spill,
         }
         return out

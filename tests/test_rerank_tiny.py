@@ -100,3 +100,53 @@ def test_xlm_roberta_family(cross, tmp_path):
 
     pad = json.loads((tmp_path / "hf" / "config.json").read_text())["pad_token_id"]
     assert b.manifest["embedding"]["position_offset"] == pad + 1  # RoBERTa positions start after padding_idx
+
+
+@pytest.mark.parametrize("fixture", ["bert_bi_bundle", "llama_bundle"])
+def test_spilled_hidden_states_match_resident(fixture, request, docs, tmp_path):
+    """A budget too small for every candidate's kept hidden states spills them to files: same scores,
+    and the spill directory is gone afterwards; with spill=False the same budget is refused."""
+    bundle = request.getfixturevalue(fixture)
+    documents, queries = docs
+    documents = documents * 6
+    full = Reranker(bundle)
+    ref = full.predict(queries[0], documents)
+    enc = full.encoder.encode(queries[0], documents)
+    ids, _ = full._items(enc)
+    lengths = np.array([len(x) for x in ids])
+    embed = full.embedder.touched_bytes(len(np.unique(np.concatenate(ids))))
+    resident = full.planner.resident_minimum(int(lengths.sum()), int(lengths.max()), embed)
+    spill_min = full.planner.spill_minimum(int(lengths.max()), embed)
+    assert spill_min < resident
+    budget = (spill_min + resident) // 2
+    rr = Reranker(bundle, memory_budget=budget, spill_dir=tmp_path)
+    got = rr.predict(queries[0], documents)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    assert rr.last_stats["spill"] is True and rr.last_stats["spill_bytes_written"] > 0
+    assert list(tmp_path.iterdir()) == []
+    assert [r["corpus_id"] for r in rr.rank(queries[0], documents, top_k=5)] == list(np.argsort(-ref, kind="stable")[:5])
+    with pytest.raises(BudgetError, match="minimum") as e:
+        Reranker(bundle, memory_budget=budget, spill=False).predict(queries[0], documents)
+    assert e.value.minimum_bytes == resident
+
+
+def test_spill_with_pruning_keeps_exact_scores(bert_ce_bundle, docs, tmp_path):
+    """Pruning re-packs chunks; with spilled states the survivors' scores equal the unpruned model's."""
+    from edge_sel.runtime.early_rank import Schedule
+
+    documents, queries = docs
+    documents = documents * 6
+    full = Reranker(bert_ce_bundle, pruning="off")
+    ref = full.predict(queries[0], documents)
+    sched = Schedule(method="head", top_k=3, layers=[0], margins=[0.0], floor=3)
+    enc = full.encoder.encode(queries[0], documents)
+    ids, _ = full._items(enc)
+    lengths = np.array([len(x) for x in ids])
+    spill_min = full.planner.spill_minimum(int(lengths.max()), full.embedder.touched_bytes(len(np.unique(np.concatenate(ids)))))
+    rr = Reranker(bert_ce_bundle, memory_budget=spill_min + full.planner.layer_bytes // 2, pruning=sched, spill_dir=tmp_path)
+    res = rr.rank(queries[0], documents, top_k=3)
+    assert rr.last_stats["spill"] is True and rr.last_stats["n_pruned"] > 0
+    for r in res:
+        if "pruned_at_layer" not in r:
+            assert r["score"] == pytest.approx(float(ref[r["corpus_id"]]), abs=1e-5)
+    assert list(tmp_path.iterdir()) == []
