@@ -55,6 +55,7 @@ policies: full, streaming_llm, h2o, snapkv, mpcache, windowkv, prompt_distill, l
   edge-sel bench rerank --model all-minilm-l6-v2 --quick
   edge-sel bench generate --bundle bundles/smol-gen --quick
   edge-sel bench generate --bundle bundles/smol-gen --lengths 1024,2048,4096 --ratios 0.5,0.2,0.1 --out gen.json
+  edge-sel bench generate --bundle bundles/smol-gen --out gen.json --markdown gen.md --resume --configs "full,@0.2"
   edge-sel bench train-cross-encoder --json     # fine-tune all-MiniLM-L6-v2 into a cross-encoder (cached)""",
 }
 
