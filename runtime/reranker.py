@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_sel.bundle import Bundle
 from edge_sel.errors import BudgetError, InputError
-from edge_sel.memory import PeakTracker, rss_bytes
+from edge_sel.memory import PeakTracker, release_free_memory, rss_bytes, tune_allocator
 from edge_sel.units import format_size, parse_size
 
 from .early_rank import LayerScorer, Schedule, prune_mask
@@ -72,6 +72,7 @@ class Reranker:
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget: int | str | None = None,
                  pruning: str | dict | Schedule | None = "auto", threads: int | None = None, optimize: str = "all",
                  spill: bool = True, spill_dir: str | os.PathLike | None = None):
+        tune_allocator()  # freed activations leave the process (glibc), see edge_sel.memory
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if self.bundle.task != "rerank":
             raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; ranking needs a bundle exported with --task rerank")
@@ -170,6 +171,7 @@ class Reranker:
                 log.warning("%d of %d documents were longer than the model's maximum of %d tokens and were truncated",
                             enc.n_truncated, len(documents), self.bundle.max_length)
             scores = self.score_encoded(enc, top_k=top_k, prune=prune)
+        release_free_memory()
         self.last_stats.update({
             "latency_s": time.perf_counter() - t0, "tokenize_s": t_tok,
             "peak_rss_bytes": peak.peak, "start_rss_bytes": peak.start, "n_documents": len(documents),
