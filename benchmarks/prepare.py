@@ -106,7 +106,7 @@ def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True
     return out
 
 
-def ensure_variant(base: Path, kind: str, top_k: int, log=print) -> Path:
+def ensure_variant(base: Path, kind: str, top_k: int, log=print, drop: str = "auto") -> Path:
     """A copy of the benchmark bundle ``base`` with early ranking calibrated for ``top_k`` (``kind="calibrated"``),
     or with layers dropped (``--drop-layers auto``) and then calibrated (``kind="dropped"``); cached beside it.
     Calibration uses the builtin calibration text, disjoint from the benchmark's (runtime/calibrate.py)."""
@@ -116,7 +116,7 @@ def ensure_variant(base: Path, kind: str, top_k: int, log=print) -> Path:
 
     if kind not in ("calibrated", "dropped"):
         raise ValueError(f"unknown bundle variant {kind!r}")
-    target = base.parent / f"{base.name}-{'dropauto-' if kind == 'dropped' else ''}cal{top_k}"
+    target = base.parent / f"{base.name}-{f'drop{drop}-' if kind == 'dropped' else ''}cal{top_k}"
     try:
         Bundle.open(target)
         return target
@@ -130,8 +130,8 @@ def ensure_variant(base: Path, kind: str, top_k: int, log=print) -> Path:
         if kind == "dropped":
             from edge_sel.export.drop_layers import drop_layers
 
-            log(f"dropping layers (auto) from a copy of {base.name} (first run only)")
-            res = drop_layers(tmp, "auto")
+            log(f"dropping layers ({drop}) from a copy of {base.name} (first run only)")
+            res = drop_layers(tmp, drop if drop == "auto" else int(drop))
             log(f"  dropped layer positions {res['drop']}")
         log(f"calibrating early ranking (top-{top_k}) on a copy of {base.name} (first run only)")
         rep = calibrate(tmp, "builtin", top_k=top_k)
@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--variants", default="")
     ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--drop-layers", default="auto")
     a = ap.parse_args(argv)
     scoring = None if a.scoring == "default" else a.scoring
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     seed = int((b.manifest.get("export") or {}).get("seed", a.seed))  # the peers get the head the bundle was exported with
     res = {"bundle": str(bundle), "scoring": b.scoring}
     for kind in [v for v in a.variants.split(",") if v]:
-        res[f"bundle_{kind}"] = str(ensure_variant(Path(bundle), kind, a.top_k, log=log))
+        res[f"bundle_{kind}"] = str(ensure_variant(Path(bundle), kind, a.top_k, log=log, drop=a.drop_layers))
     if a.need != "none":
         res.update(ensure_peers(a.model, b.scoring, seed, a.need == "onnx", log=log))
     Path(a.out).write_text(json.dumps(res))

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pruning", default="off", help="edge_sel / edge_sel_budget: early-ranking pruning passed to Reranker "
                    "('off' = full model, the default; 'auto'/'on' = the bundle's calibrated schedule, where available). "
                    "The edge_sel_pruned* / edge_sel_dropped configs always prune, on calibrated copies of the bundle")
+    p.add_argument("--drop-layers", default="auto", help="edge_sel_dropped: layers to drop from the calibrated copy, N or "
+                   "'auto' (default; measures many layer subsets: slow on 30-layer models)")
     p.add_argument("--bundle", help="use this edge_sel bundle instead of exporting/caching one (it must come from --model)")
     p.add_argument("--rebuild", action="store_true", help="re-export the cached bundle (e.g. after the exporter changed)")
     p.add_argument("--runs", type=int, default=3, help="timed passes after the warm-up pass (default: %(default)s)")
@@ -97,7 +99,7 @@ def _prepare(args, configs, log) -> dict:
     with tempfile.TemporaryDirectory(prefix="edge_sel-bench-") as tmp:
         out = Path(tmp) / "prep.json"
         cmd = [sys.executable, "-m", "edge_sel.benchmarks.prepare", args.model, args.scoring or "default", str(args.seed), need, str(out),
-               "--top-k", str(args.top_k), "--variants", ",".join(variants)]
+               "--top-k", str(args.top_k), "--variants", ",".join(variants), "--drop-layers", str(args.drop_layers)]
         if args.bundle:
             cmd += ["--bundle", str(Path(args.bundle).resolve())]
         elif args.rebuild:
