@@ -243,8 +243,8 @@ def _mb(x) -> str:
 
 
 def table_rows(rows: dict, budget_text: str) -> tuple[list[str], list[list[str]]]:
-    head = ["configuration", "latency/query s", "x ort", "CPU s/query", "x ort", "1st pass s", "peak RSS MB", "x ort", "idle MB", "base MB",
-            "share MB", "top-K same", "overlap@K", "max |dscore|", "gold@K", "cand-layers"]
+    head = ["configuration", "latency/query s", "x ort", "CPU s/query", "x ort", "1st pass s", "peak RSS MiB", "x ort", "idle MiB", "base MiB",
+            "share MiB", "top-K same", "overlap@K", "max |dscore|", "gold@K", "cand-layers"]
     out = []
     for name, r in rows.items():
         label = LABELS[name].format(budget=budget_text, backend=r.get("backend") or "")
