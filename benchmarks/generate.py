@@ -21,9 +21,11 @@ Configurations: ``edge_sel full``, every ``--policies`` policy at every ``--rati
 of the context KEPT), ``transformers full`` (torch, full cache, same weights), and every ``--presses``
 kvpress press at the same ratios (kvpress's ``compression_ratio`` is the fraction REMOVED: 1 - ratio),
 run from their own venv (``$EDGE_SEL_HOME/venvs/kvpress-0.5.5``, built on first use; DESIGN §5).
-Runs in priority order (full caches; ratio 0.2 for mpcache and the presses; 0.1 the same; the other
-policies at 0.2/0.1; ratio 0.5); results are written to ``--out`` after every configuration, and
-``--resume`` skips the configurations already there.
+Each configuration runs as one fresh process per part (each context length's needle prompts, and
+the perplexity), so an interrupted run keeps every finished part. Parts run in priority order: the
+full caches, ratio 0.2 for mpcache and the presses, 0.1 the same (at 1k + perplexity, then 2k, then
+4k), then the other policies at 0.2/0.1, then ratio 0.5; results are written to ``--out`` after every
+part, and ``--resume`` skips the parts already there.
 
     edge-sel bench generate --bundle bundles/smol-gen --out gen.json --markdown gen.md
     edge-sel bench generate --bundle bundles/smol-gen --quick
@@ -111,7 +113,46 @@ def load_doc(path: str | None) -> dict:
 
 
 def done_names(doc: dict) -> set[str]:
-    return {r["config"] for r in doc.get("results", []) if "error" not in r}
+    """Configurations with every part measured (``doc["parts"]`` holds the raw output of each part)."""
+    return {r["config"] for r in doc.get("results", []) if "error" not in r and not r.get("missing_parts")}
+
+
+def part_names(lengths: list[int], with_ppl: bool) -> list[str]:
+    return [str(L) for L in lengths] + (["ppl"] if with_ppl else [])
+
+
+def units(cfgs: list[dict], parts: list[str]) -> list[tuple[dict, str]]:
+    """(configuration, part) in run order: tiers 1-3 (full caches, mpcache and kvpress at 0.2 and 0.1)
+    at the shortest length and the perplexity first, then at each longer length; then the rest the same way."""
+    lengths = sorted(int(p) for p in parts if p != "ppl")
+    rank = {str(L): i for i, L in enumerate(lengths)}
+    rank["ppl"] = 0
+
+    def key(u):
+        cfg, part = u
+        t = priority(cfg)
+        return (0 if t <= 3 else 1, rank[part], t)
+
+    return sorted(((c, p) for c in cfgs for p in parts), key=key)  # stable: ties keep the configuration order
+
+
+def done_parts(doc: dict) -> set[tuple[str, str]]:
+    return {(name, part) for name, ps in doc.get("parts", {}).items() for part in ps}
+
+
+def merge_parts(name: str, parts: dict) -> dict:
+    """One raw result from the raw outputs of a configuration's parts (needles concatenated, peak RSS = max)."""
+    raw = {"config": name, "needle": [], "ppl": None, "peak_rss_bytes": 0, "peak_rss_by_part": {}}
+    for part, r in parts.items():
+        raw["needle"] += r.get("needle", [])
+        if part == "ppl":
+            raw["ppl"] = r.get("ppl")
+        raw["peak_rss_bytes"] = max(raw["peak_rss_bytes"], r.get("peak_rss_bytes") or 0)
+        raw["peak_rss_by_part"][part] = r.get("peak_rss_bytes")
+        for k in ("cost_per_decode_step", "load_s", "versions", "ppl_kept_tokens"):
+            if k in r:
+                raw.setdefault(k, r[k])
+    return raw
 
 
 def write_doc(path: str, doc: dict) -> None:
@@ -177,6 +218,7 @@ def summarize(raw: dict, decode) -> dict:
             "needle_n": len(all_ok), "needle_cells": {k: [sum(v), len(v)] for k, v in cells.items()},
             "ppl": raw.get("ppl"), "speed": {L: {k: median(v) for k, v in s.items()} for L, s in speed.items()},
             "peak_rss_bytes": raw.get("peak_rss_bytes"), "errors": sum(1 for r in raw["needle"] if "error" in r),
+            "peak_rss_by_part": raw.get("peak_rss_by_part"),
             "extra": {k: raw[k] for k in ("cost_per_decode_step", "load_s", "versions", "ppl_kept_tokens") if k in raw},
             "cases": records}
 
@@ -289,9 +331,9 @@ def acceptance(results: list[dict]) -> list[str]:
             lines.append(f"- {ratio:g} kept: mpcache not measured yet")
             continue
         s = f"- {ratio:g} kept: mpcache needle {_fmt(acc(mp))}"
-        if full and acc(full) is not None:
+        if full and acc(full) is not None and acc(mp) is not None:
             s += f" vs full {_fmt(acc(full))} (diff {100 * (acc(mp) - acc(full)):+.0f} points)"
-        if best_acc:
+        if best_acc and acc(mp) is not None and acc(best_acc) is not None:
             s += f"; best kvpress {best_acc['config']} {_fmt(acc(best_acc))} -> {'OK' if acc(mp) >= acc(best_acc) else 'BELOW'}"
         if mp.get("ppl") is not None:
             s += f"; ppl mpcache {_fmt(mp['ppl'])}"
@@ -348,7 +390,8 @@ def markdown(doc: dict) -> str:
         out.append("| " + " | ".join(row) + " |")
     out.append("")
     hdr = ["config", "ppl"] + [f"prefill s {L}" for L in lengths] + [f"decode ms/tok {L}" for L in lengths] + \
-          [f"decode CPU ms/tok {lengths[-1]}" if lengths else "decode CPU"] + ["peak RSS MiB", f"KV MiB {lengths[-1] if lengths else ''}", "wall s"]
+          [f"decode CPU ms/tok {lengths[-1]}" if lengths else "decode CPU"] + \
+          ["peak RSS MiB"] + [f"peak RSS MiB {L}" for L in lengths] + [f"KV MiB {lengths[-1] if lengths else ''}", "wall s"]
     out.append("| " + " | ".join(hdr) + " |")
     out.append("|" + "---|" * len(hdr))
     for r in ok:
@@ -359,14 +402,25 @@ def markdown(doc: dict) -> str:
         last = sp.get(str(lengths[-1]), {}) if lengths else {}
         row.append(_fmt(last.get("decode_cpu_ms_per_token"), 1))
         row.append(_fmt(r["peak_rss_bytes"] / 2**20, 0) if r.get("peak_rss_bytes") else "–")
+        byp = r.get("peak_rss_by_part") or {}
+        row += [_fmt(byp[str(L)] / 2**20, 0) if byp.get(str(L)) else "–" for L in lengths]
         row.append(_fmt(last["kv_bytes"] / 2**20, 1) if last.get("kv_bytes") else "–")
         row.append(_fmt(r.get("wall_s"), 0))
         out.append("| " + " | ".join(row) + " |")
-    bad = [r for r in res if "error" in r or r.get("errors")]
+    bad = [r for r in res if "error" in r or r.get("errors") or r.get("failed_parts") or r.get("missing_parts")]
     if bad:
         out.append("")
         for r in bad:
-            out.append(f"- {r['config']}: " + (f"FAILED: {r['error'][:200]}" if "error" in r else f"{r['errors']} needle cases failed"))
+            if "error" in r:
+                out.append(f"- {r['config']}: FAILED: {r['error'][:200]}")
+                continue
+            if r.get("errors"):
+                out.append(f"- {r['config']}: {r['errors']} needle cases failed")
+            if r.get("failed_parts"):
+                out.append(f"- {r['config']}: failed parts {', '.join(r['failed_parts'])}: "
+                           + "; ".join(v[-160:].replace(chr(10), ' ') for v in r["failed_parts"].values()))
+            if r.get("missing_parts"):
+                out.append(f"- {r['config']}: not measured yet: {', '.join(r['missing_parts'])}")
     acc = acceptance(res)
     if acc:
         out += ["", "Acceptance (issue 4):", ""] + acc
@@ -438,13 +492,19 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = build_configs([p for p in a.policies.split(",") if p], [float(x) for x in a.ratios.split(",")], peers, presses)
     cfgs = select_configs(cfgs, a.configs)
     doc = load_doc(a.out) if a.resume else {"results": []}
+    doc.setdefault("parts", {})
+    doc.setdefault("failures", {})
+    lengths = [int(x) for x in a.lengths.split(",")]
+    parts = part_names(lengths, bool(a.ppl_prefix))
+    todo = units(cfgs, parts)
     if a.resume:
-        skip = done_names(doc)
-        cfgs = [c for c in cfgs if c["name"] not in skip]
+        skip = done_parts(doc)
+        todo = [(c, p) for c, p in todo if (c["name"], p) not in skip]
     if a.list:
-        for c in cfgs:
-            print(c["name"])
+        for c, p in todo:
+            print(f"{c['name']} [{p}]")
         return 0
+    cfgs = [c for c in cfgs if any(c is u for u, _ in todo)]
     bundle = str(Path(a.bundle).absolute())
     tok = _tokenizer(bundle)
     encode = lambda t, special=True: tok.encode(t, add_special_tokens=special).ids  # noqa: E731  (= Generator.encode)
@@ -452,7 +512,6 @@ def main(argv: list[str] | None = None) -> int:
     from edge_sel.textdata import botchan
 
     hay = encode(botchan())
-    lengths = [int(x) for x in a.lengths.split(",")]
     cases = needle_cases(encode, decode, hay, lengths, [float(x) for x in a.depths.split(",")], a.needles)
     if a.question_mode == "in-context":
         cases = [{**c, "context_ids": c["context_ids"] + c["question_ids"], "question_ids": []} for c in cases]
@@ -483,30 +542,50 @@ def main(argv: list[str] | None = None) -> int:
                     "decode ms/token and prefill s: medians over the needle prompts of each length (wall clock); "
                     "peak RSS: VmHWM of the configuration's own process; KV bytes: edge_sel kv_bytes_peak (K, V, "
                     "positions, scores, policy statistics, prefill scratch), torch peers: K+V tensors at the end"]
-    print(f"{len(cfgs)} configurations: {', '.join(c['name'] for c in cfgs)}", flush=True)
+    todo = [(c, p) for c, p in todo if any(c is k for k in cfgs)]  # kvpress dropped when its env failed
+    print(f"{len(todo)} parts of {len(cfgs)} configurations: {', '.join(c['name'] for c in cfgs)}", flush=True)
+    by_len: dict = {}
+    for c in cases:
+        by_len.setdefault(str(c["length"]), []).append(c)
     with tempfile.TemporaryDirectory(prefix="edge_sel-bench-gen-") as tmp:
-        for cfg in cfgs:
+        for cfg, part in todo:
+            name = cfg["name"]
+            unit = {**common, **cfg, "cases": [] if part == "ppl" else by_len[part], "ppl": ppl if part == "ppl" else None}
             t0 = time.perf_counter()
             try:
-                raw = _run_one({**common, **cfg}, tmp, a.bundle, kvpress_py)
+                raw = _run_one(unit, tmp, a.bundle, kvpress_py)
             except Exception as e:
-                print(f"{cfg['name']}: FAILED\n{str(e)[-2000:]}", file=sys.stderr, flush=True)
-                s = {"config": cfg["name"], "error": str(e)[-1000:]}
+                print(f"{name} [{part}]: FAILED\n{str(e)[-2000:]}", file=sys.stderr, flush=True)
+                doc["failures"].setdefault(name, {})[part] = str(e)[-1000:]
             else:
-                s = summarize(raw, decode)
-                s["wall_s"] = round(time.perf_counter() - t0, 1)
-                sp = "; ".join(f"{L}: prefill {v['prefill_s']:.2f}s decode {v['decode_ms_per_token']:.0f}ms/tok"
-                               for L, v in s["speed"].items() if v.get("decode_ms_per_token"))
-                acc = s["needle_acc"]
-                print(f"{s['config']:34s} needle {acc if acc is None else round(acc, 2)} ({s['needle_n']})  "
-                      f"ppl {s['ppl'] and round(s['ppl'], 2)}  peak RSS {s['peak_rss_bytes'] / 2**20:.0f} MiB  {sp}  "
-                      f"[{s['wall_s']:.0f}s]", flush=True)
+                raw["wall_s"] = round(time.perf_counter() - t0, 1)
+                doc["parts"].setdefault(name, {})[part] = raw
+                doc["failures"].get(name, {}).pop(part, None)
+                one = summarize(raw, decode)
+                sp = "; ".join(f"prefill {v['prefill_s']:.2f}s decode {v['decode_ms_per_token']:.0f}ms/tok"
+                               for L, v in one["speed"].items() if v.get("decode_ms_per_token"))
+                acc = one["needle_acc"]
+                print(f"{name:34s} [{part:>4s}] needle {acc if acc is None else round(acc, 2)} ({one['needle_n']})  "
+                      f"ppl {one['ppl'] and round(one['ppl'], 2)}  peak RSS {(one['peak_rss_bytes'] or 0) / 2**20:.0f} MiB  "
+                      f"{sp}  [{raw['wall_s']:.0f}s]", flush=True)
+            done = doc["parts"].get(name, {})
+            if done:
+                s = summarize(merge_parts(name, done), decode)
+                s["wall_s"] = round(sum(r.get("wall_s", 0) for r in done.values()), 1)
+                s["missing_parts"] = [p for p in parts if p not in done]
+                if doc["failures"].get(name):
+                    s["failed_parts"] = dict(doc["failures"][name])
+            else:
+                s = {"config": name, "error": doc["failures"][name][part]}
             s["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
             upsert(doc, s)
             if a.out:
                 write_doc(a.out, doc)
             if a.markdown:
-                Path(a.markdown).write_text(markdown(doc))
+                try:
+                    Path(a.markdown).write_text(markdown(doc))
+                except Exception as e:  # a table bug must not stop the measurements
+                    print(f"markdown: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     if not a.out and not a.markdown:
         print(markdown(doc))
     return 0

@@ -72,38 +72,53 @@ def test_incremental_writing_and_resume(tmp_path, monkeypatch):
             return " 1234567" if ids == [1] else " nope"
 
     def fake_run(cfg, tmp, bundle, py):
-        calls.append(cfg["name"])
-        assert cfg["cases"] and "context_ids" in cfg["cases"][0] and "question_ids" in cfg["cases"][0]
-        if cfg["name"] == "edge_sel h2o @0.2" and calls.count(cfg["name"]) == 1 and len(calls) > 1:
+        part = "ppl" if cfg["ppl"] else str(cfg["cases"][0]["length"])
+        calls.append((cfg["name"], part))
+        if part != "ppl":
+            assert {c["length"] for c in cfg["cases"]} == {int(part)}  # one length per process
+            assert "context_ids" in cfg["cases"][0] and "question_ids" in cfg["cases"][0]
+        if cfg["name"] == "edge_sel h2o @0.2" and part == "2048" and len(calls) > 2:
             raise RuntimeError("worker crashed")  # the first run only
-        if cfg["name"] == "edge_sel mpcache @0.2":  # everything before it is already on disk
+        if (cfg["name"], part) == ("edge_sel mpcache @0.2", "1024"):  # everything before it is already on disk
             doc = json.loads(out.read_text())
             assert [r["config"] for r in doc["results"]] == ["edge_sel full"]
+            assert doc["results"][0]["missing_parts"] == ["2048"]
             assert "edge_sel full" in md.read_text()
-        return _fake_raw(cfg["name"])
+        raw = _fake_raw(cfg["name"]) if part != "ppl" else {"config": cfg["name"], "needle": [], "ppl": 41.0,
+                                                            "peak_rss_bytes": 500 * 2**20}
+        for r in raw["needle"]:
+            r["length"] = int(part) if part != "ppl" else 0
+        return raw
 
     monkeypatch.setattr(bg, "_tokenizer", lambda bundle: Tok())
     monkeypatch.setattr(bg, "_run_one", fake_run)
     monkeypatch.setattr("edge_sel.textdata.botchan", lambda: "word " * 6000)
     args = ["--bundle", str(tmp_path), "--peers", "none", "--policies", "mpcache,h2o", "--ratios", "0.2",
-            "--lengths", "1024", "--depths", "0.5", "--needles", "2", "--out", str(out), "--markdown", str(md)]
+            "--lengths", "1024,2048", "--depths", "0.5", "--needles", "2", "--out", str(out), "--markdown", str(md)]
     assert bg.main(args) == 0
-    assert calls == ["edge_sel full", "edge_sel mpcache @0.2", "edge_sel h2o @0.2"]
+    # tiers 1-3 (full, mpcache) at 1k + perplexity, then 2k; the other policies after them
+    assert calls == [("edge_sel full", "1024"), ("edge_sel full", "ppl"), ("edge_sel mpcache @0.2", "1024"),
+                     ("edge_sel mpcache @0.2", "ppl"), ("edge_sel full", "2048"), ("edge_sel mpcache @0.2", "2048"),
+                     ("edge_sel h2o @0.2", "1024"), ("edge_sel h2o @0.2", "ppl"), ("edge_sel h2o @0.2", "2048")]
     doc = json.loads(out.read_text())
     res = {r["config"]: r for r in doc["results"]}
-    assert res["edge_sel h2o @0.2"]["error"].startswith("worker crashed")
-    assert res["edge_sel full"]["needle_acc"] == 1.0 and res["edge_sel full"]["errors"] == 1
-    assert res["edge_sel full"]["needle_cells"] == {"1024@0.5": [1, 1]}
+    assert "2048" in res["edge_sel h2o @0.2"]["failed_parts"] and res["edge_sel h2o @0.2"]["needle_n"] == 1
+    full = res["edge_sel full"]
+    assert full["needle_acc"] == 1.0 and full["errors"] == 2 and full["ppl"] == 41.0
+    assert full["needle_cells"] == {"1024@0.5": [1, 1], "2048@0.5": [1, 1]}
+    assert full["peak_rss_bytes"] == 500 * 2**20 and full["peak_rss_by_part"]["1024"] == 300 * 2**20
     assert doc["args"]["question_mode"] == "separate"
     calls.clear()
     assert bg.main(args + ["--resume"]) == 0
-    assert calls == ["edge_sel h2o @0.2"]  # measured ones skipped, the failed one retried
+    assert calls == [("edge_sel h2o @0.2", "2048")]  # measured parts skipped, the failed one retried
     doc = json.loads(out.read_text())
     assert sorted(r["config"] for r in doc["results"]) == ["edge_sel full", "edge_sel h2o @0.2", "edge_sel mpcache @0.2"]
-    assert all("error" not in r for r in doc["results"])
+    assert all("error" not in r and not r.get("failed_parts") and not r["missing_parts"] for r in doc["results"])
     text = md.read_text()
-    assert "| edge_sel mpcache @0.2 | 1.00 | 1/1 |" in text
-    assert "Acceptance" in text and "1 needle cases failed" in text
+    assert "| edge_sel mpcache @0.2 | 1.00 | 1/1 | 1/1 |" in text
+    assert "Acceptance" in text and "2 needle cases failed" in text
+    calls.clear()
+    assert bg.main(args + ["--resume", "--list"]) == 0 and calls == []
 
 
 def test_acceptance_lines():
