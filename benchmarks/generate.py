@@ -552,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             name = cfg["name"]
             unit = {**common, **cfg, "cases": [] if part == "ppl" else by_len[part], "ppl": ppl if part == "ppl" else None}
             t0 = time.perf_counter()
+            load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
             try:
                 raw = _run_one(unit, tmp, a.bundle, kvpress_py)
             except Exception as e:
@@ -559,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                 doc["failures"].setdefault(name, {})[part] = str(e)[-1000:]
             else:
                 raw["wall_s"] = round(time.perf_counter() - t0, 1)
+                raw["load_avg"] = [load0, os.getloadavg()[0] if hasattr(os, "getloadavg") else None]  # the machine is shared
                 doc["parts"].setdefault(name, {})[part] = raw
                 doc["failures"].get(name, {}).pop(part, None)
                 one = summarize(raw, decode)
@@ -567,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                 acc = one["needle_acc"]
                 print(f"{name:34s} [{part:>4s}] needle {acc if acc is None else round(acc, 2)} ({one['needle_n']})  "
                       f"ppl {one['ppl'] and round(one['ppl'], 2)}  peak RSS {(one['peak_rss_bytes'] or 0) / 2**20:.0f} MiB  "
-                      f"{sp}  [{raw['wall_s']:.0f}s]", flush=True)
+                      f"{sp}  [{raw['wall_s']:.0f}s, load {raw['load_avg'][0]:.1f}->{raw['load_avg'][1]:.1f}]", flush=True)
             done = doc["parts"].get(name, {})
             if done:
                 s = summarize(merge_parts(name, done), decode)
