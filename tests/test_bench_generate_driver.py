@@ -136,6 +136,11 @@ def test_acceptance_lines():
     assert "best kvpress kvpress TOVA @0.2 41.00 -> ABOVE" in text
     assert "= 0.50 (target <= 0.75)" in text and "mpcache@0.1 / transformers = 0.38" in text
     assert "edge_sel mpcache @0.1 300 MiB / transformers full 1000 MiB = 0.30" in text
+    full, tf = r("edge_sel full", 0.9, 40.0, rss=900 * 2**20), r("transformers full", 0.9, 40.0, rss=1000 * 2**20)
+    full["peak_rss_by_part"] = {"1024": 200 * 2**20, "4096": 400 * 2**20, "ppl": 900 * 2**20}
+    tf["peak_rss_by_part"] = {"1024": 700 * 2**20, "4096": 1000 * 2**20, "ppl": 1000 * 2**20}
+    text = "\n".join(bg.acceptance([full, tf]))
+    assert "peak RSS at 4096 tokens edge_sel full 400 MiB / transformers full 1000 MiB = 0.40" in text
 
 
 def test_peer_env_version_check_and_requirements(tmp_path):
