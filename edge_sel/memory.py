@@ -86,7 +86,9 @@ class PeakTracker:
 
 
 # ---- allocator tuning (glibc) -------------------------------------------------------------------
-MMAP_THRESHOLD = 256 * 1024  # bytes; measured: SmolLM2 64 docs under 128MB, share 93 -> 54 MiB, nothing retained after a call
+# bytes; measured (SmolLM2, 64 docs, 128MB budget): model share 93 -> 54 MiB, nothing retained between calls,
+# for ~10-20% more CPU (fresh mappings fault their pages in) — so Reranker applies it only under a memory budget
+MMAP_THRESHOLD = 256 * 1024
 _tuned: bool | None = None
 _LIBC: list = []
 

@@ -72,11 +72,12 @@ class Reranker:
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget: int | str | None = None,
                  pruning: str | dict | Schedule | None = "auto", threads: int | None = None, optimize: str = "all",
                  spill: bool = True, spill_dir: str | os.PathLike | None = None):
-        tune_allocator()  # freed activations leave the process (glibc), see edge_sel.memory
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if self.bundle.task != "rerank":
             raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; ranking needs a bundle exported with --task rerank")
         self.memory_budget = parse_size(memory_budget) if memory_budget is not None else None
+        if self.memory_budget is not None:
+            tune_allocator()  # under a budget, freed activations must leave the process (glibc; see edge_sel.memory)
         self.planner = Planner(self.bundle)
         self.split = is_split(self.bundle)  # qkv + attn layer graphs: the shared prompt prefix is computed once
         if self.split:
