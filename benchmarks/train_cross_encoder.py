@@ -82,7 +82,12 @@ class Hyper:
     hard_negatives: int = 3        # of the negatives, how many come from the bi-encoder's top-`hard_pool`
     hard_pool: int = 20
     near_duplicate: float = 0.97   # a passage this close (bi-encoder cosine) to the positive is never a negative
-    lr: float = 6e-5
+    lr: float = 6e-5               # encoder layers
+    head_lr_mult: float = 1.0      # pooler + classifier learn at lr * head_lr_mult
+    freeze_layers: int = 0         # encoder layers (from the bottom) kept frozen, embeddings too when > 0
+    dropout: float | None = None   # None = the base model's dropout
+    distill: float = 0.0           # weight of the bi-encoder's softmax(cos / distill_tau) in the listwise target
+    distill_tau: float = 0.05
     warmup: float = 0.1            # fraction of steps with linear warm-up, then linear decay to 0
     weight_decay: float = 0.01
     max_length: int = 128          # training pairs (query + passage) are truncated to this many tokens
@@ -178,6 +183,8 @@ def build_data(modules: list[str] | None = None, forbidden: set[str] | None = No
     for name, q, p in iter_docstrings(modules, exclude=forbidden):
         if q in forbidden:
             dropped += 1
+            continue
+        if ">>>" in q:      # a doctest, not a sentence
             continue
         pairs.append(Pair(name, q, p))
     heldout = [p for p in pairs if is_heldout(p.name)]
@@ -297,7 +304,7 @@ def ce_scores(model, tok, pairs: list[tuple[str, str]], max_length: int, batch: 
     model.eval()
     with torch.inference_mode():
         for idx in _batches(len(pairs), lengths, batch):
-            enc = tok([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], padding=True, truncation="only_second",
+            enc = tok([pairs[i][0] for i in idx], [pairs[i][1] for i in idx], padding=True, truncation="longest_first",
                       max_length=max_length, return_tensors="pt")
             out[idx] = model(**enc).logits[:, 0].float().numpy()
             if tick:
@@ -358,6 +365,127 @@ def _groups(step_queries: np.ndarray, pools: list[np.ndarray], dup: np.ndarray, 
     return groups
 
 
+@dataclass
+class Mined:
+    """Bi-encoder results: training embeddings, negative pools, and its scores on the held-out eval set."""
+
+    q_train: np.ndarray
+    p_train: np.ndarray
+    pools: list[np.ndarray]
+    dup: np.ndarray
+    bi_scores: list[np.ndarray]
+
+
+def mine(base_dir: Path, tok, data: Data, evalset, hyper: Hyper, prog=None) -> Mined:
+    from transformers import AutoModel
+
+    bi = AutoModel.from_pretrained(base_dir, add_pooling_layer=False).eval()
+    texts_train = [p.query for p in data.train] + [p.passage for p in data.train]
+    texts_held = [p.query for p in data.heldout] + [p.passage for p in data.heldout]
+    tick = None
+    if prog is not None:
+        task = prog.add_task("bi-encoder embeddings", total=len(texts_train) + len(texts_held), info="")
+        tick = lambda k: prog.advance(task, k)  # noqa: E731
+    e_train = embed(bi, tok, texts_train, hyper.max_length, tick=tick)
+    e_held = embed(bi, tok, texts_held, hyper.eval_max_length, tick=tick)
+    nt, nh = len(data.train), len(data.heldout)
+    q_train, p_train = e_train[:nt], e_train[nt:]
+    q_held, p_held = e_held[:nh], e_held[nh:]
+    pools, dup = _negative_pools(q_train, p_train, hyper)
+    return Mined(q_train, p_train, pools, dup, [p_held[c] @ q_held[qi] for qi, c, _ in evalset])
+
+
+def build_model(base_dir: Path, hyper: Hyper):
+    """The base encoder under a seeded single-logit classification head (BertForSequenceClassification)."""
+    import torch
+    from transformers import AutoConfig, BertForSequenceClassification
+
+    config = AutoConfig.from_pretrained(base_dir, num_labels=1)
+    if hyper.dropout is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = hyper.dropout
+    torch.manual_seed(hyper.seed)
+    model = BertForSequenceClassification.from_pretrained(base_dir, config=config)
+    model.config.architectures = ["BertForSequenceClassification"]
+    if hyper.freeze_word_embeddings or hyper.freeze_layers:
+        model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    if hyper.freeze_layers:
+        for p in model.bert.embeddings.parameters():
+            p.requires_grad_(False)
+        for layer in model.bert.encoder.layer[: hyper.freeze_layers]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+    return model
+
+
+def evaluate(model, tok, data: Data, evalset, hyper: Hyper, prog=None, label: str = "") -> dict:
+    pairs = [(data.heldout[qi].query, data.heldout[j].passage) for qi, c, _ in evalset for j in c]
+    tick = None
+    if prog is not None:
+        task = prog.add_task(f"eval {label}", total=len(pairs), info="")
+        tick = lambda k: prog.advance(task, k)  # noqa: E731
+    flat = ce_scores(model, tok, pairs, hyper.eval_max_length, tick=tick)
+    scores, at = [], 0
+    for _, c, _ in evalset:
+        scores.append(flat[at:at + len(c)])
+        at += len(c)
+    return mrr_at_10(scores, [g for _, _, g in evalset])
+
+
+def fit(model, tok, data: Data, mined: Mined, hyper: Hyper, prog=None) -> dict:
+    """Listwise softmax cross-entropy over each query's group (positive first, then its negatives). With
+    ``distill > 0`` the target mixes the one-hot positive with the bi-encoder's softmax over the group."""
+    import torch
+
+    head = {n for n, _ in model.named_parameters() if n.startswith(("classifier.", "bert.pooler."))}
+    groups_ = {"decay_enc": [], "nodecay_enc": [], "decay_head": [], "nodecay_head": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups_[("decay_" if p.dim() >= 2 else "nodecay_") + ("head" if n in head else "enc")].append(p)
+    params = [p for g in groups_.values() for p in g]
+    opt = torch.optim.AdamW([
+        {"params": groups_["decay_enc"], "weight_decay": hyper.weight_decay, "lr": hyper.lr},
+        {"params": groups_["nodecay_enc"], "weight_decay": 0.0, "lr": hyper.lr},
+        {"params": groups_["decay_head"], "weight_decay": hyper.weight_decay, "lr": hyper.lr * hyper.head_lr_mult},
+        {"params": groups_["nodecay_head"], "weight_decay": 0.0, "lr": hyper.lr * hyper.head_lr_mult}], lr=hyper.lr)
+    warm = max(1, int(hyper.warmup * hyper.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (hyper.steps - s) / max(1, hyper.steps - warm)))
+    nt = len(data.train)
+    rng = np.random.default_rng(hyper.seed)
+    order, at, epochs = rng.permutation(nt), 0, 1
+    losses = []
+    task = prog.add_task("training", total=hyper.steps, info="") if prog is not None else None
+    onehot = torch.zeros(hyper.queries_per_step, hyper.group)
+    onehot[:, 0] = 1.0
+    model.train()
+    for _ in range(hyper.steps):
+        if at + hyper.queries_per_step > nt:
+            order, at, epochs = rng.permutation(nt), 0, epochs + 1
+        qs = order[at:at + hyper.queries_per_step]
+        at += hyper.queries_per_step
+        groups = _groups(qs, mined.pools, mined.dup, nt, hyper, rng)
+        enc = tok([data.train[g[0]].query for g in groups for _ in g], [data.train[j].passage for g in groups for j in g],
+                  padding=True, truncation="longest_first", max_length=hyper.max_length, return_tensors="pt")
+        logits = model(**enc).logits.view(len(groups), hyper.group)
+        target = onehot[: len(groups)]
+        if hyper.distill > 0:
+            cos = np.stack([mined.p_train[g] @ mined.q_train[g[0]] for g in groups])
+            soft = torch.softmax(torch.from_numpy(cos / hyper.distill_tau), dim=-1)
+            target = (1 - hyper.distill) * target + hyper.distill * soft
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if task is not None:
+            prog.update(task, advance=1, info=f"loss {np.mean(losses[-10:]):.3f}")
+    model.eval()
+    return {"first10": float(np.mean(losses[:10])), "last10": float(np.mean(losses[-10:])), "epochs": epochs,
+            "every10": [round(float(np.mean(losses[i:i + 10])), 4) for i in range(0, len(losses), 10)]}
+
+
 def train(out: str | os.PathLike | None = None, hyper: Hyper = Hyper(), base: str | os.PathLike | None = None,
           data: Data | None = None, force: bool = False, progress: bool = True, console=None) -> dict:
     """Train (or find cached) the cross-encoder; returns the training report (``report["path"]`` = model dir)."""
@@ -386,9 +514,9 @@ def train(out: str | os.PathLike | None = None, hyper: Hyper = Hyper(), base: st
         from rich.console import Console
 
         console = Console(stderr=True)
-    torch = _deterministic(hyper)
+    _deterministic(hyper)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from transformers import AutoModel, AutoTokenizer, BertForSequenceClassification
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -397,85 +525,21 @@ def train(out: str | os.PathLike | None = None, hyper: Hyper = Hyper(), base: st
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not progress, transient=False)
     timings = {"data_s": t_data}
     evalset = eval_set(data, hyper)
-    gold_pos = [g for _, _, g in evalset]
     with prog:
-        # 1. bi-encoder: embeddings for mining negatives and the reference cosine ranking
         t0 = time.perf_counter()
-        bi = AutoModel.from_pretrained(base_dir, add_pooling_layer=False).eval()
-        texts_train = [p.query for p in data.train] + [p.passage for p in data.train]
-        texts_held = [p.query for p in data.heldout] + [p.passage for p in data.heldout]
-        task = prog.add_task("bi-encoder embeddings", total=len(texts_train) + len(texts_held), info="")
-        tick = lambda k: prog.advance(task, k)  # noqa: E731
-        e_train = embed(bi, tok, texts_train, hyper.max_length, tick=tick)
-        e_held = embed(bi, tok, texts_held, hyper.eval_max_length, tick=tick)
-        del bi
-        nt, nh = len(data.train), len(data.heldout)
-        q_train, p_train = e_train[:nt], e_train[nt:]
-        q_held, p_held = e_held[:nh], e_held[nh:]
-        pools, dup = _negative_pools(q_train, p_train, hyper)
-        bi_scores = [p_held[c] @ q_held[qi] for qi, c, _ in evalset]
+        mined = mine(base_dir, tok, data, evalset, hyper, prog)            # 1. bi-encoder: negatives + reference
         timings["bi_encoder_s"] = time.perf_counter() - t0
-
-        # 2. the cross-encoder: base encoder + seeded classification head
-        torch.manual_seed(hyper.seed)
-        model = BertForSequenceClassification.from_pretrained(base_dir, num_labels=1)
-        model.config.architectures = ["BertForSequenceClassification"]
-        if hyper.freeze_word_embeddings:
-            model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
-        eval_pairs = [(data.heldout[qi].query, data.heldout[j].passage) for qi, c, _ in evalset for j in c]
-
-        def evaluate(label: str) -> list[np.ndarray]:
-            task = prog.add_task(f"eval {label}", total=len(eval_pairs), info="")
-            flat = ce_scores(model, tok, eval_pairs, hyper.eval_max_length, tick=lambda k: prog.advance(task, k))
-            out_, at = [], 0
-            for _, c, _ in evalset:
-                out_.append(flat[at:at + len(c)])
-                at += len(c)
-            return out_
-
+        model = build_model(base_dir, hyper)                               # 2. encoder + seeded head
         t0 = time.perf_counter()
-        untrained = mrr_at_10(evaluate("untrained (seeded head)"), gold_pos)
+        untrained = evaluate(model, tok, data, evalset, hyper, prog, "untrained (seeded head)")
         timings["eval_untrained_s"] = time.perf_counter() - t0
-
-        # 3. training: listwise softmax over (positive, hard negatives, random negatives)
         t0 = time.perf_counter()
-        params = [p for p in model.parameters() if p.requires_grad]
-        decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hyper.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=hyper.lr)
-        warm = max(1, int(hyper.warmup * hyper.steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (hyper.steps - s) / max(1, hyper.steps - warm)))
-        rng = np.random.default_rng(hyper.seed)
-        order, at, epochs = rng.permutation(nt), 0, 1
-        losses = []
-        task = prog.add_task("training", total=hyper.steps, info="")
-        model.train()
-        for step in range(hyper.steps):
-            if at + hyper.queries_per_step > nt:
-                order, at, epochs = rng.permutation(nt), 0, epochs + 1
-            qs = order[at:at + hyper.queries_per_step]
-            at += hyper.queries_per_step
-            groups = _groups(qs, pools, dup, nt, hyper, rng)
-            enc = tok([data.train[g[0]].query for g in groups for _ in g], [data.train[j].passage for g in groups for j in g],
-                      padding=True, truncation="only_second", max_length=hyper.max_length, return_tensors="pt")
-            logits = model(**enc).logits.view(len(groups), hyper.group)
-            loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(groups), dtype=torch.long))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            prog.update(task, advance=1, info=f"loss {np.mean(losses[-10:]):.3f}")
-        model.eval()
+        loss = fit(model, tok, data, mined, hyper, prog)                   # 3. listwise training
         timings["train_s"] = time.perf_counter() - t0
-
         t0 = time.perf_counter()
-        trained = mrr_at_10(evaluate("trained"), gold_pos)
+        trained = evaluate(model, tok, data, evalset, hyper, prog, "trained")
         timings["eval_trained_s"] = time.perf_counter() - t0
-    bi_metrics = mrr_at_10(bi_scores, gold_pos)
+    bi_metrics = mrr_at_10(mined.bi_scores, [g for _, _, g in evalset])
 
     # 4. write atomically: stage dir, then rename into place
     t0 = time.perf_counter()
@@ -485,10 +549,9 @@ def train(out: str | os.PathLike | None = None, hyper: Hyper = Hyper(), base: st
         "key": key, "script_version": SCRIPT_VERSION, "base_model": BASE_MODEL, "base_dir": str(base_dir),
         "hyper": asdict(hyper), "data": {**data.info, "disjointness": disjoint, "digest": data.digest(),
                                            "heldout_packages": list(HELDOUT_PACKAGES)},
-        "eval": {"queries": len(evalset), "candidates": hyper.eval_candidates if evalset else 0,
+        "eval": {"queries": len(evalset), "candidates": len(evalset[0][1]) if evalset else 0,
                  "trained_cross_encoder": trained, "untrained_cross_encoder": untrained, "bi_encoder_cosine": bi_metrics},
-        "loss": {"first10": float(np.mean(losses[:10])), "last10": float(np.mean(losses[-10:])), "epochs": epochs,
-                 "every10": [round(float(np.mean(losses[i:i + 10])), 4) for i in range(0, len(losses), 10)]},
+        "loss": loss,
         "versions": _versions(),
     }
     try:
