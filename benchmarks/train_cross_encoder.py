@@ -10,7 +10,11 @@ on 2 CPU cores in well under 20 minutes, and caches it under the edge_sel home::
 **Task.** Inverse-cloze pairs from docstrings: the query is a docstring's first sentence, its positive
 is the rest of that docstring (``edge_sel.textdata.iter_docstrings``; the same shape as the benchmark
 task). Loss: listwise softmax cross-entropy over a query's group (its own passage, negatives mined with
-the bi-encoder among the top-``hard_pool`` by cosine, and random passages).
+the bi-encoder among the top-``hard_pool`` by cosine, and a random passage); the target mixes the one-hot
+positive with the bi-encoder's softmax over the group (``distill``). The two lowest layers and the
+embeddings stay frozen, the seeded head learns 10x faster than the encoder: in a 50-step probe (32
+held-out queries) the plain recipe (all layers, one learning rate, one-hot target) had not left chance
+(MRR@10 0.13) while this one reached 0.61.
 
 **Text disjointness.** Training and held-out text come from modules listed in :data:`TRAIN_PACKAGES` /
 :data:`TRAIN_MODULES` (walked to their submodules) and :data:`NUMPY_MODULES`, none of which is in
@@ -38,6 +42,7 @@ import hashlib
 import json
 import os
 import pkgutil
+import resource
 import shutil
 import sys
 import time
@@ -76,21 +81,21 @@ class Hyper:
     """Everything that changes the trained weights (all of it goes into the cache key)."""
 
     seed: int = 0
-    steps: int = 150
-    queries_per_step: int = 12
-    group: int = 5                 # candidates per query in the listwise loss: 1 positive + group-1 negatives
-    hard_negatives: int = 3        # of the negatives, how many come from the bi-encoder's top-`hard_pool`
+    steps: int = 160
+    queries_per_step: int = 16
+    group: int = 4                 # candidates per query in the listwise loss: 1 positive + group-1 negatives
+    hard_negatives: int = 2        # of the negatives, how many come from the bi-encoder's top-`hard_pool`
     hard_pool: int = 20
     near_duplicate: float = 0.97   # a passage this close (bi-encoder cosine) to the positive is never a negative
-    lr: float = 6e-5               # encoder layers
-    head_lr_mult: float = 1.0      # pooler + classifier learn at lr * head_lr_mult
-    freeze_layers: int = 0         # encoder layers (from the bottom) kept frozen, embeddings too when > 0
-    dropout: float | None = None   # None = the base model's dropout
-    distill: float = 0.0           # weight of the bi-encoder's softmax(cos / distill_tau) in the listwise target
+    lr: float = 1e-4               # encoder layers
+    head_lr_mult: float = 10.0     # pooler + classifier (seeded, untrained) learn at lr * head_lr_mult
+    freeze_layers: int = 2         # encoder layers (from the bottom) kept frozen, embeddings too when > 0
+    dropout: float | None = 0.0    # None = the base model's dropout (0.1)
+    distill: float = 0.5           # weight of the bi-encoder's softmax(cos / distill_tau) in the listwise target
     distill_tau: float = 0.05
     warmup: float = 0.1            # fraction of steps with linear warm-up, then linear decay to 0
     weight_decay: float = 0.01
-    max_length: int = 128          # training pairs (query + passage) are truncated to this many tokens
+    max_length: int = 96           # training pairs (query + passage) are truncated to this many tokens
     eval_max_length: int = 160     # evaluation pairs / bi-encoder texts (benchmark docs are <= 130 tokens + query)
     eval_queries: int = 64
     eval_candidates: int = 50
@@ -562,6 +567,7 @@ def train(out: str | os.PathLike | None = None, hyper: Hyper = Hyper(), base: st
         timings["save_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
         timings["cpu_s"] = time.process_time() - cpu_start
+        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         report["timings"] = {k: round(v, 2) for k, v in timings.items()}
         (stage / REPORT).write_text(json.dumps(report, indent=1))
         old = None
