@@ -25,8 +25,11 @@ then means the fraction of the context kept, with the suffix and the new tokens 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -46,6 +49,7 @@ from .sessions import load_session, session_options
 
 log = logging.getLogger("edge_sel")
 
+RECALL_BLOCK = 32  # score(): suffix tokens per recall selection (each block selected by the queries before it)
 DEFAULT_CHUNK_TOKENS = 256  # measured (SmolLM2, 1k prompt): 128-token chunks peak ~180 MB lower than 512 at equal speed
 
 
@@ -73,6 +77,8 @@ class _Call:
     scratch_peak: int = 0
     suffix: int = 0  # protected prompt suffix: prefilled after the rest was compressed, never evicted by prefill
     suffix_hidden: np.ndarray | None = None  # last layer's hidden from the last compressed token to the end (score)
+    fetch: int = 0  # recall fetch-area slots per layer, on top of ``capacity`` (resident), inside the budget
+    causal_suffix: bool = False  # score(): the suffix is text being scored, recall must not look ahead in it
 
 
 def _parse_budget(kv_budget) -> tuple[str, float] | None:
@@ -192,7 +198,9 @@ class Generator:
         """Smallest ``kv_budget`` in bytes this prompt can run with under the policy."""
         ids = self.encode(prompt, chat)
         policy = make_policy(self.policy_spec)
-        return self._min_tokens(policy, len(ids), self._clamp_new(len(ids), max_new_tokens)) * self.bytes_per_token(policy)
+        max_new = self._clamp_new(len(ids), max_new_tokens)
+        need = self._with_fetch(policy, self._min_tokens(policy, len(ids), max_new), 0, len(ids) + max_new)
+        return need * self.bytes_per_token(policy) + self._fixed_bytes(policy, len(ids) + max_new)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, chat: bool = False, system: str | None = None, stop: bool = True,
@@ -248,23 +256,38 @@ class Generator:
         need = max(policy.min_tokens + 1, 2 * a, 8)
         return -(-need // a) * a
 
-    def _capacity(self, policy: Policy, n_prompt: int, max_new: int, suffix: int = 0) -> tuple[int, bool]:
-        """Tokens per layer the cache holds, and whether prefill uses a one-layer whole-prompt scratch."""
+    @staticmethod
+    def _with_fetch(policy: Policy, need: int, suffix: int, whole: int) -> int:
+        """Smallest cache (resident + fetch area) whose resident part still holds ``need`` tokens."""
+        c = need
+        while c - policy.fetch_tokens(c, suffix, whole) < need:
+            c += policy.align
+        return c
+
+    def _fixed_bytes(self, policy: Policy, whole: int) -> int:
+        return policy.fixed_bytes(self.n_layers, self.kv_heads, self.head_dim, whole) if policy.recalls else 0
+
+    def _capacity(self, policy: Policy, n_prompt: int, max_new: int, suffix: int = 0) -> tuple[int, int, bool]:
+        """Resident tokens per layer the cache holds, the recall fetch area on top of them (both inside
+        the budget), and whether prefill uses a one-layer whole-prompt scratch."""
         whole = n_prompt + max_new
         per_tok = self.bytes_per_token(policy)
         need = self._min_tokens(policy, n_prompt, max_new)
         scratch = self.prefill_mode == "layer"
+        fixed = self._fixed_bytes(policy, whole) if self.budget is not None else 0
         if self.budget is None:
             cap = whole
         else:
             kind, value = self.budget
+            if kind == "bytes":
+                value = max(0, int(value) - fixed)  # the recall statistics come out of the byte budget first
             cap = {"tokens": lambda: int(value), "bytes": lambda: int(value) // per_tok,
                    "fraction": lambda: (int(np.ceil(value * (n_prompt - suffix))) + suffix + max_new if suffix
                                         else int(np.ceil(value * n_prompt)))}[kind]()
             if kind == "bytes" and scratch and cap < whole:
                 # the scratch counts against a byte budget; without room for it, prefill rolls instead
                 with_scratch = (int(value) - n_prompt * LayerCache.bytes_per_slot(self.kv_heads, self.head_dim)) // per_tok
-                if with_scratch // policy.align * policy.align >= need:
+                if with_scratch // policy.align * policy.align >= self._with_fetch(policy, need, suffix, whole):
                     cap = with_scratch
                 else:
                     scratch = False
@@ -275,18 +298,24 @@ class Generator:
             cap = min(-(-whole // a) * a, cap)
         else:
             cap = min(-(-whole // a) * a, cap // a * a)
-        if (cap < need or (suffix and cap - suffix < 8)) and cap < whole:
+        fetch = policy.fetch_tokens(cap, suffix, whole) if self.budget is not None else 0
+        res = cap - fetch
+        if (res < need or (suffix and res - suffix < 8)) and res < whole:
             what = {"tokens": "tokens", "fraction": "of the prompt", "bytes": "bytes"}[self.budget[0]] if self.budget else ""
             extra = (f"the 'full' policy keeps the {n_prompt}-token prompt and {max_new} new tokens"
                      if isinstance(policy, Full) else f"policy {policy_label(policy)!r} needs at least {need} tokens per layer")
             if suffix and not isinstance(policy, Full) and need < suffix + 8:
                 extra += f" and room for the {suffix} protected suffix tokens plus 8"
                 need = suffix + 8
+            if fetch:
+                extra += f", plus its recall fetch area"
+                need = self._with_fetch(policy, need, suffix, whole)
             raise BudgetError(
-                f"kv_budget {self.budget[1] if self.budget else None} {what} gives {cap} cached tokens per layer, below the "
-                f"minimum {need} ({extra}); minimum budget: {need} tokens = {format_size(need * per_tok)} "
-                f"(--kv-budget {need} or {-(-need * per_tok // 1024**2)}MiB)", minimum_bytes=need * per_tok)
-        return cap, scratch and cap < whole
+                f"kv_budget {self.budget[1] if self.budget else None} {what} gives {cap} cached tokens per layer"
+                f"{f' ({res} resident + {fetch} recall fetch area)' if fetch else ''}, below the "
+                f"minimum {need} ({extra}); minimum budget: {need} tokens = {format_size(need * per_tok + fixed)} "
+                f"(--kv-budget {need} or {-(-(need * per_tok + fixed) // 1024**2)}MiB)", minimum_bytes=need * per_tok + fixed)
+        return res, fetch, scratch and res < whole
 
     # ---- engine ---------------------------------------------------------------------------
     def _embed(self, ids: np.ndarray) -> np.ndarray:
@@ -324,6 +353,7 @@ class Generator:
         if idx is None:  # no opinion: attention sinks + recent tokens (StreamingLLM), needs no scores
             sinks = min(4, target)
             idx = np.concatenate([np.arange(sinks), np.arange(c.n - (target - sinks), c.n)])
+        policy.evicted(L, c, idx)
         c.compact(idx)
         policy.after_compact(L, c)
         call.evictions += 1
@@ -349,8 +379,10 @@ class Generator:
         if not compress_continuation:
             ids = (list(prompt) if isinstance(prompt, (list, tuple, np.ndarray)) else self.encode(prompt, chat)) + cont
             call = None
-            for _, _, call in self._run(ids, 1, 0.0, 1.0, None, False, None, False, suffix=len(cont), suffix_hidden=True):
-                break
+            with contextlib.closing(self._run(ids, 1, 0.0, 1.0, None, False, None, False, suffix=len(cont),
+                                              suffix_hidden=True, causal_suffix=True)) as run:
+                for _, _, call in run:
+                    break
             lg = self.head.run(None, {"hidden": np.ascontiguousarray(call.suffix_hidden[0, :-1], dtype=np.float32)})[0]
             z = lg.astype(np.float64)
             m = z.max(axis=1)
@@ -365,7 +397,7 @@ class Generator:
         return {"nll": nll / len(cont), "ppl": float(np.exp(nll / len(cont))), "n": len(cont)}
 
     def _run(self, prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop, forced=None, suffix=0,
-             suffix_hidden=False):
+             suffix_hidden=False, causal_suffix=False):
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -384,20 +416,24 @@ class Generator:
             raise InputError(f"protect_suffix must be an integer in [0, {N}) (the prompt is {N} tokens), got {suffix!r}")
         max_new = self._clamp_new(N, int(max_new_tokens))
         policy = make_policy(self.policy_spec)
-        cap, use_scratch = self._capacity(policy, N, max_new, int(suffix))
-        policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, cap, N, max_new))
-        call = _Call(ids, max_new, cap, policy, suffix=int(suffix))
-        if suffix_hidden:
-            call.suffix_hidden = np.empty(0)
-        call.caches = [LayerCache(self.kv_heads, cap, self.head_dim) for _ in range(self.n_layers)]
-        if use_scratch:
-            call.scratch = LayerCache(self.kv_heads, N, self.head_dim)
-        rng = np.random.default_rng(seed)
-        cost_of = (lambda: dict(getattr(policy, "total_cost", policy.cost)))
+        cap, fetch, use_scratch = self._capacity(policy, N, max_new, int(suffix))
+        cold_dir = None
         t0 = time.perf_counter()
         tracker = PeakTracker()
         tracker.__enter__()
         try:
+            if fetch:  # evicted K/V go to files of this call (MPCache recall), removed in `finally`
+                cold_dir = tempfile.mkdtemp(prefix="edge_sel_cold_")
+            policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, cap, N, max_new,
+                                 cold_dir=cold_dir, fetch=fetch))
+            call = _Call(ids, max_new, cap, policy, suffix=int(suffix), fetch=fetch, causal_suffix=bool(causal_suffix))
+            if suffix_hidden:
+                call.suffix_hidden = np.empty(0)
+            call.caches = [LayerCache(self.kv_heads, cap, self.head_dim, fetch=fetch) for _ in range(self.n_layers)]
+            if use_scratch:
+                call.scratch = LayerCache(self.kv_heads, N, self.head_dim)
+            rng = np.random.default_rng(seed)
+            cost_of = (lambda: dict(getattr(policy, "total_cost", policy.cost)))
             logits = self._prefill(call)
             prefill_s = time.perf_counter() - t0
             prefill_cost = cost_of()
@@ -415,6 +451,9 @@ class Generator:
                 pos += 1
                 n_decode += 1
         finally:
+            policy.end()
+            if cold_dir is not None:
+                shutil.rmtree(cold_dir, ignore_errors=True)
             tracker.__exit__(None, None, None)
             if "prefill_s" in self.last_stats:
                 self.last_stats["peak_rss_bytes"] = max(self.last_stats.get("peak_rss_bytes", 0), tracker.peak)
@@ -424,6 +463,7 @@ class Generator:
         decode_cpu = time.process_time() - self._cpu0
         per_slot = LayerCache.bytes_per_slot(self.kv_heads, self.head_dim) + call.policy.bytes_per_token(self.kv_heads, self.head_dim)
         decode_cost = {k: cost.get(k, 0) - prefill_cost.get(k, 0) for k in ("comparisons", "multiplications", "exp_div", "gathers")}
+        cold = call.policy.cold_stats()
         peak = max(tracker.peak, tracker.start)
         try:
             from edge_sel.memory import peak_rss_bytes
@@ -439,10 +479,12 @@ class Generator:
             "decode_s": decode_s,
             "decode_ms_per_token": 1000 * decode_s / n_decode if n_decode else None,
             "decode_cpu_ms_per_token": 1000 * decode_cpu / n_decode if n_decode else None,  # all threads; robust to a busy machine
-            "kv_capacity_tokens": call.capacity,
+            "kv_capacity_tokens": call.capacity + call.fetch,  # resident + recall fetch area: what attention may read
+            "kv_resident_tokens": call.capacity,
+            "kv_fetch_tokens": call.fetch,
             "kv_budget_bytes": self.budget[1] if self.budget and self.budget[0] == "bytes" else None,
-            "kv_bytes_allocated": call.capacity * per_slot * self.n_layers,
-            "kv_bytes_peak": sum(c.peak for c in call.caches) * per_slot + self._scratch_bytes(call),
+            "kv_bytes_allocated": (call.capacity + call.fetch) * per_slot * self.n_layers + cold.get("cold_stats_bytes", 0),
+            "kv_bytes_peak": sum(c.peak for c in call.caches) * per_slot + self._scratch_bytes(call) + cold.get("cold_stats_bytes", 0),
             "prefill_mode": "layer" if call.scratch is not None else "rolling",
             "prefill_scratch_bytes": self._scratch_bytes(call),
             "kv_tokens_peak_per_layer": max(c.peak for c in call.caches),
@@ -454,6 +496,12 @@ class Generator:
             "skipped_layers": sorted(l for l in range(self.n_layers) if call.policy.skip_layer(l)),
             "peak_rss_bytes": peak,
         }
+        if cold:  # evicted K/V on disk: sizes, and bytes read back (prefill's suffix, per decode step)
+            self.last_stats["cold"] = {
+                "tokens_per_layer_max": max(cold["cold_tokens"]), "file_bytes": cold["cold_file_bytes"],
+                "stats_bytes": cold["cold_stats_bytes"], "bytes_written": cold["cold_bytes_written"],
+                "bytes_read_suffix": cold["cold_bytes_read_suffix"],
+                "bytes_read_per_decode_step": cold["cold_bytes_read_decode"] / n_decode if n_decode else 0.0}
 
     def _scratch_bytes(self, call: _Call) -> int:
         return 0 if call.scratch is None else call.scratch.capacity * LayerCache.bytes_per_slot(self.kv_heads, self.head_dim)
@@ -520,10 +568,11 @@ class Generator:
                         sinks = min(4, target)
                         idx = np.concatenate([np.arange(sinks), np.arange(scratch.n - (target - sinks), scratch.n)])
                     call.evictions += 1
+                    policy.evicted(L, scratch, idx)
                 c.load_from(scratch, idx)
                 policy.after_compact(L, c)
             if n_sfx:
-                q = self._prefill_suffix(call, L, hidden, positions, out, n_ctx)
+                q = self._prefill_suffix(call, L, hidden, positions, out, n_ctx, q)
                 work = c
             keep = policy.after_layer(L, hidden, out, q[0, :, -1], work, positions)
             hidden = out
@@ -535,9 +584,14 @@ class Generator:
             call.suffix_hidden = hidden[:, hidden.shape[1] - n_sfx - 1:]
         return self._logits(hidden[:, -1])
 
-    def _prefill_suffix(self, call: _Call, L: int, hidden, positions, out, n_ctx: int):
+    def _prefill_suffix(self, call: _Call, L: int, hidden, positions, out, n_ctx: int, q_ctx=None):
         """The protected suffix of layer ``L``: attends to the compressed context and to itself; its
-        keys/values are appended uncompressed (in "rolling" mode the context makes room for them first)."""
+        keys/values are appended uncompressed (in "rolling" mode the context makes room for them first).
+
+        With a recalling policy (fetch area), evicted groups are read back before the attention: for a
+        question (``generate``) selected by the suffix's own queries, all known up front; for text being
+        scored (``causal_suffix``) block by block, each block by the queries before it (the context's
+        last query ``q_ctx`` for the first), so no token's prediction depends on a later token."""
         policy, c = call.policy, call.caches[L]
         qkv, attn = self.sessions[L]
         T = hidden.shape[1]
@@ -545,19 +599,39 @@ class Generator:
             room = c.capacity - (T - n_ctx)
             reserve = call.max_new if room - call.max_new >= room // 2 else 0
             self._make_room(call, L, T - n_ctx + reserve, "window")
+        recalling = c.fetch > 0
+        step = min(self.chunk_tokens, RECALL_BLOCK) if recalling and call.causal_suffix else self.chunk_tokens
+        chunks = [(a, min(T, a + step)) for a in range(n_ctx, T, step)]
+        qkvs = None
+        if recalling:  # the layer's suffix queries, known before any of its attention runs
+            qkvs = [qkv.run(None, {"hidden": hidden[:, a:b], "position_ids": positions[None, a:b]}) for a, b in chunks]
+            if not call.causal_suffix:
+                policy.recall(L, np.concatenate([x[0] for x in qkvs], axis=2), c, "suffix")
         q = None
-        for a in range(n_ctx, T, self.chunk_tokens):
-            b = min(T, a + self.chunk_tokens)
+        q_prev = q_ctx[:, :, -1:] if q_ctx is not None else None
+        for i, (a, b) in enumerate(chunks):
             h = hidden[:, a:b]
             p = positions[None, a:b]
-            q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
+            if qkvs is None:
+                q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
+            else:
+                q, k, v = qkvs[i]
+                if call.causal_suffix:
+                    if q_prev is not None:
+                        policy.recall(L, q_prev, c, "suffix")
+                    else:
+                        c.set_fetched(0)
+                    q_prev = q
             s = c.append(k, v, p[0])
             policy.after_append(L, c, s)
             kc, vc, kp = c.prefix()
             ho, asum, amax = attn.run(None, {"hidden": h, "q": q, "k_cache": kc, "v_cache": vc, "key_pos": kp,
                                              "position_ids": p})
             if policy.needs_decode_attention:  # read like decode steps (H2O / MPCache keep accumulating)
-                policy.observe(L, c, asum, amax, None, "decode")
+                slots = None
+                if c.nf:  # the prefix read resident + fetched slots
+                    slots = np.broadcast_to(np.concatenate([np.arange(c.n), c.fetched_slots()]), (c.kv_heads, c.n + c.nf))
+                policy.observe(L, c, asum, amax, slots, "decode")
             out[:, a:b] = ho
         return q
 
@@ -575,10 +649,13 @@ class Generator:
                 self._make_room(call, L, 1, "decode")
             s = c.append(k, v, p[0])
             policy.after_append(L, c, s)
+            policy.recall(L, q, c, "decode")  # recalling policies fill the fetch area (read with the cache below)
             slots = policy.select(L, q, c)
             if slots is None:
                 kc, vc, kp = c.full()
             else:
+                if c.nf:
+                    slots = np.concatenate([slots, np.broadcast_to(c.fetched_slots(), (slots.shape[0], c.nf))], axis=1)
                 kc, vc, kp = c.gather(slots)
                 call.scratch_peak = max(call.scratch_peak, kc.nbytes + vc.nbytes + kp.nbytes)
             h, asum, amax = attn.run(None, {"hidden": h, "q": q, "k_cache": kc, "v_cache": vc, "key_pos": kp, "position_ids": p})

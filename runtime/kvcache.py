@@ -5,6 +5,11 @@
 the attention graph masks out), ``score`` ``[kv_heads, capacity]`` an importance a policy may keep
 (accumulated attention for H2O, max attention for MPCache). All heads hold the same number of
 tokens ``n``; which tokens may differ per head (per-head eviction). Slots stay in position order.
+
+``fetch`` extra slots after ``capacity`` form the recall fetch area (MPCache recall): groups of evicted
+tokens read back from the cold store for one attention step, ``nf`` of them valid, the rest
+``EMPTY_POS``. Resident tokens never go there (``append``/``compact`` work on ``[0, capacity)``); the
+attention reads resident + fetched (``full``/``prefix``), so both count against the budget.
 """
 
 from __future__ import annotations
@@ -15,14 +20,17 @@ EMPTY_POS = 2**40
 
 
 class LayerCache:
-    def __init__(self, kv_heads: int, capacity: int, head_dim: int):
+    def __init__(self, kv_heads: int, capacity: int, head_dim: int, fetch: int = 0):
         self.kv_heads, self.capacity, self.head_dim = kv_heads, capacity, head_dim
-        self.k = np.zeros((1, kv_heads, capacity, head_dim), dtype=np.float32)
-        self.v = np.zeros((1, kv_heads, capacity, head_dim), dtype=np.float32)
-        self.pos = np.full((kv_heads, capacity), EMPTY_POS, dtype=np.int64)
-        self.score = np.zeros((kv_heads, capacity), dtype=np.float32)
+        self.fetch = int(fetch)
+        slots = capacity + self.fetch
+        self.k = np.zeros((1, kv_heads, slots, head_dim), dtype=np.float32)
+        self.v = np.zeros((1, kv_heads, slots, head_dim), dtype=np.float32)
+        self.pos = np.full((kv_heads, slots), EMPTY_POS, dtype=np.int64)
+        self.score = np.zeros((kv_heads, slots), dtype=np.float32)
         self.n = 0
-        self.peak = 0
+        self.nf = 0  # valid slots of the fetch area
+        self.peak = 0  # most slots ever read at once (resident + fetched)
 
     @staticmethod
     def bytes_per_slot(kv_heads: int, head_dim: int) -> int:
@@ -46,7 +54,7 @@ class LayerCache:
         self.pos[:, s] = positions[None, :]
         self.score[:, s] = 0.0
         self.n += T
-        self.peak = max(self.peak, self.n)
+        self.peak = max(self.peak, self.n + self.nf)
         return s
 
     def compact(self, keep: np.ndarray) -> None:
@@ -90,14 +98,34 @@ class LayerCache:
             self.v[0, :, :m] = np.take_along_axis(src.v[0], keep[..., None], axis=1)
             self.pos[:, :m] = np.take_along_axis(src.pos, keep, axis=1)
             self.score[:, :m] = np.take_along_axis(src.score, keep, axis=1)
-        self.pos[:, m:] = EMPTY_POS
-        self.score[:, m:] = 0.0
+        self.pos[:, m:self.capacity] = EMPTY_POS
+        self.score[:, m:self.capacity] = 0.0
         self.n = m
-        self.peak = max(self.peak, m)
+        self.peak = max(self.peak, m + self.nf)
+
+    # ---- fetch area ---------------------------------------------------------------------
+    def fetch_area(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Views ``k``/``v`` ``[kv, fetch, D]`` and ``pos`` ``[kv, fetch]`` of the fetch area (write targets)."""
+        a, b = self.capacity, self.capacity + self.fetch
+        return self.k[0, :, a:b], self.v[0, :, a:b], self.pos[:, a:b]
+
+    def set_fetched(self, m: int) -> None:
+        """The first ``m`` fetch slots now hold fetched tokens; the rest are masked."""
+        if not 0 <= m <= self.fetch:
+            raise RuntimeError(f"fetch area overflow: {m} > {self.fetch} slots (policy bug)")
+        self.pos[:, self.capacity + m:self.capacity + self.fetch] = EMPTY_POS
+        self.nf = m
+        self.peak = max(self.peak, self.n + m)
+
+    def fetched_slots(self) -> np.ndarray:
+        return np.arange(self.capacity, self.capacity + self.nf)
 
     def prefix(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Contiguous copies of the filled slots (prefill: avoids attending over empty capacity)."""
+        """Contiguous copies of the filled slots and the fetched ones (prefill: avoids attending over empty capacity)."""
         n = self.n
+        if self.nf:
+            idx = np.concatenate([np.arange(n), self.fetched_slots()])
+            return self.k[:, :, idx], self.v[:, :, idx], self.pos[None][:, :, idx]
         return (np.ascontiguousarray(self.k[:, :, :n]), np.ascontiguousarray(self.v[:, :, :n]),
                 np.ascontiguousarray(self.pos[None, :, :n]))
 

@@ -14,6 +14,7 @@ from .full import Full
 from .h2o import H2O
 from .layer_skip import LayerSkip
 from .mpcache import MPCacheDynamic, MPCacheStatic, mpcache
+from .mpcache_recall import MPCacheRecall, mpcache_recall
 from .prompt_distill import PromptDistill
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
@@ -27,6 +28,7 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "mpcache": mpcache,
     "mpcache_static": MPCacheStatic,
     "mpcache_dynamic": MPCacheDynamic,
+    "mpcache_recall": mpcache_recall,
     "windowkv": WindowKV,
     "prompt_distill": PromptDistill,
     "layer_skip": LayerSkip,
@@ -58,4 +60,4 @@ def make_policy(spec: "str | Policy | None") -> Policy:
 
 
 __all__ = ["Policy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label", "Full", "StreamingLLM", "H2O",
-           "SnapKV", "MPCacheStatic", "MPCacheDynamic", "mpcache", "WindowKV", "PromptDistill", "LayerSkip"]
+           "SnapKV", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall", "mpcache_recall", "WindowKV", "PromptDistill", "LayerSkip"]

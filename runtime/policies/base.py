@@ -12,6 +12,12 @@ The generator calls, per layer ``L``:
   ``prefill="rolling"`` mode — as chunks arrive. Returns ascending slot indices, ``[m]`` for all heads or ``[kv, m]`` per head;
 * ``select(L, q, cache) -> slots | None`` before each decode-step attention (dynamic, query-aware
   selection; None reads the whole cache);
+* ``evicted(L, cache, keep)`` just before the cache (or the prefill scratch) keeps only ``keep``: the
+  other slots leave RAM (a recalling policy writes them to its cold store);
+* ``recall(L, q, cache, phase)`` before the attention of the protected suffix (``phase="suffix"``,
+  ``q`` the queries it selects with) and of each decode step (``"decode"``): a recalling policy fills
+  the cache's fetch area with evicted groups; ``fetch_tokens(cap, suffix, whole)`` is how many of the
+  budget's ``cap`` slots form that area (0: no offload);
 * ``skip_layer(L) -> bool`` (decode), ``after_layer(L, h_in, h_out, q_last, cache, positions) -> token index | None``
   at the end of each layer's prefill (prompt distillation may drop prompt tokens for later layers).
 
@@ -51,6 +57,8 @@ class Context:
     capacity: int
     prompt_len: int
     max_new_tokens: int
+    cold_dir: str | None = None   # directory the generator call owns for evicted K/V (recalling policies)
+    fetch: int = 0                # slots of each layer's fetch area (after ``capacity``)
 
 
 @dataclass
@@ -62,6 +70,7 @@ class Policy:
     window_reset: ClassVar[bool] = False             # "layer" prefill: score keys by the observation window only
     min_tokens: ClassVar[int] = 8                    # smallest cache (tokens per layer) it can work with
     align: ClassVar[int] = 1                         # capacity / eviction granularity
+    recalls: ClassVar[bool] = False                  # reads evicted tokens back (needs a fetch area)
 
     cost: Counter = field(default_factory=Counter, init=False, repr=False)
 
@@ -97,6 +106,26 @@ class Policy:
 
     def after_layer(self, layer, h_in, h_out, q_last, cache, positions):
         return None
+
+    def fetch_tokens(self, cap: int, suffix: int, whole: int) -> int:
+        """Slots of each layer's fetch area, carved out of ``cap`` (the budget's tokens per layer)."""
+        return 0
+
+    def fixed_bytes(self, n_layers: int, kv_heads: int, head_dim: int, n_tokens: int) -> int:
+        """RAM the policy keeps whatever the capacity (counted against a byte budget), for ``n_tokens`` in all."""
+        return 0
+
+    def evicted(self, layer, cache, keep) -> None:
+        pass
+
+    def recall(self, layer, q, cache, phase) -> None:
+        pass
+
+    def end(self) -> None:
+        """The call is over (normally or not): release files and handles."""
+
+    def cold_stats(self) -> dict:
+        return {}
 
     # ---- shared mechanics ---------------------------------------------------------------
     def count(self, **kw) -> None:
@@ -148,6 +177,34 @@ class Composite(Policy):
     @property
     def window_reset(self):  # type: ignore[override]
         return any(p.window_reset for p in self.parts)
+
+    @property
+    def recalls(self):  # type: ignore[override]
+        return any(p.recalls for p in self.parts)
+
+    def fetch_tokens(self, *a):
+        return max(p.fetch_tokens(*a) for p in self.parts)
+
+    def fixed_bytes(self, *a):
+        return sum(p.fixed_bytes(*a) for p in self.parts)
+
+    def evicted(self, *a):
+        for p in self.parts:
+            p.evicted(*a)
+
+    def recall(self, *a):
+        for p in self.parts:
+            p.recall(*a)
+
+    def end(self):
+        for p in self.parts:
+            p.end()
+
+    def cold_stats(self):
+        out: dict = {}
+        for p in self.parts:
+            out.update(p.cold_stats())
+        return out
 
     @property
     def align(self):  # type: ignore[override]

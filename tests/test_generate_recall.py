@@ -1,0 +1,265 @@
+"""MPCache recall (``mpcache_recall``): evicted K/V go to a per-call cold store on disk and the top groups
+by the linear similarity are read back into a fetch area inside the budget. Tiny random-weight Llama."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+
+from edge_sel.errors import BudgetError
+from edge_sel.runtime.generator import Generator
+from edge_sel.runtime.kvcache import EMPTY_POS
+from edge_sel.runtime.policies import MPCacheRecall, make_policy, mpcache_recall
+
+from gen_tiny import long_text, make_gen_decoder
+
+QUESTION = "\nQuestion: what is the special magic number for apple?\nAnswer: it is"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from edge_sel.export import export
+
+    root = tmp_path_factory.mktemp("gen_recall")
+    hf = make_gen_decoder(root / "hf", kind="llama", layers=4)
+    return export(hf, root / "bundle", task="generate", verify=True)
+
+
+@pytest.fixture(scope="module")
+def ids(llama):
+    return Generator(llama).encode(long_text(5000))
+
+
+@pytest.fixture(scope="module")
+def question(llama):
+    return Generator(llama).encode(QUESTION)[1:]
+
+
+def _recall_part(policy):
+    return next(p for p in policy.parts if isinstance(p, MPCacheRecall))
+
+
+def _spy(gen, snapshot):
+    """Wrap ``gen._run`` so ``snapshot(call)`` runs at every yield (the call's cold store still exists)."""
+    orig = gen._run
+
+    def run(*a, **k):
+        for item in orig(*a, **k):
+            snapshot(item[2])
+            yield item
+    gen._run = run
+
+
+def _cold_snapshot(out):
+    def snap(call):
+        rec = _recall_part(call.policy)
+        out["cold"] = [rec.store.read_all(L) for L in range(len(call.caches))]
+        out["mix"] = {L: m[:, :rec.store.groups(L)].copy() for L, m in rec.store.mix.items()}
+        out["resident"] = [(c.pos[:, :c.n].copy(), c.k[0, :, :c.n].copy()) for c in call.caches]
+        out.setdefault("n_after_prefill", list(rec.store.n))
+        out["call"] = call
+    return snap
+
+
+def _full_kv(llama, prompt, forced=None, max_new=8):
+    """Every layer's K/V per position from a full-cache run (slot == position)."""
+    g = Generator(llama)
+    got = {}
+    _spy(g, lambda call: got.__setitem__("call", call))
+    if forced is None:
+        g.generate(prompt, max_new_tokens=max_new, stop=False)
+    else:
+        g.score(prompt, forced)
+    return [(c.k[0, :, :c.n].copy(), c.v[0, :, :c.n].copy(), c.pos[0, :c.n].copy()) for c in got["call"].caches]
+
+
+def test_cold_store_holds_exactly_the_prefill_evicted_tokens(llama, ids, question):
+    """Layer-mode prefill evicts from an exact one-layer scratch: every cold token's K/V, in every layer,
+    equals the full-cache run's at its position, and cold + resident context = the whole context."""
+    prompt = ids + question
+    full = _full_kv(llama, prompt)
+    g = Generator(llama, kv_budget=0.2, policy="mpcache_recall")
+    out: dict = {}
+    _spy(g, _cold_snapshot(out))
+    res = g.generate(prompt, max_new_tokens=8, stop=False, protect_suffix=len(question))
+    n_ctx = len(ids)
+    assert res.stats["cold"]["tokens_per_layer_max"] > 0.7 * n_ctx
+    for L, (ck, cv, cp) in enumerate(out["cold"]):
+        rpos = out["resident"][L][0]
+        assert ck.shape[1] > 0
+        for h in range(ck.shape[0]):
+            cold, kept = cp[h].tolist(), [p for p in rpos[h].tolist() if p < n_ctx]
+            assert cold == sorted(cold) and not set(cold) & set(kept)
+            assert sorted(cold + kept) == list(range(n_ctx))  # nothing lost, nothing twice
+            fk, fv, fp = full[L]
+            np.testing.assert_array_equal(fp[cp[h]], cp[h])
+            np.testing.assert_allclose(ck[h], fk[h, cp[h]], atol=1e-4)
+            np.testing.assert_allclose(cv[h], fv[h, cp[h]], atol=1e-4)
+
+
+def test_decode_evictions_go_to_the_store_too(llama, ids):
+    """A token budget with decode-time evictions: cold = everything fed that is not resident; layer 0's
+    K/V depend only on token and position, so they equal the full run's for every cold token."""
+    prompt, cont = ids[:700], ids[700:760]
+    full = _full_kv(llama, prompt, forced=cont)
+    g = Generator(llama, kv_budget=256, policy="mpcache_recall")
+    out: dict = {}
+    _spy(g, _cold_snapshot(out))
+    g.score(prompt, cont)
+    fed = len(prompt) + len(cont) - 1
+    for L in range(len(out["cold"])):
+        ck, cv, cp = out["cold"][L]
+        rpos = out["resident"][L][0]
+        for h in range(ck.shape[0]):
+            assert sorted(cp[h].tolist() + rpos[h].tolist()) == list(range(fed))
+    ck, cv, cp = out["cold"][0]
+    assert ck.shape[1] > out["n_after_prefill"][0]  # decode steps evicted too
+    fk, fv, _ = full[0]
+    for h in range(ck.shape[0]):
+        np.testing.assert_allclose(ck[h], fk[h, cp[h]], atol=1e-5)
+        np.testing.assert_allclose(cv[h], fv[h, cp[h]], atol=1e-5)
+
+
+def test_group_statistics_equal_brute_force(llama, ids, question):
+    g = Generator(llama, kv_budget=0.2, policy="mpcache_recall")
+    out: dict = {}
+    _spy(g, _cold_snapshot(out))
+    res = g.generate(ids + question, max_new_tokens=4, stop=False, protect_suffix=len(question))
+    assert set(out["mix"]) == {0, 2}  # only the leaders of the share=2 layer groups keep statistics
+    for L, mix in out["mix"].items():
+        ck = out["cold"][L][0]
+        n = ck.shape[1]
+        assert mix.shape[1] == -(-n // 32)
+        for gi in range(mix.shape[1]):
+            blk = ck[:, gi * 32:(gi + 1) * 32]
+            np.testing.assert_allclose(mix[:, gi], 0.6 * blk.max(axis=1) + 0.4 * blk.min(axis=1), rtol=0, atol=1e-6)
+    # the statistics are 1/32 of the cold keys of the leader layers, and counted in the KV bytes
+    st = res.stats
+    assert st["cold"]["stats_bytes"] > 0
+    assert st["cold"]["stats_bytes"] <= 2 * 2 * 8 * 4 * (-(-(len(ids) + len(question) + 4) // 32) + 1)
+    assert st["kv_bytes_allocated"] >= st["kv_capacity_tokens"] * 4 * 2 * 2 * 8 + st["cold"]["stats_bytes"]
+
+
+class _AttnSpy:
+    def __init__(self, sess, log):
+        self.sess, self.log = sess, log
+
+    def run(self, names, feeds):
+        kp = feeds["key_pos"][0]
+        self.log.append((kp.shape[1], int((kp != EMPTY_POS).sum(axis=1).max()), feeds["q"].shape[2]))
+        return self.sess.run(names, feeds)
+
+
+@pytest.mark.parametrize("budget,suffix", [(256, False), (0.2, True), ("1MB", False)])
+def test_resident_plus_fetched_never_exceed_the_budget(llama, ids, question, budget, suffix):
+    g = Generator(llama, kv_budget=budget, policy="mpcache_recall")
+    log: list = []
+    g.sessions = [(qkv, _AttnSpy(attn, log)) for qkv, attn in g.sessions]
+    prompt = ids + question if suffix else ids
+    res = g.generate(prompt, max_new_tokens=40, stop=False, protect_suffix=len(question) if suffix else 0)
+    st = res.stats
+    cap = st["kv_capacity_tokens"]
+    assert st["kv_fetch_tokens"] > 0 and st["kv_resident_tokens"] + st["kv_fetch_tokens"] == cap
+    if isinstance(budget, int):
+        assert cap <= budget
+    if budget == "1MB":
+        assert cap * g.bytes_per_token(make_policy("mpcache_recall")) + st["cold"]["stats_bytes"] <= 1_000_000
+        assert st["kv_bytes_allocated"] <= 1_000_000 and st["kv_bytes_peak"] <= 1_000_000
+    decode = [x for x in log if x[2] == 1]
+    assert decode and max(x[0] for x in decode) <= cap and max(x[1] for x in decode) <= cap
+    assert st["kv_tokens_peak_per_layer"] <= cap
+    # the fetch area was used: attention read more than the resident part can hold (when the resident
+    # part is read whole: from 512 tokens on, the dynamic selection reads a subset of it)
+    if st["kv_resident_tokens"] < 512:
+        assert max(x[1] for x in decode) > st["kv_resident_tokens"]
+    assert st["cold"]["bytes_read_per_decode_step"] > 0
+    assert st["cost_per_decode_step"]["gathers"] > 0 and st["cost_per_decode_step"]["exp_div"] == 0
+
+
+def test_fetching_everything_reproduces_the_full_cache(llama, ids, question):
+    """A fetch area as large as everything evicted: attention sees every token again -> full-cache logits."""
+    ctx = ids[:580]
+    prompt = ctx + question[:20]
+    ref = Generator(llama).generate(prompt, max_new_tokens=25, stop=False, return_logits=True)
+    for sfx in (0, 20):  # 640 slots: 192 resident (the prefill keeps 160 / 147 context tokens) + 448 fetched
+        pol = mpcache_recall(fetch=448)
+        g = Generator(llama, kv_budget=640, policy=pol)
+        res = g.generate(prompt, max_new_tokens=25, stop=False, return_logits=True, protect_suffix=sfx)
+        st = res.stats
+        assert st["kv_fetch_tokens"] == 448 and st["cold"]["tokens_per_layer_max"] > 300  # really evicted
+        assert st["cold"]["tokens_per_layer_max"] <= 448
+        assert res.tokens == ref.tokens
+        assert np.max(np.abs(np.stack(res.logits) - np.stack(ref.logits))) < 1e-4
+    # the same for the causal, block-by-block recall of score(compress_continuation=False)
+    P = 500
+    full_nll = Generator(llama).score(ids[:P], ids[P:P + 100], compress_continuation=False)["nll"]
+    g = Generator(llama, kv_budget=P + 101, policy=mpcache_recall(fetch=448))
+    mine = g.score(ids[:P], ids[P:P + 100], compress_continuation=False)["nll"]
+    assert abs(mine - full_nll) < 1e-4
+    # and without the fetch area the same budget loses information (the test can fail)
+    plain = Generator(llama, kv_budget=192, policy="mpcache").generate(prompt, max_new_tokens=25, stop=False,
+                                                                       return_logits=True)
+    assert np.max(np.abs(np.stack(plain.logits) - np.stack(ref.logits))) > 1e-3
+
+
+def _cold_dirs(root):
+    return [d for d in os.listdir(root) if d.startswith("edge_sel_cold_")]
+
+
+def test_cold_files_are_removed_after_the_call_and_after_an_exception(llama, ids, question, tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    g = Generator(llama, kv_budget=0.2, policy="mpcache_recall")
+    seen = []
+    _spy(g, lambda call: seen.append(sorted(os.listdir(_recall_part(call.policy).store.root))))
+    g.generate(ids + question, max_new_tokens=4, stop=False, protect_suffix=len(question))
+    assert seen and seen[-1] == [f"layer{L:03d}.kv" for L in range(4)]  # the files existed during the call
+    assert _cold_dirs(tmp_path) == []
+    g.score(ids[:600], ids[600:700], compress_continuation=False)
+    assert _cold_dirs(tmp_path) == []
+
+    class Boom:
+        def __init__(self, sess):
+            self.sess = sess
+
+        def run(self, names, feeds):
+            if feeds["q"].shape[2] == 1 and int(feeds["position_ids"][0, 0]) == len(ids) + 2:
+                assert _cold_dirs(tmp_path)  # mid-decode: the store is there
+                raise RuntimeError("boom")
+            return self.sess.run(names, feeds)
+    g2 = Generator(llama, kv_budget=0.2, policy="mpcache_recall")
+    g2.sessions = [(qkv, Boom(attn)) for qkv, attn in g2.sessions]
+    with pytest.raises(RuntimeError, match="boom"):
+        g2.generate(ids, max_new_tokens=8, stop=False)
+    assert _cold_dirs(tmp_path) == []
+    # a stream abandoned half way closes its generator: files go too
+    it = g.stream(ids, max_new_tokens=8, stop=False)
+    next(it)
+    it.close()
+    assert _cold_dirs(tmp_path) == []
+
+
+def test_recall_is_deterministic(llama, ids, question):
+    runs = [Generator(llama, kv_budget=0.2, policy="mpcache_recall").generate(
+        ids + question, max_new_tokens=12, stop=False, protect_suffix=len(question)) for _ in range(2)]
+    a, b = runs
+    assert a.tokens == b.tokens
+    assert a.stats["cost_per_decode_step"] == b.stats["cost_per_decode_step"]
+    assert a.stats["cold"] == b.stats["cold"]
+
+
+def test_minimum_budget_accounts_for_the_fetch_area(llama, ids):
+    g = Generator(llama, kv_budget=128, policy="mpcache_recall")  # 128 = 96 resident + 32 fetch < 128 needed
+    with pytest.raises(BudgetError, match="fetch area") as e:
+        g.generate(ids, max_new_tokens=4, stop=False)
+    per_tok = g.bytes_per_token()
+    assert e.value.minimum_bytes > 128 * per_tok
+    ok = Generator(llama, kv_budget=f"{e.value.minimum_bytes}B", policy="mpcache_recall")
+    r = ok.generate(ids, max_new_tokens=4, stop=False)
+    assert r.stats["kv_resident_tokens"] >= 128 and r.stats["kv_fetch_tokens"] >= 32
+    assert r.stats["kv_bytes_allocated"] <= e.value.minimum_bytes
+    # the plain variant (no offload) is still selectable and keeps every slot resident
+    plain = Generator(llama, kv_budget=0.2, policy="mpcache").generate(ids, max_new_tokens=4, stop=False)
+    assert plain.stats["kv_fetch_tokens"] == 0 and "cold" not in plain.stats
