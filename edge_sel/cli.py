@@ -153,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
 
+    qz = cmd("quantize", "write a copy of a bundle with int8 layer weights (onnxruntime dynamic quantization) and measure "
+             "what it costs in ranking agreement")
+    qz.add_argument("bundle")
+    qz.add_argument("-o", "--out", required=True, help="bundle directory to write (atomically)")
+    qz.add_argument("--weights", default="int8", choices=["int8", "uint8"])
+    qz.add_argument("--no-measure", action="store_true", help="skip the agreement measurement on the builtin calibration data")
+    qz.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    qz.add_argument("--json", action="store_true")
+
     v = cmd("verify", "check a bundle's files against its manifest (sizes and sha256)")
     v.add_argument("bundle")
     v.add_argument("--json", action="store_true")
@@ -332,6 +341,35 @@ def cmd_calibrate(args, console) -> int:
     return 0
 
 
+def cmd_quantize(args, console) -> int:
+    from .export.quantize import quantize_bundle
+    from .bundle import Bundle
+
+    with console.status("quantizing", spinner="dots") if not args.json else _nullcontext() as status:
+        def say(msg):
+            if status is not None:
+                status.update(msg)
+        out = quantize_bundle(args.bundle, args.out, weight_type=args.weights, measure=not args.no_measure,
+                              force=args.force, say=say)
+    q = Bundle.open(out).manifest["quantization"]
+    if args.json:
+        print(json.dumps({"bundle": str(out), "quantization": q}))
+        return 0
+    console.print(f"[green]wrote[/] {out} ({q['weights']} layer weights, {q['seconds']} s)")
+    a = q.get("agreement")
+    if a:
+        console.print(f"  vs the float bundle on {a['queries']} builtin queries x {a['candidates']} candidates: "
+                      f"max |score diff| {a['max_abs_score_diff']:.2g}, top-10 overlap {a['top10_overlap']:.3f}, "
+                      f"top-10 identical on {100 * a['top10_identical']:.0f}% of queries")
+    return 0
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
 def cmd_verify(args, console) -> int:
     from .bundle import Bundle
 
@@ -352,7 +390,7 @@ def cmd_info(args, console) -> int:
     m = b.manifest
     info = {"bundle": str(b.root), "model": m["model"], "dims": m["dims"], "max_length": m["max_length"],
             "layers": len(b.layers), "bytes": b.total_bytes(), "dropped_layers": m.get("dropped_layers", []),
-            "drop_cost": m.get("drop_cost"),
+            "drop_cost": m.get("drop_cost"), "quantization": m.get("quantization"),
             "schedule": m.get("schedule"), "export": m.get("export")}
     if args.json:
         print(json.dumps(info, indent=1))
@@ -426,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     console = _console()
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
-                "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate}
+                "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate,
+                "quantize": cmd_quantize}
     try:
         if args.command == "demo":
             from .demo import run_demo
