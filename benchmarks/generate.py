@@ -152,6 +152,8 @@ def merge_parts(name: str, parts: dict) -> dict:
         for k in ("cost_per_decode_step", "load_s", "versions", "ppl_kept_tokens"):
             if k in r:
                 raw.setdefault(k, r[k])
+        if r.get("cold_by_length"):
+            raw.setdefault("cold_by_length", {}).update(r["cold_by_length"])
     return raw
 
 
@@ -219,7 +221,7 @@ def summarize(raw: dict, decode) -> dict:
             "ppl": raw.get("ppl"), "speed": {L: {k: median(v) for k, v in s.items()} for L, s in speed.items()},
             "peak_rss_bytes": raw.get("peak_rss_bytes"), "errors": sum(1 for r in raw["needle"] if "error" in r),
             "peak_rss_by_part": raw.get("peak_rss_by_part"),
-            "extra": {k: raw[k] for k in ("cost_per_decode_step", "load_s", "versions", "ppl_kept_tokens") if k in raw},
+            "extra": {k: raw[k] for k in ("cost_per_decode_step", "load_s", "versions", "ppl_kept_tokens", "cold_by_length") if k in raw},
             "cases": records}
 
 
@@ -243,6 +245,8 @@ def _worker_edge_sel(cfg: dict) -> dict:
                     "decode_cpu_ms_per_token": st["decode_cpu_ms_per_token"], "kv_bytes": st["kv_bytes_peak"]})
         out["needle"].append(rec)
         out.setdefault("cost_per_decode_step", st["cost_per_decode_step"])
+        if st.get("cold"):  # mpcache_recall: evicted K/V on disk, bytes read back per decode step
+            out.setdefault("cold_by_length", {})[str(c["length"])] = st["cold"]
     if cfg.get("ppl"):
         out["ppl"] = gen.score(cfg["ppl"]["prefix"], cfg["ppl"]["cont"], compress_continuation=False)["ppl"]
     out["peak_rss_bytes"] = peak_rss_bytes()
