@@ -199,8 +199,7 @@ class Generator:
         ids = self.encode(prompt, chat)
         policy = make_policy(self.policy_spec)
         max_new = self._clamp_new(len(ids), max_new_tokens)
-        need = self._with_fetch(policy, self._min_tokens(policy, len(ids), max_new), 0, len(ids) + max_new)
-        return need * self.bytes_per_token(policy) + self._fixed_bytes(policy, len(ids) + max_new)
+        return self._min_tokens(policy, len(ids), max_new) * self.bytes_per_token(policy) + self._fixed_bytes(policy, len(ids) + max_new)
 
     def generate(self, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, chat: bool = False, system: str | None = None, stop: bool = True,
@@ -256,14 +255,6 @@ class Generator:
         need = max(policy.min_tokens + 1, 2 * a, 8)
         return -(-need // a) * a
 
-    @staticmethod
-    def _with_fetch(policy: Policy, need: int, suffix: int, whole: int) -> int:
-        """Smallest cache (resident + fetch area) whose resident part still holds ``need`` tokens."""
-        c = need
-        while c - policy.fetch_tokens(c, suffix, whole) < need:
-            c += policy.align
-        return c
-
     def _fixed_bytes(self, policy: Policy, whole: int) -> int:
         return policy.fixed_bytes(self.n_layers, self.kv_heads, self.head_dim, whole) if policy.recalls else 0
 
@@ -287,7 +278,7 @@ class Generator:
             if kind == "bytes" and scratch and cap < whole:
                 # the scratch counts against a byte budget; without room for it, prefill rolls instead
                 with_scratch = (int(value) - n_prompt * LayerCache.bytes_per_slot(self.kv_heads, self.head_dim)) // per_tok
-                if with_scratch // policy.align * policy.align >= self._with_fetch(policy, need, suffix, whole):
+                if with_scratch // policy.align * policy.align >= need:
                     cap = with_scratch
                 else:
                     scratch = False
@@ -298,7 +289,12 @@ class Generator:
             cap = min(-(-whole // a) * a, cap)
         else:
             cap = min(-(-whole // a) * a, cap // a * a)
-        fetch = policy.fetch_tokens(cap, suffix, whole) if self.budget is not None else 0
+        fetch = 0
+        if self.budget is not None and policy.recalls:  # the fetch area only takes what the resident minimum leaves
+            fetch = policy.fetch_tokens(cap, suffix, whole, max(0, cap - max(need, suffix + 8 if suffix else 0)))
+            if fetch == 0 and cap < whole:
+                log.warning("kv_budget leaves no room for %s's recall fetch area beside the %d resident tokens it needs: "
+                            "running without recall", policy_label(policy), need)
         res = cap - fetch
         if (res < need or (suffix and res - suffix < 8)) and res < whole:
             what = {"tokens": "tokens", "fraction": "of the prompt", "bytes": "bytes"}[self.budget[0]] if self.budget else ""
@@ -307,12 +303,8 @@ class Generator:
             if suffix and not isinstance(policy, Full) and need < suffix + 8:
                 extra += f" and room for the {suffix} protected suffix tokens plus 8"
                 need = suffix + 8
-            if fetch:
-                extra += f", plus its recall fetch area"
-                need = self._with_fetch(policy, need, suffix, whole)
             raise BudgetError(
-                f"kv_budget {self.budget[1] if self.budget else None} {what} gives {cap} cached tokens per layer"
-                f"{f' ({res} resident + {fetch} recall fetch area)' if fetch else ''}, below the "
+                f"kv_budget {self.budget[1] if self.budget else None} {what} gives {cap} cached tokens per layer, below the "
                 f"minimum {need} ({extra}); minimum budget: {need} tokens = {format_size(need * per_tok + fixed)} "
                 f"(--kv-budget {need} or {-(-(need * per_tok + fixed) // 1024**2)}MiB)", minimum_bytes=need * per_tok + fixed)
         return res, fetch, scratch and res < whole

@@ -16,8 +16,8 @@ The generator calls, per layer ``L``:
   other slots leave RAM (a recalling policy writes them to its cold store);
 * ``recall(L, q, cache, phase)`` before the attention of the protected suffix (``phase="suffix"``,
   ``q`` the queries it selects with) and of each decode step (``"decode"``): a recalling policy fills
-  the cache's fetch area with evicted groups; ``fetch_tokens(cap, suffix, whole)`` is how many of the
-  budget's ``cap`` slots form that area (0: no offload);
+  the cache's fetch area with evicted groups; ``fetch_tokens(cap, suffix, whole, room)`` is how many
+  of the budget's ``cap`` slots form that area (at most ``room``, what the resident minimum leaves; 0: no offload);
 * ``skip_layer(L) -> bool`` (decode), ``after_layer(L, h_in, h_out, q_last, cache, positions) -> token index | None``
   at the end of each layer's prefill (prompt distillation may drop prompt tokens for later layers).
 
@@ -107,8 +107,8 @@ class Policy:
     def after_layer(self, layer, h_in, h_out, q_last, cache, positions):
         return None
 
-    def fetch_tokens(self, cap: int, suffix: int, whole: int) -> int:
-        """Slots of each layer's fetch area, carved out of ``cap`` (the budget's tokens per layer)."""
+    def fetch_tokens(self, cap: int, suffix: int, whole: int, room: int) -> int:
+        """Slots of each layer's fetch area, carved out of ``cap`` (the budget's tokens per layer), ``<= room``."""
         return 0
 
     def fixed_bytes(self, n_layers: int, kv_heads: int, head_dim: int, n_tokens: int) -> int:

@@ -33,7 +33,9 @@ class MPCacheRecall(Policy):
     (``comparisons``), the fetched tokens (``gathers``) and the bytes read (``cold_stats``).
 
     ``fetch`` (tokens) fixes the fetch area explicitly; it is then carved out even when the budget
-    would hold everything (tests use it to fetch every evicted group).
+    would hold everything (tests use it to fetch every evicted group). The area never takes slots the
+    resident cache needs for its minimum: a budget without that room runs without recall (a warning,
+    ``stats["kv_fetch_tokens"] == 0``).
     """
 
     name: ClassVar[str] = "mpcache_recall"
@@ -45,22 +47,27 @@ class MPCacheRecall(Policy):
     fetch: int | None = None
     share: int = 2
     suffix_query: str = "last"
+    head_reduce: str = "sum"
     bytes_read: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if self.suffix_query not in ("last", "max"):
             raise ValueError(f"suffix_query must be 'last' or 'max', got {self.suffix_query!r}")
+        if self.head_reduce not in ("sum", "max"):
+            raise ValueError(f"head_reduce must be 'sum' or 'max', got {self.head_reduce!r}")
         if not 0.0 < self.fetch_frac < 1.0:
             raise ValueError(f"fetch_frac must be in (0, 1), got {self.fetch_frac}")
 
     # ---- planning ----------------------------------------------------------------------------
-    def fetch_tokens(self, cap, suffix, whole):
+    def fetch_tokens(self, cap, suffix, whole, room):
         G = self.group
         if self.fetch is not None:
-            return -(-int(self.fetch) // G) * G
-        if cap >= whole:
+            want = -(-int(self.fetch) // G) * G
+        elif cap >= whole:
             return 0  # everything fits: nothing is evicted, nothing to recall
-        return max(G, int(self.fetch_frac * (cap - suffix)) // G * G)
+        else:
+            want = max(G, int(self.fetch_frac * (cap - suffix)) // G * G)
+        return min(want, room // G * G)  # never below the resident minimum: a small budget runs without recall
 
     def _leaders(self, n_layers):
         return [L for L in range(n_layers) if L % max(1, self.share) == 0]
@@ -127,13 +134,16 @@ class MPCacheRecall(Policy):
         if m and self.sharing.is_leader(layer):
             mix = self.store.mix[layer][:, :n_groups]                                 # [kv, g, D]
             T, D = q.shape[2], q.shape[3]
-            qs = q[0].reshape(kv, -1, T, D).sum(axis=1)                              # [kv, T, D]: the query group
-            if phase == "suffix" and self.suffix_query == "max" and T > 1:
-                s = np.einsum("htd,hgd->htg", qs, mix).max(axis=1)
+            if not (phase == "suffix" and self.suffix_query == "max"):
+                q, T = q[:, :, -1:], 1
+            qg = q[0].reshape(kv, -1, T, D)                                          # [kv, rep, T, D]
+            if self.head_reduce == "sum":  # MPCache: the query group's sum (one product per group)
+                s = np.einsum("htd,hgd->htg", qg.sum(axis=1), mix).max(axis=1)
                 self.count(multiplications=kv * T * D * n_groups, comparisons=kv * (T - 1) * n_groups)
-            else:
-                s = np.einsum("hd,hgd->hg", qs[:, -1], mix)
-                self.count(multiplications=kv * D * n_groups)
+            else:  # the best query head of the group (a retrieval head is not drowned by the others)
+                s = np.einsum("hrtd,hgd->hrtg", qg, mix).reshape(kv, -1, n_groups).max(axis=1)
+                self.count(multiplications=kv * qg.shape[1] * T * D * n_groups,
+                           comparisons=kv * (qg.shape[1] * T - 1) * n_groups)
             ids = topk_sorted(s, m)                                                  # [kv, m]
             self.count(comparisons=kv * n_groups * log2c(m))
             self.sharing.record(layer, event, ids)
