@@ -10,8 +10,8 @@ being filled is completed in place by the next eviction (its tail slots hold ``E
 which the attention graph masks).
 
 RAM: only, for the layers that select (``stats_layers``), the per-group alpha-mix vector
-``alpha*kmax + (1-alpha)*kmin`` per KV head (``[kv, groups, head_dim]`` f32: 1/``group`` of the keys),
-preallocated for the most tokens the call can evict.
+``alpha*kmax + (1-alpha)*kmin`` per KV head (``[kv, groups, head_dim]`` f32: 1/``group`` of the keys;
+with ``minmax`` also kmax and kmin, 3/``group``), preallocated for the most tokens the call can evict.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .kvcache import EMPTY_POS
 
 class ColdStore:
     def __init__(self, root: str | os.PathLike, n_layers: int, kv_heads: int, head_dim: int, max_tokens: int,
-                 stats_layers, alpha: float = 0.6, group: int = 32):
+                 stats_layers, alpha: float = 0.6, group: int = 32, minmax: bool = False):
         self.root = str(root)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"cold store directory {self.root} does not exist")
@@ -36,6 +36,9 @@ class ColdStore:
         self.record_bytes = self.kv * self.head_bytes
         self.n = [0] * n_layers                      # cold tokens per layer (per head: all heads hold as many)
         self.mix = {int(L): np.zeros((kv_heads, self.max_groups, head_dim), np.float32) for L in stats_layers}
+        # optional per-channel max/min too (2x the RAM), for the Quest-style bound sum_d max(q_d kmax_d, q_d kmin_d)
+        self.kmax = {L: np.zeros_like(m) for L, m in self.mix.items()} if minmax else {}
+        self.kmin = {L: np.zeros_like(m) for L, m in self.mix.items()} if minmax else {}
         self.fds: dict[int, int] = {}
         self.bytes_written = 0
         self.bytes_read = 0
@@ -43,7 +46,7 @@ class ColdStore:
     # ---- bookkeeping ------------------------------------------------------------------------
     @property
     def stats_bytes(self) -> int:
-        return sum(m.nbytes for m in self.mix.values())
+        return sum(m.nbytes for d in (self.mix, self.kmax, self.kmin) for m in d.values())
 
     def path(self, layer: int) -> str:
         return os.path.join(self.root, f"layer{layer:03d}.kv")
@@ -105,6 +108,9 @@ class ColdStore:
             mx = np.where(valid, Kg, -np.inf).max(axis=2)
             mn = np.where(valid, Kg, np.inf).min(axis=2)
             mix[:, g0:g0 + ng] = self.alpha * mx + (1.0 - self.alpha) * mn
+            if self.kmax:
+                self.kmax[layer][:, g0:g0 + ng] = mx
+                self.kmin[layer][:, g0:g0 + ng] = mn
 
     def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
         done = 0

@@ -123,10 +123,20 @@ def test_decode_evictions_go_to_the_store_too(llama, ids):
         np.testing.assert_allclose(cv[h], fv[h, cp[h]], atol=1e-5)
 
 
-def test_group_statistics_equal_brute_force(llama, ids, question):
-    g = Generator(llama, kv_budget=0.2, policy="mpcache_recall")
+@pytest.mark.parametrize("score", ["mix", "bound"])
+def test_group_statistics_equal_brute_force(llama, ids, question, score):
+    g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score))
     out: dict = {}
     _spy(g, _cold_snapshot(out))
+    if score == "bound":
+        snap = _cold_snapshot(out)
+
+        def both(call):
+            snap(call)
+            st = _recall_part(call.policy).store
+            out["minmax"] = {L: (st.kmax[L][:, :st.groups(L)].copy(), st.kmin[L][:, :st.groups(L)].copy()) for L in st.kmax}
+        g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score))
+        _spy(g, both)
     res = g.generate(ids + question, max_new_tokens=4, stop=False, protect_suffix=len(question))
     assert set(out["mix"]) == {0, 2}  # only the leaders of the share=2 layer groups keep statistics
     for L, mix in out["mix"].items():
@@ -136,6 +146,11 @@ def test_group_statistics_equal_brute_force(llama, ids, question):
         for gi in range(mix.shape[1]):
             blk = ck[:, gi * 32:(gi + 1) * 32]
             np.testing.assert_allclose(mix[:, gi], 0.6 * blk.max(axis=1) + 0.4 * blk.min(axis=1), rtol=0, atol=1e-6)
+            if score == "bound":
+                np.testing.assert_array_equal(out["minmax"][L][0][:, gi], blk.max(axis=1))
+                np.testing.assert_array_equal(out["minmax"][L][1][:, gi], blk.min(axis=1))
+    if score == "bound":
+        return
     # the statistics are 1/32 of the cold keys of the leader layers, and counted in the KV bytes
     st = res.stats
     assert st["cold"]["stats_bytes"] > 0
@@ -266,3 +281,41 @@ def test_fetch_area_never_takes_the_resident_minimum(llama, ids):
     # the plain variant (no offload) is still selectable and keeps every slot resident
     plain = Generator(llama, kv_budget=0.2, policy="mpcache").generate(ids, max_new_tokens=4, stop=False)
     assert plain.stats["kv_fetch_tokens"] == 0 and "cold" not in plain.stats
+
+
+@pytest.mark.parametrize("score,head_reduce", [("mix", "sum"), ("mix", "max"), ("bound", "max")])
+def test_recall_fetches_the_best_groups_by_definition(tmp_path, score, head_reduce):
+    """Synthetic cache: evict 320 tokens, query, and the fetched groups are the top ones by
+    sum_d q_d (a kmax_d + (1-a) kmin_d) (or Quest's bound) over each head's cold groups (brute force)."""
+    from edge_sel.runtime.kvcache import LayerCache
+    from edge_sel.runtime.policies import Context
+
+    rng = np.random.default_rng(1)
+    kv, heads, D = 2, 4, 8
+    rec = MPCacheRecall(share=1, score=score, head_reduce=head_reduce)
+    rec.begin(Context(1, kv, heads, D, 64, 384, 8, cold_dir=str(tmp_path), fetch=64))
+    c = LayerCache(kv, 384, D, fetch=64)
+    k = rng.standard_normal((1, kv, 384, D)).astype(np.float32)
+    v = rng.standard_normal((1, kv, 384, D)).astype(np.float32)
+    c.append(k, v, np.arange(384))
+    keep = np.arange(320, 384)
+    rec.evicted(0, c, keep)
+    c.compact(keep)
+    q = rng.standard_normal((1, heads, 1, D)).astype(np.float32)
+    rec.recall(0, q, c, "decode")
+    assert c.nf == 64
+    qg = q[0, :, 0].reshape(kv, heads // kv, D)
+    for h in range(kv):
+        grp = k[0, h, :320].reshape(10, 32, D)
+        mx, mn = grp.max(1), grp.min(1)
+        qs = qg[h].sum(0, keepdims=True) if head_reduce == "sum" else qg[h]
+        if score == "mix":
+            sc = (qs @ (0.6 * mx + 0.4 * mn).T).max(0)
+        else:
+            sc = np.maximum(qs[:, None] * mx[None], qs[:, None] * mn[None]).sum(-1).max(0)
+        best = sorted(np.argsort(-sc)[:2].tolist())
+        fetched = c.pos[h, 384:384 + 64]
+        assert sorted(set((fetched // 32).tolist())) == best
+        np.testing.assert_array_equal(c.k[0, h, 384:448], k[0, h, fetched])
+        np.testing.assert_array_equal(c.v[0, h, 384:448], v[0, h, fetched])
+    rec.end()

@@ -48,6 +48,7 @@ class MPCacheRecall(Policy):
     share: int = 2
     suffix_query: str = "last"
     head_reduce: str = "sum"
+    score: str = "mix"
     bytes_read: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -55,6 +56,8 @@ class MPCacheRecall(Policy):
             raise ValueError(f"suffix_query must be 'last' or 'max', got {self.suffix_query!r}")
         if self.head_reduce not in ("sum", "max"):
             raise ValueError(f"head_reduce must be 'sum' or 'max', got {self.head_reduce!r}")
+        if self.score not in ("mix", "bound"):
+            raise ValueError(f"score must be 'mix' (MPCache) or 'bound' (Quest), got {self.score!r}")
         if not 0.0 < self.fetch_frac < 1.0:
             raise ValueError(f"fetch_frac must be in (0, 1), got {self.fetch_frac}")
 
@@ -74,7 +77,7 @@ class MPCacheRecall(Policy):
 
     def fixed_bytes(self, n_layers, kv_heads, head_dim, n_tokens):
         groups = -(-int(n_tokens) // self.group) + 1
-        return len(self._leaders(n_layers)) * kv_heads * groups * head_dim * 4
+        return len(self._leaders(n_layers)) * kv_heads * groups * head_dim * 4 * (3 if self.score == "bound" else 1)
 
     def begin(self, ctx):
         super().begin(ctx)
@@ -87,7 +90,7 @@ class MPCacheRecall(Policy):
 
             self.store = ColdStore(ctx.cold_dir, ctx.n_layers, ctx.kv_heads, ctx.head_dim,
                                    ctx.prompt_len + ctx.max_new_tokens, self._leaders(ctx.n_layers),
-                                   alpha=self.alpha, group=self.group)
+                                   alpha=self.alpha, group=self.group, minmax=self.score == "bound")
 
     def end(self):
         if getattr(self, "store", None) is not None:
@@ -138,12 +141,19 @@ class MPCacheRecall(Policy):
                 q, T = q[:, :, -1:], 1
             qg = q[0].reshape(kv, -1, T, D)                                          # [kv, rep, T, D]
             if self.head_reduce == "sum":  # MPCache: the query group's sum (one product per group)
-                s = np.einsum("htd,hgd->htg", qg.sum(axis=1), mix).max(axis=1)
-                self.count(multiplications=kv * T * D * n_groups, comparisons=kv * (T - 1) * n_groups)
-            else:  # the best query head of the group (a retrieval head is not drowned by the others)
-                s = np.einsum("hrtd,hgd->hrtg", qg, mix).reshape(kv, -1, n_groups).max(axis=1)
-                self.count(multiplications=kv * qg.shape[1] * T * D * n_groups,
-                           comparisons=kv * (qg.shape[1] * T - 1) * n_groups)
+                qg = qg.sum(axis=1, keepdims=True)
+            r = qg.shape[1]
+            if self.score == "mix":  # MPCache's linear similarity
+                s = np.einsum("hrtd,hgd->hrtg", qg, mix)
+                self.count(multiplications=kv * r * T * D * n_groups)
+            else:  # Quest's upper bound of q.k over the group: sum_d max(q_d kmax_d, q_d kmin_d)
+                mx = self.store.kmax[layer][:, None, None, :n_groups]
+                mn = self.store.kmin[layer][:, None, None, :n_groups]
+                qe = qg[:, :, :, None, :]
+                s = np.maximum(qe * mx, qe * mn).sum(axis=-1)
+                self.count(multiplications=2 * kv * r * T * D * n_groups, comparisons=kv * r * T * D * n_groups)
+            s = s.reshape(kv, r * T, n_groups).max(axis=1)   # best query (head, suffix token) per group
+            self.count(comparisons=kv * (r * T - 1) * n_groups)
             ids = topk_sorted(s, m)                                                  # [kv, m]
             self.count(comparisons=kv * n_groups * log2c(m))
             self.sharing.record(layer, event, ids)
