@@ -319,3 +319,32 @@ def test_recall_fetches_the_best_groups_by_definition(tmp_path, score, head_redu
         np.testing.assert_array_equal(c.k[0, h, 384:448], k[0, h, fetched])
         np.testing.assert_array_equal(c.v[0, h, 384:448], v[0, h, fetched])
     rec.end()
+
+
+def test_recall_expand_fetches_the_neighbours_of_the_best_group(tmp_path):
+    from edge_sel.runtime.kvcache import LayerCache
+    from edge_sel.runtime.policies import Context
+
+    rng = np.random.default_rng(2)
+    kv, heads, D = 2, 4, 8
+    rec = MPCacheRecall(share=1, group=16, expand=1)
+    rec.begin(Context(1, kv, heads, D, 64, 384, 8, cold_dir=str(tmp_path), fetch=48))
+    c = LayerCache(kv, 384, D, fetch=48)
+    k = rng.standard_normal((1, kv, 384, D)).astype(np.float32)
+    c.append(k, k, np.arange(384))
+    keep = np.arange(320, 384)
+    rec.evicted(0, c, keep)
+    c.compact(keep)
+    q = rng.standard_normal((1, heads, 1, D)).astype(np.float32)
+    rec.recall(0, q, c, "decode")
+    qs = q[0, :, 0].reshape(kv, 2, D).sum(1)
+    for h in range(kv):
+        grp = k[0, h, :320].reshape(20, 16, D)
+        sc = qs[h] @ (0.6 * grp.max(1) + 0.4 * grp.min(1)).T
+        want: list = []
+        for g in np.argsort(-sc):  # best first, each with its neighbours (at an edge the next best fills in)
+            for x in (g - 1, g, g + 1):
+                if 0 <= x < 20 and x not in want and len(want) < 3:
+                    want.append(int(x))
+        assert sorted(set((c.pos[h, 384:432] // 16).tolist())) == sorted(want)
+    rec.end()

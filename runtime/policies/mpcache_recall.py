@@ -49,6 +49,7 @@ class MPCacheRecall(Policy):
     suffix_query: str = "last"
     head_reduce: str = "sum"
     score: str = "mix"
+    expand: int = 0
     bytes_read: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -124,6 +125,24 @@ class MPCacheRecall(Policy):
         p = np.take_along_axis(cache.pos[:, :n], slots, axis=1)
         self.store.add(layer, k, v, p)
 
+    def _expand(self, s: np.ndarray, m: int) -> np.ndarray:
+        """Per head: the best groups each with ``expand`` neighbours on both sides (a sentence cut by a
+        group boundary comes back whole), ``m`` groups in all, ascending."""
+        out = np.empty((s.shape[0], m), dtype=np.int64)
+        n = s.shape[1]
+        for h in range(s.shape[0]):
+            chosen: list[int] = []
+            seen = set()
+            for g in np.argsort(-s[h], kind="stable"):
+                for x in range(int(g) - self.expand, int(g) + self.expand + 1):
+                    if 0 <= x < n and x not in seen and len(chosen) < m:
+                        seen.add(x)
+                        chosen.append(x)
+                if len(chosen) >= m:
+                    break
+            out[h] = np.sort(chosen)
+        return out
+
     # ---- disk -> fetch area ------------------------------------------------------------------
     def recall(self, layer, q, cache, phase):
         if self.store is None or cache.fetch == 0:
@@ -154,8 +173,12 @@ class MPCacheRecall(Policy):
                 self.count(multiplications=2 * kv * r * T * D * n_groups, comparisons=kv * r * T * D * n_groups)
             s = s.reshape(kv, r * T, n_groups).max(axis=1)   # best query (head, suffix token) per group
             self.count(comparisons=kv * (r * T - 1) * n_groups)
-            ids = topk_sorted(s, m)                                                  # [kv, m]
-            self.count(comparisons=kv * n_groups * log2c(m))
+            if self.expand:
+                ids = self._expand(s, m)
+                self.count(comparisons=kv * n_groups * log2c(n_groups))
+            else:
+                ids = topk_sorted(s, m)                                              # [kv, m]
+                self.count(comparisons=kv * n_groups * log2c(m))
             self.sharing.record(layer, event, ids)
         elif m:
             ids = self.sharing.replay(layer, event, n_groups, m)
