@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file")
     g.add_argument("--max-new-tokens", "-n", type=int, default=128)
     g.add_argument("--kv-budget", "-b", default=None, help="512 (tokens/layer) | 0.2 (of the prompt) | 64MB (bytes, whole cache)")
-    g.add_argument("--policy", default="full", help="KV policy (default full): full, streaming_llm, h2o, snapkv, mpcache, "
+    g.add_argument("--policy", default="full", help="KV policy (default full): full, streaming_llm, h2o, snapkv, mpcache, mpcache_recall, "
                    "windowkv, prompt_distill, layer_skip, or a+b")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
     g.add_argument("--system", help="system message (with --chat)")
