@@ -23,7 +23,6 @@ FIXED_OVERHEAD = 12 * 1024**2    # head session, tokenizer state, numpy scratch
 SAFETY = 1.0                     # measured: the formula already sits ~20% above onnxruntime's real per-layer peak
 DEFAULT_CHUNK_TOKENS = 1024  # measured: 1k-token chunks beat 4k-16k ones by 1.4-2x (cache-friendly, no huge attention buffers)
 DEFAULT_MAX_BATCH = 64
-MIN_GOOD_CHUNK = 512  # below this, spilling kept states to buy a bigger chunk is the faster plan
 
 
 @dataclass
@@ -97,12 +96,10 @@ class Planner:
                     minimum_bytes=need,
                 )
             return self._spill_plan(budget, max_len, embed_bytes)
-        resident = self._resident_plan(budget, total_tokens, max_len, embed_bytes)
-        if allow_spill and resident.chunk_tokens < MIN_GOOD_CHUNK and resident.window < self.n_layers:
-            spill = self._spill_plan(budget, max_len, embed_bytes)
-            if spill.chunk_tokens >= 2 * resident.chunk_tokens:
-                return spill  # measured (N=128, 128MB, 64 MiB mmap threshold): 761-token spilled chunks 69-70 CPU-s vs 80 for 140-token ones
-        return resident
+        # Spilling kept states to buy bigger chunks is *not* preferred: measured twice (SmolLM2 N=128, 128MB):
+        # 761-token spilled chunks 36.3 s/query, 64.0 CPU-s, peak 195 MiB vs 140-token resident chunks 36.6 s,
+        # 63.9 CPU-s, 181 MiB (benchmarks/RESULTS.md). Spill only when the kept states do not fit.
+        return self._resident_plan(budget, total_tokens, max_len, embed_bytes)
 
     def _resident_plan(self, budget: int, total_tokens: int, max_len: int, embed_bytes: int) -> Plan:
         free = budget - self.fixed - self.hidden_bytes(total_tokens, max_len) - embed_bytes

@@ -151,15 +151,3 @@ def test_spill_with_pruning_keeps_exact_scores(bert_ce_bundle, docs, tmp_path):
             assert r["score"] == pytest.approx(float(ref[r["corpus_id"]]), abs=1e-5)
     assert list(tmp_path.iterdir()) == []
 
-
-def test_planner_spills_rather_than_starve_the_chunk(llama_bundle):
-    """When keeping every candidate's states resident would leave only tiny chunks, spilling them is planned."""
-    p = Reranker(llama_bundle).planner
-    total, max_len = 200_000, 64
-    budget = p.resident_minimum(total, max_len) + 1000
-    resident = p.plan(budget, total, max_len, allow_spill=False)
-    assert not resident.spill and resident.chunk_tokens < 512
-    chosen = p.plan(budget, total, max_len)
-    assert chosen.spill and chosen.chunk_tokens >= 2 * resident.chunk_tokens
-    roomy = p.plan(p.resident_minimum(total, max_len) * 4, total, max_len)
-    assert not roomy.spill  # resident when it leaves a good chunk
