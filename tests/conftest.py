@@ -47,3 +47,14 @@ def llama_bundle(tmp_path_factory):
     from tiny_models import make_decoder
 
     return _tiny_bundle(tmp_path_factory, "llama", make_decoder)
+
+
+@pytest.fixture(scope="session")
+def gen_llama_bundle(tmp_path_factory):
+    """A 4-layer random-weight Llama generate bundle, exported once for the generation test modules."""
+    from edge_sel.export import export
+    from gen_tiny import make_gen_decoder
+
+    root = tmp_path_factory.mktemp("gen_llama")
+    hf = make_gen_decoder(root / "hf", kind="llama", layers=4)
+    return export(hf, root / "bundle", task="generate", verify=True)

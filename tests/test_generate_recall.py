@@ -14,18 +14,14 @@ from edge_sel.runtime.generator import Generator
 from edge_sel.runtime.kvcache import EMPTY_POS
 from edge_sel.runtime.policies import MPCacheRecall, make_policy, mpcache_recall
 
-from gen_tiny import long_text, make_gen_decoder
+from gen_tiny import long_text
 
 QUESTION = "\nQuestion: what is the special magic number for apple?\nAnswer: it is"
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    from edge_sel.export import export
-
-    root = tmp_path_factory.mktemp("gen_recall")
-    hf = make_gen_decoder(root / "hf", kind="llama", layers=4)
-    return export(hf, root / "bundle", task="generate", verify=True)
+def llama(gen_llama_bundle):
+    return gen_llama_bundle
 
 
 @pytest.fixture(scope="module")

@@ -9,19 +9,15 @@ import pytest
 from edge_sel.errors import InputError
 from edge_sel.runtime.generator import Generator
 
-from gen_tiny import long_text, make_gen_decoder
+from gen_tiny import long_text
 
 QUESTIONS = ["\nQuestion: what is the special magic number for apple?\nAnswer: it is",
              "\nQuestion: which river flows past the old town, and why?\nAnswer:"]
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    from edge_sel.export import export
-
-    root = tmp_path_factory.mktemp("gen_suffix")
-    hf = make_gen_decoder(root / "hf", kind="llama", layers=4)
-    return export(hf, root / "bundle", task="generate", verify=True)
+def llama(gen_llama_bundle):
+    return gen_llama_bundle
 
 
 @pytest.fixture(scope="module")
