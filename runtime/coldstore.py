@@ -9,7 +9,11 @@ buffers (the cache's fetch area) -- no mmap, nothing of the store is mapped into
 being filled is completed in place by the next eviction (its tail slots hold ``EMPTY_POS`` meanwhile,
 which the attention graph masks).
 
-RAM: only, for the layers that select (``stats_layers``), the per-group alpha-mix vector
+Reads: by groups (``read_groups``, the linear selection), whole blocks of groups in one ``preadv``
+(``read_block``, the exact scoring's passes over a layer) or runs of single tokens (``read_tokens``, the
+exact selection's result), always into the caller's fetch-area views.
+
+RAM: only, for the layers that select linearly (``stats_layers``; none for the exact selection), the per-group alpha-mix vector
 ``alpha*kmax + (1-alpha)*kmin`` per KV head (``[kv, groups, head_dim]`` f32: 1/``group`` of the keys;
 with ``minmax`` also kmax and kmin, 3/``group``), preallocated for the most tokens the call can evict.
 """
@@ -137,6 +141,54 @@ class ColdStore:
                 if got != self.head_bytes:
                     raise OSError(f"cold store {self.path(layer)}: read {got} of {self.head_bytes} bytes at {off}")
                 total += got
+        self.bytes_read += total
+        return total
+
+    def read_block(self, layer: int, g0: int, g1: int, k_out: np.ndarray, v_out: np.ndarray, pos_out: np.ndarray) -> int:
+        """Groups ``[g0, g1)`` of every head into rows ``[0, (g1-g0)*G)`` of ``k_out``/``v_out`` ``[kv, >=, D]`` and
+        ``pos_out`` (views of the fetch area, used as the exact scoring's read buffer): one ``preadv`` for
+        the whole block (the records are contiguous on disk). Returns bytes read."""
+        G = self.G
+        bufs = []
+        for j in range(g1 - g0):
+            r = slice(j * G, (j + 1) * G)
+            for h in range(self.kv):
+                bufs += [k_out[h, r], v_out[h, r], pos_out[h, r]]
+        want = (g1 - g0) * self.record_bytes
+        if want == 0:
+            return 0
+        got = os.preadv(self._fd(layer), bufs, g0 * self.record_bytes)
+        if got != want:
+            raise OSError(f"cold store {self.path(layer)}: read {got} of {want} bytes at group {g0}")
+        self.bytes_read += got
+        return got
+
+    def read_tokens(self, layer: int, idx: np.ndarray, k_out: np.ndarray, v_out: np.ndarray, pos_out: np.ndarray) -> int:
+        """Cold tokens ``idx`` ``[kv, m]`` (per head, ascending, eviction order) into rows ``[0, m)`` of the fetch
+        area views: one ``pread`` each for K, V and positions per run of consecutive tokens inside a group.
+        Returns bytes read."""
+        G, D = self.G, self.D
+        fd = self._fd(layer)
+        total = 0
+        for h in range(idx.shape[0]):
+            row = idx[h]
+            j = 0
+            m = row.shape[0]
+            while j < m:
+                t0 = int(row[j])
+                g = t0 // G
+                e = j + 1
+                while e < m and int(row[e]) == int(row[e - 1]) + 1 and int(row[e]) // G == g:
+                    e += 1
+                r0 = t0 - g * G
+                base = g * self.record_bytes + h * self.head_bytes
+                for buf, off in ((k_out[h, j:e], base + r0 * D * 4), (v_out[h, j:e], base + G * D * 4 + r0 * D * 4),
+                                 (pos_out[h, j:e], base + 2 * G * D * 4 + r0 * 8)):
+                    got = os.preadv(fd, [buf], off)
+                    if got != buf.nbytes:
+                        raise OSError(f"cold store {self.path(layer)}: read {got} of {buf.nbytes} bytes at {off}")
+                    total += got
+                j = e
         self.bytes_read += total
         return total
 

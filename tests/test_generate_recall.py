@@ -121,7 +121,8 @@ def test_decode_evictions_go_to_the_store_too(llama, ids):
 
 @pytest.mark.parametrize("score", ["mix", "bound"])
 def test_group_statistics_equal_brute_force(llama, ids, question, score):
-    g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score))
+    """The linear selection's group statistics (the exact selection keeps none in RAM)."""
+    g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score, selection="linear"))
     out: dict = {}
     _spy(g, _cold_snapshot(out))
     if score == "bound":
@@ -131,7 +132,7 @@ def test_group_statistics_equal_brute_force(llama, ids, question, score):
             snap(call)
             st = _recall_part(call.policy).store
             out["minmax"] = {L: (st.kmax[L][:, :st.groups(L)].copy(), st.kmin[L][:, :st.groups(L)].copy()) for L in st.kmax}
-        g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score))
+        g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score, selection="linear"))
         _spy(g, both)
     res = g.generate(ids + question, max_new_tokens=4, stop=False, protect_suffix=len(question))
     assert set(out["mix"]) == {0, 2}  # only the leaders of the share=2 layer groups keep statistics
@@ -165,9 +166,10 @@ class _AttnSpy:
         return self.sess.run(names, feeds)
 
 
+@pytest.mark.parametrize("selection", ["exact", "linear"])
 @pytest.mark.parametrize("budget,suffix", [(256, False), (0.2, True), ("1MB", False)])
-def test_resident_plus_fetched_never_exceed_the_budget(llama, ids, question, budget, suffix):
-    g = Generator(llama, kv_budget=budget, policy="mpcache_recall")
+def test_resident_plus_fetched_never_exceed_the_budget(llama, ids, question, budget, suffix, selection):
+    g = Generator(llama, kv_budget=budget, policy=mpcache_recall(selection=selection))
     log: list = []
     g.sessions = [(qkv, _AttnSpy(attn, log)) for qkv, attn in g.sessions]
     prompt = ids + question if suffix else ids
@@ -178,7 +180,10 @@ def test_resident_plus_fetched_never_exceed_the_budget(llama, ids, question, bud
     if isinstance(budget, int):
         assert cap <= budget
     if budget == "1MB":
-        assert cap * g.bytes_per_token(make_policy("mpcache_recall")) + st["cold"]["stats_bytes"] <= 1_000_000
+        pol = mpcache_recall(selection=selection)
+        fixed = pol.fixed_bytes(g.n_layers, g.kv_heads, g.head_dim, len(prompt) + 40)
+        assert cap * g.bytes_per_token(pol) + fixed <= 1_000_000  # the exact scoring's scratch is in `fixed`
+        assert st["cold"]["stats_bytes"] <= fixed
         assert st["kv_bytes_allocated"] <= 1_000_000 and st["kv_bytes_peak"] <= 1_000_000
     decode = [x for x in log if x[2] == 1]
     assert decode and max(x[0] for x in decode) <= cap and max(x[1] for x in decode) <= cap
@@ -187,8 +192,14 @@ def test_resident_plus_fetched_never_exceed_the_budget(llama, ids, question, bud
     # part is read whole: from 512 tokens on, the dynamic selection reads a subset of it)
     if st["kv_resident_tokens"] < 512:
         assert max(x[1] for x in decode) > st["kv_resident_tokens"]
-    assert st["cold"]["bytes_read_per_decode_step"] > 0
-    assert st["cost_per_decode_step"]["gathers"] > 0 and st["cost_per_decode_step"]["exp_div"] == 0
+    if selection == "linear":  # MPCache's similarity at every step: reads from disk, no exponentials
+        assert st["cold"]["bytes_read_per_decode_step"] > 0
+        assert st["cost_per_decode_step"]["gathers"] > 0 and st["cost_per_decode_step"]["exp_div"] == 0
+    elif suffix:  # exact scoring at the question (exponentials), then nothing read while decoding
+        assert st["cold"]["bytes_read_suffix"] > 0 and st["cost_prefill"]["exp_div"] > 0
+        assert st["cold"]["bytes_read_per_decode_step"] == 0 and st["cost_per_decode_step"]["exp_div"] == 0
+    else:  # no question: the first decode step's query selects, once
+        assert 0 < st["cold"]["bytes_read_per_decode_step"] * 39 <= 3 * st["cold"]["file_bytes"]
 
 
 def test_fetching_everything_reproduces_the_full_cache(llama, ids, question):
@@ -289,7 +300,7 @@ def test_recall_fetches_the_best_groups_by_definition(tmp_path, score, head_redu
 
     rng = np.random.default_rng(1)
     kv, heads, D = 2, 4, 8
-    rec = MPCacheRecall(share=1, score=score, head_reduce=head_reduce, group=32)
+    rec = MPCacheRecall(share=1, score=score, head_reduce=head_reduce, group=32, selection="linear")
     rec.begin(Context(1, kv, heads, D, 64, 384, 8, cold_dir=str(tmp_path), fetch=64))
     c = LayerCache(kv, 384, D, fetch=64)
     k = rng.standard_normal((1, kv, 384, D)).astype(np.float32)
@@ -324,7 +335,7 @@ def test_recall_expand_fetches_the_neighbours_of_the_best_group(tmp_path):
 
     rng = np.random.default_rng(2)
     kv, heads, D = 2, 4, 8
-    rec = MPCacheRecall(share=1, group=16, expand=1)
+    rec = MPCacheRecall(share=1, group=16, expand=1, selection="linear")
     rec.begin(Context(1, kv, heads, D, 64, 384, 8, cold_dir=str(tmp_path), fetch=48))
     c = LayerCache(kv, 384, D, fetch=48)
     k = rng.standard_normal((1, kv, 384, D)).astype(np.float32)
@@ -345,3 +356,139 @@ def test_recall_expand_fetches_the_neighbours_of_the_best_group(tmp_path):
                     want.append(int(x))
         assert sorted(set((c.pos[h, 384:432] // 16).tolist())) == sorted(want)
     rec.end()
+
+
+# ---- exact question-time selection (the default) ---------------------------------------------------
+def _synthetic(tmp_path, rec, n=384, keep_from=320, fetch=64, kv=2, heads=4, D=8, seed=3, layers=1):
+    from edge_sel.runtime.kvcache import LayerCache
+    from edge_sel.runtime.policies import Context
+
+    rng = np.random.default_rng(seed)
+    rec.begin(Context(layers, kv, heads, D, n - keep_from, n, 8, cold_dir=str(tmp_path), fetch=fetch))
+    k = rng.standard_normal((1, kv, n, D)).astype(np.float32)
+    v = rng.standard_normal((1, kv, n, D)).astype(np.float32)
+    caches = []
+    for L in range(layers):
+        c = LayerCache(kv, n, D, fetch=fetch)
+        c.append(k, v, np.arange(n))
+        keep = np.arange(keep_from, n)
+        rec.evicted(L, c, keep)
+        c.compact(keep)
+        caches.append(c)
+    return k, v, caches, rng
+
+
+def _brute_force_votes(q, k, keep_from, pool, vote="sum"):
+    """softmax(q.k/sqrt(d)) of every query over all keys of its KV head, voted per cold key, max-pooled."""
+    kv, D = k.shape[1], k.shape[3]
+    H, T = q.shape[1], q.shape[2]
+    out = []
+    for h in range(kv):
+        Q = q[0, h * (H // kv):(h + 1) * (H // kv)].reshape(-1, D).astype(np.float64)
+        lg = Q @ k[0, h].astype(np.float64).T / np.sqrt(D)
+        p = np.exp(lg - lg.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        s = (p.sum(0) if vote == "sum" else p.max(0))[:keep_from]
+        r = pool // 2
+        out.append(np.array([s[max(0, i - r):i + r + 1].max() for i in range(keep_from)]))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("vote,pool", [("sum", 7), ("max", 1), ("sum", 3)])
+def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote, pool):
+    """The fetched cold tokens are the top ones by the question's softmax votes over the whole context
+    (resident + cold keys), max-pooled: brute force in float64. Blocks of the cold store are smaller
+    than the cold set (fetch 48 < 320), so the two-pass block scoring is exercised."""
+    rec = MPCacheRecall(share=1, group=16, vote=vote, vote_pool=pool)
+    k, v, (c,), rng = _synthetic(tmp_path, rec, fetch=48)
+    q = rng.standard_normal((1, 4, 5, 8)).astype(np.float32) * 2  # a 5-token question
+    rec.recall(0, q, c, "suffix")
+    assert c.nf == 48
+    want = _brute_force_votes(q, k, 320, pool, vote)
+    for h in range(2):
+        got = c.pos[h, 384:384 + 48]
+        assert len(set(got.tolist())) == 48 and got.max() < 320
+        # every fetched token scores at least as well as every token left on disk (ties aside)
+        left = np.setdiff1d(np.arange(320), got)
+        assert want[h, got].min() >= want[h, left].max() - 1e-5
+        np.testing.assert_array_equal(c.k[0, h, 384:432], k[0, h, got])
+        np.testing.assert_array_equal(c.v[0, h, 384:432], v[0, h, got])
+    st = rec.cold_stats()
+    # the cold keys were read twice (two passes) plus the chosen tokens, and the scratch stayed small
+    assert st["cold_bytes_read_suffix"] >= 2 * 320 * 2 * (8 * 4 * 2 + 8)
+    assert st["select_scratch_bytes_peak"] <= rec.fixed_bytes(1, 2, 8, 384 + 8)
+    assert rec.cost["exp_div"] > 0 and rec.cost["multiplications"] > 0
+    rec.end()
+
+
+def test_exact_selection_fetches_a_planted_key_with_its_neighbours(tmp_path):
+    """A cold key planted along the question's query is fetched, with its pooled neighbours, also across a
+    cold-group boundary (position 95/96 with 16-token groups), in every KV head; a 16-slot area."""
+    rec = MPCacheRecall(share=1, group=16, vote_pool=7)
+    from edge_sel.runtime.kvcache import LayerCache
+    from edge_sel.runtime.policies import Context
+
+    rng = np.random.default_rng(5)
+    kv, heads, D, n = 2, 4, 8, 384
+    k = rng.standard_normal((1, kv, n, D)).astype(np.float32) * 0.3
+    v = rng.standard_normal((1, kv, n, D)).astype(np.float32)
+    q = rng.standard_normal((1, heads, 3, D)).astype(np.float32)
+    for h in range(kv):
+        k[0, h, 96] = 3.0 * q[0, h * 2, -1]  # matches the question's last query of that KV head's first head
+    rec.begin(Context(1, kv, heads, D, 64, n, 8, cold_dir=str(tmp_path), fetch=16))
+    c = LayerCache(kv, n, D, fetch=16)
+    c.append(k, v, np.arange(n))
+    keep = np.arange(320, n)
+    rec.evicted(0, c, keep)
+    c.compact(keep)
+    rec.recall(0, q, c, "suffix")
+    for h in range(kv):
+        got = set(c.pos[h, 384:400].tolist())
+        assert set(range(93, 100)) <= got  # the hit and 3 neighbours each side (groups 5 and 6)
+    rec.end()
+
+
+def test_exact_selection_shared_by_a_layer_group(tmp_path):
+    """``select_share=2``: the follower layer's fetch area holds the leader's token ids (its cold store
+    holds the same tokens in the same order) and it scores nothing itself."""
+    rec = MPCacheRecall(share=2, group=16, select_share=2)
+    k, v, caches, rng = _synthetic(tmp_path, rec, fetch=32, layers=2)
+    q = rng.standard_normal((1, 4, 4, 8)).astype(np.float32)
+    rec.recall(0, q, caches[0], "suffix")
+    cost = dict(rec.cost)
+    rec.recall(1, rng.standard_normal((1, 4, 4, 8)).astype(np.float32), caches[1], "suffix")
+    np.testing.assert_array_equal(caches[0].pos[:, 384:416], caches[1].pos[:, 384:416])
+    assert rec.cost["exp_div"] == cost["exp_div"]  # the follower paid no scoring
+    rec.end()
+
+
+def test_exact_selection_stays_fixed_while_decoding(llama, ids, question):
+    """After the question the fetch area of every layer holds the same tokens at every decode step and
+    nothing is read from disk; ``refresh=4`` re-reads the area's tail every 4 steps (linear groups) and
+    never attends to a token twice."""
+    areas: list = []
+
+    def snap(call):
+        areas.append([c.pos[:, c.capacity:c.capacity + c.fetch].copy() for c in call.caches])
+    g = Generator(llama, kv_budget=0.2, policy="mpcache_recall")
+    _spy(g, snap)
+    res = g.generate(ids + question, max_new_tokens=12, stop=False, protect_suffix=len(question))
+    assert res.stats["kv_fetch_tokens"] > 0 and res.stats["cold"]["bytes_read_per_decode_step"] == 0
+    for a in areas[1:]:
+        for L in range(len(a)):
+            np.testing.assert_array_equal(a[L], areas[0][L])
+    assert (areas[0][0] != EMPTY_POS).all()  # the whole area is used
+    seen: list = []
+
+    def snap2(call):
+        seen.append([(c.pos[:, :c.n].copy(), c.pos[:, c.capacity:c.capacity + c.nf].copy()) for c in call.caches])
+    g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(refresh=4))
+    _spy(g, snap2)
+    res = g.generate(ids + question, max_new_tokens=12, stop=False, protect_suffix=len(question))
+    assert res.stats["cold"]["bytes_read_per_decode_step"] > 0 and res.stats["cold"]["stats_bytes"] > 0
+    for layers in seen:
+        for rp, fp in layers:
+            for h in range(rp.shape[0]):
+                live = np.concatenate([rp[h], fp[h][fp[h] != EMPTY_POS]])
+                assert len(np.unique(live)) == len(live)
+    assert any(not np.array_equal(seen[0][0][1], s[0][1]) for s in seen[1:])  # the tail changed

@@ -5,8 +5,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..kvcache import EMPTY_POS
 from .base import Policy, log2c, topk_sorted
 from .sharing import LayerSharing
+from .snapkv import max_pool
 
 
 @dataclass
@@ -20,7 +22,9 @@ class MPCacheRecall(Policy):
     is the binding constraint, so here the budgeted cache stays in RAM as the static policy left it and
     the tokens it evicts are **not dropped but written to disk** (a per-layer cold store in a temporary
     directory the generator call owns, removed when the call ends; read with ``preadv``, not mmap, so
-    it stays out of the process's RSS). RAM keeps only the alpha-mix vector of every ``group`` cold
+    it stays out of the process's RSS). What comes back into a fixed fetch area carved out of the
+    budget is chosen by ``selection`` (below): ``"linear"`` is MPCache's similarity, applied to the cold
+    groups. With it RAM keeps only the alpha-mix vector of every ``group`` cold
     tokens per KV head (1/``group`` of the cold keys; counted in the reported KV bytes and against a
     byte budget). When a query arrives -- the protected suffix (the question; ``suffix_query``: its
     ``"last"`` token's query or the ``"max"`` over its queries per group) and every decode step -- the
@@ -36,6 +40,29 @@ class MPCacheRecall(Policy):
     would hold everything (tests use it to fetch every evicted group). The area never takes slots the
     resident cache needs for its minimum: a budget without that room runs without recall (a warning,
     ``stats["kv_fetch_tokens"] == 0``).
+
+    ``selection`` chooses what the fetch area holds:
+
+    * ``"exact"`` (default): **exact question-time scoring, then a fixed selection**. When the protected
+      suffix (the question) arrives, every layer (``select_share`` > 1: one layer per group of that many,
+      the others replay its token ids) scores ALL its cold keys exactly against all the question's
+      queries, SnapKV-style: ``softmax(q.k / sqrt(d))`` over the layer's whole context (resident +
+      cold keys; the normalizer is exact: a first pass computes each query's log-sum-exp, a second the
+      probabilities), summed (``vote="sum"``, SnapKV) or maxed (``"max"``) over the query heads of a KV
+      head and the question's tokens, max-pooled over ``vote_pool`` neighbouring cold tokens (a hit brings its
+      neighbours, also across a cold-group boundary), and the top ``fetch`` tokens per KV head are read
+      into the fetch area. The cold keys are read in blocks into the fetch area itself (it is empty
+      until the selection is made), so no more K/V than the budget ever sits in RAM; the extra scratch
+      is the per-token vote and one block of logits (both ``[kv, tokens]`` f32, preallocated, counted in
+      ``fixed_bytes``). During decoding that selection stays as is: **no disk read per step**
+      (``refresh=M`` > 0: the last ``refresh_frac`` of the area is refilled every ``M`` decode steps with
+      the linear similarity's best groups for the current query, duplicates of the exact part masked).
+      Without a protected suffix the first decode step's query makes the selection. The exact scoring
+      is **not MPC-friendly**: it costs exponentials (``exp_div``: two per query and cold key, one per
+      resident key) and multiplications for every cold key, counted honestly in the cost report; RAM
+      holds no group statistics unless ``refresh`` needs them.
+    * ``"linear"``: MPCache's dynamic selection described above, at the question and every decode step
+      (MPC-friendly: no exponentials; reads the fetch area from disk every step).
     """
 
     name: ClassVar[str] = "mpcache_recall"
@@ -50,6 +77,12 @@ class MPCacheRecall(Policy):
     head_reduce: str = "sum"
     score: str = "mix"
     expand: int = 0
+    selection: str = "exact"  # "exact" (question-time softmax voting, fixed) or "linear" (MPCache, every step)
+    vote_pool: int = 7        # exact: max-pool kernel over neighbouring cold tokens (SnapKV's 7)
+    vote: str = "sum"         # exact: probabilities summed (SnapKV) or maxed over the question's queries
+    select_share: int = 1     # exact: layers per selection (1: every layer scores its own cold keys)
+    refresh: int = 0          # exact: decode steps between linear refreshes of the area's tail (0: fixed)
+    refresh_frac: float = 0.5  # exact + refresh: share of the area the linear refresh owns
     bytes_read: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -61,6 +94,17 @@ class MPCacheRecall(Policy):
             raise ValueError(f"score must be 'mix' (MPCache) or 'bound' (Quest), got {self.score!r}")
         if not 0.0 < self.fetch_frac < 1.0:
             raise ValueError(f"fetch_frac must be in (0, 1), got {self.fetch_frac}")
+        if self.selection not in ("exact", "linear"):
+            raise ValueError(f"selection must be 'exact' or 'linear' (MPCache's similarity), got {self.selection!r}")
+        if self.vote not in ("sum", "max"):
+            raise ValueError(f"vote must be 'sum' or 'max', got {self.vote!r}")
+        if self.vote_pool < 1 or self.select_share < 1 or self.refresh < 0 or not 0.0 < self.refresh_frac < 1.0:
+            raise ValueError("vote_pool and select_share must be >= 1, refresh >= 0, refresh_frac in (0, 1)")
+
+    @property
+    def _needs_stats(self) -> bool:
+        """Group statistics in RAM: the linear selection, or the exact one's linear refresh."""
+        return self.selection == "linear" or self.refresh > 0
 
     # ---- planning ----------------------------------------------------------------------------
     def fetch_tokens(self, cap, suffix, whole, room):
@@ -78,7 +122,10 @@ class MPCacheRecall(Policy):
 
     def fixed_bytes(self, n_layers, kv_heads, head_dim, n_tokens):
         groups = -(-int(n_tokens) // self.group) + 1
-        return len(self._leaders(n_layers)) * kv_heads * groups * head_dim * 4 * (3 if self.score == "bound" else 1)
+        stats = len(self._leaders(n_layers)) * kv_heads * groups * head_dim * 4 * (3 if self.score == "bound" else 1)
+        # exact: one per-token vote row and one block of logits, [kv, tokens] f32 each, reused layer after layer
+        exact = 2 * kv_heads * (int(n_tokens) + self.group) * 4 if self.selection == "exact" else 0
+        return (stats if self._needs_stats else 0) + exact
 
     def begin(self, ctx):
         super().begin(ctx)
@@ -86,12 +133,21 @@ class MPCacheRecall(Policy):
         self.events: dict[int, int] = {}
         self.store = None
         self.bytes_read = {"suffix": 0, "decode": 0}
+        self.xsharing = LayerSharing(self.select_share, ctx.n_layers)
+        self.xevents: dict[int, int] = {}
+        self.selected: dict[int, int] = {}   # layer -> slots of the area the exact selection holds
+        self.dsteps: dict[int, int] = {}
+        self.scratch_peak = 0
         if ctx.cold_dir and ctx.fetch:
             from ..coldstore import ColdStore
 
-            self.store = ColdStore(ctx.cold_dir, ctx.n_layers, ctx.kv_heads, ctx.head_dim,
-                                   ctx.prompt_len + ctx.max_new_tokens, self._leaders(ctx.n_layers),
+            tokens = ctx.prompt_len + ctx.max_new_tokens
+            self.store = ColdStore(ctx.cold_dir, ctx.n_layers, ctx.kv_heads, ctx.head_dim, tokens,
+                                   self._leaders(ctx.n_layers) if self._needs_stats else [],
                                    alpha=self.alpha, group=self.group, minmax=self.score == "bound")
+            if self.selection == "exact":  # counted in fixed_bytes
+                self._vote = np.zeros((ctx.kv_heads, tokens + self.group), np.float32)
+                self._logits = np.zeros(ctx.kv_heads * (tokens + self.group), np.float32)
 
     def end(self):
         if getattr(self, "store", None) is not None:
@@ -103,7 +159,8 @@ class MPCacheRecall(Policy):
             return {}
         return {"cold_tokens": list(st.n), "cold_file_bytes": st.file_bytes(), "cold_stats_bytes": st.stats_bytes,
                 "cold_bytes_written": st.bytes_written, "cold_bytes_read_suffix": self.bytes_read["suffix"],
-                "cold_bytes_read_decode": self.bytes_read["decode"]}
+                "cold_bytes_read_decode": self.bytes_read["decode"], "selection": self.selection,
+                "select_scratch_bytes_peak": self.scratch_peak}
 
     # ---- eviction -> disk --------------------------------------------------------------------
     def evicted(self, layer, cache, keep):
@@ -147,49 +204,175 @@ class MPCacheRecall(Policy):
     def recall(self, layer, q, cache, phase):
         if self.store is None or cache.fetch == 0:
             return
+        if self.selection == "linear":
+            ids = self._linear_ids(layer, q, phase, min(self.store.groups(layer), cache.fetch // self.group))
+            if ids is None or ids.size == 0:
+                cache.set_fetched(0)
+                return
+            self._read_groups(layer, ids, cache, 0, phase)
+            cache.set_fetched(ids.shape[1] * self.group)
+            return
+        G, F = self.group, cache.fetch
+        tail = min(int(self.refresh_frac * F) // G * G, F - G) if self.refresh else 0
+        if phase == "decode":
+            step = self.dsteps[layer] = self.dsteps.get(layer, 0) + 1
+            if layer in self.selected:  # the question's selection stays: no disk read this step
+                if tail and step % self.refresh == 0:
+                    self._refill_tail(layer, q, cache, tail, phase)
+                return
+        ne = self._exact(layer, q, cache, F - tail, phase)
+        self.selected[layer] = ne
+        if tail:
+            self._refill_tail(layer, q, cache, tail, phase)
+        else:
+            cache.set_fetched(ne)
+
+    def _read_groups(self, layer, ids, cache, at, phase):
+        k_out, v_out, p_out = cache.fetch_area()
+        got = self.store.read_groups(layer, ids, k_out[:, at:], v_out[:, at:], p_out[:, at:])
+        self.bytes_read["suffix" if phase == "suffix" else "decode"] += got
+        self.count(gathers=ids.size * self.group)
+
+    def _refill_tail(self, layer, q, cache, tail, phase):
+        """Exact selection + linear refresh: the area's last ``tail`` slots get the linear best groups for
+        ``q``; tokens the exact part already holds are masked there (no token is attended to twice)."""
+        G, ne = self.group, self.selected[layer]
+        ids = self._linear_ids(layer, q, phase, min(self.store.groups(layer), tail // G))
+        if ids is None or ids.size == 0:
+            cache.set_fetched(ne)
+            return
+        self._read_groups(layer, ids, cache, ne, phase)
+        exact = self._xidx.get(layer)
+        if exact is not None and exact.size:
+            toks = ids[..., None] * G + np.arange(G)                                 # [kv, m, G] cold indices
+            dup = np.stack([np.isin(toks[h].ravel(), exact[h]) for h in range(toks.shape[0])])
+            _, _, p_out = cache.fetch_area()
+            p_out[:, ne:ne + dup.shape[1]][dup] = EMPTY_POS
+            self.count(comparisons=dup.size * log2c(exact.shape[1]))
+        cache.set_fetched(ne + ids.shape[1] * G)
+
+    def _exact(self, layer, q, cache, m, phase) -> int:
+        """Exact selection of ``m`` cold tokens per KV head into the area's first slots; returns how many."""
+        event = self.xevents.get(layer, 0)
+        self.xevents[layer] = event + 1
+        n = self.store.n[layer]
+        m = min(n, m)
+        if m == 0:
+            return 0
+        idx = None
+        if not self.xsharing.is_leader(layer):
+            idx = self.xsharing.replay(layer, event, n, m)
+        if idx is None:
+            idx = self._score_exact(layer, q, cache, m, phase)
+            if self.xsharing.is_leader(layer):
+                self.xsharing.record(layer, event, idx)
+        k_out, v_out, p_out = cache.fetch_area()
+        self.bytes_read["suffix" if phase == "suffix" else "decode"] += self.store.read_tokens(layer, idx, k_out, v_out, p_out)
+        self.count(gathers=idx.size)
+        if self.refresh:
+            self._xidx = getattr(self, "_xidx", {})
+            self._xidx[layer] = idx
+        return int(idx.shape[1])
+
+    def _score_exact(self, layer, q, cache, m, phase) -> np.ndarray:
+        """Top ``m`` cold tokens per KV head by the question's softmax votes (max-pooled), ``[kv, m]`` ascending.
+
+        Two passes over the layer's cold store, read in blocks into the (still empty) fetch area: the
+        first completes each query's log-sum-exp over resident + cold keys, the second turns the cold
+        logits into probabilities and votes."""
+        st, G = self.store, self.group
+        n = st.n[layer]
+        kv, D = cache.kv_heads, cache.head_dim
+        if m >= n:
+            return np.broadcast_to(np.arange(n), (kv, n)).copy()
+        H, T = q.shape[1], q.shape[2]
+        R = (H // kv) * T                                                           # queries per KV head
+        Q = np.ascontiguousarray(q[0].reshape(kv, R, D), dtype=np.float32) * np.float32(1.0 / np.sqrt(D))
+        F = cache.fetch
+        B = max(G, min(F // G * G, self._logits.size // (kv * R) // G * G))         # block of tokens
+        buf = self._logits if kv * R * B <= self._logits.size else np.empty(kv * R * B, np.float32)
+        self.scratch_peak = max(self.scratch_peak, self._vote[:, :n].nbytes + kv * R * B * 4)
+        k_out, v_out, p_out = cache.fetch_area()
+        key = "suffix" if phase == "suffix" else "decode"
+
+        def logits(K):
+            out = buf[:kv * R * K.shape[1]].reshape(kv, R, K.shape[1])
+            np.matmul(Q, K.transpose(0, 2, 1), out=out)
+            return out
+
+        def blocks():
+            ng, bg = st.groups(layer), B // G
+            for g0 in range(0, ng, bg):
+                g1 = min(ng, g0 + bg)
+                self.bytes_read[key] += st.read_block(layer, g0, g1, k_out, v_out, p_out)
+                yield g0 * G, min(n, g1 * G), k_out
+
+        mx = np.full((kv, R), -np.inf, np.float32)
+        se = np.zeros((kv, R), np.float64)
+
+        def update(L):  # online log-sum-exp (L is overwritten)
+            m_new = np.maximum(mx, L.max(axis=-1))
+            se[:] = se * np.exp(mx - m_new) + np.exp(np.subtract(L, m_new[..., None], out=L), out=L).sum(axis=-1)
+            mx[:] = m_new
+
+        nres = cache.n
+        for a in range(0, nres, B):
+            update(logits(cache.k[0, :, a:min(nres, a + B)]))
+        for a, b, K in blocks():
+            update(logits(K[:, :b - a]))
+        lse = (mx + np.log(se)).astype(np.float32)
+        vote = self._vote[:, :n]
+        for a, b, K in blocks():
+            L = logits(K[:, :b - a])
+            np.exp(np.subtract(L, lse[..., None], out=L), out=L)
+            vote[:, a:b] = L.sum(axis=1) if self.vote == "sum" else L.max(axis=1)
+        pooled = max_pool(vote, self.vote_pool) if self.vote_pool > 1 else vote
+        idx = topk_sorted(pooled, m)
+        keys = nres + 2 * n  # logits computed per query: resident once, cold twice
+        self.count(multiplications=kv * R * (D * keys + D),
+                   exp_div=kv * R * (keys + 1),                       # exponentials (+ one log per query)
+                   comparisons=kv * R * (nres + n) + (kv * R * n if self.vote == "max" else 0)
+                   + kv * n * (self.vote_pool - 1) + kv * n * log2c(m))
+        return idx
+
+    def _linear_ids(self, layer, q, phase, m):
+        """MPCache's linear selection of ``m`` cold groups per KV head (leader layers; followers replay)."""
         event = self.events.get(layer, 0)
         self.events[layer] = event + 1
-        G, kv = self.group, cache.kv_heads
+        kv = self.store.kv
         n_groups = self.store.groups(layer)
-        m = min(n_groups, cache.fetch // G)
-        ids = None
-        if m and self.sharing.is_leader(layer):
-            mix = self.store.mix[layer][:, :n_groups]                                 # [kv, g, D]
-            T, D = q.shape[2], q.shape[3]
-            if not (phase == "suffix" and self.suffix_query == "max"):
-                q, T = q[:, :, -1:], 1
-            qg = q[0].reshape(kv, -1, T, D)                                          # [kv, rep, T, D]
-            if self.head_reduce == "sum":  # MPCache: the query group's sum (one product per group)
-                qg = qg.sum(axis=1, keepdims=True)
-            r = qg.shape[1]
-            if self.score == "mix":  # MPCache's linear similarity
-                s = np.einsum("hrtd,hgd->hrtg", qg, mix)
-                self.count(multiplications=kv * r * T * D * n_groups)
-            else:  # Quest's upper bound of q.k over the group: sum_d max(q_d kmax_d, q_d kmin_d)
-                mx = self.store.kmax[layer][:, None, None, :n_groups]
-                mn = self.store.kmin[layer][:, None, None, :n_groups]
-                qe = qg[:, :, :, None, :]
-                s = np.maximum(qe * mx, qe * mn).sum(axis=-1)
-                self.count(multiplications=2 * kv * r * T * D * n_groups, comparisons=kv * r * T * D * n_groups)
-            s = s.reshape(kv, r * T, n_groups).max(axis=1)   # best query (head, suffix token) per group
-            self.count(comparisons=kv * (r * T - 1) * n_groups)
-            if self.expand:
-                ids = self._expand(s, m)
-                self.count(comparisons=kv * n_groups * log2c(n_groups))
-            else:
-                ids = topk_sorted(s, m)                                              # [kv, m]
-                self.count(comparisons=kv * n_groups * log2c(m))
-            self.sharing.record(layer, event, ids)
-        elif m:
-            ids = self.sharing.replay(layer, event, n_groups, m)
-        if ids is None or ids.size == 0:
-            cache.set_fetched(0)
-            return
-        k_out, v_out, p_out = cache.fetch_area()
-        got = self.store.read_groups(layer, ids, k_out, v_out, p_out)
-        self.bytes_read["suffix" if phase == "suffix" else "decode"] += got
-        cache.set_fetched(ids.shape[1] * G)
-        self.count(gathers=ids.size * G)
+        m = min(n_groups, m)
+        if not m:
+            return None
+        if not self.sharing.is_leader(layer):
+            return self.sharing.replay(layer, event, n_groups, m)
+        mix = self.store.mix[layer][:, :n_groups]                                     # [kv, g, D]
+        T, D = q.shape[2], q.shape[3]
+        if not (phase == "suffix" and self.suffix_query == "max"):
+            q, T = q[:, :, -1:], 1
+        qg = q[0].reshape(kv, -1, T, D)                                              # [kv, rep, T, D]
+        if self.head_reduce == "sum":  # MPCache: the query group's sum (one product per group)
+            qg = qg.sum(axis=1, keepdims=True)
+        r = qg.shape[1]
+        if self.score == "mix":  # MPCache's linear similarity
+            s = np.einsum("hrtd,hgd->hrtg", qg, mix)
+            self.count(multiplications=kv * r * T * D * n_groups)
+        else:  # Quest's upper bound of q.k over the group: sum_d max(q_d kmax_d, q_d kmin_d)
+            mx = self.store.kmax[layer][:, None, None, :n_groups]
+            mn = self.store.kmin[layer][:, None, None, :n_groups]
+            qe = qg[:, :, :, None, :]
+            s = np.maximum(qe * mx, qe * mn).sum(axis=-1)
+            self.count(multiplications=2 * kv * r * T * D * n_groups, comparisons=kv * r * T * D * n_groups)
+        s = s.reshape(kv, r * T, n_groups).max(axis=1)   # best query (head, suffix token) per group
+        self.count(comparisons=kv * (r * T - 1) * n_groups)
+        if self.expand:
+            ids = self._expand(s, m)
+            self.count(comparisons=kv * n_groups * log2c(n_groups))
+        else:
+            ids = topk_sorted(s, m)                                                  # [kv, m]
+            self.count(comparisons=kv * n_groups * log2c(m))
+        self.sharing.record(layer, event, ids)
+        return ids
 
 
 def mpcache_recall(**kw) -> "Policy":
@@ -197,7 +380,8 @@ def mpcache_recall(**kw) -> "Policy":
     from .base import Composite
     from .mpcache import MPCacheDynamic, MPCacheStatic
 
-    own = ("group", "fetch_frac", "fetch", "suffix_query", "head_reduce", "score", "expand")  # recall's alone
+    own = ("group", "fetch_frac", "fetch", "suffix_query", "head_reduce", "score", "expand", "selection", "vote_pool", "vote",
+           "select_share", "refresh", "refresh_frac")  # recall's alone
     static_kw = {k: v for k, v in kw.items() if k in MPCacheStatic.__dataclass_fields__ and k not in own}
     rec_kw = {k: v for k, v in kw.items() if k in MPCacheRecall.__dataclass_fields__}
     dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__ and k not in own}
