@@ -126,9 +126,10 @@ def main(argv=None) -> int:
     rr.close()
     table = {m: agreement_table(s, traces, k) for m, s in held.items()}
     sims = {}
-    for m, c in rep["candidates"].items():
-        sims[m] = {"calibration": c["simulated"], "layers": c["layers"], "margins": c["margins"],
-                   "held_out": simulate(held[m], traces, k, c["layers"], c["margins"])}
+    for key, c in rep["candidates"].items():
+        m, rule = key.split("/")
+        sims[key] = {"calibration": c["simulated"], "layers": c["layers"], "params": c["params"],
+                     "held_out": simulate(held[m], traces, k, c["layers"], c["params"], rule=rule)}
 
     # the real runtime on the stored schedule
     pr = Reranker(bundle, pruning="auto")

@@ -131,8 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default="builtin", help="'builtin' (default) or a JSONL file of {query, documents}")
     c.add_argument("--top-k", "-k", type=int, default=10, help="the top-K the schedule must always keep (default 10)")
     c.add_argument("--method", default="auto", choices=["auto", "probe", "head", "cosine"], help="how a layer is scored")
-    c.add_argument("--safety", type=float, default=1.5, help="margin multiplier over the worst calibration gap (default 1.5)")
-    c.add_argument("--queries", type=int, default=32, help="builtin data: number of queries")
+    c.add_argument("--rule", default="auto", choices=["auto", "margin", "rank"],
+                   help="margin = drop clusters scoring below the K-th best minus a calibrated margin; rank = keep a calibrated "
+                        "fraction of the candidates; auto (default) = whichever saves more on the calibration data")
+    c.add_argument("--safety", type=float, default=None,
+                   help="multiplier over the calibration worst case (default: 1.5 for margins, 1.0 for rank fractions; "
+                        "split-half validation raises it when needed)")
+    c.add_argument("--queries", type=int, default=64, help="builtin data: number of queries (default 64)")
     c.add_argument("--candidates", type=int, default=48, help="builtin data: candidates per query")
     c.add_argument("--max-layers", type=int, default=4, help="at most this many pruning layers")
     c.add_argument("--memory-budget", "-m", type=_size, help="run calibration under this budget")
@@ -314,7 +319,7 @@ def _dropped_line(manifest: dict) -> str:
 
 def _schedule_line(s: dict) -> str:
     ag = s.get("agreement") or {}
-    return (f"early ranking: {s['method']} at layers {[e['layer'] for e in s['layers']]} for top-{s['top_k']} · calibration: "
+    return (f"early ranking: {s['method']} ({s.get('rule', 'margin')} rule) at layers {[e['layer'] for e in s['layers']]} for top-{s['top_k']} · calibration: "
             f"top-K kept {ag.get('topk_recall', float('nan')):.3f}, layer-work saved {100 * ag.get('layer_work_saved', 0):.0f}%")
 
 
@@ -326,7 +331,7 @@ def cmd_calibrate(args, console) -> int:
     with Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} queries"),
                   TimeElapsedColumn(), console=console, transient=True, disable=args.json) as prog:
         task = prog.add_task("cal", total=None)
-        rep = calibrate(args.bundle, args.data, top_k=args.top_k, method=args.method, safety=args.safety,
+        rep = calibrate(args.bundle, args.data, top_k=args.top_k, method=args.method, safety=args.safety, rule=args.rule,
                         max_layers=args.max_layers, n_queries=args.queries, n_candidates=args.candidates,
                         memory_budget=args.memory_budget, progress=lambda i, n: prog.update(task, completed=i, total=n))
     if args.json:
@@ -336,7 +341,8 @@ def cmd_calibrate(args, console) -> int:
     console.print(f"[green]calibrated[/] {rep['bundle']}")
     console.print(_schedule_line(rep["schedule"]))
     for m, c in rep["candidates"].items():
-        console.print(f"  {m:7s} layers {c['layers']} margins {[round(x, 3) for x in c['margins']]} · "
+        what = "keep fractions" if m.endswith("/rank") else "margins"
+        console.print(f"  {m:13s} layers {c['layers']} {what} {[round(x, 3) for x in c['params']]} · "
                       f"simulated layer-work saved {100 * c['simulated']['layer_work_saved']:.0f}%")
     return 0
 

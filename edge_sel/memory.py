@@ -135,7 +135,8 @@ def tune_allocator() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     threshold = int(os.environ.get("EDGE_SEL_MMAP_THRESHOLD", MMAP_THRESHOLD))
-    _tuned = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    trim = int(os.environ.get("EDGE_SEL_TRIM_THRESHOLD", TRIM_THRESHOLD))
+    _tuned = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
     return _tuned
 
 

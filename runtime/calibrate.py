@@ -39,8 +39,8 @@ import numpy as np
 from edge_sel.bundle import MANIFEST, Bundle, sha256_file
 from edge_sel.errors import InputError
 
-from .early_rank import (PROBE_ARRAY, Schedule, _spearman, apply_probe, cosine_scores, fit_ridge_probe,
-                         probe_features, prune_mask)
+from .early_rank import (PROBE_ARRAY, RULES, Schedule, _spearman, apply_probe, cosine_scores, fit_ridge_probe,
+                         probe_features, prune_mask, prune_rank_mask)
 
 log = logging.getLogger("edge_sel")
 
@@ -56,7 +56,10 @@ CALIBRATION_MODULES = [
     "symtable", "token", "tomllib", "rlcompleter", "fileinput", "smtpd", "asynchat", "socketserver",
 ]
 
-DEFAULT_SAFETY = 1.5
+DEFAULT_SAFETY = 1.5          # rule "margin": margin = safety x the worst calibration gap
+DEFAULT_RANK_SAFETY = 1.0     # rule "rank": keep fraction = safety x the deepest calibration rank (split-half validation raises it)
+SAFETY_STEP = {"margin": 1.5, "rank": 1.25}
+DEFAULT_QUERIES = 64          # measured (SmolLM2, 96 queries): schedules from 32 queries lost top-10 members on 2% of held-out queries
 DEFAULT_CLUSTER_GAP = 0.25   # clusters split at gaps wider than this fraction of the layer's margin
 DEFAULT_MAX_LAYERS = 4
 MIN_GAIN = 0.02              # a schedule layer must save >= 2% of the layer-work on calibration
@@ -245,9 +248,29 @@ def layer_gaps(scores: list[np.ndarray], traces: list[Trace], k: int) -> np.ndar
     return G
 
 
+def rank_depths(scores: list[np.ndarray], traces: list[Trace], k: int) -> np.ndarray:
+    """``[Q, L]``: the deepest early rank of a final top-K member, as a fraction of the query's candidates."""
+    D = np.zeros((len(traces), scores[0].shape[0]))
+    for qi, (s, t) in enumerate(zip(scores, traces)):
+        top = np.argsort(-t.final, kind="stable")[:k]
+        for l in range(s.shape[0]):
+            rank = np.empty(len(t.final), dtype=np.int64)
+            rank[np.argsort(-s[l], kind="stable")] = np.arange(len(t.final))
+            D[qi, l] = (rank[top].max() + 1) / len(t.final)
+    return D
+
+
+def layer_params(scores: list[np.ndarray], traces: list[Trace], k: int, safety: float, rule: str) -> np.ndarray:
+    """Per-layer pruning parameter from the calibration worst case: margins (score units) or keep fractions."""
+    if rule == "rank":
+        return np.minimum(1.0, safety * rank_depths(scores, traces, k).max(0))
+    return safety * np.maximum(layer_gaps(scores, traces, k).max(0), 0.0)
+
+
 def simulate(scores: list[np.ndarray], traces: list[Trace], k: int, layers: list[int], margins: list[float],
-             floor: int | None = None, cluster_gap: float = DEFAULT_CLUSTER_GAP) -> dict:
-    """Run progressive pruning on recorded trajectories: work saved and whether the final top-K survived."""
+             floor: int | None = None, cluster_gap: float = DEFAULT_CLUSTER_GAP, rule: str = "margin") -> dict:
+    """Run progressive pruning on recorded trajectories: work saved and whether the final top-K survived.
+    ``margins`` are the per-layer parameters of ``rule`` (keep fractions for ``rank``)."""
     L = scores[0].shape[0]
     work, full, kept_topk, identical = 0, 0, [], []
     for s, t in zip(scores, traces):
@@ -257,7 +280,10 @@ def simulate(scores: list[np.ndarray], traces: list[Trace], k: int, layers: list
             work += len(live)
             if l in layers and l < L - 1 and len(live) > k:
                 m = margins[layers.index(l)]
-                keep = prune_mask(s[l][live], k, m, floor, cluster_gap * m)
+                if rule == "rank":
+                    keep = prune_rank_mask(s[l][live], int(np.ceil(m * n - 1e-9)), k, floor)
+                else:
+                    keep = prune_mask(s[l][live], k, m, floor, cluster_gap * m)
                 live = live[keep]
         full += n * L
         top = set(np.argsort(-t.final, kind="stable")[:k])
@@ -270,19 +296,19 @@ def simulate(scores: list[np.ndarray], traces: list[Trace], k: int, layers: list
 
 def choose_schedule(scores: list[np.ndarray], traces: list[Trace], k: int, safety: float = DEFAULT_SAFETY,
                     max_layers: int = DEFAULT_MAX_LAYERS, min_gain: float = MIN_GAIN, floor: int | None = None,
-                    cluster_gap: float = DEFAULT_CLUSTER_GAP) -> tuple[list[int], list[float], dict]:
+                    cluster_gap: float = DEFAULT_CLUSTER_GAP, rule: str = "margin") -> tuple[list[int], list[float], dict]:
+    """Greedy: add the layer that saves the most simulated work until the gain drops below ``min_gain``."""
     L = scores[0].shape[0]
-    G = layer_gaps(scores, traces, k)
-    margins_all = safety * np.maximum(G.max(0), 0.0)
+    margins_all = layer_params(scores, traces, k, safety, rule)
     chosen: list[int] = []
-    best = simulate(scores, traces, k, [], [], floor, cluster_gap)
+    best = simulate(scores, traces, k, [], [], floor, cluster_gap, rule)
     while len(chosen) < max_layers:
         cand = []
         for l in range(L - 1):
             if l in chosen:
                 continue
             ls = sorted(chosen + [l])
-            r = simulate(scores, traces, k, ls, [float(margins_all[x]) for x in ls], floor, cluster_gap)
+            r = simulate(scores, traces, k, ls, [float(margins_all[x]) for x in ls], floor, cluster_gap, rule)
             cand.append((r["layer_work_saved"], -l, l, r))
         if not cand:
             break
@@ -291,22 +317,22 @@ def choose_schedule(scores: list[np.ndarray], traces: list[Trace], k: int, safet
             break
         chosen = sorted(chosen + [l])
         best = r
-    return chosen, [float(margins_all[l]) for l in chosen], {"simulated": best, "margins_all": margins_all.tolist(),
-                                                             "max_gap": G.max(0).tolist()}
+    return chosen, [float(margins_all[l]) for l in chosen], {"simulated": best, "params_all": margins_all.tolist()}
 
 
-def validated_schedule(scores: list[np.ndarray], traces: list[Trace], k: int, safety: float = DEFAULT_SAFETY,
-                       max_layers: int = DEFAULT_MAX_LAYERS, min_gain: float = MIN_GAIN) -> tuple[list[int], list[float], dict]:
+def validated_schedule(scores: list[np.ndarray], traces: list[Trace], k: int, safety: float | None = None,
+                       max_layers: int = DEFAULT_MAX_LAYERS, min_gain: float = MIN_GAIN,
+                       rule: str = "margin") -> tuple[list[int], list[float], dict]:
     """:func:`choose_schedule`, then a split-half check: margins taken from one half of the calibration
     queries must keep the other half's final top-K on the chosen layers (both ways). If not, the safety
     factor grows x1.5 (up to MAX_SAFETY_STEPS times); if it never passes, no layer is scheduled.
     Measured: worst-case margins from one query set do not always transfer to another (seeded
     cross-encoder, issue 3 study) — this keeps calibration from storing a schedule that loses top-K members."""
-    s = float(safety)
+    s = float(safety if safety is not None else (DEFAULT_RANK_SAFETY if rule == "rank" else DEFAULT_SAFETY))
     Q = len(traces)
     info: dict = {}
     for _ in range(MAX_SAFETY_STEPS):
-        layers, margins, info = choose_schedule(scores, traces, k, s, max_layers, min_gain)
+        layers, margins, info = choose_schedule(scores, traces, k, s, max_layers, min_gain, rule=rule)
         if not layers:
             break
         ok = Q < 4  # too few queries to split: trust the full-set margins
@@ -315,17 +341,16 @@ def validated_schedule(scores: list[np.ndarray], traces: list[Trace], k: int, sa
             for f in (0, 1):
                 A = [i for i in range(Q) if i % 2 == f]
                 B = [i for i in range(Q) if i % 2 != f]
-                G = layer_gaps([scores[i] for i in A], [traces[i] for i in A], k)
-                mA = [s * max(float(G[:, l].max()), 0.0) for l in layers]
-                r = simulate([scores[i] for i in B], [traces[i] for i in B], k, layers, mA)
+                pA = layer_params([scores[i] for i in A], [traces[i] for i in A], k, s, rule)
+                r = simulate([scores[i] for i in B], [traces[i] for i in B], k, layers, [float(pA[l]) for l in layers], rule=rule)
                 ok &= r["topk_recall"] == 1.0
         if ok:
             info["safety_used"] = s
             return layers, margins, info
-        s *= 1.5
+        s *= SAFETY_STEP[rule]
     info["safety_used"] = s
     info["note"] = "no schedule passed split-half validation" if info.get("simulated", {}).get("layer_work_saved", 0) else info.get("note")
-    return [], [], {**info, "simulated": simulate(scores, traces, k, [], [])}
+    return [], [], {**info, "simulated": simulate(scores, traces, k, [], [], rule=rule)}
 
 
 # ---- the whole calibration ---------------------------------------------------------------------
@@ -334,10 +359,13 @@ def available_methods(scoring: str) -> list[str]:
 
 
 def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", top_k: int = 10, method: str = "auto",
-              safety: float = DEFAULT_SAFETY, max_layers: int = DEFAULT_MAX_LAYERS, n_queries: int = 32,
+              safety: float | None = None, max_layers: int = DEFAULT_MAX_LAYERS, n_queries: int = DEFAULT_QUERIES,
               n_candidates: int = 48, seed: int = 0, write: bool = True, memory_budget=None,
-              progress: Callable[[int, int], None] | None = None, keep_traces: bool = False) -> dict:
-    """Calibrate ``bundle`` and (with ``write``) store schedule + probes in it. Returns a report dict."""
+              progress: Callable[[int, int], None] | None = None, keep_traces: bool = False, rule: str = "auto") -> dict:
+    """Calibrate ``bundle`` and (with ``write``) store schedule + probes in it. Returns a report dict.
+
+    ``rule``: ``margin`` (score margins), ``rank`` (keep fractions) or ``auto`` (the one whose validated
+    schedule saves more simulated layer-work). ``safety``: None = the rule's default."""
     from .reranker import Reranker
 
     t0 = time.perf_counter()
@@ -346,6 +374,8 @@ def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", 
         raise InputError(f"{b.root} is a {b.task!r} bundle; early ranking is calibrated on rerank bundles")
     if not isinstance(top_k, (int, np.integer)) or top_k <= 0:
         raise InputError(f"top_k must be a positive integer, got {top_k!r}")
+    if rule != "auto" and rule not in RULES:
+        raise InputError(f"rule {rule!r} is not known (choose from auto, {', '.join(RULES)})")
     if isinstance(data, str):
         label = data
         pairs = builtin_data(n_queries, n_candidates, seed) if data == "builtin" else load_data(data)
@@ -367,35 +397,51 @@ def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", 
         all_scores = method_scores(rr, traces, methods)
     finally:
         rr.close()
-    k = int(top_k)
+    source = {"data": label, "queries": len(pairs), "candidates": int(np.median([len(d) for _, d in pairs])), "seed": seed}
+    report = decide_schedule(b, traces, all_scores, int(top_k), method=method, rule=rule, safety=safety,
+                             max_layers=max_layers, source=source, write=write, started=t0)
+    if keep_traces:
+        report["traces"], report["method_scores"] = traces, all_scores
+    return report
+
+
+def decide_schedule(b: Bundle, traces: list[Trace], all_scores: dict[str, list[np.ndarray]], k: int, method: str = "auto",
+                    rule: str = "auto", safety: float | None = None, max_layers: int = DEFAULT_MAX_LAYERS,
+                    source: dict | None = None, write: bool = True, started: float | None = None) -> dict:
+    """Choose (method, rule) and the schedule from recorded calibration trajectories; store it with ``write``."""
+    t0 = started if started is not None else time.perf_counter()
+    methods = [m for m in all_scores if method in ("auto", m)]
+    rules = list(RULES) if rule == "auto" else [rule]
     table = {m: agreement_table(all_scores[m], traces, k) for m in methods}
     results = {}
     for m in methods:
-        layers, margins, info = validated_schedule(all_scores[m], traces, k, safety, max_layers)
-        results[m] = {"layers": layers, "margins": margins, **info}
-    chosen = method if method != "auto" else max(methods, key=lambda m: (results[m]["simulated"]["layer_work_saved"], m == "probe"))
-    probes, probe_info = fit_probes(b.scoring, traces) if chosen == "probe" else (None, None)
-    r = results[chosen]
-    sched = Schedule(method=chosen, top_k=k, layers=r["layers"], margins=r["margins"], floor=None,
-                     cluster_gap=DEFAULT_CLUSTER_GAP, safety=r.get("safety_used", safety), probe=PROBE_ARRAY if chosen == "probe" else None,
+        for ru in rules:
+            layers, params, info = validated_schedule(all_scores[m], traces, k, safety, max_layers, rule=ru)
+            results[(m, ru)] = {"layers": layers, "params": params, **info}
+    chosen_m, chosen_r = max(results, key=lambda key: (results[key]["simulated"]["layer_work_saved"], key[0] == "probe", key[1] == "margin"))
+    probes, probe_info = fit_probes(b.scoring, traces) if chosen_m == "probe" else (None, None)
+    r = results[(chosen_m, chosen_r)]
+    sched = Schedule(method=chosen_m, top_k=k, layers=r["layers"],
+                     margins=[0.0] * len(r["layers"]) if chosen_r == "rank" else r["params"],
+                     rule=chosen_r, keep=r["params"] if chosen_r == "rank" else None, floor=None,
+                     cluster_gap=DEFAULT_CLUSTER_GAP, safety=r.get("safety_used", safety or DEFAULT_SAFETY),
+                     probe=PROBE_ARRAY if chosen_m == "probe" else None,
                      source_layers=[int(b.layers[l].get("source_index", l)) for l in r["layers"]],
-                     info={"calibration": {"data": label, "queries": len(pairs), "candidates": int(np.median([len(d) for _, d in pairs])),
-                                           "seed": seed, "seconds": None},
+                     info={"calibration": {**(source or {}), "seconds": None},
                            "agreement": r["simulated"],
                            "per_layer": [{"layer": row["layer"], "spearman": round(row["spearman"], 4),
-                                          "topk_overlap": round(row["topk_overlap"], 4)} for row in table[chosen]]})
+                                          "topk_overlap": round(row["topk_overlap"], 4)} for row in table[chosen_m]]})
     sched.info["calibration"]["seconds"] = round(time.perf_counter() - t0, 1)
-    report = {"bundle": str(b.root), "method": chosen, "top_k": k, "schedule": sched.to_manifest(), "table": table,
-              "candidates": {m: {"layers": results[m]["layers"], "margins": results[m]["margins"],
-                                 "simulated": results[m]["simulated"]} for m in methods},
+    report = {"bundle": str(b.root), "method": chosen_m, "rule": chosen_r, "top_k": k, "schedule": sched.to_manifest(), "table": table,
+              "candidates": {f"{m}/{ru}": {"layers": v["layers"], "params": v["params"], "simulated": v["simulated"],
+                                           "safety_used": v.get("safety_used")} for (m, ru), v in results.items()},
               "influence": np.mean([t.influence for t in traces], 0).tolist()}
-    if keep_traces:
-        report["traces"], report["method_scores"] = traces, all_scores
     if probe_info is not None:
         report["probe_cv"] = [round(i["cv_spearman"], 4) for i in probe_info]
     if write:
         if not r["layers"]:
-            log.warning("calibration found no layer where pruning saves work with margin safety %.2g; storing an empty schedule", safety)
+            log.warning("calibration found no layer where pruning keeps every calibration top-%d under split-half validation; "
+                        "storing an empty schedule", k)
         write_schedule(b, sched, probes)
     return report
 

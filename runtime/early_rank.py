@@ -8,6 +8,15 @@ similar score (1-D: split at gaps wider than ``cluster_gap``) and every cluster 
 below ``s_K - margin`` (``s_K`` = the K-th best live score) is dropped; never fewer than ``floor``
 candidates stay live.
 
+Two rules turn early scores into a keep-set (``rule``; calibrated and chosen by measured saving):
+
+* ``margin`` — the cluster rule above, margins in score units.
+* ``rank``   — keep the best ``ceil(keep_l * N)`` candidates by early score (``N`` = the call's candidate
+  count), ``keep_l`` = a safety factor times the deepest early rank (as a fraction of N) that a final
+  top-K member reached on the calibration queries. Measured on SmolLM2-135M (96 calibration queries,
+  benchmarks/EARLY_RANK.md): the probe's error is heavy-tailed in score units but not in rank, so at the
+  same held-out safety the rank rule saves about twice the layer-work of the margin rule.
+
 How a layer is scored (``method``; measured per model by ``edge-sel calibrate``, see the README):
 
 * ``probe``  — a per-layer linear probe ``w_l . f(pooled_l) + b_l`` fitted in closed form (ridge) at
@@ -32,6 +41,7 @@ from edge_sel.errors import BundleError, InputError
 
 SCHEDULE_VERSION = 1
 METHODS = ("probe", "head", "cosine")
+RULES = ("margin", "rank")
 PROBE_ARRAY = "early_probe"
 
 
@@ -76,6 +86,18 @@ def prune_mask(scores: np.ndarray, k: int, margin: float, floor: int | None = No
         best = dropped[np.argsort(-scores[dropped], kind="stable")[:short]]
         keep[best] = True
     return keep
+
+
+def prune_rank_mask(scores: np.ndarray, keep_n: int, k: int, floor: int | None = None) -> np.ndarray:
+    """Keep-mask for the ``rank`` rule: the best ``max(keep_n, k, floor)`` live candidates by early score
+    (ties at the cut are kept). Non-finite scores prune nothing."""
+    scores = np.asarray(scores, dtype=np.float64)
+    n = len(scores)
+    keep_n = min(n, max(int(keep_n), int(k), int(floor or 0)))
+    if keep_n >= n or not np.all(np.isfinite(scores)):
+        return np.ones(n, dtype=bool)
+    cut = np.partition(scores, n - keep_n)[n - keep_n]  # keep_n-th best
+    return scores >= cut
 
 
 # ---- features and scores ------------------------------------------------------------------------
@@ -172,10 +194,15 @@ class Schedule:
     probe: str | None = None          # name of the probe array in the manifest's ``arrays``
     source_layers: list[int] | None = None  # ``source_index`` of each schedule layer (guards against re-exported / dropped layers)
     info: dict[str, Any] = field(default_factory=dict)
+    rule: str = "margin"
+    keep: list[float] | None = None    # rule "rank": fraction of the call's candidates kept at each schedule layer
 
     def to_manifest(self) -> dict[str, Any]:
-        return {"version": SCHEDULE_VERSION, "method": self.method, "top_k": int(self.top_k),
-                "layers": [{"layer": int(l), "margin": float(m)} for l, m in zip(self.layers, self.margins)],
+        if self.rule == "rank":
+            layers = [{"layer": int(l), "keep": float(f)} for l, f in zip(self.layers, self.keep or [])]
+        else:
+            layers = [{"layer": int(l), "margin": float(m)} for l, m in zip(self.layers, self.margins)]
+        return {"version": SCHEDULE_VERSION, "method": self.method, "rule": self.rule, "top_k": int(self.top_k), "layers": layers,
                 "floor": self.floor, "cluster_gap": float(self.cluster_gap), "safety": float(self.safety),
                 "probe": self.probe, "source_layers": self.source_layers, **self.info}
 
@@ -184,10 +211,14 @@ class Schedule:
         if not isinstance(d, dict):
             raise InputError(f"schedule must be a mapping, got {type(d).__name__}")
         try:
+            rule = str(d.get("rule", "margin"))
+            if rule not in RULES:
+                raise InputError(f"unknown pruning rule {rule!r} in the schedule (known: {', '.join(RULES)})")
             layers = [int(e["layer"]) for e in d["layers"]]
-            margins = [float(e["margin"]) for e in d["layers"]]
-            known = {"version", "method", "top_k", "layers", "floor", "cluster_gap", "safety", "probe", "source_layers"}
-            return cls(method=str(d.get("method", "head")), top_k=int(d["top_k"]), layers=layers, margins=margins,
+            keep = [float(e["keep"]) for e in d["layers"]] if rule == "rank" else None
+            margins = [0.0] * len(layers) if rule == "rank" else [float(e["margin"]) for e in d["layers"]]
+            known = {"version", "method", "rule", "top_k", "layers", "floor", "cluster_gap", "safety", "probe", "source_layers"}
+            return cls(method=str(d.get("method", "head")), top_k=int(d["top_k"]), layers=layers, margins=margins, rule=rule, keep=keep,
                        floor=None if d.get("floor") is None else int(d["floor"]), cluster_gap=float(d.get("cluster_gap", 0.0)),
                        safety=float(d.get("safety", 1.0)), probe=d.get("probe"), source_layers=d.get("source_layers"),
                        info={k: v for k, v in d.items() if k not in known})
@@ -206,6 +237,13 @@ class Schedule:
             raise InputError(f"{where}: method 'cosine' needs a bi-encoder bundle, this one scores {bundle.scoring!r}")
         if self.method == "head" and bundle.scoring == "bi_encoder":
             raise InputError(f"{where}: use method 'cosine' (or 'probe') for a bi-encoder bundle")
+        if self.rule not in RULES:
+            raise InputError(f"{where}: unknown pruning rule {self.rule!r} (known: {', '.join(RULES)})")
+        if self.rule == "rank":
+            if self.keep is None or len(self.keep) != len(self.layers):
+                raise InputError(f"{where}: a rank schedule needs one keep fraction per layer, got {self.keep!r} for layers {self.layers}")
+            if any(not (np.isfinite(f) and 0 < f <= 1) for f in self.keep):
+                raise InputError(f"{where}: rank schedule keep fractions must be in (0, 1], got {self.keep}")
         if len(self.layers) != len(self.margins):
             raise InputError(f"{where}: schedule has {len(self.layers)} layers but {len(self.margins)} margins")
         for l in self.layers:
@@ -227,6 +265,10 @@ class Schedule:
             shape = bundle.manifest["arrays"][self.probe]["shape"]
             if len(shape) != 2 or shape[0] != n:
                 raise BundleError(f"{where}: probe array {self.probe!r} has shape {shape}, expected [{n}, F+1]")
+
+    def keep_count(self, layer: int, n_candidates: int) -> int:
+        """Rule ``rank``: how many of the call's ``n_candidates`` stay live after ``layer``."""
+        return int(np.ceil(self.keep[self.layers.index(layer)] * n_candidates - 1e-9))
 
     def margin_at(self, layer: int) -> float | None:
         try:

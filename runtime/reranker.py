@@ -24,7 +24,7 @@ from edge_sel.errors import BudgetError, InputError
 from edge_sel.memory import PeakTracker, release_free_memory, rss_bytes, tune_allocator
 from edge_sel.units import format_size, parse_size
 
-from .early_rank import LayerScorer, Schedule, prune_mask
+from .early_rank import LayerScorer, Schedule, prune_mask, prune_rank_mask
 from .embedding import Embedder
 from .plan import Planner
 from .prefix import PairStream, is_split, qkv_weight_bytes, run_candidates, run_prefix
@@ -271,7 +271,10 @@ class Reranker:
         if len(items) <= st["k"]:
             return chunks
         est = self.scorer(layer, np.concatenate(pooled), q_pooled)
-        keep = prune_mask(est, st["k"], sched.margin_at(layer), sched.floor, sched.cluster_gap * sched.margin_at(layer))
+        if sched.rule == "rank":  # keep a calibrated fraction of this call's candidates
+            keep = prune_rank_mask(est, sched.keep_count(layer, n_docs), st["k"], sched.floor)
+        else:
+            keep = prune_mask(est, st["k"], sched.margin_at(layer), sched.floor, sched.cluster_gap * sched.margin_at(layer))
         if keep.all():
             return chunks
         gone = items[~keep]

@@ -14,7 +14,7 @@ from edge_sel.bundle import Bundle
 from edge_sel.errors import InputError
 from edge_sel.runtime import Reranker
 from edge_sel.runtime.calibrate import (calibrate, calibration_items, choose_schedule, simulate)
-from edge_sel.runtime.early_rank import Schedule, clusters_1d, prune_mask
+from edge_sel.runtime.early_rank import Schedule, clusters_1d, prune_mask, prune_rank_mask
 
 
 # ---- properties of the pruning rule ----------------------------------------------------------------
@@ -57,6 +57,39 @@ def test_calibrated_schedule_always_keeps_final_topk_on_calibration_trajectories
 
 
 # ---- calibration data -----------------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(scores=st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=60),
+       keep_n=st.integers(0, 70), k=st.integers(1, 20), floor=st.none() | st.integers(0, 30))
+def test_prune_rank_mask_keeps_the_best_fraction_and_never_fewer_than_k(scores, keep_n, k, floor):
+    s = np.array(scores)
+    keep = prune_rank_mask(s, keep_n, k, floor)
+    n = len(s)
+    want = min(n, max(keep_n, k, floor or 0))
+    assert keep.sum() >= want
+    if keep.sum() > want:  # only ties at the cut can add survivors
+        assert len(set(s[keep]) & set(s[~keep])) == 0 and s[keep].min() == np.sort(s)[::-1][want - 1]
+    if (~keep).any():
+        assert s[keep].min() >= s[~keep].max()  # nobody dropped scores above a survivor
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n=st.integers(12, 80), layers=st.integers(2, 8), k=st.integers(1, 10),
+       safety=st.floats(1.0, 2.0), noise=st.floats(0.05, 3.0))
+def test_rank_schedule_keeps_final_topk_on_calibration_trajectories(seed, n, layers, k, safety, noise):
+    from edge_sel.runtime.calibrate import Trace
+
+    rng = np.random.default_rng(seed)
+    traces, scores = [], []
+    for _ in range(6):
+        final = rng.normal(size=n)
+        scores.append(np.stack([final + rng.normal(size=n) * noise * (layers - 1 - l) / layers for l in range(layers)]))
+        traces.append(Trace(final, np.zeros((layers, n, 1), np.float32), None, np.zeros(layers)))
+    chosen, fracs, _ = choose_schedule(scores, traces, k, safety=safety, max_layers=3, min_gain=0.0, rule="rank")
+    assert all(0 < f <= 1 for f in fracs)
+    r = simulate(scores, traces, k, chosen, fracs, rule="rank")
+    assert r["topk_recall"] == 1.0 and r["topk_identical"] == 1.0
+
+
 def test_calibration_text_is_disjoint_from_benchmark_text():
     from edge_sel.runtime.calibrate import CALIBRATION_MODULES
     from edge_sel.textdata import MODULES, docstring_pairs
@@ -137,6 +170,43 @@ def test_forced_pruning_compacts_and_keeps_exact_scores(fixture, method, request
     assert [r["corpus_id"] for r in everything] == [r["corpus_id"] for r in res]
     allres = rr.rank(queries[0], documents, top_k=None)  # full ordering: dropped candidates listed last
     assert len(allres) == len(documents) and "pruned_at_layer" in allres[-1]
+
+
+@pytest.mark.parametrize("fixture", ["bert_ce_bundle", "llama_bundle"])
+def test_rank_rule_schedule_keeps_its_fraction(fixture, request, docs, tmp_path):
+    """A rank schedule keeps ceil(keep x N) candidates after its layer; survivors' scores equal the full model's;
+    it round-trips through a bundle manifest."""
+    bundle = request.getfixturevalue(fixture)
+    documents, queries = docs
+    raw = {"method": "head", "rule": "rank", "top_k": 3, "layers": [{"layer": 0, "keep": 0.5}]}
+    rr = Reranker(bundle, pruning=raw)
+    full = rr.predict(queries[0], documents)
+    res = rr.rank(queries[0], documents, top_k=3)
+    live = rr.last_stats["live_per_layer"]
+    assert live[0] == len(documents) and live[1] == int(np.ceil(0.5 * len(documents)))
+    for r in res:
+        assert abs(r["score"] - full[r["corpus_id"]]) < 1e-4
+    sched = Schedule.from_manifest(raw)
+    assert sched.rule == "rank" and sched.keep == [0.5] and Schedule.from_manifest(sched.to_manifest()).to_manifest() == sched.to_manifest()
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(InputError, match="keep fractions"):
+            Reranker(bundle, pruning={**raw, "layers": [{"layer": 0, "keep": bad}]})
+    with pytest.raises(InputError, match="rule"):
+        Reranker(bundle, pruning={**raw, "rule": "vibes"})
+
+
+def test_calibrate_rank_rule_round_trips(bert_ce_bundle, tmp_path):
+    b = tmp_path / "b"
+    shutil.copytree(bert_ce_bundle, b)
+    rep = calibrate(b, "builtin", top_k=3, n_queries=6, n_candidates=16, method="head", rule="rank")
+    bundle = Bundle.open(b, verify=True)
+    raw = bundle.manifest["schedule"]
+    assert raw["rule"] == "rank" == rep["rule"] and set(rep["candidates"]) == {"head/rank"}
+    assert all(0 < e["keep"] <= 1 for e in raw["layers"])
+    assert raw["agreement"]["topk_recall"] == 1.0
+    Schedule.from_manifest(raw).validate(bundle)
+    with pytest.raises(InputError, match="rule"):
+        calibrate(b, "builtin", top_k=3, n_queries=4, n_candidates=16, rule="sideways")
 
 
 def test_pruned_candidates_rank_below_survivors(bert_ce_bundle, docs):
