@@ -378,7 +378,7 @@ def _synthetic(tmp_path, rec, n=384, keep_from=320, fetch=64, kv=2, heads=4, D=8
     return k, v, caches, rng
 
 
-def _brute_force_votes(q, k, keep_from, pool, vote="sum"):
+def _brute_force_votes(q, k, keep_from, pool, vote="sum", follow=0):
     """softmax(q.k/sqrt(d)) of every query over all keys of its KV head, voted per cold key, max-pooled."""
     kv, D = k.shape[1], k.shape[3]
     H, T = q.shape[1], q.shape[2]
@@ -390,21 +390,22 @@ def _brute_force_votes(q, k, keep_from, pool, vote="sum"):
         p /= p.sum(1, keepdims=True)
         s = (p.sum(0) if vote == "sum" else p.max(0))[:keep_from]
         r = pool // 2
-        out.append(np.array([s[max(0, i - r):i + r + 1].max() for i in range(keep_from)]))
+        pooled = np.array([s[max(0, i - r):i + r + 1].max() for i in range(keep_from)])
+        out.append(np.array([pooled[max(0, i - follow):i + 1].max() for i in range(keep_from)]))
     return np.stack(out)
 
 
-@pytest.mark.parametrize("vote,pool", [("sum", 7), ("max", 1), ("sum", 3)])
-def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote, pool):
+@pytest.mark.parametrize("vote,pool,follow", [("sum", 7, 0), ("max", 1, 0), ("sum", 3, 0), ("sum", 7, 12)])
+def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote, pool, follow):
     """The fetched cold tokens are the top ones by the question's softmax votes over the whole context
     (resident + cold keys), max-pooled: brute force in float64. Blocks of the cold store are smaller
     than the cold set (fetch 48 < 320), so the two-pass block scoring is exercised."""
-    rec = MPCacheRecall(share=1, group=16, vote=vote, vote_pool=pool)
+    rec = MPCacheRecall(share=1, group=16, vote=vote, vote_pool=pool, vote_follow=follow)
     k, v, (c,), rng = _synthetic(tmp_path, rec, fetch=48)
     q = rng.standard_normal((1, 4, 5, 8)).astype(np.float32) * 2  # a 5-token question
     rec.recall(0, q, c, "suffix")
     assert c.nf == 48
-    want = _brute_force_votes(q, k, 320, pool, vote)
+    want = _brute_force_votes(q, k, 320, pool, vote, follow)
     for h in range(2):
         got = c.pos[h, 384:384 + 48]
         assert len(set(got.tolist())) == 48 and got.max() < 320
@@ -421,10 +422,12 @@ def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote,
     rec.end()
 
 
-def test_exact_selection_fetches_a_planted_key_with_its_neighbours(tmp_path):
-    """A cold key planted along the question's query is fetched, with its pooled neighbours, also across a
-    cold-group boundary (position 95/96 with 16-token groups), in every KV head; a 16-slot area."""
-    rec = MPCacheRecall(share=1, group=16, vote_pool=7)
+@pytest.mark.parametrize("pool,follow,want", [(7, 0, range(93, 100)), (1, 12, range(96, 109))])
+def test_exact_selection_fetches_a_planted_key_with_its_neighbours(tmp_path, pool, follow, want):
+    """A cold key planted along the question's query is fetched, with its pooled neighbours (or the
+    ``follow`` tokens after it), also across a cold-group boundary (position 95/96 with 16-token groups),
+    in every KV head; a 16-slot area."""
+    rec = MPCacheRecall(share=1, group=16, vote_pool=pool, vote_follow=follow)
     from edge_sel.runtime.kvcache import LayerCache
     from edge_sel.runtime.policies import Context
 
@@ -444,7 +447,7 @@ def test_exact_selection_fetches_a_planted_key_with_its_neighbours(tmp_path):
     rec.recall(0, q, c, "suffix")
     for h in range(kv):
         got = set(c.pos[h, 384:400].tolist())
-        assert set(range(93, 100)) <= got  # the hit and 3 neighbours each side (groups 5 and 6)
+        assert set(want) <= got  # the hit and its neighbours (groups 5 and 6)
     rec.end()
 
 

@@ -79,6 +79,7 @@ class MPCacheRecall(Policy):
     expand: int = 0
     selection: str = "exact"  # "exact" (question-time softmax voting, fixed) or "linear" (MPCache, every step)
     vote_pool: int = 7        # exact: max-pool kernel over neighbouring cold tokens (SnapKV's 7)
+    vote_follow: int = 12     # exact: tokens after a hit that inherit its vote (a key brings the value after it)
     vote: str = "sum"         # exact: probabilities summed (SnapKV) or maxed over the question's queries
     select_share: int = 1     # exact: layers per selection (1: every layer scores its own cold keys)
     refresh: int = 0          # exact: decode steps between linear refreshes of the area's tail (0: fixed)
@@ -98,7 +99,8 @@ class MPCacheRecall(Policy):
             raise ValueError(f"selection must be 'exact' or 'linear' (MPCache's similarity), got {self.selection!r}")
         if self.vote not in ("sum", "max"):
             raise ValueError(f"vote must be 'sum' or 'max', got {self.vote!r}")
-        if self.vote_pool < 1 or self.select_share < 1 or self.refresh < 0 or not 0.0 < self.refresh_frac < 1.0:
+        if (self.vote_pool < 1 or self.vote_follow < 0 or self.select_share < 1 or self.refresh < 0
+                or not 0.0 < self.refresh_frac < 1.0):
             raise ValueError("vote_pool and select_share must be >= 1, refresh >= 0, refresh_frac in (0, 1)")
 
     @property
@@ -327,12 +329,16 @@ class MPCacheRecall(Policy):
             np.exp(np.subtract(L, lse[..., None], out=L), out=L)
             vote[:, a:b] = L.sum(axis=1) if self.vote == "sum" else L.max(axis=1)
         pooled = max_pool(vote, self.vote_pool) if self.vote_pool > 1 else vote
+        if self.vote_follow:  # one-sided: token i also takes the votes of the vote_follow tokens before it
+            src, pooled = pooled, pooled.copy()
+            for d in range(1, min(self.vote_follow, n - 1) + 1):
+                np.maximum(pooled[:, d:], src[:, :-d], out=pooled[:, d:])
         idx = topk_sorted(pooled, m)
         keys = nres + 2 * n  # logits computed per query: resident once, cold twice
         self.count(multiplications=kv * R * (D * keys + D),
                    exp_div=kv * R * (keys + 1),                       # exponentials (+ one log per query)
                    comparisons=kv * R * (nres + n) + (kv * R * n if self.vote == "max" else 0)
-                   + kv * n * (self.vote_pool - 1) + kv * n * log2c(m))
+                   + kv * n * (self.vote_pool - 1 + self.vote_follow) + kv * n * log2c(m))
         return idx
 
     def _linear_ids(self, layer, q, phase, m):
@@ -380,7 +386,7 @@ def mpcache_recall(**kw) -> "Policy":
     from .base import Composite
     from .mpcache import MPCacheDynamic, MPCacheStatic
 
-    own = ("group", "fetch_frac", "fetch", "suffix_query", "head_reduce", "score", "expand", "selection", "vote_pool", "vote",
+    own = ("group", "fetch_frac", "fetch", "suffix_query", "head_reduce", "score", "expand", "selection", "vote_pool", "vote_follow", "vote",
            "select_share", "refresh", "refresh_frac")  # recall's alone
     static_kw = {k: v for k, v in kw.items() if k in MPCacheStatic.__dataclass_fields__ and k not in own}
     rec_kw = {k: v for k, v in kw.items() if k in MPCacheRecall.__dataclass_fields__}
