@@ -48,7 +48,7 @@ class MPCacheRecall(Policy):
       the others replay its token ids) scores ALL its cold keys exactly against all the question's
       queries, SnapKV-style: ``softmax(q.k / sqrt(d))`` over the layer's whole context (resident +
       cold keys; the normalizer is exact: a first pass computes each query's log-sum-exp, a second the
-      probabilities), summed (``vote="sum"``, SnapKV) or maxed (``"max"``) over the query heads of a KV
+      probabilities), maxed (``vote="max"``) or summed (``"sum"``, SnapKV) over the query heads of a KV
       head and the question's tokens, max-pooled over ``vote_pool`` neighbouring cold tokens (a hit brings its
       neighbours, also across a cold-group boundary), and the top ``fetch`` tokens per KV head are read
       into the fetch area. The cold keys are read in blocks into the fetch area itself (it is empty
@@ -80,7 +80,7 @@ class MPCacheRecall(Policy):
     selection: str = "exact"  # "exact" (question-time softmax voting, fixed) or "linear" (MPCache, every step)
     vote_pool: int = 7        # exact: max-pool kernel over neighbouring cold tokens (SnapKV's 7)
     vote_follow: int = 12     # exact: tokens after a hit that inherit its vote (a key brings the value after it)
-    vote: str = "sum"         # exact: probabilities summed (SnapKV) or maxed over the question's queries
+    vote: str = "max"         # exact: probabilities maxed over the question's queries (or summed, "sum", as SnapKV)
     select_share: int = 1     # exact: layers per selection (1: every layer scores its own cold keys)
     refresh: int = 0          # exact: decode steps between linear refreshes of the area's tail (0: fixed)
     refresh_frac: float = 0.5  # exact + refresh: share of the area the linear refresh owns
