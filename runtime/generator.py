@@ -493,7 +493,8 @@ class Generator:
                 "tokens_per_layer_max": max(cold["cold_tokens"]), "file_bytes": cold["cold_file_bytes"],
                 "stats_bytes": cold["cold_stats_bytes"], "bytes_written": cold["cold_bytes_written"],
                 "bytes_read_suffix": cold["cold_bytes_read_suffix"],
-                "bytes_read_per_decode_step": cold["cold_bytes_read_decode"] / n_decode if n_decode else 0.0}
+                "bytes_read_per_decode_step": cold["cold_bytes_read_decode"] / n_decode if n_decode else 0.0,
+                "selection": cold.get("selection"), "select_scratch_bytes_peak": cold.get("select_scratch_bytes_peak", 0)}
 
     def _scratch_bytes(self, call: _Call) -> int:
         return 0 if call.scratch is None else call.scratch.capacity * LayerCache.bytes_per_slot(self.kv_heads, self.head_dim)
