@@ -279,6 +279,16 @@ def test_fetch_area_never_takes_the_resident_minimum(llama, ids):
     assert r.stats["kv_fetch_tokens"] == 0 and r.stats["kv_resident_tokens"] == 128 and "cold" not in r.stats
     r = Generator(llama, kv_budget=192, policy="mpcache_recall").generate(ids, max_new_tokens=4, stop=False)
     assert r.stats["kv_fetch_tokens"] == 64 and r.stats["kv_resident_tokens"] == 128  # half wanted, 64 left
+    # less than a group left: the exact selection (tokens) still takes it, the linear one (groups) cannot
+    # (a question keeps the token budget exact instead of rounded down to the 32-token alignment)
+    q = Generator(llama).encode(QUESTION)[1:]
+    r = Generator(llama, kv_budget=140, policy="mpcache_recall").generate(ids + q, max_new_tokens=4, stop=False,
+                                                                          protect_suffix=len(q))
+    assert r.stats["kv_fetch_tokens"] == 12 and r.stats["kv_resident_tokens"] == 128
+    assert r.stats["kv_tokens_peak_per_layer"] <= 140
+    r = Generator(llama, kv_budget=140, policy=mpcache_recall(selection="linear")).generate(
+        ids + q, max_new_tokens=4, stop=False, protect_suffix=len(q))
+    assert r.stats["kv_fetch_tokens"] == 0
     with pytest.raises(BudgetError, match="minimum") as e:
         Generator(llama, kv_budget=96, policy="mpcache_recall").generate(ids, max_new_tokens=4, stop=False)
     per_tok = g.bytes_per_token()
@@ -395,25 +405,26 @@ def _brute_force_votes(q, k, keep_from, pool, vote="sum", follow=0):
     return np.stack(out)
 
 
-@pytest.mark.parametrize("vote,pool,follow", [("sum", 7, 0), ("max", 1, 0), ("sum", 3, 0), ("sum", 7, 12)])
-def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote, pool, follow):
+@pytest.mark.parametrize("vote,pool,follow,fetch", [("sum", 7, 0, 48), ("max", 1, 0, 48), ("sum", 3, 0, 48),
+                                                    ("sum", 7, 12, 48), ("max", 7, 12, 12)])
+def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote, pool, follow, fetch):
     """The fetched cold tokens are the top ones by the question's softmax votes over the whole context
     (resident + cold keys), max-pooled: brute force in float64. Blocks of the cold store are smaller
     than the cold set (fetch 48 < 320), so the two-pass block scoring is exercised."""
     rec = MPCacheRecall(share=1, group=16, vote=vote, vote_pool=pool, vote_follow=follow)
-    k, v, (c,), rng = _synthetic(tmp_path, rec, fetch=48)
+    k, v, (c,), rng = _synthetic(tmp_path, rec, fetch=fetch)  # fetch 12 < a group: blocks of 12 tokens
     q = rng.standard_normal((1, 4, 5, 8)).astype(np.float32) * 2  # a 5-token question
     rec.recall(0, q, c, "suffix")
-    assert c.nf == 48
+    assert c.nf == fetch
     want = _brute_force_votes(q, k, 320, pool, vote, follow)
     for h in range(2):
-        got = c.pos[h, 384:384 + 48]
-        assert len(set(got.tolist())) == 48 and got.max() < 320
+        got = c.pos[h, 384:384 + fetch]
+        assert len(set(got.tolist())) == fetch and got.max() < 320
         # every fetched token scores at least as well as every token left on disk (ties aside)
         left = np.setdiff1d(np.arange(320), got)
         assert want[h, got].min() >= want[h, left].max() - 1e-5
-        np.testing.assert_array_equal(c.k[0, h, 384:432], k[0, h, got])
-        np.testing.assert_array_equal(c.v[0, h, 384:432], v[0, h, got])
+        np.testing.assert_array_equal(c.k[0, h, 384:384 + fetch], k[0, h, got])
+        np.testing.assert_array_equal(c.v[0, h, 384:384 + fetch], v[0, h, got])
     st = rec.cold_stats()
     # the cold keys were read twice (two passes) plus the chosen tokens, and the scratch stayed small
     assert st["cold_bytes_read_suffix"] >= 2 * 320 * 2 * (8 * 4 * 2 + 8)

@@ -39,7 +39,8 @@ class MPCacheRecall(Policy):
     ``fetch`` (tokens) fixes the fetch area explicitly; it is then carved out even when the budget
     would hold everything (tests use it to fetch every evicted group). The area never takes slots the
     resident cache needs for its minimum: a budget without that room runs without recall (a warning,
-    ``stats["kv_fetch_tokens"] == 0``).
+    ``stats["kv_fetch_tokens"] == 0``); the exact selection (tokens, not groups) takes a smaller area
+    when less than a group is left (at least 8 tokens).
 
     ``selection`` chooses what the fetch area holds:
 
@@ -117,7 +118,10 @@ class MPCacheRecall(Policy):
             return 0  # everything fits: nothing is evicted, nothing to recall
         else:
             want = max(G, int(self.fetch_frac * (cap - suffix)) // G * G)
-        return min(want, room // G * G)  # never below the resident minimum: a small budget runs without recall
+        got = min(want, room // G * G)  # never below the resident minimum: a small budget runs without recall
+        if got == 0 and self.selection == "exact" and not self.refresh and self.fetch is None and room >= 8:
+            got = min(int(self.fetch_frac * (cap - suffix)), room)  # exact: token-granular, less than a group
+        return got
 
     def _leaders(self, n_layers):
         return [L for L in range(n_layers) if L % max(1, self.share) == 0]
@@ -292,6 +296,8 @@ class MPCacheRecall(Policy):
         Q = np.ascontiguousarray(q[0].reshape(kv, R, D), dtype=np.float32) * np.float32(1.0 / np.sqrt(D))
         F = cache.fetch
         B = max(G, min(F // G * G, self._logits.size // (kv * R) // G * G))         # block of tokens
+        if F < G:  # an area smaller than a group: blocks of F tokens, read as runs
+            B = F
         buf = self._logits if kv * R * B <= self._logits.size else np.empty(kv * R * B, np.float32)
         self.scratch_peak = max(self.scratch_peak, self._vote[:, :n].nbytes + kv * R * B * 4)
         k_out, v_out, p_out = cache.fetch_area()
@@ -303,6 +309,13 @@ class MPCacheRecall(Policy):
             return out
 
         def blocks():
+            if B < G:
+                for a in range(0, n, B):
+                    b = min(n, a + B)
+                    run = np.broadcast_to(np.arange(a, b), (kv, b - a))
+                    self.bytes_read[key] += st.read_tokens(layer, run, k_out, v_out, p_out)
+                    yield a, b, k_out
+                return
             ng, bg = st.groups(layer), B // G
             for g0 in range(0, ng, bg):
                 g1 = min(ng, g0 + bg)
