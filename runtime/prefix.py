@@ -36,8 +36,8 @@ class PairStream(LayerStream):
 
     def _load(self, i: int):
         spec = self.bundle.manifest["extra_graphs"][self.bundle.layers[i]["qkv"]]
-        qkv = load_session(self.bundle.path(spec["file"]), self.threads, self.optimize)
-        attn = load_session(self.bundle.layer_path(i), self.threads, self.optimize)
+        qkv = load_session(self.bundle.path(spec["file"]), self.threads, self.optimize, mem_pattern=self.keep_all)
+        attn = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
         self.loads += 1
         return qkv, attn
 

@@ -16,11 +16,13 @@ import onnxruntime as ort
 from edge_sel.errors import BundleError
 
 
-def session_options(threads: int | None = None, optimize: str = "all") -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True) -> ort.SessionOptions:
+    """``mem_pattern=False`` for sessions that live for one call (a streaming window): onnxruntime plans a
+    memory pattern on the first run of every input shape, and a fresh session never runs a shape twice."""
     so = ort.SessionOptions()
     so.add_session_config_entry("session.disable_prepacking", "1")
     so.enable_cpu_mem_arena = False
-    so.enable_mem_pattern = True  # measured: arena off + memory pattern is as fast as the arena without its retained peak
+    so.enable_mem_pattern = mem_pattern  # measured: arena off + memory pattern is as fast as the arena without its retained peak
     # Every session owns an intra-op pool whose threads spin after each op; with W..L resident sessions (and
     # the layer loader thread) on 2 cores the spinning pools steal each other's CPU. Measured (SmolLM2, 16 docs,
     # 2 cores shared with other work): CPU per query -18..-55%, wall -7..-40% with spinning off (benchmarks/RESULTS.md).
@@ -37,8 +39,9 @@ def session_options(threads: int | None = None, optimize: str = "all") -> ort.Se
     return so
 
 
-def load_session(path: Path, threads: int | None = None, optimize: str = "all") -> ort.InferenceSession:
+def load_session(path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads, optimize), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=session_options(threads, optimize, mem_pattern),
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types; name the file
         raise BundleError(f"cannot load graph {path}: {e}") from None

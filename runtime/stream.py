@@ -35,7 +35,7 @@ class LayerStream:
             self._resident.clear()
 
     def _load(self, i: int):
-        sess = load_session(self.bundle.layer_path(i), self.threads, self.optimize)
+        sess = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
         self.loads += 1
         return sess
 
