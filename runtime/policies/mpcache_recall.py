@@ -219,7 +219,7 @@ class MPCacheRecall(Policy):
             cache.set_fetched(ids.shape[1] * self.group)
             return
         G, F = self.group, cache.fetch
-        tail = min(int(self.refresh_frac * F) // G * G, F - G) if self.refresh else 0
+        tail = max(0, min(int(self.refresh_frac * F) // G * G, F - G)) if self.refresh else 0
         if phase == "decode":
             step = self.dsteps[layer] = self.dsteps.get(layer, 0) + 1
             if layer in self.selected:  # the question's selection stays: no disk read this step
