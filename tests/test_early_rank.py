@@ -35,20 +35,25 @@ def test_prune_mask_keeps_k_and_everything_within_margin(scores, k, margin, floo
             assert keep[members].all() or not keep[members].any()
 
 
+def _synthetic_trajectories(seed, n, layers, noise, queries=6):
+    """Score trajectories that converge to each query's final score (noise shrinks with depth)."""
+    from edge_sel.runtime.calibrate import Trace
+
+    rng = np.random.default_rng(seed)
+    traces, scores = [], []
+    for _ in range(queries):
+        final = rng.normal(size=n)
+        scores.append(np.stack([final + rng.normal(size=n) * noise * (layers - 1 - l) / layers for l in range(layers)]))
+        traces.append(Trace(final, np.zeros((layers, n, 1), np.float32), None, np.zeros(layers)))
+    return scores, traces
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 10_000), n=st.integers(12, 80), layers=st.integers(2, 8), k=st.integers(1, 10),
        safety=st.floats(1.0, 3.0), noise=st.floats(0.05, 3.0))
 def test_calibrated_schedule_always_keeps_final_topk_on_calibration_trajectories(seed, n, layers, k, safety, noise):
     """Synthetic score trajectories that converge to the final score: the schedule chosen on them never loses a final top-K member."""
-    from edge_sel.runtime.calibrate import Trace
-
-    rng = np.random.default_rng(seed)
-    traces, scores = [], []
-    for _ in range(6):
-        final = rng.normal(size=n)
-        traj = np.stack([final + rng.normal(size=n) * noise * (layers - 1 - l) / layers for l in range(layers)])
-        traces.append(Trace(final, np.zeros((layers, n, 1), np.float32), None, np.zeros(layers)))
-        scores.append(traj)
+    scores, traces = _synthetic_trajectories(seed, n, layers, noise)
     chosen, margins, info = choose_schedule(scores, traces, k, safety=safety, max_layers=3, min_gain=0.0)
     assert all(0 <= l < layers - 1 for l in chosen)
     r = simulate(scores, traces, k, chosen, margins)
@@ -76,14 +81,7 @@ def test_prune_rank_mask_keeps_the_best_fraction_and_never_fewer_than_k(scores, 
 @given(seed=st.integers(0, 10_000), n=st.integers(12, 80), layers=st.integers(2, 8), k=st.integers(1, 10),
        safety=st.floats(1.0, 2.0), noise=st.floats(0.05, 3.0))
 def test_rank_schedule_keeps_final_topk_on_calibration_trajectories(seed, n, layers, k, safety, noise):
-    from edge_sel.runtime.calibrate import Trace
-
-    rng = np.random.default_rng(seed)
-    traces, scores = [], []
-    for _ in range(6):
-        final = rng.normal(size=n)
-        scores.append(np.stack([final + rng.normal(size=n) * noise * (layers - 1 - l) / layers for l in range(layers)]))
-        traces.append(Trace(final, np.zeros((layers, n, 1), np.float32), None, np.zeros(layers)))
+    scores, traces = _synthetic_trajectories(seed, n, layers, noise)
     chosen, fracs, _ = choose_schedule(scores, traces, k, safety=safety, max_layers=3, min_gain=0.0, rule="rank")
     assert all(0 < f <= 1 for f in fracs)
     r = simulate(scores, traces, k, chosen, fracs, rule="rank")
