@@ -307,3 +307,33 @@ def test_rolling_prefill_never_holds_more_than_the_budget(llama, policy):
     layer = Generator(llama, kv_budget="1MB", policy=policy).generate(_long_prompt(), max_new_tokens=8, stop=False).stats
     assert layer["prefill_mode"] == "layer" and layer["kv_bytes_peak"] <= 1_000_000
     assert layer["kv_capacity_tokens"] < st["kv_capacity_tokens"]  # the scratch is paid from the same budget
+
+
+@pytest.mark.parametrize("reduce,per_head", [("max", False), ("max", True), ("sum", False), ("sum", True)])
+def test_mpcache_static_keeps_sinks_recent_and_the_best_scored(reduce, per_head):
+    """MPCacheStatic.keep = the first ``sinks`` + the last ``max(recent, recent_frac * target)`` + the best others by
+    the window's attention: maxed (the paper's "any query above a threshold") or summed (accumulated), over the
+    layer's heads or per KV head (brute force on a synthetic cache)."""
+    from edge_sel.runtime.kvcache import LayerCache
+    from edge_sel.runtime.policies import Context
+
+    rng = np.random.default_rng(1)
+    kv, n, target = 3, 400, 100
+    st = MPCacheStatic(reduce=reduce, per_head=per_head, sinks=4, recent=32, recent_frac=0.5, pool=1, share=1)
+    st.begin(Context(1, kv, 2 * kv, 8, 512, n, 1))
+    c = LayerCache(kv, 512, 8)
+    k = rng.standard_normal((1, kv, n, 8)).astype(np.float32)
+    c.append(k, k, np.arange(n))
+    chunks = [rng.random((1, kv, n)).astype(np.float32) ** 8 for _ in range(3)]  # three window chunks
+    for a in chunks:
+        st.observe(0, c, a, a, None, "window")
+    idx = st.keep(0, c, target, "final")
+    acc = np.sum(chunks, axis=0)[0] if reduce == "sum" else np.max(chunks, axis=0)[0]  # [kv, n]
+    rows = acc if per_head else (acc.sum(0) if reduce == "sum" else acc.max(0))[None]
+    assert idx.ndim == (2 if per_head else 1)
+    for h, row in enumerate(rows):
+        got = idx[h] if per_head else idx
+        rest = np.argsort(-row[4:n - 50])[:target - 54] + 4
+        assert set(got.tolist()) == set(range(4)) | set(range(n - 50, n)) | set(rest.tolist())
+    if per_head:
+        assert len({tuple(r) for r in idx.tolist()}) > 1  # the heads keep different tokens

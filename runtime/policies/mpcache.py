@@ -24,7 +24,6 @@ class MPCacheStatic(Policy):
     """
 
     name: ClassVar[str] = "mpcache_static"
-    window_reset: ClassVar[bool] = True   # scores come from the observation window only
     needs_decode_attention: ClassVar[bool] = True
     align: ClassVar[int] = 32
     min_tokens: ClassVar[int] = 96
@@ -34,6 +33,20 @@ class MPCacheStatic(Policy):
     sinks: int = 32
     share: int = 2
     pool: int = 15
+    recent_frac: float = 0.0   # recent window = max(recent, recent_frac * kept tokens)
+    reduce: str = "max"        # the window queries' attention per token: "max" (any query above a threshold) or "sum"
+    per_head: bool = False     # one kept set per KV head (scored by the head's own queries) instead of one per layer
+    window: str = "last"       # whose attention scores: the "last" window_frac of the prompt, or "all" its queries
+
+    def __post_init__(self):
+        if self.reduce not in ("max", "sum") or self.window not in ("last", "all"):
+            raise ValueError(f"reduce must be 'max' or 'sum' and window 'last' or 'all', got {self.reduce!r}, {self.window!r}")
+        if not 0.0 <= self.recent_frac <= 1.0:
+            raise ValueError(f"recent_frac must be in [0, 1], got {self.recent_frac}")
+
+    @property
+    def window_reset(self):  # type: ignore[override]  # "last": scores come from the observation window only
+        return self.window == "last"
 
     def begin(self, ctx):
         super().begin(ctx)
@@ -47,6 +60,22 @@ class MPCacheStatic(Policy):
         return min(w, max(32, cap // 4)) if cap else w
 
     def observe(self, layer, cache, attn_sum, attn_max, slots, phase):
+        if self.reduce == "sum":  # accumulated attention (additions only), per KV head
+            a = attn_sum[0]
+            if slots is None:
+                cache.score[:, :a.shape[1]] += a
+            else:
+                for h in range(slots.shape[0]):
+                    cache.score[h, slots[h]] += a[h]
+            return
+        if self.per_head:  # max over the head's query group (in-graph) and the window, per KV head
+            a = attn_max[0]
+            if slots is None:
+                cache.score[:, :a.shape[1]] = np.maximum(cache.score[:, :a.shape[1]], a)
+            else:
+                for h in range(slots.shape[0]):
+                    cache.score[h, slots[h]] = np.maximum(cache.score[h, slots[h]], a[h])
+            return
         a = attn_max[0].max(axis=0)  # max over the layer's KV heads (query heads already maxed in-graph)
         self.count(comparisons=attn_max[0].size)
         if slots is None:
@@ -63,17 +92,25 @@ class MPCacheStatic(Policy):
             if idx is not None:
                 self.count(gathers=cache.kv_heads * target)
                 return idx
-        score = cache.score[0, : cache.n].copy()
+        if self.per_head:
+            score = cache.score[:, : cache.n].copy()                       # [kv, n]: one kept set per KV head
+        elif self.reduce == "sum":
+            score = cache.score[:, : cache.n].sum(axis=0)                  # the layer's heads summed
+        else:
+            score = cache.score[0, : cache.n].copy()                       # rows are equal (maxed over heads)
+        rows = score.shape[0] if score.ndim > 1 else 1
         if self.pool > 1:  # a token attended to keeps its neighbours (the value after "... is"), as SnapKV's pooling
             from .snapkv import max_pool
 
             score = max_pool(score, self.pool)
-            self.count(comparisons=cache.n * (self.pool - 1))
+            self.count(comparisons=rows * cache.n * (self.pool - 1))
         if self.threshold is not None:
             score[score <= self.threshold] = -1.0  # below threshold: evicted first (kept only to fill sinks/recent)
-            self.count(comparisons=cache.n)
-        idx = self.keep_top(cache, score, target, recent=min(self.recent, target // 4), first=min(self.sinks, target // 4))
-        if self.threshold is not None:
+            self.count(comparisons=rows * cache.n)
+        first = min(self.sinks, target // 4)
+        recent = min(max(min(self.recent, target // 4), int(self.recent_frac * target)), target - first)
+        idx = self.keep_top(cache, score, target, recent=recent, first=first)
+        if self.threshold is not None and idx.ndim == 1:
             ok = (score[idx] > self.threshold) | (idx < self.sinks) | (idx >= cache.n - self.recent)
             idx = idx[ok] if ok.sum() >= self.min_tokens else idx
         self.sharing.record(layer, event, idx)
