@@ -140,6 +140,16 @@ def tune_allocator() -> bool:
     return _tuned
 
 
+def trim_heap() -> None:
+    """Return the free pages of every malloc arena to the kernel now (glibc ``malloc_trim(0)``, also the free
+    chunks in the middle of the heap); a no-op elsewhere. Unlike :func:`release_free_memory` it does not need
+    :func:`tune_allocator`: the generator calls it between prefill layers, whose attention temporaries are
+    freed but, fragmented among longer-lived blocks, would otherwise stay resident."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def release_free_memory() -> None:
     """Return free heap pages to the kernel (glibc ``malloc_trim``); a no-op elsewhere."""
     libc = _libc() if _tuned else None

@@ -39,12 +39,21 @@ def _graph_specs(manifest: dict) -> list[dict]:
     return specs
 
 
-def _quantize_graph(src: Path, dst: Path, weight_type: str, per_channel: bool) -> None:
+def _quantize_graph(src: Path, dst: Path, weight_type: str, per_channel: bool, data: Path | None = None) -> None:
+    import tempfile
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     qtype = QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8
-    quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel, weight_type=qtype,
-                     use_external_data_format=True)
+    with tempfile.TemporaryDirectory(prefix="edge_sel_quant_") as tmp:
+        if data is not None and data.exists() and os.stat(data).st_nlink > 1:
+            # onnx refuses external data with several hard links ("potential hardlink attack"), and bundles
+            # share unchanged files by hard links (quantize, drop-layers, the bench cache): read a private copy
+            shutil.copy2(src, Path(tmp) / src.name)
+            shutil.copy2(data, Path(tmp) / data.name)
+            src = Path(tmp) / src.name
+        quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel, weight_type=qtype,
+                         use_external_data_format=True)
 
 
 def agreement(source: Bundle, quantized: Bundle, n_queries: int = 8, n_candidates: int = 32, top: int = 10) -> dict:
@@ -94,7 +103,8 @@ def quantize_bundle(path: str | os.PathLike, out: str | os.PathLike, weight_type
                 graph_files.add(spec["weights"])
             dst = w.file(rel)
             say(f"quantizing {rel} ({n}/{len(specs)})")
-            _quantize_graph(src.path(rel), dst, weight_type, per_channel)
+            _quantize_graph(src.path(rel), dst, weight_type, per_channel,
+                            src.path(spec["weights"]) if spec.get("weights") else None)
             data = dst.with_name(dst.name + ".data")
             if data.exists():
                 spec["weights"] = Path(rel).with_name(data.name).as_posix()

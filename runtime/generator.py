@@ -39,7 +39,7 @@ from tokenizers import Tokenizer
 
 from edge_sel.bundle import Bundle
 from edge_sel.errors import BudgetError, InputError
-from edge_sel.memory import PeakTracker
+from edge_sel.memory import PeakTracker, trim_heap
 from edge_sel.units import format_size, parse_size
 
 from .embedding import Embedder
@@ -51,6 +51,12 @@ log = logging.getLogger("edge_sel")
 
 RECALL_BLOCK = 32  # score(): suffix tokens per recall selection (each block selected by the queries before it)
 DEFAULT_CHUNK_TOKENS = 256  # measured (SmolLM2, 1k prompt): 128-token chunks peak ~180 MB lower than 512 at equal speed
+# A prefill chunk's attention materialises a few [heads, chunk, keys] f32 tensors (scores, masked scores,
+# probabilities, the policy's statistics), so its transient memory grows with the prompt: long prompts get
+# shorter chunks, keeping one such tensor under this many bytes. Measured (SmolLM2, 4k prompt, mpcache_recall
+# @0.1, RssAnon peak / prefill s): 256-token chunks 541 MB / 36.6 s, 128: 324 / 42.8, 64: 215 / 40.7.
+PREFILL_SCORES_BYTES = 12 << 20
+TRIM_AFTER_TOKENS = 1024  # prompts longer than this trim the heap after every prefill layer (measured: below)
 
 
 @dataclass
@@ -166,9 +172,9 @@ class Generator:
 
         from edge_sel.errors import BundleError
 
-        so = session_options(threads)
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # 60+ sessions share 2 cores
-        so.enable_mem_pattern = False  # prefill shapes change every chunk; patterns only kept anonymous memory (measured)
+        # spinning is already off in session_options (60+ sessions share the cores; setting it twice makes
+        # onnxruntime print a warning per session); prefill shapes change every chunk, so no memory pattern
+        so = session_options(threads, mem_pattern=False)
         try:
             return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         except Exception as e:
@@ -361,10 +367,14 @@ class Generator:
     def score(self, prompt: str | list[int], continuation: list[int], chat: bool = False,
               compress_continuation: bool = True) -> dict[str, Any]:
         """Teacher-forced negative log-likelihood of ``continuation`` token ids after ``prompt`` under the
-        policy and budget: ``{"nll", "ppl", "n"}``. By default the cache is compressed exactly as during
+        policy and budget: ``{"nll", "ppl", "n", "nll_tokens"}`` (``nll_tokens[t]``: token ``t``'s NLL). By default the cache is compressed exactly as during
         generation (the continuation is decoded token by token and may be evicted); with
         ``compress_continuation=False`` only the prompt is compressed and the continuation is run over it
-        as a protected suffix (kvpress's perplexity: compressed prefix, continuation uncompressed)."""
+        as a protected suffix (kvpress's perplexity: compressed prefix, continuation uncompressed). The prefix
+        is compressed without seeing the continuation; a recalling policy then reads evicted tokens back
+        **causally**, in blocks of ``RECALL_BLOCK`` continuation tokens, each block's fetch area selected by
+        the queries of the tokens before it (the prefix's last query for the first block), so token ``t``'s
+        prediction never depends on a token after ``t`` (tested)."""
         cont = [int(t) for t in continuation]
         if not cont:
             raise InputError("continuation is empty")
@@ -380,13 +390,15 @@ class Generator:
             m = z.max(axis=1)
             lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
             nll_t = lse - z[np.arange(len(cont)), cont]
-            return {"nll": float(nll_t.mean()), "ppl": float(np.exp(nll_t.mean())), "n": len(cont)}
-        nll = 0.0
+            return {"nll": float(nll_t.mean()), "ppl": float(np.exp(nll_t.mean())), "n": len(cont),
+                    "nll_tokens": nll_t.tolist()}
+        nll_t = []
         for step, (tok, lg, _) in enumerate(self._run(prompt, len(cont), 0.0, 1.0, None, chat, None, False, forced=cont)):
             z = lg.astype(np.float64)
             m = z.max()
-            nll += float(m + np.log(np.exp(z - m).sum()) - z[cont[step]])
-        return {"nll": nll / len(cont), "ppl": float(np.exp(nll / len(cont))), "n": len(cont)}
+            nll_t.append(float(m + np.log(np.exp(z - m).sum()) - z[cont[step]]))
+        nll = float(np.mean(nll_t))
+        return {"nll": nll, "ppl": float(np.exp(nll)), "n": len(cont), "nll_tokens": nll_t}
 
     def _run(self, prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop, forced=None, suffix=0,
              suffix_hidden=False, causal_suffix=False):
@@ -499,6 +511,12 @@ class Generator:
     def _scratch_bytes(self, call: _Call) -> int:
         return 0 if call.scratch is None else call.scratch.capacity * LayerCache.bytes_per_slot(self.kv_heads, self.head_dim)
 
+    def _prefill_chunk(self, n_keys: int) -> int:
+        """Prefill chunk for a prompt of ``n_keys`` tokens: ``chunk_tokens``, or fewer (a multiple of 32, at
+        least 32) when one ``[heads, chunk, n_keys]`` f32 tensor would exceed :data:`PREFILL_SCORES_BYTES`."""
+        fit = PREFILL_SCORES_BYTES // (4 * self.heads * max(1, int(n_keys)))
+        return min(self.chunk_tokens, max(32, fit // 32 * 32))
+
     def _prefill(self, call: _Call) -> np.ndarray:
         """Layer by layer, each layer over the prompt in chunks.
 
@@ -516,7 +534,7 @@ class Generator:
         evicting = N + max_new > cap
         scratch = call.scratch
         rolling = evicting and scratch is None
-        chunk = self.chunk_tokens if not rolling else max(1, min(self.chunk_tokens, cap // 4))
+        chunk = self._prefill_chunk(N) if not rolling else max(1, min(self.chunk_tokens, cap // 4))
         obs = policy.observation_window(sfx_from)
         if rolling:
             obs = min(obs, max(1, cap // 2))
@@ -569,6 +587,8 @@ class Generator:
                 work = c
             keep = policy.after_layer(L, hidden, out, q[0, :, -1], work, positions)
             hidden = out
+            if N > TRIM_AFTER_TOKENS:
+                trim_heap()  # the layer's freed attention temporaries leave RSS before the next layer runs
             if keep is not None:
                 hidden = np.ascontiguousarray(hidden[:, keep])
                 positions = positions[keep]

@@ -506,3 +506,27 @@ def test_exact_selection_stays_fixed_while_decoding(llama, ids, question):
                 live = np.concatenate([rp[h], fp[h][fp[h] != EMPTY_POS]])
                 assert len(np.unique(live)) == len(live)
     assert any(not np.array_equal(seen[0][0][1], s[0][1]) for s in seen[1:])  # the tail changed
+
+
+def test_score_recall_is_causal_no_token_sees_a_later_one(llama, ids):
+    """score(compress_continuation=False) with recall: the fetch area of each continuation block is selected
+    by the queries before it, so changing the continuation from token 60 on leaves the NLL of tokens 0..59
+    bit-identical. The same check on the question path (every suffix query selects, up front) fails."""
+    P = 500
+    cont = ids[P:P + 100]
+    other = cont[:60] + ids[P + 200:P + 240]
+    g = Generator(llama, kv_budget=0.2, policy="mpcache_recall")
+    a = g.score(ids[:P], cont, compress_continuation=False)
+    assert g.last_stats["kv_fetch_tokens"] > 0 and g.last_stats["cold"]["bytes_read_suffix"] > 0  # really recalls
+    b = g.score(ids[:P], other, compress_continuation=False)
+    assert len(a["nll_tokens"]) == 100 and a["nll"] == pytest.approx(np.mean(a["nll_tokens"]))
+    assert np.array_equal(np.array(a["nll_tokens"][:60]), np.array(b["nll_tokens"][:60]))
+    assert np.max(np.abs(np.array(a["nll_tokens"][60:]) - np.array(b["nll_tokens"][60:]))) > 1e-3
+
+    def hidden(c, causal):  # the last layer's hidden states of the continuation, via the internal path
+        with __import__("contextlib").closing(g._run(ids[:P] + c, 1, 0.0, 1.0, None, False, None, False, suffix=len(c),
+                                                     suffix_hidden=True, causal_suffix=causal)) as run:
+            for _, _, call in run:
+                return call.suffix_hidden[0, 1:61].copy()
+    assert np.array_equal(hidden(cont, True), hidden(other, True))
+    assert np.max(np.abs(hidden(cont, False) - hidden(other, False))) > 1e-4  # look-ahead is detectable

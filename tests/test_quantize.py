@@ -68,3 +68,24 @@ def test_quantize_cli(bert_bi_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edge_sel.cli", "quantize", str(bert_bi_bundle), "--out", str(tmp_path / "q"),
                         "--no-measure"], capture_output=True, text=True)
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_quantize_generate_bundle_with_hard_linked_weights(gen_llama_bundle, tmp_path):
+    """Bundles share unchanged files by hard links (the bench cache, quantize, drop-layers); onnx refuses external
+    data with several links, so quantize must read a private copy -- and the int8 generate bundle must generate."""
+    import os
+    import shutil
+
+    from edge_sel.runtime.generator import Generator
+
+    linked = tmp_path / "linked"
+    shutil.copytree(gen_llama_bundle, linked, copy_function=os.link)
+    assert os.stat(Bundle.open(linked).layer_path(0)).st_nlink > 1
+    out = quantize_bundle(linked, tmp_path / "q", measure=False)
+    q = Bundle.open(out, verify=True)
+    assert all("MatMulInteger" in _ops(q.layer_path(i)) for i in range(len(q.layers)))
+    a = Generator(gen_llama_bundle, policy="full").generate([1, 5, 9, 14, 3, 7], max_new_tokens=4, return_logits=True)
+    b = Generator(q, policy="full").generate([1, 5, 9, 14, 3, 7], max_new_tokens=4, return_logits=True)
+    assert len(b.tokens) == 4 and not np.array_equal(a.logits[0], b.logits[0])  # int8 arithmetic, same interface
+    # the source's files are untouched (still the same inodes as the fixture's)
+    assert os.path.samefile(Bundle.open(linked).layer_path(0), Bundle.open(gen_llama_bundle).layer_path(0))
