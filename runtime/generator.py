@@ -429,7 +429,7 @@ class Generator:
             if fetch:  # evicted K/V go to files of this call (MPCache recall), removed in `finally`
                 cold_dir = tempfile.mkdtemp(prefix="edge_sel_cold_")
             policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, cap, N, max_new,
-                                 cold_dir=cold_dir, fetch=fetch))
+                                 cold_dir=cold_dir, fetch=fetch, stream_suffix=bool(causal_suffix)))
             call = _Call(ids, max_new, cap, policy, suffix=int(suffix), fetch=fetch, causal_suffix=bool(causal_suffix))
             if suffix_hidden:
                 call.suffix_hidden = np.empty(0)

@@ -274,25 +274,31 @@ def test_recall_is_deterministic(llama, ids, question):
 
 
 def test_fetch_area_never_takes_the_resident_minimum(llama, ids):
-    g = Generator(llama, kv_budget=128, policy="mpcache_recall")  # 128 = the resident minimum: no room to fetch
+    g = Generator(llama, kv_budget=64, policy="mpcache_recall")  # 64 = the resident minimum: no room to fetch
     r = g.generate(ids, max_new_tokens=4, stop=False)
-    assert r.stats["kv_fetch_tokens"] == 0 and r.stats["kv_resident_tokens"] == 128 and "cold" not in r.stats
+    assert r.stats["kv_fetch_tokens"] == 0 and r.stats["kv_resident_tokens"] == 64 and "cold" not in r.stats
+    r = Generator(llama, kv_budget=128, policy="mpcache_recall").generate(ids, max_new_tokens=4, stop=False)
+    assert r.stats["kv_fetch_tokens"] == 64 and r.stats["kv_resident_tokens"] == 64  # half wanted, 64 left
     r = Generator(llama, kv_budget=192, policy="mpcache_recall").generate(ids, max_new_tokens=4, stop=False)
-    assert r.stats["kv_fetch_tokens"] == 64 and r.stats["kv_resident_tokens"] == 128  # half wanted, 64 left
+    assert r.stats["kv_fetch_tokens"] == 96 and r.stats["kv_resident_tokens"] == 96
     # less than a group left: the exact selection (tokens) still takes it, the linear one (groups) cannot
     # (a question keeps the token budget exact instead of rounded down to the 32-token alignment)
     q = Generator(llama).encode(QUESTION)[1:]
-    r = Generator(llama, kv_budget=140, policy="mpcache_recall").generate(ids + q, max_new_tokens=4, stop=False,
-                                                                          protect_suffix=len(q))
-    assert r.stats["kv_fetch_tokens"] == 12 and r.stats["kv_resident_tokens"] == 128
-    assert r.stats["kv_tokens_peak_per_layer"] <= 140
-    r = Generator(llama, kv_budget=140, policy=mpcache_recall(selection="linear")).generate(
+    r = Generator(llama, kv_budget=76, policy="mpcache_recall").generate(ids + q, max_new_tokens=4, stop=False,
+                                                                         protect_suffix=len(q))
+    assert r.stats["kv_fetch_tokens"] == 12 and r.stats["kv_resident_tokens"] == 64
+    assert r.stats["kv_tokens_peak_per_layer"] <= 76
+    r = Generator(llama, kv_budget=76, policy=mpcache_recall(selection="linear")).generate(
         ids + q, max_new_tokens=4, stop=False, protect_suffix=len(q))
     assert r.stats["kv_fetch_tokens"] == 0
+    # the 1k-token needle at 10% (a 140-slot budget): the 64-token minimum leaves a 48-token area (was 12)
+    r = Generator(llama, kv_budget=140, policy="mpcache_recall").generate(ids + q, max_new_tokens=4, stop=False,
+                                                                          protect_suffix=len(q))
+    assert r.stats["kv_fetch_tokens"] == 48 and r.stats["kv_tokens_peak_per_layer"] <= 140
     with pytest.raises(BudgetError, match="minimum") as e:
-        Generator(llama, kv_budget=96, policy="mpcache_recall").generate(ids, max_new_tokens=4, stop=False)
+        Generator(llama, kv_budget=32, policy="mpcache_recall").generate(ids, max_new_tokens=4, stop=False)
     per_tok = g.bytes_per_token()
-    assert e.value.minimum_bytes >= 128 * per_tok
+    assert e.value.minimum_bytes >= 64 * per_tok
     ok = Generator(llama, kv_budget=f"{e.value.minimum_bytes}B", policy="mpcache_recall")
     r = ok.generate(ids, max_new_tokens=4, stop=False)
     assert r.stats["kv_bytes_allocated"] <= e.value.minimum_bytes
@@ -369,12 +375,12 @@ def test_recall_expand_fetches_the_neighbours_of_the_best_group(tmp_path):
 
 
 # ---- exact question-time selection (the default) ---------------------------------------------------
-def _synthetic(tmp_path, rec, n=384, keep_from=320, fetch=64, kv=2, heads=4, D=8, seed=3, layers=1):
+def _synthetic(tmp_path, rec, n=384, keep_from=320, fetch=64, kv=2, heads=4, D=8, seed=3, layers=1, stream=False):
     from edge_sel.runtime.kvcache import LayerCache
     from edge_sel.runtime.policies import Context
 
     rng = np.random.default_rng(seed)
-    rec.begin(Context(layers, kv, heads, D, n - keep_from, n, 8, cold_dir=str(tmp_path), fetch=fetch))
+    rec.begin(Context(layers, kv, heads, D, n - keep_from, n, 8, cold_dir=str(tmp_path), fetch=fetch, stream_suffix=stream))
     k = rng.standard_normal((1, kv, n, D)).astype(np.float32)
     v = rng.standard_normal((1, kv, n, D)).astype(np.float32)
     caches = []
@@ -405,17 +411,25 @@ def _brute_force_votes(q, k, keep_from, pool, vote="sum", follow=0):
     return np.stack(out)
 
 
-@pytest.mark.parametrize("vote,pool,follow,fetch", [("sum", 7, 0, 48), ("max", 1, 0, 48), ("sum", 3, 0, 48),
-                                                    ("sum", 7, 12, 48), ("max", 7, 12, 12)])
-def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote, pool, follow, fetch):
+@pytest.mark.parametrize("vote,pool,follow,fetch,stream", [("sum", 7, 0, 48, False), ("max", 1, 0, 48, False),
+                                                           ("sum", 3, 0, 48, False), ("sum", 7, 12, 48, False),
+                                                           ("max", 7, 12, 12, False), ("max", 7, 12, 48, True)])
+def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote, pool, follow, fetch, stream):
     """The fetched cold tokens are the top ones by the question's softmax votes over the whole context
     (resident + cold keys), max-pooled: brute force in float64. Blocks of the cold store are smaller
-    than the cold set (fetch 48 < 320), so the two-pass block scoring is exercised."""
+    than the cold set (fetch 48 < 320), so the two-pass block scoring is exercised. Text being scored
+    (``stream``: score()'s causal blocks) votes with ``stream_pool``/``stream_follow`` (1/0) instead."""
     rec = MPCacheRecall(share=1, group=16, vote=vote, vote_pool=pool, vote_follow=follow)
-    k, v, (c,), rng = _synthetic(tmp_path, rec, fetch=fetch)  # fetch 12 < a group: blocks of 12 tokens
+    k, v, (c,), rng = _synthetic(tmp_path, rec, fetch=fetch, stream=stream)  # fetch 12 < a group: blocks of 12 tokens
     q = rng.standard_normal((1, 4, 5, 8)).astype(np.float32) * 2  # a 5-token question
     rec.recall(0, q, c, "suffix")
     assert c.nf == fetch
+    if stream:
+        pool, follow = rec.stream_pool, rec.stream_follow
+        assert (pool, follow) == (1, 0)
+        other = _brute_force_votes(q, k, 320, 7, vote, 12)  # the question's rule would pick other tokens
+        got = c.pos[0, 384:384 + fetch]
+        assert not np.array_equal(np.sort(got), np.sort(np.argsort(-other[0])[:fetch]))
     want = _brute_force_votes(q, k, 320, pool, vote, follow)
     for h in range(2):
         got = c.pos[h, 384:384 + fetch]

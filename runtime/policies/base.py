@@ -59,6 +59,7 @@ class Context:
     max_new_tokens: int
     cold_dir: str | None = None   # directory the generator call owns for evicted K/V (recalling policies)
     fetch: int = 0                # slots of each layer's fetch area (after ``capacity``)
+    stream_suffix: bool = False   # the protected suffix is text being scored (score()): recalls come causally, per block
 
 
 @dataclass

@@ -31,9 +31,10 @@ class MPCacheRecall(Policy):
     leader layer scores the cold groups by that similarity and reads the top ones into a fixed fetch
     area carved out of the budget (``fetch_frac`` of the context's share, whole groups), so resident +
     fetched never exceed the budget; attention reads both (keys are stored after rotary embedding with
-    their positions, so positions stay right). Adjacent layers (``share``) reuse the leader's group ids
-    (cross-layer sharing; their evictions are replayed from the leader, so their cold stores hold the
-    same tokens in the same order). Cost per step: the similarity (``multiplications``), a top-k
+    their positions, so positions stay right). With ``share=2`` (``mpcache_recall(share=2)``: the static
+    eviction is then replayed from the leader too, so the pair's cold stores hold the same tokens in the
+    same order) adjacent layers reuse the leader's group ids (cross-layer sharing); the default static
+    eviction is per layer, so by default every layer selects its own. Cost per step: the similarity (``multiplications``), a top-k
     (``comparisons``), the fetched tokens (``gathers``) and the bytes read (``cold_stats``).
 
     ``fetch`` (tokens) fixes the fetch area explicitly; it is then carved out even when the budget
@@ -58,7 +59,10 @@ class MPCacheRecall(Policy):
       ``fixed_bytes``). During decoding that selection stays as is: **no disk read per step**
       (``refresh=M`` > 0: the last ``refresh_frac`` of the area is refilled every ``M`` decode steps with
       the linear similarity's best groups for the current query, duplicates of the exact part masked).
-      Without a protected suffix the first decode step's query makes the selection. The exact scoring
+      Without a protected suffix the first decode step's query makes the selection. In ``score()``'s
+      causal path (text being scored, ``Context.stream_suffix``) the selection is re-made for every block
+      of 32 continuation tokens from the queries of the tokens before it, with ``stream_pool`` /
+      ``stream_follow`` (default 1 / 0: plain max votes) instead of ``vote_pool`` / ``vote_follow``. The exact scoring
       is **not MPC-friendly**: it costs exponentials (``exp_div``: two per query and cold key, one per
       resident key) and multiplications for every cold key, counted honestly in the cost report; RAM
       holds no group statistics unless ``refresh`` needs them.
@@ -73,7 +77,7 @@ class MPCacheRecall(Policy):
     group: int = 16      # cold group size (measured on SmolLM2, 1k needles at 20%: 16 -> 3/9, 32 -> 1/9)
     fetch_frac: float = 0.5  # of the context's share (16-groups: 0.5 -> 4/9, 0.25 -> 3/9)
     fetch: int | None = None
-    share: int = 2
+    share: int = 1       # linear selection: layers per selection; > 1 needs the static eviction shared alike
     suffix_query: str = "last"
     head_reduce: str = "sum"
     score: str = "mix"
@@ -81,6 +85,11 @@ class MPCacheRecall(Policy):
     selection: str = "exact"  # "exact" (question-time softmax voting, fixed) or "linear" (MPCache, every step)
     vote_pool: int = 7        # exact: max-pool kernel over neighbouring cold tokens (SnapKV's 7)
     vote_follow: int = 12     # exact: tokens after a hit that inherit its vote (a key brings the value after it)
+    # score()'s causal re-selection every 32 continuation tokens (text streaming in, no question): the continuation
+    # brings its own next tokens, so a hit needs no followers; SmolLM2 ppl at 20% (256 after 1792): follow 0 +
+    # pool 1 35.17, the question's follow 12 + pool 7 35.69, follow 8 + pool 1 35.68, follow 12 + pool 1 35.77
+    stream_follow: int = 0
+    stream_pool: int = 1
     vote: str = "max"         # exact: probabilities maxed over the question's queries (or summed, "sum", as SnapKV)
     select_share: int = 1     # exact: layers per selection (1: every layer scores its own cold keys)
     refresh: int = 0          # exact: decode steps between linear refreshes of the area's tail (0: fixed)
@@ -100,7 +109,7 @@ class MPCacheRecall(Policy):
             raise ValueError(f"selection must be 'exact' or 'linear' (MPCache's similarity), got {self.selection!r}")
         if self.vote not in ("sum", "max"):
             raise ValueError(f"vote must be 'sum' or 'max', got {self.vote!r}")
-        if (self.vote_pool < 1 or self.vote_follow < 0 or self.select_share < 1 or self.refresh < 0
+        if (self.vote_pool < 1 or self.vote_follow < 0 or self.stream_pool < 1 or self.stream_follow < 0 or self.select_share < 1 or self.refresh < 0
                 or not 0.0 < self.refresh_frac < 1.0):
             raise ValueError("vote_pool and select_share must be >= 1, refresh >= 0, refresh_frac in (0, 1)")
 
@@ -341,17 +350,19 @@ class MPCacheRecall(Policy):
             L = logits(K[:, :b - a])
             np.exp(np.subtract(L, lse[..., None], out=L), out=L)
             vote[:, a:b] = L.sum(axis=1) if self.vote == "sum" else L.max(axis=1)
-        pooled = max_pool(vote, self.vote_pool) if self.vote_pool > 1 else vote
-        if self.vote_follow:  # one-sided: token i also takes the votes of the vote_follow tokens before it
+        stream = phase == "suffix" and getattr(self.ctx, "stream_suffix", False)
+        pool, follow = (self.stream_pool, self.stream_follow) if stream else (self.vote_pool, self.vote_follow)
+        pooled = max_pool(vote, pool) if pool > 1 else vote
+        if follow:  # one-sided: token i also takes the votes of the ``follow`` tokens before it
             src, pooled = pooled, pooled.copy()
-            for d in range(1, min(self.vote_follow, n - 1) + 1):
+            for d in range(1, min(follow, n - 1) + 1):
                 np.maximum(pooled[:, d:], src[:, :-d], out=pooled[:, d:])
         idx = topk_sorted(pooled, m)
         keys = nres + 2 * n  # logits computed per query: resident once, cold twice
         self.count(multiplications=kv * R * (D * keys + D),
                    exp_div=kv * R * (keys + 1),                       # exponentials (+ one log per query)
                    comparisons=kv * R * (nres + n) + (kv * R * n if self.vote == "max" else 0)
-                   + kv * n * (self.vote_pool - 1 + self.vote_follow) + kv * n * log2c(m))
+                   + kv * n * (pool - 1 + follow) + kv * n * log2c(m))
         return idx
 
     def _linear_ids(self, layer, q, phase, m):
@@ -400,7 +411,7 @@ def mpcache_recall(**kw) -> "Policy":
     from .mpcache import MPCacheDynamic, MPCacheStatic
 
     own = ("group", "fetch_frac", "fetch", "suffix_query", "head_reduce", "score", "expand", "selection", "vote_pool", "vote_follow", "vote",
-           "select_share", "refresh", "refresh_frac")  # recall's alone
+           "select_share", "refresh", "refresh_frac", "stream_follow", "stream_pool")  # recall's alone
     static_kw = {k: v for k, v in kw.items() if k in MPCacheStatic.__dataclass_fields__ and k not in own}
     rec_kw = {k: v for k, v in kw.items() if k in MPCacheRecall.__dataclass_fields__}
     dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__ and k not in own}
