@@ -121,8 +121,9 @@ def test_decode_evictions_go_to_the_store_too(llama, ids):
 
 @pytest.mark.parametrize("score", ["mix", "bound"])
 def test_group_statistics_equal_brute_force(llama, ids, question, score):
-    """The linear selection's group statistics (the exact selection keeps none in RAM)."""
-    g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score, selection="linear"))
+    """The linear selection's group statistics (the exact selection keeps none in RAM); share=2: the paper's
+    cross-layer sharing (static eviction and selection replayed in layer pairs), so only leaders keep statistics."""
+    g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score, selection="linear", share=2))
     out: dict = {}
     _spy(g, _cold_snapshot(out))
     if score == "bound":
@@ -132,7 +133,7 @@ def test_group_statistics_equal_brute_force(llama, ids, question, score):
             snap(call)
             st = _recall_part(call.policy).store
             out["minmax"] = {L: (st.kmax[L][:, :st.groups(L)].copy(), st.kmin[L][:, :st.groups(L)].copy()) for L in st.kmax}
-        g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score, selection="linear"))
+        g = Generator(llama, kv_budget=0.2, policy=mpcache_recall(score=score, selection="linear", share=2))
         _spy(g, both)
     res = g.generate(ids + question, max_new_tokens=4, stop=False, protect_suffix=len(question))
     assert set(out["mix"]) == {0, 2}  # only the leaders of the share=2 layer groups keep statistics
