@@ -95,7 +95,9 @@ def build_queries(tok, n_queries: int, n_docs: int, corpus: str = "mixed", seed:
         j += step
     n_botchan = n_docs - n_docs // 2 if corpus == "mixed" else 0
     n_doc = n_docs - n_botchan
-    pool = botchan_windows(tok, max(4 * n_botchan, 64)) if n_botchan else []
+    # sample from a pool 4x the need, capped at 512 windows (Botchan yields ~590 of 100-130 tokens; N=512 asks for
+    # 256 per query): unchanged for N <= 256
+    pool = botchan_windows(tok, max(min(4 * n_botchan, 512), n_botchan, 64)) if n_botchan else []
     queries = []
     for qi, idx in enumerate(chosen):
         rng = random.Random(seed * 1000 + qi)
