@@ -151,7 +151,6 @@ def trim_heap() -> None:
 
 
 def release_free_memory() -> None:
-    """Return free heap pages to the kernel (glibc ``malloc_trim``); a no-op elsewhere."""
-    libc = _libc() if _tuned else None
-    if libc is not None:
-        libc.malloc_trim(0)
+    """:func:`trim_heap` once :func:`tune_allocator` has tuned glibc (the reranker's budgeted runs); a no-op otherwise."""
+    if _tuned:
+        trim_heap()
