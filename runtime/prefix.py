@@ -42,22 +42,36 @@ class PairStream(LayerStream):
         return qkv, attn
 
 
-def run_prefix(pair, hidden: np.ndarray, positions: np.ndarray):
-    """One layer over the shared prefix ``[1, P, H]``; returns ``(hidden_out, k, v)`` (K/V: ``[1, kv, P, D]``)."""
+def run_prefix(pair, hidden: np.ndarray, positions: np.ndarray, kv_only: bool = False):
+    """One layer over the shared prefix ``[1, P, H]``; returns ``(hidden_out, k, v)`` (K/V: ``[1, kv, P, D]``).
+    ``kv_only``: the last layer — nothing reads the prefix's output, so only its K/V are computed (hidden_out None)."""
     qkv, attn = pair
     q, k, v = qkv.run(None, {"hidden": hidden, "position_ids": positions})
+    if kv_only:
+        return None, k, v
     out = attn.run(["hidden_out"], {"hidden": hidden, "q": q, "k_cache": k, "v_cache": v,
                                     "key_pos": positions[:, None, :], "position_ids": positions})[0]
     return out, k, v
 
 
 def run_candidates(pair, hidden: np.ndarray, mask: np.ndarray, positions: np.ndarray,
-                   k_prefix: np.ndarray | None, v_prefix: np.ndarray | None, prefix_positions: np.ndarray | None) -> np.ndarray:
-    """One layer over a chunk of candidates ``[B, T, H]`` attending to the prefix K/V and to themselves."""
+                   k_prefix: np.ndarray | None, v_prefix: np.ndarray | None, prefix_positions: np.ndarray | None,
+                   last: np.ndarray | None = None) -> np.ndarray:
+    """One layer over a chunk of candidates ``[B, T, H]`` attending to the prefix K/V and to themselves.
+
+    ``last`` (``[B]`` token indices): only those tokens' outputs are wanted — the final layer of a reranker whose
+    head reads one token per candidate. K/V still come from every token, but attention rows, o_proj and the MLP
+    run for one query token per row: returns ``[B, 1, H]`` (the attn graph is shape-generic in its query length).
+    """
     qkv, attn = pair
     B = hidden.shape[0]
     q, k, v = qkv.run(None, {"hidden": hidden, "position_ids": positions})
     own_pos = np.where(mask > 0.5, positions, EMPTY_POS).astype(np.int64)
+    if last is not None:
+        rows = np.arange(B)
+        q = np.ascontiguousarray(q[rows, :, last][:, :, None, :])        # [B, heads, 1, D]
+        hidden = np.ascontiguousarray(hidden[rows, last][:, None, :])    # [B, 1, H]
+        positions = np.ascontiguousarray(positions[rows, last][:, None])  # [B, 1]
     if k_prefix is not None and k_prefix.shape[2] > 0:
         kv, P, D = k_prefix.shape[1], k_prefix.shape[2], k_prefix.shape[3]
         k = np.concatenate([np.broadcast_to(k_prefix, (B, kv, P, D)), k], axis=2)

@@ -96,6 +96,8 @@ class Reranker:
         self.observer = None  # calibration hook: observer(layer, chunk, hidden_in) after each layer, before pruning
         self._prune_state: dict[str, Any] | None = None
         self._skip_layers: set[int] = set()  # layer-drop measurement (export --drop-layers): skip these positions
+        # split (prefix-reuse) bundles with last-token pooling: the final layer computes the head's token only
+        self.final_last_only = True
         self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.layers), threads, optimize)
         self._pos_offset = 0
         self.pooling = self.bundle.manifest.get("pooling", "cls")
@@ -345,6 +347,8 @@ class Reranker:
         if self.pooling == "cls":
             return h[:, 0, :]
         if self.pooling == "last":
+            if h.shape[1] == 1:  # one token per row (e.g. the final layer ran for the last token only)
+                return h[:, 0, :]
             return h[np.arange(len(c.lengths)), c.lengths - 1, :]
         m = c.mask[..., None]
         return (h * m).sum(1) / np.maximum(m.sum(1), 1e-9)
@@ -406,16 +410,24 @@ class Reranker:
         tokens_per_layer = []
         rss_peak_layers = 0
         order = [j for j in range(len(self.bundle.layers)) if j not in self._skip_layers] if self._skip_layers else None
+        final = (order or list(range(len(self.bundle.layers))))[-1]
+        last_only_used = False
         for i, sess in self.stream.run(order):
             live_per_layer.append(int(sum(int((c.items < n_docs).sum()) for c in chunks)))
             tokens_per_layer.append(int(sum(int(c.lengths[c.items < n_docs].sum()) for c in chunks)))
+            # the head reads one token per candidate: the final layer computes only that token's output
+            # (the calibration observer looks at every token, so it gets the full layer)
+            last_only = (self.final_last_only and self.split and i == final and self.pooling == "last"
+                         and self.observer is None)
             kp = vp = None
             if prefix_h is not None:
-                prefix_h, kp, vp = run_prefix(sess, prefix_h, prefix_pos)
+                prefix_h, kp, vp = run_prefix(sess, prefix_h, prefix_pos, kv_only=last_only)
+            last_only_used |= last_only
             for c in chunks:
                 h_in = self._hidden(c)
                 if self.split:
-                    c.hidden = run_candidates(sess, h_in, c.mask, c.positions, kp, vp, prefix_pos)
+                    c.hidden = run_candidates(sess, h_in, c.mask, c.positions, kp, vp, prefix_pos,
+                                              last=c.lengths - 1 if last_only else None)
                 else:
                     c.hidden = sess.run(None, self._feeds(c, h_in))[0]
                 if self.observer is not None:
@@ -462,5 +474,6 @@ class Reranker:
             "n_pruned": int((st["dropped_at"] >= 0).sum()) if st is not None else 0,
             "dropped_layers": self.bundle.manifest.get("dropped_layers") or [],
             "prefix_reuse_tokens": int(enc.prefix_len) if self.split else 0, "spill": plan.spill,
+            "final_layer_last_token_only": bool(last_only_used),
         }
         return out

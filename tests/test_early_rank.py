@@ -388,3 +388,18 @@ def test_prefix_reuse_matches_full_prompt_and_drops_with_qkv(llama_bundle, tmp_p
     gone = f"layers/layer_{res['drop'][0]:03d}_qkv.onnx"
     assert gone not in bd.manifest["files"] and not (d / gone).exists()
     assert len(Reranker(bd).rank(queries[0], documents, top_k=3)) == 3
+
+
+def test_final_layer_last_token_only_matches_full_layer(llama_bundle, docs):
+    """The final layer of a prefix-reuse bundle runs attention rows + MLP for the head's token only; the scores
+    equal those of the full final layer (every token) within 1e-3, with and without pruning, resident and streamed."""
+    documents, queries = docs
+    for budget in (None, "64MB"):
+        rr = Reranker(llama_bundle, memory_budget=budget, pruning="off")
+        fast = rr.predict(queries[0], documents)
+        assert rr.last_stats["final_layer_last_token_only"]
+        rr.final_last_only = False
+        full = rr.predict(queries[0], documents)
+        assert not rr.last_stats["final_layer_last_token_only"]
+        np.testing.assert_allclose(fast, full, atol=1e-3)
+        assert np.abs(fast - full).max() < 1e-4 and np.std(full) > 1e-3  # scores differ between docs: a real check
