@@ -403,3 +403,38 @@ def test_final_layer_last_token_only_matches_full_layer(llama_bundle, docs):
         assert not rr.last_stats["final_layer_last_token_only"]
         np.testing.assert_allclose(fast, full, atol=1e-3)
         assert np.abs(fast - full).max() < 1e-4 and np.std(full) > 1e-3  # scores differ between docs: a real check
+
+
+def test_rerank_attn_graphs_are_fused_and_old_bundles_upgrade(llama_bundle, tmp_path, docs, monkeypatch):
+    """Rerank bundles' attn graphs keep only hidden_out and run their attention core as one MultiHeadAttention node
+    (GQA: 6 query heads over 2 KV heads here); a bundle exported in the generation form upgrades in place to the same
+    scores (within float rounding), verifies, and a second upgrade is a no-op."""
+    import functools
+
+    import onnx
+
+    import edge_sel.export.prefix_layers as pl
+    from edge_sel.export import export
+    from tiny_models import make_decoder
+
+    b = Bundle.open(llama_bundle)
+    assert b.manifest["layer_io"]["attn"]["outputs"] == ["hidden_out"]
+    assert b.manifest["layer_io"]["attn_core"] == "MultiHeadAttention"
+    g = onnx.load(str(b.layer_path(0)), load_external_data=False).graph
+    assert [o.name for o in g.output] == ["hidden_out"]
+    assert [n.op_type for n in g.node].count("MultiHeadAttention") == 1 and "Softmax" not in [n.op_type for n in g.node]
+
+    monkeypatch.setattr(pl, "write_split_layers", functools.partial(pl.write_split_layers, fuse=False))
+    old = export(make_decoder(tmp_path / "hf"), tmp_path / "old", verify=True)
+    io = Bundle.open(old).manifest["layer_io"]
+    assert io["attn"]["outputs"] == ["hidden_out", "attn_sum", "attn_max"] and "attn_core" not in io
+    documents, queries = docs
+    before = Reranker(old, pruning="off").predict(queries[1], documents)
+    assert pl.fuse_bundle_attention(old) is True
+    assert pl.fuse_bundle_attention(old) is False
+    after_b = Bundle.open(old, verify=True)
+    assert after_b.manifest["layer_io"]["attn_core"] == "MultiHeadAttention"
+    after = Reranker(after_b, pruning="off").predict(queries[1], documents)
+    assert np.std(before) > 1e-3
+    np.testing.assert_allclose(after, before, atol=1e-4)
+    np.testing.assert_allclose(after, Reranker(llama_bundle, pruning="off").predict(queries[1], documents), atol=1e-4)
