@@ -43,6 +43,7 @@ from edge_sel.memory import PeakTracker, trim_heap
 from edge_sel.units import format_size, parse_size
 
 from .embedding import Embedder
+from .residency import WeightPages, release_array, snapshot
 from .kvcache import LayerCache
 from .policies import Context, Full, Policy, make_policy, policy_label
 from .sessions import load_session, session_options
@@ -160,11 +161,17 @@ class Generator:
         self.embedder = Embedder(self.bundle)
         self._table = self.embedder.open_table()
         so_threads = threads
+        before = snapshot()  # the mappings the sessions below add are this generator's (see WeightPages)
         self.sessions = []
         for i, layer in enumerate(self.bundle.layers):
             qkv = m["extra_graphs"][layer["qkv"]]["file"]
             self.sessions.append((self._load(self.bundle.path(qkv), so_threads), self._load(self.bundle.layer_path(i), so_threads)))
         self.head = self._load(self.bundle.path(m["head"]["file"]), so_threads)
+        # each layer's weight files (qkv graph, attention+MLP graph), released after its prefill pass
+        self._layer_weights = [(self.bundle.path(m["extra_graphs"][layer["qkv"]]["weights"]), self.bundle.path(layer["weights"]))
+                               for layer in self.bundle.layers]
+        self._head_weights = self.bundle.path(m["head"]["weights"])
+        self._pages = WeightPages([p for pair in self._layer_weights for p in pair] + [self._head_weights], before)
         self.last_stats: dict[str, Any] = {}
 
     @staticmethod
@@ -420,6 +427,8 @@ class Generator:
         if isinstance(suffix, bool) or not isinstance(suffix, (int, np.integer)) or not 0 <= suffix < N:
             raise InputError(f"protect_suffix must be an integer in [0, {N}) (the prompt is {N} tokens), got {suffix!r}")
         max_new = self._clamp_new(N, int(max_new_tokens))
+        if self._releases_weights(N):  # before this call allocates its cache (the last call's weights are still mapped)
+            self._release_weights()
         policy = make_policy(self.policy_spec)
         cap, fetch, use_scratch = self._capacity(policy, N, max_new, int(suffix))
         cold_dir = None
@@ -512,6 +521,14 @@ class Generator:
     def _scratch_bytes(self, call: _Call) -> int:
         return 0 if call.scratch is None else call.scratch.capacity * LayerCache.bytes_per_slot(self.kv_heads, self.head_dim)
 
+    def _releases_weights(self, n_prompt: int) -> bool:
+        """Long prompts prefill with each layer's weights mapped only during its own pass (see
+        :mod:`edge_sel.runtime.residency`); decoding maps them all again, once."""
+        return n_prompt > TRIM_AFTER_TOKENS and self._pages.releasable
+
+    def _release_weights(self) -> None:
+        self._pages.release(*[p for pair in self._layer_weights for p in pair], self._head_weights)
+
     def _prefill_chunk(self, n_keys: int) -> int:
         """Prefill chunk for a prompt of ``n_keys`` tokens: ``chunk_tokens``, or fewer (a multiple of 32, at
         least 32) when one ``[heads, chunk, n_keys]`` f32 tensor would exceed :data:`PREFILL_SCORES_BYTES`."""
@@ -528,9 +545,13 @@ class Generator:
         policy evicts as chunks arrive (strict bound, no scratch; the window sees only what survived)."""
         policy, cap = call.policy, call.capacity
         ids = np.asarray(call.prompt_ids, dtype=np.int64)[None]
-        hidden = self._embed(ids)
-        positions = np.arange(ids.shape[1], dtype=np.int64)
         N, max_new = ids.shape[1], call.max_new
+        release_weights = self._releases_weights(N)
+        if release_weights:  # the last call's decode mapped every layer: start this prefill from none
+            self._release_weights()
+        hidden = self._embed(ids)
+        release_array(self._table)  # the gathered rows (and their read-around) leave RSS; hidden is a copy
+        positions = np.arange(ids.shape[1], dtype=np.int64)
         sfx_from = N - call.suffix  # positions >= sfx_from: the protected suffix
         evicting = N + max_new > cap
         scratch = call.scratch
@@ -590,9 +611,15 @@ class Generator:
             hidden = out
             if N > TRIM_AFTER_TOKENS:
                 trim_heap()  # the layer's freed attention temporaries leave RSS before the next layer runs
+            if release_weights:
+                # ... and its weights: the prefill's activations and the whole model's weights never peak together
+                self._pages.release(*self._layer_weights[L])
             if keep is not None:
                 hidden = np.ascontiguousarray(hidden[:, keep])
                 positions = positions[keep]
+        if release_weights:  # decoding runs every layer per token: map the weights back now, inside prefill_s,
+            self._pages.populate(*[p for pair in self._layer_weights for p in pair])  # so the first decode step
+            # is not charged ~0.2 ms per MiB of page faults
         if call.suffix_hidden is not None:
             n_sfx = int((positions >= sfx_from).sum())
             call.suffix_hidden = hidden[:, hidden.shape[1] - n_sfx - 1:]
@@ -652,6 +679,7 @@ class Generator:
     def _decode_step(self, call: _Call, tok: int, pos: int) -> np.ndarray:
         policy, cap = call.policy, call.capacity
         h = self._embed(np.array([[tok]], dtype=np.int64))
+        release_array(self._table)  # a long generation must not map the table in row by row (25 us)
         p = np.array([[pos]], dtype=np.int64)
         observe = policy.needs_decode_attention
         for L, (qkv, attn) in enumerate(self.sessions):
