@@ -130,12 +130,16 @@ def test_acceptance_lines():
 
     lines = bg.acceptance([r("edge_sel full", 0.9, 40.0, 60.0, 400 * 2**20), r("transformers full", 0.9, 40.0, 80.0, 1000 * 2**20),
                            r("edge_sel mpcache @0.2", 0.8, 42.0), r("kvpress SnapKV @0.2", 0.5, 43.0),
-                           r("kvpress TOVA @0.2", 0.6, 41.0), r("edge_sel mpcache @0.1", 0.4, 44.0, 30.0, 300 * 2**20)])
+                           r("kvpress TOVA @0.2", 0.6, 41.0), r("edge_sel mpcache @0.1", 0.4, 44.0, 30.0, 300 * 2**20),
+                           r("edge_sel mpcache_recall @0.1", 1.0, 43.0, 45.0, 450 * 2**20)])
     text = "\n".join(lines)
     assert "0.2 kept: mpcache needle 0.80 vs full 0.90 (diff -10 points); best kvpress kvpress TOVA @0.2 0.60 -> OK" in text
     assert "best kvpress kvpress TOVA @0.2 41.00 -> ABOVE" in text
     assert "= 0.50 (target <= 0.75)" in text and "mpcache@0.1 / transformers = 0.38" in text
     assert "edge_sel mpcache @0.1 300 MiB / transformers full 1000 MiB = 0.30" in text
+    assert "0.1 kept: mpcache_recall needle 1.00 vs full 0.90 (diff +10 points)" in text
+    assert "mpcache_recall@0.1 45.0 / edge_sel full 60.0 = 0.75 (target <= 0.75)" in text
+    assert "edge_sel mpcache_recall @0.1 450 MiB / transformers full 1000 MiB = 0.45 (target <= 0.5 at 10% kept)" in text
     full, tf = r("edge_sel full", 0.9, 40.0, rss=900 * 2**20), r("transformers full", 0.9, 40.0, rss=1000 * 2**20)
     full["peak_rss_by_part"] = {"1024": 200 * 2**20, "4096": 400 * 2**20, "ppl": 900 * 2**20}
     tf["peak_rss_by_part"] = {"1024": 700 * 2**20, "4096": 1000 * 2**20, "ppl": 1000 * 2**20}
