@@ -63,13 +63,16 @@ class Planner:
         # a spilled run holds the chunk in flight only: its input, its output and one re-packed chunk
         return int(4 * self.H * 3 * chunk_tokens)
 
+    # The embedding stage and the layer stage do not overlap: the table is mapped only while the inputs are
+    # gathered and unmapped before the first layer loads (runtime/embedding.py), so its touched pages and the
+    # layer window + activations are two successive peaks over the kept hidden states, not one sum.
     def resident_minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0) -> int:
-        return int(self.fixed + 2 * self.layer_bytes + self.hidden_bytes(total_tokens, max_len) + embed_bytes
-                   + self.act_bytes_per_token(max_len) * max_len)
+        return int(self.fixed + self.hidden_bytes(total_tokens, max_len)
+                   + max(embed_bytes, 2 * self.layer_bytes + self.act_bytes_per_token(max_len) * max_len))
 
     def spill_minimum(self, max_len: int, embed_bytes: int = 0) -> int:
-        return int(self.fixed + 2 * self.layer_bytes + self.spill_hidden_bytes(max_len) + embed_bytes
-                   + self.act_bytes_per_token(max_len) * max_len)
+        return int(self.fixed + self.spill_hidden_bytes(max_len)
+                   + max(embed_bytes, 2 * self.layer_bytes + self.act_bytes_per_token(max_len) * max_len))
 
     def minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True) -> int:
         need = self.resident_minimum(total_tokens, max_len, embed_bytes)
@@ -102,7 +105,7 @@ class Planner:
         return self._resident_plan(budget, total_tokens, max_len, embed_bytes)
 
     def _resident_plan(self, budget: int, total_tokens: int, max_len: int, embed_bytes: int) -> Plan:
-        free = budget - self.fixed - self.hidden_bytes(total_tokens, max_len) - embed_bytes
+        free = budget - self.fixed - self.hidden_bytes(total_tokens, max_len)  # the layer stage's room (embedding unmapped)
         per_tok = self.act_bytes_per_token(max_len)
         act_min = per_tok * max_len
         window = int(min(self.n_layers, max(2, (free - act_min) // self.layer_bytes)))
@@ -118,7 +121,7 @@ class Planner:
         return Plan(budget, window, chunk, DEFAULT_MAX_BATCH, estimate)
 
     def _spill_plan(self, budget: int, max_len: int, embed_bytes: int) -> Plan:
-        free = budget - self.fixed - embed_bytes
+        free = budget - self.fixed  # the layer stage's room (embedding unmapped)
         per_tok = self.act_bytes_per_token(max_len) + 4 * self.H * 3
         window = 2
         chunk = int(max(max_len, min(DEFAULT_CHUNK_TOKENS, (free - window * self.layer_bytes) // per_tok)))

@@ -151,3 +151,33 @@ def test_spill_with_pruning_keeps_exact_scores(bert_ce_bundle, docs, tmp_path):
             assert r["score"] == pytest.approx(float(ref[r["corpus_id"]]), abs=1e-5)
     assert list(tmp_path.iterdir()) == []
 
+
+
+def test_plan_counts_embedding_and_layer_stage_as_successive_peaks(llama_bundle, docs):
+    """The embedding table is unmapped before the first layer loads, so the plan gives the layer stage
+    (window + chunk activations) the room the touched embedding pages had: the chunk does not shrink with
+    the embedding bytes as long as those stay below the layer stage's own peak; the minimum grows only past it.
+    Measured: the call's peak above its start stays within the budget."""
+    rr = Reranker(llama_bundle)
+    p = rr.planner
+    total, max_len = 4000, 60
+    layer_stage = 2 * p.layer_bytes + p.act_bytes_per_token(max_len) * max_len
+    base = p.resident_minimum(total, max_len, 0)
+    budget = base + 40 * p.act_bytes_per_token(max_len) * max_len
+    chunk0 = p.plan(budget, total, max_len, 0).chunk_tokens
+    assert p.plan(budget, total, max_len, layer_stage // 2).chunk_tokens == chunk0
+    assert p.resident_minimum(total, max_len, layer_stage // 2) == base
+    assert p.resident_minimum(total, max_len, layer_stage + 1000) == base + 1000
+    documents, queries = docs
+    documents = documents * 4
+    enc = rr.encoder.encode(queries[0], documents)
+    ids, _ = rr._items(enc)
+    lengths = np.array([len(x) for x in ids])
+    embed = rr.embedder.touched_bytes(len(np.unique(np.concatenate(ids))))
+    need = p.resident_minimum(int(lengths.sum()), int(lengths.max()), embed)
+    tight = Reranker(llama_bundle, memory_budget=need + 2 * 1024**2)
+    ref = rr.predict(queries[0], documents)
+    np.testing.assert_allclose(tight.predict(queries[0], documents), ref, atol=1e-5)
+    st = tight.last_stats
+    assert st["spill"] is False
+    assert st["peak_rss_bytes"] - st["start_rss_bytes"] <= need + 2 * 1024**2
