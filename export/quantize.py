@@ -42,6 +42,7 @@ def _graph_specs(manifest: dict) -> list[dict]:
 def _quantize_graph(src: Path, dst: Path, weight_type: str, per_channel: bool, data: Path | None = None) -> None:
     import tempfile
 
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     qtype = QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8
@@ -52,8 +53,10 @@ def _quantize_graph(src: Path, dst: Path, weight_type: str, per_channel: bool, d
             shutil.copy2(src, Path(tmp) / src.name)
             shutil.copy2(data, Path(tmp) / data.name)
             src = Path(tmp) / src.name
+        # fused rerank graphs feed o_proj from a com.microsoft MultiHeadAttention node, whose output type onnx's
+        # shape inference cannot name; every activation in a bundle is float32
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel, weight_type=qtype,
-                         use_external_data_format=True)
+                         use_external_data_format=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 def agreement(source: Bundle, quantized: Bundle, n_queries: int = 8, n_candidates: int = 32, top: int = 10) -> dict:
