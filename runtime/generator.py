@@ -546,9 +546,7 @@ class Generator:
         policy, cap = call.policy, call.capacity
         ids = np.asarray(call.prompt_ids, dtype=np.int64)[None]
         N, max_new = ids.shape[1], call.max_new
-        release_weights = self._releases_weights(N)
-        if release_weights:  # the last call's decode mapped every layer: start this prefill from none
-            self._release_weights()
+        release_weights = self._releases_weights(N)  # _run already dropped the last call's mappings
         hidden = self._embed(ids)
         release_array(self._table)  # the gathered rows (and their read-around) leave RSS; hidden is a copy
         positions = np.arange(ids.shape[1], dtype=np.int64)
