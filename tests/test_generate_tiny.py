@@ -229,6 +229,24 @@ def test_mpcache_selection_scores_match_definition():
         assert set(np.unique(slots[h] // 32)) == best
 
 
+def test_mpcache_dynamic_keeps_no_statistics_when_the_cache_can_never_select():
+    """A capacity below ``min_tokens_to_select`` reads the whole cache every step, so the group statistics
+    would be pure cost: none are kept and no work is counted; at or above it they are."""
+    from edge_sel.runtime.kvcache import LayerCache
+    from edge_sel.runtime.policies import Context
+
+    rng = np.random.default_rng(1)
+    k = rng.standard_normal((1, 2, 64, 8)).astype(np.float32)
+    for cap, active in ((64, False), (128, True)):
+        dyn = MPCacheDynamic(min_tokens_to_select=128)
+        dyn.begin(Context(1, 2, 4, 8, cap, 64, 4))
+        c = LayerCache(2, cap, 8)
+        dyn.after_append(0, c, c.append(k, k, np.arange(64)))
+        assert dyn.active is active and bool(dyn.stats) is active
+        assert (sum(dyn.cost.values()) > 0) is active
+        assert dyn.select(0, rng.standard_normal((1, 4, 1, 8)).astype(np.float32), c) is None  # 64 < 128 cached
+
+
 def test_windowkv_keeps_whole_windows_shared_in_layer_groups(llama):
     _, _, call = _run_with(llama, "windowkv")
     for L in (1, 2, 3):

@@ -146,7 +146,8 @@ class MPCacheDynamic(Policy):
     (no exponentials), keeps the top ``keep_groups`` fraction of 32-groups, then the top ``keep_sub``
     of their 16-groups; the first and the most recent group are always read. Adjacent layers (``share``)
     reuse the leader's selection (cross-layer index sharing). Below ``min_tokens_to_select`` cached
-    tokens the whole cache is read.
+    tokens the whole cache is read; a cache whose capacity is below it never selects, so it keeps no
+    statistics at all (measured: 3.5 ms of a 78 ms SmolLM2 decode step at 4k with 10 % kept).
 
     Sharing a selection is only right when the layers of a group hold the same tokens slot for slot,
     i.e. with a static eviction replayed the same way: ``mpcache(share=2)`` (the paper's setting) shares
@@ -175,6 +176,9 @@ class MPCacheDynamic(Policy):
         self.sharing = LayerSharing(self.share, ctx.n_layers)
         self.stats = {}
         self.last: dict[int, np.ndarray] = {}
+        self.active = ctx.capacity >= self.min_tokens_to_select
+        if not self.active:  # the cache can never hold enough tokens to select from: no statistics to keep
+            return
         g16 = -(-ctx.capacity // self.sub)
         g32 = -(-ctx.capacity // self.group)
         D, kv = ctx.head_dim, ctx.kv_heads
@@ -213,7 +217,7 @@ class MPCacheDynamic(Policy):
                    multiplications=2 * kv * D * (ng16 + ng32))
 
     def after_append(self, layer, cache, s):
-        if not self.sharing.is_leader(layer):
+        if not self.active or not self.sharing.is_leader(layer):
             return  # followers read the leader's selection; they keep no statistics
         if s.stop - s.start != 1:
             self._refresh(layer, cache, s.start // self.sub, -(-s.stop // self.sub))
@@ -236,7 +240,7 @@ class MPCacheDynamic(Policy):
         self.count(comparisons=4 * k.size, multiplications=4 * k.size)
 
     def after_compact(self, layer, cache):
-        if not self.sharing.is_leader(layer):
+        if not self.active or not self.sharing.is_leader(layer):
             return
         st = self.stats[layer]
         for key in ("max16", "max32"):
@@ -253,7 +257,7 @@ class MPCacheDynamic(Policy):
             if sel is not None:
                 self.count(gathers=sel.size)
             return sel
-        if n < self.min_tokens_to_select:
+        if not self.active or n < self.min_tokens_to_select:
             self.last[layer] = None
             return None
         st = self.stats[layer]
