@@ -236,7 +236,7 @@ def _worker_edge_sel(cfg: dict) -> dict:
         rec = {"length": c["length"], "depth": c["depth"], "number": c["number"]}
         q = c["question_ids"]
         try:
-            r = gen.generate(c["context_ids"] + q, max_new_tokens=MAX_NEW, stop=False, protect_suffix=len(q))
+            r = gen.generate(c["context_ids"] + q, max_new_tokens=int(cfg.get("max_new", MAX_NEW)), stop=False, protect_suffix=len(q))
         except Exception as e:  # an infeasible budget at a short length: record, do not abort the run
             out["needle"].append({**rec, "error": f"{type(e).__name__}: {e}"[:300]})
             continue
@@ -273,6 +273,7 @@ def _worker_transformers(cfg: dict) -> dict:
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
+    max_new = int(cfg.get("max_new", MAX_NEW))
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(cfg["hf_dir"], dtype=torch.float32).eval()  # default (sdpa) attention
     out = {"config": cfg["name"], "needle": [], "ppl": None, "load_s": time.perf_counter() - t0}
@@ -283,14 +284,14 @@ def _worker_transformers(cfg: dict) -> dict:
             o = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             t1, w1 = time.perf_counter(), time.process_time()
             past, toks = o.past_key_values, [int(o.logits[0, -1].argmax())]
-            for _ in range(MAX_NEW - 1):
+            for _ in range(max_new - 1):
                 o = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=past, use_cache=True)
                 past = o.past_key_values
                 toks.append(int(o.logits[0, -1].argmax()))
             t2, w2 = time.perf_counter(), time.process_time()
         out["needle"].append({"length": c["length"], "depth": c["depth"], "number": c["number"], "answer_ids": toks,
-                              "prefill_s": t1 - t0, "decode_ms_per_token": 1000 * (t2 - t1) / (MAX_NEW - 1),
-                              "decode_cpu_ms_per_token": 1000 * (w2 - w1) / (MAX_NEW - 1), "kv_bytes": _kv_bytes(past)})
+                              "prefill_s": t1 - t0, "decode_ms_per_token": 1000 * (t2 - t1) / (max_new - 1),
+                              "decode_cpu_ms_per_token": 1000 * (w2 - w1) / (max_new - 1), "kv_bytes": _kv_bytes(past)})
         del past, o
     if cfg.get("ppl"):
         ids = cfg["ppl"]["prefix"] + cfg["ppl"]["cont"]
@@ -486,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (class names)")
     ap.add_argument("--question-mode", default="separate", choices=["separate", "in-context"],
                     help="separate: the question is not compressed (kvpress pipeline); in-context: part of the compressed prompt")
+    ap.add_argument("--max-new", type=int, default=MAX_NEW,
+                    help="tokens generated per needle prompt (the answer is read from them; more steps steady the decode ms/token)")
     ap.add_argument("--ppl-prefix", type=int, default=1792)
     ap.add_argument("--ppl-cont", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the peers (0: torch's default)")
@@ -506,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
     presses = [p.strip() for p in a.presses.split(",") if p.strip()]
     if unknown:
         ap.error(f"unknown peer {unknown[0]!r}; known: transformers, kvpress")
+    if a.max_new < 2:
+        ap.error(f"--max-new must be at least 2 (one prefill token + one timed decode step), got {a.max_new}")
     cfgs = build_configs([p for p in a.policies.split(",") if p], [float(x) for x in a.ratios.split(",")], peers, presses)
     cfgs = select_configs(cfgs, a.configs)
     doc = load_doc(a.out) if a.resume else {"results": []}
@@ -536,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.ppl_prefix:
         ids = hay[5000:5000 + a.ppl_prefix + a.ppl_cont]
         ppl = {"prefix": ids[:a.ppl_prefix], "cont": ids[a.ppl_prefix:]}
-    common = {"bundle": bundle, "model": a.model, "cases": cases, "ppl": ppl, "threads": a.threads, "max_new": MAX_NEW}
+    common = {"bundle": bundle, "model": a.model, "cases": cases, "ppl": ppl, "threads": a.threads, "max_new": a.max_new}
     kvpress_py = None
     if any(c["kind"] in ("transformers", "kvpress") for c in cfgs):
         from edge_sel.benchmarks.prepare import ensure_peers

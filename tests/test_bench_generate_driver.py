@@ -158,3 +158,33 @@ def test_peer_env_version_check_and_requirements(tmp_path):
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("")
     assert not (venv / peer_env.MARKER).exists()
+
+
+def test_max_new_reaches_the_workers_and_is_validated(tmp_path, monkeypatch):
+    seen = []
+
+    class Tok:
+        def encode(self, text, add_special_tokens=True):
+            class E:
+                ids = [len(w) for w in text.split()]
+            return E()
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " nope"
+
+    def fake_run(cfg, tmp, bundle, py):
+        seen.append(cfg["max_new"])
+        raw = _fake_raw(cfg["name"])
+        raw["needle"] = raw["needle"][:1]
+        return raw
+
+    monkeypatch.setattr(bg, "_tokenizer", lambda bundle: Tok())
+    monkeypatch.setattr(bg, "_run_one", fake_run)
+    monkeypatch.setattr("edge_sel.textdata.botchan", lambda: "word " * 3000)
+    args = ["--bundle", str(tmp_path), "--peers", "none", "--policies", "mpcache", "--ratios", "0.2", "--lengths", "1024",
+            "--depths", "0.5", "--needles", "1", "--ppl-prefix", "0", "--out", str(tmp_path / "g.json")]
+    assert bg.main(args) == 0 and seen == [bg.MAX_NEW, bg.MAX_NEW]
+    seen.clear()
+    assert bg.main(args + ["--max-new", "40"]) == 0 and seen == [40, 40]
+    with pytest.raises(SystemExit):
+        bg.main(args + ["--max-new", "1"])
