@@ -51,12 +51,12 @@ def _atomic_dir(target: Path, build) -> Path:
 
 
 def _upgrade(target: Path, log) -> None:
-    """Bring a cached rerank bundle with split layers to the exporter's current attn graph form (same weights, same
+    """Bring a cached rerank bundle with split layers to the exporter's current rerank graph form (same weights, same
     scores within float rounding; see ``edge_sel.export.prefix_layers.fuse_bundle_attention``) — cheaper than --rebuild."""
     from edge_sel.export.prefix_layers import fuse_bundle_attention
 
     if fuse_bundle_attention(target):
-        log(f"upgraded {target.name}: fused rerank attn graphs")
+        log(f"upgraded {target.name}: current rerank graph form (fused attention over KV heads, RotaryEmbedding)")
 
 
 def ensure_bundle(model: str, scoring: str | None, seed: int = 0, rebuild: bool = False, log=print) -> Path:

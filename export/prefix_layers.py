@@ -6,9 +6,11 @@ explicit K/V inputs + MLP) — built by :func:`edge_sel.export.generate.build_gr
 (:mod:`edge_sel.runtime.prefix`) computes the instruction + query prefix once per query and lets every
 candidate attend to its K/V. The two graphs hold disjoint weights: the bundle is no larger.
 
-The attn graphs are then rewritten into a rerank form (:func:`fuse_rerank_attention`: same inputs, only
-``hidden_out``, the attention core as one fused MultiHeadAttention node); bundles exported before that are
-upgraded in place by :func:`fuse_bundle_attention` (the benchmark does this for its cached bundles).
+Both graphs are then rewritten into a rerank form (:data:`RERANK_FORM`; same inputs and outputs but the attn graphs'
+policy outputs): the attn graphs keep only ``hidden_out`` and run their attention core as one MultiHeadAttention node
+over the KV heads (:func:`fuse_rerank_attention`), the qkv graphs rotate q and k with RotaryEmbedding nodes
+(:func:`fuse_rerank_qkv`). Every rewritten graph is checked against the exported one on sample inputs. Bundles exported
+before are upgraded in place by :func:`fuse_bundle_attention` (the benchmark does this for its cached bundles).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ log = logging.getLogger("edge_sel")
 
 
 def write_split_layers(w, torch_model, say, fuse: bool = True) -> tuple[list[dict], dict, dict]:
-    """Export every layer as ``qkv`` + ``attn`` graphs into the staging bundle ``w``; ``fuse``: rewrite the attn
-    graphs into the rerank form (:func:`fuse_rerank_attention`).
+    """Export every layer as ``qkv`` + ``attn`` graphs into the staging bundle ``w``; ``fuse``: rewrite both into the
+    rerank form (:func:`fuse_rerank_attention`, :func:`fuse_rerank_qkv`).
 
     Returns ``(layer entries, extra_graphs, layer_io)`` for the manifest (same layout as generate bundles).
     """
@@ -35,7 +37,7 @@ def write_split_layers(w, torch_model, say, fuse: bool = True) -> tuple[list[dic
     pairs, _, dims = build_graphs(torch_model)
     layers, extra = [], {}
     n = len(pairs)
-    fused = fuse
+    fused = rotary = fuse
     for i, (qkv, attn) in enumerate(pairs):
         say("layers", i, n)
         rel = f"layers/layer_{i:03d}.onnx"
@@ -44,6 +46,8 @@ def write_split_layers(w, torch_model, say, fuse: bool = True) -> tuple[list[dic
             fused = _fuse_file(w.file(rel), dims)
         qrel = f"layers/layer_{i:03d}_qkv.onnx"
         qdata = export_graph(qkv, w.file(qrel))
+        if rotary:
+            rotary = _fuse_qkv_file(w.file(qrel), dims)
         extra[f"qkv_{i:03d}"] = {"file": qrel, "weights": f"layers/{qdata}" if qdata else None}
         layers.append({"index": i, "source_index": i, "file": rel, "weights": f"layers/{data}" if data else None,
                        "qkv": f"qkv_{i:03d}"})
@@ -54,22 +58,32 @@ def write_split_layers(w, torch_model, say, fuse: bool = True) -> tuple[list[dic
                 "empty_pos": EMPTY_POS, "prefix_reuse": True}
     if fused:
         layer_io["attn_core"] = "MultiHeadAttention"
+    if rotary:
+        layer_io["qkv_rotary"] = "RotaryEmbedding"
+    if fused and rotary:
+        layer_io["rerank_form"] = RERANK_FORM
     return layers, extra, layer_io
 
 
-# ---- rerank-only attn graphs ---------------------------------------------------------------------------
+# ---- rerank-only graphs -------------------------------------------------------------------------------
 # The generation graphs' attention is written out op by op (MatMul, Where over [B,kv,G,T,S], Softmax, MatMul) and
 # also returns attn_sum / attn_max for the KV policies. A reranker reads only hidden_out, and onnxruntime runs every
 # node of a graph whatever outputs are requested; its Where over the full score tensor is single-threaded.
 # ``fuse_rerank_attention`` rewrites an exported attn graph in place: the two policy outputs (and the reductions that
 # feed them) go, and the attention core becomes one com.microsoft MultiHeadAttention node (multi-threaded, fused
-# QK^T + bias + softmax + V) fed with an additive bias built from the same visibility rule on a [B,1,T,S] tensor.
-# Inputs and hidden_out are unchanged, so the runtime is the same for old and new bundles.
+# QK^T + bias + softmax + V) fed with an additive bias built from the same visibility rule. With grouped-query
+# attention the node runs over the KV heads, each query group's G heads stacked as G x T query rows ([B, G*T, kv*D]:
+# q [B,heads,T,D] is [B,kv,G*T,D] as it is), so K/V are read as they come instead of being copied G times.
+# ``fuse_rerank_qkv`` replaces the qkv graphs' op-by-op rotary embedding (Slice/Neg/Concat/Mul/Add over q and k) by
+# com.microsoft RotaryEmbedding nodes (rotate-half form, ``interleaved=0``, as Llama's rotate_half).
+# Inputs and outputs are unchanged, so the runtime is the same for old and new bundles.
 RERANK_ATTN_OUTPUTS = ["hidden_out"]
 MS_DOMAIN = "com.microsoft"
+RERANK_FORM = 2  # 1: attn core as MultiHeadAttention over K/V copied per query head; 2: grouped core + qkv RotaryEmbedding
 
 
 def _prune_dead(graph, keep: list[str]) -> None:
+    """Drop the nodes (and the inline/external initializer entries) nothing in ``keep`` depends on."""
     need, nodes = set(keep), []
     for n in reversed(graph.node):
         if any(o in need for o in n.output):
@@ -81,20 +95,97 @@ def _prune_dead(graph, keep: list[str]) -> None:
     outs = [o for o in graph.output if o.name in keep]
     del graph.output[:]
     graph.output.extend(outs)
+    inits = [i for i in graph.initializer if i.name in need]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
 
 
-def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int):
-    """Rewrite an attn graph (``edge_sel.export.generate.build_graphs``) into the rerank form, in place.
+def _ms_opset(model) -> None:
+    from onnx import helper
 
-    Returns the model. Raises ``ValueError`` when the graph does not have the expected attention pattern
-    (then the caller keeps the graph as exported: correct, only slower)."""
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _attention_core(out: str, heads: int, kv_heads: int, head_dim: int, scale: float, grouped: bool = True):
+    """Nodes + initializers computing the attention core of an attn graph from its inputs into ``out`` ([B,T,heads*D]).
+    ``grouped=False``: the first rerank form (K/V copied per query head, the node over all heads) — kept to test the
+    upgrade of bundles written in it."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
+
+    G, D = heads // kv_heads, head_dim
+    mk = helper.make_node
+    c = lambda name, arr: numpy_helper.from_array(np.asarray(arr), name)  # noqa: E731
+    if not grouped and G > 1:
+        inits = [c("rr_shape_q", np.array([0, 0, heads * D], np.int64)), c("rr_ax2", np.array([2], np.int64)),
+                 c("rr_ax13", np.array([1, 3], np.int64)), c("rr_shape_kv", np.array([0, heads, -1, D], np.int64)),
+                 c("rr_zero", np.array(0.0, np.float32)), c("rr_minf", np.array(np.finfo(np.float32).min, np.float32))]
+        nodes = [mk("Transpose", ["q"], ["rr_q_t"], perm=[0, 2, 1, 3]), mk("Reshape", ["rr_q_t", "rr_shape_q"], ["rr_q"])]
+        for name in ("k_cache", "v_cache"):  # [B,kv,S,D] -> [B,heads,S,D], query head h reads kv head h // G
+            nodes += [mk("Unsqueeze", [name, "rr_ax2"], [f"rr_{name}_u"]),
+                      mk("Concat", [f"rr_{name}_u"] * G, [f"rr_{name}_g"], axis=2),
+                      mk("Reshape", [f"rr_{name}_g", "rr_shape_kv"], [f"rr_{name}_h"])]
+        nodes += [mk("Unsqueeze", ["key_pos", "rr_ax2"], ["rr_kpos"]), mk("Unsqueeze", ["position_ids", "rr_ax13"], ["rr_qpos"]),
+                  mk("LessOrEqual", ["rr_kpos", "rr_qpos"], ["rr_visible"]), mk("Where", ["rr_visible", "rr_zero", "rr_minf"], ["rr_bias"]),
+                  mk("MultiHeadAttention", ["rr_q", "rr_k_cache_h", "rr_v_cache_h", "", "", "rr_bias"], [out],
+                     domain=MS_DOMAIN, num_heads=heads, scale=scale)]
+        return nodes, inits
+    inits = [c("rg_qshape", np.array([0, kv_heads, -1, D], np.int64)), c("rg_qflat", np.array([0, 0, kv_heads * D], np.int64)),
+             c("rg_ax2", np.array([2], np.int64)), c("rg_ax13", np.array([1, 3], np.int64)),
+             c("rg_zero", np.array(0.0, np.float32)), c("rg_minf", np.array(np.finfo(np.float32).min, np.float32))]
+    nodes = [mk("Reshape", ["q", "rg_qshape"], ["rg_q4"]),                      # [B,kv,G*T,D]: query head h = kv*G + g
+             mk("Transpose", ["rg_q4"], ["rg_qt"], perm=[0, 2, 1, 3]),          # [B,G*T,kv,D]
+             mk("Reshape", ["rg_qt", "rg_qflat"], ["rg_q"]),                    # [B,G*T,kv*D]
+             mk("Unsqueeze", ["key_pos", "rg_ax2"], ["rg_kpos"])]               # [B,1,1,S]
+    qpos = "position_ids"
+    if G > 1:  # query row g*T + t has position t
+        inits.append(c("rg_tile", np.array([1, G], np.int64)))
+        nodes.append(mk("Tile", ["position_ids", "rg_tile"], ["rg_qpos_g"]))
+        qpos = "rg_qpos_g"
+    nodes += [mk("Unsqueeze", [qpos, "rg_ax13"], ["rg_qpos"]),                  # [B,1,G*T,1]
+              mk("LessOrEqual", ["rg_kpos", "rg_qpos"], ["rg_visible"]),       # key j visible to row i: key_pos <= pos
+              mk("Where", ["rg_visible", "rg_zero", "rg_minf"], ["rg_bias"]),
+              mk("MultiHeadAttention", ["rg_q", "k_cache", "v_cache", "", "", "rg_bias"], ["rg_o" if G > 1 else out],
+                 domain=MS_DOMAIN, num_heads=kv_heads, scale=scale)]
+    if G > 1:  # [B,G*T,kv*D] -> [B,T,heads*D]
+        inits += [c("rg_oshape", np.array([0, G, -1, kv_heads, D], np.int64)), c("rg_oflat", np.array([0, 0, heads * D], np.int64))]
+        nodes += [mk("Reshape", ["rg_o", "rg_oshape"], ["rg_o5"]),              # [B,G,T,kv,D]
+                  mk("Transpose", ["rg_o5"], ["rg_ot"], perm=[0, 2, 3, 1, 4]),  # [B,T,kv,G,D]
+                  mk("Reshape", ["rg_ot", "rg_oflat"], [out])]
+    return nodes, inits
+
+
+def _insert(graph, pos: int, nodes, inits) -> None:
+    for k, n in enumerate(nodes):
+        graph.node.insert(pos + k, n)
+    graph.initializer.extend(inits)
+
+
+def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, grouped: bool = True) -> bool:
+    """Rewrite an attn graph (``edge_sel.export.generate.build_graphs``, or an older rerank form) into the current
+    rerank form, in place. Returns True when the graph changed (False: already in that form).
+    Raises ``ValueError`` when the graph does not have the expected attention pattern
+    (then the caller keeps the graph as it is: correct, only slower)."""
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
 
     g = model.graph
-    if any(n.domain == MS_DOMAIN and n.op_type == "MultiHeadAttention" for n in g.node):
+    mha = [n for n in g.node if n.domain == MS_DOMAIN and n.op_type == "MultiHeadAttention"]
+    if mha:  # fused before: the first form ran over K/V copied per query head (num_heads = heads)
+        n = mha[0]
+        nh = next(a.i for a in n.attribute if a.name == "num_heads")
+        if len(mha) != 1 or nh not in (heads, kv_heads):
+            raise ValueError("attn graph: unexpected MultiHeadAttention node(s)")
+        if nh == kv_heads or not grouped:
+            _prune_dead(g, RERANK_ATTN_OUTPUTS)
+            return False
+        scale = next(a.f for a in n.attribute if a.name == "scale")
+        pos = list(g.node).index(n)
+        g.node.remove(n)
+        _insert(g, pos, *_attention_core(n.output[0], heads, kv_heads, head_dim, scale))
         _prune_dead(g, RERANK_ATTN_OUTPUTS)
-        return model  # already fused
+        return True
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in g.node:
@@ -136,80 +227,216 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int):
         x = n.input[1] if n.op_type == "Where" else n.input[0]
     if scale is None:
         raise ValueError("attn graph: no score scaling found")
-
-    G = heads // kv_heads
-    mk = helper.make_node
-    c = lambda name, arr: numpy_helper.from_array(np.asarray(arr), name)  # noqa: E731
-    inits = [c("rr_perm_q", np.array([0, 2, 1, 3], np.int64)), c("rr_shape_q", np.array([0, 0, heads * head_dim], np.int64)),
-             c("rr_ax2", np.array([2], np.int64)), c("rr_ax13", np.array([1, 3], np.int64)),
-             c("rr_shape_kv", np.array([0, heads, -1, head_dim], np.int64)),
-             c("rr_zero", np.array(0.0, np.float32)), c("rr_minf", np.array(np.finfo(np.float32).min, np.float32))]
-    nodes = [
-        mk("Transpose", ["q"], ["rr_q_t"], perm=[0, 2, 1, 3]),
-        mk("Reshape", ["rr_q_t", "rr_shape_q"], ["rr_q"]),
-    ]
-    for name in ("k_cache", "v_cache"):  # [B,kv,S,D] -> [B,heads,S,D], query head h reads kv head h // G
-        nodes += [mk("Unsqueeze", [name, "rr_ax2"], [f"rr_{name}_u"]),
-                  mk("Concat", [f"rr_{name}_u"] * G, [f"rr_{name}_g"], axis=2),
-                  mk("Reshape", [f"rr_{name}_g", "rr_shape_kv"], [f"rr_{name}_h"])]
-    nodes += [
-        mk("Unsqueeze", ["key_pos", "rr_ax2"], ["rr_kpos"]),           # [B,1,1,S]
-        mk("Unsqueeze", ["position_ids", "rr_ax13"], ["rr_qpos"]),     # [B,1,T,1]
-        mk("LessOrEqual", ["rr_kpos", "rr_qpos"], ["rr_visible"]),    # [B,1,T,S]
-        mk("Where", ["rr_visible", "rr_zero", "rr_minf"], ["rr_bias"]),
-        mk("MultiHeadAttention", ["rr_q", "rr_k_cache_h", "rr_v_cache_h", "", "", "rr_bias"], [attn_flat + "_mha"],
-           domain=MS_DOMAIN, num_heads=heads, scale=scale),
-    ]
     for n in g.node:  # o_proj now reads the fused output
         for j, i in enumerate(n.input):
             if i == attn_flat:
                 n.input[j] = attn_flat + "_mha"
     # insert before o_proj's MatMul (topological order: every input of the new nodes is a graph input)
-    pos = list(g.node).index(nxt)
-    for k, n in enumerate(nodes):
-        g.node.insert(pos + k, n)
-    g.initializer.extend(inits)
+    _insert(g, list(g.node).index(nxt), *_attention_core(attn_flat + "_mha", heads, kv_heads, head_dim, scale, grouped))
     _prune_dead(g, RERANK_ATTN_OUTPUTS)
-    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return model
+    _ms_opset(model)
+    return True
 
 
-def _fuse_file(path: Path, dims: dict) -> bool:
-    """Fuse one attn graph file in place (its external weight file is untouched). False if the pattern was not found."""
+def fuse_rerank_qkv(model, head_dim: int) -> bool:
+    """Replace the rotary embedding of a qkv graph (``edge_sel.export.generate.build_graphs``: transformers'
+    ``q*cos + rotate_half(q)*sin``, the same for k) by com.microsoft RotaryEmbedding nodes, in place.
+
+    The cos/sin tables stay the graph's own (transformers' values for the given ``position_ids``, scaling included),
+    computed for half the head dimension and handed to the node as a per-token cache ``[B*T, D/2]`` indexed by the
+    token's flat index. Returns True when the graph changed (False: already rewritten); ``ValueError`` when the
+    pattern is not found (the caller keeps the graph: correct, only slower)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    if any(n.domain == MS_DOMAIN and n.op_type == "RotaryEmbedding" for n in g.node):
+        return False
+    producer = {o: n for n in g.node for o in n.output}
+    D = int(head_dim)
+
+    def prod(name, op):
+        n = producer.get(name)
+        if n is None or n.op_type != op:
+            raise ValueError(f"qkv graph: {name} is not produced by {op}")
+        return n
+
+    def rope_parts(out):
+        """``out = x*cosU + Concat(Neg(Slice(x)), Slice(x))*sinU`` -> (the Add node, x, cos [B,T,D], sin [B,T,D])."""
+        add = prod(out, "Add")
+        muls = [prod(i, "Mul") for i in add.input]
+        rot = [m for m in muls if any(producer.get(i) is not None and producer[i].op_type == "Concat" for i in m.input)]
+        if len(rot) != 1:
+            raise ValueError(f"qkv graph: no rotate_half term in {out}")
+        m_sin = rot[0]
+        m_cos = muls[1] if muls[0] is m_sin else muls[0]
+        cat_in = next(i for i in m_sin.input if producer.get(i) is not None and producer[i].op_type == "Concat")
+        sin_u = next(i for i in m_sin.input if i != cat_in)
+        cat = producer[cat_in]
+        neg = prod(cat.input[0], "Neg")
+        s1, s2 = prod(neg.input[0], "Slice"), prod(cat.input[1], "Slice")
+        x = s1.input[0]
+        if s2.input[0] != x or x not in m_cos.input or len(cat.input) != 2:
+            raise ValueError(f"qkv graph: {out} is not x*cos + rotate_half(x)*sin")
+        cos_u = next(i for i in m_cos.input if i != x)
+        return add, x, prod(cos_u, "Unsqueeze").input[0], prod(sin_u, "Unsqueeze").input[0]
+
+    parts = [rope_parts(o) for o in ("q", "k")]
+    cos_t, sin_t = parts[0][2], parts[0][3]
+    if (parts[1][2], parts[1][3]) != (cos_t, sin_t):
+        raise ValueError("qkv graph: q and k use different rotary tables")
+
+    def halve(t, op):
+        """Make the table ``t`` [B,T,D] hold only its first half: transformers builds it as op(cat(f, f)) (then scaling and
+        casts), so op is pointed at f; otherwise a Slice."""
+        n = producer.get(t)
+        for _ in range(6):
+            if n is None:
+                break
+            if n.op_type == op:
+                src = producer.get(n.input[0])
+                if src is not None and src.op_type == "Concat" and len(src.input) == 2 and src.input[0] == src.input[1]:
+                    n.input[0] = src.input[0]
+                    return t, []
+                break
+            if n.op_type not in ("Cast", "Mul"):
+                break
+            n = producer.get(n.input[0])
+        return t + "_half", [helper.make_node("Slice", [t, "rq_zero1", "rq_half1", "rq_last1"], [t + "_half"])]
+
+    mk = helper.make_node
+    c = lambda name, arr: numpy_helper.from_array(np.asarray(arr), name)  # noqa: E731
+    inits = [c("rq_cache_shape", np.array([-1, D // 2], np.int64)), c("rq_zero1", np.array([0], np.int64)),
+             c("rq_half1", np.array([D // 2], np.int64)), c("rq_last1", np.array([-1], np.int64)),
+             c("rq_i0", np.array(0, np.int64)), c("rq_i1", np.array(1, np.int64))]
+    cos_h, cos_nodes = halve(cos_t, "Cos")
+    sin_h, sin_nodes = halve(sin_t, "Sin")
+    nodes = cos_nodes + sin_nodes + [
+        mk("Reshape", [cos_h, "rq_cache_shape"], ["rq_cos_cache"]),      # [B*T, D/2]: row b*T + t
+        mk("Reshape", [sin_h, "rq_cache_shape"], ["rq_sin_cache"]),
+        mk("Shape", ["position_ids"], ["rq_pshape"]),
+        mk("ReduceProd", ["rq_pshape"], ["rq_ntok"], keepdims=0),
+        mk("Range", ["rq_i0", "rq_ntok", "rq_i1"], ["rq_flat"]),
+        mk("Reshape", ["rq_flat", "rq_pshape"], ["rq_tokpos"]),           # token (b, t) reads cache row b*T + t
+    ]
+    first = min(list(g.node).index(p[0]) for p in parts)
+    for add, x, _, _ in parts:  # the Add that produced q / k becomes the rotary node (same output name)
+        add.op_type, add.domain = "RotaryEmbedding", MS_DOMAIN
+        del add.input[:]
+        add.input.extend([x, "rq_tokpos", "rq_cos_cache", "rq_sin_cache"])
+        add.attribute.extend([helper.make_attribute("interleaved", 0)])
+    _insert(g, first, nodes, inits)
+    _prune_dead(g, [o.name for o in g.output])
+    _ms_opset(model)
+    return True
+
+
+def _check_same(old: Path, new: Path, feeds: dict) -> float:
+    """Max |difference| of the outputs of two graphs (onnxruntime, as the runtime loads them) on ``feeds``, relative
+    to the outputs' magnitude."""
+    import numpy as np
+
+    from edge_sel.runtime.sessions import load_session
+
+    a = load_session(old).run(None, feeds)
+    b = load_session(new).run(None, feeds)
+    return max(float(np.max(np.abs(x - y))) / max(1.0, float(np.max(np.abs(x)))) for x, y in zip(a, b))
+
+
+def _sample_feeds(kind: str, dims: dict) -> dict:
+    import numpy as np
+
+    from .generate import EMPTY_POS
+
+    H, heads = int(dims["hidden"]), int(dims["heads"])
+    kv, D = int(dims.get("kv_heads") or heads), int(dims.get("head_dim") or H // heads)
+    r = np.random.default_rng(0)
+    B, T, P = 2, 5, 4
+    pos = np.stack([np.arange(P, P + T), np.arange(T) + 1]).astype(np.int64)
+    if kind == "qkv":
+        return {"hidden": r.standard_normal((B, T, H)).astype(np.float32), "position_ids": pos}
+    key_pos = np.concatenate([np.broadcast_to(np.arange(P), (B, P)), pos], 1).copy()
+    key_pos[1, -1] = EMPTY_POS
+    return {"hidden": r.standard_normal((B, T, H)).astype(np.float32), "q": r.standard_normal((B, heads, T, D)).astype(np.float32),
+            "k_cache": r.standard_normal((B, kv, P + T, D)).astype(np.float32),
+            "v_cache": r.standard_normal((B, kv, P + T, D)).astype(np.float32),
+            "key_pos": key_pos[:, None, :], "position_ids": pos}
+
+
+CHECK_TOL = 1e-4
+
+
+def _rewrite_file(path: Path, kind: str, rewrite, dims: dict) -> bool:
+    """Apply ``rewrite(model) -> changed`` to one graph file in place (its external weight file untouched) after checking
+    that the new graph computes the same outputs on sample inputs. False if the pattern was not found or the check
+    failed (the file is then left as it was); True when the file is in the new form."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     try:
-        fuse_rerank_attention(model, int(dims["heads"]), int(dims.get("kv_heads") or dims["heads"]),
-                              int(dims.get("head_dim") or dims["hidden"] // dims["heads"]))
+        if not rewrite(model):
+            return True
     except ValueError as e:
-        log.warning("%s: keeping the generation form of the attn graph (%s)", path, e)
+        log.warning("%s: keeping the %s graph as it is (%s)", path, kind, e)
         return False
-    tmp = path.with_name(path.name + ".tmp")
-    onnx.save_model(model, str(tmp))
-    os.replace(tmp, path)  # a new inode: hard-linked copies of the bundle keep the old graph
+    tmp = path.with_name(path.name + ".tmp")  # beside the original: the external weights resolve the same
+    try:
+        onnx.save_model(model, str(tmp))
+        diff = _check_same(path, tmp, _sample_feeds(kind, dims))
+        if not diff <= CHECK_TOL:
+            log.warning("%s: the rewritten %s graph differs by %.2e; keeping the graph as it is", path, kind, diff)
+            return False
+        os.replace(tmp, path)  # a new inode: hard-linked copies of the bundle keep the old graph
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return True
 
 
+def _heads(dims: dict) -> tuple[int, int, int]:
+    heads = int(dims["heads"])
+    return heads, int(dims.get("kv_heads") or heads), int(dims.get("head_dim") or dims["hidden"] // heads)
+
+
+def _fuse_file(path: Path, dims: dict) -> bool:
+    """Rewrite one attn graph file into the rerank form in place. False if the pattern was not found."""
+    return _rewrite_file(path, "attn", lambda m: fuse_rerank_attention(m, *_heads(dims)), dims)
+
+
+def _fuse_qkv_file(path: Path, dims: dict) -> bool:
+    """Rewrite one qkv graph file's rotary embedding in place. False if the pattern was not found."""
+    return _rewrite_file(path, "qkv", lambda m: fuse_rerank_qkv(m, _heads(dims)[2]), dims)
+
+
 def fuse_bundle_attention(path: str | os.PathLike) -> bool:
-    """Upgrade a rerank bundle with split layers, exported before :func:`fuse_rerank_attention`, in place: rewrite its
-    attn graphs (weights unchanged, scores equal within float rounding) and their manifest entries.
-    Returns True when the bundle changed (False: nothing to do)."""
+    """Upgrade a rerank bundle with split layers, exported before the current rerank form (:data:`RERANK_FORM`), in
+    place: rewrite its attn graphs (:func:`fuse_rerank_attention`) and qkv graphs (:func:`fuse_rerank_qkv`) — weights
+    unchanged, every rewritten graph checked against the old one on sample inputs — and their manifest entries.
+    Returns True when the bundle changed (False: nothing to do). A qkv graph whose rotary pattern is not recognised
+    stays as exported (correct, only slower)."""
     from edge_sel.bundle import MANIFEST, Bundle, sha256_file
 
     b = Bundle.open(path)
     io = b.manifest.get("layer_io", {})
-    if not io.get("prefix_reuse") or io.get("attn_core") == "MultiHeadAttention":
+    if not io.get("prefix_reuse") or int(io.get("rerank_form", 0)) >= RERANK_FORM:
         return False
     manifest = json.loads(json.dumps(b.manifest))
+    dims = manifest["dims"]
+    rotary = True
     for entry in manifest["layers"]:
         f = b.path(entry["file"])
-        if not _fuse_file(f, manifest["dims"]):
+        if not _fuse_file(f, dims):
             raise ValueError(f"{f}: the attn graph does not have the expected pattern; re-export the bundle instead")
         manifest["files"][entry["file"]] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+        qrel = manifest["extra_graphs"][entry["qkv"]]["file"]
+        qf = b.path(qrel)
+        rotary = _fuse_qkv_file(qf, dims) and rotary
+        manifest["files"][qrel] = {"size": qf.stat().st_size, "sha256": sha256_file(qf)}
     manifest["layer_io"]["attn"]["outputs"] = list(RERANK_ATTN_OUTPUTS)
     manifest["layer_io"]["attn_core"] = "MultiHeadAttention"
+    if rotary:
+        manifest["layer_io"]["qkv_rotary"] = "RotaryEmbedding"
+    manifest["layer_io"]["rerank_form"] = RERANK_FORM
     tmp = b.root / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     os.replace(tmp, b.root / MANIFEST)

@@ -405,36 +405,91 @@ def test_final_layer_last_token_only_matches_full_layer(llama_bundle, docs):
         assert np.abs(fast - full).max() < 1e-4 and np.std(full) > 1e-3  # scores differ between docs: a real check
 
 
-def test_rerank_attn_graphs_are_fused_and_old_bundles_upgrade(llama_bundle, tmp_path, docs, monkeypatch):
-    """Rerank bundles' attn graphs keep only hidden_out and run their attention core as one MultiHeadAttention node
-    (GQA: 6 query heads over 2 KV heads here); a bundle exported in the generation form upgrades in place to the same
-    scores (within float rounding), verifies, and a second upgrade is a no-op."""
-    import functools
-
+def _rerank_form_checks(b: Bundle) -> None:
+    """The current rerank form: attn graphs keep only hidden_out and run their attention core as one MultiHeadAttention
+    node over the KV heads (no per-query-head K/V copies); qkv graphs rotate q and k with RotaryEmbedding nodes."""
     import onnx
+
+    io = b.manifest["layer_io"]
+    assert io["attn"]["outputs"] == ["hidden_out"] and io["attn_core"] == "MultiHeadAttention"
+    assert io["qkv_rotary"] == "RotaryEmbedding" and io["rerank_form"] == 2
+    kv = b.manifest["dims"]["kv_heads"]
+    for i, entry in enumerate(b.layers):
+        g = onnx.load(str(b.layer_path(i)), load_external_data=False).graph
+        ops = [n.op_type for n in g.node]
+        assert [o.name for o in g.output] == ["hidden_out"]
+        assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops and "Concat" not in ops
+        mha = next(n for n in g.node if n.op_type == "MultiHeadAttention")
+        assert next(a.i for a in mha.attribute if a.name == "num_heads") == kv
+        q = onnx.load(str(b.path(b.manifest["extra_graphs"][entry["qkv"]]["file"])), load_external_data=False).graph
+        qops = [n.op_type for n in q.node]
+        assert qops.count("RotaryEmbedding") == 2 and "Neg" not in qops and "Slice" not in qops
+
+
+def test_rerank_graphs_are_fused_and_old_bundles_upgrade(llama_bundle, tmp_path, docs, monkeypatch):
+    """Rerank bundles are exported in the current rerank form (GQA: 6 query heads over 2 KV heads here); bundles in the
+    generation form and in the first rerank form (attention over K/V copied per query head, op-by-op rotary) upgrade in
+    place to the same scores (within 1e-4, same top-3), verify, and a second upgrade is a no-op."""
+    import functools
 
     import edge_sel.export.prefix_layers as pl
     from edge_sel.export import export
     from tiny_models import make_decoder
 
-    b = Bundle.open(llama_bundle)
-    assert b.manifest["layer_io"]["attn"]["outputs"] == ["hidden_out"]
-    assert b.manifest["layer_io"]["attn_core"] == "MultiHeadAttention"
-    g = onnx.load(str(b.layer_path(0)), load_external_data=False).graph
-    assert [o.name for o in g.output] == ["hidden_out"]
-    assert [n.op_type for n in g.node].count("MultiHeadAttention") == 1 and "Softmax" not in [n.op_type for n in g.node]
-
-    monkeypatch.setattr(pl, "write_split_layers", functools.partial(pl.write_split_layers, fuse=False))
-    old = export(make_decoder(tmp_path / "hf"), tmp_path / "old", verify=True)
-    io = Bundle.open(old).manifest["layer_io"]
-    assert io["attn"]["outputs"] == ["hidden_out", "attn_sum", "attn_max"] and "attn_core" not in io
+    _rerank_form_checks(Bundle.open(llama_bundle))
     documents, queries = docs
-    before = Reranker(old, pruning="off").predict(queries[1], documents)
-    assert pl.fuse_bundle_attention(old) is True
-    assert pl.fuse_bundle_attention(old) is False
-    after_b = Bundle.open(old, verify=True)
-    assert after_b.manifest["layer_io"]["attn_core"] == "MultiHeadAttention"
-    after = Reranker(after_b, pruning="off").predict(queries[1], documents)
-    assert np.std(before) > 1e-3
-    np.testing.assert_allclose(after, before, atol=1e-4)
-    np.testing.assert_allclose(after, Reranker(llama_bundle, pruning="off").predict(queries[1], documents), atol=1e-4)
+    current = Reranker(llama_bundle, pruning="off").predict(queries[1], documents)
+
+    hf = make_decoder(tmp_path / "hf")
+    with monkeypatch.context() as m:  # the generation form
+        m.setattr(pl, "write_split_layers", functools.partial(pl.write_split_layers, fuse=False))
+        gen = export(hf, tmp_path / "gen", verify=True)
+    io = Bundle.open(gen).manifest["layer_io"]
+    assert io["attn"]["outputs"] == ["hidden_out", "attn_sum", "attn_max"] and "attn_core" not in io and "rerank_form" not in io
+    with monkeypatch.context() as m:  # the first rerank form
+        m.setattr(pl, "_fuse_file", lambda path, dims: pl._rewrite_file(
+            path, "attn", lambda g: pl.fuse_rerank_attention(g, *pl._heads(dims), grouped=False), dims))
+        m.setattr(pl, "_fuse_qkv_file", lambda path, dims: False)
+        first = export(hf, tmp_path / "first", verify=True)
+    io = Bundle.open(first).manifest["layer_io"]
+    assert io["attn_core"] == "MultiHeadAttention" and "rerank_form" not in io and "qkv_rotary" not in io
+    for old in (gen, first):
+        before = Reranker(old, pruning="off").predict(queries[1], documents)
+        assert pl.fuse_bundle_attention(old) is True
+        assert pl.fuse_bundle_attention(old) is False
+        after_b = Bundle.open(old, verify=True)
+        _rerank_form_checks(after_b)
+        after = Reranker(after_b, pruning="off").predict(queries[1], documents)
+        assert np.std(before) > 1e-3
+        np.testing.assert_allclose(after, before, atol=1e-4)
+        np.testing.assert_allclose(after, current, atol=1e-4)
+        assert set(np.argsort(-after)[:3]) == set(np.argsort(-before)[:3])
+
+
+def test_rerank_qkv_rewrite_matches_on_other_families(tmp_path):
+    """The rotary rewrite of the qkv graphs (RotaryEmbedding, rotate-half) computes the generation graphs' q/k/v for
+    Qwen2 (projection biases) and Qwen3 (q/k norms, head_dim != hidden/heads), at scattered positions."""
+    import onnx
+
+    import edge_sel.export.prefix_layers as pl
+    from edge_sel.export.generate import build_graphs
+    from edge_sel.export.graphs import export_graph
+    from edge_sel.runtime.sessions import load_session
+    from tiny_models import make_decoder
+    from transformers import AutoModelForCausalLM
+
+    for kind in ("qwen2", "qwen3", "llama"):
+        model = AutoModelForCausalLM.from_pretrained(make_decoder(tmp_path / kind, kind=kind, layers=1)).eval()
+        pairs, _, dims = build_graphs(model)
+        path = tmp_path / f"{kind}_qkv.onnx"
+        export_graph(pairs[0][0], path)
+        ref = load_session(path)
+        g = onnx.load(str(path), load_external_data=False)
+        assert pl.fuse_rerank_qkv(g, dims["head_dim"]) is True and pl.fuse_rerank_qkv(g, dims["head_dim"]) is False
+        onnx.save_model(g, str(tmp_path / f"{kind}_qkv_r.onnx"))  # beside the weights
+        new = load_session(tmp_path / f"{kind}_qkv_r.onnx")
+        rng = np.random.default_rng(1)
+        feeds = {"hidden": rng.standard_normal((3, 7, dims["hidden"])).astype(np.float32),
+                 "position_ids": np.array([np.arange(7) + 40, np.arange(7), np.arange(7) * 9 + 100], np.int64)}
+        for a, b in zip(ref.run(None, feeds), new.run(None, feeds)):
+            np.testing.assert_allclose(b, a, atol=1e-5)
