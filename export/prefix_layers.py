@@ -8,7 +8,7 @@ candidate attend to its K/V. The two graphs hold disjoint weights: the bundle is
 
 Both graphs are then rewritten into a rerank form (:data:`RERANK_FORM`; same inputs and outputs but the attn graphs'
 policy outputs): the attn graphs keep only ``hidden_out`` and run their attention core as one MultiHeadAttention node
-over the KV heads (:func:`fuse_rerank_attention`), the qkv graphs rotate q and k with RotaryEmbedding nodes
+(:func:`fuse_rerank_attention`), the qkv graphs rotate q and k with RotaryEmbedding nodes
 (:func:`fuse_rerank_qkv`). Every rewritten graph is checked against the exported one on sample inputs. Bundles exported
 before are upgraded in place by :func:`fuse_bundle_attention` (the benchmark does this for its cached bundles).
 """
@@ -71,15 +71,15 @@ def write_split_layers(w, torch_model, say, fuse: bool = True) -> tuple[list[dic
 # node of a graph whatever outputs are requested; its Where over the full score tensor is single-threaded.
 # ``fuse_rerank_attention`` rewrites an exported attn graph in place: the two policy outputs (and the reductions that
 # feed them) go, and the attention core becomes one com.microsoft MultiHeadAttention node (multi-threaded, fused
-# QK^T + bias + softmax + V) fed with an additive bias built from the same visibility rule. With grouped-query
-# attention the node runs over the KV heads, each query group's G heads stacked as G x T query rows ([B, G*T, kv*D]:
-# q [B,heads,T,D] is [B,kv,G*T,D] as it is), so K/V are read as they come instead of being copied G times.
+# QK^T + bias + softmax + V) fed with an additive bias built from the same visibility rule (grouped-query attention:
+# K/V copied per query head; a core over the KV heads exists, ``grouped=True``, but is not used — see _attention_core).
 # ``fuse_rerank_qkv`` replaces the qkv graphs' op-by-op rotary embedding (Slice/Neg/Concat/Mul/Add over q and k) by
 # com.microsoft RotaryEmbedding nodes (rotate-half form, ``interleaved=0``, as Llama's rotate_half).
 # Inputs and outputs are unchanged, so the runtime is the same for old and new bundles.
 RERANK_ATTN_OUTPUTS = ["hidden_out"]
 MS_DOMAIN = "com.microsoft"
-RERANK_FORM = 2  # 1: attn core as MultiHeadAttention over K/V copied per query head; 2: grouped core + qkv RotaryEmbedding
+RERANK_FORM = 3  # 1: attn core as MultiHeadAttention over K/V copied per query head; 2: core over the KV heads (grouped)
+# + qkv RotaryEmbedding; 3: form 1's core + qkv RotaryEmbedding (the grouped core raised the streamed peak, see below)
 
 
 def _prune_dead(graph, keep: list[str]) -> None:
@@ -107,10 +107,12 @@ def _ms_opset(model) -> None:
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
-def _attention_core(out: str, heads: int, kv_heads: int, head_dim: int, scale: float, grouped: bool = True):
+def _attention_core(out: str, heads: int, kv_heads: int, head_dim: int, scale: float, grouped: bool = False):
     """Nodes + initializers computing the attention core of an attn graph from its inputs into ``out`` ([B,T,heads*D]).
-    ``grouped=False``: the first rerank form (K/V copied per query head, the node over all heads) — kept to test the
-    upgrade of bundles written in it."""
+    ``grouped=False`` (the default): K/V copied per query head, the node over all heads. ``grouped=True``: the node over
+    the KV heads, each group's G query heads stacked as G*T rows — 2 % faster on a SmolLM2 layer, but on the tiny test
+    Llama under a tight budget the streamed call peak rose from 20-25 to 35-39 MiB (cause not found), so it is not used;
+    kept to test the upgrade of bundles written in it (form 2)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -162,7 +164,7 @@ def _insert(graph, pos: int, nodes, inits) -> None:
     graph.initializer.extend(inits)
 
 
-def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, grouped: bool = True) -> bool:
+def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, grouped: bool = False) -> bool:
     """Rewrite an attn graph (``edge_sel.export.generate.build_graphs``, or an older rerank form) into the current
     rerank form, in place. Returns True when the graph changed (False: already in that form).
     Raises ``ValueError`` when the graph does not have the expected attention pattern
@@ -172,18 +174,25 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, group
 
     g = model.graph
     mha = [n for n in g.node if n.domain == MS_DOMAIN and n.op_type == "MultiHeadAttention"]
-    if mha:  # fused before: the first form ran over K/V copied per query head (num_heads = heads)
+    if mha:  # fused before: over K/V copied per query head (num_heads = heads) or over the KV heads (grouped)
         n = mha[0]
         nh = next(a.i for a in n.attribute if a.name == "num_heads")
         if len(mha) != 1 or nh not in (heads, kv_heads):
             raise ValueError("attn graph: unexpected MultiHeadAttention node(s)")
-        if nh == kv_heads or not grouped:
+        if heads == kv_heads or nh == (kv_heads if grouped else heads):
             _prune_dead(g, RERANK_ATTN_OUTPUTS)
             return False
         scale = next(a.f for a in n.attribute if a.name == "scale")
         pos = list(g.node).index(n)
         g.node.remove(n)
-        _insert(g, pos, *_attention_core(n.output[0], heads, kv_heads, head_dim, scale))
+        out = n.output[0]
+        if nh == kv_heads:  # the grouped core ends in Reshape/Transpose/Reshape back to [B,T,heads*D]: replace those too
+            last = next((x for x in g.node if x.op_type == "Reshape" and x.input[0] == "rg_ot"), None)
+            if last is None:
+                raise ValueError("attn graph: the grouped attention core's output reshape is missing")
+            out = last.output[0]
+            g.node.remove(last)
+        _insert(g, pos, *_attention_core(out, heads, kv_heads, head_dim, scale, grouped))
         _prune_dead(g, RERANK_ATTN_OUTPUTS)
         return True
     producer = {o: n for n in g.node for o in n.output}

@@ -407,20 +407,20 @@ def test_final_layer_last_token_only_matches_full_layer(llama_bundle, docs):
 
 def _rerank_form_checks(b: Bundle) -> None:
     """The current rerank form: attn graphs keep only hidden_out and run their attention core as one MultiHeadAttention
-    node over the KV heads (no per-query-head K/V copies); qkv graphs rotate q and k with RotaryEmbedding nodes."""
+    node (over K/V copied per query head); qkv graphs rotate q and k with RotaryEmbedding nodes."""
     import onnx
 
     io = b.manifest["layer_io"]
     assert io["attn"]["outputs"] == ["hidden_out"] and io["attn_core"] == "MultiHeadAttention"
-    assert io["qkv_rotary"] == "RotaryEmbedding" and io["rerank_form"] == 2
-    kv = b.manifest["dims"]["kv_heads"]
+    assert io["qkv_rotary"] == "RotaryEmbedding" and io["rerank_form"] == 3
+    heads = b.manifest["dims"]["heads"]
     for i, entry in enumerate(b.layers):
         g = onnx.load(str(b.layer_path(i)), load_external_data=False).graph
         ops = [n.op_type for n in g.node]
         assert [o.name for o in g.output] == ["hidden_out"]
-        assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops and "Concat" not in ops
+        assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops
         mha = next(n for n in g.node if n.op_type == "MultiHeadAttention")
-        assert next(a.i for a in mha.attribute if a.name == "num_heads") == kv
+        assert next(a.i for a in mha.attribute if a.name == "num_heads") == heads
         q = onnx.load(str(b.path(b.manifest["extra_graphs"][entry["qkv"]]["file"])), load_external_data=False).graph
         qops = [n.op_type for n in q.node]
         assert qops.count("RotaryEmbedding") == 2 and "Neg" not in qops and "Slice" not in qops
@@ -428,7 +428,7 @@ def _rerank_form_checks(b: Bundle) -> None:
 
 def test_rerank_graphs_are_fused_and_old_bundles_upgrade(llama_bundle, tmp_path, docs, monkeypatch):
     """Rerank bundles are exported in the current rerank form (GQA: 6 query heads over 2 KV heads here); bundles in the
-    generation form and in the first rerank form (attention over K/V copied per query head, op-by-op rotary) upgrade in
+    generation form, in the first rerank form (op-by-op rotary) and in form 2 (attention over the KV heads) upgrade in
     place to the same scores (within 1e-4, same top-3), verify, and a second upgrade is a no-op."""
     import functools
 
@@ -453,7 +453,13 @@ def test_rerank_graphs_are_fused_and_old_bundles_upgrade(llama_bundle, tmp_path,
         first = export(hf, tmp_path / "first", verify=True)
     io = Bundle.open(first).manifest["layer_io"]
     assert io["attn_core"] == "MultiHeadAttention" and "rerank_form" not in io and "qkv_rotary" not in io
-    for old in (gen, first):
+    with monkeypatch.context() as m:  # form 2: the attention core over the KV heads
+        m.setattr(pl, "_fuse_file", lambda path, dims: pl._rewrite_file(
+            path, "attn", lambda g: pl.fuse_rerank_attention(g, *pl._heads(dims), grouped=True), dims))
+        m.setattr(pl, "RERANK_FORM", 2)
+        second = export(hf, tmp_path / "second", verify=True)
+    assert Bundle.open(second).manifest["layer_io"]["rerank_form"] == 2
+    for old in (gen, first, second):
         before = Reranker(old, pruning="off").predict(queries[1], documents)
         assert pl.fuse_bundle_attention(old) is True
         assert pl.fuse_bundle_attention(old) is False
