@@ -88,6 +88,33 @@ def test_rank_schedule_keeps_final_topk_on_calibration_trajectories(seed, n, lay
     assert r["topk_recall"] == 1.0 and r["topk_identical"] == 1.0
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), n=st.integers(12, 80), layers=st.integers(2, 8), k=st.integers(1, 10),
+       noise=st.floats(0.05, 3.0), rule=st.sampled_from(["rank", "margin"]))
+def test_oracle_work_bounds_every_schedule_that_keeps_the_topk(seed, n, layers, k, noise, rule):
+    """benchmarks/pruning_bound.py: no schedule that keeps the final top-K does less work than the oracle."""
+    from edge_sel.benchmarks.pruning_bound import oracle_work
+
+    scores, traces = _synthetic_trajectories(seed, n, layers, noise)
+    chosen, params, _ = choose_schedule(scores, traces, k, safety=1.0, max_layers=3, min_gain=0.0, rule=rule)
+    r = simulate(scores, traces, k, chosen, params, rule=rule)
+    assert r["topk_identical"] == 1.0
+    oracle = [oracle_work(s, t.final, k) for s, t in zip(scores, traces)]
+    assert 1.0 - r["layer_work_saved"] >= np.mean([o["every_layer_work"] for o in oracle]) - 1e-12
+    for o in oracle:
+        assert (n + (layers - 1) * k) / (n * layers) - 1e-12 <= o["every_layer_work"] <= o["one_layer_work"] + 1e-12
+        assert o["one_layer_work"] <= 1.0 + 1e-12
+
+
+def test_oracle_work_on_exact_and_reversed_scorers():
+    from edge_sel.benchmarks.pruning_bound import oracle_work
+
+    f = np.random.default_rng(0).normal(size=128)
+    exact = oracle_work(np.tile(f, (6, 1)), f, 10)
+    assert exact["every_layer_work"] == pytest.approx((128 + 5 * 10) / (128 * 6))
+    assert oracle_work(np.tile(-f, (6, 1)), f, 10)["every_layer_work"] == 1.0
+
+
 def test_calibration_text_is_disjoint_from_benchmark_text():
     from edge_sel.runtime.calibrate import CALIBRATION_MODULES
     from edge_sel.textdata import MODULES, docstring_pairs
