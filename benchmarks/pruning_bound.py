@@ -15,8 +15,9 @@ that scorer, calibrated or not:
 * ``--cascade CHEAP_BUNDLE`` (e.g. ``edge-sel quantize`` output): a two-stage cascade that scores every
   candidate with the cheap bundle and re-scores the best of them with the full one; its cost is
   ``t_cheap / t_full + depth / N`` (both timed here, same process, median over queries);
-* ``hindsight schedule``: one rank-rule schedule for all queries (``calibrate``'s greedy choice, safety 1, up to
-  five layers) fitted *on these very queries* — what calibration could reach if it had seen the benchmark.
+* ``hindsight``: one schedule for all queries (``calibrate``'s greedy choice, safety 1, up to five layers; rank
+  rule, and margin rule without clusters) fitted *on these very queries* — what calibration could reach had it
+  seen the benchmark.
 
 Scorers: the per-layer ridge probe (fitted on ``builtin`` calibration data only, never on these queries), the
 bundle's head on intermediate states (cross-encoders, yes/no) or same-layer cosine (bi-encoders), and for
@@ -60,6 +61,21 @@ def oracle_work(early: np.ndarray, final: np.ndarray, k: int) -> dict:
             "every_layer_work": work / (N * L)}
 
 
+def hindsight(early: list[np.ndarray], traces: list, k: int) -> dict:
+    """The best schedule ``calibrate`` could choose had it been fitted on these queries: rank rule, and margin rule
+    without clusters, safety 1, up to five layers."""
+    from edge_sel.runtime.calibrate import choose_schedule, simulate
+
+    out = {}
+    for rule, gap in (("rank", None), ("margin", 0.0)):
+        kw = {} if gap is None else {"cluster_gap": gap}
+        layers, params, _ = choose_schedule(early, traces, k, safety=1.0, max_layers=5, min_gain=0.0, rule=rule, **kw)
+        sim = simulate(early, traces, k, layers, params, rule=rule, **kw)
+        out[f"hindsight_{rule}"] = {"layers": layers, "params": [float(f) for f in params],
+                                    "work": 1.0 - sim["layer_work_saved"], "topk_identical": sim["topk_identical"]}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("bundle")
@@ -73,8 +89,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edge_sel.runtime import Reranker
-    from edge_sel.runtime.calibrate import (builtin_data, choose_schedule, collect_traces, features, final_query_cosine,
-                                            fit_probes, head_scores, simulate)
+    from edge_sel.runtime.calibrate import builtin_data, collect_traces, features, final_query_cosine, fit_probes, head_scores
     from edge_sel.runtime.early_rank import apply_probe
 
     from .workload import build_queries
@@ -106,22 +121,17 @@ def main(argv=None) -> int:
                       "one_layer_work_mean": float(np.mean([r["one_layer_work"] for r in rows])),
                       "every_layer_work_mean": float(np.mean([r["every_layer_work"] for r in rows])),
                       "every_layer_work_min": float(np.min([r["every_layer_work"] for r in rows]))}
-        layers, fracs, _ = choose_schedule(early[m], traces, k, safety=1.0, max_layers=5, min_gain=0.0, rule="rank")
-        sim = simulate(early[m], traces, k, layers, fracs, rule="rank")
-        summary[m]["hindsight_schedule"] = {"layers": layers, "keep": [float(f) for f in fracs],
-                                            "work": 1.0 - sim["layer_work_saved"], "topk_identical": sim["topk_identical"]}
+        summary[m].update(hindsight(early[m], traces, k))
     out = {"bundle": args.bundle, "scoring": scoring, "layers": L, "top_k": k, "n_docs": args.n_docs,
            "queries": args.queries, "calibration_seconds": t_cal, "trace_seconds": t_run,
            "summary": summary, "per_query": per}
     print(f"{args.bundle} ({scoring}, {L} layers), N={args.n_docs}, K={k}, {args.queries} benchmark queries")
-    print("| scorer | depth to hold the final top-K, per layer (mean / worst fraction of N) | oracle work, best single layer | oracle work, every layer (mean / best query) | hindsight schedule: layers, keep → work |")
+    print("| scorer | depth to hold the final top-K, per layer (mean / worst fraction of N) | oracle work, best single layer | oracle work, every layer (mean / best query) | hindsight work: rank / margin rule |")
     print("|---|---|---|---|---|")
     for m, s in summary.items():
         d = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(s["depth_mean"][:-1], s["depth_worst"][:-1]))
-        h = s["hindsight_schedule"]
-        hs = ", ".join(f"{l}:{f:.2f}" for l, f in zip(h["layers"], h["keep"])) or "none"
         print(f"| {m} | {d} | {s['one_layer_work_mean']:.2f} | {s['every_layer_work_mean']:.2f} / {s['every_layer_work_min']:.2f} | "
-              f"{hs} → {h['work']:.2f} |")
+              f"{s['hindsight_rank']['work']:.2f} / {s['hindsight_margin']['work']:.2f} |")
     if args.cascade:
         full, cheap = Reranker(args.bundle, pruning="off"), Reranker(args.cascade, pruning="off")
         for r in (full, cheap):
