@@ -17,7 +17,9 @@ that scorer, calibrated or not:
   ``t_cheap / t_full + depth / N`` (both timed here, same process, median over queries);
 * ``hindsight``: one schedule for all queries (``calibrate``'s greedy choice, safety 1, up to five layers; rank
   rule, and margin rule without clusters) fitted *on these very queries* — what calibration could reach had it
-  seen the benchmark.
+  seen the benchmark;
+* ``calibrated``: what ``calibrate`` itself stores from the builtin calibration queries (split-half validated,
+  default safety, per rule), simulated on the benchmark queries: work and whether every top-K survived.
 
 Scorers: the per-layer ridge probe (fitted on ``builtin`` calibration data only, never on these queries), the
 bundle's head on intermediate states (cross-encoders, yes/no) or same-layer cosine (bi-encoders), and for
@@ -82,14 +84,15 @@ def main(argv=None) -> int:
     ap.add_argument("--queries", type=int, default=10)
     ap.add_argument("--n-docs", type=int, default=128)
     ap.add_argument("--top-k", type=int, default=10)
-    ap.add_argument("--cal-queries", type=int, default=32)
+    ap.add_argument("--cal-queries", type=int, default=64)
     ap.add_argument("--cal-candidates", type=int, default=48)
     ap.add_argument("--cascade", metavar="CHEAP_BUNDLE", help="also measure a cascade from this cheaper bundle")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
     from edge_sel.runtime import Reranker
-    from edge_sel.runtime.calibrate import builtin_data, collect_traces, features, final_query_cosine, fit_probes, head_scores
+    from edge_sel.runtime.calibrate import (builtin_data, collect_traces, crossfit_probe_scores, features, final_query_cosine,
+                                            fit_probes, head_scores, simulate, validated_schedule)
     from edge_sel.runtime.early_rank import apply_probe
 
     from .workload import build_queries
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
     scoring = rr.bundle.scoring
     L = len(rr.bundle.layers)
     t0 = time.perf_counter()
-    W, _ = fit_probes(scoring, collect_traces(rr, builtin_data(args.cal_queries, args.cal_candidates, 0)))
+    cal = collect_traces(rr, builtin_data(args.cal_queries, args.cal_candidates, 0))
+    W, _ = fit_probes(scoring, cal)
     t_cal = time.perf_counter() - t0
     queries = build_queries(rr.encoder.tok, args.queries, args.n_docs)
     t0 = time.perf_counter()
@@ -111,6 +115,10 @@ def main(argv=None) -> int:
     early[other] = [np.stack([head_scores(rr, t, l) for l in range(L)]) for t in traces]
     if scoring == "bi_encoder":
         early["final_query_cosine"] = [np.stack([final_query_cosine(t, l) for l in range(L)]) for t in traces]
+    cal_early = {"probe": crossfit_probe_scores(scoring, cal),
+                 other: [np.stack([head_scores(rr, t, l) for l in range(L)]) for t in cal]}
+    if scoring == "bi_encoder":
+        cal_early["final_query_cosine"] = [np.stack([final_query_cosine(t, l) for l in range(L)]) for t in cal]
     rr.close()
 
     per = {m: [oracle_work(e, t.final, k) for e, t in zip(mats, traces)] for m, mats in early.items()}
@@ -122,16 +130,24 @@ def main(argv=None) -> int:
                       "every_layer_work_mean": float(np.mean([r["every_layer_work"] for r in rows])),
                       "every_layer_work_min": float(np.min([r["every_layer_work"] for r in rows]))}
         summary[m].update(hindsight(early[m], traces, k))
+        for rule in ("rank", "margin"):
+            layers, params, info = validated_schedule(cal_early[m], cal, k, rule=rule)
+            sim = simulate(early[m], traces, k, layers, params, rule=rule)
+            summary[m][f"calibrated_{rule}"] = {"layers": layers, "params": [float(p) for p in params],
+                                                "safety": info.get("safety_used"), "work": 1.0 - sim["layer_work_saved"],
+                                                "topk_identical": sim["topk_identical"]}
     out = {"bundle": args.bundle, "scoring": scoring, "layers": L, "top_k": k, "n_docs": args.n_docs,
            "queries": args.queries, "calibration_seconds": t_cal, "trace_seconds": t_run,
            "summary": summary, "per_query": per}
     print(f"{args.bundle} ({scoring}, {L} layers), N={args.n_docs}, K={k}, {args.queries} benchmark queries")
-    print("| scorer | depth to hold the final top-K, per layer (mean / worst fraction of N) | oracle work, best single layer | oracle work, every layer (mean / best query) | hindsight work: rank / margin rule |")
-    print("|---|---|---|---|---|")
+    print("| scorer | depth to hold the final top-K, per layer (mean / worst fraction of N) | oracle work, best single layer | oracle work, every layer (mean / best query) | hindsight work: rank / margin rule | calibrated work (top-K kept): rank / margin rule |")
+    print("|---|---|---|---|---|---|")
     for m, s in summary.items():
         d = ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(s["depth_mean"][:-1], s["depth_worst"][:-1]))
         print(f"| {m} | {d} | {s['one_layer_work_mean']:.2f} | {s['every_layer_work_mean']:.2f} / {s['every_layer_work_min']:.2f} | "
-              f"{s['hindsight_rank']['work']:.2f} / {s['hindsight_margin']['work']:.2f} |")
+              f"{s['hindsight_rank']['work']:.2f} / {s['hindsight_margin']['work']:.2f} | "
+              f"{s['calibrated_rank']['work']:.2f} ({s['calibrated_rank']['topk_identical']:.0%}) / "
+              f"{s['calibrated_margin']['work']:.2f} ({s['calibrated_margin']['topk_identical']:.0%}) |")
     if args.cascade:
         full, cheap = Reranker(args.bundle, pruning="off"), Reranker(args.cascade, pruning="off")
         for r in (full, cheap):
