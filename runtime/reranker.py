@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_sel.bundle import Bundle
 from edge_sel.errors import BudgetError, InputError
-from edge_sel.memory import PeakTracker, release_free_memory, rss_bytes, tune_allocator
+from edge_sel.memory import PeakTracker, release_free_memory, tune_allocator
 from edge_sel.units import format_size, parse_size
 
 from .early_rank import LayerScorer, Schedule, prune_mask, prune_rank_mask
@@ -377,17 +377,6 @@ class Reranker:
         t0 = time.perf_counter()
         self._pos_offset = enc.prefix_len if self.split else 0
         chunks = self._make_chunks(ids, types, plan.chunk_tokens, plan.max_batch)
-        table = self.embedder.open_table()
-        prefix_h = prefix_pos = None
-        if self.split and enc.prefix_len:
-            prefix_pos = np.arange(enc.prefix_len, dtype=np.int64)[None]
-            prefix_h = self.embedder(table, np.asarray(enc.doc_ids[0][: enc.prefix_len], dtype=np.int64)[None], None, prefix_pos)
-        for c in chunks:
-            c.hidden = self.embedder(table, c.ids, c.types, c.positions)
-            self._keep(c)
-        del table  # unmap: the touched embedding pages leave RSS
-        t_embed = time.perf_counter() - t0
-
         n_docs = len(enc.doc_ids)
         self._prune_state = None
         pruning_note = self.pruning_note
@@ -404,12 +393,99 @@ class Reranker:
                                      "chunk_tokens": plan.chunk_tokens, "max_batch": plan.max_batch}
         elif self.schedule is not None:
             pruning_note = "off (predict computes every score)"
-
-        t1 = time.perf_counter()
-        live_per_layer = []   # documents computed by each layer
-        tokens_per_layer = []
-        rss_peak_layers = 0
         order = [j for j in range(len(self.bundle.layers)) if j not in self._skip_layers] if self._skip_layers else None
+        # Nothing to compare between layers and every layer resident: run each chunk through all layers and the head
+        # in turn (depth-first) instead of holding every candidate's hidden state between layers (monolithic).
+        depth_first = (self._prune_state is None and self.stream.keep_all and not plan.spill and not self.split
+                       and self.observer is None)
+        out = np.zeros(n_items, dtype=np.float32)
+        emb: list[np.ndarray | None] = [None]
+        live_per_layer: list[int] = []   # documents computed by each layer
+        tokens_per_layer: list[int] = []
+        last_only_used = False
+        if depth_first:
+            t_embed, t_layers, t_head = self._depth_first(chunks, order, out, emb)
+            n_run = len(order) if order is not None else len(self.bundle.layers)
+            live_per_layer = [n_docs] * n_run
+            tokens_per_layer = [int(lengths[:n_docs].sum())] * n_run
+        else:
+            table = self.embedder.open_table()
+            prefix_h = prefix_pos = None
+            if self.split and enc.prefix_len:
+                prefix_pos = np.arange(enc.prefix_len, dtype=np.int64)[None]
+                prefix_h = self.embedder(table, np.asarray(enc.doc_ids[0][: enc.prefix_len], dtype=np.int64)[None], None, prefix_pos)
+            for c in chunks:
+                c.hidden = self.embedder(table, c.ids, c.types, c.positions)
+                self._keep(c)
+            del table  # unmap: the touched embedding pages leave RSS
+            t_embed = time.perf_counter() - t0
+            chunks, t_layers, last_only_used = self._monolithic(chunks, order, n_docs, prefix_h, prefix_pos,
+                                                                live_per_layer, tokens_per_layer)
+            t2 = time.perf_counter()
+            for c in chunks:
+                self._head_into(c, self._hidden(c), out, emb)
+                c.hidden = None
+                HiddenSpill.drop(c.spilled)
+                c.spilled = None
+            t_head = time.perf_counter() - t2
+        if self.bundle.scoring == "bi_encoder":
+            out = emb[0][:-1] @ emb[0][-1]
+        st = self._prune_state
+        if st is not None:
+            dropped = st["dropped_at"] >= 0
+            out[dropped] = st["last_score"][dropped]  # dropped candidates keep their last (early) score
+        n_layers = len(self.bundle.layers)
+        full_tokens = int(lengths[:n_docs].sum()) * n_layers
+        self.last_stats = {
+            "embed_s": t_embed, "layers_s": t_layers, "head_s": t_head, "layer_load_wait_s": self.stream.load_wait_s,
+            "window_layers": self.stream.window, "chunk_size": int(max(len(c.items) for c in chunks)) if chunks else 0,
+            "chunk_tokens": plan.chunk_tokens, "n_chunks": len(chunks), "memory_budget_bytes": plan.budget,
+            "plan_estimate": plan.estimate, "live_per_layer": live_per_layer, "n_layers": n_layers,
+            "layer_loads": self.stream.loads, "pruning": pruning_note,
+            "layer_work_saved": 1.0 - sum(live_per_layer) / max(1, n_docs * n_layers),
+            "token_work_saved": 1.0 - sum(tokens_per_layer) / max(1, full_tokens),
+            "n_pruned": int((st["dropped_at"] >= 0).sum()) if st is not None else 0,
+            "dropped_layers": self.bundle.manifest.get("dropped_layers") or [],
+            "prefix_reuse_tokens": int(enc.prefix_len) if self.split else 0, "spill": plan.spill,
+            "final_layer_last_token_only": bool(last_only_used), "order": "depth-first" if depth_first else "monolithic",
+        }
+        return out
+
+    def _head_into(self, c: Chunk, h: np.ndarray, out: np.ndarray, emb: list) -> None:
+        """Run the scoring head on a chunk's final hidden state; scores into ``out`` (bi-encoders: embeddings into ``emb[0]``)."""
+        res = self.head.run(None, {"pooled": np.ascontiguousarray(self._pool(c, h), dtype=np.float32)})[0]
+        if self.bundle.scoring == "bi_encoder":
+            if emb[0] is None:
+                emb[0] = np.zeros((len(out), res.shape[1]), dtype=np.float32)
+            emb[0][c.items] = res
+        else:
+            out[c.items] = res
+
+    def _depth_first(self, chunks: list[Chunk], order: list[int] | None, out: np.ndarray, emb: list) -> tuple[float, float, float]:
+        """Each chunk through every (resident) layer and the head, one chunk at a time: only one chunk's activations
+        are alive. Used when no pruning needs the candidates side by side and no layer has to be streamed."""
+        t0 = time.perf_counter()
+        sessions = [sess for _, sess in self.stream.run(order)]  # all resident (keep_all): loaded once, kept
+        t_embed = t_head = 0.0
+        table = self.embedder.open_table()
+        try:
+            for c in chunks:
+                t = time.perf_counter()
+                h = self.embedder(table, c.ids, c.types, c.positions)
+                t_embed += time.perf_counter() - t
+                for sess in sessions:
+                    h = sess.run(None, self._feeds(c, h))[0]
+                t = time.perf_counter()
+                self._head_into(c, h, out, emb)
+                t_head += time.perf_counter() - t
+                del h
+        finally:
+            del table, sessions
+        return t_embed, time.perf_counter() - t0 - t_embed - t_head, t_head
+
+    def _monolithic(self, chunks, order, n_docs, prefix_h, prefix_pos, live_per_layer, tokens_per_layer):
+        """All candidates through one layer at a time (GRATING's monolithic forwarding), pruning at schedule layers."""
+        t1 = time.perf_counter()
         final = (order or list(range(len(self.bundle.layers))))[-1]
         last_only_used = False
         for i, sess in self.stream.run(order):
@@ -436,44 +512,4 @@ class Reranker:
                 self._keep(c)
             del sess, kp, vp
             chunks = self._after_layer(i, chunks)
-            rss_peak_layers = max(rss_peak_layers, rss_bytes())
-        t_layers = time.perf_counter() - t1
-
-        t2 = time.perf_counter()
-        out = np.zeros(n_items, dtype=np.float32)
-        emb = None
-        for c in chunks:
-            res = self.head.run(None, {"pooled": np.ascontiguousarray(self._pool(c, self._hidden(c)), dtype=np.float32)})[0]
-            if self.bundle.scoring == "bi_encoder":
-                if emb is None:
-                    emb = np.zeros((n_items, res.shape[1]), dtype=np.float32)
-                emb[c.items] = res
-            else:
-                out[c.items] = res
-            c.hidden = None
-            HiddenSpill.drop(c.spilled)
-            c.spilled = None
-        if self.bundle.scoring == "bi_encoder":
-            q = emb[-1]
-            out = emb[:-1] @ q
-        st = self._prune_state
-        if st is not None:
-            dropped = st["dropped_at"] >= 0
-            out[dropped] = st["last_score"][dropped]  # dropped candidates keep their last (early) score
-        n_layers = len(self.bundle.layers)
-        full_tokens = int(lengths[:n_docs].sum()) * n_layers
-        t_head = time.perf_counter() - t2
-        self.last_stats = {
-            "embed_s": t_embed, "layers_s": t_layers, "head_s": t_head, "layer_load_wait_s": self.stream.load_wait_s,
-            "window_layers": self.stream.window, "chunk_size": int(max(len(c.items) for c in chunks)) if chunks else 0,
-            "chunk_tokens": plan.chunk_tokens, "n_chunks": len(chunks), "memory_budget_bytes": plan.budget,
-            "plan_estimate": plan.estimate, "live_per_layer": live_per_layer, "n_layers": n_layers,
-            "layer_loads": self.stream.loads, "pruning": pruning_note,
-            "layer_work_saved": 1.0 - sum(live_per_layer) / max(1, n_docs * n_layers),
-            "token_work_saved": 1.0 - sum(tokens_per_layer) / max(1, full_tokens),
-            "n_pruned": int((st["dropped_at"] >= 0).sum()) if st is not None else 0,
-            "dropped_layers": self.bundle.manifest.get("dropped_layers") or [],
-            "prefix_reuse_tokens": int(enc.prefix_len) if self.split else 0, "spill": plan.spill,
-            "final_layer_last_token_only": bool(last_only_used),
-        }
-        return out
+        return chunks, time.perf_counter() - t1, last_only_used

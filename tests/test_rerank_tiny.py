@@ -20,6 +20,11 @@ def test_budget_streaming_matches_all_resident(fixture, request, docs):
         np.testing.assert_allclose(a, b, atol=1e-5)
         assert tight.last_stats["window_layers"] == 2
         assert tight.last_stats["n_chunks"] > full.last_stats["n_chunks"]
+        # all resident, nothing to prune: encoders run chunk by chunk through every layer (depth-first); streamed
+        # layers and prefix-reuse decoders keep every candidate at the same layer (monolithic)
+        assert full.last_stats["order"] == ("monolithic" if fixture == "llama_bundle" else "depth-first")
+        assert tight.last_stats["order"] == "monolithic"
+        assert full.last_stats["live_per_layer"] == [len(documents)] * len(full.bundle.layers)
         assert np.std(a) > 0  # scores actually depend on the document
     with pytest.raises(BudgetError):
         Reranker(bundle, memory_budget=minimum - 1).predict(queries[0], documents)
