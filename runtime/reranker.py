@@ -396,8 +396,9 @@ class Reranker:
         order = [j for j in range(len(self.bundle.layers)) if j not in self._skip_layers] if self._skip_layers else None
         # Nothing to compare between layers and every layer resident: run each chunk through all layers and the head
         # in turn (depth-first) instead of holding every candidate's hidden state between layers (monolithic).
-        depth_first = (self._prune_state is None and self.stream.keep_all and not plan.spill and not self.split
-                       and self.observer is None)
+        last = len(self.bundle.layers) - 1
+        nothing_to_prune = self._prune_state is None or not (self._prune_state["layers"] - {last})  # e.g. an empty schedule
+        depth_first = nothing_to_prune and self.stream.keep_all and not plan.spill and not self.split and self.observer is None
         out = np.zeros(n_items, dtype=np.float32)
         emb: list[np.ndarray | None] = [None]
         live_per_layer: list[int] = []   # documents computed by each layer

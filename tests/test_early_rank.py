@@ -252,6 +252,19 @@ def test_pruned_candidates_rank_below_survivors(bert_ce_bundle, docs):
         assert abs(r["score"] - full[r["corpus_id"]]) < 1e-4
 
 
+def test_schedule_without_layers_runs_depth_first(bert_ce_bundle, docs):
+    """An empty calibrated schedule (no safe layer) prunes nothing, so rank() needs no monolithic forwarding."""
+    documents, queries = docs
+    rr = Reranker(bert_ce_bundle, pruning={"method": "head", "top_k": 3, "layers": []})
+    res = rr.rank(queries[0], documents, top_k=3)
+    assert rr.last_stats["order"] == "depth-first" and rr.last_stats["n_pruned"] == 0
+    pruned = Reranker(bert_ce_bundle, pruning={"method": "head", "top_k": 3, "layers": [{"layer": 0, "margin": 0.0}]})
+    pruned.rank(queries[0], documents, top_k=3)
+    assert pruned.last_stats["order"] == "monolithic"
+    full = rr.predict(queries[0], documents)
+    assert [r["corpus_id"] for r in res] == np.argsort(-full, kind="stable")[:3].tolist()
+
+
 @pytest.mark.parametrize("name", ["ce", "bi", "yes_no"])
 def test_calibrated_auto_pruning_ranks(calibrated, name, docs):
     path, rep = calibrated[name]
