@@ -211,7 +211,12 @@ class SbertPeer:
 
     def __init__(self, spec):
         import torch
-        import sentence_transformers as st
+
+        try:
+            import sentence_transformers as st
+        except ModuleNotFoundError:
+            raise RuntimeError("the sbert peer needs sentence-transformers: pip install -e '.[bench]' "
+                               "(or leave sbert out of --configs)") from None
 
         self.scoring = spec["scoring"]
         self.bs = int(spec.get("batch_size", 16))
