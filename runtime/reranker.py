@@ -364,7 +364,11 @@ class Reranker:
         self.stream.set_window(plan.window)
         self._spill = HiddenSpill(self.spill_dir) if plan.spill else None
         try:
-            return self._score_planned(enc, plan, ids, types, lengths, top_k, prune)
+            # depth-first keeps the embedding table mapped while the layers run; under a budget that is only
+            # allowed where the kept-states room it does not use covers the table's touched pages
+            embed_fits = plan.budget is None or (self.embedder.touched_bytes(unique)
+                                                 <= self.planner.hidden_bytes(total, max_len))
+            return self._score_planned(enc, plan, ids, types, lengths, top_k, prune, embed_fits)
         finally:
             if self._spill is not None:
                 self.last_stats["spill_bytes_written"] = self._spill.bytes_written
@@ -372,7 +376,7 @@ class Reranker:
                 self._spill.close()
                 self._spill = None
 
-    def _score_planned(self, enc: Encoded, plan, ids, types, lengths, top_k, prune) -> np.ndarray:
+    def _score_planned(self, enc: Encoded, plan, ids, types, lengths, top_k, prune, embed_fits: bool = True) -> np.ndarray:
         n_items = len(ids)
         t0 = time.perf_counter()
         self._pos_offset = enc.prefix_len if self.split else 0
@@ -398,7 +402,8 @@ class Reranker:
         # in turn (depth-first) instead of holding every candidate's hidden state between layers (monolithic).
         last = len(self.bundle.layers) - 1
         nothing_to_prune = self._prune_state is None or not (self._prune_state["layers"] - {last})  # e.g. an empty schedule
-        depth_first = nothing_to_prune and self.stream.keep_all and not plan.spill and not self.split and self.observer is None
+        depth_first = (nothing_to_prune and embed_fits and self.stream.keep_all and not plan.spill and not self.split
+                       and self.observer is None)
         out = np.zeros(n_items, dtype=np.float32)
         emb: list[np.ndarray | None] = [None]
         live_per_layer: list[int] = []   # documents computed by each layer

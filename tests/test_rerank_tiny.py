@@ -30,6 +30,20 @@ def test_budget_streaming_matches_all_resident(fixture, request, docs):
         Reranker(bundle, memory_budget=minimum - 1).predict(queries[0], documents)
 
 
+def test_depth_first_under_a_budget_only_where_the_table_pages_fit(bert_ce_bundle, docs):
+    """Depth-first keeps the embedding table mapped during the layers; the plan counts the table and the layers as
+    successive peaks, so under a budget depth-first needs the unused kept-states room to cover the touched pages.
+    The tiny model's 128-byte rows make every touched page count far more than its hidden states."""
+    documents, queries = docs
+    free = Reranker(bert_ce_bundle)
+    ref = free.predict(queries[0], documents)
+    assert free.last_stats["order"] == "depth-first"
+    roomy = Reranker(bert_ce_bundle, memory_budget=free.minimum_budget(queries[0], documents) * 20)
+    np.testing.assert_allclose(roomy.predict(queries[0], documents), ref, atol=1e-5)
+    assert roomy.last_stats["window_layers"] == len(roomy.bundle.layers)  # everything resident ...
+    assert roomy.last_stats["order"] == "monolithic"                      # ... but the table pages do not fit
+
+
 @pytest.mark.parametrize("fixture", ["bert_bi_bundle", "bert_ce_bundle", "llama_bundle"])
 def test_rank_conventions(fixture, request, docs):
     bundle = request.getfixturevalue(fixture)
