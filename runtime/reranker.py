@@ -359,15 +359,14 @@ class Reranker:
         ids, types = self._items(enc)
         lengths = np.array([len(x) for x in ids])
         total, max_len = int(lengths.sum()), int(lengths.max())
-        unique = len(np.unique(np.concatenate(ids)))
-        plan = self.planner.plan(self.memory_budget, total, max_len, self.embedder.touched_bytes(unique), self.allow_spill)
+        embed_bytes = self.embedder.touched_bytes(len(np.unique(np.concatenate(ids))))
+        plan = self.planner.plan(self.memory_budget, total, max_len, embed_bytes, self.allow_spill)
         self.stream.set_window(plan.window)
         self._spill = HiddenSpill(self.spill_dir) if plan.spill else None
         try:
             # depth-first keeps the embedding table mapped while the layers run; under a budget that is only
             # allowed where the kept-states room it does not use covers the table's touched pages
-            embed_fits = plan.budget is None or (self.embedder.touched_bytes(unique)
-                                                 <= self.planner.hidden_bytes(total, max_len))
+            embed_fits = plan.budget is None or embed_bytes <= self.planner.hidden_bytes(total, max_len)
             return self._score_planned(enc, plan, ids, types, lengths, top_k, prune, embed_fits)
         finally:
             if self._spill is not None:
