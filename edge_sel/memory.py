@@ -154,3 +154,28 @@ def release_free_memory() -> None:
     """:func:`trim_heap` once :func:`tune_allocator` has tuned glibc (the reranker's budgeted runs); a no-op otherwise."""
     if _tuned:
         trim_heap()
+
+
+class HeapGuard:
+    """Keep a budgeted call's RSS growth near what it really holds, in a fragmented heap.
+
+    glibc serves each request from the best-fitting free hole. In a long-lived process whose heap is full of holes
+    (returned to the kernel by :func:`trim_heap` after earlier calls), chunk after chunk lands in a different hole and
+    faults in fresh pages, while the chunk before it is freed but stays resident: RSS climbs although the live
+    memory stays flat. Measured on the tiny Llama test bundle (budget 33.8 MiB, 3 layers): alone the call grows
+    RSS by 18 MiB with 9 MiB live at peak; after fragmenting the heap (3,000 freed holes) by 50 MiB, 12 MiB with a
+    trim after every chunk. :meth:`check`, called between chunks, trims only once growth passes ``fraction`` of the
+    budget (one ``/proc`` read, ~20 us; a trim costs ~2 us in a fresh process, ~2 ms in that fragmented one).
+    """
+
+    def __init__(self, budget: int | None, fraction: float | None = None):
+        if fraction is None:  # EDGE_SEL_HEAP_GUARD: the fraction (default 0.75); 0 turns the guard off
+            fraction = float(os.environ.get("EDGE_SEL_HEAP_GUARD", "0.75"))
+        on = budget is not None and fraction > 0 and _libc() is not None
+        self.limit = rss_bytes() + int(fraction * budget) if on else None
+        self.trims = 0
+
+    def check(self) -> None:
+        if self.limit is not None and rss_bytes() > self.limit:
+            trim_heap()
+            self.trims += 1

@@ -21,7 +21,7 @@ import numpy as np
 
 from edge_sel.bundle import Bundle
 from edge_sel.errors import BudgetError, InputError
-from edge_sel.memory import PeakTracker, release_free_memory, tune_allocator
+from edge_sel.memory import HeapGuard, PeakTracker, release_free_memory, tune_allocator
 from edge_sel.units import format_size, parse_size
 
 from .early_rank import LayerScorer, Schedule, prune_mask, prune_rank_mask
@@ -107,6 +107,7 @@ class Reranker:
         self.allow_spill = bool(spill)
         self.spill_dir = spill_dir
         self._spill: HiddenSpill | None = None
+        self._guard = HeapGuard(None)
 
     def _resolve_schedule(self, pruning) -> tuple[Schedule | None, str]:
         root = self.bundle.root
@@ -363,6 +364,7 @@ class Reranker:
         plan = self.planner.plan(self.memory_budget, total, max_len, embed_bytes, self.allow_spill)
         self.stream.set_window(plan.window)
         self._spill = HiddenSpill(self.spill_dir) if plan.spill else None
+        self._guard = HeapGuard(plan.budget)  # between chunks: give back free heap pages once growth nears the budget
         try:
             # depth-first keeps the embedding table mapped while the layers run; under a budget that is only
             # allowed where the kept-states room it does not use covers the table's touched pages
@@ -374,6 +376,7 @@ class Reranker:
                 self.last_stats["spill_bytes_read"] = self._spill.bytes_read
                 self._spill.close()
                 self._spill = None
+            self.last_stats["heap_trims"] = self._guard.trims
 
     def _score_planned(self, enc: Encoded, plan, ids, types, lengths, top_k, prune, embed_fits: bool = True) -> np.ndarray:
         n_items = len(ids)
@@ -484,6 +487,7 @@ class Reranker:
                 self._head_into(c, h, out, emb)
                 t_head += time.perf_counter() - t
                 del h
+                self._guard.check()
         finally:
             del table, sessions
         return t_embed, time.perf_counter() - t0 - t_embed - t_head, t_head
@@ -515,6 +519,7 @@ class Reranker:
                     self.observer(i, c, h_in)
                 del h_in
                 self._keep(c)
+                self._guard.check()
             del sess, kp, vp
             chunks = self._after_layer(i, chunks)
         return chunks, time.perf_counter() - t1, last_only_used

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from edge_sel.errors import BudgetError, InputError
+from edge_sel.memory import trim_heap
 from edge_sel.runtime import Reranker
 
 
@@ -199,6 +200,27 @@ def test_plan_counts_embedding_and_layer_stage_as_successive_peaks(llama_bundle,
     np.testing.assert_allclose(tight.predict(queries[0], documents), ref, atol=1e-5)
     st = tight.last_stats
     assert st["spill"] is False
-    # the bench's tolerance (share <= budget + 10 %): late in a long pytest process the call peak has once measured
-    # 37.5 MiB against this 35.8 MiB budget (allocator state left by earlier tests; alone it stays within the budget)
-    assert st["peak_rss_bytes"] - st["start_rss_bytes"] <= 1.1 * (need + 2 * 1024**2)
+    assert st["peak_rss_bytes"] - st["start_rss_bytes"] <= need + 2 * 1024**2
+
+
+def test_budget_holds_in_a_fragmented_heap(llama_bundle, docs):
+    """A long-lived process's heap is full of holes (earlier work freed, trimmed back to the kernel): glibc's best
+    fit puts chunk after chunk into a different hole, so RSS climbs although live memory stays flat (measured here:
+    40-52 MiB against a 31 MiB budget without the guard; CI once failed the test above at 37.5 MiB that way). The
+    reranker's heap guard trims between chunks once growth nears the budget."""
+    documents, queries = docs
+    documents = documents * 4
+    rr = Reranker(llama_bundle)
+    budget = rr.minimum_budget(queries[0], documents) + 2 * 1024**2
+    tight = Reranker(llama_bundle, memory_budget=budget)
+    ref = rr.predict(queries[0], documents)
+    # fragment the heap: 3,000 blocks of 0.2-200 KB (malloc'd, not touched), every other one freed, holes trimmed
+    blocks = [np.empty(int(s), np.uint8) for s in np.random.default_rng(0).integers(200, 200_000, 3000)]
+    kept = blocks[::2]
+    del blocks
+    trim_heap()
+    np.testing.assert_allclose(tight.predict(queries[0], documents), ref, atol=1e-5)
+    st = tight.last_stats
+    assert st["peak_rss_bytes"] - st["start_rss_bytes"] <= budget
+    assert st["heap_trims"] >= 1
+    del kept
