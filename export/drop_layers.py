@@ -114,6 +114,8 @@ def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
     newly = [int(manifest["layers"][p].get("source_index", p)) for p in drop]
     manifest["layers"] = kept
     manifest["dropped_layers"] = sorted(prev + newly)
+    if L - 1 in drop and manifest.get("final_layer_output") == "first_token":
+        manifest["final_layer_output"] = "all_tokens"  # the first-token-only graph was the last layer's; a full one ends it now
     manifest["drop_cost"] = cost
     if manifest.get("schedule"):
         manifest["schedule"] = None  # its layer positions no longer hold; calibrate again

@@ -143,6 +143,8 @@ def collect_traces(rr, data: list[tuple[str, list[str]]], progress: Callable[[in
             if not docs_.all():
                 state["q"][layer] = p[~docs_][0]
             a, b, m = h_in.astype(np.float64), chunk.hidden.astype(np.float64), chunk.mask > 0.5
+            if b.shape[1] != a.shape[1]:  # a first-token-only final layer (cross-encoders): its influence on that token
+                a, m = a[:, :b.shape[1]], m[:, :b.shape[1]]
             cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
             state["infl"][layer] += float((1.0 - cos)[m].sum())
             state["tok"][layer] += float(m.sum())

@@ -372,6 +372,8 @@ def test_drop_layers_bundle_loads_and_runs(bert_ce_bundle, tmp_path, docs):
     assert [l["index"] for l in bundle.layers] == [0, 1]
     assert sorted(l["source_index"] for l in bundle.layers + [{"source_index": res["drop"][0]}]) == [0, 1, 2]
     assert bundle.manifest["schedule"] is None and not bundle.has_array("early_probe")  # invalidated by the drop
+    # the first-token-only final graph goes with the last layer; a full layer then ends the bundle
+    assert bundle.manifest["final_layer_output"] == ("all_tokens" if res["drop"][0] == 2 else "first_token")
     cost = bundle.manifest["drop_cost"]
     assert 0.0 <= cost["top10_overlap"] <= 1.0
     documents, queries = docs

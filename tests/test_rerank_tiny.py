@@ -224,3 +224,42 @@ def test_budget_holds_in_a_fragmented_heap(llama_bundle, docs):
     assert st["peak_rss_bytes"] - st["start_rss_bytes"] <= budget
     assert st["heap_trims"] >= 1
     del kept
+
+
+@pytest.mark.parametrize("kind", ["bert", "xlm-roberta"])
+def test_cross_encoder_final_layer_computes_the_first_token_only(tmp_path, kind):
+    """A CLS-pooled cross-encoder's last layer graph returns only the first token, equal to the torch layer's
+    first-token output (padded rows included); every other layer and the bi-encoder keep all tokens."""
+    import onnxruntime as ort
+    import torch
+    from tiny_models import make_bert
+    from transformers import AutoModelForSequenceClassification
+
+    from edge_sel.bundle import Bundle
+    from edge_sel.export import export
+
+    hf = make_bert(tmp_path / "hf", kind=kind, cross_encoder=True)
+    b = Bundle.open(export(hf, tmp_path / "bundle", verify=True))
+    assert b.manifest["final_layer_output"] == "first_token"
+    model = AutoModelForSequenceClassification.from_pretrained(hf).eval()
+    layer = getattr(model, model.base_model_prefix).encoder.layer[-1]
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((3, 9, b.dims["hidden"])).astype(np.float32)
+    mask = np.ones((3, 9), dtype=np.float32)
+    mask[1, 6:] = 0
+    mask[2, 2:] = 0
+    sess = ort.InferenceSession(str(b.layer_path(len(b.layers) - 1)), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"hidden": h, "mask": mask})[0]
+    assert out.shape == (3, 1, b.dims["hidden"])
+    with torch.no_grad():
+        bias = (1.0 - torch.from_numpy(mask))[:, None, None, :] * torch.finfo(torch.float32).min
+        ref = layer(torch.from_numpy(h), attention_mask=bias)[0][:, :1].numpy()
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    first = ort.InferenceSession(str(b.layer_path(0)), providers=["CPUExecutionProvider"])
+    assert first.run(None, {"hidden": h, "mask": mask})[0].shape == h.shape
+
+
+def test_bi_encoder_keeps_every_token_at_the_final_layer(bert_bi_bundle):
+    from edge_sel.bundle import Bundle
+
+    assert Bundle.open(bert_bi_bundle).manifest["final_layer_output"] == "all_tokens"

@@ -1,7 +1,8 @@
 """BERT-style encoders (BERT, MiniLM, RoBERTa, XLM-RoBERTa) as cross-encoders or bi-encoders.
 
 Embedding stage (runtime, numpy): word rows gathered from the memory-mapped table + position +
-token-type rows, then LayerNorm. Layer graph: ``hidden [B,T,H], mask [B,T] -> hidden_out``.
+token-type rows, then LayerNorm. Layer graph: ``hidden [B,T,H], mask [B,T] -> hidden_out``
+(a cross-encoder's last layer: ``[B,1,H]``, the first token only — the head reads nothing else).
 Head: cross-encoder = pooler/classifier on the first token; bi-encoder = L2-normalised mean pooling
 (sentence-transformers' all-MiniLM-L6-v2 recipe).
 """
@@ -9,6 +10,7 @@ Head: cross-encoder = pooler/classifier on the first token; bi-encoder = L2-norm
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -75,14 +77,42 @@ class BertAdapter(Adapter):
                 bias = (1.0 - mask)[:, None, None, :] * torch.finfo(torch.float32).min
                 return self.layer(hidden, attention_mask=bias)[0]
 
+        class FirstTokenLayerGraph(torch.nn.Module):
+            """The final layer of a CLS-pooled cross-encoder: keys and values of every token, but the query,
+            attention output and feed-forward of the first token only — the head reads nothing else. Saves about
+            10/12 of that layer's matrix work (K/V projections remain); output ``[batch, 1, hidden]``."""
+
+            def __init__(self, layer):
+                super().__init__()
+                self.layer = layer
+
+            def forward(self, hidden, mask):
+                att = self.layer.attention
+                sa = att.self
+                heads, d = sa.num_attention_heads, sa.attention_head_size
+                first = hidden[:, :1]
+                q = sa.query(first).reshape(hidden.shape[0], 1, heads, d).transpose(1, 2)
+                k = sa.key(hidden).reshape(hidden.shape[0], -1, heads, d).transpose(1, 2)
+                v = sa.value(hidden).reshape(hidden.shape[0], -1, heads, d).transpose(1, 2)
+                bias = (1.0 - mask)[:, None, None, :] * torch.finfo(torch.float32).min
+                p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d) + bias, dim=-1)
+                ctx = (p @ v).transpose(1, 2).reshape(hidden.shape[0], 1, heads * d)
+                a = att.output(ctx, first)
+                return self.layer.output(self.layer.intermediate(a), a)
+
         sample_h = torch.randn(2, 7, H)
         sample_m = torch.ones(2, 7)
         sample_m[1, 5:] = 0
+        axes = {"hidden": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}, "hidden_out": {0: "batch", 1: "seq"}}
+        first_token_final = (scoring == "cross_encoder"
+                             and getattr(config, "position_embedding_type", "absolute") == "absolute")
         layer_specs = [
-            GraphSpec(LayerGraph(layer).eval(), (sample_h, sample_m), ["hidden", "mask"], ["hidden_out"],
-                      {"hidden": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}, "hidden_out": {0: "batch", 1: "seq"}})
+            GraphSpec(LayerGraph(layer).eval(), (sample_h, sample_m), ["hidden", "mask"], ["hidden_out"], axes)
             for layer in layers
         ]
+        if first_token_final:
+            layer_specs[-1] = GraphSpec(FirstTokenLayerGraph(layers[-1]).eval(), (sample_h, sample_m), ["hidden", "mask"],
+                                        ["hidden_out"], {**axes, "hidden_out": {0: "batch"}})
 
         if scoring == "bi_encoder":
             class Head(torch.nn.Module):
@@ -138,6 +168,8 @@ class BertAdapter(Adapter):
             },
             "pooling": pooling,
             "score_rule": score_rule,
+            # the last layer graph returns the first token only (FirstTokenLayerGraph): [batch, 1, hidden]
+            "final_layer_output": "first_token" if first_token_final else "all_tokens",
             "pad_id": int(tokenizer.pad_token_id or 0),
         }
         return SplitModel("bert", scoring, dims, self._max_length(resolved_path, model, tokenizer, max_length),
