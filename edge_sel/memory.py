@@ -162,15 +162,20 @@ class HeapGuard:
     glibc serves each request from the best-fitting free hole. In a long-lived process whose heap is full of holes
     (returned to the kernel by :func:`trim_heap` after earlier calls), chunk after chunk lands in a different hole and
     faults in fresh pages, while the chunk before it is freed but stays resident: RSS climbs although the live
-    memory stays flat. Measured on the tiny Llama test bundle (budget 33.8 MiB, 3 layers): alone the call grows
-    RSS by 18 MiB with 9 MiB live at peak; after fragmenting the heap (3,000 freed holes) by 50 MiB, 12 MiB with a
-    trim after every chunk. :meth:`check`, called between chunks, trims only once growth passes ``fraction`` of the
-    budget (one ``/proc`` read, ~20 us; a trim costs ~2 us in a fresh process, ~2 ms in that fragmented one).
+    memory stays flat. Measured on the tiny Llama test bundle (budget 31-34 MiB, 3 layers, 9 MiB live growth): the
+    call grows RSS by 18-20 MiB alone, by 40-52 MiB after the heap is fragmented (3,000+ freed holes); a trim after
+    every chunk brings that to 12 MiB, this guard to 28-31 MiB. :meth:`check`, called between chunks, trims only once
+    growth passes ``fraction`` of the budget (one ``/proc`` read, ~20 us; a trim costs ~2 us in a fresh process,
+    ~2 ms in that fragmented one). benchmarks/RESULTS.md "memory".
     """
 
     def __init__(self, budget: int | None, fraction: float | None = None):
         if fraction is None:  # EDGE_SEL_HEAP_GUARD: the fraction (default 0.75); 0 turns the guard off
-            fraction = float(os.environ.get("EDGE_SEL_HEAP_GUARD", "0.75"))
+            raw = os.environ.get("EDGE_SEL_HEAP_GUARD", "0.75")
+            try:
+                fraction = float(raw)
+            except ValueError:
+                raise ValueError(f"EDGE_SEL_HEAP_GUARD must be a fraction of the budget (0 = off), got {raw!r}") from None
         on = budget is not None and fraction > 0 and _libc() is not None
         self.limit = rss_bytes() + int(fraction * budget) if on else None
         self.trims = 0
