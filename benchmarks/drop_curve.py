@@ -2,7 +2,7 @@
 
     python -m edge_sel.benchmarks.drop_curve BUNDLE [--queries 16] [--candidates 64] [--out f.json]
 
-Layers are taken in the order ``edge-sel export --drop-layers N`` would take them (``edge_sel.export.drop_layers``:
+Layers are taken in the order ``edge-sel export --drop-layers N`` would take them (``edge_sel.export.passes.drop_layers``:
 each layer's own measured top-10 overlap when skipped alone, ties broken by block influence), and the agreement of
 the cumulative drop is measured on the builtin calibration text (never the benchmark text), with the runtime only.
 Used for issue 3's configuration (g) on the encoders: a latency target of 0.5x needs about half the layers gone.
@@ -24,11 +24,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    from edge_sel.export.drop_layers import _agreement, choose_layers
+    from edge_sel.export.passes.drop_layers import _agreement, choose_layers
     from edge_sel.runtime import Reranker
-    from edge_sel.runtime.calibrate import builtin_data, collect_traces
+    from edge_sel.export.passes.calibrate import builtin_data, collect_traces
 
-    from edge_sel.bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
 
     bundle = Bundle.open(args.bundle)
     L = len(bundle.layers)

@@ -2,8 +2,8 @@
 
     python -m edge_sel.benchmarks.early_rank_study BUNDLE [--cal-queries 32] [--held-out 16] [--candidates 48] [--out f.json]
 
-Calibration: ``edge_sel.runtime.calibrate.builtin_data`` (docstrings of CALIBRATION_MODULES, disjoint from
-the benchmark pool). Held-out: queries/passages from ``edge_sel.textdata.docstring_pairs()`` (the benchmark
+Calibration: ``edge_sel.export.passes.calibrate.builtin_data`` (docstrings of CALIBRATION_MODULES, disjoint from
+the benchmark pool). Held-out: queries/passages from ``edge_sel.export.textdata.docstring_pairs()`` (the benchmark
 pool, never seen by calibration): each query's own passage + random other passages. The bundle is copied
 first (calibration writes into it).
 
@@ -25,7 +25,7 @@ import numpy as np
 
 
 def held_out_data(n_queries: int, n_candidates: int, seed: int = 1) -> list[tuple[str, list[str]]]:
-    from edge_sel.textdata import docstring_pairs
+    from edge_sel.export.textdata import docstring_pairs
 
     pairs = docstring_pairs()
     rng = np.random.default_rng(seed)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edge_sel.runtime import Reranker
-    from edge_sel.runtime.calibrate import (agreement_table, calibrate, collect_traces, features, head_scores,
+    from edge_sel.export.passes.calibrate import (agreement_table, calibrate, collect_traces, features, head_scores,
                                             final_query_cosine, simulate)
     from edge_sel.runtime.early_rank import Schedule, apply_probe
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     # probes fitted on calibration only: refit them here the same way (all calibration traces) from the bundle
     W = np.array(rr.bundle.array("early_probe")) if rr.bundle.has_array("early_probe") else None
     if W is None:  # chosen method was not the probe: fit probes on calibration for the comparison
-        from edge_sel.runtime.calibrate import builtin_data, fit_probes
+        from edge_sel.export.passes.calibrate import builtin_data, fit_probes
         cal_rr = Reranker(bundle, pruning="off")
         W, _ = fit_probes(scoring, collect_traces(cal_rr, builtin_data(args.cal_queries, args.candidates, 0)))
         cal_rr.close()

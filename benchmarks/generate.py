@@ -1,6 +1,6 @@
 """``edge-sel bench generate``: KV-budgeted generation side by side, one fresh process per configuration.
 
-Workloads, all on Project Gutenberg's *Botchan* (``edge_sel.textdata.botchan``; DESIGN §5):
+Workloads, all on Project Gutenberg's *Botchan* (``edge_sel.export.textdata.botchan``; DESIGN §5):
 
 * **needle in a haystack** (RULER-style): "The special magic number for <word> is <7 digits>." hidden at
   depth 10/50/90% of a 1k/2k/4k-token haystack; the question ("... Answer: The special magic number
@@ -227,7 +227,7 @@ def summarize(raw: dict, decode) -> dict:
 
 # ---- workers (one process per configuration) --------------------------------------------------
 def _worker_edge_sel(cfg: dict) -> dict:
-    from edge_sel.memory import peak_rss_bytes
+    from edge_sel.runtime.memory import peak_rss_bytes
     from edge_sel.runtime.generator import Generator
 
     gen = Generator(cfg["bundle"], policy=cfg["policy"], kv_budget=cfg["ratio"])
@@ -269,7 +269,7 @@ def _worker_transformers(cfg: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_sel.memory import peak_rss_bytes
+    from edge_sel.runtime.memory import peak_rss_bytes
 
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
@@ -449,7 +449,7 @@ def markdown(doc: dict) -> str:
 def _tokenizer(bundle: str):
     from tokenizers import Tokenizer
 
-    from edge_sel.bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(bundle)
     tok = Tokenizer.from_file(str(b.path(b.manifest["tokenizer"]["file"])))
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = _tokenizer(bundle)
     encode = lambda t, special=True: tok.encode(t, add_special_tokens=special).ids  # noqa: E731  (= Generator.encode)
     decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
-    from edge_sel.textdata import botchan
+    from edge_sel.export.textdata import botchan
 
     hay = encode(botchan())
     cases = needle_cases(encode, decode, hay, lengths, [float(x) for x in a.depths.split(",")], a.needles)

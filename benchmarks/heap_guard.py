@@ -5,7 +5,7 @@
 Each cell runs in its own process (``EDGE_SEL_HEAP_GUARD`` = 0 turns the guard off). "Fragmented" frees every other
 one of ``--blocks`` malloc'd blocks of 0.2-200 KB and trims the heap before the timed calls, as a long-lived host
 process leaves it. Reports per cell: median latency per call, the largest share (peak RSS - RSS at call start) and the
-guard's trims (``edge_sel.memory.HeapGuard``; RESULTS.md "memory").
+guard's trims (``edge_sel.runtime.memory.HeapGuard``; RESULTS.md "memory").
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _worker(args) -> dict:
     import numpy as np
 
     from edge_sel.benchmarks.workload import build_queries
-    from edge_sel.memory import trim_heap
+    from edge_sel.runtime.memory import trim_heap
     from edge_sel.runtime import Reranker
 
     rr = Reranker(args.bundle, memory_budget=args.budget, pruning="off")

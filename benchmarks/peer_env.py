@@ -46,7 +46,7 @@ def requirements() -> list[str]:
 
 
 def env_dir(root: Path | None = None) -> Path:
-    from edge_sel.home import home
+    from edge_sel.runtime.home import home
 
     return (root or home() / "venvs") / f"kvpress-{KVPRESS_VERSION}"
 

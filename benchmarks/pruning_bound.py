@@ -66,7 +66,7 @@ def oracle_work(early: np.ndarray, final: np.ndarray, k: int) -> dict:
 def hindsight(early: list[np.ndarray], traces: list, k: int) -> dict:
     """The best schedule ``calibrate`` could choose had it been fitted on these queries: rank rule, and margin rule
     without clusters, safety 1, up to five layers."""
-    from edge_sel.runtime.calibrate import choose_schedule, simulate
+    from edge_sel.export.passes.calibrate import choose_schedule, simulate
 
     out = {}
     for rule, gap in (("rank", None), ("margin", 0.0)):
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edge_sel.runtime import Reranker
-    from edge_sel.runtime.calibrate import (builtin_data, collect_traces, crossfit_probe_scores, features, final_query_cosine,
+    from edge_sel.export.passes.calibrate import (builtin_data, collect_traces, crossfit_probe_scores, features, final_query_cosine,
                                             fit_probes, head_scores, simulate, validated_schedule)
     from edge_sel.runtime.early_rank import apply_probe
 

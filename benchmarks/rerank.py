@@ -111,7 +111,7 @@ def _prepare(args, configs, log) -> dict:
 
 
 def _budget(args, rr, workload) -> int:
-    from edge_sel.units import parse_size
+    from edge_sel.runtime.units import parse_size
 
     text = args.memory_budget or DEFAULT_BUDGETS.get(args.model, "auto")
     if text == "auto":
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prep = _prepare(args, configs, log)
     from edge_sel.runtime import Reranker
-    from edge_sel.units import format_size
+    from edge_sel.runtime.units import format_size
 
     from .workload import build_queries, encode_workload
 

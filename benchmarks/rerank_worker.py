@@ -7,7 +7,7 @@ every query's candidates, top-K, runs); this worker loads one engine, scores eve
 warm-up (the scores of that pass are the ones compared between configurations), then times ``runs``
 passes over all queries, and reports JSON.
 
-Memory, all from the kernel's counters for this process (``edge_sel.memory``):
+Memory, all from the kernel's counters for this process (``edge_sel.runtime.memory``):
   base_rss  RSS after the imports the configuration needs, before any model is loaded;
   idle_rss  RSS after the model is loaded (constructor returned), before the first query;
   peak_rss  whole-process high-water mark (VmHWM) at the end, i.e. over imports, load, warm-up and runs.
@@ -39,7 +39,7 @@ import traceback
 
 import numpy as np
 
-from edge_sel.memory import peak_rss_bytes, rss_bytes
+from edge_sel.runtime.memory import peak_rss_bytes, rss_bytes
 
 CONFIGS = ("torch", "optimum", "sbert", "ort", "edge_sel", "edge_sel_budget", "edge_sel_pruned", "edge_sel_pruned_budget",
            "edge_sel_dropped")

@@ -8,7 +8,7 @@ on 2 CPU cores in well under 20 minutes, and caches it under the edge_sel home::
     edge-sel export $EDGE_SEL_HOME/models/minilm-ce-trained -o bundles/minilm-ce --verify
 
 **Task.** Inverse-cloze pairs from docstrings: the query is a docstring's first sentence, its positive
-is the rest of that docstring (``edge_sel.textdata.iter_docstrings``; the same shape as the benchmark
+is the rest of that docstring (``edge_sel.export.textdata.iter_docstrings``; the same shape as the benchmark
 task). Loss: listwise softmax cross-entropy over a query's group (its own passage, negatives mined with
 the bi-encoder among the top-``hard_pool`` by cosine, and a random passage); the target mixes the one-hot
 positive with the bi-encoder's softmax over the group (``distill``). The two lowest layers and the
@@ -18,7 +18,7 @@ held-out queries) the plain recipe (all layers, one learning rate, one-hot targe
 
 **Text disjointness.** Training and held-out text come from modules listed in :data:`TRAIN_PACKAGES` /
 :data:`TRAIN_MODULES` (walked to their submodules) and :data:`NUMPY_MODULES`, none of which is in
-``edge_sel.textdata.MODULES`` (the benchmark/demo pool) or ``CALIBRATION_MODULES`` (the early-ranking
+``edge_sel.export.textdata.MODULES`` (the benchmark/demo pool) or ``CALIBRATION_MODULES`` (the early-ranking
 calibration set). On top of the module split every pair whose query or passage also occurs as a query or
 passage of the benchmark pool or of the calibration set is dropped, and :func:`check_disjoint` refuses
 to train when any overlap remains. The benchmark's *Botchan* windows are never used here.
@@ -148,8 +148,8 @@ def _walk(package: str) -> list[str]:
 
 def training_modules() -> list[str]:
     """The modules training and held-out text come from, in a fixed order (benchmark/calibration modules removed)."""
-    from edge_sel.runtime.calibrate import CALIBRATION_MODULES
-    from edge_sel.textdata import MODULES
+    from edge_sel.export.passes.calibrate import CALIBRATION_MODULES
+    from edge_sel.export.textdata import MODULES
 
     banned = set(MODULES) | set(CALIBRATION_MODULES)
     mods = [m for p in TRAIN_PACKAGES for m in _walk(p)] + TRAIN_MODULES + NUMPY_MODULES
@@ -163,8 +163,8 @@ def training_modules() -> list[str]:
 
 def forbidden_texts() -> set[str]:
     """Queries and passages of the benchmark pool and of the calibration set: never trained or evaluated on."""
-    from edge_sel.runtime.calibrate import calibration_items
-    from edge_sel.textdata import docstring_items
+    from edge_sel.export.passes.calibrate import calibration_items
+    from edge_sel.export.textdata import docstring_items
 
     texts = set()
     for _, q, p in docstring_items():
@@ -180,7 +180,7 @@ def is_heldout(name: str) -> bool:
 
 def build_data(modules: list[str] | None = None, forbidden: set[str] | None = None) -> Data:
     """Pairs from ``modules`` minus every pair touching ``forbidden`` text, split into train / held-out by package."""
-    from edge_sel.textdata import iter_docstrings
+    from edge_sel.export.textdata import iter_docstrings
 
     modules = training_modules() if modules is None else list(modules)
     forbidden = forbidden_texts() if forbidden is None else forbidden
@@ -203,8 +203,8 @@ def build_data(modules: list[str] | None = None, forbidden: set[str] | None = No
 
 def check_disjoint(data: Data, forbidden: set[str] | None = None) -> dict:
     """Refuse (ValueError) when training text overlaps held-out text or any benchmark/calibration text."""
-    from edge_sel.runtime.calibrate import CALIBRATION_MODULES
-    from edge_sel.textdata import MODULES
+    from edge_sel.export.passes.calibrate import CALIBRATION_MODULES
+    from edge_sel.export.textdata import MODULES
 
     forbidden = forbidden_texts() if forbidden is None else forbidden
     bad_modules = sorted(set(data.modules) & (set(MODULES) | set(CALIBRATION_MODULES)))
@@ -229,7 +229,7 @@ def check_disjoint(data: Data, forbidden: set[str] | None = None) -> dict:
 
 # ---- cache ------------------------------------------------------------------------------------------
 def default_out() -> Path:
-    from edge_sel.home import models_dir
+    from edge_sel.runtime.home import models_dir
 
     return models_dir() / DEFAULT_NAME
 
@@ -251,7 +251,7 @@ def cached_report(out: Path, key: str) -> dict | None:
 
 
 def _base_id(base_dir: Path) -> str:
-    from edge_sel.sources import PACKAGED
+    from edge_sel.export.sources import PACKAGED
 
     marker = base_dir / ".complete.json"
     if marker.is_file():
@@ -496,7 +496,7 @@ def train(out: str | os.PathLike | None = None, hyper: Hyper = Hyper(), base: st
     """Train (or find cached) the cross-encoder; returns the training report (``report["path"]`` = model dir)."""
     t_start = time.perf_counter()
     cpu_start = time.process_time()
-    from edge_sel.sources import resolve
+    from edge_sel.export.sources import resolve
 
     base_dir = Path(resolve(base or BASE_MODEL, fetch_missing=True).path)
     out = Path(out) if out is not None else default_out()

@@ -55,7 +55,7 @@ def _cut(tok, words: list[str], max_tokens: int) -> str:
 def botchan_windows(tok, n: int, text: str | None = None) -> list[str]:
     """``n`` consecutive, non-overlapping windows of *Botchan* of DOC_MIN..DOC_MAX tokens each."""
     if text is None:
-        from edge_sel.textdata import botchan
+        from edge_sel.export.textdata import botchan
 
         text = botchan()
     start = re.search(r"\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG[^\n]*\n", text)
@@ -81,7 +81,7 @@ def build_queries(tok, n_queries: int, n_docs: int, corpus: str = "mixed", seed:
     corpus: ``mixed`` (half docstring passages, half Botchan windows) or ``docstrings`` (no download;
     used by the offline smoke test).
     """
-    from edge_sel.textdata import docstring_items
+    from edge_sel.export.textdata import docstring_items
 
     items = list(docstring_items())
     passages = [_cut(tok, p.split(), DOC_MAX_TOKENS) for _, _, p in items]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .bundle import Bundle
-from .errors import BudgetError, BundleError, EdgeSelError, InputError, ModelNotFoundError
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.errors import BudgetError, BundleError, EdgeSelError, InputError, ModelNotFoundError
 
 
 def export(model, out, task: str = "rerank", **kwargs):

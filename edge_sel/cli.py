@@ -12,8 +12,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .errors import EdgeSelError
-from .units import format_size, parse_size
+from edge_sel.runtime.errors import EdgeSelError
+from edge_sel.runtime.units import format_size, parse_size
+
+from .progress import export_progress
 
 EXAMPLES = {
     "models": """examples:
@@ -187,24 +189,8 @@ def _console():
     return Console(stderr=False, highlight=False)
 
 
-def _progress_export(console):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console, transient=True)
-    tasks = {}
-
-    def cb(stage, i, n):
-        if stage not in tasks:
-            label = {"load": "loading model (torch)", "layers": "exporting layers", "verify": "verifying vs torch"}.get(stage, stage)
-            tasks[stage] = prog.add_task(label, total=n)
-        prog.update(tasks[stage], completed=i, total=n)
-
-    return prog, cb
-
-
 def cmd_models(args, console) -> int:
-    from . import sources
+    from edge_sel.export import sources
 
     if args.models_cmd == "list":
         rows = []
@@ -237,12 +223,12 @@ def cmd_export(args, console) -> int:
         if args.drop_layers != "auto" and not args.drop_layers.isdigit():
             raise EdgeSelError(f"--drop-layers takes a number of layers or 'auto', got {args.drop_layers!r}")
         drop = args.drop_layers if args.drop_layers == "auto" else int(args.drop_layers)
-    prog, cb = _progress_export(console)
+    prog, cb = export_progress(console)
     with prog:
         out = export(args.model, args.out, task=args.task, scoring=args.scoring, max_length=args.max_length,
                      verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb,
                      **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}))
-    from .bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(out)
     ex = b.manifest["export"]
@@ -272,7 +258,7 @@ def _stats_public(stats: dict) -> dict:
 
 
 def cmd_rerank(args, console) -> int:
-    from .documents import read_documents
+    from edge_sel.runtime.documents import read_documents
     from .runtime import Reranker
 
     docs = read_documents(args.documents)
@@ -324,7 +310,7 @@ def _schedule_line(s: dict) -> str:
 
 
 def cmd_calibrate(args, console) -> int:
-    from .runtime.calibrate import calibrate
+    from edge_sel.export.passes.calibrate import calibrate
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -348,8 +334,8 @@ def cmd_calibrate(args, console) -> int:
 
 
 def cmd_quantize(args, console) -> int:
-    from .export.quantize import quantize_bundle
-    from .bundle import Bundle
+    from edge_sel.export.passes.quantize import quantize_bundle
+    from edge_sel.runtime.bundle import Bundle
 
     with console.status("quantizing", spinner="dots") if not args.json else _nullcontext() as status:
         def say(msg):
@@ -377,7 +363,7 @@ def _nullcontext():
 
 
 def cmd_verify(args, console) -> int:
-    from .bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(args.bundle)
     b.verify()
@@ -390,7 +376,7 @@ def cmd_verify(args, console) -> int:
 
 
 def cmd_info(args, console) -> int:
-    from .bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(args.bundle)
     m = b.manifest
@@ -407,7 +393,7 @@ def cmd_info(args, console) -> int:
 
 
 def cmd_generate(args, console) -> int:
-    from .errors import InputError
+    from edge_sel.runtime.errors import InputError
     from .runtime.generator import Generator
 
     if (args.prompt is None) == (args.prompt_file is None):

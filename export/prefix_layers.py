@@ -423,7 +423,7 @@ def fuse_bundle_attention(path: str | os.PathLike) -> bool:
     unchanged, every rewritten graph checked against the old one on sample inputs — and their manifest entries.
     Returns True when the bundle changed (False: nothing to do). A qkv graph whose rotary pattern is not recognised
     stays as exported (correct, only slower)."""
-    from edge_sel.bundle import MANIFEST, Bundle, sha256_file
+    from edge_sel.runtime.bundle import MANIFEST, Bundle, sha256_file
 
     b = Bundle.open(path)
     io = b.manifest.get("layer_io", {})

@@ -1,7 +1,7 @@
 """Early ranking: score candidates at an intermediate layer and drop the ones that cannot make the top-K.
 
 GRATING (EuroSys'26, "monolithic forwarding") observed that the relative order of candidates settles
-in intermediate layers of a reranker. A *schedule* (calibrated by :mod:`edge_sel.runtime.calibrate`,
+in intermediate layers of a reranker. A *schedule* (calibrated by :mod:`edge_sel.export.passes.calibrate`,
 stored in the bundle manifest) names the layers at which the runtime scores the live candidates and,
 per layer, a margin in score units. At a schedule layer the live scores are grouped into clusters of
 similar score (1-D: split at gaps wider than ``cluster_gap``) and every cluster whose best member is
@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_sel.errors import BundleError, InputError
+from edge_sel.runtime.errors import BundleError, InputError
 
 SCHEDULE_VERSION = 1
 METHODS = ("probe", "head", "cosine")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edge_sel.bundle import Bundle
+from edge_sel.runtime.bundle import Bundle
 
 
 class Embedder:

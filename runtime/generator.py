@@ -37,10 +37,10 @@ from typing import Any, Iterator
 import numpy as np
 from tokenizers import Tokenizer
 
-from edge_sel.bundle import Bundle
-from edge_sel.errors import BudgetError, InputError
-from edge_sel.memory import PeakTracker, trim_heap
-from edge_sel.units import format_size, parse_size
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.errors import BudgetError, InputError
+from edge_sel.runtime.memory import PeakTracker, trim_heap
+from edge_sel.runtime.units import format_size, parse_size
 
 from .embedding import Embedder
 from .residency import WeightPages, release_array, snapshot
@@ -178,7 +178,7 @@ class Generator:
     def _load(path, threads):
         import onnxruntime as ort
 
-        from edge_sel.errors import BundleError
+        from edge_sel.runtime.errors import BundleError
 
         # spinning is already off in session_options (60+ sessions share the cores; setting it twice makes
         # onnxruntime print a warning per session); prefill shapes change every chunk, so no memory pattern
@@ -480,7 +480,7 @@ class Generator:
         cold = call.policy.cold_stats()
         peak = max(tracker.peak, tracker.start)
         try:
-            from edge_sel.memory import peak_rss_bytes
+            from edge_sel.runtime.memory import peak_rss_bytes
 
             peak = max(peak, peak_rss_bytes())
         except Exception:

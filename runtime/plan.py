@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from edge_sel.bundle import Bundle
-from edge_sel.errors import BudgetError
-from edge_sel.units import format_size
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.errors import BudgetError
+from edge_sel.runtime.units import format_size
 
 SESSION_OVERHEAD = 3 * 1024**2   # per live onnxruntime session beyond its weight files (graph, kernels)
 FIXED_OVERHEAD = 14 * 1024**2    # head session, tokenizer state, numpy scratch, per-call Python objects; 12 MiB
-# measured short in a long pytest process — heap fragmentation, since bounded by edge_sel.memory.HeapGuard (RESULTS.md "memory")
+# measured short in a long pytest process — heap fragmentation, since bounded by edge_sel.runtime.memory.HeapGuard (RESULTS.md "memory")
 SAFETY = 1.0                     # measured: the formula already sits ~20% above onnxruntime's real per-layer peak
 DEFAULT_CHUNK_TOKENS = 1024  # measured: 1k-token chunks beat 4k-16k ones by 1.4-2x (cache-friendly, no huge attention buffers)
 DEFAULT_MAX_BATCH = 64

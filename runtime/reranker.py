@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from edge_sel.bundle import Bundle
-from edge_sel.errors import BudgetError, InputError
-from edge_sel.memory import HeapGuard, PeakTracker, release_free_memory, tune_allocator
-from edge_sel.units import format_size, parse_size
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.errors import BudgetError, InputError
+from edge_sel.runtime.memory import HeapGuard, PeakTracker, release_free_memory, tune_allocator
+from edge_sel.runtime.units import format_size, parse_size
 
 from .early_rank import LayerScorer, Schedule, prune_mask, prune_rank_mask
 from .embedding import Embedder
@@ -77,7 +77,7 @@ class Reranker:
             raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; ranking needs a bundle exported with --task rerank")
         self.memory_budget = parse_size(memory_budget) if memory_budget is not None else None
         if self.memory_budget is not None:
-            tune_allocator()  # under a budget, freed activations must leave the process (glibc; see edge_sel.memory)
+            tune_allocator()  # under a budget, freed activations must leave the process (glibc; see edge_sel.runtime.memory)
         self.planner = Planner(self.bundle)
         self.split = is_split(self.bundle)  # qkv + attn layer graphs: the shared prompt prefix is computed once
         if self.split:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from edge_sel.errors import BundleError
+from edge_sel.runtime.errors import BundleError
 
 
 def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True) -> ort.SessionOptions:

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
-from edge_sel.bundle import Bundle
+from edge_sel.runtime.bundle import Bundle
 
 from .sessions import load_session
 

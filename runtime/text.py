@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tokenizers import Tokenizer
 
-from edge_sel.bundle import Bundle
-from edge_sel.errors import InputError
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.errors import InputError
 
 
 @dataclass

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 @pytest.fixture(scope="session")
 def docs():
-    from edge_sel.textdata import docstring_pairs
+    from edge_sel.export.textdata import docstring_pairs
 
     pairs = docstring_pairs(limit=80)
     return [p for _, p in pairs[:40]], [q for q, _ in pairs[:5]]

@@ -34,7 +34,7 @@ def make_gen_decoder(path: Path, kind: str = "llama", layers: int = 4, seed: int
 
 
 def long_text(n_chars: int) -> str:
-    from edge_sel.textdata import docstring_pairs
+    from edge_sel.export.textdata import docstring_pairs
 
     text = " ".join(q + " " + p for q, p in docstring_pairs())
     while len(text) < n_chars:

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from edge_sel.bundle import FORMAT_VERSION, Bundle, BundleWriter
-from edge_sel.errors import BundleError
+from edge_sel.runtime.bundle import FORMAT_VERSION, Bundle, BundleWriter
+from edge_sel.runtime.errors import BundleError
 
 
 def _copy(bundle, tmp_path):

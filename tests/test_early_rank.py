@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_sel.bundle import Bundle
-from edge_sel.errors import InputError
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.errors import InputError
 from edge_sel.runtime import Reranker
-from edge_sel.runtime.calibrate import (calibrate, calibration_items, choose_schedule, simulate)
+from edge_sel.export.passes.calibrate import (calibrate, calibration_items, choose_schedule, simulate)
 from edge_sel.runtime.early_rank import Schedule, clusters_1d, prune_mask, prune_rank_mask
 
 
@@ -37,7 +37,7 @@ def test_prune_mask_keeps_k_and_everything_within_margin(scores, k, margin, floo
 
 def _synthetic_trajectories(seed, n, layers, noise, queries=6):
     """Score trajectories that converge to each query's final score (noise shrinks with depth)."""
-    from edge_sel.runtime.calibrate import Trace
+    from edge_sel.export.passes.calibrate import Trace
 
     rng = np.random.default_rng(seed)
     traces, scores = [], []
@@ -116,8 +116,8 @@ def test_oracle_work_on_exact_and_reversed_scorers():
 
 
 def test_calibration_text_is_disjoint_from_benchmark_text():
-    from edge_sel.runtime.calibrate import CALIBRATION_MODULES
-    from edge_sel.textdata import MODULES, docstring_pairs
+    from edge_sel.export.passes.calibrate import CALIBRATION_MODULES
+    from edge_sel.export.textdata import MODULES, docstring_pairs
 
     assert not set(MODULES) & set(CALIBRATION_MODULES)
     bench = {p for _, p in docstring_pairs()} | {q for q, _ in docstring_pairs()}
@@ -346,7 +346,7 @@ def test_runtime_calibrate_and_prune_never_import_torch(bert_bi_bundle, tmp_path
     shutil.copytree(bert_bi_bundle, b)
     code = r"""
 import sys, json
-from edge_sel.runtime.calibrate import calibrate
+from edge_sel.export.passes.calibrate import calibrate
 from edge_sel.runtime import Reranker
 calibrate(sys.argv[1], "builtin", top_k=2, n_queries=3, n_candidates=8)
 rr = Reranker(sys.argv[1], pruning="on")
@@ -360,7 +360,7 @@ print(json.dumps([m for m in sys.modules if m.split(".")[0] in ("torch", "transf
 
 # ---- dropped layers -------------------------------------------------------------------------------
 def test_drop_layers_bundle_loads_and_runs(bert_ce_bundle, tmp_path, docs):
-    from edge_sel.export.drop_layers import drop_layers
+    from edge_sel.export.passes.drop_layers import drop_layers
 
     b = tmp_path / "b"
     shutil.copytree(bert_ce_bundle, b)
@@ -388,7 +388,7 @@ def test_drop_layers_bundle_loads_and_runs(bert_ce_bundle, tmp_path, docs):
 
 def test_drop_layers_auto_and_export_refuses_too_many(tmp_path):
     from edge_sel.export import export
-    from edge_sel.export.drop_layers import drop_layers
+    from edge_sel.export.passes.drop_layers import drop_layers
     from tiny_models import make_bert
 
     hf = make_bert(tmp_path / "hf", cross_encoder=True, layers=2)
@@ -410,7 +410,7 @@ def test_drop_layers_auto_and_export_refuses_too_many(tmp_path):
 def test_prefix_reuse_matches_full_prompt_and_drops_with_qkv(llama_bundle, tmp_path, docs):
     """Decoder rerank bundles split each layer into qkv + attn graphs; the prefix runs once, scores are unchanged."""
     from edge_sel.export import export
-    from edge_sel.export.drop_layers import drop_layers
+    from edge_sel.export.passes.drop_layers import drop_layers
     from tiny_models import make_decoder
 
     split = Bundle.open(llama_bundle)

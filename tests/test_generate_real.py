@@ -15,12 +15,12 @@ PROMPTS = [("What is the capital of France?", True), ("Write a short poem about 
 
 @pytest.fixture(scope="module")
 def smol():
-    from edge_sel.bundle import Bundle
-    from edge_sel.errors import BundleError
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.errors import BundleError
     from edge_sel.export import export
     from edge_sel.export.adapters import adapter_for
-    from edge_sel.home import home
-    from edge_sel.sources import fetch, resolve
+    from edge_sel.runtime.home import home
+    from edge_sel.export.sources import fetch, resolve
 
     fetch("smollm2-135m-instruct", quiet=True)
     path = home() / "test-bundles" / "smollm2-135m-instruct-generate"

@@ -9,7 +9,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from edge_sel.errors import BudgetError
+from edge_sel.runtime.errors import BudgetError
 from edge_sel.runtime.generator import Generator
 from edge_sel.runtime.kvcache import EMPTY_POS
 from edge_sel.runtime.policies import MPCacheRecall, make_policy, mpcache_recall

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_sel.errors import InputError
+from edge_sel.runtime.errors import InputError
 from edge_sel.runtime.generator import Generator
 
 from gen_tiny import long_text
@@ -108,7 +108,7 @@ def test_bad_suffix_is_refused(llama, context_ids):
 
 
 def test_infeasible_budget_with_suffix_is_refused_with_the_minimum(llama, context_ids):
-    from edge_sel.errors import BudgetError
+    from edge_sel.runtime.errors import BudgetError
 
     g = Generator(llama, kv_budget=16, policy="mpcache")
     with pytest.raises(BudgetError, match="minimum") as e:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge_sel.errors import BudgetError, InputError
+from edge_sel.runtime.errors import BudgetError, InputError
 from edge_sel.runtime.generator import Generator
 from edge_sel.runtime.kvcache import EMPTY_POS
 from edge_sel.runtime.policies import REGISTRY, LayerSkip, MPCacheDynamic, MPCacheStatic, make_policy, mpcache
@@ -63,7 +63,7 @@ def test_full_policy_matches_transformers(tmp_path_factory, kind):
 
 
 def test_manifest_and_chat_template(llama, gen_full):
-    from edge_sel.bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(llama, verify=True)
     assert b.task == "generate" and b.scoring == "lm"

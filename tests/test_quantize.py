@@ -11,8 +11,8 @@ import onnx
 import pytest
 
 from edge_sel import Bundle
-from edge_sel.errors import InputError
-from edge_sel.export.quantize import quantize_bundle
+from edge_sel.runtime.errors import InputError
+from edge_sel.export.passes.quantize import quantize_bundle
 from edge_sel.runtime import Reranker
 
 

@@ -11,7 +11,7 @@ N_DOCS = 32
 
 
 def _data():
-    from edge_sel.textdata import docstring_pairs
+    from edge_sel.export.textdata import docstring_pairs
 
     pairs = docstring_pairs()
     docs = [p for _, p in pairs[100:100 + N_DOCS]]
@@ -22,7 +22,7 @@ def _data():
 @pytest.fixture(scope="module")
 def real_bundles(tmp_path_factory):
     from edge_sel.export import export
-    from edge_sel.sources import fetch
+    from edge_sel.export.sources import fetch
 
     root = tmp_path_factory.mktemp("real")
     fetch("all-minilm-l6-v2", quiet=True)
@@ -36,7 +36,7 @@ def real_bundles(tmp_path_factory):
 
 def _torch_reference(kind, queries, docs, bundle):
     from edge_sel.export.adapters import adapter_for
-    from edge_sel.sources import resolve
+    from edge_sel.export.sources import resolve
 
     resolved = resolve("smollm2-135m-instruct" if kind == "yes_no" else "all-minilm-l6-v2")
     adapter = adapter_for("llama" if kind == "yes_no" else "bert")
@@ -71,7 +71,7 @@ def test_parity_with_torch_and_same_top10(kind, real_bundles):
 
 def test_minilm_bi_encoder_finds_the_docstring(real_bundles):
     """Real weights give rankings a person recognises: the docstring's own body is near the top."""
-    from edge_sel.textdata import docstring_pairs
+    from edge_sel.export.textdata import docstring_pairs
 
     pairs = docstring_pairs()[:200]
     docs = [p for _, p in pairs]

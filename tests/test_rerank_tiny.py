@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from edge_sel.errors import BudgetError, InputError
-from edge_sel.memory import trim_heap
+from edge_sel.runtime.errors import BudgetError, InputError
+from edge_sel.runtime.memory import trim_heap
 from edge_sel.runtime import Reranker
 
 
@@ -97,7 +97,7 @@ def test_truncation_warns(bert_ce_bundle, caplog):
 
 @pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
 def test_other_decoder_families_export_and_match(kind, tmp_path, docs):
-    from edge_sel.bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
     from edge_sel.export import export
     from tiny_models import make_decoder
 
@@ -109,7 +109,7 @@ def test_other_decoder_families_export_and_match(kind, tmp_path, docs):
 
 @pytest.mark.parametrize("cross", [True, False])
 def test_xlm_roberta_family(cross, tmp_path):
-    from edge_sel.bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
     from edge_sel.export import export
     from tiny_models import make_bert
 
@@ -235,7 +235,7 @@ def test_cross_encoder_final_layer_computes_the_first_token_only(tmp_path, kind)
     from tiny_models import make_bert
     from transformers import AutoModelForSequenceClassification
 
-    from edge_sel.bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
     from edge_sel.export import export
 
     hf = make_bert(tmp_path / "hf", kind=kind, cross_encoder=True)
@@ -260,6 +260,6 @@ def test_cross_encoder_final_layer_computes_the_first_token_only(tmp_path, kind)
 
 
 def test_bi_encoder_keeps_every_token_at_the_final_layer(bert_bi_bundle):
-    from edge_sel.bundle import Bundle
+    from edge_sel.runtime.bundle import Bundle
 
     assert Bundle.open(bert_bi_bundle).manifest["final_layer_output"] == "all_tokens"

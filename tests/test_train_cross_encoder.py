@@ -15,8 +15,8 @@ def data():
 
 
 def test_modules_are_disjoint_from_benchmark_and_calibration():
-    from edge_sel.runtime.calibrate import CALIBRATION_MODULES
-    from edge_sel.textdata import MODULES
+    from edge_sel.export.passes.calibrate import CALIBRATION_MODULES
+    from edge_sel.export.textdata import MODULES
 
     mods = tce.training_modules()
     assert mods and not set(mods) & set(MODULES) and not set(mods) & set(CALIBRATION_MODULES)
@@ -25,8 +25,8 @@ def test_modules_are_disjoint_from_benchmark_and_calibration():
 
 
 def test_real_data_is_disjoint_from_benchmark_text(data):
-    from edge_sel.runtime.calibrate import calibration_items
-    from edge_sel.textdata import docstring_items
+    from edge_sel.export.passes.calibrate import calibration_items
+    from edge_sel.export.textdata import docstring_items
 
     assert len(data.train) > 500 and len(data.heldout) > 60
     info = tce.check_disjoint(data)
@@ -42,8 +42,8 @@ def test_real_data_is_disjoint_from_benchmark_text(data):
 
 
 def test_check_disjoint_fails_on_overlap(data):
-    from edge_sel.runtime.calibrate import calibration_items
-    from edge_sel.textdata import docstring_items
+    from edge_sel.export.passes.calibrate import calibration_items
+    from edge_sel.export.textdata import docstring_items
 
     name, q, p = docstring_items()[3]
     leaked = replace(data, train=data.train + [tce.Pair(name, q, p)])

@@ -1,7 +1,7 @@
 import pytest
 
-from edge_sel.errors import InputError
-from edge_sel.units import format_size, parse_size
+from edge_sel.runtime.errors import InputError
+from edge_sel.runtime.units import format_size, parse_size
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_sel.textdata import docstring_pairs
+from edge_sel.export.textdata import docstring_pairs
 
 SPECIALS_BERT = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 SPECIALS_CHAT = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

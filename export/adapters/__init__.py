@@ -1,6 +1,6 @@
 """Model-family adapters. Adding a family: one module + one entry in ``ADAPTERS``."""
 
-from edge_sel.errors import InputError
+from edge_sel.runtime.errors import InputError
 
 from .base import Adapter, GraphSpec, SplitModel
 from .bert import BertAdapter

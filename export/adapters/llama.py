@@ -85,7 +85,7 @@ class LlamaAdapter(Adapter):
         yes = tokenizer.encode("yes", add_special_tokens=False)
         no = tokenizer.encode("no", add_special_tokens=False)
         if len(yes) != 1 or len(no) != 1:
-            from edge_sel.errors import InputError
+            from edge_sel.runtime.errors import InputError
 
             raise InputError(f"tokenizer splits 'yes'/'no' into several tokens ({yes}, {no}); yes/no scoring needs single tokens")
         w = model.lm_head.weight.detach()

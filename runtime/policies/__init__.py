@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from edge_sel.errors import InputError
+from edge_sel.runtime.errors import InputError
 
 from .base import Composite, Context, Policy
 from .full import Full

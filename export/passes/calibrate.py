@@ -14,7 +14,7 @@ every candidate at every layer with each available method, and chooses the sched
   the other queries), so the margins account for the probe's error on unseen queries.
 
 Calibration data never overlaps the benchmark text: ``builtin`` draws CPython docstrings from the
-modules in :data:`CALIBRATION_MODULES`, which are disjoint from ``edge_sel.textdata.MODULES`` (the
+modules in :data:`CALIBRATION_MODULES`, which are disjoint from ``edge_sel.export.textdata.MODULES`` (the
 benchmark/demo pool); any passage that also appears in the benchmark pool is removed.
 ``--data FILE`` takes JSONL lines ``{"query": str, "documents": [str, ...]}``.
 
@@ -36,15 +36,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_sel.bundle import MANIFEST, Bundle, sha256_file
-from edge_sel.errors import InputError
+from edge_sel.runtime.bundle import MANIFEST, Bundle, sha256_file
+from edge_sel.runtime.errors import InputError
 
-from .early_rank import (PROBE_ARRAY, RULES, Schedule, _spearman, apply_probe, cosine_scores, fit_ridge_probe,
+from edge_sel.runtime.early_rank import (PROBE_ARRAY, RULES, Schedule, _spearman, apply_probe, cosine_scores, fit_ridge_probe,
                          probe_features, prune_mask, prune_rank_mask)
 
 log = logging.getLogger("edge_sel")
 
-# Disjoint from edge_sel.textdata.MODULES (checked in tests): calibration never sees benchmark text.
+# Disjoint from edge_sel.export.textdata.MODULES (checked in tests): calibration never sees benchmark text.
 CALIBRATION_MODULES = [
     "asyncio", "concurrent.futures", "multiprocessing", "unittest", "unittest.mock", "email.message", "email.parser",
     "email.header", "xml.etree.ElementTree", "http.server", "http.cookies", "http.cookiejar", "urllib.request",
@@ -69,7 +69,7 @@ MAX_SAFETY_STEPS = 4         # split-half validation: raise safety x1.5 up to th
 # ---- calibration data ---------------------------------------------------------------------------
 def calibration_items() -> list[tuple[str, str]]:
     """``(query, passage)`` pairs from CALIBRATION_MODULES, minus any passage in the benchmark pool."""
-    from edge_sel.textdata import MODULES, docstring_pairs, iter_docstrings
+    from edge_sel.export.textdata import MODULES, docstring_pairs, iter_docstrings
 
     bench = {p for _, p in docstring_pairs()}
     overlap = set(MODULES) & set(CALIBRATION_MODULES)
@@ -368,7 +368,7 @@ def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", 
 
     ``rule``: ``margin`` (score margins), ``rank`` (keep fractions) or ``auto`` (the one whose validated
     schedule saves more simulated layer-work). ``safety``: None = the rule's default."""
-    from .reranker import Reranker
+    from edge_sel.runtime.reranker import Reranker
 
     t0 = time.perf_counter()
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)

@@ -10,8 +10,8 @@ time, each step measured cumulatively). The manifest records ``dropped_layers`` 
 
 Works on an exported bundle with the runtime only (no torch): layer files are hard-linked (copied
 when linking is impossible) into a staged bundle without the dropped layers, which is renamed into
-place (:class:`edge_sel.bundle.BundleWriter`). Calibration text: the builtin calibration data of
-:mod:`edge_sel.runtime.calibrate` (never the benchmark text). A calibrated early-ranking schedule is
+place (:class:`edge_sel.runtime.bundle.BundleWriter`). Calibration text: the builtin calibration data of
+:mod:`edge_sel.export.passes.calibrate` (never the benchmark text). A calibrated early-ranking schedule is
 invalidated by dropping layers and removed (calibrate again afterwards; ``export --calibrate`` does).
 """
 
@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from edge_sel.bundle import MANIFEST, Bundle, BundleWriter
-from edge_sel.errors import InputError
+from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.runtime.errors import InputError
 
 DEFAULT_THRESHOLD = 0.9
 TOP = 10
@@ -51,7 +51,7 @@ def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRES
                   n_candidates: int = 32, say: Callable[[str, int, int], None] | None = None) -> dict:
     """Measure and pick the layers to drop; returns ``{"drop": [positions], "influence", "individual", "cost"}``."""
     from edge_sel.runtime import Reranker
-    from edge_sel.runtime.calibrate import builtin_data, collect_traces
+    from edge_sel.export.passes.calibrate import builtin_data, collect_traces
 
     say = say or (lambda *a: None)
     L = len(bundle.layers)

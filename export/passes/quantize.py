@@ -12,7 +12,7 @@ quantized bundle, and the manifest's ``quantization.agreement`` records the max 
 mean top-10 overlap and the fraction of queries whose top-10 set is identical. A calibrated early-ranking
 schedule is kept (its margins were measured on the float model; re-run ``edge-sel calibrate`` on the
 quantized bundle to re-measure them). Embedding table, head and tokenizer are hard-linked unchanged.
-The output is written atomically (:class:`edge_sel.bundle.BundleWriter`).
+The output is written atomically (:class:`edge_sel.runtime.bundle.BundleWriter`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from edge_sel.bundle import MANIFEST, Bundle, BundleWriter
-from edge_sel.errors import InputError
+from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.runtime.errors import InputError
 
 WEIGHT_TYPES = ("int8", "uint8")
 
@@ -62,7 +62,7 @@ def _quantize_graph(src: Path, dst: Path, weight_type: str, per_channel: bool, d
 def agreement(source: Bundle, quantized: Bundle, n_queries: int = 8, n_candidates: int = 32, top: int = 10) -> dict:
     """Rank the builtin calibration data with both bundles; compare scores and top-``top`` sets."""
     from edge_sel.runtime import Reranker
-    from edge_sel.runtime.calibrate import builtin_data
+    from edge_sel.export.passes.calibrate import builtin_data
 
     if source.task != "rerank":
         return {}

@@ -95,7 +95,7 @@ def botchan() -> str:
     import tempfile
     from pathlib import Path
 
-    from .home import data_dir
+    from edge_sel.runtime.home import data_dir
 
     path = data_dir() / "botchan.txt"
     if path.is_file():

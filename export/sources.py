@@ -15,8 +15,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelNotFoundError
-from .home import models_dir
+from edge_sel.runtime.errors import ModelNotFoundError
+from edge_sel.runtime.home import models_dir
 
 
 @dataclass(frozen=True)
