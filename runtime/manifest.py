@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 from .errors import BundleError
 
@@ -153,7 +153,7 @@ class Node:
     unknown: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
     _keys: frozenset = field(default=frozenset(), compare=False, repr=False)
 
-    KNOWN: tuple = ()  # the JSON keys of this object (class attribute)
+    KNOWN: ClassVar[tuple] = ()  # the JSON keys of this object
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -173,7 +173,12 @@ class Node:
         """A copy with ``changes`` (typed nodes or plain JSON values), parsed and validated again."""
         d = self.to_dict()
         d.update({k: thaw(v) for k, v in changes.items()})
-        return type(self).parse(d, type(self).__name__) if isinstance(self, Manifest) else _reparse(self, d)
+        return type(self).parse(d, type(self).__name__)
+
+    @classmethod
+    def parse(cls, d: Any, where: str = MANIFEST, path: str = "") -> "Node":
+        """Validate the JSON object ``d`` as this part; errors name ``where`` and the field ``path`` (e.g. "schedule")."""
+        return cls.read(_Reader(str(where)), d, path or cls.__name__)
 
     def _implied(self) -> dict[str, Any]:
         """Defaults that depend on other fields (written back only when they differ)."""
@@ -182,10 +187,6 @@ class Node:
     @classmethod
     def _base(cls, d: dict) -> dict:
         return {"unknown": freeze({k: v for k, v in d.items() if k not in cls.KNOWN}), "_keys": frozenset(d)}
-
-
-def _reparse(node: Node, d: dict) -> Node:
-    return type(node).read(_Reader(type(node).__name__), d, type(node).__name__)
 
 
 # ---- the parts -----------------------------------------------------------------------------------------------------
@@ -452,12 +453,63 @@ class ScheduleLayer(Node):
     keep: float | None = None
 
 
+def _free(r: _Reader, d: dict, key: str, p: str):
+    """A free-form JSON object (facts for people, not read by the runtime), frozen; null when absent."""
+    return None if d.get(key) is None else freeze(r.obj(d[key], f"{p}.{key}" if p else key))
+
+
+def _fraction(r: _Reader, d: dict, key: str, p: str):
+    v = r.float(d.get(key), f"{p}.{key}", optional=True)
+    if v is not None and not 0 <= v <= 1:
+        r.fail(f"{p}.{key}", f"expected a fraction in [0, 1], got {v}")
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class Agreement(Node):
+    """How a calibrated schedule did on its calibration data (simulated)."""
+
+    KNOWN = ("layer_work_saved", "topk_recall", "topk_identical")
+    layer_work_saved: float | None = None
+    topk_recall: float | None = None
+    topk_identical: float | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "Agreement":
+        d = r.obj(v, p)
+        return cls(**{k: _fraction(r, d, k, p) for k in cls.KNOWN}, **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropCost(Node):
+    """What dropping layers cost, measured on calibration text against the full bundle."""
+
+    KNOWN = ("top10_overlap", "top10_identical", "threshold", "requested", "block_influence", "calibration")
+    top10_overlap: float | None = None
+    top10_identical: float | None = None
+    threshold: float | None = None
+    requested: int | str | None = None            # a number of layers or "auto"
+    block_influence: Mapping[str, float] | None = None   # source index -> influence of the dropped block
+    calibration: Mapping[str, Any] | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "DropCost":
+        d = r.obj(v, p)
+        req = d.get("requested")
+        if req is not None and req != "auto":
+            r.int(req, f"{p}.requested", lo=0)
+        return cls(top10_overlap=_fraction(r, d, "top10_overlap", p), top10_identical=_fraction(r, d, "top10_identical", p),
+                   threshold=r.float(d.get("threshold"), f"{p}.threshold", optional=True), requested=req,
+                   block_influence=_free(r, d, "block_influence", p), calibration=_free(r, d, "calibration", p),
+                   **cls._base(d))
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScheduleSpec(Node):
-    """Early-ranking pruning schedule written by calibration; ``layers[i].layer`` is a position in ``layers``.
-    Calibration facts (``calibration``, ``agreement``, ``per_layer``) are kept in ``unknown``."""
+    """Early-ranking pruning schedule written by calibration; ``layers[i].layer`` is a position in ``layers``."""
 
-    KNOWN = ("version", "method", "rule", "top_k", "layers", "floor", "cluster_gap", "safety", "probe", "source_layers")
+    KNOWN = ("version", "method", "rule", "top_k", "layers", "floor", "cluster_gap", "safety", "probe", "source_layers",
+             "calibration", "agreement", "per_layer")
     method: str
     top_k: int
     layers: tuple[ScheduleLayer, ...]
@@ -468,6 +520,9 @@ class ScheduleSpec(Node):
     safety: float = 1.0
     probe: str | None = None
     source_layers: tuple[int, ...] | None = None
+    calibration: Mapping[str, Any] | None = None     # what it was calibrated on (data, queries, candidates, seed, seconds)
+    agreement: Agreement | None = None
+    per_layer: tuple[Mapping[str, Any], ...] | None = None  # per layer: spearman / top-k overlap with the final scores
 
     @classmethod
     def read(cls, r: _Reader, v, p: str) -> "ScheduleSpec":
@@ -495,6 +550,33 @@ class ScheduleSpec(Node):
                    safety=r.float(d.get("safety", 1.0), f"{p}.safety", positive=True),
                    probe=r.str(d.get("probe"), f"{p}.probe", optional=True),
                    source_layers=None if src is None else r.list(src, f"{p}.source_layers", lambda x, q: r.int(x, q, lo=0)),
+                   calibration=_free(r, d, "calibration", p),
+                   agreement=None if d.get("agreement") is None else Agreement.read(r, d["agreement"], f"{p}.agreement"),
+                   per_layer=None if d.get("per_layer") is None else r.list(d["per_layer"], f"{p}.per_layer",
+                                                                          lambda x, q: freeze(r.obj(x, q))),
+                   **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantAgreement(Node):
+    """A quantized bundle's scores against its float source on the builtin calibration data."""
+
+    KNOWN = ("data", "queries", "candidates", "max_abs_score_diff", "top10_overlap", "top10_identical")
+    data: str | None = None
+    queries: int | None = None
+    candidates: int | None = None
+    max_abs_score_diff: float | None = None
+    top10_overlap: float | None = None
+    top10_identical: float | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "QuantAgreement":
+        d = r.obj(v, p)
+        return cls(data=r.str(d.get("data"), f"{p}.data", optional=True),
+                   queries=r.int(d.get("queries"), f"{p}.queries", lo=0, optional=True),
+                   candidates=r.int(d.get("candidates"), f"{p}.candidates", lo=0, optional=True),
+                   max_abs_score_diff=r.float(d.get("max_abs_score_diff"), f"{p}.max_abs_score_diff", optional=True),
+                   top10_overlap=_fraction(r, d, "top10_overlap", p), top10_identical=_fraction(r, d, "top10_identical", p),
                    **cls._base(d))
 
 
@@ -507,18 +589,18 @@ class Quantization(Node):
     ops: tuple[str, ...] = ()
     source_bytes: int | None = None
     seconds: float | None = None
-    agreement: Mapping[str, Any] | None = None
+    agreement: QuantAgreement | None = None
 
     @classmethod
     def read(cls, r: _Reader, v, p: str) -> "Quantization":
         d = r.obj(v, p)
-        agreement = d.get("agreement")
         return cls(method=r.str(d.get("method"), f"{p}.method"), weights=r.str(d.get("weights"), f"{p}.weights"),
                    per_channel=r.bool(d.get("per_channel", False), f"{p}.per_channel"),
                    ops=r.list(d.get("ops", []), f"{p}.ops", lambda x, q: r.str(x, q)),
                    source_bytes=r.int(d.get("source_bytes"), f"{p}.source_bytes", lo=0, optional=True),
                    seconds=r.float(d.get("seconds"), f"{p}.seconds", optional=True),
-                   agreement=None if agreement is None else freeze(r.obj(agreement, f"{p}.agreement")), **cls._base(d))
+                   agreement=None if d.get("agreement") is None else QuantAgreement.read(r, d["agreement"], f"{p}.agreement"),
+                   **cls._base(d))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -575,7 +657,7 @@ class Manifest(Node):
     layer_io: LayerIO = field(default_factory=lambda: LayerIO(inputs=("hidden", "mask"), outputs=("hidden_out",)))
     extra_graphs: Mapping[str, GraphFile] = field(default_factory=lambda: MappingProxyType({}))
     dropped_layers: tuple[int, ...] = ()
-    drop_cost: Mapping[str, Any] | None = None
+    drop_cost: DropCost | None = None
     schedule: ScheduleSpec | None = None
     export: ExportInfo | None = None
     quantization: Quantization | None = None
@@ -665,7 +747,6 @@ class Manifest(Node):
         layers_raw = d["layers"]
         if not isinstance(layers_raw, list) or not layers_raw:
             r.fail("layers", f"expected a non-empty list (the bundle has no layers), got {_show(layers_raw)}")
-        drop_cost = d.get("drop_cost")
         m = cls(
             format=FORMAT, format_version=version,
             created_by=r.str(d.get("created_by"), "created_by", optional=True, nonempty=False),
@@ -681,7 +762,7 @@ class Manifest(Node):
             head=HeadSpec.read(r, d["head"], "head"),
             tokenizer=GraphFile.read(r, d["tokenizer"], "tokenizer"),
             dropped_layers=ids("dropped_layers"),
-            drop_cost=None if drop_cost is None else freeze(r.obj(drop_cost, "drop_cost")),
+            drop_cost=opt("drop_cost", DropCost.read),
             schedule=opt("schedule", ScheduleSpec.read),
             export=opt("export", ExportInfo.read),
             quantization=opt("quantization", Quantization.read),
@@ -746,5 +827,5 @@ class Manifest(Node):
 
 __all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
            "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
-           "ExportInfo", "FileEntry", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
+           "ExportInfo", "FileEntry", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
            "CREATED_BY", "DTYPES", "freeze", "thaw"]

@@ -101,7 +101,7 @@ def test_replace_validates_and_passes_can_rewrite(llama_bundle):
     assert s2.to_dict()["schedule"] == sched and s.schedule is None
     kept = [dataclasses.replace(layer, index=i) for i, layer in enumerate(s.layers[1:])]
     s3 = s.replace(layers=kept, dropped_layers=[0], drop_cost={"top10_overlap": 0.9})
-    assert [layer.source_index for layer in s3.layers] == [1, 2] and s3.drop_cost["top10_overlap"] == 0.9
+    assert [layer.source_index for layer in s3.layers] == [1, 2] and s3.drop_cost.top10_overlap == 0.9
     q = s.replace(quantization={"method": "m", "weights": "int8", "per_channel": False, "ops": ["MatMul"]})
     assert q.quantization.weights == "int8"
     with pytest.raises(BundleError, match=r"schedule\.layers\[0\]\.margin"):
@@ -120,7 +120,7 @@ def test_passes_output_parses(bert_ce_bundle, tmp_path):
     assert q.spec.quantization.weights == "int8" and q.spec.to_dict() == _raw(q.root)
     d = Bundle.open(rewrite_without(Bundle.open(_copy(bert_ce_bundle, tmp_path)), [2], {"top10_overlap": 1.0}))
     assert d.spec.dropped_layers == (2,) and len(d.spec.layers) == 2 and d.spec.final_layer_output == "all_tokens"
-    assert d.spec.drop_cost["top10_overlap"] == 1.0 and d.spec.to_dict() == _raw(d.root)
+    assert d.spec.drop_cost.top10_overlap == 1.0 and d.spec.to_dict() == _raw(d.root)
 
 
 # ---- bad manifests ----------------------------------------------------------------------------------------------
@@ -304,3 +304,26 @@ def test_bundles_exported_before_the_typed_manifest_open(tmp_path, docs):
         if scoring != "lm":
             scores = Reranker(b, pruning="off").predict(queries[0], texts[:6])
             assert np.isfinite(scores).all() and len(scores) == 6
+
+
+def test_cli_info_and_verify_report_the_manifest(bert_ce_bundle, tmp_path):
+    """`info` prints the manifest's facts (typed reads, same JSON as the manifest holds) on a dropped + calibrated bundle."""
+    from edge_sel.export.passes.calibrate import write_schedule
+    from edge_sel.export.passes.drop_layers import rewrite_without
+    from edge_sel.runtime.early_rank import Schedule
+
+    root = rewrite_without(Bundle.open(_copy(bert_ce_bundle, tmp_path)), [1], {"top10_overlap": 0.95, "top10_identical": 0.5})
+    b = Bundle.open(root)
+    write_schedule(b, Schedule(method="head", top_k=3, layers=[0], margins=[0.25], source_layers=[0],
+                               info={"agreement": {"layer_work_saved": 0.2, "topk_recall": 1.0, "topk_identical": 1.0}}), None)
+    assert b.spec.schedule.agreement.topk_recall == 1.0  # the pass assigned the raw manifest: spec follows
+    raw = _raw(root)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "edge_sel.cli", *a, str(root)], capture_output=True, text=True)
+    info = json.loads(run("info", "--json").stdout)
+    for key in ("model", "dims", "max_length", "dropped_layers", "drop_cost", "schedule", "export"):
+        assert info[key] == raw[key], key
+    assert info["quantization"] is None and info["layers"] == 2
+    out = run("verify", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["files"] == len(raw["files"])
+    text = run("info").stdout
+    assert "top10_overlap" in text and "margin" in text
