@@ -327,3 +327,28 @@ def test_cli_info_and_verify_report_the_manifest(bert_ce_bundle, tmp_path):
     assert out.returncode == 0 and json.loads(out.stdout)["files"] == len(raw["files"])
     text = run("info").stdout
     assert "top10_overlap" in text and "margin" in text
+
+
+@pytest.mark.parametrize("fixture", ["bert_bi_bundle", "bert_ce_bundle", "llama_bundle", "gen_llama_bundle"])
+def test_graph_io_matches_the_manifest_and_the_format_spec(fixture, request):
+    """The I/O names the manifest lists are the graphs' own, and docs/BUNDLE.md names every one of them."""
+    onnx = pytest.importorskip("onnx")
+    b = Bundle.open(request.getfixturevalue(fixture))
+    s = b.spec
+    doc = (REPO / "docs" / "BUNDLE.md").read_text()
+
+    def io(rel):
+        g = onnx.load(str(b.path(rel)), load_external_data=False).graph
+        return tuple(i.name for i in g.input), tuple(o.name for o in g.output)
+
+    graphs = [(s.head.file, (s.head.inputs, s.head.outputs))]
+    for i, layer in enumerate(s.layers):
+        if s.layer_io.split:
+            graphs += [(layer.file, (s.layer_io.attn.inputs, s.layer_io.attn.outputs)),
+                       (s.qkv_graph(i).file, (s.layer_io.qkv.inputs, s.layer_io.qkv.outputs))]
+        else:
+            graphs.append((layer.file, (s.layer_io.inputs, s.layer_io.outputs)))
+    for rel, expected in graphs:
+        assert io(rel) == expected, rel
+        for name in expected[0] + expected[1]:
+            assert f"`{name} [" in doc, f"docs/BUNDLE.md does not specify {name!r} of {rel}"
