@@ -376,8 +376,8 @@ def _nullcontext():
 def cmd_verify(args, console) -> int:
     from edge_sel.runtime.bundle import Bundle
 
-    b = Bundle.open(args.bundle)
-    b.verify()
+    b = Bundle.open(args.bundle, verify=False)
+    b.verify()  # always the full pass (also refreshes the verification stamp)
     n = len(b.spec.files)
     if args.json:
         print(json.dumps({"bundle": str(b.root), "ok": True, "files": n, "bytes": b.total_bytes()}))

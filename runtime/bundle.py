@@ -3,9 +3,14 @@
 A directory holding ``manifest.json`` plus the files it lists (each with size and sha256):
 the embedding table as a raw little-endian array (memory-mapped at run time), one ONNX graph per
 kept layer with external weights, a small scoring head graph, ``tokenizer.json``. Nothing in a
-bundle is executed (no pickle); opening one parses and validates the manifest
-(:class:`edge_sel.runtime.manifest.Manifest`, exposed as ``bundle.spec``) and checks paths and sizes;
-:meth:`Bundle.verify` checks every hash. ``docs/BUNDLE.md`` specifies the format.
+bundle is executed (no pickle). ``docs/BUNDLE.md`` specifies the format.
+
+Integrity: the manifest lists every other file's size and sha256; the writer also records
+``manifest.json.sha256`` (``sha256sum`` format) over the manifest's bytes. Opening a bundle parses and validates the manifest
+(:class:`edge_sel.runtime.manifest.Manifest`, exposed as ``bundle.spec``) and checks paths and sizes; the
+first open also verifies every hash and that each graph's external data is a listed file, then records a
+stamp (the manifest's digest and every listed file's size, mtime, ctime and inode), so later opens only
+compare ``stat`` results and a changed file is caught before anything runs (``verify=False`` opts out).
 
 This module is torch-free: the runtime opens bundles with it and the exporter writes them with
 :class:`BundleWriter` (staged in a temporary directory, renamed into place when complete).
@@ -16,17 +21,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from .errors import BundleError
+from .home import home
 from .manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, SCORINGS, TASKS, Manifest
 
-__all__ = ["Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION", "MANIFEST", "SCORINGS", "TASKS"]
+__all__ = ["Bundle", "BundleWriter", "sha256_file", "write_manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST", "DIGEST",
+           "STAMP", "SCORINGS", "TASKS"]
+
+DIGEST = MANIFEST + ".sha256"   # "<sha256 of manifest.json's bytes>  manifest.json\n"
+STAMP = ".verified"             # this machine's record of the last full verification (not part of the bundle)
+_RESERVED = (MANIFEST, DIGEST, STAMP)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -35,6 +47,51 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def _digest_line(manifest_bytes: bytes) -> str:
+    return f"{hashlib.sha256(manifest_bytes).hexdigest()}  {MANIFEST}\n"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_manifest(root: str | os.PathLike, manifest: dict[str, Any] | Manifest) -> None:
+    """Write ``manifest.json`` and its digest into the bundle directory ``root`` (each file replaced atomically).
+    :meth:`BundleWriter.commit` uses it in its staging directory, so a committed bundle appears complete or not at
+    all; a rewrite in place that is interrupted between the two files leaves a bundle that refuses to open."""
+    root = Path(root)
+    raw = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
+    data = json.dumps(raw, indent=1).encode("utf-8")
+    _atomic_write(root / MANIFEST, data)
+    _atomic_write(root / DIGEST, _digest_line(data).encode("ascii"))
+
+
+def _graph_data_refs(graph: bytes) -> list[str]:
+    """External-data locations an ONNX file names. Each is a ``StringStringEntryProto`` with key ``location``
+    (field 1, 8 bytes) followed by its value (field 2, length-delimited); a scan of the serialized graph finds them
+    in initializers, constants and subgraphs alike without a protobuf library."""
+    refs, key, i = [], b"\x0a\x08location\x12", 0
+    while (i := graph.find(key, i)) >= 0:
+        j, n, shift = i + len(key), 0, 0
+        while j < len(graph):
+            b = graph[j]
+            n |= (b & 0x7F) << shift
+            j += 1
+            shift += 7
+            if not b & 0x80:
+                break
+        refs.append(graph[j:j + n].decode("utf-8", "replace"))
+        i = j + n
+    return refs
+
+
+def _stat(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def _inside(root: Path, rel: str, what: str) -> Path:
@@ -46,14 +103,15 @@ def _inside(root: Path, rel: str, what: str) -> Path:
     return full
 
 
-def read_manifest(root: Path) -> tuple[dict[str, Any], Manifest]:
-    """Read and validate ``root/manifest.json``: the raw JSON object and its typed form."""
+def read_manifest(root: Path) -> tuple[dict[str, Any], Manifest, bytes]:
+    """Read and validate ``root/manifest.json``: the raw JSON object, its typed form and the file's bytes."""
     mpath = root / MANIFEST
+    data = mpath.read_bytes()
     try:
-        raw = json.loads(mpath.read_text(encoding="utf-8"))
+        raw = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath}: manifest is not valid JSON ({e})") from None
-    return raw, Manifest.parse(raw, str(mpath))
+    return raw, Manifest.parse(raw, str(mpath)), data
 
 
 class Bundle:
@@ -62,10 +120,11 @@ class Bundle:
     ``spec`` is the typed manifest; ``manifest`` the raw JSON object (kept while readers move to ``spec``;
     assigning it re-validates and replaces ``spec``)."""
 
-    def __init__(self, root: Path, manifest: dict[str, Any], spec: Manifest | None = None):
+    def __init__(self, root: Path, manifest: dict[str, Any], spec: Manifest | None = None, manifest_bytes: bytes | None = None):
         self.root = root
         self._raw = manifest
         self.spec = spec if spec is not None else Manifest.parse(manifest, str(root / MANIFEST))
+        self._manifest_bytes = manifest_bytes
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -75,10 +134,16 @@ class Bundle:
     def manifest(self, raw: dict[str, Any]) -> None:
         self.spec = Manifest.parse(raw, str(self.root / MANIFEST))
         self._raw = raw
+        self._manifest_bytes = None  # verify() reads the file again
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike, verify: bool = False) -> "Bundle":
+    def open(cls, path: str | os.PathLike, verify: bool | str = "once") -> "Bundle":
+        """Open and check the bundle at ``path``. ``verify``: ``"once"`` (default) verifies every hash on the first
+        open and whenever a listed file or the manifest changed since (else compares ``stat`` results only);
+        ``True`` always verifies; ``False`` checks sizes only (the user's explicit opt-out)."""
+        if verify not in (True, False, "once"):
+            raise ValueError(f"verify must be True, False or 'once', got {verify!r}")
         root = Path(path).expanduser()
         if not root.exists():
             raise BundleError(f"bundle not found: {root} (export one with `edge-sel export MODEL -o {root}`)")
@@ -86,10 +151,10 @@ class Bundle:
             raise BundleError(f"{root} is not a bundle directory (expected a folder holding {MANIFEST})")
         if not (root / MANIFEST).is_file():
             raise BundleError(f"{root}: no {MANIFEST} — not an edge_sel bundle, or an export that did not finish")
-        raw, spec = read_manifest(root)
-        bundle = cls(root, raw, spec)
+        raw, spec, data = read_manifest(root)
+        bundle = cls(root, raw, spec, data)
         bundle._check_files()
-        if verify:
+        if verify is True or (verify == "once" and not bundle._stamp_holds()):
             bundle.verify()
         return bundle
 
@@ -97,6 +162,8 @@ class Bundle:
         """Every listed file exists inside the bundle with its listed size (the manifest already checked that every
         referenced file is listed and that the arrays' shapes match their sizes)."""
         for rel, info in self.spec.files.items():
+            if rel in _RESERVED:
+                raise BundleError(f"{self.root / MANIFEST}: 'files' lists {rel!r}, a name the format reserves")
             full = _inside(self.root, rel, "file")
             if not full.is_file():
                 raise BundleError(f"bundle file missing: {full} (listed in {self.root / MANIFEST}); re-export the bundle")
@@ -104,15 +171,72 @@ class Bundle:
             if size != info.size:
                 raise BundleError(f"bundle file {full}: size {size} bytes, manifest expects {info.size} (corrupt or truncated)")
 
+    def _current_manifest_bytes(self) -> bytes:
+        return self._manifest_bytes if self._manifest_bytes is not None else (self.root / MANIFEST).read_bytes()
+
     def verify(self, progress=None) -> None:
-        """Check every file's sha256 against the manifest; raise :class:`BundleError` on the first mismatch."""
+        """Check every file's sha256 and that each graph's external data is a listed file;
+        raise :class:`BundleError` on the first problem. Records the stamp that lets later opens skip hashing."""
+        data = self._current_manifest_bytes()
+        graphs = {g for g, _ in self._graph_files()}
         for rel, info in self.spec.files.items():
             full = self.root / rel
-            digest = sha256_file(full)
-            if digest != info.sha256:
-                raise BundleError(f"bundle file {full}: sha256 {digest[:16]}… does not match manifest {info.sha256[:16]}… (corrupt or modified)")
+            if rel in graphs:
+                blob = full.read_bytes()
+                got = hashlib.sha256(blob).hexdigest()
+            else:
+                got = sha256_file(full)
+            if got != info.sha256:
+                raise BundleError(f"bundle file {full}: sha256 {got[:16]}… does not match manifest {info.sha256[:16]}… (corrupt or modified)")
+            if rel in graphs:
+                self._check_graph_refs(rel, blob)
             if progress:
                 progress(rel)
+        self._write_stamp(data)
+
+    def _graph_files(self) -> list[tuple[str, str]]:
+        s = self.spec
+        return [(rel, what) for rel, what in s.referenced() if rel.endswith(".onnx")]
+
+    def _check_graph_refs(self, rel: str, blob: bytes) -> None:
+        base = PurePosixPath(rel).parent
+        for loc in _graph_data_refs(blob):
+            target = posixpath.normpath((base / loc).as_posix())
+            if PurePosixPath(loc).is_absolute() or target.startswith("../") or target not in self.spec.files:
+                raise BundleError(f"bundle graph {self.root / rel} loads external data {loc!r}, which is not a file listed "
+                                  f"in {MANIFEST} (refused)")
+
+    # ---- the verification stamp ------------------------------------------------------------
+    def _stamp_paths(self) -> list[Path]:
+        """In the bundle; for a bundle this process cannot write, under the edge_sel home."""
+        key = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:32]
+        return [self.root / STAMP, home() / "verified" / f"{key}.json"]
+
+    def _stamp(self, manifest_bytes: bytes) -> dict[str, Any]:
+        return {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+                "files": {rel: _stat(self.root / rel) for rel in self.spec.files}}
+
+    def _stamp_holds(self) -> bool:
+        current = None
+        for p in self._stamp_paths():
+            try:
+                recorded = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            current = current or self._stamp(self._current_manifest_bytes())
+            if recorded == current:
+                return True
+        return False
+
+    def _write_stamp(self, manifest_bytes: bytes) -> None:
+        data = json.dumps(self._stamp(manifest_bytes)).encode("utf-8")
+        for p in self._stamp_paths():
+            try:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                _atomic_write(p, data)
+                return
+            except OSError:
+                continue
 
     # ---- accessors -----------------------------------------------------------------------
     @property
@@ -216,21 +340,20 @@ class BundleWriter:
 
     def commit(self, manifest: dict[str, Any] | Manifest) -> Path:
         """Hash every staged file, write the manifest (``format``, ``format_version``, ``created_by`` and ``files`` are
-        filled in), check the staged bundle and rename it into place."""
+        filled in) and its digest, check the staged bundle, rename it into place and stamp it as verified."""
         if isinstance(manifest, Manifest):
             manifest = manifest.to_dict()
         files: dict[str, dict[str, Any]] = {}
         for p in sorted(self.staging.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(self.staging).as_posix()
-                if rel == MANIFEST:
-                    continue
+            rel = p.relative_to(self.staging).as_posix()
+            if p.is_file() and rel not in _RESERVED:
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": CREATED_BY, **manifest, "files": files}
-        tmp_manifest = self.staging / (MANIFEST + ".tmp")
-        tmp_manifest.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        os.replace(tmp_manifest, self.staging / MANIFEST)
-        Bundle.open(self.staging)  # structural self-check before it becomes visible
+        (self.staging / STAMP).unlink(missing_ok=True)
+        write_manifest(self.staging, manifest)
+        staged = Bundle.open(self.staging, verify=False)  # structural self-check before it becomes visible
+        for rel, _ in staged._graph_files():
+            staged._check_graph_refs(rel, (self.staging / rel).read_bytes())
         old = None
         if self.target.exists():
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
@@ -239,4 +362,8 @@ class BundleWriter:
         self.committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        # this writer hashed every file itself: stamp the bundle as verified (after the old bundle is gone, since
+        # removing it changes the ctime of files the new one shares through hard links)
+        done = Bundle.open(self.target, verify=False)
+        done._write_stamp(done._current_manifest_bytes())
         return self.target

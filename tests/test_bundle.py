@@ -1,7 +1,10 @@
 """Bundle contract: atomic writes, structural checks on open, hash checks on verify."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -51,13 +54,15 @@ def test_truncated_file_size_mismatch(bert_bi_bundle, tmp_path):
         Bundle.open(root)
 
 
-def test_hash_mismatch_found_by_verify(bert_bi_bundle, tmp_path):
+def test_hash_mismatch_found_on_open(bert_bi_bundle, tmp_path):
     root = _copy(bert_bi_bundle, tmp_path)
     p = root / "layers" / "layer_000.onnx.data"
     data = bytearray(p.read_bytes())
     data[100] ^= 0xFF
     p.write_bytes(bytes(data))
-    Bundle.open(root)  # sizes still match: open is cheap and passes
+    Bundle.open(root, verify=False)  # the explicit opt-out checks sizes only, and they still match
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.open(root)  # a copy has no valid stamp: the first open hashes every file
     with pytest.raises(BundleError, match="sha256"):
         Bundle.open(root, verify=True)
 
@@ -118,3 +123,105 @@ def test_export_failure_leaves_no_bundle(tmp_path):
         export(model, tmp_path / "out", scoring="yes_no")  # invalid scoring for BERT
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# ---- integrity: manifest digest, graph references, the verification stamp ---------------------------------------
+def _no_hashing(monkeypatch):
+    """Make any hashing of a bundle file fail loudly: what runs afterwards must not hash."""
+    import edge_sel.runtime.bundle as mod
+
+    def refuse(*a, **k):
+        raise AssertionError("a bundle file was hashed")
+
+    monkeypatch.setattr(mod, "sha256_file", refuse)
+    monkeypatch.setattr(mod.hashlib, "sha256", lambda data=b"": _Sha(data))
+
+
+class _Sha:
+    """hashlib.sha256 stand-in that allows hashing only small inputs (the manifest, a path)."""
+
+    def __init__(self, data):
+        import hashlib
+
+        self.h = hashlib.new("sha256")
+        self.update(data)
+
+    def update(self, data):
+        assert len(data) < 200_000, "a bundle file was hashed"
+        self.h.update(data)
+
+    def hexdigest(self):
+        return self.h.hexdigest()
+
+
+def test_writer_records_digest_and_stamp_so_the_next_open_does_not_hash(bert_bi_bundle, tmp_path, monkeypatch):
+    from edge_sel.export.passes.drop_layers import rewrite_without
+    from edge_sel.runtime.bundle import DIGEST, STAMP
+
+    root = rewrite_without(Bundle.open(_copy(bert_bi_bundle, tmp_path)), [1], {"top10_overlap": 1.0})
+    assert (root / DIGEST).is_file() and (root / STAMP).is_file()
+    assert "manifest.json" in (root / DIGEST).read_text()
+    assert STAMP not in Bundle.open(root).spec.files and DIGEST not in Bundle.open(root).spec.files
+    _no_hashing(monkeypatch)
+    Bundle.open(root)  # stamped by the writer: only stat calls
+
+
+def test_any_change_of_a_listed_file_is_caught_before_it_runs(bert_ce_bundle, tmp_path, monkeypatch):
+    """A same-size change with the modification time put back is still caught (ctime / inode in the stamp)."""
+    root = _copy(bert_ce_bundle, tmp_path)
+    Bundle.open(root)  # first open: verifies and stamps
+    Bundle.open(root)
+    p = root / "embed" / "tokens.bin"
+    st = p.stat()
+    p.write_bytes(bytes(st.st_size))  # zeroed weights of the right size: every score would be 0.0
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(BundleError, match="tokens.bin: sha256"):
+        Bundle.open(root)
+
+
+def test_swapped_layer_graph_is_caught(bert_ce_bundle, tmp_path):
+    root = _copy(bert_ce_bundle, tmp_path)
+    for name in ("layer_000.onnx", "layer_000.onnx.data"):
+        shutil.copy(root / "layers" / name.replace("000", "001"), root / "layers" / name)
+    with pytest.raises(BundleError, match="layer_000.onnx"):
+        Bundle.open(root)
+
+
+def test_graph_loading_an_unlisted_data_file_is_refused(bert_ce_bundle, tmp_path):
+    """A graph pointing its external data at a file the manifest does not list (here: a copy of its own weights), with
+    the manifest and its digest rewritten consistently, is refused when the hashes are verified."""
+    onnx = pytest.importorskip("onnx")
+    from edge_sel.runtime.bundle import sha256_file, write_manifest
+
+    root = _copy(bert_ce_bundle, tmp_path)
+    shutil.copy(root / "layers" / "layer_000.onnx.data", root / "layers" / "hidden.bin")
+    g = onnx.load(str(root / "layers" / "layer_000.onnx"), load_external_data=False)
+    for init in g.graph.initializer:
+        for e in init.external_data:
+            if e.key == "location":
+                e.value = "hidden.bin"
+    onnx.save(g, str(root / "layers" / "layer_000.onnx"))
+    m = json.loads((root / "manifest.json").read_text())
+    f = root / "layers" / "layer_000.onnx"
+    m["files"]["layers/layer_000.onnx"] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    write_manifest(root, m)
+    with pytest.raises(BundleError, match="hidden.bin.*not a file listed"):
+        Bundle.open(root)
+
+
+def test_stamp_falls_back_to_the_home_when_the_bundle_is_not_writable(bert_bi_bundle, tmp_path, monkeypatch):
+    from edge_sel.runtime.bundle import STAMP
+
+    monkeypatch.setenv("EDGE_SEL_HOME", str(tmp_path / "home"))
+    root = _copy(bert_bi_bundle, tmp_path)
+    (root / STAMP).unlink(missing_ok=True)
+    (root / STAMP).mkdir()  # the stamp cannot be written there (a directory is in the way)
+    Bundle.open(root)
+    assert list((tmp_path / "home" / "verified").glob("*.json"))
+    _no_hashing(monkeypatch)
+    Bundle.open(root)
+
+
+def test_open_verify_argument(bert_bi_bundle):
+    with pytest.raises(ValueError, match="verify"):
+        Bundle.open(bert_bi_bundle, verify="sometimes")
