@@ -167,7 +167,7 @@ class Generator:
             ids = (list(prompt) if isinstance(prompt, (list, tuple, np.ndarray)) else self.encode(prompt, chat)) + cont
             call = None
             with contextlib.closing(self.run(ids, 1, 0.0, 1.0, None, False, None, False, suffix=len(cont),
-                                             scoring=True)) as run:
+                                             suffix_hidden=True, causal_suffix=True)) as run:
                 for _, _, call in run:
                     break
             nll_t = log_softmax_nll(self.model.head_logits(call.suffix_hidden[0, :-1]), cont)
@@ -197,10 +197,11 @@ class Generator:
         return ids
 
     def run(self, prompt, max_new_tokens, temperature, top_p, seed, chat, system, stop, forced=None, suffix=0,
-            scoring=False) -> Iterator[tuple[int, np.ndarray, Call]]:
+            suffix_hidden=False, causal_suffix=False) -> Iterator[tuple[int, np.ndarray, Call]]:
         """The engine: yields ``(token, its logits, the call's state)`` per new token. ``forced``: tokens fed
-        instead of sampled ones (teacher forcing); ``suffix``: protected prompt tokens; ``scoring``: the
-        suffix is text being scored (recalls are causal; the suffix's last hidden states are kept)."""
+        instead of sampled ones (teacher forcing); ``suffix``: protected prompt tokens; ``suffix_hidden``:
+        keep the last layer's hidden states of the suffix (``call.suffix_hidden``); ``causal_suffix``: the
+        suffix is text being scored, so a policy reading evicted tokens back must not look ahead in it."""
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -220,9 +221,9 @@ class Generator:
         rec = None
         try:
             policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, plan.resident, N, max_new,
-                                 fetch=plan.fetch, stream_suffix=bool(scoring), look_once=plan.scratch))
+                                 fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch))
             call = Call(ids, max_new, plan.resident, policy, suffix=int(suffix), fetch=plan.fetch,
-                        keep_suffix_hidden=bool(scoring))
+                        keep_suffix_hidden=bool(suffix_hidden))
             call.caches = [LayerCache(self.kv_heads, plan.resident, self.head_dim, fetch=plan.fetch)
                            for _ in range(self.n_layers)]
             if plan.scratch:
