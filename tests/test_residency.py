@@ -15,6 +15,15 @@ from edge_sel.runtime.generate import TRIM_AFTER_TOKENS, Generator
 pytestmark = pytest.mark.skipif(not residency.supported(), reason="needs Linux /proc and madvise")
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_sessions():
+    """Earlier tests' generators may survive in garbage cycles (a refused call's traceback holds its frames)
+    with sessions mapping the same weight files; collect them so only this test's mappings count."""
+    import gc
+
+    gc.collect()
+
+
 def _file_rss(path) -> int:
     """Bytes of ``path`` resident in this process (sum of Rss over its mappings in /proc/self/smaps)."""
     name, total, cur = str(Path(path).resolve()), 0, False
