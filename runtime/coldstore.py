@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from .kvcache import EMPTY_POS
+from .manifest import EMPTY_POS
 
 
 class ColdStore:

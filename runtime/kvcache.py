@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-EMPTY_POS = 2**40
+from .manifest import EMPTY_POS
 
 
 class LayerCache:

@@ -16,10 +16,10 @@ from edge_sel.runtime.errors import InputError
 class Tokenizer:
     def __init__(self, bundle: Bundle):
         self.source = bundle.root
-        self.tok = _HFTokenizer.from_file(str(bundle.path(bundle.manifest["tokenizer"]["file"])))
+        self.tok = _HFTokenizer.from_file(str(bundle.path(bundle.spec.tokenizer.file)))
         self.tok.no_padding()
         self.tok.no_truncation()
-        self.chat = bundle.manifest.get("chat")
+        self.chat = bundle.spec.chat
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
@@ -35,9 +35,9 @@ class Tokenizer:
         c = self.chat
         if not c:
             raise InputError(f"{self.source} has no chat template; run without --chat")
-        if system is not None and "system_before" in c:
-            return c["system_before"] + system + c["system_between"] + prompt + c["after"]
-        return c["before"] + prompt + c["after"]
+        if system is not None and c.system_before is not None:
+            return c.system_before + system + c.system_between + prompt + c.after
+        return c.before + prompt + c.after
 
     def encode_prompt(self, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
         """A prompt's ids: through the chat template (its special tokens are in the text), or with the

@@ -11,7 +11,7 @@ import pytest
 
 from edge_sel.runtime.errors import BudgetError
 from edge_sel.runtime.generate import Generator
-from edge_sel.runtime.kvcache import EMPTY_POS
+from edge_sel.runtime.manifest import EMPTY_POS
 from edge_sel.runtime.policies import MPCacheRecall, make_policy, mpcache_recall
 
 from gen_tiny import long_text

@@ -85,13 +85,14 @@ class Generator:
         if chunk_tokens <= 0:
             raise InputError(f"chunk_tokens must be positive, got {chunk_tokens}")
         self.chunk_tokens = int(chunk_tokens)
-        d = self.bundle.dims
-        self.n_layers, self.H = len(self.bundle.layers), d["hidden"]
-        self.heads, self.kv_heads, self.head_dim = d["heads"], d["kv_heads"], d["head_dim"]
+        spec = self.bundle.spec
+        d = spec.dims
+        self.n_layers, self.H = len(spec.layers), d.hidden
+        self.heads, self.kv_heads, self.head_dim = d.heads, d.kv_heads, d.head_dim
         self.context = self.bundle.max_length
         self.planner = KVPlanner(self.n_layers, self.kv_heads, self.head_dim, self.context, kv_budget, prefill)
         self.budget = self.planner.budget
-        self.stop_ids = set(int(i) for i in self.bundle.manifest.get("stop_ids", []))
+        self.stop_ids = set(int(i) for i in spec.stop_ids)
         self.tokenizer = Tokenizer(self.bundle)
         self.model = DecoderModel(self.bundle, threads)
         self.stats: GenerationStats | None = None

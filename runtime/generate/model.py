@@ -23,21 +23,21 @@ TRIM_AFTER_TOKENS = 1024
 
 class DecoderModel:
     def __init__(self, bundle: Bundle, threads: int | None = None):
-        m = bundle.manifest
+        spec = bundle.spec
         self.embedder = Embedder(bundle)
         self.table = self.embedder.open_table()
         before = snapshot()  # the mappings the sessions below add are this model's (see WeightPages)
         # prefill shapes change every chunk: no memory pattern
         self.layers = []
-        for i, layer in enumerate(bundle.layers):
-            qkv = bundle.path(m["extra_graphs"][layer["qkv"]]["file"])
+        for i, layer in enumerate(spec.layers):
+            qkv = bundle.path(spec.extra_graphs[layer.qkv].file)
             self.layers.append((load_session(qkv, threads, mem_pattern=False),
                                 load_session(bundle.layer_path(i), threads, mem_pattern=False)))
-        self.head = load_session(bundle.path(m["head"]["file"]), threads, mem_pattern=False)
+        self.head = load_session(bundle.path(spec.head.file), threads, mem_pattern=False)
         # each layer's weight files (qkv graph, attention+MLP graph)
-        self.layer_weights = [(bundle.path(m["extra_graphs"][layer["qkv"]]["weights"]), bundle.path(layer["weights"]))
-                              for layer in bundle.layers]
-        self.head_weights = bundle.path(m["head"]["weights"])
+        self.layer_weights = [(bundle.path(spec.extra_graphs[layer.qkv].weights), bundle.path(layer.weights))
+                              for layer in spec.layers]
+        self.head_weights = bundle.path(spec.head.weights)
         self.pages = WeightPages(self.weight_files() + [self.head_weights], before)
 
     def weight_files(self) -> list:

@@ -42,13 +42,14 @@ class Plan:
 class Planner:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        d = bundle.dims
-        self.H, self.I, self.heads = d["hidden"], d["intermediate"], d["heads"]
-        self.kv = d.get("kv_heads", self.heads) * d.get("head_dim", self.H // self.heads)
-        self.n_layers = len(bundle.layers)
+        spec = bundle.spec
+        d = spec.dims
+        self.H, self.I, self.heads = d.hidden, d.intermediate, d.heads
+        self.kv = d.kv_heads * d.head_dim
+        self.n_layers = len(spec.layers)
         self.layer_bytes = max(bundle.layer_weight_bytes(i) for i in range(self.n_layers)) + SESSION_OVERHEAD
-        tok_file = bundle.manifest["files"][bundle.manifest["tokenizer"]["file"]]["size"]
-        head_file = bundle.manifest["files"][bundle.manifest["head"]["file"]]["size"]
+        tok_file = spec.files[spec.tokenizer.file].size
+        head_file = spec.files[spec.head.file].size
         self.fixed = FIXED_OVERHEAD + 6 * tok_file + head_file + SESSION_OVERHEAD
 
     def act_bytes_per_token(self, seq_len: int) -> int:

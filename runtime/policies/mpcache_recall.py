@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..kvcache import EMPTY_POS
+from ..manifest import EMPTY_POS
 from .base import Policy, log2c, max_pool, topk_sorted
 from .recall import RecallPolicy
 from .sharing import LayerSharing
