@@ -26,8 +26,10 @@ from typing import Callable
 
 import numpy as np
 
-from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.runtime.bundle import Bundle, BundleWriter
 from edge_sel.runtime.errors import InputError
+
+from ..staging import link_files, stage_manifest
 
 WEIGHT_TYPES = ("int8", "uint8")
 
@@ -113,28 +115,15 @@ def quantize_bundle(path: str | os.PathLike, out: str | os.PathLike, weight_type
                 spec["weights"] = Path(rel).with_name(data.name).as_posix()
             else:
                 spec.pop("weights", None)
-        for rel in src.manifest["files"]:
-            if rel in graph_files:
-                continue
-            dst = w.file(rel)
-            try:
-                os.link(src.path(rel), dst)
-            except OSError:
-                shutil.copy2(src.path(rel), dst)
+        link_files(src, w, [rel for rel in src.manifest["files"] if rel not in graph_files])
         manifest["quantization"] = {"method": "onnxruntime.quantization.quantize_dynamic", "weights": weight_type,
                                     "per_channel": per_channel, "ops": ["MatMul"],
                                     "source_bytes": sum(src.layer_weight_bytes(i) for i in range(len(src.layers))),
                                     "seconds": round(time.perf_counter() - t0, 2)}
         if measure and src.task == "rerank":
-            staged = _staged_bundle(w, manifest)
+            staged = stage_manifest(w, manifest)
             say("measuring the quantized bundle against the float one on the builtin calibration data")
             manifest["quantization"]["agreement"] = agreement(src, staged)
         w.commit(manifest)
     return out
 
-
-def _staged_bundle(w: BundleWriter, manifest: dict) -> Bundle:
-    """Open the staged (uncommitted) bundle to measure it: a manifest with sizes/hashes is written in staging."""
-    from edge_sel.export import _stage_manifest
-
-    return _stage_manifest(w, manifest)
