@@ -125,12 +125,12 @@ def write_graphs(w: BundleWriter, graphs: BundleGraphs, say: Callable[[str, int,
             extra_graphs[f"qkv_{i:03d}"] = {"file": qrel, "weights": f"layers/{qdata}" if qdata else None}
             entry["qkv"] = f"qkv_{i:03d}"
         if graphs.rewrite is not None:
-            graphs.rewrite(w.file(rel), w.file(qrel) if qrel else None)
+            graphs.rewrite.rewrite(w.file(rel), w.file(qrel) if qrel else None)
         layers.append(entry)
     say("layers", n, n)
     head = graphs.head
     hdata = export_graph(head, w.file("head.onnx"), external=graphs.head_external)
-    layer_io = graphs.finish_layer_io(graphs.layer_io) if graphs.finish_layer_io else graphs.layer_io
+    layer_io = graphs.rewrite.layer_io(graphs.layer_io) if graphs.rewrite is not None else graphs.layer_io
     return {"embed": embed, "arrays": arrays, "layers": layers, "layer_io": layer_io, "extra_graphs": extra_graphs,
             "head": {"file": "head.onnx", **({"weights": hdata} if graphs.head_external else {}),
                      "inputs": head.input_names, "outputs": head.output_names}}

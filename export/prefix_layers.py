@@ -31,7 +31,7 @@ class RerankForm:
         self.dims = dims
         self.fused = self.rotary = True
 
-    def rewrite(self, attn_path: Path, qkv_path: Path) -> None:
+    def rewrite(self, attn_path: Path, qkv_path: Path | None) -> None:
         if self.fused:
             self.fused = fuse_attn_file(attn_path, self.dims)
         if self.rotary:

@@ -19,7 +19,8 @@ Adding a family = one module here with an :class:`Adapter` subclass and one line
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -44,6 +45,16 @@ class LayerGraphs:
     qkv: GraphSpec | None = None
 
 
+class GraphRewrite(Protocol):
+    """An ONNX rewrite of the written layer graphs (e.g. the rerank form of split layers)."""
+
+    def rewrite(self, graph: Path, qkv: Path | None) -> None:
+        """Rewrite one layer's graph files in place (a file whose pattern is not recognised stays as exported)."""
+
+    def layer_io(self, io: dict[str, Any]) -> dict[str, Any]:
+        """The manifest's ``layer_io`` once every layer has been written."""
+
+
 @dataclass
 class BundleGraphs:
     """What an adapter hands the pipeline for one task."""
@@ -56,9 +67,7 @@ class BundleGraphs:
     head: GraphSpec
     layer_io: dict[str, Any]
     head_external: bool = False  # the head's weights in ``head.onnx.data`` (a full-vocabulary LM head is large)
-    # called with (graph path, qkv path or None) after each layer is written: rewrites the files in place
-    rewrite: Callable[[Any, Any], None] | None = None
-    finish_layer_io: Callable[[dict], dict] | None = None  # the final ``layer_io`` once every layer is written
+    rewrite: GraphRewrite | None = None  # applied to each layer's files as they are written
 
 
 class Adapter:

@@ -115,10 +115,8 @@ class LlamaAdapter(Adapter):
         from edge_sel.export.prefix_layers import RerankForm
 
         pairs = dg.split_layer_graphs(model, self)
-        form = RerankForm(d)
         return BundleGraphs(d, max_len, embed, {}, [LayerGraphs(attn, qkv) for qkv, attn in pairs], head,
-                            {**dg.split_layer_io(pairs), "prefix_reuse": True}, rewrite=form.rewrite,
-                            finish_layer_io=form.layer_io)
+                            {**dg.split_layer_io(pairs), "prefix_reuse": True}, rewrite=RerankForm(d))
 
     def generate_graphs(self, model, tokenizer, max_length) -> BundleGraphs:
         pairs = dg.split_layer_graphs(model, self)
