@@ -77,6 +77,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             raise InputError(f"--drop-layers {drop_layers}: the model has {n} layers; "
                              f"between 0 and {n - 1} can be dropped (at least one must stay)")
 
+    record = {"seed": seed, "seconds": None, "verified_max_abs_diff": None}  # the manifest's ``export`` field
     with BundleWriter(out, overwrite=overwrite) as w:
         tokenizer.backend_tokenizer.save(str(w.file("tokenizer.json")))
         manifest: dict[str, Any] = {
@@ -90,16 +91,16 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             "tokenizer": {"file": "tokenizer.json"},
             "dropped_layers": [],
             "schedule": None,
-            "export": {"seed": seed, "seconds": None, "verified_max_abs_diff": None},
+            "export": record,
             **adapter.manifest_extras(torch_model, tokenizer, task, scoring),
         }
         if verify:  # on the staged bundle, so a failing export never reaches `out`
             say("verify", 0, 1)
             diff = _verify(stage_manifest(w, manifest), adapter, torch_model, tokenizer, task, scoring)
-            manifest["export"]["verified_max_abs_diff"] = diff
+            record["verified_max_abs_diff"] = diff
             check(diff, "logits" if task == "generate" else "scores")
             say("verify", 1, 1)
-        manifest["export"]["seconds"] = round(time.perf_counter() - t0, 2)
+        record["seconds"] = round(time.perf_counter() - t0, 2)
         path = w.commit(manifest)
     if task == "rerank":
         _rerank_passes(path, drop_layers, calibrate, say)

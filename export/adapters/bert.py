@@ -51,7 +51,7 @@ class BertAdapter(Adapter):
 
     def _max_length(self, resolved_path, model, tok, max_length):
         limit = model.config.max_position_embeddings
-        if model.config.model_type in ("roberta", "xlm-roberta"):
+        if self._roberta_like(model.config):  # positions start after padding_idx
             limit -= model.config.pad_token_id + 1
         st = resolved_path / "sentence_bert_config.json" if resolved_path else None
         if max_length:
