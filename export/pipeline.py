@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_sel.runtime.bundle import BundleWriter
 from edge_sel.runtime.errors import InputError
+from edge_sel.runtime.manifest import CREATED_BY
 
 from .adapters import Adapter, BundleGraphs, adapter_for_model, model_config, model_type, model_types_for
 from .graphs import export_graph
@@ -26,7 +27,6 @@ from .staging import stage_manifest
 from .verify import check, verify_generate, verify_rerank
 
 TASKS = ("rerank", "generate")
-CREATED_BY = "edge_sel 0.1.0"
 
 
 def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank", scoring: str | None = None,

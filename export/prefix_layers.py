@@ -337,7 +337,7 @@ def check_same(old: Path, new: Path, feeds: dict) -> float:
 def sample_feeds(kind: str, dims: dict) -> dict:
     import numpy as np
 
-    from .adapters.decoder_graphs import EMPTY_POS
+    from edge_sel.runtime.manifest import EMPTY_POS
 
     H, heads = int(dims["hidden"]), int(dims["heads"])
     kv, D = int(dims.get("kv_heads") or heads), int(dims.get("head_dim") or H // heads)

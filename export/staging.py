@@ -11,20 +11,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 from typing import Iterable
 
-from edge_sel.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, Bundle, BundleWriter, sha256_file
+from edge_sel.runtime.bundle import Bundle, BundleWriter, sha256_file
+from edge_sel.runtime.manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, Manifest
 
 
-def stage_manifest(w: BundleWriter, manifest: dict) -> Bundle:
+def stage_manifest(w: BundleWriter, manifest: dict | Manifest) -> Bundle:
     """Write a provisional manifest into the staging directory and open it (to verify or measure the staged bundle
     before it is committed; ``commit`` rewrites the manifest with the final file list and hashes)."""
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
     files = {}
     for p in sorted(w.staging.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             files[p.relative_to(w.staging).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    (w.staging / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}))
+    (w.staging / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": CREATED_BY,
+                                                  **manifest, "files": files}))
     return Bundle.open(w.staging)
 
 
@@ -38,17 +41,3 @@ def link_files(src: Bundle, w: BundleWriter, rels: Iterable[str]) -> None:
         except OSError:
             shutil.copy2(src.path(rel), dst)
 
-
-def copy_file(src: Bundle, w: BundleWriter, rel: str) -> Path:
-    """A private copy of one file of ``src`` in the staged bundle (to be rewritten in place)."""
-    dst = w.file(rel)
-    shutil.copy2(src.path(rel), dst)
-    return dst
-
-
-def manifest_body(bundle: Bundle) -> dict:
-    """A deep copy of the bundle's manifest without the fields ``BundleWriter.commit`` writes."""
-    m = json.loads(json.dumps(bundle.manifest))
-    for key in ("format", "format_version", "files"):
-        m.pop(key, None)
-    return m

@@ -26,9 +26,9 @@ full-vocabulary LM head (``hidden [B,H] -> logits [B,V]``).
 
 from __future__ import annotations
 
-from .base import GraphSpec
+from edge_sel.runtime.manifest import EMPTY_POS
 
-EMPTY_POS = 2**40  # key position of an empty cache slot: never <= any query position
+from .base import GraphSpec
 
 
 def dims(config, n_layers: int) -> dict[str, int]:

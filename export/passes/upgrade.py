@@ -14,7 +14,7 @@ import os
 from edge_sel.runtime.bundle import Bundle, BundleWriter
 
 from .. import prefix_layers as pl
-from ..staging import link_files, manifest_body
+from ..staging import link_files
 
 
 def fuse_bundle_attention(path: str | os.PathLike) -> bool:
@@ -25,25 +25,20 @@ def fuse_bundle_attention(path: str | os.PathLike) -> bool:
     nothing to do). A qkv graph whose rotary pattern is not recognised stays as exported (correct, only slower);
     an attn graph that cannot be rewritten leaves the bundle untouched and raises ``ValueError``."""
     b = Bundle.open(path)
-    io = b.manifest.get("layer_io", {})
-    if not io.get("prefix_reuse") or int(io.get("rerank_form", 0)) >= pl.RERANK_FORM:
+    spec = b.spec
+    io = spec.layer_io
+    if not io.prefix_reuse or io.rerank_form >= pl.RERANK_FORM:
         return False
-    manifest = manifest_body(b)
-    dims = manifest["dims"]
+    dims = spec.dims.to_dict()
     rotary = True
     with BundleWriter(b.root, overwrite=True) as w:
-        link_files(b, w, b.manifest["files"])
-        for entry in manifest["layers"]:
-            f = w.file(entry["file"])
-            if not pl.fuse_attn_file(f, dims):
-                raise ValueError(f"{b.path(entry['file'])}: the attn graph does not have the expected pattern; "
+        link_files(b, w, spec.files)
+        for i, layer in enumerate(spec.layers):
+            if not pl.fuse_attn_file(w.file(layer.file), dims):
+                raise ValueError(f"{b.path(layer.file)}: the attn graph does not have the expected pattern; "
                                  "re-export the bundle instead")
-            rotary = pl.fuse_qkv_file(w.file(manifest["extra_graphs"][entry["qkv"]]["file"]), dims) and rotary
-        io = manifest["layer_io"]
-        io["attn"]["outputs"] = list(pl.RERANK_ATTN_OUTPUTS)
-        io["attn_core"] = "MultiHeadAttention"
-        if rotary:
-            io["qkv_rotary"] = "RotaryEmbedding"
-        io["rerank_form"] = pl.RERANK_FORM
-        w.commit(manifest)
+            rotary = pl.fuse_qkv_file(w.file(spec.qkv_graph(i).file), dims) and rotary
+        io = io.replace(attn=io.attn.replace(outputs=list(pl.RERANK_ATTN_OUTPUTS)), attn_core="MultiHeadAttention",
+                        qkv_rotary="RotaryEmbedding" if rotary else io.qkv_rotary, rerank_form=pl.RERANK_FORM)
+        w.commit(spec.replace(layer_io=io))
     return True
