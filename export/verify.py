@@ -47,7 +47,7 @@ def verify_rerank(bundle: Bundle, adapter, model, tokenizer, scoring: str) -> fl
 
 def verify_generate(bundle: Bundle, adapter, model, steps: int = 6) -> float:
     """Max |logit difference| between the bundle (policy ``full``, greedy) and torch over a few steps."""
-    from edge_sel.runtime.generator import Generator
+    from edge_sel.runtime import Generator
 
     gen = Generator(bundle, policy="full")
     worst = 0.0

@@ -10,7 +10,7 @@ import pytest
 
 from edge_sel.runtime import Reranker
 from edge_sel.runtime.bundle import Bundle
-from edge_sel.runtime.generator import Generator
+from edge_sel.runtime import Generator
 
 
 @pytest.fixture(scope="module")
