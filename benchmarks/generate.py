@@ -1,4 +1,4 @@
-"""``edge-sel bench generate``: KV-budgeted generation side by side, one fresh process per configuration.
+"""``python -m benchmarks.generate``: KV-budgeted generation side by side, one fresh process per configuration.
 
 Workloads, all on Project Gutenberg's *Botchan* (``edge_sel.export.textdata.botchan``; DESIGN §5):
 
@@ -27,9 +27,9 @@ full caches, ratio 0.2 for mpcache and the presses, 0.1 the same (at 1k + perple
 4k), then the other policies at 0.2/0.1, then ratio 0.5; results are written to ``--out`` after every
 part, and ``--resume`` skips the parts already there.
 
-    edge-sel bench generate --bundle bundles/smol-gen --out gen.json --markdown gen.md
-    edge-sel bench generate --bundle bundles/smol-gen --quick
-    edge-sel bench generate --bundle bundles/smol-gen --out gen.json --resume --configs "@0.2,full"
+    python -m benchmarks.generate --bundle bundles/smol-gen --out gen.json --markdown gen.md
+    python -m benchmarks.generate --bundle bundles/smol-gen --quick
+    python -m benchmarks.generate --bundle bundles/smol-gen --out gen.json --resume --configs "@0.2,full"
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from . import child_env, module_cmd
 
 WORDS = ["apple", "river", "copper", "falcon", "meadow", "violet", "harbor", "cactus", "summit", "lantern", "pepper",
          "glacier", "orchid", "thunder", "marble", "willow", "saffron", "canyon", "ember", "quartz"]
@@ -466,15 +468,15 @@ def _run_one(cfg: dict, tmp: str, bundle: str, kvpress_py: Path | None) -> dict:
     if cfg["kind"] == "kvpress":
         cmd = [str(kvpress_py), str(HERE / "kvpress_worker.py"), cpath]
     else:
-        cmd = [sys.executable, "-m", "edge_sel.benchmarks.generate", "--bundle", bundle, "--worker", cpath]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = module_cmd("generate", "--bundle", bundle, "--worker", cpath)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:] or f"exit {proc.returncode}")
     return json.loads(Path(cfg["result"]).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edge-sel bench generate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, help="a generate bundle (edge-sel export MODEL --task generate)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the same model for the torch peers")
@@ -544,11 +546,11 @@ def main(argv: list[str] | None = None) -> int:
     common = {"bundle": bundle, "model": a.model, "cases": cases, "ppl": ppl, "threads": a.threads, "max_new": a.max_new}
     kvpress_py = None
     if any(c["kind"] in ("transformers", "kvpress") for c in cfgs):
-        from edge_sel.benchmarks.prepare import ensure_peers
+        from .prepare import ensure_peers
 
         common["hf_dir"] = ensure_peers(a.model, "yes_no", 0, need_onnx=False, log=print)["peer_hf"]  # same weights as the bundle
     if any(c["kind"] == "kvpress" for c in cfgs):
-        from edge_sel.benchmarks.peer_env import PeerEnvError, ensure_kvpress_env, env_info
+        from .peer_env import PeerEnvError, ensure_kvpress_env, env_info
 
         try:
             kvpress_py = ensure_kvpress_env(log=print)

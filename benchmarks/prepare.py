@@ -152,7 +152,7 @@ def ensure_variant(base: Path, kind: str, top_k: int, log=print, drop: str = "au
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m edge_sel.benchmarks.prepare MODEL SCORING SEED NEED OUT.json [--bundle B|--rebuild] [--variants V] [--top-k K]``
+    """``python -m benchmarks.prepare MODEL SCORING SEED NEED OUT.json [--bundle B|--rebuild] [--variants V] [--top-k K]``
     (used by the parent).
 
     NEED: ``onnx`` (HF copy + optimum export), ``hf`` (HF copy only) or ``none``; ``--bundle``: use it, don't
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m edge_sel.benchmarks.prepare")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.prepare")
     ap.add_argument("model")
     ap.add_argument("scoring")
     ap.add_argument("seed", type=int)

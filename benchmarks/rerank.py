@@ -1,4 +1,4 @@
-"""``edge-sel bench rerank``: edge_sel side by side with the engines users pick today, one fresh process each.
+"""``python -m benchmarks.rerank``: edge_sel side by side with the engines users pick today, one fresh process each.
 
 Configurations (``--configs``, default all, in this order):
   torch            transformers eager, full model (the reference for top-K agreement and score parity)
@@ -13,8 +13,8 @@ Every configuration scores the same token ids (built once by edge_sel's encoder,
 a warm-up pass over all queries; latency is the median over ``--runs`` passes of the mean time per query.
 Memory definitions are in ``rerank_worker``'s docstring (base / idle / peak RSS, model share = peak - idle).
 
-    edge-sel bench rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out results.json
-    edge-sel bench rerank --model all-minilm-l6-v2 --quick
+    python -m benchmarks.rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out results.json
+    python -m benchmarks.rerank --model all-minilm-l6-v2 --quick
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import child_env, module_cmd
 from .rerank_worker import CONFIGS
 
 DEFAULT_BUDGETS = {"smollm2-135m-instruct": "128MB", "all-minilm-l6-v2": "80MB"}  # 64MB: below the minimum for 256-token docs (61.2 MiB)
@@ -48,12 +49,12 @@ TARGETS_PRUNED = {"same_top_k": 0.95, "overlap": 0.99, "decoder_latency_vs_ort":
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="edge-sel bench rerank",
+        prog="python -m benchmarks.rerank",
         description="Rerank benchmark: edge_sel vs transformers, optimum ORTModel and a bare onnxruntime session, "
                     "each configuration in a fresh process, on real text (Botchan windows + CPython docstrings).",
-        epilog="examples:\n  edge-sel bench rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out r.json\n"
-               "  edge-sel bench rerank --model all-minilm-l6-v2 --scoring cross_encoder\n"
-               "  edge-sel bench rerank --model all-minilm-l6-v2 --quick --configs ort,edge_sel",
+        epilog="examples:\n  python -m benchmarks.rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out r.json\n"
+               "  python -m benchmarks.rerank --model all-minilm-l6-v2 --scoring cross_encoder\n"
+               "  python -m benchmarks.rerank --model all-minilm-l6-v2 --quick --configs ort,edge_sel",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, HF directory or .gguf (default: %(default)s)")
     p.add_argument("--scoring", choices=["yes_no", "cross_encoder", "bi_encoder"], help="default: the model's own")
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _env() -> dict:
-    env = dict(os.environ)
+    env = child_env()
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -98,8 +99,8 @@ def _prepare(args, configs, log) -> dict:
                 if set(names) & set(configs)]
     with tempfile.TemporaryDirectory(prefix="edge_sel-bench-") as tmp:
         out = Path(tmp) / "prep.json"
-        cmd = [sys.executable, "-m", "edge_sel.benchmarks.prepare", args.model, args.scoring or "default", str(args.seed), need, str(out),
-               "--top-k", str(args.top_k), "--variants", ",".join(variants), "--drop-layers", str(args.drop_layers)]
+        cmd = module_cmd("prepare", args.model, args.scoring or "default", str(args.seed), need, str(out),
+                         "--top-k", str(args.top_k), "--variants", ",".join(variants), "--drop-layers", str(args.drop_layers))
         if args.bundle:
             cmd += ["--bundle", str(Path(args.bundle).resolve())]
         elif args.rebuild:
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         spec_path.write_text(json.dumps(spec))
         for c in configs:
             out = Path(tmp) / f"{c}.json"
-            cmd = [sys.executable, "-m", "edge_sel.benchmarks.rerank_worker", "--config", c, "--spec", str(spec_path), "--out", str(out)]
+            cmd = module_cmd("rerank_worker", "--config", c, "--spec", str(spec_path), "--out", str(out))
             la = os.getloadavg()[0]
             log(f"[{c}] running in a fresh process (load average {la:.2f}) ...")
             t = time.perf_counter()
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model, "scoring": prep["scoring"], "n_docs": args.n_docs, "queries": args.queries,
             "top_k": args.top_k, "runs": args.runs, "batch_size": args.batch_size, "corpus": args.corpus, "pruning": args.pruning,
             "memory_budget": budget, "memory_budget_text": format_size(budget),
-            "command": "edge-sel bench rerank " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m benchmarks.rerank " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "commit": _git_commit(), "bundle": prep["bundle"], "reference": reference_name(results),

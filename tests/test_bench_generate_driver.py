@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from edge_sel.benchmarks import generate as bg
-from edge_sel.benchmarks import peer_env
+from benchmarks import generate as bg
+from benchmarks import peer_env
 
 
 def test_kept_fraction_maps_to_kvpress_compression_ratio():

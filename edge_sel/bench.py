@@ -1,0 +1,261 @@
+"""``edge-sel bench``: measure edge_sel itself on this device with a given bundle, without torch — the role
+``llama-bench`` plays for llama.cpp.
+
+A rerank bundle is timed on N candidates of about T tokens each (synthetic words cut to T tokens by the
+bundle's own tokenizer, or the first N documents of a file), for every combination of memory budget and
+pruning asked for. A generate bundle is timed on prompts of the given lengths (synthetic words or a
+text file, tokenized by the bundle) for every combination of KV policy and KV budget: prefill tokens/s
+and decode ms/token.
+
+Each configuration runs ``warmup`` untimed calls, then ``repeats`` timed calls; the report gives the
+median (and min/max) of the timed calls, and the process's peak RSS over them (the kernel high-water
+mark, reset before each configuration on Linux; elsewhere a 5 ms sampler). A configuration the engine
+refuses (an infeasible budget, pruning on an uncalibrated bundle) is reported with its reason instead of
+stopping the run. The peer comparison against torch, optimum and kvpress is a developer script in a
+checkout (``python -m benchmarks.rerank``), not part of the package.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Any
+
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.errors import EdgeSelError, InputError
+from edge_sel.runtime.memory import PeakTracker
+
+# Common English words for synthetic text: realistic token statistics, no data file needed.
+WORDS = ("time year people way day man thing woman life child world school state family student group country "
+         "problem hand part place case week company system program question work government number night point "
+         "home water room mother area money story fact month lot right study book eye job word business issue "
+         "side kind head house service friend father power hour game line end member law car city community name "
+         "president team minute idea kid body information back parent face others level office door health person "
+         "art war history party result change morning reason research girl guy moment air teacher force education "
+         "copy file read write open close list sort search find value error memory budget layer model query").split()
+
+
+@dataclass
+class Settings:
+    """What to measure. Lists are swept as a grid; ``None`` in ``memory_budgets`` / ``kv_budgets`` means
+    unbounded (all layers resident / room for the whole prompt)."""
+
+    repeats: int = 5
+    warmup: int = 1
+    seed: int = 0
+    # rerank bundles
+    n_docs: list[int] = field(default_factory=lambda: [64])
+    doc_tokens: int = 128
+    documents: list[str] | None = None
+    query: str | None = None
+    memory_budgets: list[int | None] = field(default_factory=lambda: [None])
+    pruning: list[str] = field(default_factory=lambda: ["off", "on"])
+    top_k: int = 10
+    # generate bundles
+    prompt_tokens: list[int] = field(default_factory=lambda: [512])
+    new_tokens: int = 32
+    policies: list[str] = field(default_factory=lambda: ["full"])
+    kv_budgets: list[str | None] = field(default_factory=lambda: [None])
+    prompt_text: str | None = None
+
+    def check(self) -> None:
+        if self.repeats < 1 or self.warmup < 0:
+            raise InputError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
+        if min(self.n_docs) < 1 or self.doc_tokens < 1 or self.top_k < 1:
+            raise InputError("candidate counts, --doc-tokens and --top-k must be positive")
+        if min(self.prompt_tokens) < 1 or self.new_tokens < 1:
+            raise InputError("prompt lengths and --new-tokens must be positive")
+        bad = [p for p in self.pruning if p not in ("off", "on", "auto")]
+        if bad:
+            raise InputError(f"pruning must be off, on or auto, got {bad}")
+
+
+def synthetic_text(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def cut_to_tokens(tokenizer, text: str, n_tokens: int) -> str:
+    """The longest prefix of ``text`` that ``tokenizer`` (a ``tokenizers.Tokenizer``) reads as at most
+    ``n_tokens`` tokens (special tokens not counted), cut at a token boundary."""
+    enc = tokenizer.encode(text, add_special_tokens=False)
+    if len(enc.ids) <= n_tokens:
+        return text
+    return text[: enc.offsets[n_tokens - 1][1]]
+
+
+def device_info() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import onnxruntime
+
+    try:
+        ours = version("edge-sel")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        ours = None
+    return {"machine": platform.machine(), "processor": platform.processor() or None, "system": platform.system(),
+            "cpu_count": os.cpu_count(), "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
+            "edge_sel": ours}
+
+
+def _timed(call, settings: Settings) -> tuple[list[float], int, Any]:
+    """Run ``call`` warmup + repeats times; (seconds of each timed call, peak RSS over them, last result)."""
+    for _ in range(settings.warmup):
+        call()
+    times, out = [], None
+    with PeakTracker() as peak:
+        for _ in range(settings.repeats):
+            t = time.perf_counter()
+            out = call()
+            times.append(time.perf_counter() - t)
+    return times, peak.peak, out
+
+
+# ---- rerank ---------------------------------------------------------------------------------------
+def _documents(rr, settings: Settings, n: int) -> list[str]:
+    if settings.documents is not None:
+        docs = settings.documents
+        return [docs[i % len(docs)] for i in range(n)]  # fewer documents than N: cycled
+    return [cut_to_tokens(rr.encoder.tok, synthetic_text(settings.doc_tokens, settings.seed * 100_003 + i), settings.doc_tokens)
+            for i in range(n)]
+
+
+def bench_rerank(bundle: Bundle, settings: Settings) -> list[dict[str, Any]]:
+    from edge_sel.runtime import Reranker
+
+    query = settings.query or synthetic_text(8, settings.seed + 7)
+    rows = []
+    for budget in settings.memory_budgets:
+        for pruning in settings.pruning:
+            base = {"memory_budget_bytes": budget, "pruning": pruning}
+            try:
+                rr = Reranker(bundle, memory_budget=budget, pruning=pruning)
+            except EdgeSelError as e:
+                rows.extend({**base, "n_docs": n, "error": str(e)} for n in settings.n_docs)
+                continue
+            try:
+                for n in settings.n_docs:
+                    docs = _documents(rr, settings, n)
+                    tokens = [len(rr.encoder.tok.encode(d, add_special_tokens=False).ids) for d in docs]
+                    row = {**base, "n_docs": n, "doc_tokens_mean": sum(tokens) / len(tokens)}
+                    try:
+                        times, peak, _ = _timed(lambda: rr.rank(query, docs, top_k=min(settings.top_k, n)), settings)
+                    except EdgeSelError as e:
+                        rows.append({**row, "error": str(e)})
+                        continue
+                    st = rr.last_stats
+                    rows.append({**row, "median_s": median(times), "min_s": min(times), "max_s": max(times),
+                                 "docs_per_s": n / median(times), "peak_rss_bytes": peak,
+                                 "pruning_applied": st.get("pruning"), "layer_work_saved": st.get("layer_work_saved"),
+                                 "window_layers": st.get("window_layers"), "n_layers": st.get("n_layers"),
+                                 "spill": st.get("spill"), "runs": times})
+            finally:
+                rr.close()
+    return rows
+
+
+# ---- generate -------------------------------------------------------------------------------------
+def _prompt_ids(gen, settings: Settings) -> list[int]:
+    need = max(settings.prompt_tokens)
+    text = settings.prompt_text or synthetic_text(need + 16, settings.seed)
+    ids = gen.encode(text)
+    while len(ids) < need:  # a short prompt file: repeated until it is long enough
+        ids = ids + gen.encode(text)
+    return ids
+
+
+def bench_generate(bundle: Bundle, settings: Settings) -> list[dict[str, Any]]:
+    from edge_sel.runtime import Generator
+
+    rows = []
+    for policy in settings.policies:
+        for kv in settings.kv_budgets:
+            base = {"policy": policy, "kv_budget": kv}
+            try:
+                gen = Generator(bundle, kv_budget=kv, policy=policy)
+            except EdgeSelError as e:
+                rows.extend({**base, "prompt_tokens": n, "error": str(e)} for n in settings.prompt_tokens)
+                continue
+            try:
+                ids = _prompt_ids(gen, settings)
+                for n in settings.prompt_tokens:
+                    row = {**base, "prompt_tokens": n, "new_tokens": settings.new_tokens}
+                    prompt = ids[:n]
+                    stats = []
+
+                    def call():
+                        res = gen.generate(prompt, max_new_tokens=settings.new_tokens, stop=False)
+                        stats.append(res.stats)
+
+                    try:
+                        _, peak, _ = _timed(call, settings)
+                    except EdgeSelError as e:
+                        rows.append({**row, "error": str(e)})
+                        continue
+                    timed = stats[settings.warmup:]
+                    prefill = [s["prefill_s"] for s in timed]
+                    decode = [s["decode_ms_per_token"] for s in timed if s.get("decode_ms_per_token") is not None]
+                    rows.append({**row, "prefill_s": median(prefill), "prefill_tokens_per_s": n / median(prefill),
+                                 "decode_ms_per_token": median(decode) if decode else None,
+                                 "kv_bytes_peak": max(s["kv_bytes_peak"] for s in timed),
+                                 "kv_capacity_tokens": timed[-1].get("kv_capacity_tokens"), "peak_rss_bytes": peak,
+                                 "prefill_runs": prefill, "decode_runs": decode})
+            finally:
+                gen.close()
+    return rows
+
+
+def run(bundle: str | os.PathLike, settings: Settings | None = None) -> dict[str, Any]:
+    """Measure ``bundle`` (a rerank or generate bundle) with ``settings``; a JSON-ready report."""
+    settings = settings or Settings()
+    settings.check()
+    b = Bundle.open(bundle)
+    t0 = time.perf_counter()
+    rows = bench_rerank(b, settings) if b.task == "rerank" else bench_generate(b, settings)
+    return {"bundle": str(b.root), "task": b.task, "scoring": b.scoring, "device": device_info(),
+            "repeats": settings.repeats, "warmup": settings.warmup, "wall_s": time.perf_counter() - t0, "rows": rows}
+
+
+def table(report: dict[str, Any]):
+    """The report as a ``rich`` table."""
+    from rich.table import Table
+
+    from edge_sel.runtime.units import format_size
+
+    def size(v):
+        return "-" if v is None else format_size(v)
+
+    d = report["device"]
+    t = Table(title=f"edge-sel bench {report['bundle']} ({report['task']}) · {d['machine']}, {d['cpu_count']} cores, "
+                    f"onnxruntime {d['onnxruntime']} · median of {report['repeats']}")
+    if report["task"] == "rerank":
+        cols = ("N", "tokens/doc", "budget", "pruning", "median s", "min-max s", "docs/s", "peak RSS", "layer-work saved", "window")
+        for c in cols:
+            t.add_column(c, justify="left" if c == "pruning" else "right")
+        for r in report["rows"]:
+            head = [str(r["n_docs"]), f"{r['doc_tokens_mean']:.0f}" if "doc_tokens_mean" in r else "-",
+                    size(r["memory_budget_bytes"]) if r["memory_budget_bytes"] else "none", r["pruning"]]
+            if "error" in r:
+                t.add_row(*head, f"[red]{r['error'][:120]}[/]", *[""] * (len(cols) - 5))
+                continue
+            saved = r.get("layer_work_saved")
+            t.add_row(*head, f"{r['median_s']:.3f}", f"{r['min_s']:.3f}-{r['max_s']:.3f}", f"{r['docs_per_s']:.1f}",
+                      size(r["peak_rss_bytes"]), f"{100 * saved:.0f}%" if saved is not None else "-",
+                      f"{r['window_layers']}/{r['n_layers']}" if r.get("n_layers") else "-")
+        return t
+    cols = ("policy", "kv budget", "prompt tok", "prefill tok/s", "prefill s", "decode ms/tok", "KV peak", "peak RSS")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "policy" else "right")
+    for r in report["rows"]:
+        head = [r["policy"], str(r["kv_budget"]) if r["kv_budget"] is not None else "none", str(r["prompt_tokens"])]
+        if "error" in r:
+            t.add_row(*head, f"[red]{r['error'][:120]}[/]", *[""] * (len(cols) - 4))
+            continue
+        ms = r["decode_ms_per_token"]
+        t.add_row(*head, f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_s']:.3f}", f"{ms:.1f}" if ms is not None else "-",
+                  size(r["kv_bytes_peak"]), size(r["peak_rss_bytes"]))
+    return t
