@@ -128,33 +128,43 @@ def bench_rerank(bundle: Bundle, settings: Settings) -> list[dict[str, Any]]:
     from edge_sel.runtime import Reranker
 
     query = settings.query or synthetic_text(8, settings.seed + 7)
+
+    def measure(rr, n: int) -> dict[str, Any]:
+        docs = _documents(rr, settings, n)
+        tokens = [len(rr.encoder.tok.encode(d, add_special_tokens=False).ids) for d in docs]
+        times, peak, _ = _timed(lambda: rr.rank(query, docs, top_k=min(settings.top_k, n)), settings)
+        st = rr.last_stats
+        return {"doc_tokens_mean": sum(tokens) / len(tokens), "median_s": median(times), "min_s": min(times),
+                "max_s": max(times), "docs_per_s": n / median(times), "peak_rss_bytes": peak,
+                "pruning_applied": st.get("pruning"), "layer_work_saved": st.get("layer_work_saved"),
+                "window_layers": st.get("window_layers"), "n_layers": st.get("n_layers"), "spill": st.get("spill"),
+                "runs": times}
+
+    configs = [{"memory_budget_bytes": b, "pruning": p} for b in settings.memory_budgets for p in settings.pruning]
+    return _sweep(configs, lambda c: Reranker(bundle, memory_budget=c["memory_budget_bytes"], pruning=c["pruning"]),
+                  "n_docs", settings.n_docs, measure)
+
+
+def _sweep(configs: list[dict], make, size_key: str, sizes: list[int], measure) -> list[dict[str, Any]]:
+    """Build the engine of each configuration once and measure it at every size; a configuration or a
+    size the engine refuses becomes a row with the reason, and the sweep goes on."""
     rows = []
-    for budget in settings.memory_budgets:
-        for pruning in settings.pruning:
-            base = {"memory_budget_bytes": budget, "pruning": pruning}
-            try:
-                rr = Reranker(bundle, memory_budget=budget, pruning=pruning)
-            except EdgeSelError as e:
-                rows.extend({**base, "n_docs": n, "error": str(e)} for n in settings.n_docs)
-                continue
-            try:
-                for n in settings.n_docs:
-                    docs = _documents(rr, settings, n)
-                    tokens = [len(rr.encoder.tok.encode(d, add_special_tokens=False).ids) for d in docs]
-                    row = {**base, "n_docs": n, "doc_tokens_mean": sum(tokens) / len(tokens)}
-                    try:
-                        times, peak, _ = _timed(lambda: rr.rank(query, docs, top_k=min(settings.top_k, n)), settings)
-                    except EdgeSelError as e:
-                        rows.append({**row, "error": str(e)})
-                        continue
-                    st = rr.last_stats
-                    rows.append({**row, "median_s": median(times), "min_s": min(times), "max_s": max(times),
-                                 "docs_per_s": n / median(times), "peak_rss_bytes": peak,
-                                 "pruning_applied": st.get("pruning"), "layer_work_saved": st.get("layer_work_saved"),
-                                 "window_layers": st.get("window_layers"), "n_layers": st.get("n_layers"),
-                                 "spill": st.get("spill"), "runs": times})
-            finally:
-                rr.close()
+    for config in configs:
+        try:
+            engine = make(config)
+        except EdgeSelError as e:
+            rows.extend({**config, size_key: n, "error": str(e)} for n in sizes)
+            continue
+        try:
+            for n in sizes:
+                row = {**config, size_key: n}
+                try:
+                    row.update(measure(engine, n))
+                except EdgeSelError as e:
+                    row["error"] = str(e)
+                rows.append(row)
+        finally:
+            engine.close()
     return rows
 
 
@@ -171,42 +181,29 @@ def _prompt_ids(gen, settings: Settings) -> list[int]:
 def bench_generate(bundle: Bundle, settings: Settings) -> list[dict[str, Any]]:
     from edge_sel.runtime import Generator
 
-    rows = []
-    for policy in settings.policies:
-        for kv in settings.kv_budgets:
-            base = {"policy": policy, "kv_budget": kv}
-            try:
-                gen = Generator(bundle, kv_budget=kv, policy=policy)
-            except EdgeSelError as e:
-                rows.extend({**base, "prompt_tokens": n, "error": str(e)} for n in settings.prompt_tokens)
-                continue
-            try:
-                ids = _prompt_ids(gen, settings)
-                for n in settings.prompt_tokens:
-                    row = {**base, "prompt_tokens": n, "new_tokens": settings.new_tokens}
-                    prompt = ids[:n]
-                    stats = []
+    prompts: dict[int, list[int]] = {}  # the prompt ids, tokenized once by the first generator
 
-                    def call():
-                        res = gen.generate(prompt, max_new_tokens=settings.new_tokens, stop=False)
-                        stats.append(res.stats)
+    def measure(gen, n: int) -> dict[str, Any]:
+        if not prompts:
+            prompts[0] = _prompt_ids(gen, settings)
+        prompt, stats = prompts[0][:n], []
 
-                    try:
-                        _, peak, _ = _timed(call, settings)
-                    except EdgeSelError as e:
-                        rows.append({**row, "error": str(e)})
-                        continue
-                    timed = stats[settings.warmup:]
-                    prefill = [s["prefill_s"] for s in timed]
-                    decode = [s["decode_ms_per_token"] for s in timed if s.get("decode_ms_per_token") is not None]
-                    rows.append({**row, "prefill_s": median(prefill), "prefill_tokens_per_s": n / median(prefill),
-                                 "decode_ms_per_token": median(decode) if decode else None,
-                                 "kv_bytes_peak": max(s["kv_bytes_peak"] for s in timed),
-                                 "kv_capacity_tokens": timed[-1].get("kv_capacity_tokens"), "peak_rss_bytes": peak,
-                                 "prefill_runs": prefill, "decode_runs": decode})
-            finally:
-                gen.close()
-    return rows
+        def call():
+            stats.append(gen.generate(prompt, max_new_tokens=settings.new_tokens, stop=False).stats)
+
+        _, peak, _ = _timed(call, settings)
+        timed = stats[settings.warmup:]
+        prefill = [s["prefill_s"] for s in timed]
+        decode = [s["decode_ms_per_token"] for s in timed if s.get("decode_ms_per_token") is not None]
+        return {"new_tokens": settings.new_tokens, "prefill_s": median(prefill), "prefill_tokens_per_s": n / median(prefill),
+                "decode_ms_per_token": median(decode) if decode else None,
+                "kv_bytes_peak": max(s["kv_bytes_peak"] for s in timed),
+                "kv_capacity_tokens": timed[-1].get("kv_capacity_tokens"), "peak_rss_bytes": peak,
+                "prefill_runs": prefill, "decode_runs": decode}
+
+    configs = [{"policy": p, "kv_budget": kv} for p in settings.policies for kv in settings.kv_budgets]
+    return _sweep(configs, lambda c: Generator(bundle, kv_budget=c["kv_budget"], policy=c["policy"]),
+                  "prompt_tokens", settings.prompt_tokens, measure)
 
 
 def run(bundle: str | os.PathLike, settings: Settings | None = None) -> dict[str, Any]:
