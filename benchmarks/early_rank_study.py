@@ -1,4 +1,4 @@
-"""Item 0 of issue 3: how to score an intermediate layer, measured per model; plus calibrated schedules on held-out queries.
+"""How to score an intermediate layer, measured per model; plus calibrated schedules on held-out queries.
 
     python -m benchmarks.early_rank_study BUNDLE [--cal-queries 32] [--held-out 16] [--candidates 48] [--out f.json]
 

@@ -1,6 +1,6 @@
 """``python -m benchmarks.generate``: KV-budgeted generation side by side, one fresh process per configuration.
 
-Workloads, all on Project Gutenberg's *Botchan* (``edge_sel.export.textdata.botchan``; DESIGN §5):
+Workloads, all on Project Gutenberg's *Botchan* (``edge_sel.export.textdata.botchan``, public domain):
 
 * **needle in a haystack** (RULER-style): "The special magic number for <word> is <7 digits>." hidden at
   depth 10/50/90% of a 1k/2k/4k-token haystack; the question ("... Answer: The special magic number
@@ -20,7 +20,7 @@ so every configuration sees the same ids and the same exact-match rule.
 Configurations: ``edge_sel full``, every ``--policies`` policy at every ``--ratios`` ratio (fraction
 of the context KEPT), ``transformers full`` (torch, full cache, same weights), and every ``--presses``
 kvpress press at the same ratios (kvpress's ``compression_ratio`` is the fraction REMOVED: 1 - ratio),
-run from their own venv (``$EDGE_SEL_HOME/venvs/kvpress-0.5.5``, built on first use; DESIGN §5).
+run from their own venv (``$EDGE_SEL_HOME/venvs/kvpress-0.5.5``, built on first use: kvpress needs transformers 5.x).
 Each configuration runs as one fresh process per part (each context length's needle prompts, and
 the perplexity), so an interrupted run keeps every finished part. Parts run in priority order: the
 full caches, ratio 0.2 for mpcache and the presses, 0.1 the same (at 1k + perplexity, then 2k, then
@@ -443,7 +443,7 @@ def markdown(doc: dict) -> str:
                 out.append(f"- {r['config']}: not measured yet: {', '.join(r['missing_parts'])}")
     acc = acceptance(res)
     if acc:
-        out += ["", "Acceptance (issue 4):", ""] + acc
+        out += ["", "Acceptance:", ""] + acc
     return "\n".join(out) + "\n"
 
 

@@ -1,4 +1,4 @@
-"""How much layer-work can candidate pruning save *at best* on a bundle? (issue 3, the encoders' latency target)
+"""How much layer-work can candidate pruning save *at best* on a bundle? (what bounds the encoders' latency)
 
     python -m benchmarks.pruning_bound BUNDLE [--queries 10] [--n-docs 128] [--top-k 10] [--out f.json]
 

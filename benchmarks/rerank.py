@@ -40,9 +40,9 @@ LABELS = {"torch": "transformers (torch eager)", "optimum": "optimum ORTModel", 
           "edge_sel_pruned": "edge_sel pruned", "edge_sel_pruned_budget": "edge_sel pruned, budget {budget}",
           "edge_sel_dropped": "edge_sel pruned, dropped layers"}
 PRUNED = ("edge_sel_pruned", "edge_sel_pruned_budget", "edge_sel_dropped")
-# acceptance targets of issue 2 (SmolLM2, N=64, K=10)
+# targets for (b)/(c): budgeted and all-resident against the bare session (SmolLM2, N=64, K=10)
 TARGETS = {"budget_peak_vs_ort": 0.35, "budget_share_slack": 1.10, "resident_latency_vs_ort": 1.2, "budget_latency_vs_ort": 2.0}
-# acceptance targets of issue 3 (N=128, K=10): (e) = edge_sel_pruned, (f) = edge_sel_pruned_budget
+# targets for pruning (N=128, K=10): (e) = edge_sel_pruned, (f) = edge_sel_pruned_budget
 TARGETS_PRUNED = {"same_top_k": 0.95, "overlap": 0.99, "decoder_latency_vs_ort": 0.35, "encoder_latency_vs_ort": 0.5,
                   "budget_peak_vs_ort": 0.25, "budget_latency_vs_ort": 0.5}
 
@@ -213,7 +213,7 @@ def acceptance(rows: dict, budget: int) -> list[dict]:
 
 
 def acceptance_pruned(rows: dict, scoring: str) -> list[dict]:
-    """Issue 3's targets for (e) pruning + prefix reuse and (f) the same under a tight budget."""
+    """The targets for (e) pruning + prefix reuse and (f) the same under a tight budget."""
     T = TARGETS_PRUNED
     checks = []
     ort = rows.get("ort")

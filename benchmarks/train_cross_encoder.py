@@ -1,4 +1,4 @@
-"""Fine-tune the packaged all-MiniLM-L6-v2 into a cross-encoder on CPython docstrings (issue 3, item 5).
+"""Fine-tune the packaged all-MiniLM-L6-v2 into a cross-encoder on CPython docstrings.
 
 No trained cross-encoder ships in any package reachable here, so this script makes one, deterministically,
 on 2 CPU cores in well under 20 minutes, and caches it under the edge_sel home::

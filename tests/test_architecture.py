@@ -16,7 +16,7 @@ API; uses everything). The rules:
     lines of its module docstring starts with ``Long because`` and says why;
 (d) no reference to anything outside the repository in code or docs (tracked ``.py``/``.md``/``.toml``/
     ``.txt`` files): a design document that is not here (``DESIGN §3``), a sibling checkout
-    (``../shared``), an issue tracker's item (``issue 3 item 3``) — state the fact itself instead;
+    (``../shared``), an issue tracker's issue or item (``issue 3``, ``issue 3 item 3``) — state the fact itself instead;
 (e) no module outside ``runtime/manifest.py`` and ``runtime/bundle.py`` indexes the bundle manifest by
     string. A *manifest expression* is an attribute ``.manifest``, a name ``manifest`` or ``*_manifest``,
     or a local name assigned from a manifest expression or from an indexing of one (``m = b.manifest``,
@@ -204,7 +204,7 @@ def long_file_violations(root: Path, folders=("runtime", "export", "edge_sel")) 
 
 
 # ---- (d) references outside the repository ------------------------------------------------------
-OUTSIDE = [re.compile(p, re.IGNORECASE) for p in (r"\bDESIGN(\.md)?\s*§", r"\.\./shared\b", r"\bissues?\s+#?\d+\s*,?\s*items?\s+\d+")]
+OUTSIDE = [re.compile(p, re.IGNORECASE) for p in (r"\bDESIGN(\.md)?\s*§", r"\.\./shared\b", r"\bissues?\s+#?\d+")]
 TEXT_SUFFIXES = (".py", ".md", ".toml", ".txt", ".cfg", ".ini")
 
 
@@ -336,7 +336,8 @@ def test_no_long_file_without_a_reason():
 
 @pytest.mark.xfail(reason="at 9d2891e: 'DESIGN §' / 'issue 3 item 3' in runtime/bundle.py, runtime/kvcache.py, "
                           "runtime/policies/base.py, runtime/sessions.py, export/__init__.py, export/graphs.py, "
-                          "export/prefix_layers.py, tests/test_no_torch.py, tests/test_real_models.py", strict=False)
+                          "export/prefix_layers.py, export/passes/calibrate.py, tests/test_no_torch.py, tests/test_real_models.py, "
+                          "tests/test_early_rank.py", strict=False)
 def test_no_reference_outside_the_repository():
     assert outside_reference_violations(REPO) == []
 
