@@ -40,7 +40,7 @@ LABELS = {"torch": "transformers (torch eager)", "optimum": "optimum ORTModel", 
           "edge_sel_pruned": "edge_sel pruned", "edge_sel_pruned_budget": "edge_sel pruned, budget {budget}",
           "edge_sel_dropped": "edge_sel pruned, dropped layers"}
 PRUNED = ("edge_sel_pruned", "edge_sel_pruned_budget", "edge_sel_dropped")
-# targets for (b)/(c): budgeted and all-resident against the bare session (SmolLM2, N=64, K=10)
+# targets for edge_sel all resident and under a budget, against the bare session (SmolLM2, N=64, K=10)
 TARGETS = {"budget_peak_vs_ort": 0.35, "budget_share_slack": 1.10, "resident_latency_vs_ort": 1.2, "budget_latency_vs_ort": 2.0}
 # targets for pruning (N=128, K=10): (e) = edge_sel_pruned, (f) = edge_sel_pruned_budget
 TARGETS_PRUNED = {"same_top_k": 0.95, "overlap": 0.99, "decoder_latency_vs_ort": 0.35, "encoder_latency_vs_ort": 0.5,

@@ -1,4 +1,4 @@
-"""``edge-sel bench generate`` driver logic without any model: ratio mapping, run order, filters, resume,
+"""The peer comparison ``python -m benchmarks.generate``: driver logic without any model: ratio mapping, run order, filters, resume,
 incremental writing, scoring and the Markdown tables (workers are replaced by a fake)."""
 
 from __future__ import annotations
