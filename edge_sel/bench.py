@@ -17,6 +17,8 @@ checkout (``python -m benchmarks.rerank``), not part of the package.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import random
@@ -28,6 +30,7 @@ from typing import Any
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import EdgeSelError, InputError
 from edge_sel.runtime.memory import PeakTracker
+from edge_sel.runtime.units import format_size, parse_size
 
 # Common English words for synthetic text: realistic token statistics, no data file needed.
 WORDS = ("time year people way day man thing woman life child world school state family student group country "
@@ -221,8 +224,6 @@ def table(report: dict[str, Any]):
     """The report as a ``rich`` table."""
     from rich.table import Table
 
-    from edge_sel.runtime.units import format_size
-
     def size(v):
         return "-" if v is None else format_size(v)
 
@@ -256,3 +257,72 @@ def table(report: dict[str, Any]):
         t.add_row(*head, f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_s']:.3f}", f"{ms:.1f}" if ms is not None else "-",
                   size(r["kv_bytes_peak"]), size(r["peak_rss_bytes"]))
     return t
+
+
+# ---- the `edge-sel bench` command ------------------------------------------------------------------
+def _bundle_arg(text: str) -> str:
+    # checked while parsing, so that the old forms' options do not hide this message behind "unrecognized arguments"
+    if text in ("rerank", "generate", "train-cross-encoder") and not os.path.exists(text):
+        raise argparse.ArgumentTypeError(
+            f"`edge-sel bench {text}` (the comparison with torch, optimum and kvpress) is a developer script of the "
+            f"source checkout: python -m benchmarks.{text.replace('-', '_')} --help; `edge-sel bench BUNDLE` measures edge_sel itself")
+    return text
+
+
+def add_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("bundle", type=_bundle_arg, help="a rerank or a generate bundle")
+    b.add_argument("--repeats", "-r", type=int, default=5, help="timed calls per configuration (median reported)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
+    b.add_argument("--seed", type=int, default=0, help="seed of the synthetic text")
+    br = b.add_argument_group("rerank bundles")
+    br.add_argument("--n-docs", "-n", default="64", help="candidates per query, comma-separated (default 64)")
+    br.add_argument("--doc-tokens", "-t", type=int, default=128, help="tokens per synthetic candidate (default 128)")
+    br.add_argument("--documents", "-d", help="use these documents instead (text, one per line, or JSONL)")
+    br.add_argument("--query", "-q", help="the query (default: synthetic)")
+    br.add_argument("--memory-budget", "-m", default="none", help="comma-separated sizes; none = all layers resident")
+    br.add_argument("--pruning", default="off,on", help="comma-separated: off, on (needs a calibrated bundle), auto")
+    br.add_argument("--top-k", "-k", type=int, default=10)
+    bg = b.add_argument_group("generate bundles")
+    bg.add_argument("--prompt-tokens", "-p", default="512", help="prompt lengths in tokens, comma-separated (default 512)")
+    bg.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per call (default 32)")
+    bg.add_argument("--policy", default="full", help="KV policies, comma-separated (default full)")
+    bg.add_argument("--kv-budget", "-b", default="none", help="comma-separated: none, 512 (tokens), 0.2 (of the prompt), 64MB")
+    bg.add_argument("--prompt-file", help="prompt text (default: synthetic), repeated when shorter than a length")
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _csv(text: str, convert=str, none_ok: bool = False) -> list:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise InputError(f"expected a comma-separated list, got {text!r}")
+    if not none_ok and any(x.lower() == "none" for x in items):
+        raise InputError(f"{text!r}: 'none' is only allowed in --memory-budget and --kv-budget")
+    try:
+        return [None if x.lower() == "none" else convert(x) for x in items]
+    except ValueError as e:
+        raise InputError(f"{text!r}: {e}") from None
+
+
+def command(args: argparse.Namespace, console) -> int:
+    """``edge-sel bench``: parse the lists, run, print a table or JSON."""
+    from edge_sel.runtime.documents import read_documents
+
+    prompt_text = None
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt_text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+    settings = Settings(
+        repeats=args.repeats, warmup=args.warmup, seed=args.seed, n_docs=_csv(args.n_docs, int), doc_tokens=args.doc_tokens,
+        documents=read_documents(args.documents) if args.documents else None, query=args.query,
+        memory_budgets=_csv(args.memory_budget, parse_size, none_ok=True), pruning=_csv(args.pruning), top_k=args.top_k,
+        prompt_tokens=_csv(args.prompt_tokens, int), new_tokens=args.new_tokens, policies=_csv(args.policy),
+        kv_budgets=_csv(args.kv_budget, none_ok=True), prompt_text=prompt_text)
+    report = run(args.bundle, settings)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        console.print(table(report))
+    return 0

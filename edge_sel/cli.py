@@ -177,27 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
 
-    b = cmd("bench", "measure edge_sel on this device with a bundle (no torch): rerank latency and peak RSS, "
-                     "or generation prefill tokens/s and decode ms/token")
-    b.add_argument("bundle", type=_bench_bundle, help="a rerank or a generate bundle")
-    b.add_argument("--repeats", "-r", type=int, default=5, help="timed calls per configuration (median reported)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
-    b.add_argument("--seed", type=int, default=0, help="seed of the synthetic text")
-    br = b.add_argument_group("rerank bundles")
-    br.add_argument("--n-docs", "-n", default="64", help="candidates per query, comma-separated (default 64)")
-    br.add_argument("--doc-tokens", "-t", type=int, default=128, help="tokens per synthetic candidate (default 128)")
-    br.add_argument("--documents", "-d", help="use these documents instead (text, one per line, or JSONL)")
-    br.add_argument("--query", "-q", help="the query (default: synthetic)")
-    br.add_argument("--memory-budget", "-m", default="none", help="comma-separated sizes; none = all layers resident")
-    br.add_argument("--pruning", default="off,on", help="comma-separated: off, on (needs a calibrated bundle), auto")
-    br.add_argument("--top-k", "-k", type=int, default=10)
-    bg = b.add_argument_group("generate bundles")
-    bg.add_argument("--prompt-tokens", "-p", default="512", help="prompt lengths in tokens, comma-separated (default 512)")
-    bg.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per call (default 32)")
-    bg.add_argument("--policy", default="full", help="KV policies, comma-separated (default full)")
-    bg.add_argument("--kv-budget", "-b", default="none", help="comma-separated: none, 512 (tokens), 0.2 (of the prompt), 64MB")
-    bg.add_argument("--prompt-file", help="prompt text (default: synthetic), repeated when shorter than a length")
-    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(cmd("bench", "measure edge_sel on this device with a bundle (no torch): rerank latency and peak "
+                                     "RSS, or generation prefill tokens/s and decode ms/token"))
     return p
 
 
@@ -451,51 +434,10 @@ def cmd_generate(args, console) -> int:
         gen.close()
 
 
-def _bench_bundle(text: str) -> str:
-    # checked while parsing, so that the old forms' options do not hide this message behind "unrecognized arguments"
-    if text in ("rerank", "generate", "train-cross-encoder") and not Path(text).exists():
-        raise argparse.ArgumentTypeError(
-            f"`edge-sel bench {text}` (the comparison with torch, optimum and kvpress) is a developer script of the "
-            f"source checkout: python -m benchmarks.{text.replace('-', '_')} --help; `edge-sel bench BUNDLE` measures edge_sel itself")
-    return text
-
-
-def _csv(text: str, convert=str) -> list:
-    items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise EdgeSelError(f"expected a comma-separated list, got {text!r}")
-    try:
-        return [None if x.lower() == "none" else convert(x) for x in items]
-    except ValueError as e:
-        raise EdgeSelError(f"{text!r}: {e}") from None
-
-
 def cmd_bench(args, console) -> int:
-    from edge_sel.runtime.documents import read_documents
-    from edge_sel.runtime.errors import InputError
+    from .bench import command
 
-    from .bench import Settings, run, table
-
-    prompt_text = None
-    if args.prompt_file:
-        try:
-            prompt_text = Path(args.prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"cannot read prompt file {args.prompt_file}: {e}") from None
-    settings = Settings(
-        repeats=args.repeats, warmup=args.warmup, seed=args.seed, n_docs=_csv(args.n_docs, int), doc_tokens=args.doc_tokens,
-        documents=read_documents(args.documents) if args.documents else None, query=args.query,
-        memory_budgets=_csv(args.memory_budget, parse_size), pruning=_csv(args.pruning), top_k=args.top_k,
-        prompt_tokens=_csv(args.prompt_tokens, int), new_tokens=args.new_tokens, policies=_csv(args.policy),
-        kv_budgets=_csv(args.kv_budget), prompt_text=prompt_text)
-    if None in settings.n_docs or None in settings.prompt_tokens or None in settings.pruning or None in settings.policies:
-        raise InputError("'none' is only allowed in --memory-budget and --kv-budget")
-    report = run(args.bundle, settings)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        console.print(table(report))
-    return 0
+    return command(args, console)
 
 
 def main(argv: list[str] | None = None) -> int:

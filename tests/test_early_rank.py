@@ -1,4 +1,4 @@
-"""Early ranking (issue 3): cluster pruning properties, calibration round-trip, pruned runtime, dropped layers."""
+"""Early ranking: cluster pruning properties, calibration round-trip, pruned runtime, dropped layers."""
 
 import json
 import shutil
