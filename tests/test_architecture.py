@@ -316,44 +316,40 @@ def duplicate_pairs(root: Path) -> tuple[list[str], list[str]]:
 
 
 # ---- the checks on this repository ---------------------------------------------------------------
-def test_no_import_cycle_between_folders_and_runtime_imports_none_of_them():
-    assert layering_violations(REPO) == []
+def _failing_at_9d2891e(what: str):
+    """Other engineers are refactoring these files in parallel; the lead removes the mark after integration.
+    Only a failed assertion counts as the expected failure: a checker that crashes fails the test."""
+    return pytest.mark.xfail(reason=f"at 9d2891e: {what}", raises=AssertionError, strict=False)
 
 
-@pytest.mark.xfail(reason="at 9d2891e: export/passes/calibrate.py (rr._pool, runtime.early_rank._spearman), "
-                          "export/passes/drop_layers.py (rr._skip_layers), export/generate.py and export/passes/quantize.py "
-                          "(export._stage_manifest); being refactored in parallel", strict=False)
-def test_no_cross_module_private_access():
-    assert private_access_violations(REPO) == []
+RULES = [
+    pytest.param(layering_violations, id="a-no-folder-import-cycle-runtime-imports-nothing"),
+    pytest.param(private_access_violations, id="b-no-cross-module-private-access", marks=_failing_at_9d2891e(
+        "export/passes/calibrate.py (rr._pool, runtime.early_rank._spearman), export/passes/drop_layers.py "
+        "(rr._skip_layers), export/generate.py and export/passes/quantize.py (export._stage_manifest)")),
+    pytest.param(long_file_violations, id="c-no-long-file-without-a-reason", marks=_failing_at_9d2891e(
+        "runtime/generator.py, runtime/reranker.py, runtime/policies/mpcache_recall.py, export/prefix_layers.py, "
+        "export/passes/calibrate.py, edge_sel/cli.py are over 400 lines")),
+    pytest.param(outside_reference_violations, id="d-no-reference-outside-the-repository", marks=_failing_at_9d2891e(
+        "'DESIGN §' / 'issue 3' in runtime/bundle.py, runtime/kvcache.py, runtime/policies/base.py, runtime/sessions.py, "
+        "export/__init__.py, export/graphs.py, export/prefix_layers.py, export/passes/calibrate.py, "
+        "tests/test_no_torch.py, tests/test_real_models.py")),
+    pytest.param(manifest_index_violations, id="e-only-the-format-modules-index-the-manifest", marks=_failing_at_9d2891e(
+        "the typed Manifest (Bundle.spec) has not landed: edge_sel/cli.py, export/__init__.py, export/generate.py, "
+        "export/prefix_layers.py, export/passes/{calibrate,drop_layers,quantize}.py, "
+        "runtime/{early_rank,embedding,generator,plan,prefix,reranker,text}.py index the raw dict")),
+]
 
 
-@pytest.mark.xfail(reason="at 9d2891e: runtime/generator.py, runtime/reranker.py, runtime/policies/mpcache_recall.py, "
-                          "export/prefix_layers.py, export/passes/calibrate.py, edge_sel/cli.py are over 400 lines "
-                          "(being split in parallel)", strict=False)
-def test_no_long_file_without_a_reason():
-    assert long_file_violations(REPO) == []
+@pytest.mark.parametrize("rule", RULES)
+def test_the_repository_follows_the_rule(rule):
+    assert rule(REPO) == []
 
 
-@pytest.mark.xfail(reason="at 9d2891e: 'DESIGN §' / 'issue 3 item 3' in runtime/bundle.py, runtime/kvcache.py, "
-                          "runtime/policies/base.py, runtime/sessions.py, export/__init__.py, export/graphs.py, "
-                          "export/prefix_layers.py, export/passes/calibrate.py, tests/test_no_torch.py, tests/test_real_models.py, "
-                          "tests/test_early_rank.py", strict=False)
-def test_no_reference_outside_the_repository():
-    assert outside_reference_violations(REPO) == []
-
-
-@pytest.mark.xfail(reason="at 9d2891e the typed Manifest (Bundle.spec) has not landed: edge_sel/cli.py, export/__init__.py, "
-                          "export/generate.py, export/prefix_layers.py, export/passes/{calibrate,drop_layers,quantize}.py, "
-                          "runtime/{early_rank,embedding,generator,plan,prefix,reranker,text}.py index the raw dict",
-                   strict=False)
-def test_only_the_format_modules_index_the_manifest():
-    assert manifest_index_violations(REPO) == []
-
-
-@pytest.mark.xfail(reason="at 9d2891e: export/__init__.py ~ export/generate.py (twice), export/adapters/bert.py ~ "
-                          "export/generate.py, runtime/policies/mpcache.py ~ windowkv.py, within runtime/kvcache.py, "
-                          "runtime/policies/base.py and export/passes/calibrate.py", strict=False)
-def test_no_duplicated_code():
+@_failing_at_9d2891e("export/__init__.py ~ export/generate.py (twice), export/adapters/bert.py ~ export/generate.py, "
+                     "runtime/policies/mpcache.py ~ windowkv.py, within runtime/kvcache.py, runtime/policies/base.py and "
+                     "export/passes/calibrate.py")
+def test_f_no_duplicated_code():
     if shutil.which("duplicates") is None:
         pytest.skip("the `duplicates` command is not installed on this machine")
     rows, notes = duplicate_pairs(REPO)
