@@ -83,10 +83,16 @@ def ensure_bundle(model: str, scoring: str | None, seed: int = 0, rebuild: bool 
     return target
 
 
+def _model_type(resolved) -> str:
+    """The family of a resolved model as the exporter sees it (GGUF decoders load through the llama path)."""
+    if resolved.kind == "gguf":
+        return "llama"
+    return json.loads((resolved.path / "config.json").read_text())["model_type"]
+
+
 def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True, log=print) -> dict[str, str]:
     """``{"peer_hf": dir, "peer_onnx_dir": dir, "peer_onnx": file}`` (ONNX entries only when ``need_onnx``)."""
     from edge_sel.export.adapters import adapter_for
-    from edge_sel.export import _model_type  # the same family detection the exporter uses
     from edge_sel.export.sources import resolve
 
     root = home() / "peers" / cache_key(model, scoring, seed)

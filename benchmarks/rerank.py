@@ -107,7 +107,7 @@ def _prepare(args, configs, log) -> dict:
             cmd.append("--rebuild")
         res = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=None, text=True)
         if res.returncode != 0 or not out.is_file():
-            raise SystemExit(f"edge-sel bench: preparing {args.model} failed (exit {res.returncode}); see the messages above")
+            raise SystemExit(f"benchmarks.rerank: preparing {args.model} failed (exit {res.returncode}); see the messages above")
         return json.loads(out.read_text())
 
 
@@ -344,10 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                    or str(args.model).endswith(".gguf")))]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
-        print(f"edge-sel bench: unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+        print(f"benchmarks.rerank: unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
     if args.n_docs < args.top_k or args.queries < 1 or args.runs < 1:
-        print("edge-sel bench: need --n-docs >= --top-k, --queries >= 1 and --runs >= 1", file=sys.stderr)
+        print("benchmarks.rerank: need --n-docs >= --top-k, --queries >= 1 and --runs >= 1", file=sys.stderr)
         return 2
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
