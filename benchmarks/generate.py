@@ -321,7 +321,8 @@ def _fmt(x, nd=2):
 
 
 def acceptance(results: list[dict]) -> list[str]:
-    """The issue's acceptance numbers that this benchmark measures, as lines of text."""
+    """The targets this benchmark measures (needle and perplexity against the full cache and the best press,
+    decode speed and peak RSS against transformers), as lines of text."""
     by = {r["config"]: r for r in results if "error" not in r}
     lines = []
     full, tf = by.get("edge_sel full"), by.get("transformers full")
