@@ -1,8 +1,10 @@
 """Developer benchmarks: edge_sel side by side with the engines users pick today (torch, optimum +
 onnxruntime, sentence-transformers, kvpress), plus the studies behind the defaults.
 
-Not installed with the wheel (``pip install edge-sel`` has no ``edge_sel.benchmarks``); run them from a
-checkout's root, e.g. ``python -m benchmarks.rerank --help``. Users measuring edge_sel on their own
+Not installed with the wheel (``pip install edge-sel`` has no ``edge_sel.benchmarks``); run them from the root of
+a checkout installed in editable mode (``pip install -e ".[bench]"``: from that root, the checkout's ``edge_sel/``
+folder is what ``import edge_sel`` finds, and the editable install maps its subpackages), e.g.
+``python -m benchmarks.rerank --help``. Users measuring edge_sel on their own
 device use ``edge-sel bench BUNDLE`` (:mod:`edge_sel.bench`), which needs no torch.
 """
 
