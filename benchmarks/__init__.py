@@ -4,8 +4,8 @@ onnxruntime, sentence-transformers, kvpress), plus the studies behind the defaul
 Not installed with the wheel (``pip install edge-sel`` has no ``edge_sel.benchmarks``); run them from the root of
 a checkout installed in editable mode (``pip install -e ".[bench]"``: from that root, the checkout's ``edge_sel/``
 folder is what ``import edge_sel`` finds, and the editable install maps its subpackages), e.g.
-``python -m benchmarks.rerank --help``. Users measuring edge_sel on their own
-device use ``edge-sel bench BUNDLE`` (:mod:`edge_sel.bench`), which needs no torch.
+``python -m benchmarks.rerank --help``. Users measuring edge_sel on their own device use ``edge-sel bench BUNDLE``
+(:mod:`edge_sel.bench`), which needs no torch.
 """
 
 from __future__ import annotations
