@@ -455,7 +455,7 @@ def _tokenizer(bundle: str):
     from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(bundle)
-    tok = Tokenizer.from_file(str(b.path(b.manifest["tokenizer"]["file"])))
+    tok = Tokenizer.from_file(str(b.path(b.spec.tokenizer.file)))
     tok.no_padding()
     tok.no_truncation()
     return tok

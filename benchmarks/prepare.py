@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(bundle)
-    seed = int((b.manifest.get("export") or {}).get("seed", a.seed))  # the peers get the head the bundle was exported with
+    exported = b.spec.export
+    seed = exported.seed if exported is not None and exported.seed is not None else a.seed  # the head the bundle was exported with
     res = {"bundle": str(bundle), "scoring": b.scoring}
     for kind in [v for v in a.variants.split(",") if v]:
         res[f"bundle_{kind}"] = str(ensure_variant(Path(bundle), kind, a.top_k, log=log, drop=a.drop_layers))

@@ -361,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     queries = build_queries(rr.encoder.tok, args.queries, args.n_docs, corpus=args.corpus, seed=args.seed)
     workload = encode_workload(rr.encoder, queries)
     budget = _budget(args, rr, workload)
-    tm = rr.bundle.manifest.get("token_ids", {})
+    tm = rr.bundle.spec.token_ids
     spec = {"model": args.model, "scoring": prep["scoring"], "bundle": prep["bundle"], "top_k": args.top_k,
             "runs": args.runs, "batch_size": args.batch_size, "memory_budget": budget, "pruning": args.pruning,
-            "pad_id": int(rr.bundle.manifest.get("pad_id", 0)), "yes_id": tm.get("yes"), "no_id": tm.get("no"),
+            "pad_id": rr.bundle.spec.pad_id, "yes_id": tm and tm.yes, "no_id": tm and tm.no,
             "queries": workload, "max_length": int(rr.bundle.max_length),
             **{k: v for k, v in prep.items() if k.startswith(("peer_", "bundle_"))}}
     rr.close()

@@ -13,7 +13,7 @@ API; uses everything). The rules:
     ``from m import _name``. Dunder names are not private; namedtuple's ``_replace``/``_asdict``/
     ``_fields``/``_make`` are public API despite the underscore;
 (c) no file in ``runtime/``, ``export/``, ``edge_sel/`` longer than 400 lines unless one of the first five
-    lines of its module docstring starts with ``Long because`` and says why;
+    lines of its module docstring says why, starting ``Long because …`` or ``Over ~400 lines because …``;
 (d) no reference to anything outside the repository in code or docs (tracked ``.py``/``.md``/``.toml``/
     ``.txt`` files): a design document that is not here (``DESIGN §3``), a sibling checkout
     (``../shared``), an issue tracker's issue or item (``issue 3``, ``issue 3 item 3``) — state the fact itself instead;
@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"edge_sel": "edge_sel", "export": "edge_sel.export", "runtime": "edge_sel.runtime", "devices": "edge_sel.devices"}
 FORMAT_MODULES = ("runtime/manifest.py", "runtime/bundle.py")
 MAX_LINES = 400
+LONG_REASON = re.compile(r"(long|over\s+~?\d+\s+lines)\s+because\b", re.IGNORECASE)
 NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}
 
 
@@ -198,7 +199,7 @@ def long_file_violations(root: Path, folders=("runtime", "export", "edge_sel")) 
         if n <= MAX_LINES:
             continue
         doc = ast.get_docstring(ast.parse(text)) or ""
-        if not any(line.strip().lower().startswith("long because") for line in doc.splitlines()[:5]):
+        if not any(LONG_REASON.match(line.strip()) for line in doc.splitlines()[:5]):
             out.append(f"{rel(root, path)}: {n} lines, no 'Long because ...' line in its docstring")
     return out
 
@@ -316,26 +317,26 @@ def duplicate_pairs(root: Path) -> tuple[list[str], list[str]]:
 
 
 # ---- the checks on this repository ---------------------------------------------------------------
-def _failing_at_9d2891e(what: str):
+def _failing_on_main(what: str):
     """Other engineers are refactoring these files in parallel; the lead removes the mark after integration.
     Only a failed assertion counts as the expected failure: a checker that crashes fails the test."""
-    return pytest.mark.xfail(reason=f"at 9d2891e: {what}", raises=AssertionError, strict=False)
+    return pytest.mark.xfail(reason=f"at main d9acac5: {what}", raises=AssertionError, strict=False)
 
 
 RULES = [
     pytest.param(layering_violations, id="a-no-folder-import-cycle-runtime-imports-nothing"),
-    pytest.param(private_access_violations, id="b-no-cross-module-private-access", marks=_failing_at_9d2891e(
+    pytest.param(private_access_violations, id="b-no-cross-module-private-access", marks=_failing_on_main(
         "export/passes/calibrate.py (rr._pool, runtime.early_rank._spearman), export/passes/drop_layers.py "
         "(rr._skip_layers), export/generate.py and export/passes/quantize.py (export._stage_manifest)")),
-    pytest.param(long_file_violations, id="c-no-long-file-without-a-reason", marks=_failing_at_9d2891e(
+    pytest.param(long_file_violations, id="c-no-long-file-without-a-reason", marks=_failing_on_main(
         "runtime/generator.py, runtime/reranker.py, runtime/policies/mpcache_recall.py, export/prefix_layers.py, "
         "export/passes/calibrate.py, edge_sel/cli.py are over 400 lines")),
-    pytest.param(outside_reference_violations, id="d-no-reference-outside-the-repository", marks=_failing_at_9d2891e(
-        "'DESIGN §' / 'issue 3' in runtime/bundle.py, runtime/kvcache.py, runtime/policies/base.py, runtime/sessions.py, "
+    pytest.param(outside_reference_violations, id="d-no-reference-outside-the-repository", marks=_failing_on_main(
+        "'DESIGN §' / 'issue 3' in runtime/kvcache.py, runtime/policies/base.py, runtime/sessions.py, "
         "export/__init__.py, export/graphs.py, export/prefix_layers.py, export/passes/calibrate.py, "
         "tests/test_no_torch.py, tests/test_real_models.py")),
-    pytest.param(manifest_index_violations, id="e-only-the-format-modules-index-the-manifest", marks=_failing_at_9d2891e(
-        "the typed Manifest (Bundle.spec) has not landed: edge_sel/cli.py, export/__init__.py, export/generate.py, "
+    pytest.param(manifest_index_violations, id="e-only-the-format-modules-index-the-manifest", marks=_failing_on_main(
+        "Bundle.spec has landed, but edge_sel/cli.py, export/__init__.py, export/generate.py, "
         "export/prefix_layers.py, export/passes/{calibrate,drop_layers,quantize}.py, "
         "runtime/{early_rank,embedding,generator,plan,prefix,reranker,text}.py index the raw dict")),
 ]
@@ -346,9 +347,9 @@ def test_the_repository_follows_the_rule(rule):
     assert rule(REPO) == []
 
 
-@_failing_at_9d2891e("export/__init__.py ~ export/generate.py (twice), export/adapters/bert.py ~ export/generate.py, "
-                     "runtime/policies/mpcache.py ~ windowkv.py, within runtime/kvcache.py, runtime/policies/base.py and "
-                     "export/passes/calibrate.py")
+@_failing_on_main("export/__init__.py ~ export/generate.py (twice), export/adapters/bert.py ~ export/generate.py, "
+                     "runtime/policies/mpcache.py ~ windowkv.py, within runtime/kvcache.py, runtime/manifest.py, "
+                     "runtime/policies/base.py and export/passes/calibrate.py")
 def test_f_no_duplicated_code():
     if shutil.which("duplicates") is None:
         pytest.skip("the `duplicates` command is not installed on this machine")
@@ -376,6 +377,7 @@ def test_checks_catch_planted_violations(tmp_path):
         "edge_sel/__init__.py": "from edge_sel.runtime import engine\n",
         "edge_sel/cli.py": '"""The CLI."""\n' + "x = 1\n" * 401,
         "edge_sel/ok.py": '"""Fine.\n\nLong because one table of 402 rows reads best in one place."""\n' + "x = 1\n" * 402,
+        "export/ok.py": '"""Fine.\n\nOver ~400 lines because it is one table."""\n' + "x = 1\n" * 402,
         "docs/NOTES.md": "See DESIGN §3 and ../shared/x.md; issue 3 item 3.\n",
     })
     errs = layering_violations(bad)
