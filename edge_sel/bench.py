@@ -119,11 +119,21 @@ def _timed(call, settings: Settings) -> tuple[list[float], int, Any]:
 
 
 # ---- rerank ---------------------------------------------------------------------------------------
-def _documents(rr, settings: Settings, n: int) -> list[str]:
+def bundle_tokenizer(bundle: Bundle):
+    """The bundle's own ``tokenizers.Tokenizer`` (no padding, no truncation): counts tokens as the engines do."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(bundle.path(bundle.spec.tokenizer.file)))
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _documents(tok, settings: Settings, n: int) -> list[str]:
     if settings.documents is not None:
         docs = settings.documents
         return [docs[i % len(docs)] for i in range(n)]  # fewer documents than N: cycled
-    return [cut_to_tokens(rr.encoder.tok, synthetic_text(settings.doc_tokens, settings.seed * 100_003 + i), settings.doc_tokens)
+    return [cut_to_tokens(tok, synthetic_text(settings.doc_tokens, settings.seed * 100_003 + i), settings.doc_tokens)
             for i in range(n)]
 
 
@@ -131,10 +141,11 @@ def bench_rerank(bundle: Bundle, settings: Settings) -> list[dict[str, Any]]:
     from edge_sel.runtime import Reranker
 
     query = settings.query or synthetic_text(8, settings.seed + 7)
+    tok = bundle_tokenizer(bundle)
 
     def measure(rr, n: int) -> dict[str, Any]:
-        docs = _documents(rr, settings, n)
-        tokens = [len(rr.encoder.tok.encode(d, add_special_tokens=False).ids) for d in docs]
+        docs = _documents(tok, settings, n)
+        tokens = [len(tok.encode(d, add_special_tokens=False).ids) for d in docs]
         times, peak, _ = _timed(lambda: rr.rank(query, docs, top_k=min(settings.top_k, n)), settings)
         st = rr.last_stats
         return {"doc_tokens_mean": sum(tokens) / len(tokens), "median_s": median(times), "min_s": min(times),

@@ -8,22 +8,19 @@ import sys
 
 import pytest
 
-from edge_sel.bench import Settings, cut_to_tokens, run, synthetic_text, table
+from edge_sel.bench import Settings, bundle_tokenizer, cut_to_tokens, run, synthetic_text, table
 from edge_sel.cli import main
 from edge_sel.runtime.units import parse_size
 
 
-def test_synthetic_candidates_have_the_asked_token_count(bert_bi_bundle):
-    from edge_sel.runtime import Reranker
+def test_synthetic_candidates_have_the_asked_token_count(bert_bi_bundle, llama_bundle):
+    from edge_sel.runtime import Bundle
 
-    rr = Reranker(bert_bi_bundle)
-    try:
-        tok = rr.encoder.tok
+    for bundle in (bert_bi_bundle, llama_bundle):  # WordPiece and byte-level BPE
+        tok = bundle_tokenizer(Bundle.open(bundle))
         for n in (1, 7, 40):
             text = cut_to_tokens(tok, synthetic_text(n * 3, seed=n), n)
             assert len(tok.encode(text, add_special_tokens=False).ids) == n
-    finally:
-        rr.close()
 
 
 def test_rerank_grid_budget_and_pruning(bert_bi_bundle):
