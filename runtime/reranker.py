@@ -26,7 +26,7 @@ from edge_sel.runtime.units import format_size, parse_size
 
 from .early_rank import LayerScorer, Schedule, prune_mask, prune_rank_mask
 from .embedding import Embedder
-from .plan import Planner
+from .planning import Planner
 from .prefix import PairStream, is_split, qkv_weight_bytes, run_candidates, run_prefix
 from .sessions import load_session
 from .spill import HiddenSpill
