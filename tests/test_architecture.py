@@ -320,7 +320,7 @@ def duplicate_pairs(root: Path) -> tuple[list[str], list[str]]:
 def _failing_on_main(what: str):
     """Other engineers are refactoring these files in parallel; the lead removes the mark after integration.
     Only a failed assertion counts as the expected failure: a checker that crashes fails the test."""
-    return pytest.mark.xfail(reason=f"at main d9acac5: {what}", raises=AssertionError, strict=False)
+    return pytest.mark.xfail(reason=f"at main bc93a16: {what}", raises=AssertionError, strict=False)
 
 
 RULES = [
@@ -329,16 +329,13 @@ RULES = [
         "export/passes/calibrate.py (rr._pool, runtime.early_rank._spearman), export/passes/drop_layers.py "
         "(rr._skip_layers), export/generate.py and export/passes/quantize.py (export._stage_manifest)")),
     pytest.param(long_file_violations, id="c-no-long-file-without-a-reason", marks=_failing_on_main(
-        "runtime/generator.py, runtime/reranker.py, runtime/policies/mpcache_recall.py, export/prefix_layers.py, "
-        "export/passes/calibrate.py, edge_sel/cli.py are over 400 lines")),
+        "edge_sel/cli.py, export/passes/calibrate.py, export/prefix_layers.py, runtime/reranker.py are over 400 lines")),
     pytest.param(outside_reference_violations, id="d-no-reference-outside-the-repository", marks=_failing_on_main(
-        "'DESIGN §' / 'issue 3' in runtime/kvcache.py, runtime/policies/base.py, runtime/sessions.py, "
-        "export/__init__.py, export/graphs.py, export/prefix_layers.py, export/passes/calibrate.py, "
-        "tests/test_no_torch.py, tests/test_real_models.py")),
+        "'DESIGN §' / 'issue 3' in export/__init__.py, export/graphs.py, export/prefix_layers.py, "
+        "export/passes/calibrate.py, tests/test_no_torch.py, tests/test_real_models.py")),
     pytest.param(manifest_index_violations, id="e-only-the-format-modules-index-the-manifest", marks=_failing_on_main(
-        "Bundle.spec has landed, but edge_sel/cli.py, export/__init__.py, export/generate.py, "
-        "export/prefix_layers.py, export/passes/{calibrate,drop_layers,quantize}.py, "
-        "runtime/{early_rank,embedding,generator,plan,prefix,reranker,text}.py index the raw dict")),
+        "edge_sel/cli.py, export/{__init__,generate,prefix_layers}.py, export/passes/{calibrate,drop_layers,quantize}.py, "
+        "runtime/{early_rank,embedding,prefix,reranker,text}.py still index the raw manifest dict")),
 ]
 
 
@@ -348,8 +345,8 @@ def test_the_repository_follows_the_rule(rule):
 
 
 @_failing_on_main("export/__init__.py ~ export/generate.py (twice), export/adapters/bert.py ~ export/generate.py, "
-                     "runtime/policies/mpcache.py ~ windowkv.py, within runtime/kvcache.py, runtime/manifest.py, "
-                     "runtime/policies/base.py and export/passes/calibrate.py")
+                  "runtime/policies/snapkv.py ~ windowkv.py, within runtime/manifest.py, runtime/kvcache.py, "
+                  "runtime/policies/composite.py and export/passes/calibrate.py")
 def test_f_no_duplicated_code():
     if shutil.which("duplicates") is None:
         pytest.skip("the `duplicates` command is not installed on this machine")
