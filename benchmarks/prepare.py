@@ -52,8 +52,8 @@ def _atomic_dir(target: Path, build) -> Path:
 
 def _upgrade(target: Path, log) -> None:
     """Bring a cached rerank bundle with split layers to the exporter's current rerank graph form (same weights, same
-    scores within float rounding; see ``edge_sel.export.prefix_layers.fuse_bundle_attention``) — cheaper than --rebuild."""
-    from edge_sel.export.prefix_layers import fuse_bundle_attention
+    scores within float rounding; see ``edge_sel.export.passes.upgrade.fuse_bundle_attention``) — cheaper than --rebuild."""
+    from edge_sel.export.passes.upgrade import fuse_bundle_attention
 
     if fuse_bundle_attention(target):
         log(f"upgraded {target.name}: current rerank graph form (fused attention over KV heads, RotaryEmbedding)")
@@ -83,16 +83,9 @@ def ensure_bundle(model: str, scoring: str | None, seed: int = 0, rebuild: bool 
     return target
 
 
-def _model_type(resolved) -> str:
-    """The family of a resolved model as the exporter sees it (GGUF decoders load through the llama path)."""
-    if resolved.kind == "gguf":
-        return "llama"
-    return json.loads((resolved.path / "config.json").read_text())["model_type"]
-
-
 def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True, log=print) -> dict[str, str]:
     """``{"peer_hf": dir, "peer_onnx_dir": dir, "peer_onnx": file}`` (ONNX entries only when ``need_onnx``)."""
-    from edge_sel.export.adapters import adapter_for
+    from edge_sel.export.adapters import adapter_for_model
     from edge_sel.export.sources import resolve
 
     root = home() / "peers" / cache_key(model, scoring, seed)
@@ -100,7 +93,7 @@ def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True
 
     def save_hf(tmp: Path) -> None:
         log(f"writing the peers' Hugging Face copy of {model} to {root / 'hf'} (first run only)")
-        adapter = adapter_for(_model_type(resolved))
+        adapter = adapter_for_model(resolved)  # the family the exporter would pick
         m, tok = adapter.load(resolved, scoring, seed)
         m.save_pretrained(tmp)
         tok.save_pretrained(tmp)
