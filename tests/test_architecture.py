@@ -320,22 +320,21 @@ def duplicate_pairs(root: Path) -> tuple[list[str], list[str]]:
 def _failing_on_main(what: str):
     """Other engineers are refactoring these files in parallel; the lead removes the mark after integration.
     Only a failed assertion counts as the expected failure: a checker that crashes fails the test."""
-    return pytest.mark.xfail(reason=f"at main bc93a16: {what}", raises=AssertionError, strict=False)
+    return pytest.mark.xfail(reason=f"at main ab0a687: {what}", raises=AssertionError, strict=False)
 
 
 RULES = [
     pytest.param(layering_violations, id="a-no-folder-import-cycle-runtime-imports-nothing"),
     pytest.param(private_access_violations, id="b-no-cross-module-private-access", marks=_failing_on_main(
         "export/passes/calibrate.py (rr._pool, runtime.early_rank._spearman), export/passes/drop_layers.py "
-        "(rr._skip_layers), export/generate.py and export/passes/quantize.py (export._stage_manifest)")),
+        "(rr._skip_layers)")),
     pytest.param(long_file_violations, id="c-no-long-file-without-a-reason", marks=_failing_on_main(
-        "edge_sel/cli.py, export/passes/calibrate.py, export/prefix_layers.py, runtime/reranker.py are over 400 lines")),
+        "edge_sel/cli.py, export/passes/calibrate.py, runtime/reranker.py are over 400 lines")),
     pytest.param(outside_reference_violations, id="d-no-reference-outside-the-repository", marks=_failing_on_main(
-        "'DESIGN §' / 'issue 3' in export/__init__.py, export/graphs.py, export/prefix_layers.py, "
-        "export/passes/calibrate.py, tests/test_no_torch.py, tests/test_real_models.py")),
+        "'issue 3' in export/passes/calibrate.py, 'DESIGN §' in tests/test_no_torch.py, tests/test_real_models.py")),
     pytest.param(manifest_index_violations, id="e-only-the-format-modules-index-the-manifest", marks=_failing_on_main(
-        "edge_sel/cli.py, export/{__init__,generate,prefix_layers}.py, export/passes/{calibrate,drop_layers,quantize}.py, "
-        "runtime/{early_rank,embedding,prefix,reranker,text}.py still index the raw manifest dict")),
+        "edge_sel/cli.py, export/passes/{calibrate,drop_layers}.py, runtime/{early_rank,embedding,prefix,reranker,text}.py "
+        "still index the raw manifest dict")),
 ]
 
 
@@ -344,8 +343,7 @@ def test_the_repository_follows_the_rule(rule):
     assert rule(REPO) == []
 
 
-@_failing_on_main("export/__init__.py ~ export/generate.py (twice), export/adapters/bert.py ~ export/generate.py, "
-                  "runtime/policies/snapkv.py ~ windowkv.py, within runtime/manifest.py, runtime/kvcache.py, "
+@_failing_on_main("runtime/policies/snapkv.py ~ windowkv.py, within runtime/manifest.py, runtime/kvcache.py, "
                   "runtime/policies/composite.py and export/passes/calibrate.py")
 def test_f_no_duplicated_code():
     if shutil.which("duplicates") is None:
