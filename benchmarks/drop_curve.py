@@ -1,11 +1,11 @@
 """What dropping layers costs a bundle's ranking: top-10 agreement with the full model as 1, 2, ... L-1 layers go.
 
-    python -m edge_sel.benchmarks.drop_curve BUNDLE [--queries 16] [--candidates 64] [--out f.json]
+    python -m benchmarks.drop_curve BUNDLE [--queries 16] [--candidates 64] [--out f.json]
 
 Layers are taken in the order ``edge-sel export --drop-layers N`` would take them (``edge_sel.export.passes.drop_layers``:
 each layer's own measured top-10 overlap when skipped alone, ties broken by block influence), and the agreement of
 the cumulative drop is measured on the builtin calibration text (never the benchmark text), with the runtime only.
-Used for issue 3's configuration (g) on the encoders: a latency target of 0.5x needs about half the layers gone.
+Used for configuration (g) (dropped layers) on the encoders: a latency target of 0.5x needs about half the layers gone.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Item 0 of issue 3: how to score an intermediate layer, measured per model; plus calibrated schedules on held-out queries.
+"""How to score an intermediate layer, measured per model; plus calibrated schedules on held-out queries.
 
-    python -m edge_sel.benchmarks.early_rank_study BUNDLE [--cal-queries 32] [--held-out 16] [--candidates 48] [--out f.json]
+    python -m benchmarks.early_rank_study BUNDLE [--cal-queries 32] [--held-out 16] [--candidates 48] [--out f.json]
 
 Calibration: ``edge_sel.export.passes.calibrate.builtin_data`` (docstrings of CALIBRATION_MODULES, disjoint from
 the benchmark pool). Held-out: queries/passages from ``edge_sel.export.textdata.docstring_pairs()`` (the benchmark

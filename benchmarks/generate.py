@@ -1,6 +1,6 @@
-"""``edge-sel bench generate``: KV-budgeted generation side by side, one fresh process per configuration.
+"""``python -m benchmarks.generate``: KV-budgeted generation side by side, one fresh process per configuration.
 
-Workloads, all on Project Gutenberg's *Botchan* (``edge_sel.export.textdata.botchan``; DESIGN §5):
+Workloads, all on Project Gutenberg's *Botchan* (``edge_sel.export.textdata.botchan``, public domain):
 
 * **needle in a haystack** (RULER-style): "The special magic number for <word> is <7 digits>." hidden at
   depth 10/50/90% of a 1k/2k/4k-token haystack; the question ("... Answer: The special magic number
@@ -20,16 +20,16 @@ so every configuration sees the same ids and the same exact-match rule.
 Configurations: ``edge_sel full``, every ``--policies`` policy at every ``--ratios`` ratio (fraction
 of the context KEPT), ``transformers full`` (torch, full cache, same weights), and every ``--presses``
 kvpress press at the same ratios (kvpress's ``compression_ratio`` is the fraction REMOVED: 1 - ratio),
-run from their own venv (``$EDGE_SEL_HOME/venvs/kvpress-0.5.5``, built on first use; DESIGN §5).
+run from their own venv (``$EDGE_SEL_HOME/venvs/kvpress-0.5.5``, built on first use: kvpress needs transformers 5.x).
 Each configuration runs as one fresh process per part (each context length's needle prompts, and
 the perplexity), so an interrupted run keeps every finished part. Parts run in priority order: the
 full caches, ratio 0.2 for mpcache and the presses, 0.1 the same (at 1k + perplexity, then 2k, then
 4k), then the other policies at 0.2/0.1, then ratio 0.5; results are written to ``--out`` after every
 part, and ``--resume`` skips the parts already there.
 
-    edge-sel bench generate --bundle bundles/smol-gen --out gen.json --markdown gen.md
-    edge-sel bench generate --bundle bundles/smol-gen --quick
-    edge-sel bench generate --bundle bundles/smol-gen --out gen.json --resume --configs "@0.2,full"
+    python -m benchmarks.generate --bundle bundles/smol-gen --out gen.json --markdown gen.md
+    python -m benchmarks.generate --bundle bundles/smol-gen --quick
+    python -m benchmarks.generate --bundle bundles/smol-gen --out gen.json --resume --configs "@0.2,full"
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from . import child_env, module_cmd
 
 WORDS = ["apple", "river", "copper", "falcon", "meadow", "violet", "harbor", "cactus", "summit", "lantern", "pepper",
          "glacier", "orchid", "thunder", "marble", "willow", "saffron", "canyon", "ember", "quartz"]
@@ -319,7 +321,8 @@ def _fmt(x, nd=2):
 
 
 def acceptance(results: list[dict]) -> list[str]:
-    """The issue's acceptance numbers that this benchmark measures, as lines of text."""
+    """The targets this benchmark measures (needle and perplexity against the full cache and the best press,
+    decode speed and peak RSS against transformers), as lines of text."""
     by = {r["config"]: r for r in results if "error" not in r}
     lines = []
     full, tf = by.get("edge_sel full"), by.get("transformers full")
@@ -441,7 +444,7 @@ def markdown(doc: dict) -> str:
                 out.append(f"- {r['config']}: not measured yet: {', '.join(r['missing_parts'])}")
     acc = acceptance(res)
     if acc:
-        out += ["", "Acceptance (issue 4):", ""] + acc
+        out += ["", "Acceptance:", ""] + acc
     return "\n".join(out) + "\n"
 
 
@@ -452,7 +455,7 @@ def _tokenizer(bundle: str):
     from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(bundle)
-    tok = Tokenizer.from_file(str(b.path(b.manifest["tokenizer"]["file"])))
+    tok = Tokenizer.from_file(str(b.path(b.spec.tokenizer.file)))
     tok.no_padding()
     tok.no_truncation()
     return tok
@@ -466,15 +469,15 @@ def _run_one(cfg: dict, tmp: str, bundle: str, kvpress_py: Path | None) -> dict:
     if cfg["kind"] == "kvpress":
         cmd = [str(kvpress_py), str(HERE / "kvpress_worker.py"), cpath]
     else:
-        cmd = [sys.executable, "-m", "edge_sel.benchmarks.generate", "--bundle", bundle, "--worker", cpath]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+        cmd = module_cmd("generate", "--bundle", bundle, "--worker", cpath)
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:] or f"exit {proc.returncode}")
     return json.loads(Path(cfg["result"]).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edge-sel bench generate", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", required=True, help="a generate bundle (edge-sel export MODEL --task generate)")
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the same model for the torch peers")
@@ -544,11 +547,11 @@ def main(argv: list[str] | None = None) -> int:
     common = {"bundle": bundle, "model": a.model, "cases": cases, "ppl": ppl, "threads": a.threads, "max_new": a.max_new}
     kvpress_py = None
     if any(c["kind"] in ("transformers", "kvpress") for c in cfgs):
-        from edge_sel.benchmarks.prepare import ensure_peers
+        from .prepare import ensure_peers
 
         common["hf_dir"] = ensure_peers(a.model, "yes_no", 0, need_onnx=False, log=print)["peer_hf"]  # same weights as the bundle
     if any(c["kind"] == "kvpress" for c in cfgs):
-        from edge_sel.benchmarks.peer_env import PeerEnvError, ensure_kvpress_env, env_info
+        from .peer_env import PeerEnvError, ensure_kvpress_env, env_info
 
         try:
             kvpress_py = ensure_kvpress_env(log=print)

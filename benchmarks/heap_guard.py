@@ -1,6 +1,6 @@
 """A budgeted call's RSS growth in a fresh and in a fragmented process, with the heap guard on and off.
 
-    python -m edge_sel.benchmarks.heap_guard BUNDLE --budget 53MiB [--n-docs 128] [--queries 3] [--calls 2] [--out f.json]
+    python -m benchmarks.heap_guard BUNDLE --budget 53MiB [--n-docs 128] [--queries 3] [--calls 2] [--out f.json]
 
 Each cell runs in its own process (``EDGE_SEL_HEAP_GUARD`` = 0 turns the guard off). "Fragmented" frees every other
 one of ``--blocks`` malloc'd blocks of 0.2-200 KB and trims the heap before the timed calls, as a long-lived host
@@ -17,11 +17,13 @@ import subprocess
 import sys
 import time
 
+from . import child_env, module_cmd
+
 
 def _worker(args) -> dict:
     import numpy as np
 
-    from edge_sel.benchmarks.workload import build_queries
+    from .workload import build_queries
     from edge_sel.runtime.memory import trim_heap
     from edge_sel.runtime import Reranker
 
@@ -66,10 +68,10 @@ def main(argv=None) -> int:
     cells = []
     for fragmented in (False, True):
         for guard in ("0", "0.75"):
-            cmd = [sys.executable, "-m", "edge_sel.benchmarks.heap_guard", args.bundle, "--budget", args.budget,
-                   "--n-docs", str(args.n_docs), "--queries", str(args.queries), "--calls", str(args.calls),
-                   "--blocks", str(args.blocks), "--worker"] + (["--fragmented"] if fragmented else [])
-            out = subprocess.run(cmd, env={**os.environ, "EDGE_SEL_HEAP_GUARD": guard}, capture_output=True, text=True)
+            cmd = module_cmd("heap_guard", args.bundle, "--budget", args.budget, "--n-docs", str(args.n_docs),
+                             "--queries", str(args.queries), "--calls", str(args.calls), "--blocks", str(args.blocks),
+                             "--worker") + (["--fragmented"] if fragmented else [])
+            out = subprocess.run(cmd, env={**child_env(), "EDGE_SEL_HEAP_GUARD": guard}, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.stderr.write(out.stderr)
                 return out.returncode

@@ -1,4 +1,4 @@
-"""One kvpress configuration of ``edge-sel bench generate``, run by the kvpress venv's python
+"""One kvpress configuration of ``python -m benchmarks.generate``, run by the kvpress venv's python
 (``benchmarks/peer_env.py``: kvpress 0.5.5, transformers 5.x, torch 2.13.0).
 
 Standalone on purpose: it imports only the standard library, torch, transformers and kvpress (never

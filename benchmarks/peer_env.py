@@ -1,5 +1,5 @@
-"""The kvpress peer's own virtual environment (DESIGN §5: kvpress 0.5.5 needs transformers 5.x, edge_sel's
-export side pins transformers 4.57.6).
+"""The kvpress peer's own virtual environment (kvpress 0.5.5 needs transformers 5.x, edge_sel's export
+side pins transformers 4.57.6, so the two cannot share one environment).
 
 ``ensure_kvpress_env()`` creates ``$EDGE_SEL_HOME/venvs/kvpress-0.5.5/`` once and returns its python:
 

@@ -52,8 +52,8 @@ def _atomic_dir(target: Path, build) -> Path:
 
 def _upgrade(target: Path, log) -> None:
     """Bring a cached rerank bundle with split layers to the exporter's current rerank graph form (same weights, same
-    scores within float rounding; see ``edge_sel.export.prefix_layers.fuse_bundle_attention``) — cheaper than --rebuild."""
-    from edge_sel.export.prefix_layers import fuse_bundle_attention
+    scores within float rounding; see ``edge_sel.export.passes.upgrade.fuse_bundle_attention``) — cheaper than --rebuild."""
+    from edge_sel.export.passes.upgrade import fuse_bundle_attention
 
     if fuse_bundle_attention(target):
         log(f"upgraded {target.name}: current rerank graph form (fused attention over KV heads, RotaryEmbedding)")
@@ -85,8 +85,7 @@ def ensure_bundle(model: str, scoring: str | None, seed: int = 0, rebuild: bool 
 
 def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True, log=print) -> dict[str, str]:
     """``{"peer_hf": dir, "peer_onnx_dir": dir, "peer_onnx": file}`` (ONNX entries only when ``need_onnx``)."""
-    from edge_sel.export.adapters import adapter_for
-    from edge_sel.export import _model_type  # the same family detection the exporter uses
+    from edge_sel.export.adapters import adapter_for_model
     from edge_sel.export.sources import resolve
 
     root = home() / "peers" / cache_key(model, scoring, seed)
@@ -94,7 +93,7 @@ def ensure_peers(model: str, scoring: str, seed: int = 0, need_onnx: bool = True
 
     def save_hf(tmp: Path) -> None:
         log(f"writing the peers' Hugging Face copy of {model} to {root / 'hf'} (first run only)")
-        adapter = adapter_for(_model_type(resolved))
+        adapter = adapter_for_model(resolved)  # the family the exporter would pick
         m, tok = adapter.load(resolved, scoring, seed)
         m.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -152,7 +151,7 @@ def ensure_variant(base: Path, kind: str, top_k: int, log=print, drop: str = "au
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m edge_sel.benchmarks.prepare MODEL SCORING SEED NEED OUT.json [--bundle B|--rebuild] [--variants V] [--top-k K]``
+    """``python -m benchmarks.prepare MODEL SCORING SEED NEED OUT.json [--bundle B|--rebuild] [--variants V] [--top-k K]``
     (used by the parent).
 
     NEED: ``onnx`` (HF copy + optimum export), ``hf`` (HF copy only) or ``none``; ``--bundle``: use it, don't
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    ap = argparse.ArgumentParser(prog="python -m edge_sel.benchmarks.prepare")
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.prepare")
     ap.add_argument("model")
     ap.add_argument("scoring")
     ap.add_argument("seed", type=int)
@@ -180,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(bundle)
-    seed = int((b.manifest.get("export") or {}).get("seed", a.seed))  # the peers get the head the bundle was exported with
+    exported = b.spec.export
+    seed = exported.seed if exported is not None and exported.seed is not None else a.seed  # the head the bundle was exported with
     res = {"bundle": str(bundle), "scoring": b.scoring}
     for kind in [v for v in a.variants.split(",") if v]:
         res[f"bundle_{kind}"] = str(ensure_variant(Path(bundle), kind, a.top_k, log=log, drop=a.drop_layers))

@@ -1,11 +1,11 @@
-"""How much layer-work can candidate pruning save *at best* on a bundle? (issue 3, the encoders' latency target)
+"""How much layer-work can candidate pruning save *at best* on a bundle? (what bounds the encoders' latency)
 
-    python -m edge_sel.benchmarks.pruning_bound BUNDLE [--queries 10] [--n-docs 128] [--top-k 10] [--out f.json]
+    python -m benchmarks.pruning_bound BUNDLE [--queries 10] [--n-docs 128] [--top-k 10] [--out f.json]
 
 Progressive pruning (GRATING) keeps, at a pruning layer, the best-scored live candidates by an early scorer.
 Whatever rule sets the cut (score margin or rank), it keeps a *prefix* of that layer's early ranking, and the
 final top-K is only safe if the prefix reaches the deepest final top-K member. This script measures that depth
-on the benchmark's own queries (``edge-sel bench rerank``'s workload: same queries, same N) and the layer-work
+on the benchmark's own queries (``python -m benchmarks.rerank``'s workload: same queries, same N) and the layer-work
 an **oracle** would do if it knew, per query, exactly how deep to cut — a lower bound for every prefix rule on
 that scorer, calibrated or not:
 

@@ -1,4 +1,4 @@
-"""``edge-sel bench rerank``: edge_sel side by side with the engines users pick today, one fresh process each.
+"""``python -m benchmarks.rerank``: edge_sel side by side with the engines users pick today, one fresh process each.
 
 Configurations (``--configs``, default all, in this order):
   torch            transformers eager, full model (the reference for top-K agreement and score parity)
@@ -13,8 +13,8 @@ Every configuration scores the same token ids (built once by edge_sel's encoder,
 a warm-up pass over all queries; latency is the median over ``--runs`` passes of the mean time per query.
 Memory definitions are in ``rerank_worker``'s docstring (base / idle / peak RSS, model share = peak - idle).
 
-    edge-sel bench rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out results.json
-    edge-sel bench rerank --model all-minilm-l6-v2 --quick
+    python -m benchmarks.rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out results.json
+    python -m benchmarks.rerank --model all-minilm-l6-v2 --quick
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import child_env, module_cmd
 from .rerank_worker import CONFIGS
 
 DEFAULT_BUDGETS = {"smollm2-135m-instruct": "128MB", "all-minilm-l6-v2": "80MB"}  # 64MB: below the minimum for 256-token docs (61.2 MiB)
@@ -39,21 +40,21 @@ LABELS = {"torch": "transformers (torch eager)", "optimum": "optimum ORTModel", 
           "edge_sel_pruned": "edge_sel pruned", "edge_sel_pruned_budget": "edge_sel pruned, budget {budget}",
           "edge_sel_dropped": "edge_sel pruned, dropped layers"}
 PRUNED = ("edge_sel_pruned", "edge_sel_pruned_budget", "edge_sel_dropped")
-# acceptance targets of issue 2 (SmolLM2, N=64, K=10)
+# targets for edge_sel all resident and under a budget, against the bare session (SmolLM2, N=64, K=10)
 TARGETS = {"budget_peak_vs_ort": 0.35, "budget_share_slack": 1.10, "resident_latency_vs_ort": 1.2, "budget_latency_vs_ort": 2.0}
-# acceptance targets of issue 3 (N=128, K=10): (e) = edge_sel_pruned, (f) = edge_sel_pruned_budget
+# targets for pruning (N=128, K=10): (e) = edge_sel_pruned, (f) = edge_sel_pruned_budget
 TARGETS_PRUNED = {"same_top_k": 0.95, "overlap": 0.99, "decoder_latency_vs_ort": 0.35, "encoder_latency_vs_ort": 0.5,
                   "budget_peak_vs_ort": 0.25, "budget_latency_vs_ort": 0.5}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="edge-sel bench rerank",
+        prog="python -m benchmarks.rerank",
         description="Rerank benchmark: edge_sel vs transformers, optimum ORTModel and a bare onnxruntime session, "
                     "each configuration in a fresh process, on real text (Botchan windows + CPython docstrings).",
-        epilog="examples:\n  edge-sel bench rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out r.json\n"
-               "  edge-sel bench rerank --model all-minilm-l6-v2 --scoring cross_encoder\n"
-               "  edge-sel bench rerank --model all-minilm-l6-v2 --quick --configs ort,edge_sel",
+        epilog="examples:\n  python -m benchmarks.rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out r.json\n"
+               "  python -m benchmarks.rerank --model all-minilm-l6-v2 --scoring cross_encoder\n"
+               "  python -m benchmarks.rerank --model all-minilm-l6-v2 --quick --configs ort,edge_sel",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="packaged name, HF directory or .gguf (default: %(default)s)")
     p.add_argument("--scoring", choices=["yes_no", "cross_encoder", "bi_encoder"], help="default: the model's own")
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _env() -> dict:
-    env = dict(os.environ)
+    env = child_env()
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -98,15 +99,15 @@ def _prepare(args, configs, log) -> dict:
                 if set(names) & set(configs)]
     with tempfile.TemporaryDirectory(prefix="edge_sel-bench-") as tmp:
         out = Path(tmp) / "prep.json"
-        cmd = [sys.executable, "-m", "edge_sel.benchmarks.prepare", args.model, args.scoring or "default", str(args.seed), need, str(out),
-               "--top-k", str(args.top_k), "--variants", ",".join(variants), "--drop-layers", str(args.drop_layers)]
+        cmd = module_cmd("prepare", args.model, args.scoring or "default", str(args.seed), need, str(out),
+                         "--top-k", str(args.top_k), "--variants", ",".join(variants), "--drop-layers", str(args.drop_layers))
         if args.bundle:
             cmd += ["--bundle", str(Path(args.bundle).resolve())]
         elif args.rebuild:
             cmd.append("--rebuild")
         res = subprocess.run(cmd, env=_env(), stdout=subprocess.PIPE, stderr=None, text=True)
         if res.returncode != 0 or not out.is_file():
-            raise SystemExit(f"edge-sel bench: preparing {args.model} failed (exit {res.returncode}); see the messages above")
+            raise SystemExit(f"benchmarks.rerank: preparing {args.model} failed (exit {res.returncode}); see the messages above")
         return json.loads(out.read_text())
 
 
@@ -212,7 +213,7 @@ def acceptance(rows: dict, budget: int) -> list[dict]:
 
 
 def acceptance_pruned(rows: dict, scoring: str) -> list[dict]:
-    """Issue 3's targets for (e) pruning + prefix reuse and (f) the same under a tight budget."""
+    """The targets for (e) pruning + prefix reuse and (f) the same under a tight budget."""
     T = TARGETS_PRUNED
     checks = []
     ort = rows.get("ort")
@@ -343,10 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                    or str(args.model).endswith(".gguf")))]
     bad = [c for c in configs if c not in CONFIGS]
     if bad or not configs:
-        print(f"edge-sel bench: unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
+        print(f"benchmarks.rerank: unknown configuration(s) {bad}; choose from {', '.join(CONFIGS)}", file=sys.stderr)
         return 2
     if args.n_docs < args.top_k or args.queries < 1 or args.runs < 1:
-        print("edge-sel bench: need --n-docs >= --top-k, --queries >= 1 and --runs >= 1", file=sys.stderr)
+        print("benchmarks.rerank: need --n-docs >= --top-k, --queries >= 1 and --runs >= 1", file=sys.stderr)
         return 2
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -360,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     queries = build_queries(rr.encoder.tok, args.queries, args.n_docs, corpus=args.corpus, seed=args.seed)
     workload = encode_workload(rr.encoder, queries)
     budget = _budget(args, rr, workload)
-    tm = rr.bundle.manifest.get("token_ids", {})
+    tm = rr.bundle.spec.token_ids
     spec = {"model": args.model, "scoring": prep["scoring"], "bundle": prep["bundle"], "top_k": args.top_k,
             "runs": args.runs, "batch_size": args.batch_size, "memory_budget": budget, "pruning": args.pruning,
-            "pad_id": int(rr.bundle.manifest.get("pad_id", 0)), "yes_id": tm.get("yes"), "no_id": tm.get("no"),
+            "pad_id": rr.bundle.spec.pad_id, "yes_id": tm and tm.yes, "no_id": tm and tm.no,
             "queries": workload, "max_length": int(rr.bundle.max_length),
             **{k: v for k, v in prep.items() if k.startswith(("peer_", "bundle_"))}}
     rr.close()
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         spec_path.write_text(json.dumps(spec))
         for c in configs:
             out = Path(tmp) / f"{c}.json"
-            cmd = [sys.executable, "-m", "edge_sel.benchmarks.rerank_worker", "--config", c, "--spec", str(spec_path), "--out", str(out)]
+            cmd = module_cmd("rerank_worker", "--config", c, "--spec", str(spec_path), "--out", str(out))
             la = os.getloadavg()[0]
             log(f"[{c}] running in a fresh process (load average {la:.2f}) ...")
             t = time.perf_counter()
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": args.model, "scoring": prep["scoring"], "n_docs": args.n_docs, "queries": args.queries,
             "top_k": args.top_k, "runs": args.runs, "batch_size": args.batch_size, "corpus": args.corpus, "pruning": args.pruning,
             "memory_budget": budget, "memory_budget_text": format_size(budget),
-            "command": "edge-sel bench rerank " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m benchmarks.rerank " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "loadavg_before": [round(x, 2) for x in load_before], "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "commit": _git_commit(), "bundle": prep["bundle"], "reference": reference_name(results),

@@ -1,8 +1,8 @@
 """One configuration of the rerank benchmark, in its own fresh process.
 
-    python -m edge_sel.benchmarks.rerank_worker --config ort --spec spec.json --json
+    python -m benchmarks.rerank_worker --config ort --spec spec.json --json
 
-The parent (``edge_sel.benchmarks.rerank``) writes ``spec.json`` (model paths, the token ids of
+The parent (``benchmarks.rerank``) writes ``spec.json`` (model paths, the token ids of
 every query's candidates, top-K, runs); this worker loads one engine, scores every query once as a
 warm-up (the scores of that pass are the ones compared between configurations), then times ``runs``
 passes over all queries, and reports JSON.
@@ -379,10 +379,10 @@ def run(config: str, spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edge_sel.benchmarks.rerank_worker",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.rerank_worker",
                                 description="Run one rerank-benchmark configuration in this (fresh) process.")
     p.add_argument("--config", required=True, choices=CONFIGS)
-    p.add_argument("--spec", required=True, help="spec JSON written by `edge-sel bench rerank`")
+    p.add_argument("--spec", required=True, help="spec JSON written by `python -m benchmarks.rerank`")
     p.add_argument("--json", action="store_true", help="print the result JSON on stdout")
     p.add_argument("--out", help="write the result JSON to this file")
     args = p.parse_args(argv)

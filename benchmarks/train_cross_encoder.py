@@ -1,10 +1,9 @@
-"""Fine-tune the packaged all-MiniLM-L6-v2 into a cross-encoder on CPython docstrings (issue 3, item 5).
+"""Fine-tune the packaged all-MiniLM-L6-v2 into a cross-encoder on CPython docstrings.
 
 No trained cross-encoder ships in any package reachable here, so this script makes one, deterministically,
 on 2 CPU cores in well under 20 minutes, and caches it under the edge_sel home::
 
-    python -m edge_sel.benchmarks.train_cross_encoder            # -> $EDGE_SEL_HOME/models/minilm-ce-trained/
-    edge-sel bench train-cross-encoder --json                    # the same through the CLI
+    python -m benchmarks.train_cross_encoder            # -> $EDGE_SEL_HOME/models/minilm-ce-trained/
     edge-sel export $EDGE_SEL_HOME/models/minilm-ce-trained -o bundles/minilm-ce --verify
 
 **Task.** Inverse-cloze pairs from docstrings: the query is a docstring's first sentence, its positive
@@ -601,13 +600,13 @@ def ensure_trained(out: str | os.PathLike | None = None, force: bool = False, pr
 # ---- CLI --------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="edge-sel bench train-cross-encoder",
+        prog="python -m benchmarks.train_cross_encoder",
         description="Fine-tune the packaged all-MiniLM-L6-v2 into a cross-encoder on CPython docstrings "
                     "(inverse-cloze pairs; text disjoint from the benchmark pool and the calibration set), "
                     "cached under the edge_sel home; reports MRR@10 on held-out queries.",
-        epilog="examples:\n  python -m edge_sel.benchmarks.train_cross_encoder\n"
-               "  edge-sel bench train-cross-encoder --json\n"
-               "  edge-sel bench train-cross-encoder --steps 20 --out /tmp/ce-small",
+        epilog="examples:\n  python -m benchmarks.train_cross_encoder\n"
+               "  python -m benchmarks.train_cross_encoder --json\n"
+               "  python -m benchmarks.train_cross_encoder --steps 20 --out /tmp/ce-small",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help=f"model directory (default: $EDGE_SEL_HOME/models/{DEFAULT_NAME})")
     p.add_argument("--force", action="store_true", help="train again even when the cached model matches")
@@ -621,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.steps < 1:
-        print("edge-sel bench train-cross-encoder: --steps must be >= 1", file=sys.stderr)
+        print("python -m benchmarks.train_cross_encoder: --steps must be >= 1", file=sys.stderr)
         return 2
     hyper = replace(Hyper(), steps=args.steps, seed=args.seed)
     report = train(args.out, hyper, force=args.force, progress=not args.no_progress)

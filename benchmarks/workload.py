@@ -2,7 +2,7 @@
 
 Documents for a query are a mix of CPython docstring passages (the query's own passage — the
 "gold" answer — plus passages of other functions) and windows of Project Gutenberg's *Botchan*
-of 100-130 tokens (DESIGN §5). A query is a docstring's first sentence. Everything is chosen with
+of 100-130 tokens (public-domain text, so the workload ships with the code). A query is a docstring's first sentence. Everything is chosen with
 seeded ``random.Random`` instances, so two runs on the same Python version build the same workload.
 
 Every configuration scores exactly the token ids built here (``Reranker(bundle).encoder.encode``),

@@ -52,12 +52,12 @@ default: room for the prompt and every new token. Prompts longer than the model'
     "info": """examples:
   edge-sel info bundles/minilm""",
     "bench": """examples:
-  edge-sel bench rerank --model smollm2-135m-instruct --n-docs 64 --queries 5 --out results.json
-  edge-sel bench rerank --model all-minilm-l6-v2 --quick
-  edge-sel bench generate --bundle bundles/smol-gen --quick
-  edge-sel bench generate --bundle bundles/smol-gen --lengths 1024,2048,4096 --ratios 0.5,0.2,0.1 --out gen.json
-  edge-sel bench generate --bundle bundles/smol-gen --out gen.json --markdown gen.md --resume --configs "full,@0.2"
-  edge-sel bench train-cross-encoder --json     # fine-tune all-MiniLM-L6-v2 into a cross-encoder (cached)""",
+  edge-sel bench bundles/minilm                                    # 64 synthetic candidates of 128 tokens, pruning off/on
+  edge-sel bench bundles/smollm2 -n 32,128 -m none,128MB --pruning off,on --json
+  edge-sel bench bundles/minilm -n 100 --documents docs.txt --query "copy a file"
+  edge-sel bench bundles/smol-gen -p 512,2048 --policy full,mpcache --kv-budget none,0.2
+measures edge_sel alone on this device (no torch). The side-by-side comparison with torch, optimum and
+kvpress is a developer script of the source checkout: python -m benchmarks.rerank --help""",
 }
 
 
@@ -179,9 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
 
-    b = cmd("bench", "benchmarks side by side with the peers (each configuration in a fresh process)")
-    b.add_argument("workload", choices=["rerank", "generate", "train-cross-encoder"])
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `edge-sel bench rerank -- --help`)")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(cmd("bench", "measure edge_sel on this device with a bundle (no torch): rerank latency and peak "
+                                     "RSS, or generation prefill tokens/s and decode ms/token"))
     return p
 
 
@@ -448,20 +449,9 @@ def cmd_generate(args, console) -> int:
 
 
 def cmd_bench(args, console) -> int:
-    rest = [a for a in args.rest if a != "--"]
-    if args.workload == "rerank":
-        from edge_sel.benchmarks.rerank import main as bench_main
+    from .bench import command
 
-        return bench_main(rest)
-    if args.workload == "generate":
-        from edge_sel.benchmarks.generate import main as bench_generate
-
-        return bench_generate(rest)
-    if args.workload == "train-cross-encoder":
-        from edge_sel.benchmarks.train_cross_encoder import main as bench_train_ce
-
-        return bench_train_ce(rest)
-    return 2
+    return command(args, console)
 
 
 def main(argv: list[str] | None = None) -> int:

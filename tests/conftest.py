@@ -9,6 +9,7 @@ os.environ.setdefault("EDGE_SEL_HOME", str(Path(__file__).resolve().parent.paren
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # last, so an installed edge_sel wins: for benchmarks/ (not installed)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""``edge-sel bench generate`` driver logic without any model: ratio mapping, run order, filters, resume,
+"""The peer comparison ``python -m benchmarks.generate``: driver logic without any model: ratio mapping, run order, filters, resume,
 incremental writing, scoring and the Markdown tables (workers are replaced by a fake)."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from edge_sel.benchmarks import generate as bg
-from edge_sel.benchmarks import peer_env
+import edge_sel.export.textdata as textdata  # the module: `edge_sel.export` is also a function name
+from benchmarks import generate as bg
+from benchmarks import peer_env
 
 
 def test_kept_fraction_maps_to_kvpress_compression_ratio():
@@ -92,7 +93,7 @@ def test_incremental_writing_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bg, "_tokenizer", lambda bundle: Tok())
     monkeypatch.setattr(bg, "_run_one", fake_run)
-    monkeypatch.setattr("edge_sel.export.textdata.botchan", lambda: "word " * 6000)
+    monkeypatch.setattr(textdata, "botchan", lambda: "word " * 6000)
     args = ["--bundle", str(tmp_path), "--peers", "none", "--policies", "mpcache,h2o", "--ratios", "0.2",
             "--lengths", "1024,2048", "--depths", "0.5", "--needles", "2", "--out", str(out), "--markdown", str(md)]
     assert bg.main(args) == 0
@@ -180,7 +181,7 @@ def test_max_new_reaches_the_workers_and_is_validated(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bg, "_tokenizer", lambda bundle: Tok())
     monkeypatch.setattr(bg, "_run_one", fake_run)
-    monkeypatch.setattr("edge_sel.export.textdata.botchan", lambda: "word " * 3000)
+    monkeypatch.setattr(textdata, "botchan", lambda: "word " * 3000)
     args = ["--bundle", str(tmp_path), "--peers", "none", "--policies", "mpcache", "--ratios", "0.2", "--lengths", "1024",
             "--depths", "0.5", "--needles", "1", "--ppl-prefix", "0", "--out", str(tmp_path / "g.json")]
     assert bg.main(args) == 0 and seen == [bg.MAX_NEW, bg.MAX_NEW]

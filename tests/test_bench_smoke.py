@@ -1,7 +1,8 @@
-"""`edge-sel bench rerank --quick` end to end on a tiny random decoder, offline (docstring corpus, local
-model directory): the bare-onnxruntime peer (optimum's whole-model export) and both edge_sel
-configurations, each in its own process, scoring the same token ids. The torch / optimum workers are
-exercised by the real benchmark (they cost ~20 CPU-s of imports each, too slow for CI)."""
+"""The developer peer comparison `python -m benchmarks.rerank --quick` (a script of the checkout, not installed)
+end to end on a tiny random decoder, offline (docstring corpus, local model directory): the bare-onnxruntime
+peer (optimum's whole-model export) and both edge_sel configurations, each in its own process, scoring the
+same token ids. The torch / optimum workers are exercised by the real benchmark (they cost ~20 CPU-s of
+imports each, too slow for CI)."""
 
 import json
 import os
@@ -10,7 +11,8 @@ import sys
 
 import pytest
 
-from edge_sel.benchmarks.rerank import acceptance, acceptance_pruned, main, summarize
+from benchmarks import child_env
+from benchmarks.rerank import acceptance, acceptance_pruned, main, summarize
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +23,12 @@ def tiny_decoder_dir(tmp_path_factory):
 
 
 def test_bench_rerank_quick(tiny_decoder_dir, tmp_path):
-    env = dict(os.environ, EDGE_SEL_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = child_env(dict(os.environ, EDGE_SEL_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
     out, md = tmp_path / "r.json", tmp_path / "r.md"
-    res = subprocess.run([sys.executable, "-m", "edge_sel.cli", "bench", "rerank", "--model", str(tiny_decoder_dir),
+    res = subprocess.run([sys.executable, "-m", "benchmarks.rerank", "--model", str(tiny_decoder_dir),
                           "--quick", "--corpus", "docstrings", "--configs", "ort,edge_sel,edge_sel_budget,edge_sel_pruned",
                           "--out", str(out), "--markdown", str(md)],
-                         env=env, capture_output=True, text=True, timeout=600)
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     doc = json.loads(out.read_text())
     rows = doc["rows"]

@@ -1,4 +1,4 @@
-"""Early ranking (issue 3): cluster pruning properties, calibration round-trip, pruned runtime, dropped layers."""
+"""Early ranking: cluster pruning properties, calibration round-trip, pruned runtime, dropped layers."""
 
 import json
 import shutil
@@ -93,7 +93,7 @@ def test_rank_schedule_keeps_final_topk_on_calibration_trajectories(seed, n, lay
        noise=st.floats(0.05, 3.0), rule=st.sampled_from(["rank", "margin"]))
 def test_oracle_work_bounds_every_schedule_that_keeps_the_topk(seed, n, layers, k, noise, rule):
     """benchmarks/pruning_bound.py: no schedule that keeps the final top-K does less work than the oracle."""
-    from edge_sel.benchmarks.pruning_bound import oracle_work
+    from benchmarks.pruning_bound import oracle_work
 
     scores, traces = _synthetic_trajectories(seed, n, layers, noise)
     chosen, params, _ = choose_schedule(scores, traces, k, safety=1.0, max_layers=3, min_gain=0.0, rule=rule)
@@ -107,7 +107,7 @@ def test_oracle_work_bounds_every_schedule_that_keeps_the_topk(seed, n, layers, 
 
 
 def test_oracle_work_on_exact_and_reversed_scorers():
-    from edge_sel.benchmarks.pruning_bound import oracle_work
+    from benchmarks.pruning_bound import oracle_work
 
     f = np.random.default_rng(0).normal(size=128)
     exact = oracle_work(np.tile(f, (6, 1)), f, 10)

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from edge_sel.benchmarks import train_cross_encoder as tce
+from benchmarks import train_cross_encoder as tce
 
 
 @pytest.fixture(scope="module")
