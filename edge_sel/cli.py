@@ -249,14 +249,6 @@ def cmd_export(args, console) -> int:
     return 0
 
 
-def _stats_public(stats: dict) -> dict:
-    keep = ("latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s", "peak_rss_bytes",
-            "start_rss_bytes", "window_layers", "chunk_size", "chunk_tokens", "n_chunks", "memory_budget_bytes",
-            "live_per_layer", "n_layers", "n_documents", "n_truncated", "layer_loads", "pruning", "layer_work_saved",
-            "token_work_saved", "n_pruned", "dropped_layers")
-    return {k: stats[k] for k in keep if k in stats}
-
-
 def cmd_rerank(args, console) -> int:
     from edge_sel.runtime.documents import read_documents
     from .runtime import Reranker
@@ -267,7 +259,7 @@ def cmd_rerank(args, console) -> int:
         results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=args.show_text, instruction=args.instruction)
     finally:
         rr.close()
-    stats = _stats_public(rr.last_stats)
+    stats = rr.stats.public()
     if args.json:
         print(json.dumps({"results": results, "stats": stats}))
         return 0

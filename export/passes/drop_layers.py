@@ -27,32 +27,31 @@ import numpy as np
 
 from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
 from edge_sel.runtime.errors import InputError
+from edge_sel.runtime.rerank import Reranker
+
+from .calibrate import builtin_data
+from .traces import collect_traces
 
 DEFAULT_THRESHOLD = 0.9
 TOP = 10
 
 
-def _agreement(rr, data, refs, skip) -> dict:
-    rr._skip_layers = set(int(x) for x in skip)
-    try:
-        over, ident = [], []
+def agreement(rr, data, refs, skip) -> dict:
+    """Top-10 agreement with the full model's rankings ``refs`` when the layers at positions ``skip`` are left out."""
+    over, ident = [], []
+    with rr.skipping(skip):
         for (q, docs), ref in zip(data, refs):
             s = rr.predict(q, docs)
             k = min(TOP, len(docs))
             a, b = set(np.argsort(-s, kind="stable")[:k]), set(ref[:k])
             over.append(len(a & b) / k)
             ident.append(a == b)
-    finally:
-        rr._skip_layers = set()
     return {"top10_overlap": float(np.mean(over)), "top10_identical": float(np.mean(ident))}
 
 
 def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRESHOLD, n_queries: int = 8,
                   n_candidates: int = 32, say: Callable[[str, int, int], None] | None = None) -> dict:
     """Measure and pick the layers to drop; returns ``{"drop": [positions], "influence", "individual", "cost"}``."""
-    from edge_sel.runtime import Reranker
-    from edge_sel.export.passes.calibrate import builtin_data, collect_traces
-
     say = say or (lambda *a: None)
     L = len(bundle.layers)
     if n != "auto":
@@ -71,21 +70,21 @@ def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRES
         individual = {}
         for j, l in enumerate(order[:n_eval]):
             say("drop: measure", j, n_eval)
-            individual[l] = _agreement(rr, data, refs, [l])
+            individual[l] = agreement(rr, data, refs, [l])
         say("drop: measure", n_eval, n_eval)
         ranked = sorted(individual, key=lambda l: (-individual[l]["top10_overlap"], influence[l]))
         ranked += [l for l in order if l not in individual]
         if n == "auto":
             chosen, cost = [], {"top10_overlap": 1.0, "top10_identical": 1.0}
             for l in ranked[: L - 1]:
-                trial = _agreement(rr, data, refs, chosen + [l])
+                trial = agreement(rr, data, refs, chosen + [l])
                 if trial["top10_overlap"] < threshold:
                     break
                 chosen.append(l)
                 cost = trial
         else:
             chosen = ranked[:n]
-            cost = _agreement(rr, data, refs, chosen) if chosen else {"top10_overlap": 1.0, "top10_identical": 1.0}
+            cost = agreement(rr, data, refs, chosen) if chosen else {"top10_overlap": 1.0, "top10_identical": 1.0}
     finally:
         rr.close()
     return {"drop": sorted(chosen), "influence": influence.tolist(),

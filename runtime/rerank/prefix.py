@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sessions import load_session
+from edge_sel.runtime.sessions import load_session
 from .stream import LayerStream
 
 EMPTY_POS = 2**40

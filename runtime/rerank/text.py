@@ -10,6 +10,8 @@ from tokenizers import Tokenizer
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
 
+from .scoring import scoring_class
+
 
 @dataclass
 class Encoded:
@@ -24,7 +26,7 @@ class Encoded:
 class TextEncoder:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        self.scoring = bundle.scoring
+        self.scoring = scoring_class(bundle)
         self.max_length = bundle.max_length
         self.tok = Tokenizer.from_file(str(bundle.path(bundle.manifest["tokenizer"]["file"])))
         self.tok.no_padding()
@@ -37,18 +39,10 @@ class TextEncoder:
     def encode(self, query: str, documents: list[str], instruction: str | None = None) -> Encoded:
         if not isinstance(query, str) or not query.strip():
             raise InputError("query is empty")
-        if self.scoring == "yes_no":
-            return self._encode_prompt(query, documents, instruction)
-        if self.scoring == "cross_encoder":
-            return self._encode_pairs(query, documents)
-        return self._encode_single(query, documents)
+        return self.scoring.encode(self, query, documents, instruction)
 
-    def _truncate_single(self, enc_ids: list[int], specials_tail: int) -> tuple[list[int], bool]:
-        if len(enc_ids) <= self.max_length:
-            return enc_ids, False
-        return enc_ids[: self.max_length - specials_tail] + enc_ids[len(enc_ids) - specials_tail:], True
-
-    def _encode_single(self, query, documents) -> Encoded:
+    def encode_single(self, query: str, documents: list[str]) -> Encoded:
+        """Query and documents as separate sequences (bi-encoders)."""
         self.tok.enable_truncation(self.max_length)
         try:
             encs = self.tok.encode_batch([query] + list(documents))
@@ -58,7 +52,8 @@ class TextEncoder:
         truncated = sum(1 for e in encs[1:] if e.overflowing)
         return Encoded(doc_ids=ids[1:], query_ids=ids[0], n_truncated=truncated)
 
-    def _encode_pairs(self, query, documents) -> Encoded:
+    def encode_pairs(self, query: str, documents: list[str]) -> Encoded:
+        """One (query, document) pair per document, the document truncated to fit (cross-encoders)."""
         self.tok.enable_truncation(self.max_length, strategy="only_second")
         try:
             encs = self.tok.encode_batch([(query, d) for d in documents])
@@ -72,7 +67,8 @@ class TextEncoder:
             n_truncated=sum(1 for e in encs if e.overflowing),
         )
 
-    def _encode_prompt(self, query, documents, instruction) -> Encoded:
+    def encode_prompt(self, query: str, documents: list[str], instruction: str | None) -> Encoded:
+        """The bundle's prompt around each document; the instruction + query part is a shared prefix (decoders)."""
         p = self.prompt
         prefix = p["prefix"].format(instruction=instruction or p["instruction"], query=query)
         head = self._ids([prefix], False)[0]

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from edge_sel.runtime.bundle import Bundle
 
-from .sessions import load_session
+from edge_sel.runtime.sessions import load_session
 
 
 class LayerStream:
