@@ -262,3 +262,50 @@ def test_bi_encoder_keeps_every_token_at_the_final_layer(bert_bi_bundle):
     from edge_sel.runtime.bundle import Bundle
 
     assert Bundle.open(bert_bi_bundle).manifest["final_layer_output"] == "all_tokens"
+
+
+@pytest.mark.parametrize("fixture, strategy", [("bert_bi_bundle", "BiEncoderScoring"), ("bert_ce_bundle", "CrossEncoderScoring"),
+                                               ("llama_bundle", "YesNoScoring")])
+def test_scoring_strategy_and_public_stats(fixture, strategy, request, docs):
+    """The scoring strategy is chosen from the bundle; the CLI's view of the stats is the public fields, in order."""
+    bundle = request.getfixturevalue(fixture)
+    documents, queries = docs
+    rr = Reranker(bundle)
+    assert type(rr.scoring).__name__ == strategy
+    rr.rank(queries[0], documents, top_k=3)
+    pub = rr.stats.public()
+    assert list(pub) == ["latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s", "peak_rss_bytes",
+                         "start_rss_bytes", "window_layers", "chunk_size", "chunk_tokens", "n_chunks", "memory_budget_bytes",
+                         "live_per_layer", "n_layers", "n_documents", "n_truncated", "layer_loads", "pruning",
+                         "layer_work_saved", "token_work_saved", "n_pruned", "dropped_layers"]
+    assert pub == {k: rr.last_stats[k] for k in pub}
+    assert {"order", "plan_estimate", "spill", "heap_trims"} <= set(rr.last_stats) and "spill_bytes_written" not in rr.last_stats
+    assert pub["n_documents"] == len(documents) and pub["live_per_layer"] == [len(documents)] * len(rr.bundle.layers)
+
+
+def test_skipping_layers_runs_without_them_and_restores(bert_ce_bundle, docs):
+    """``Reranker.skipping`` leaves layers out for the calls inside the block only (layer-drop measurement)."""
+    documents, queries = docs
+    rr = Reranker(bert_ce_bundle, pruning="off")
+    full = rr.predict(queries[0], documents)
+    with rr.skipping([1]):
+        skipped = rr.predict(queries[0], documents)
+        assert len(rr.last_stats["live_per_layer"]) == len(rr.bundle.layers) - 1
+    assert np.abs(skipped - full).max() > 1e-6  # a real change (the same layers give bit-identical scores)
+    np.testing.assert_array_equal(rr.predict(queries[0], documents), full)
+    assert len(rr.last_stats["live_per_layer"]) == len(rr.bundle.layers)
+
+
+def test_trace_observes_every_layer_of_every_chunk(bert_bi_bundle, docs):
+    """``Reranker.trace`` scores like ``predict`` and shows the observer each layer's output on every item."""
+    documents, queries = docs
+    rr = Reranker(bert_bi_bundle, pruning="off")
+    seen = []
+    traced = rr.trace(queries[0], documents, seen.append)
+    np.testing.assert_allclose(traced, rr.predict(queries[0], documents), atol=1e-6)
+    for layer in range(len(rr.bundle.layers)):
+        obs = [o for o in seen if o.layer == layer]
+        items = np.sort(np.concatenate([o.items for o in obs]))
+        assert list(items) == list(range(len(documents) + 1))  # every document and the query
+        for o in obs:
+            assert o.hidden_out.shape == o.hidden_in.shape and o.pooled.shape == (len(o.items), o.hidden_out.shape[2])

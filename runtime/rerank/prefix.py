@@ -34,7 +34,8 @@ def qkv_weight_bytes(bundle, i: int) -> int:
 class PairStream(LayerStream):
     """A :class:`LayerStream` whose 'session' per layer is the pair ``(qkv, attn)``."""
 
-    def _load(self, i: int):
+    def load_layer(self, i: int):
+        """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
         spec = self.bundle.manifest["extra_graphs"][self.bundle.layers[i]["qkv"]]
         qkv = load_session(self.bundle.path(spec["file"]), self.threads, self.optimize, mem_pattern=self.keep_all)
         attn = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
