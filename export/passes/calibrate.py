@@ -10,9 +10,8 @@ modules in :data:`CALIBRATION_MODULES`, which are disjoint from ``edge_sel.expor
 benchmark/demo pool); any passage that also appears in the benchmark pool is removed.
 ``--data FILE`` takes JSONL lines ``{"query": str, "documents": [str, ...]}``.
 
-The bundle is rewritten in place atomically: the probe array is written under a fresh file name and
-hashed, then ``manifest.json`` is replaced via a temporary file + ``os.replace`` (readers see the old or
-the new manifest, both complete); the previous probe file is removed afterwards.
+The bundle is rewritten in place through the staged writer (:mod:`.rewrite`): the probe array is written under
+a fresh file name, the previous one left out.
 """
 
 from __future__ import annotations
@@ -27,12 +26,13 @@ from typing import Callable
 
 import numpy as np
 
-from edge_sel.runtime.bundle import MANIFEST, Bundle, sha256_file
+from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
 from edge_sel.runtime.rerank import Reranker
 from edge_sel.runtime.rerank.schedule import PROBE_ARRAY, RULES, Schedule
 from edge_sel.runtime.rerank.scoring import scoring_class
 
+from .rewrite import editable_manifest, rewriting
 from .schedule_search import DEFAULT_CLUSTER_GAP, DEFAULT_MAX_LAYERS, DEFAULT_SAFETY, validated_schedule
 from .traces import Trace, agreement_table, collect_traces, fit_probes, method_scores
 
@@ -189,31 +189,14 @@ def decide_schedule(b: Bundle, traces: list[Trace], all_scores: dict[str, list[n
 
 
 def write_schedule(bundle: Bundle, schedule: Schedule | None, probes: np.ndarray | None) -> None:
-    """Store ``schedule`` (and its probe array) in the bundle: new files first, then the manifest via os.replace."""
-    root = bundle.root
-    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    """Store ``schedule`` (and its probe array, replacing a previous one) in the bundle through the staged writer."""
+    manifest = editable_manifest(bundle)
     arrays = manifest.setdefault("arrays", {})
     old = arrays.pop(PROBE_ARRAY, None)
-    if probes is not None:
-        rel = f"calibration/probe-{uuid.uuid4().hex[:8]}.bin"
-        full = root / rel
-        full.parent.mkdir(parents=True, exist_ok=True)
-        arr = np.ascontiguousarray(probes, dtype="<f4")
-        tmp = full.with_suffix(".tmp")
-        arr.tofile(tmp)
-        os.replace(tmp, full)
-        arrays[PROBE_ARRAY] = {"file": rel, "dtype": "float32", "shape": list(arr.shape)}
-        manifest["files"][rel] = {"size": full.stat().st_size, "sha256": sha256_file(full)}
-    if old is not None:
-        manifest["files"].pop(old["file"], None)
-    manifest["schedule"] = schedule.to_manifest() if schedule is not None else None
-    tmp_manifest = root / (MANIFEST + f".tmp-{os.getpid()}")
-    tmp_manifest.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    os.replace(tmp_manifest, root / MANIFEST)
-    if old is not None and old["file"] != arrays.get(PROBE_ARRAY, {}).get("file"):
-        try:
-            (root / old["file"]).unlink()
-        except (FileNotFoundError, OSError):
-            pass
-    bundle.manifest = manifest
-    Bundle.open(root)  # structural self-check
+    with rewriting(bundle, leave_out=[old["file"]] if old is not None else []) as w:
+        if probes is not None:
+            arrays[PROBE_ARRAY] = w.write_array(f"calibration/probe-{uuid.uuid4().hex[:8]}.bin",
+                                                np.ascontiguousarray(probes, dtype="<f4"))
+        manifest["schedule"] = schedule.to_manifest() if schedule is not None else None
+        w.commit(manifest)
+    bundle.manifest = Bundle.open(bundle.root).manifest

@@ -10,26 +10,26 @@ time, each step measured cumulatively). The manifest records ``dropped_layers`` 
 
 Works on an exported bundle with the runtime only (no torch): layer files are hard-linked (copied
 when linking is impossible) into a staged bundle without the dropped layers, which is renamed into
-place (:class:`edge_sel.runtime.bundle.BundleWriter`). Calibration text: the builtin calibration data of
+place (:mod:`.rewrite`). Calibration text: the builtin calibration data of
 :mod:`edge_sel.export.passes.calibrate` (never the benchmark text). A calibrated early-ranking schedule is
 invalidated by dropping layers and removed (calibrate again afterwards; ``export --calibrate`` does).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
 from edge_sel.runtime.rerank import Reranker
+from edge_sel.runtime.rerank.schedule import PROBE_ARRAY
 
 from .calibrate import builtin_data
+from .rewrite import editable_manifest, rewriting
 from .traces import collect_traces
 
 DEFAULT_THRESHOLD = 0.9
@@ -97,8 +97,7 @@ def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
     L = len(bundle.layers)
     if any(not 0 <= d < L for d in drop) or len(set(drop)) >= L:
         raise InputError(f"cannot drop layers {drop} from a bundle with {L} layers")
-    root = bundle.root
-    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    manifest = editable_manifest(bundle)
     dropped_files = set()
     kept = []
     for pos, layer in enumerate(manifest["layers"]):
@@ -118,20 +117,10 @@ def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
     manifest["drop_cost"] = cost
     if manifest.get("schedule"):
         manifest["schedule"] = None  # its layer positions no longer hold; calibrate again
-    probe = manifest.get("arrays", {}).pop("early_probe", None)
+    probe = manifest.get("arrays", {}).pop(PROBE_ARRAY, None)
     if probe:
         dropped_files.add(probe["file"])
-    for key in ("format", "format_version", "files"):
-        manifest.pop(key, None)
-    with BundleWriter(root, overwrite=True) as w:
-        for rel in bundle.manifest["files"]:
-            if rel in dropped_files:
-                continue
-            dst = w.file(rel)
-            try:
-                os.link(root / rel, dst)
-            except OSError:
-                shutil.copy2(root / rel, dst)
+    with rewriting(bundle, leave_out=dropped_files) as w:
         return w.commit(manifest)
 
 
