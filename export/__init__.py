@@ -141,7 +141,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
         manifest["export"]["seconds"] = round(time.perf_counter() - t0, 2)
         path = w.commit(manifest)
     if drop_layers not in (None, 0):
-        from .drop_layers import drop_layers as _drop
+        from .passes.drop_layers import drop_layers as _drop
 
         _drop(path, drop_layers, say=say)
     if calibrate:
