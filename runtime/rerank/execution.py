@@ -44,6 +44,17 @@ Observer = Callable[[LayerObservation], None]
 
 
 @dataclass
+class Call:
+    """One call's context: where hidden states live, the heap guard, the pruner and observer (if any)."""
+
+    store: ChunkStore
+    guard: HeapGuard
+    n_docs: int
+    pruner: Pruner | None = None
+    observer: Observer | None = None
+
+
+@dataclass
 class Work:
     """What an execution order did."""
 
@@ -59,13 +70,14 @@ class Work:
 class Execution:
     """Runs chunks through a bundle's layers with the engine's stream, embedder and scoring strategy."""
 
-    def __init__(self, bundle, stream, embedder: Embedder, scoring: Scoring, split: bool):
+    def __init__(self, bundle, stream, embedder: Embedder, scoring: Scoring, split: bool, last_token_final: bool = True):
         self.n_layers = len(bundle.layers)
         self.layer_inputs = bundle.manifest.get("layer_io", {}).get("inputs", ["hidden", "mask"])
         self.stream = stream
         self.embedder = embedder
         self.scoring = scoring
         self.split = split
+        self.last_token_final = last_token_final
 
     def _feeds(self, c: Chunk, hidden: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"hidden": hidden, "mask": c.mask}
@@ -76,8 +88,7 @@ class Execution:
     def _head(self, c: Chunk, h: np.ndarray, scores: Scores) -> None:
         scores.add(c.items, self.scoring.run_head(self.scoring.pool(h, c.lengths, c.mask)))
 
-    def depth_first(self, chunks: list[Chunk], order: list[int] | None, scores: Scores, guard: HeapGuard,
-                    n_docs: int, doc_tokens: int) -> Work:
+    def depth_first(self, chunks: list[Chunk], order: list[int] | None, scores: Scores, call: Call, doc_tokens: int) -> Work:
         """Each chunk through every (resident) layer and the head, one chunk at a time."""
         t0 = time.perf_counter()
         sessions = [sess for _, sess in self.stream.run(order)]  # all resident (keep_all): loaded once, kept
@@ -94,19 +105,19 @@ class Execution:
                 self._head(c, h, scores)
                 t_head += time.perf_counter() - t
                 del h
-                guard.check()
+                call.guard.check()
         finally:
             del table, sessions
         n_run = len(order) if order is not None else self.n_layers
         return Work(chunks, t_embed, time.perf_counter() - t0 - t_embed - t_head, t_head,
-                    [n_docs] * n_run, [doc_tokens] * n_run)
+                    [call.n_docs] * n_run, [doc_tokens] * n_run)
 
-    def monolithic(self, chunks: list[Chunk], order: list[int] | None, scores: Scores, store: ChunkStore,
-                   guard: HeapGuard, n_docs: int, prefix_ids: np.ndarray | None, pruner: Pruner | None = None,
-                   observer: Observer | None = None, last_token_final: bool = True, started: float | None = None) -> Work:
+    def monolithic(self, chunks: list[Chunk], order: list[int] | None, scores: Scores, call: Call,
+                   prefix_ids: np.ndarray | None = None, started: float | None = None) -> Work:
         """All candidates through one layer at a time, pruning at the schedule's layers; then the head.
         ``prefix_ids``: the shared prompt prefix of a split bundle (computed once per layer)."""
         t0 = started if started is not None else time.perf_counter()
+        store = call.store
         table = self.embedder.open_table()
         prefix_h = prefix_pos = None
         if prefix_ids is not None and len(prefix_ids):
@@ -118,7 +129,7 @@ class Execution:
         del table  # unmap: the touched embedding pages leave RSS
         t_embed = time.perf_counter() - t0
         work = Work(chunks, t_embed, 0.0, 0.0)
-        self._layers(work, order, store, guard, n_docs, prefix_h, prefix_pos, pruner, observer, last_token_final)
+        self._layers(work, order, call, prefix_h, prefix_pos)
         t2 = time.perf_counter()
         for c in work.chunks:
             self._head(c, store.hidden(c), scores)
@@ -126,9 +137,9 @@ class Execution:
         work.t_head = time.perf_counter() - t2
         return work
 
-    def _layers(self, work: Work, order, store: ChunkStore, guard: HeapGuard, n_docs: int, prefix_h, prefix_pos,
-                pruner: Pruner | None, observer: Observer | None, last_token_final: bool) -> None:
+    def _layers(self, work: Work, order: list[int] | None, call: Call, prefix_h, prefix_pos) -> None:
         t1 = time.perf_counter()
+        store, n_docs, observer = call.store, call.n_docs, call.observer
         final = (order or list(range(self.n_layers)))[-1]
         chunks = work.chunks
         for i, sess in self.stream.run(order):
@@ -136,7 +147,7 @@ class Execution:
             work.tokens_per_layer.append(int(sum(int(c.lengths[c.items < n_docs].sum()) for c in chunks)))
             # the head reads one token per candidate: the final layer computes only that token's output
             # (an observer looks at every token, so it gets the full layer)
-            last_only = (last_token_final and self.split and i == final and self.scoring.reads_last_token
+            last_only = (self.last_token_final and self.split and i == final and self.scoring.reads_last_token
                          and observer is None)
             kp = vp = None
             if prefix_h is not None:
@@ -154,9 +165,9 @@ class Execution:
                                               self.scoring.pool(c.hidden, c.lengths, c.mask)))
                 del h_in
                 store.keep(c)
-                guard.check()
+                call.guard.check()
             del sess, kp, vp
-            if pruner is not None:
-                chunks = pruner.after_layer(i, chunks, store)
+            if call.pruner is not None:
+                chunks = call.pruner.after_layer(i, chunks, store)
         work.chunks = chunks
         work.t_layers = time.perf_counter() - t1

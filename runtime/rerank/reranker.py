@@ -25,7 +25,7 @@ from edge_sel.runtime.sessions import load_session
 from edge_sel.runtime.units import format_size, parse_size
 
 from .chunks import ChunkStore, HiddenSpill, Packing, make_chunks
-from .execution import Execution, Observer
+from .execution import Call, Execution, Observer
 from .prefix import PairStream, is_split, qkv_weight_bytes
 from .pruning import Pruner
 from .schedule import Schedule
@@ -81,13 +81,13 @@ class Reranker:
                 f"{format_size(need)} (two layers of {format_size(self.planner.layer_bytes)} + fixed costs)", minimum_bytes=need)
         self.encoder = TextEncoder(self.bundle)
         self.embedder = Embedder(self.bundle)
-        self.scoring = scoring_for(self.bundle, load_session(self.bundle.path(self.bundle.manifest["head"]["file"]), threads))
+        head = load_session(self.bundle.path(self.bundle.manifest["head"]["file"]), threads)
+        self.scoring = scoring_for(self.bundle, head)  # the scoring mode's strategy, chosen once
         self.pruning = "off" if pruning is None else pruning
         self.schedule, self.pruning_note = self._resolve_schedule(self.pruning)
-        self.scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
-        self.last_token_final_layer = bool(last_token_final_layer)
+        self.layer_scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
         self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.layers), threads, optimize)
-        self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split)
+        self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer))
         self.pad_id = int(self.bundle.manifest.get("pad_id", 0))
         self.stats = RerankStats()
         self.allow_spill = bool(spill)
@@ -237,7 +237,7 @@ class Reranker:
             log.warning("top_k=%d is larger than the top-%d the pruning schedule was calibrated for: this call runs "
                         "without pruning (recalibrate with `edge-sel calibrate BUNDLE --top-k %d`)", top_k, self.schedule.top_k, top_k)
             return None, f"off for this call (top_k={top_k} > calibrated top-{self.schedule.top_k})"
-        return Pruner(self.schedule, self.scorer, self.scoring, n_docs, n_items, len(self.bundle.layers), packing,
+        return Pruner(self.schedule, self.layer_scorer, self.scoring, n_docs, n_items, len(self.bundle.layers), packing,
                       int(self.bundle.dims["hidden"])), self.pruning_note
 
     def _score_planned(self, enc: Encoded, plan, ids, types, lengths, top_k, prune, embed_fits: bool,
@@ -254,12 +254,12 @@ class Reranker:
                        and not plan.spill and not self.split and observer is None)
         scores = self.scoring.collector(n_items)
         doc_tokens = int(lengths[:n_docs].sum())
+        call = Call(store, guard, n_docs, pruner, observer)
         if depth_first:
-            work = self.execution.depth_first(chunks, order, scores, guard, n_docs, doc_tokens)
+            work = self.execution.depth_first(chunks, order, scores, call, doc_tokens)
         else:
             prefix = enc.doc_ids[0][: enc.prefix_len] if self.split else None
-            work = self.execution.monolithic(chunks, order, scores, store, guard, n_docs, prefix, pruner, observer,
-                                             self.last_token_final_layer, started=t0)
+            work = self.execution.monolithic(chunks, order, scores, call, prefix, started=t0)
         out = scores.result()
         if pruner is not None:
             out = pruner.finish(out)
