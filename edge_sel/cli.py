@@ -285,20 +285,31 @@ def cmd_rerank(args, console) -> int:
     return 0
 
 
-def _dropped_line(manifest: dict) -> str:
-    d = manifest.get("dropped_layers") or []
-    cost = manifest.get("drop_cost") or {}
-    line = f"dropped layers (source indices): {d}"
-    if cost:
-        line += (f" · measured on calibration text: top-10 agreement {cost.get('top10_overlap', float('nan')):.3f}, "
-                 f"same top-10 set on {100 * cost.get('top10_identical', float('nan')):.0f}% of queries")
+def _dropped_line(spec) -> str:
+    """One line on dropped layers; ``spec``: the bundle's typed manifest (or its raw JSON, parsed here)."""
+    from edge_sel.runtime.manifest import Manifest
+
+    if not isinstance(spec, Manifest):
+        spec = Manifest.parse(spec)
+    line = f"dropped layers (source indices): {list(spec.dropped_layers)}"
+    cost = spec.drop_cost
+    if cost is not None and cost.top10_overlap is not None:
+        identical = cost.top10_identical if cost.top10_identical is not None else float("nan")
+        line += (f" · measured on calibration text: top-10 agreement {cost.top10_overlap:.3f}, "
+                 f"same top-10 set on {100 * identical:.0f}% of queries")
     return line
 
 
-def _schedule_line(s: dict) -> str:
-    ag = s.get("agreement") or {}
-    return (f"early ranking: {s['method']} ({s.get('rule', 'margin')} rule) at layers {[e['layer'] for e in s['layers']]} for top-{s['top_k']} · calibration: "
-            f"top-K kept {ag.get('topk_recall', float('nan')):.3f}, layer-work saved {100 * ag.get('layer_work_saved', 0):.0f}%")
+def _schedule_line(s) -> str:
+    """One line on an early-ranking schedule (typed, or the JSON a calibration report holds)."""
+    from edge_sel.runtime.manifest import Agreement, ScheduleSpec
+
+    if not isinstance(s, ScheduleSpec):
+        s = ScheduleSpec.parse(s, path="schedule")
+    ag = s.agreement or Agreement()
+    recall = ag.topk_recall if ag.topk_recall is not None else float("nan")
+    return (f"early ranking: {s.method} ({s.rule} rule) at layers {[e.layer for e in s.layers]} for top-{s.top_k} · calibration: "
+            f"top-K kept {recall:.3f}, layer-work saved {100 * (ag.layer_work_saved or 0):.0f}%")
 
 
 def cmd_calibrate(args, console) -> int:
@@ -359,7 +370,7 @@ def cmd_verify(args, console) -> int:
 
     b = Bundle.open(args.bundle)
     b.verify()
-    n = len(b.manifest["files"])
+    n = len(b.spec.files)
     if args.json:
         print(json.dumps({"bundle": str(b.root), "ok": True, "files": n, "bytes": b.total_bytes()}))
     else:
@@ -369,13 +380,14 @@ def cmd_verify(args, console) -> int:
 
 def cmd_info(args, console) -> int:
     from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.manifest import thaw
 
     b = Bundle.open(args.bundle)
-    m = b.manifest
-    info = {"bundle": str(b.root), "model": m["model"], "dims": m["dims"], "max_length": m["max_length"],
-            "layers": len(b.layers), "bytes": b.total_bytes(), "dropped_layers": m.get("dropped_layers", []),
-            "drop_cost": m.get("drop_cost"), "quantization": m.get("quantization"),
-            "schedule": m.get("schedule"), "export": m.get("export")}
+    s = b.spec
+    info = {"bundle": str(b.root), "model": thaw(s.model), "dims": thaw(s.dims), "max_length": s.max_length,
+            "layers": len(s.layers), "bytes": b.total_bytes(), "dropped_layers": list(s.dropped_layers),
+            "drop_cost": thaw(s.drop_cost), "quantization": thaw(s.quantization),
+            "schedule": thaw(s.schedule), "export": thaw(s.export)}
     if args.json:
         print(json.dumps(info, indent=1))
     else:

@@ -1,10 +1,11 @@
-"""The bundle: the one thing that crosses from export to runtime (DESIGN §2).
+"""The bundle: the one thing that crosses from export to runtime.
 
 A directory holding ``manifest.json`` plus the files it lists (each with size and sha256):
 the embedding table as a raw little-endian array (memory-mapped at run time), one ONNX graph per
 kept layer with external weights, a small scoring head graph, ``tokenizer.json``. Nothing in a
-bundle is executed (no pickle); opening one checks schema, version, paths and sizes, and
-:meth:`Bundle.verify` checks every hash.
+bundle is executed (no pickle); opening one parses and validates the manifest
+(:class:`edge_sel.runtime.manifest.Manifest`, exposed as ``bundle.spec``) and checks paths and sizes;
+:meth:`Bundle.verify` checks every hash. ``docs/BUNDLE.md`` specifies the format.
 
 This module is torch-free: the runtime opens bundles with it and the exporter writes them with
 :class:`BundleWriter` (staged in a temporary directory, renamed into place when complete).
@@ -17,19 +18,15 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .errors import BundleError
+from .manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, SCORINGS, TASKS, Manifest
 
-FORMAT = "edge-sel-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-SCORINGS = ("yes_no", "cross_encoder", "bi_encoder", "lm")  # "lm": generate bundles (full-vocabulary head)
-TASKS = ("rerank", "generate")
+__all__ = ["Bundle", "BundleWriter", "sha256_file", "FORMAT", "FORMAT_VERSION", "MANIFEST", "SCORINGS", "TASKS"]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -40,32 +37,44 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _safe_relpath(root: Path, rel: str, what: str) -> Path:
-    """Resolve ``rel`` inside ``root``; refuse absolute paths, ``..`` and symlinks that escape."""
-    if not isinstance(rel, str) or not rel:
-        raise BundleError(f"{root / MANIFEST}: {what} has an empty or non-string path {rel!r}")
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or "\\" in rel or rel.startswith("~"):
-        raise BundleError(f"{root / MANIFEST}: {what} path {rel!r} escapes the bundle directory (refused)")
+def _inside(root: Path, rel: str, what: str) -> Path:
+    """Resolve ``rel`` (already checked to be relative, without ``..``) inside ``root``; refuse symlinks that escape."""
     full = (root / rel).resolve()
-    if root.resolve() not in full.parents and full != root.resolve():
+    base = root.resolve()
+    if base not in full.parents and full != base:
         raise BundleError(f"{root / MANIFEST}: {what} path {rel!r} resolves outside the bundle directory (refused)")
     return full
 
 
-@dataclass
-class ArraySpec:
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
+def read_manifest(root: Path) -> tuple[dict[str, Any], Manifest]:
+    """Read and validate ``root/manifest.json``: the raw JSON object and its typed form."""
+    mpath = root / MANIFEST
+    try:
+        raw = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath}: manifest is not valid JSON ({e})") from None
+    return raw, Manifest.parse(raw, str(mpath))
 
 
 class Bundle:
-    """An opened, structurally checked bundle. ``Bundle.open(path)``; ``verify()`` for hashes."""
+    """An opened, checked bundle: ``Bundle.open(path)``; ``verify()`` for hashes.
 
-    def __init__(self, root: Path, manifest: dict[str, Any]):
+    ``spec`` is the typed manifest; ``manifest`` the raw JSON object (kept while readers move to ``spec``;
+    assigning it re-validates and replaces ``spec``)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], spec: Manifest | None = None):
         self.root = root
-        self.manifest = manifest
+        self._raw = manifest
+        self.spec = spec if spec is not None else Manifest.parse(manifest, str(root / MANIFEST))
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._raw
+
+    @manifest.setter
+    def manifest(self, raw: dict[str, Any]) -> None:
+        self.spec = Manifest.parse(raw, str(self.root / MANIFEST))
+        self._raw = raw
 
     # ---- opening -------------------------------------------------------------------------
     @classmethod
@@ -75,143 +84,97 @@ class Bundle:
             raise BundleError(f"bundle not found: {root} (export one with `edge-sel export MODEL -o {root}`)")
         if not root.is_dir():
             raise BundleError(f"{root} is not a bundle directory (expected a folder holding {MANIFEST})")
-        mpath = root / MANIFEST
-        if not mpath.is_file():
+        if not (root / MANIFEST).is_file():
             raise BundleError(f"{root}: no {MANIFEST} — not an edge_sel bundle, or an export that did not finish")
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BundleError(f"{mpath}: manifest is not valid JSON ({e})") from None
-        bundle = cls(root, manifest)
-        bundle._check_schema()
+        raw, spec = read_manifest(root)
+        bundle = cls(root, raw, spec)
         bundle._check_files()
         if verify:
             bundle.verify()
         return bundle
 
-    def _check_schema(self) -> None:
-        m, where = self.manifest, self.root / MANIFEST
-        if not isinstance(m, dict) or m.get("format") != FORMAT:
-            raise BundleError(f"{where}: not an edge_sel manifest (format={m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT!r})")
-        version = m.get("format_version")
-        if not isinstance(version, int):
-            raise BundleError(f"{where}: format_version missing or not an integer")
-        if version > FORMAT_VERSION:
-            raise BundleError(
-                f"{where}: bundle format version {version} is newer than this edge_sel understands "
-                f"(max {FORMAT_VERSION}); upgrade edge_sel or re-export the bundle"
-            )
-        for key in ("model", "dims", "layers", "files", "tokenizer", "embed", "head"):
-            if key not in m:
-                raise BundleError(f"{where}: required field {key!r} missing")
-        if m["model"].get("scoring") not in SCORINGS:
-            raise BundleError(f"{where}: model.scoring is {m['model'].get('scoring')!r}, expected one of {SCORINGS}")
-        if m["model"].get("task") not in TASKS:
-            raise BundleError(f"{where}: model.task is {m['model'].get('task')!r}, expected one of {TASKS}")
-        if not isinstance(m["layers"], list) or not m["layers"]:
-            raise BundleError(f"{where}: bundle has no layers")
-
-    def _referenced(self) -> list[tuple[str, str]]:
-        m = self.manifest
-        refs = [(m["tokenizer"]["file"], "tokenizer"), (m["embed"]["file"], "embed"), (m["head"]["file"], "head")]
-        for name, spec in m.get("arrays", {}).items():
-            refs.append((spec["file"], f"array {name}"))
-        for layer in m["layers"]:
-            refs.append((layer["file"], f"layer {layer['index']}"))
-            if layer.get("weights"):
-                refs.append((layer["weights"], f"layer {layer['index']} weights"))
-        for name, spec in m.get("extra_graphs", {}).items():
-            refs.append((spec["file"], f"graph {name}"))
-            if spec.get("weights"):
-                refs.append((spec["weights"], f"graph {name} weights"))
-        return refs
-
     def _check_files(self) -> None:
-        files = self.manifest["files"]
-        if not isinstance(files, dict):
-            raise BundleError(f"{self.root / MANIFEST}: 'files' must map paths to size/sha256")
-        for rel, what in self._referenced():
-            _safe_relpath(self.root, rel, what)
-            if rel not in files:
-                raise BundleError(f"{self.root / MANIFEST}: {what} file {rel!r} is not listed in 'files'")
-        for rel, info in files.items():
-            full = _safe_relpath(self.root, rel, "file")
+        """Every listed file exists inside the bundle with its listed size (the manifest already checked that every
+        referenced file is listed and that the arrays' shapes match their sizes)."""
+        for rel, info in self.spec.files.items():
+            full = _inside(self.root, rel, "file")
             if not full.is_file():
                 raise BundleError(f"bundle file missing: {full} (listed in {self.root / MANIFEST}); re-export the bundle")
             size = full.stat().st_size
-            if size != info.get("size"):
-                raise BundleError(f"bundle file {full}: size {size} bytes, manifest expects {info.get('size')} (corrupt or truncated)")
+            if size != info.size:
+                raise BundleError(f"bundle file {full}: size {size} bytes, manifest expects {info.size} (corrupt or truncated)")
 
     def verify(self, progress=None) -> None:
         """Check every file's sha256 against the manifest; raise :class:`BundleError` on the first mismatch."""
-        for rel, info in self.manifest["files"].items():
+        for rel, info in self.spec.files.items():
             full = self.root / rel
             digest = sha256_file(full)
-            if digest != info.get("sha256"):
-                raise BundleError(f"bundle file {full}: sha256 {digest[:16]}… does not match manifest {str(info.get('sha256'))[:16]}… (corrupt or modified)")
+            if digest != info.sha256:
+                raise BundleError(f"bundle file {full}: sha256 {digest[:16]}… does not match manifest {info.sha256[:16]}… (corrupt or modified)")
             if progress:
                 progress(rel)
 
     # ---- accessors -----------------------------------------------------------------------
     @property
     def scoring(self) -> str:
-        return self.manifest["model"]["scoring"]
+        return self.spec.model.scoring
 
     @property
     def task(self) -> str:
-        return self.manifest["model"]["task"]
+        return self.spec.model.task
 
     @property
-    def family(self) -> str:
-        return self.manifest["model"]["family"]
+    def family(self) -> str | None:
+        return self.spec.model.family
 
     @property
     def dims(self) -> dict[str, int]:
-        return self.manifest["dims"]
+        """The raw ``dims`` object (typed: ``spec.dims``)."""
+        return self._raw["dims"]
 
     @property
     def max_length(self) -> int:
-        return int(self.manifest["max_length"])
+        return self.spec.max_length
 
     @property
     def layers(self) -> list[dict[str, Any]]:
-        return self.manifest["layers"]
+        """The raw ``layers`` list (typed: ``spec.layers``)."""
+        return self._raw["layers"]
 
     def path(self, rel: str) -> Path:
-        return _safe_relpath(self.root, rel, "file")
+        if not isinstance(rel, str) or not rel:
+            raise BundleError(f"{self.root / MANIFEST}: empty or non-string path {rel!r}")
+        if rel not in self.spec.files and rel != MANIFEST:
+            raise BundleError(f"{self.root / MANIFEST}: file {rel!r} is not listed in 'files' (refused)")
+        return _inside(self.root, rel, "file")
 
     def layer_path(self, i: int) -> Path:
-        return self.path(self.layers[i]["file"])
+        return self.path(self.spec.layers[i].file)
 
     def layer_weight_bytes(self, i: int) -> int:
-        layer = self.layers[i]
-        total = self.manifest["files"][layer["file"]]["size"]
-        if layer.get("weights"):
-            total += self.manifest["files"][layer["weights"]]["size"]
-        return total
+        return self.spec.layer_weight_bytes(i)
 
     def array(self, name: str) -> np.ndarray:
-        """Memory-map an array listed in the manifest (``embed`` or one of ``arrays``); read-only."""
-        spec = self.manifest["embed"] if name == "embed" else self.manifest.get("arrays", {}).get(name)
+        """Memory-map an array listed in the manifest (``embed`` or one of ``arrays``); read-only. Its dtype is from the
+        manifest's allow-list and its size was checked against the shape at open."""
+        spec = self.spec.array_spec(name)
         if spec is None:
             raise BundleError(f"{self.root / MANIFEST}: no array named {name!r}")
-        dtype = np.dtype(spec["dtype"]).newbyteorder("<")
-        shape = tuple(int(s) for s in spec["shape"])
-        expected = int(np.prod(shape)) * dtype.itemsize
-        full = self.path(spec["file"])
-        if full.stat().st_size != expected:
-            raise BundleError(f"{full}: {full.stat().st_size} bytes, but shape {shape} {dtype} needs {expected}")
-        return np.memmap(full, dtype=dtype, mode="r", shape=shape)
+        dtype = np.dtype(spec.dtype).newbyteorder("<")
+        full = self.path(spec.file)
+        if full.stat().st_size != spec.nbytes:
+            raise BundleError(f"{full}: {full.stat().st_size} bytes, but shape {list(spec.shape)} {spec.dtype} needs {spec.nbytes}")
+        return np.memmap(full, dtype=dtype, mode="r", shape=spec.shape)
 
     def has_array(self, name: str) -> bool:
-        return name in self.manifest.get("arrays", {})
+        return name in self.spec.arrays
 
     def total_bytes(self) -> int:
-        return sum(int(v["size"]) for v in self.manifest["files"].values())
+        return self.spec.total_bytes()
 
     def __repr__(self) -> str:
-        m = self.manifest["model"]
-        return f"Bundle({str(self.root)!r}, {m.get('name')}, {m['scoring']}, {len(self.layers)} layers)"
+        m = self.spec.model
+        return f"Bundle({str(self.root)!r}, {m.name}, {m.scoring}, {len(self.spec.layers)} layers)"
 
 
 class BundleWriter:
@@ -251,7 +214,11 @@ class BundleWriter:
         arr.tofile(self.file(rel))
         return {"file": rel, "dtype": arr.dtype.name, "shape": list(arr.shape)}
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
+    def commit(self, manifest: dict[str, Any] | Manifest) -> Path:
+        """Hash every staged file, write the manifest (``format``, ``format_version``, ``created_by`` and ``files`` are
+        filled in), check the staged bundle and rename it into place."""
+        if isinstance(manifest, Manifest):
+            manifest = manifest.to_dict()
         files: dict[str, dict[str, Any]] = {}
         for p in sorted(self.staging.rglob("*")):
             if p.is_file():
@@ -259,7 +226,7 @@ class BundleWriter:
                 if rel == MANIFEST:
                     continue
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": CREATED_BY, **manifest, "files": files}
         tmp_manifest = self.staging / (MANIFEST + ".tmp")
         tmp_manifest.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         os.replace(tmp_manifest, self.staging / MANIFEST)

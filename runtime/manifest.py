@@ -1,0 +1,831 @@
+"""The bundle manifest, typed: parsed and validated once, then read as frozen dataclasses.
+
+Over ~400 lines because it is the whole format contract (every field, its type, range and default) in one place.
+
+``Manifest.parse(raw_json_dict, where)`` checks every field's type, range and allowed values and raises
+:class:`BundleError` naming the field (``…/manifest.json: layers[3].weights: expected a string or null, got 7``).
+Attribute names mirror the JSON keys (``m["model"]["scoring"]`` is ``spec.model.scoring``); optional fields get
+their defaults here, so readers never ``.get`` with a fallback. Keys this version does not know are kept
+(``unknown``) and written back by :meth:`Node.to_dict`, which reproduces the parsed JSON. Passes that rewrite a
+manifest use :meth:`Node.replace` (validated) or ``dataclasses.replace``. ``docs/BUNDLE.md`` specifies the format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from types import MappingProxyType
+from typing import Any, ClassVar, Mapping
+
+from .errors import BundleError
+
+FORMAT = "edge-sel-bundle"
+FORMAT_VERSION = 1            # the newest version this runtime reads and the one it writes
+MIN_FORMAT_VERSION = 1        # the oldest version this runtime still reads
+MANIFEST = "manifest.json"
+EMPTY_POS = 2**40             # key position of an empty KV-cache slot: never <= any query position, so always masked
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+
+        return version("edge-sel")
+    except (ImportError, PackageNotFoundError):
+        return "unknown"
+
+
+CREATED_BY = f"edge_sel {_package_version()}"
+
+TASKS = ("rerank", "generate")
+SCORINGS = ("yes_no", "cross_encoder", "bi_encoder", "lm")   # "lm": generate bundles (full-vocabulary head)
+TASK_SCORINGS = {"rerank": ("yes_no", "cross_encoder", "bi_encoder"), "generate": ("lm",)}
+# raw arrays are little-endian; object, string and structured dtypes are never accepted (bytes are not pointers)
+DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64")
+EMBEDDING_RULES = ("gather", "bert")
+POOLINGS = ("cls", "mean", "last")
+SCORE_RULES = ("logit", "cosine", "yes_minus_no_logit")
+FINAL_LAYER_OUTPUTS = ("all_tokens", "first_token")
+SCHEDULE_METHODS = ("probe", "head", "cosine")
+SCHEDULE_RULES = ("margin", "rank")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+# ---- reading JSON values with errors that name the field ---------------------------------------------------------
+class _Reader:
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, path: str, msg: str):
+        raise BundleError(f"{self.where}: {path}: {msg}")
+
+    def obj(self, v, path: str) -> dict:
+        if not isinstance(v, dict):
+            self.fail(path, f"expected an object, got {_show(v)}")
+        return v
+
+    def str(self, v, path: str, optional: bool = False, choices: tuple | None = None, nonempty: bool = True):
+        if v is None and optional:
+            return None
+        if not isinstance(v, str):
+            self.fail(path, f"expected a string{' or null' if optional else ''}, got {_show(v)}")
+        if nonempty and not v:
+            self.fail(path, "expected a non-empty string, got ''")
+        if choices is not None and v not in choices:
+            self.fail(path, f"{v!r} is not one of {', '.join(choices)}")
+        return v
+
+    def int(self, v, path: str, lo: int | None = None, hi: int | None = None, optional: bool = False):
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(path, f"expected an integer{' or null' if optional else ''}, got {_show(v)}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            self.fail(path, f"expected an integer {rng}, got {v}")
+        return v
+
+    def float(self, v, path: str, positive: bool = False, optional: bool = False):
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            self.fail(path, f"expected a finite number{' or null' if optional else ''}, got {_show(v)}")
+        if positive and v <= 0:
+            self.fail(path, f"expected a positive number, got {v}")
+        return float(v) if isinstance(v, float) else v
+
+    def bool(self, v, path: str):
+        if not isinstance(v, bool):
+            self.fail(path, f"expected true or false, got {_show(v)}")
+        return v
+
+    def list(self, v, path: str, item, nonempty: bool = False) -> tuple:
+        if not isinstance(v, list) or (nonempty and not v):
+            self.fail(path, f"expected a{' non-empty' if nonempty else ''} list, got {_show(v)}")
+        return tuple(item(x, f"{path}[{i}]") for i, x in enumerate(v))
+
+    def path(self, v, path: str, optional: bool = False):
+        """A file path inside the bundle: relative, POSIX, no ``..``, no ``~``, no backslash."""
+        if v is None and optional:
+            return None
+        rel = self.str(v, path, optional=optional)
+        p = PurePosixPath(rel)
+        if p.is_absolute() or ".." in p.parts or "\\" in rel or rel.startswith("~") or "\x00" in rel:
+            self.fail(path, f"path {rel!r} escapes the bundle directory (refused)")
+        return rel
+
+
+def _show(v) -> str:
+    if isinstance(v, (dict, list)):
+        return f"{'an object' if isinstance(v, dict) else 'a list'} {str(v)[:60]}"
+    return repr(v) if not isinstance(v, str) else repr(v[:60])
+
+
+def freeze(v):
+    """Free-form JSON as read-only values (objects -> mappingproxy, lists -> tuples)."""
+    if isinstance(v, dict):
+        return MappingProxyType({k: freeze(x) for k, x in v.items()})
+    if isinstance(v, list):
+        return tuple(freeze(x) for x in v)
+    return v
+
+
+def thaw(v):
+    """Back to plain JSON values (also turns typed nodes into their dicts)."""
+    if isinstance(v, Node):
+        return v.to_dict()
+    if isinstance(v, Mapping):
+        return {k: thaw(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [thaw(x) for x in v]
+    return v
+
+
+# ---- the node base: JSON round trip ------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class Node:
+    """A manifest object. ``unknown``: keys this version does not know (kept and written back); ``_keys``: keys the
+    parsed JSON held, so that defaults filled in at parse time are not written back where the JSON had none."""
+
+    unknown: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
+    _keys: frozenset = field(default=frozenset(), compare=False, repr=False)
+
+    KNOWN: ClassVar[tuple] = ()  # the JSON keys of this object
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        implied = self._implied()
+        for f in dataclasses.fields(self):
+            if f.name in ("unknown", "_keys"):
+                continue
+            v = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            default = implied.get(f.name, default)
+            if f.name in self._keys or default is dataclasses.MISSING or v != default:
+                out[f.name] = thaw(v)
+        out.update(thaw(self.unknown))
+        return out
+
+    def replace(self, **changes) -> "Node":
+        """A copy with ``changes`` (typed nodes or plain JSON values), parsed and validated again."""
+        d = self.to_dict()
+        d.update({k: thaw(v) for k, v in changes.items()})
+        return type(self).parse(d, type(self).__name__)
+
+    @classmethod
+    def parse(cls, d: Any, where: str = MANIFEST, path: str = "") -> "Node":
+        """Validate the JSON object ``d`` as this part; errors name ``where`` and the field ``path`` (e.g. "schedule")."""
+        return cls.read(_Reader(str(where)), d, path or cls.__name__)
+
+    def _implied(self) -> dict[str, Any]:
+        """Defaults that depend on other fields (written back only when they differ)."""
+        return {}
+
+    @classmethod
+    def _base(cls, d: dict) -> dict:
+        return {"unknown": freeze({k: v for k, v in d.items() if k not in cls.KNOWN}), "_keys": frozenset(d)}
+
+
+# ---- the parts -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo(Node):
+    KNOWN = ("name", "source", "family", "model_type", "scoring", "task")
+    scoring: str
+    task: str
+    name: str | None = None
+    source: str | None = None
+    family: str | None = None
+    model_type: str | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "ModelInfo":
+        d = r.obj(v, p)
+        task = r.str(d.get("task"), f"{p}.task", choices=TASKS)
+        scoring = r.str(d.get("scoring"), f"{p}.scoring", choices=SCORINGS)
+        if scoring not in TASK_SCORINGS[task]:
+            r.fail(f"{p}.scoring", f"{scoring!r} is not a scoring of task {task!r} (one of {', '.join(TASK_SCORINGS[task])})")
+        opt = {k: r.str(d.get(k), f"{p}.{k}", optional=True, nonempty=False) for k in ("name", "source", "family", "model_type")}
+        return cls(scoring=scoring, task=task, **opt, **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dims(Node):
+    KNOWN = ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    num_layers: int | None = None
+    intermediate: int | None = None
+    vocab: int | None = None
+
+    def _implied(self) -> dict[str, Any]:
+        return {"kv_heads": self.heads, "head_dim": self.hidden // self.heads}
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "Dims":
+        d = r.obj(v, p)
+        hidden = r.int(d.get("hidden"), f"{p}.hidden", lo=1)
+        heads = r.int(d.get("heads"), f"{p}.heads", lo=1)
+        kv_heads = r.int(d.get("kv_heads", heads), f"{p}.kv_heads", lo=1)
+        head_dim = r.int(d.get("head_dim", hidden // heads), f"{p}.head_dim", lo=1)
+        if heads % kv_heads:
+            r.fail(f"{p}.kv_heads", f"{kv_heads} does not divide heads ({heads})")
+        opt = {k: r.int(d.get(k), f"{p}.{k}", lo=1, optional=True) for k in ("num_layers", "intermediate", "vocab")}
+        return cls(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, **opt, **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArraySpec(Node):
+    """A raw little-endian C-order array file (memory-mapped by the runtime)."""
+
+    KNOWN = ("file", "dtype", "shape")
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        import numpy as np
+
+        return int(math.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "ArraySpec":
+        d = r.obj(v, p)
+        return cls(file=r.path(d.get("file"), f"{p}.file"), dtype=r.str(d.get("dtype"), f"{p}.dtype", choices=DTYPES),
+                   shape=r.list(d.get("shape"), f"{p}.shape", lambda x, q: r.int(x, q, lo=0), nonempty=True),
+                   **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerSpec(Node):
+    """One kept layer: its graph (``file``, external weights ``weights``), its position in the source model
+    (``source_index``) and, for split layers, the key of its qkv graph in ``extra_graphs``."""
+
+    KNOWN = ("index", "source_index", "file", "weights", "qkv")
+    index: int
+    source_index: int
+    file: str
+    weights: str | None = None
+    qkv: str | None = None
+
+    def _implied(self) -> dict[str, Any]:
+        return {"source_index": self.index}
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str, position: int) -> "LayerSpec":
+        d = r.obj(v, p)
+        index = r.int(d.get("index", position), f"{p}.index", lo=0)
+        if index != position:
+            r.fail(f"{p}.index", f"expected {position} (the layer's position in the list), got {index}")
+        return cls(index=index, source_index=r.int(d.get("source_index", index), f"{p}.source_index", lo=0),
+                   file=r.path(d.get("file"), f"{p}.file"), weights=r.path(d.get("weights"), f"{p}.weights", optional=True),
+                   qkv=r.str(d.get("qkv"), f"{p}.qkv", optional=True), **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphFile(Node):
+    """An ONNX graph file and its external-data file (``weights``, null when the weights are inline)."""
+
+    KNOWN = ("file", "weights")
+    file: str
+    weights: str | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "GraphFile":
+        d = r.obj(v, p)
+        return cls(file=r.path(d.get("file"), f"{p}.file"), weights=r.path(d.get("weights"), f"{p}.weights", optional=True),
+                   **cls._base(d))
+
+
+def _names(r: _Reader, v, p: str) -> tuple[str, ...]:
+    return r.list(v, p, lambda x, q: r.str(x, q), nonempty=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GraphIO(Node):
+    KNOWN = ("inputs", "outputs")
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "GraphIO":
+        d = r.obj(v, p)
+        return cls(inputs=_names(r, d.get("inputs"), f"{p}.inputs"), outputs=_names(r, d.get("outputs"), f"{p}.outputs"),
+                   **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadSpec(GraphFile):
+    KNOWN = ("file", "weights", "inputs", "outputs")
+    inputs: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "HeadSpec":
+        d = r.obj(v, p)
+        io = {k: None if d.get(k) is None else _names(r, d[k], f"{p}.{k}") for k in ("inputs", "outputs")}
+        return cls(file=r.path(d.get("file"), f"{p}.file"), weights=r.path(d.get("weights"), f"{p}.weights", optional=True),
+                   **io, **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerIO(Node):
+    """The layer graphs' I/O names. One graph per layer: ``inputs``/``outputs``. Split layers (decoders): ``qkv`` and
+    ``attn`` graphs, ``empty_pos`` (key position of an empty slot), and for rerank bundles the fused-graph markers."""
+
+    KNOWN = ("inputs", "outputs", "qkv", "attn", "empty_pos", "prefix_reuse", "attn_core", "qkv_rotary", "rerank_form")
+    inputs: tuple[str, ...] | None = None
+    outputs: tuple[str, ...] | None = None
+    qkv: GraphIO | None = None
+    attn: GraphIO | None = None
+    empty_pos: int | None = None
+    prefix_reuse: bool = False
+    attn_core: str | None = None
+    qkv_rotary: str | None = None
+    rerank_form: int = 0
+
+    @property
+    def split(self) -> bool:
+        return self.qkv is not None
+
+    def _implied(self) -> dict[str, Any]:
+        if self.split:
+            return {"inputs": None, "outputs": None, "empty_pos": EMPTY_POS}
+        return {"inputs": ("hidden", "mask"), "outputs": ("hidden_out",)}
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "LayerIO":
+        d = r.obj(v, p)
+        qkv = None if d.get("qkv") is None else GraphIO.read(r, d["qkv"], f"{p}.qkv")
+        attn = None if d.get("attn") is None else GraphIO.read(r, d["attn"], f"{p}.attn")
+        if (qkv is None) != (attn is None):
+            r.fail(f"{p}.{'attn' if attn is None else 'qkv'}", "split layers need both 'qkv' and 'attn'")
+        plain = qkv is None
+        return cls(inputs=_names(r, d["inputs"], f"{p}.inputs") if "inputs" in d else (("hidden", "mask") if plain else None),
+                   outputs=_names(r, d["outputs"], f"{p}.outputs") if "outputs" in d else (("hidden_out",) if plain else None),
+                   qkv=qkv, attn=attn,
+                   empty_pos=r.int(d.get("empty_pos", None if plain else EMPTY_POS), f"{p}.empty_pos", lo=1, optional=plain),
+                   prefix_reuse=r.bool(d.get("prefix_reuse", False), f"{p}.prefix_reuse"),
+                   attn_core=r.str(d.get("attn_core"), f"{p}.attn_core", optional=True),
+                   qkv_rotary=r.str(d.get("qkv_rotary"), f"{p}.qkv_rotary", optional=True),
+                   rerank_form=r.int(d.get("rerank_form", 0), f"{p}.rerank_form", lo=0), **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddingRule(Node):
+    """``gather``: rows of ``embed``. ``bert``: + position (offset by ``position_offset``) and token-type rows, then
+    LayerNorm(``ln_weight``, ``ln_bias``, ``layer_norm_eps``)."""
+
+    KNOWN = ("rule", "layer_norm_eps", "position_offset")
+    rule: str = "gather"
+    layer_norm_eps: float | None = None
+    position_offset: int = 0
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "EmbeddingRule":
+        d = r.obj(v, p)
+        rule = r.str(d.get("rule", "gather"), f"{p}.rule", choices=EMBEDDING_RULES)
+        eps = r.float(d.get("layer_norm_eps"), f"{p}.layer_norm_eps", positive=True, optional=rule != "bert")
+        return cls(rule=rule, layer_norm_eps=eps, position_offset=r.int(d.get("position_offset", 0), f"{p}.position_offset", lo=0),
+                   **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptSpec(Node):
+    """Yes/no reranking prompt: ``prefix`` (with ``{instruction}`` and ``{query}``) + document + ``suffix``."""
+
+    KNOWN = ("prefix", "suffix", "instruction")
+    prefix: str
+    suffix: str
+    instruction: str = ""
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "PromptSpec":
+        d = r.obj(v, p)
+        return cls(prefix=r.str(d.get("prefix"), f"{p}.prefix", nonempty=False), suffix=r.str(d.get("suffix"), f"{p}.suffix", nonempty=False),
+                   instruction=r.str(d.get("instruction", ""), f"{p}.instruction", nonempty=False), **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenIds(Node):
+    KNOWN = ("yes", "no")
+    yes: int
+    no: int
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "TokenIds":
+        d = r.obj(v, p)
+        return cls(yes=r.int(d.get("yes"), f"{p}.yes", lo=0), no=r.int(d.get("no"), f"{p}.no", lo=0), **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatSpec(Node):
+    """The chat template rendered around the user text: ``before`` + text + ``after`` (with a system prompt:
+    ``system_before`` + system + ``system_between`` + text + ``after``); ``template``: the original Jinja source."""
+
+    KNOWN = ("template", "before", "after", "system_before", "system_between")
+    before: str
+    after: str
+    template: str | None = None
+    system_before: str | None = None
+    system_between: str | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "ChatSpec":
+        d = r.obj(v, p)
+        s = {k: r.str(d.get(k), f"{p}.{k}", optional=True, nonempty=False) for k in ("template", "system_before", "system_between")}
+        if (s["system_before"] is None) != (s["system_between"] is None):
+            r.fail(f"{p}.system_between", "system_before and system_between come together")
+        return cls(before=r.str(d.get("before"), f"{p}.before", nonempty=False), after=r.str(d.get("after"), f"{p}.after", nonempty=False),
+                   **s, **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleLayer(Node):
+    KNOWN = ("layer", "margin", "keep")
+    layer: int
+    margin: float | None = None
+    keep: float | None = None
+
+
+def _free(r: _Reader, d: dict, key: str, p: str):
+    """A free-form JSON object (facts for people, not read by the runtime), frozen; null when absent."""
+    return None if d.get(key) is None else freeze(r.obj(d[key], f"{p}.{key}" if p else key))
+
+
+def _fraction(r: _Reader, d: dict, key: str, p: str):
+    v = r.float(d.get(key), f"{p}.{key}", optional=True)
+    if v is not None and not 0 <= v <= 1:
+        r.fail(f"{p}.{key}", f"expected a fraction in [0, 1], got {v}")
+    return v
+
+
+@dataclass(frozen=True, kw_only=True)
+class Agreement(Node):
+    """How a calibrated schedule did on its calibration data (simulated)."""
+
+    KNOWN = ("layer_work_saved", "topk_recall", "topk_identical")
+    layer_work_saved: float | None = None
+    topk_recall: float | None = None
+    topk_identical: float | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "Agreement":
+        d = r.obj(v, p)
+        return cls(**{k: _fraction(r, d, k, p) for k in cls.KNOWN}, **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DropCost(Node):
+    """What dropping layers cost, measured on calibration text against the full bundle."""
+
+    KNOWN = ("top10_overlap", "top10_identical", "threshold", "requested", "block_influence", "calibration")
+    top10_overlap: float | None = None
+    top10_identical: float | None = None
+    threshold: float | None = None
+    requested: int | str | None = None            # a number of layers or "auto"
+    block_influence: Mapping[str, float] | None = None   # source index -> influence of the dropped block
+    calibration: Mapping[str, Any] | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "DropCost":
+        d = r.obj(v, p)
+        req = d.get("requested")
+        if req is not None and req != "auto":
+            r.int(req, f"{p}.requested", lo=0)
+        return cls(top10_overlap=_fraction(r, d, "top10_overlap", p), top10_identical=_fraction(r, d, "top10_identical", p),
+                   threshold=r.float(d.get("threshold"), f"{p}.threshold", optional=True), requested=req,
+                   block_influence=_free(r, d, "block_influence", p), calibration=_free(r, d, "calibration", p),
+                   **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleSpec(Node):
+    """Early-ranking pruning schedule written by calibration; ``layers[i].layer`` is a position in ``layers``."""
+
+    KNOWN = ("version", "method", "rule", "top_k", "layers", "floor", "cluster_gap", "safety", "probe", "source_layers",
+             "calibration", "agreement", "per_layer")
+    method: str
+    top_k: int
+    layers: tuple[ScheduleLayer, ...]
+    version: int = 1
+    rule: str = "margin"
+    floor: int | None = None
+    cluster_gap: float = 0.0
+    safety: float = 1.0
+    probe: str | None = None
+    source_layers: tuple[int, ...] | None = None
+    calibration: Mapping[str, Any] | None = None     # what it was calibrated on (data, queries, candidates, seed, seconds)
+    agreement: Agreement | None = None
+    per_layer: tuple[Mapping[str, Any], ...] | None = None  # per layer: spearman / top-k overlap with the final scores
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "ScheduleSpec":
+        d = r.obj(v, p)
+        rule = r.str(d.get("rule", "margin"), f"{p}.rule", choices=SCHEDULE_RULES)
+
+        def layer(x, q):
+            e = r.obj(x, q)
+            if rule == "rank":
+                keep = r.float(e.get("keep"), f"{q}.keep", positive=True)
+                if keep > 1:
+                    r.fail(f"{q}.keep", f"expected a fraction in (0, 1], got {keep}")
+                return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), keep=keep, **ScheduleLayer._base(e))
+            margin = r.float(e.get("margin"), f"{q}.margin")
+            if margin < 0:
+                r.fail(f"{q}.margin", f"expected a number >= 0, got {margin}")
+            return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), margin=margin, **ScheduleLayer._base(e))
+
+        src = d.get("source_layers")
+        return cls(method=r.str(d.get("method", "head"), f"{p}.method", choices=SCHEDULE_METHODS),
+                   top_k=r.int(d.get("top_k"), f"{p}.top_k", lo=1), layers=r.list(d.get("layers"), f"{p}.layers", layer),
+                   version=r.int(d.get("version", 1), f"{p}.version", lo=1), rule=rule,
+                   floor=r.int(d.get("floor"), f"{p}.floor", lo=0, optional=True),
+                   cluster_gap=r.float(d.get("cluster_gap", 0.0), f"{p}.cluster_gap"),
+                   safety=r.float(d.get("safety", 1.0), f"{p}.safety", positive=True),
+                   probe=r.str(d.get("probe"), f"{p}.probe", optional=True),
+                   source_layers=None if src is None else r.list(src, f"{p}.source_layers", lambda x, q: r.int(x, q, lo=0)),
+                   calibration=_free(r, d, "calibration", p),
+                   agreement=None if d.get("agreement") is None else Agreement.read(r, d["agreement"], f"{p}.agreement"),
+                   per_layer=None if d.get("per_layer") is None else r.list(d["per_layer"], f"{p}.per_layer",
+                                                                          lambda x, q: freeze(r.obj(x, q))),
+                   **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantAgreement(Node):
+    """A quantized bundle's scores against its float source on the builtin calibration data."""
+
+    KNOWN = ("data", "queries", "candidates", "max_abs_score_diff", "top10_overlap", "top10_identical")
+    data: str | None = None
+    queries: int | None = None
+    candidates: int | None = None
+    max_abs_score_diff: float | None = None
+    top10_overlap: float | None = None
+    top10_identical: float | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "QuantAgreement":
+        d = r.obj(v, p)
+        return cls(data=r.str(d.get("data"), f"{p}.data", optional=True),
+                   queries=r.int(d.get("queries"), f"{p}.queries", lo=0, optional=True),
+                   candidates=r.int(d.get("candidates"), f"{p}.candidates", lo=0, optional=True),
+                   max_abs_score_diff=r.float(d.get("max_abs_score_diff"), f"{p}.max_abs_score_diff", optional=True),
+                   top10_overlap=_fraction(r, d, "top10_overlap", p), top10_identical=_fraction(r, d, "top10_identical", p),
+                   **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantization(Node):
+    KNOWN = ("method", "weights", "per_channel", "ops", "source_bytes", "seconds", "agreement")
+    method: str
+    weights: str
+    per_channel: bool = False
+    ops: tuple[str, ...] = ()
+    source_bytes: int | None = None
+    seconds: float | None = None
+    agreement: QuantAgreement | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "Quantization":
+        d = r.obj(v, p)
+        return cls(method=r.str(d.get("method"), f"{p}.method"), weights=r.str(d.get("weights"), f"{p}.weights"),
+                   per_channel=r.bool(d.get("per_channel", False), f"{p}.per_channel"),
+                   ops=r.list(d.get("ops", []), f"{p}.ops", lambda x, q: r.str(x, q)),
+                   source_bytes=r.int(d.get("source_bytes"), f"{p}.source_bytes", lo=0, optional=True),
+                   seconds=r.float(d.get("seconds"), f"{p}.seconds", optional=True),
+                   agreement=None if d.get("agreement") is None else QuantAgreement.read(r, d["agreement"], f"{p}.agreement"),
+                   **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportInfo(Node):
+    KNOWN = ("seed", "seconds", "verified_max_abs_diff")
+    seed: int | None = None
+    seconds: float | None = None
+    verified_max_abs_diff: float | None = None
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "ExportInfo":
+        d = r.obj(v, p)
+        return cls(seed=r.int(d.get("seed"), f"{p}.seed", optional=True), seconds=r.float(d.get("seconds"), f"{p}.seconds", optional=True),
+                   verified_max_abs_diff=r.float(d.get("verified_max_abs_diff"), f"{p}.verified_max_abs_diff", optional=True),
+                   **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileEntry(Node):
+    KNOWN = ("size", "sha256")
+    size: int
+    sha256: str
+
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "FileEntry":
+        d = r.obj(v, p)
+        digest = r.str(d.get("sha256"), f"{p}.sha256")
+        if not _SHA256.fullmatch(digest):
+            r.fail(f"{p}.sha256", f"expected 64 lowercase hex digits, got {_show(digest)}")
+        return cls(size=r.int(d.get("size"), f"{p}.size", lo=0), sha256=digest, **cls._base(d))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest(Node):
+    """The whole manifest. ``Manifest.parse(json_dict, where)`` validates; attributes mirror the JSON keys."""
+
+    KNOWN = ("format", "format_version", "created_by", "model", "dims", "dtype", "max_length", "embed", "arrays", "layers",
+             "layer_io", "extra_graphs", "head", "tokenizer", "dropped_layers", "drop_cost", "schedule", "export",
+             "quantization", "embedding", "pooling", "score_rule", "final_layer_output", "pad_id", "prompt", "token_ids",
+             "eos_ids", "chat", "stop_ids", "bos_id", "add_bos", "rope_theta", "rms_norm_eps", "files")
+    format: str
+    format_version: int
+    model: ModelInfo
+    dims: Dims
+    max_length: int
+    embed: ArraySpec
+    layers: tuple[LayerSpec, ...]
+    head: HeadSpec
+    tokenizer: GraphFile            # ``file``: a Hugging Face ``tokenizer.json`` (``weights`` unused)
+    files: Mapping[str, FileEntry]
+    created_by: str | None = None
+    dtype: str = "float32"
+    arrays: Mapping[str, ArraySpec] = field(default_factory=lambda: MappingProxyType({}))
+    layer_io: LayerIO = field(default_factory=lambda: LayerIO(inputs=("hidden", "mask"), outputs=("hidden_out",)))
+    extra_graphs: Mapping[str, GraphFile] = field(default_factory=lambda: MappingProxyType({}))
+    dropped_layers: tuple[int, ...] = ()
+    drop_cost: DropCost | None = None
+    schedule: ScheduleSpec | None = None
+    export: ExportInfo | None = None
+    quantization: Quantization | None = None
+    embedding: EmbeddingRule = field(default_factory=EmbeddingRule)
+    pooling: str = "cls"
+    score_rule: str | None = None
+    final_layer_output: str = "all_tokens"
+    pad_id: int = 0
+    prompt: PromptSpec | None = None
+    token_ids: TokenIds | None = None
+    eos_ids: tuple[int, ...] = ()
+    chat: ChatSpec | None = None
+    stop_ids: tuple[int, ...] = ()
+    bos_id: int | None = None
+    add_bos: bool = False
+    rope_theta: float | None = None
+    rms_norm_eps: float | None = None
+
+    # ---- derived views -------------------------------------------------------------------------------------------
+    @property
+    def scoring(self) -> str:
+        return self.model.scoring
+
+    @property
+    def task(self) -> str:
+        return self.model.task
+
+    def array_spec(self, name: str) -> ArraySpec | None:
+        """``embed`` or one of ``arrays``; None when the bundle has no such array."""
+        return self.embed if name == "embed" else self.arrays.get(name)
+
+    def qkv_graph(self, i: int) -> GraphFile:
+        """Layer ``i``'s qkv graph (split layers only)."""
+        return self.extra_graphs[self.layers[i].qkv]
+
+    def referenced(self) -> list[tuple[str, str]]:
+        """Every file the manifest points at, with what it is: ``[(path, description)]``."""
+        refs = [(self.tokenizer.file, "tokenizer"), (self.embed.file, "embed"), (self.head.file, "head")]
+        if self.head.weights:
+            refs.append((self.head.weights, "head weights"))
+        refs += [(a.file, f"array {name}") for name, a in self.arrays.items()]
+        for layer in self.layers:
+            refs.append((layer.file, f"layer {layer.index}"))
+            if layer.weights:
+                refs.append((layer.weights, f"layer {layer.index} weights"))
+        for name, g in self.extra_graphs.items():
+            refs.append((g.file, f"graph {name}"))
+            if g.weights:
+                refs.append((g.weights, f"graph {name} weights"))
+        return refs
+
+    def layer_weight_bytes(self, i: int) -> int:
+        """Bytes of layer ``i``'s graph and weights files (its qkv graph not included)."""
+        layer = self.layers[i]
+        return sum(self.files[f].size for f in (layer.file, layer.weights) if f)
+
+    def total_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+    # ---- parsing -------------------------------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, d: Any, where: str = MANIFEST) -> "Manifest":
+        """Validate the JSON object ``d`` (``where`` names it in errors) and return the typed manifest."""
+        r = _Reader(str(where))
+        if not isinstance(d, dict):
+            r.fail("(top level)", f"expected an object, got {_show(d)}")
+        if d.get("format") != FORMAT:
+            r.fail("format", f"not an edge_sel manifest (format={_show(d.get('format'))}, expected {FORMAT!r})")
+        version = d.get("format_version")
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            r.fail("format_version", f"bundle format version {version} is newer than this edge_sel understands "
+                                     f"(max {FORMAT_VERSION}); upgrade edge_sel or re-export the bundle")
+        r.int(version, "format_version", lo=MIN_FORMAT_VERSION, hi=FORMAT_VERSION)
+        for key in ("model", "dims", "max_length", "embed", "layers", "head", "tokenizer", "files"):
+            if key not in d:
+                r.fail(key, "required field missing")
+
+        def mapping(v, p, read):
+            return MappingProxyType({r.str(k, f"{p} key"): read(r, x, f"{p}.{k}") for k, x in r.obj(v, p).items()})
+
+        def opt(key, read):
+            return None if d.get(key) is None else read(r, d[key], key)
+
+        def ids(key):
+            return r.list(d.get(key, []), key, lambda x, q: r.int(x, q, lo=0))
+
+        layers_raw = d["layers"]
+        if not isinstance(layers_raw, list) or not layers_raw:
+            r.fail("layers", f"expected a non-empty list (the bundle has no layers), got {_show(layers_raw)}")
+        m = cls(
+            format=FORMAT, format_version=version,
+            created_by=r.str(d.get("created_by"), "created_by", optional=True, nonempty=False),
+            model=ModelInfo.read(r, d["model"], "model"),
+            dims=Dims.read(r, d["dims"], "dims"),
+            dtype=r.str(d.get("dtype", "float32"), "dtype", choices=DTYPES),
+            max_length=r.int(d["max_length"], "max_length", lo=1),
+            embed=ArraySpec.read(r, d["embed"], "embed"),
+            arrays=mapping(d.get("arrays", {}), "arrays", ArraySpec.read),
+            layers=tuple(LayerSpec.read(r, x, f"layers[{i}]", i) for i, x in enumerate(layers_raw)),
+            layer_io=LayerIO.read(r, d.get("layer_io", {}), "layer_io"),
+            extra_graphs=mapping(d.get("extra_graphs", {}), "extra_graphs", GraphFile.read),
+            head=HeadSpec.read(r, d["head"], "head"),
+            tokenizer=GraphFile.read(r, d["tokenizer"], "tokenizer"),
+            dropped_layers=ids("dropped_layers"),
+            drop_cost=opt("drop_cost", DropCost.read),
+            schedule=opt("schedule", ScheduleSpec.read),
+            export=opt("export", ExportInfo.read),
+            quantization=opt("quantization", Quantization.read),
+            embedding=EmbeddingRule.read(r, d.get("embedding", {}), "embedding"),
+            pooling=r.str(d.get("pooling", "cls"), "pooling", choices=POOLINGS),
+            score_rule=r.str(d.get("score_rule"), "score_rule", optional=True, choices=SCORE_RULES),
+            final_layer_output=r.str(d.get("final_layer_output", "all_tokens"), "final_layer_output", choices=FINAL_LAYER_OUTPUTS),
+            pad_id=r.int(d.get("pad_id", 0), "pad_id", lo=0),
+            prompt=opt("prompt", PromptSpec.read),
+            token_ids=opt("token_ids", TokenIds.read),
+            eos_ids=ids("eos_ids"),
+            chat=opt("chat", ChatSpec.read),
+            stop_ids=ids("stop_ids"),
+            bos_id=r.int(d.get("bos_id"), "bos_id", lo=0, optional=True),
+            add_bos=r.bool(d.get("add_bos", False), "add_bos"),
+            rope_theta=r.float(d.get("rope_theta"), "rope_theta", positive=True, optional=True),
+            rms_norm_eps=r.float(d.get("rms_norm_eps"), "rms_norm_eps", positive=True, optional=True),
+            files=MappingProxyType({r.path(k, "files key"): FileEntry.read(r, x, f"files[{k!r}]")
+                                    for k, x in r.obj(d["files"], "files").items()}),
+            **cls._base(d),
+        )
+        m._check(r)
+        return m
+
+    def _check(self, r: _Reader) -> None:
+        """Cross-field rules: what each task and scoring needs, and that files and arrays agree."""
+        if len(self.embed.shape) != 2 or self.embed.shape[1] != self.dims.hidden:
+            r.fail("embed.shape", f"expected [rows, dims.hidden={self.dims.hidden}], got {list(self.embed.shape)}")
+        split = [layer.qkv is not None for layer in self.layers]
+        if any(split) and not all(split):
+            r.fail(f"layers[{split.index(not split[0])}].qkv", "either every layer has a qkv graph or none has")
+        for i, layer in enumerate(self.layers):
+            if layer.qkv is not None and layer.qkv not in self.extra_graphs:
+                r.fail(f"layers[{i}].qkv", f"names {layer.qkv!r}, which is not in extra_graphs")
+        if all(split) != self.layer_io.split:
+            r.fail("layer_io", "split layers (qkv graphs) need layer_io.qkv and layer_io.attn, and only they have them")
+        if self.task == "generate" and not all(split):
+            r.fail("layers[0].qkv", "generate bundles need split layers (a qkv graph per layer)")
+        if self.scoring == "yes_no" and self.prompt is None:
+            r.fail("prompt", "yes/no scoring needs the prompt (prefix, suffix)")
+        if self.embedding.rule == "bert":
+            for name in ("position", "ln_weight", "ln_bias"):
+                if name not in self.arrays:
+                    r.fail(f"arrays.{name}", "required by embedding rule 'bert'")
+        s = self.schedule
+        if s is not None:
+            at = [e.layer for e in s.layers]
+            if any(l >= len(self.layers) for l in at) or sorted(set(at)) != at:
+                r.fail("schedule.layers", f"layer positions {at} must be strictly increasing and < {len(self.layers)}")
+            if s.source_layers is not None and len(s.source_layers) != len(at):
+                r.fail("schedule.source_layers", f"expected {len(at)} entries, got {len(s.source_layers)}")
+            if s.method == "probe" and (s.probe is None or s.probe not in self.arrays):
+                r.fail("schedule.probe", f"names array {s.probe!r}, which is not in arrays")
+        for rel, what in self.referenced():
+            if rel not in self.files:
+                r.fail("files", f"{what} file {rel!r} is not listed in 'files'")
+        for name, a in [("embed", self.embed), *((f"arrays.{k}", v) for k, v in self.arrays.items())]:
+            if a.nbytes != self.files[a.file].size:
+                r.fail(f"{name}.shape", f"shape {list(a.shape)} {a.dtype} needs {a.nbytes} bytes, but files lists "
+                                        f"{a.file!r} with {self.files[a.file].size}")
+
+
+__all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
+           "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
+           "ExportInfo", "FileEntry", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
+           "CREATED_BY", "DTYPES", "freeze", "thaw"]
