@@ -72,7 +72,8 @@ class Execution:
 
     def __init__(self, bundle, stream, embedder: Embedder, scoring: Scoring, split: bool, last_token_final: bool = True):
         self.n_layers = len(bundle.layers)
-        self.layer_inputs = bundle.manifest.get("layer_io", {}).get("inputs", ["hidden", "mask"])
+        self.layer_inputs = bundle.spec.layer_io.inputs or ()
+        self.empty_pos = bundle.spec.layer_io.empty_pos  # key position of padding (split layers)
         self.stream = stream
         self.embedder = embedder
         self.scoring = scoring
@@ -156,7 +157,7 @@ class Execution:
             for c in chunks:
                 h_in = store.hidden(c)
                 if self.split:
-                    c.hidden = run_candidates(sess, h_in, c.mask, c.positions, kp, vp, prefix_pos,
+                    c.hidden = run_candidates(sess, h_in, c.mask, c.positions, kp, vp, prefix_pos, self.empty_pos,
                                               last=c.lengths - 1 if last_only else None)
                 else:
                     c.hidden = sess.run(None, self._feeds(c, h_in))[0]

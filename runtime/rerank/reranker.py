@@ -81,14 +81,14 @@ class Reranker:
                 f"{format_size(need)} (two layers of {format_size(self.planner.layer_bytes)} + fixed costs)", minimum_bytes=need)
         self.encoder = TextEncoder(self.bundle)
         self.embedder = Embedder(self.bundle)
-        head = load_session(self.bundle.path(self.bundle.manifest["head"]["file"]), threads)
+        head = load_session(self.bundle.path(self.bundle.spec.head.file), threads)
         self.scoring = scoring_for(self.bundle, head)  # the scoring mode's strategy, chosen once
         self.pruning = "off" if pruning is None else pruning
         self.schedule, self.pruning_note = self._resolve_schedule(self.pruning)
         self.layer_scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
         self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.layers), threads, optimize)
         self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer))
-        self.pad_id = int(self.bundle.manifest.get("pad_id", 0))
+        self.pad_id = self.bundle.spec.pad_id
         self.stats = RerankStats()
         self.allow_spill = bool(spill)
         self.spill_dir = spill_dir
@@ -102,14 +102,14 @@ class Reranker:
                 return None, "off"
             if pruning not in ("auto", "on"):
                 raise InputError(f"pruning={pruning!r}: expected 'auto', 'on', 'off' or a schedule")
-            raw = self.bundle.manifest.get("schedule")
-            if not raw:
+            stored = self.bundle.spec.schedule
+            if stored is None:
                 if pruning == "on":
                     raise InputError(f"{root} has no early-ranking schedule, so pruning cannot be used; "
                                      f"calibrate it first: `edge-sel calibrate {root}` (or use pruning='auto'/'off')")
                 log.info("%s has no early-ranking schedule: ranking without pruning (run `edge-sel calibrate %s`)", root, root)
                 return None, "off (bundle not calibrated: run `edge-sel calibrate`)"
-            sched = Schedule.from_manifest(raw)
+            sched = Schedule.from_manifest(stored.to_dict())
         elif isinstance(pruning, Schedule):
             sched = pruning
         elif isinstance(pruning, dict):
@@ -238,7 +238,7 @@ class Reranker:
                         "without pruning (recalibrate with `edge-sel calibrate BUNDLE --top-k %d`)", top_k, self.schedule.top_k, top_k)
             return None, f"off for this call (top_k={top_k} > calibrated top-{self.schedule.top_k})"
         return Pruner(self.schedule, self.layer_scorer, self.scoring, n_docs, n_items, len(self.bundle.layers), packing,
-                      int(self.bundle.dims["hidden"])), self.pruning_note
+                      self.bundle.spec.dims.hidden), self.pruning_note
 
     def _score_planned(self, enc: Encoded, plan, ids, types, lengths, top_k, prune, embed_fits: bool,
                        store: ChunkStore, guard: HeapGuard, observer: Observer | None) -> np.ndarray:
@@ -274,7 +274,7 @@ class Reranker:
             layer_work_saved=1.0 - sum(work.live_per_layer) / max(1, n_docs * n_layers),
             token_work_saved=1.0 - sum(work.tokens_per_layer) / max(1, doc_tokens * n_layers),
             n_pruned=pruner.n_pruned if pruner is not None else 0,
-            dropped_layers=self.bundle.manifest.get("dropped_layers") or [],
+            dropped_layers=list(self.bundle.spec.dropped_layers),
             prefix_reuse_tokens=int(enc.prefix_len) if self.split else 0, spill=plan.spill,
             final_layer_last_token_only=bool(work.last_token_only), order="depth-first" if depth_first else "monolithic")
         return out

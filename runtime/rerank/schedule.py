@@ -102,14 +102,14 @@ class Schedule:
         if any(not np.isfinite(m) or m < 0 for m in self.margins):
             raise InputError(f"{where}: schedule margins must be finite and >= 0, got {self.margins}")
         if self.source_layers is not None:
-            actual = [int(bundle.layers[l].get("source_index", l)) for l in self.layers]
+            actual = [bundle.spec.layers[l].source_index for l in self.layers]
             if list(self.source_layers) != actual:
                 raise InputError(f"{where}: schedule was calibrated for source layers {self.source_layers} but those positions now hold "
                                  f"{actual} (layers were dropped or re-exported); recalibrate with `edge-sel calibrate {where}`")
         if self.method == "probe":
             if not self.probe or not bundle.has_array(self.probe):
                 raise InputError(f"{where}: schedule uses a probe array {self.probe!r} that the bundle does not list; recalibrate")
-            shape = bundle.manifest["arrays"][self.probe]["shape"]
+            shape = list(bundle.spec.arrays[self.probe].shape)
             if len(shape) != 2 or shape[0] != n:
                 raise BundleError(f"{where}: probe array {self.probe!r} has shape {shape}, expected [{n}, F+1]")
 

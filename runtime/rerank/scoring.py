@@ -104,7 +104,7 @@ class Scoring:
     collector = Scores
 
     def __init__(self, bundle, head_session=None):
-        self.pooling = bundle.manifest.get("pooling", "cls")
+        self.pooling = bundle.spec.pooling
         self._pool = POOLINGS[self.pooling]
         self.head = head_session
 

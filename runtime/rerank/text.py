@@ -28,10 +28,10 @@ class TextEncoder:
         self.bundle = bundle
         self.scoring = scoring_class(bundle)
         self.max_length = bundle.max_length
-        self.tok = Tokenizer.from_file(str(bundle.path(bundle.manifest["tokenizer"]["file"])))
+        self.tok = Tokenizer.from_file(str(bundle.path(bundle.spec.tokenizer.file)))
         self.tok.no_padding()
         self.tok.no_truncation()
-        self.prompt = bundle.manifest.get("prompt")
+        self.prompt = bundle.spec.prompt  # decoders: the prompt around each document
 
     def _ids(self, texts: list[str], add_special: bool) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special)]
@@ -70,9 +70,9 @@ class TextEncoder:
     def encode_prompt(self, query: str, documents: list[str], instruction: str | None) -> Encoded:
         """The bundle's prompt around each document; the instruction + query part is a shared prefix (decoders)."""
         p = self.prompt
-        prefix = p["prefix"].format(instruction=instruction or p["instruction"], query=query)
+        prefix = p.prefix.format(instruction=instruction or p.instruction, query=query)
         head = self._ids([prefix], False)[0]
-        tail = self._ids([p["suffix"]], False)[0]
+        tail = self._ids([p.suffix], False)[0]
         room = self.max_length - len(head) - len(tail)
         if room < 1:
             raise InputError(f"query prompt takes {len(head) + len(tail)} tokens, leaving no room for a document within max length {self.max_length}")
