@@ -280,8 +280,8 @@ def cmd_rerank(args, console) -> int:
     console.print(f"pruning: {stats.get('pruning')}"
                   + (f" · {stats['n_pruned']} pruned early, {100 * stats['layer_work_saved']:.0f}% of layer-work saved"
                      if stats.get("n_pruned") else ""))
-    if rr.bundle.manifest.get("dropped_layers"):
-        console.print(_dropped_line(rr.bundle.manifest))
+    if rr.bundle.spec.dropped_layers:
+        console.print(_dropped_line(rr.bundle.spec))
     return 0
 
 

@@ -168,7 +168,7 @@ def decide_schedule(b: Bundle, traces: list[Trace], all_scores: dict[str, list[n
                      rule=chosen_r, keep=r["params"] if chosen_r == "rank" else None, floor=None,
                      cluster_gap=DEFAULT_CLUSTER_GAP, safety=r.get("safety_used", safety or DEFAULT_SAFETY),
                      probe=PROBE_ARRAY if chosen_m == "probe" else None,
-                     source_layers=[int(b.layers[l].get("source_index", l)) for l in r["layers"]],
+                     source_layers=[b.spec.layers[l].source_index for l in r["layers"]],
                      info={"calibration": {**(source or {}), "seconds": None},
                            "agreement": r["simulated"],
                            "per_layer": [{"layer": row["layer"], "spearman": round(row["spearman"], 4),

@@ -53,7 +53,7 @@ def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRES
                   n_candidates: int = 32, say: Callable[[str, int, int], None] | None = None) -> dict:
     """Measure and pick the layers to drop; returns ``{"drop": [positions], "influence", "individual", "cost"}``."""
     say = say or (lambda *a: None)
-    L = len(bundle.layers)
+    L = len(bundle.spec.layers)
     if n != "auto":
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise InputError(f"--drop-layers takes a non-negative number or 'auto', got {n!r}")
@@ -94,7 +94,7 @@ def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRES
 
 def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
     """Rewrite ``bundle`` without the layers at positions ``drop`` (atomic; files hard-linked)."""
-    L = len(bundle.layers)
+    L = len(bundle.spec.layers)
     if any(not 0 <= d < L for d in drop) or len(set(drop)) >= L:
         raise InputError(f"cannot drop layers {drop} from a bundle with {L} layers")
     manifest = editable_manifest(bundle)
@@ -109,7 +109,7 @@ def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
         else:
             kept.append({**layer, "index": len(kept)})
     prev = list(manifest.get("dropped_layers") or [])
-    newly = [int(manifest["layers"][p].get("source_index", p)) for p in drop]
+    newly = [bundle.spec.layers[p].source_index for p in drop]
     manifest["layers"] = kept
     manifest["dropped_layers"] = sorted(prev + newly)
     if L - 1 in drop and manifest.get("final_layer_output") == "first_token":
@@ -132,7 +132,7 @@ def drop_layers(path: str | os.PathLike, n: int | str, threshold: float = DEFAUL
         return {"drop": [], "cost": None}
     res = choose_layers(bundle, n, threshold, n_queries, n_candidates, say)
     cost = {**res["cost"], "threshold": threshold if n == "auto" else None, "requested": n,
-            "block_influence": {int(bundle.layers[p].get("source_index", p)): round(res["influence"][p], 5) for p in res["drop"]},
+            "block_influence": {bundle.spec.layers[p].source_index: round(res["influence"][p], 5) for p in res["drop"]},
             "calibration": res["calibration"]}
     if res["drop"]:
         rewrite_without(bundle, res["drop"], cost)

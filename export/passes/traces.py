@@ -64,7 +64,7 @@ class TraceRecorder:
 
 def collect_traces(rr, data: list[tuple[str, list[str]]], progress: Callable[[int, int], None] | None = None) -> list[Trace]:
     """Trace every ``(query, documents)`` of ``data`` through the reranker ``rr`` (unpruned)."""
-    L = len(rr.bundle.layers)
+    L = len(rr.bundle.spec.layers)
     traces = []
     for qn, (query, docs) in enumerate(data):
         recorder = TraceRecorder(L, len(docs))
@@ -118,7 +118,7 @@ def crossfit_probe_scores(scoring: type[Scoring] | Scoring, traces: list[Trace],
 
 def method_scores(rr, traces: list[Trace], methods: list[str]) -> dict[str, list[np.ndarray]]:
     """Early scores ``[L, N]`` per query for each method (probes cross-fitted)."""
-    L = len(rr.bundle.layers)
+    L = len(rr.bundle.spec.layers)
     out: dict[str, list[np.ndarray]] = {}
     for m in methods:
         if m == "probe":

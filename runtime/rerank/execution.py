@@ -71,7 +71,7 @@ class Execution:
     """Runs chunks through a bundle's layers with the engine's stream, embedder and scoring strategy."""
 
     def __init__(self, bundle, stream, embedder: Embedder, scoring: Scoring, split: bool, last_token_final: bool = True):
-        self.n_layers = len(bundle.layers)
+        self.n_layers = len(bundle.spec.layers)
         self.layer_inputs = bundle.spec.layer_io.inputs or ()
         self.empty_pos = bundle.spec.layer_io.empty_pos  # key position of padding (split layers)
         self.stream = stream

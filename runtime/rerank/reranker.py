@@ -73,7 +73,7 @@ class Reranker:
         self.planner = Planner(self.bundle)
         self.split = is_split(self.bundle)  # qkv + attn layer graphs: the shared prompt prefix is computed once
         if self.split:
-            self.planner.layer_bytes += max(qkv_weight_bytes(self.bundle, i) for i in range(len(self.bundle.layers)))
+            self.planner.layer_bytes += max(qkv_weight_bytes(self.bundle, i) for i in range(len(self.bundle.spec.layers)))
         if self.memory_budget is not None and self.memory_budget < self.planner.static_minimum():
             need = self.planner.static_minimum()
             raise BudgetError(
@@ -86,7 +86,7 @@ class Reranker:
         self.pruning = "off" if pruning is None else pruning
         self.schedule, self.pruning_note = self._resolve_schedule(self.pruning)
         self.layer_scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
-        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.layers), threads, optimize)
+        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), threads, optimize)
         self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer))
         self.pad_id = self.bundle.spec.pad_id
         self.stats = RerankStats()
@@ -237,13 +237,13 @@ class Reranker:
             log.warning("top_k=%d is larger than the top-%d the pruning schedule was calibrated for: this call runs "
                         "without pruning (recalibrate with `edge-sel calibrate BUNDLE --top-k %d`)", top_k, self.schedule.top_k, top_k)
             return None, f"off for this call (top_k={top_k} > calibrated top-{self.schedule.top_k})"
-        return Pruner(self.schedule, self.layer_scorer, self.scoring, n_docs, n_items, len(self.bundle.layers), packing,
+        return Pruner(self.schedule, self.layer_scorer, self.scoring, n_docs, n_items, len(self.bundle.spec.layers), packing,
                       self.bundle.spec.dims.hidden), self.pruning_note
 
     def _score_planned(self, enc: Encoded, plan, ids, types, lengths, top_k, prune, embed_fits: bool,
                        store: ChunkStore, guard: HeapGuard, observer: Observer | None) -> np.ndarray:
         t0 = time.perf_counter()
-        n_items, n_docs, n_layers = len(ids), len(enc.doc_ids), len(self.bundle.layers)
+        n_items, n_docs, n_layers = len(ids), len(enc.doc_ids), len(self.bundle.spec.layers)
         packing = Packing(self.pad_id, enc.prefix_len if self.split else 0, plan.chunk_tokens, plan.max_batch)
         chunks = make_chunks(ids, types, packing)
         pruner, pruning_note = self._pruner(top_k, prune, n_docs, n_items, packing)

@@ -78,7 +78,7 @@ class Schedule:
     def validate(self, bundle) -> None:
         """Refuse a schedule that does not fit ``bundle`` (layers it lacks, wrong method, missing probe)."""
         where = bundle.root
-        n = len(bundle.layers)
+        n = len(bundle.spec.layers)
         if int(self.top_k) <= 0:
             raise InputError(f"{where}: schedule top_k must be positive, got {self.top_k}")
         if self.method not in METHODS:

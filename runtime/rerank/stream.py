@@ -19,7 +19,7 @@ from edge_sel.runtime.sessions import load_session
 class LayerStream:
     def __init__(self, bundle: Bundle, window: int, threads: int | None = None, optimize: str = "all"):
         self.bundle = bundle
-        self.n = len(bundle.layers)
+        self.n = len(bundle.spec.layers)
         self.threads = threads
         self.optimize = optimize
         self._resident: dict[int, object] = {}
