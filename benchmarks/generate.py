@@ -228,7 +228,7 @@ def summarize(raw: dict, decode) -> dict:
 # ---- workers (one process per configuration) --------------------------------------------------
 def _worker_edge_sel(cfg: dict) -> dict:
     from edge_sel.runtime.memory import peak_rss_bytes
-    from edge_sel.runtime.generator import Generator
+    from edge_sel.runtime import Generator
 
     gen = Generator(cfg["bundle"], policy=cfg["policy"], kv_budget=cfg["ratio"])
     out = {"config": cfg["name"], "needle": [], "ppl": None}

@@ -26,7 +26,7 @@ def __getattr__(name):
 
         return Reranker
     if name == "Generator":
-        from .runtime.generator import Generator
+        from .runtime import Generator
 
         return Generator
     raise AttributeError(f"module 'edge_sel' has no attribute {name!r}")

@@ -46,8 +46,7 @@ calibration text never overlaps the benchmark text (builtin: docstrings of other
   edge-sel generate bundles/smol-gen --prompt-file book.txt --kv-budget 0.2 --policy mpcache --json
   edge-sel generate bundles/smol-gen -p "Once upon a time" --kv-budget 64MB --temperature 0.8 --seed 1
 --kv-budget: tokens per layer (512), a fraction of the prompt (0.2) or bytes for the whole cache (64MB);
-default: room for the prompt and every new token. Prompts longer than the model's context are refused.
-policies: full, streaming_llm, h2o, snapkv, mpcache, windowkv, prompt_distill, layer_skip (combine with +).""",
+default: room for the prompt and every new token. Prompts longer than the model's context are refused.""",
     "verify": """examples:
   edge-sel verify bundles/minilm""",
     "info": """examples:
@@ -145,14 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--memory-budget", "-m", type=_size, help="run calibration under this budget")
     c.add_argument("--json", action="store_true")
 
+    from edge_sel.runtime.policies import REGISTRY
+
+    policies = ", ".join(REGISTRY)
     g = cmd("generate", "generate text with a generate bundle under a KV-cache budget")
+    g.epilog = f"{EXAMPLES['generate']}\npolicies: {policies} (combine with +)."
     g.add_argument("bundle")
     g.add_argument("--prompt", "-p", help="the prompt text")
     g.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file")
     g.add_argument("--max-new-tokens", "-n", type=int, default=128)
     g.add_argument("--kv-budget", "-b", default=None, help="512 (tokens/layer) | 0.2 (of the prompt) | 64MB (bytes, whole cache)")
-    g.add_argument("--policy", default="full", help="KV policy (default full): full, streaming_llm, h2o, snapkv, mpcache, mpcache_recall, "
-                   "windowkv, prompt_distill, layer_skip, or a+b")
+    g.add_argument("--policy", default="full", help=f"KV policy (default full): {policies}, or a+b")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
     g.add_argument("--system", help="system message (with --chat)")
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
@@ -398,7 +400,7 @@ def cmd_info(args, console) -> int:
 
 def cmd_generate(args, console) -> int:
     from edge_sel.runtime.errors import InputError
-    from .runtime.generator import Generator
+    from .runtime import Generator
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise InputError("give exactly one of --prompt or --prompt-file")
@@ -413,14 +415,11 @@ def cmd_generate(args, console) -> int:
     gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               chat=args.chat, system=args.system)
-    keep = ("policy", "prefill_s", "decode_ms_per_token", "kv_bytes_peak", "peak_rss_bytes", "prompt_tokens", "new_tokens",
-            "kv_capacity_tokens", "kv_bytes_allocated", "kv_budget_bytes", "evictions", "cost_per_decode_step",
-            "skipped_layers")
     try:
         if args.json:
             res = gen.generate(prompt, **kw)
             print(json.dumps({"text": res.text, "tokens": res.tokens, "finish_reason": res.finish_reason,
-                              "stats": {k: res.stats.get(k) for k in keep}}))
+                              "stats": gen.stats.public()}))
             return 0
         for piece in gen.stream(prompt, **kw):
             sys.stdout.write(piece)

@@ -260,7 +260,7 @@ def reference_logits(model, prompt_ids: list[int], new_ids: list[int]) -> np.nda
 
 def verify_generate(bundle: Bundle, model, steps: int = 6) -> float:
     """Max |logit difference| between the bundle (policy ``full``, greedy) and transformers over a few steps."""
-    from edge_sel.runtime.generator import Generator
+    from edge_sel.runtime import Generator
 
     gen = Generator(bundle, policy="full")
     worst = 0.0

@@ -17,11 +17,11 @@ def __getattr__(name):
 
         return Reranker
     if name in ("Generator", "GenerationResult"):
-        from . import generator
+        from . import generate
 
-        return getattr(generator, name)
+        return getattr(generate, name)
     if name == "Planner":
-        from .plan import Planner
+        from .planning import Planner
 
         return Planner
     if name == "LayerStream":

@@ -1,6 +1,6 @@
 """Evicted keys/values on disk, read back by groups (MPCache recall; see ``policies/mpcache_recall.py``).
 
-One file per layer in a directory the :class:`~edge_sel.runtime.generator.Generator` call owns (created
+One file per layer in a directory the generate call owns (:class:`~edge_sel.runtime.policies.recall.RecallPolicy`) (created
 for the call, removed when it ends, also on an exception). The file is a sequence of fixed-size group
 records of ``group`` cold tokens, in eviction order; inside a record, per KV head:
 ``K [group, head_dim] f32 | V [group, head_dim] f32 | positions [group] i64`` (little-endian), so one
@@ -24,7 +24,7 @@ import os
 
 import numpy as np
 
-from .kvcache import EMPTY_POS
+from .manifest import EMPTY_POS
 
 
 class ColdStore:
@@ -90,7 +90,7 @@ class ColdStore:
         tot = fill + E
         ng = -(-tot // G)
         if g0 + ng > self.max_groups:
-            raise RuntimeError(f"cold store overflow: {self.n[layer]} + {E} tokens > {self.max_groups * G} (generator bug)")
+            raise RuntimeError(f"cold store overflow: {self.n[layer]} + {E} tokens > {self.max_groups * G} (policy bug)")
         K = np.zeros((kv, ng * G, D), np.float32)
         V = np.zeros((kv, ng * G, D), np.float32)
         P = np.full((kv, ng * G), EMPTY_POS, np.int64)

@@ -1,4 +1,4 @@
-"""The KV cache of one layer: preallocated numpy buffers that never grow (DESIGN §3).
+"""The KV cache of one layer: preallocated numpy buffers that never grow.
 
 ``k``/``v`` are ``[1, kv_heads, capacity, head_dim]`` float32 (keys stored after rotary embedding),
 ``pos`` ``[kv_heads, capacity]`` the token position held by each slot (``EMPTY_POS`` when empty, which
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-EMPTY_POS = 2**40
+from .manifest import EMPTY_POS
 
 
 class LayerCache:
@@ -132,6 +132,18 @@ class LayerCache:
     def full(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The whole buffer (no copy); empty slots carry ``EMPTY_POS`` and are masked by the graph."""
         return self.k, self.v, self.pos[None]
+
+    def read_slots(self) -> np.ndarray | None:
+        """``[kv, n + nf]`` the slots a prefix read covers when the fetch area holds tokens, else None (all)."""
+        if not self.nf:
+            return None
+        return np.broadcast_to(np.concatenate([np.arange(self.n), self.fetched_slots()]), (self.kv_heads, self.n + self.nf))
+
+    def take(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Keys ``[kv, m, D]``, values and positions ``[kv, m]`` of per-head ``slots`` ``[kv, m]`` (copies)."""
+        k = np.take_along_axis(self.k[0], slots[..., None], axis=1)
+        v = np.take_along_axis(self.v[0], slots[..., None], axis=1)
+        return k, v, np.take_along_axis(self.pos, slots, axis=1)
 
     def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Keys/values/positions of ``slots`` ``[kv, m]`` (a per-head selection) as new contiguous arrays."""

@@ -5,8 +5,7 @@ onnxruntime memory-maps a graph's external weights (``session.disable_prepacking
 RSS until the session is released. A generator keeps its ~60 sessions for life, and a layer-major
 prefill touches each layer's weights once per prompt: dropping a layer's pages right after its
 prefill pass keeps the prefill's activations and the model's weights from peaking together. The
-pages stay in the kernel's page cache, so the next use re-maps them without disk I/O (measured here:
-≈ 0.2 ms per MiB on the 2-core CI machine, see benchmarks/RESULTS.md).
+pages stay in the kernel's page cache, so the next use re-maps them without disk I/O (page faults only).
 
 Only read-only private mappings of the named files that hold no anonymous (copied-on-write) pages
 are ever released, so no modified data can be lost. Elsewhere than Linux/glibc this is a no-op.
@@ -64,9 +63,8 @@ def release_range(address: int, nbytes: int) -> int:
 def release_array(arr: np.ndarray) -> int:
     """Drop a read-only memory-mapped array's pages from the process (they stay in the page cache).
 
-    Whole-array, not per gathered row: the kernel maps page-cache folios (up to hundreds of KB here) around
-    each fault, so a row's footprint is not predictable; one call over a sparsely mapped 113 MB table
-    measured 25 us."""
+    Whole-array, not per gathered row: the kernel maps page-cache folios (up to hundreds of KB) around
+    each fault, so a row's footprint is not predictable, and one call over a sparsely mapped table is cheap."""
     if getattr(arr, "_mmap", None) is None and not isinstance(getattr(arr, "base", None), mmap.mmap):
         return 0
     return release_range(arr.ctypes.data, arr.nbytes)

@@ -1,6 +1,6 @@
 """onnxruntime sessions that keep weights file-backed.
 
-Measured here (DESIGN §6): with weights as external data and ``session.disable_prepacking=1`` an
+With weights as external data and ``session.disable_prepacking=1`` an
 onnxruntime session's weights stay in the page cache (mmap) instead of anonymous memory, so a
 layer's weights leave RSS when its session is released. The CPU arena is turned off so that a
 session kept resident does not keep its largest activation allocation for life.
@@ -22,10 +22,9 @@ def session_options(threads: int | None = None, optimize: str = "all", mem_patte
     so = ort.SessionOptions()
     so.add_session_config_entry("session.disable_prepacking", "1")
     so.enable_cpu_mem_arena = False
-    so.enable_mem_pattern = mem_pattern  # measured: arena off + memory pattern is as fast as the arena without its retained peak
+    so.enable_mem_pattern = mem_pattern  # arena off + memory pattern: the arena's speed without its retained peak
     # Every session owns an intra-op pool whose threads spin after each op; with W..L resident sessions (and
-    # the layer loader thread) on 2 cores the spinning pools steal each other's CPU. Measured (SmolLM2, 16 docs,
-    # 2 cores shared with other work): CPU per query -18..-55%, wall -7..-40% with spinning off (benchmarks/RESULTS.md).
+    # the layer loader thread) on 2 cores the spinning pools steal each other's CPU: spinning off costs less CPU and time.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = {
         "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

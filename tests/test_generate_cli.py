@@ -33,6 +33,18 @@ def test_generate_json(gen_bundle, capsys):
     for k in ("prefill_s", "decode_ms_per_token", "kv_bytes_peak", "peak_rss_bytes", "policy"):
         assert k in out["stats"]
     assert out["stats"]["policy"] == "mpcache"
+    assert set(out["stats"]) == {"policy", "prefill_s", "decode_ms_per_token", "kv_bytes_peak", "peak_rss_bytes",
+                                 "prompt_tokens", "new_tokens", "kv_capacity_tokens", "kv_bytes_allocated",
+                                 "kv_budget_bytes", "evictions", "cost_per_decode_step", "skipped_layers"}
+
+
+def test_generate_help_lists_every_registered_policy(capsys):
+    from edge_sel.runtime.policies import REGISTRY
+
+    with pytest.raises(SystemExit):
+        _cli("generate", "--help")
+    out = capsys.readouterr().out
+    assert all(name in out for name in REGISTRY) and "mpcache_recall" in out and "knorm" in out
 
 
 def test_generate_stream_chat_and_prompt_file(gen_bundle, tmp_path, capsys):

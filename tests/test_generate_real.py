@@ -5,7 +5,7 @@ same 64 greedy tokens on 3 prompts, logits within 1e-3 at every step. The bundle
 import numpy as np
 import pytest
 
-from edge_sel.runtime.generator import Generator
+from edge_sel.runtime.generate import Generator
 
 pytestmark = pytest.mark.real
 

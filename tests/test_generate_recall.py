@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from edge_sel.runtime.errors import BudgetError
-from edge_sel.runtime.generator import Generator
-from edge_sel.runtime.kvcache import EMPTY_POS
+from edge_sel.runtime.generate import Generator
+from edge_sel.runtime.manifest import EMPTY_POS
 from edge_sel.runtime.policies import MPCacheRecall, make_policy, mpcache_recall
 
 from gen_tiny import long_text
@@ -39,14 +39,14 @@ def _recall_part(policy):
 
 
 def _spy(gen, snapshot):
-    """Wrap ``gen._run`` so ``snapshot(call)`` runs at every yield (the call's cold store still exists)."""
-    orig = gen._run
+    """Wrap ``gen.run`` so ``snapshot(call)`` runs at every yield (the call's cold store still exists)."""
+    orig = gen.run
 
     def run(*a, **k):
         for item in orig(*a, **k):
             snapshot(item[2])
             yield item
-    gen._run = run
+    gen.run = run
 
 
 def _cold_snapshot(out):
@@ -172,7 +172,7 @@ class _AttnSpy:
 def test_resident_plus_fetched_never_exceed_the_budget(llama, ids, question, budget, suffix, selection):
     g = Generator(llama, kv_budget=budget, policy=mpcache_recall(selection=selection))
     log: list = []
-    g.sessions = [(qkv, _AttnSpy(attn, log)) for qkv, attn in g.sessions]
+    g.model.layers = [(qkv, _AttnSpy(attn, log)) for qkv, attn in g.model.layers]
     prompt = ids + question if suffix else ids
     res = g.generate(prompt, max_new_tokens=40, stop=False, protect_suffix=len(question) if suffix else 0)
     st = res.stats
@@ -254,7 +254,7 @@ def test_cold_files_are_removed_after_the_call_and_after_an_exception(llama, ids
                 raise RuntimeError("boom")
             return self.sess.run(names, feeds)
     g2 = Generator(llama, kv_budget=0.2, policy="mpcache_recall")
-    g2.sessions = [(qkv, Boom(attn)) for qkv, attn in g2.sessions]
+    g2.model.layers = [(qkv, Boom(attn)) for qkv, attn in g2.model.layers]
     with pytest.raises(RuntimeError, match="boom"):
         g2.generate(ids, max_new_tokens=8, stop=False)
     assert _cold_dirs(tmp_path) == []
@@ -318,7 +318,7 @@ def test_recall_fetches_the_best_groups_by_definition(tmp_path, score, head_redu
     rng = np.random.default_rng(1)
     kv, heads, D = 2, 4, 8
     rec = MPCacheRecall(share=1, score=score, head_reduce=head_reduce, group=32, selection="linear")
-    rec.begin(Context(1, kv, heads, D, 64, 384, 8, cold_dir=str(tmp_path), fetch=64))
+    rec.begin(Context(1, kv, heads, D, 64, 384, 8, fetch=64))
     c = LayerCache(kv, 384, D, fetch=64)
     k = rng.standard_normal((1, kv, 384, D)).astype(np.float32)
     v = rng.standard_normal((1, kv, 384, D)).astype(np.float32)
@@ -353,7 +353,7 @@ def test_recall_expand_fetches_the_neighbours_of_the_best_group(tmp_path):
     rng = np.random.default_rng(2)
     kv, heads, D = 2, 4, 8
     rec = MPCacheRecall(share=1, group=16, expand=1, selection="linear")
-    rec.begin(Context(1, kv, heads, D, 64, 384, 8, cold_dir=str(tmp_path), fetch=48))
+    rec.begin(Context(1, kv, heads, D, 64, 384, 8, fetch=48))
     c = LayerCache(kv, 384, D, fetch=48)
     k = rng.standard_normal((1, kv, 384, D)).astype(np.float32)
     c.append(k, k, np.arange(384))
@@ -381,7 +381,7 @@ def _synthetic(tmp_path, rec, n=384, keep_from=320, fetch=64, kv=2, heads=4, D=8
     from edge_sel.runtime.policies import Context
 
     rng = np.random.default_rng(seed)
-    rec.begin(Context(layers, kv, heads, D, n - keep_from, n, 8, cold_dir=str(tmp_path), fetch=fetch, stream_suffix=stream))
+    rec.begin(Context(layers, kv, heads, D, n - keep_from, n, 8, fetch=fetch, stream_suffix=stream))
     k = rng.standard_normal((1, kv, n, D)).astype(np.float32)
     v = rng.standard_normal((1, kv, n, D)).astype(np.float32)
     caches = []
@@ -440,9 +440,9 @@ def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote,
         assert want[h, got].min() >= want[h, left].max() - 1e-5
         np.testing.assert_array_equal(c.k[0, h, 384:384 + fetch], k[0, h, got])
         np.testing.assert_array_equal(c.v[0, h, 384:384 + fetch], v[0, h, got])
-    st = rec.cold_stats()
+    st = rec.report(0)["cold"]
     # the cold keys were read twice (two passes) plus the chosen tokens, and the scratch stayed small
-    assert st["cold_bytes_read_suffix"] >= 2 * 320 * 2 * (8 * 4 * 2 + 8)
+    assert st["bytes_read_suffix"] >= 2 * 320 * 2 * (8 * 4 * 2 + 8)
     assert st["select_scratch_bytes_peak"] <= rec.fixed_bytes(1, 2, 8, 384 + 8)
     assert rec.cost["exp_div"] > 0 and rec.cost["multiplications"] > 0
     rec.end()
@@ -464,7 +464,7 @@ def test_exact_selection_fetches_a_planted_key_with_its_neighbours(tmp_path, poo
     q = rng.standard_normal((1, heads, 3, D)).astype(np.float32)
     for h in range(kv):
         k[0, h, 96] = 3.0 * q[0, h * 2, -1]  # matches the question's last query of that KV head's first head
-    rec.begin(Context(1, kv, heads, D, 64, n, 8, cold_dir=str(tmp_path), fetch=16))
+    rec.begin(Context(1, kv, heads, D, 64, n, 8, fetch=16))
     c = LayerCache(kv, n, D, fetch=16)
     c.append(k, v, np.arange(n))
     keep = np.arange(320, n)
@@ -539,7 +539,7 @@ def test_score_recall_is_causal_no_token_sees_a_later_one(llama, ids):
     assert np.max(np.abs(np.array(a["nll_tokens"][60:]) - np.array(b["nll_tokens"][60:]))) > 1e-3
 
     def hidden(c, causal):  # the last layer's hidden states of the continuation, via the internal path
-        with __import__("contextlib").closing(g._run(ids[:P] + c, 1, 0.0, 1.0, None, False, None, False, suffix=len(c),
+        with __import__("contextlib").closing(g.run(ids[:P] + c, 1, 0.0, 1.0, None, False, None, False, suffix=len(c),
                                                      suffix_hidden=True, causal_suffix=causal)) as run:
             for _, _, call in run:
                 return call.suffix_hidden[0, 1:61].copy()

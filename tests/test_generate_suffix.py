@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edge_sel.runtime.errors import InputError
-from edge_sel.runtime.generator import Generator
+from edge_sel.runtime.generate import Generator
 
 from gen_tiny import long_text
 
@@ -27,7 +27,7 @@ def context_ids(llama):
 
 def _prefilled(gen, ids, suffix, max_new=8):
     """The call state right after prefill (before any decode step)."""
-    for _, _, call in gen._run(ids, max_new, 0.0, 1.0, None, False, None, False, suffix=suffix):
+    for _, _, call in gen.run(ids, max_new, 0.0, 1.0, None, False, None, False, suffix=suffix):
         return call
 
 

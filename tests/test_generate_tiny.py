@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from edge_sel.runtime.errors import BudgetError, InputError
-from edge_sel.runtime.generator import Generator
-from edge_sel.runtime.kvcache import EMPTY_POS
+from edge_sel.runtime.generate import Generator
+from edge_sel.runtime.manifest import EMPTY_POS
 from edge_sel.runtime.policies import REGISTRY, LayerSkip, MPCacheDynamic, MPCacheStatic, make_policy, mpcache
 
 from gen_tiny import long_text, make_gen_decoder
@@ -71,7 +71,7 @@ def test_manifest_and_chat_template(llama, gen_full):
     chat = b.manifest["chat"]
     assert chat["before"].endswith("<|im_start|>user\n") and chat["after"] == "<|im_end|>\n<|im_start|>assistant\n"
     ids = gen_full.encode("hello", chat=True)
-    assert ids[0] == gen_full.tok.token_to_id("<|im_start|>")
+    assert ids[0] == gen_full.tokenizer.token_to_id("<|im_start|>")
 
 
 def test_stream_equals_generate_and_sampling_is_seeded(gen_full):
@@ -90,7 +90,7 @@ def test_stop_tokens_end_generation(llama):
     g.stop_ids = {stop_tok}
     res = g.generate(PROMPTS[0], max_new_tokens=10)
     assert res.finish_reason == "stop" and res.tokens == free[: free.index(stop_tok) + 1]
-    assert stop_tok not in g.tok.encode(res.text, add_special_tokens=False).ids or res.text == ""
+    assert stop_tok not in g.tokenizer.encode(res.text, add_special_tokens=False) or res.text == ""
 
 
 LONG = None
@@ -149,13 +149,13 @@ def test_rerank_bundle_is_refused(llama_bundle):
 def _run_with(llama, policy, budget=300, n_new=40, prompt_chars=6000):
     g = Generator(llama, kv_budget=budget, policy=policy)
     calls = []
-    orig = g._run
+    orig = g.run
 
     def spy(*a, **k):
         for item in orig(*a, **k):
             calls.append(item[2])
             yield item
-    g._run = spy
+    g.run = spy
     res = g.generate(_long_prompt()[:prompt_chars], max_new_tokens=n_new, stop=False)
     return g, res, calls[-1]
 
@@ -217,7 +217,7 @@ def test_mpcache_selection_scores_match_definition():
     c = LayerCache(2, 512, 8)
     k = rng.standard_normal((1, 2, 512, 8)).astype(np.float32)
     s = c.append(k, k, np.arange(512))
-    dyn.after_append(0, c, s)
+    dyn.appended(0, c, s)
     q = rng.standard_normal((1, 4, 1, 8)).astype(np.float32)
     slots = dyn.select(0, q, c)
     qs = q[0, :, 0].reshape(2, 2, 8).sum(1)
@@ -241,7 +241,7 @@ def test_mpcache_dynamic_keeps_no_statistics_when_the_cache_can_never_select():
         dyn = MPCacheDynamic(min_tokens_to_select=128)
         dyn.begin(Context(1, 2, 4, 8, cap, 64, 4))
         c = LayerCache(2, cap, 8)
-        dyn.after_append(0, c, c.append(k, k, np.arange(64)))
+        dyn.appended(0, c, c.append(k, k, np.arange(64)))
         assert dyn.active is active and bool(dyn.stats) is active
         assert (sum(dyn.cost.values()) > 0) is active
         assert dyn.select(0, rng.standard_normal((1, 4, 1, 8)).astype(np.float32), c) is None  # 64 < 128 cached
@@ -258,13 +258,13 @@ def test_prompt_distill_drops_prompt_tokens_for_later_layers(tmp_path_factory):
     bundle, _ = _bundle(tmp_path_factory, "llama", layers=6)
     g = Generator(bundle, policy="prompt_distill")
     calls = []
-    orig = g._run
+    orig = g.run
 
     def spy(*a, **k):
         for item in orig(*a, **k):
             calls.append(item[2])
             yield item
-    g._run = spy
+    g.run = spy
     res = g.generate(_long_prompt()[:2000], max_new_tokens=4, stop=False)
     kept = [c.n for c in calls[-1].caches]
     at = calls[-1].policy.at
@@ -355,3 +355,39 @@ def test_mpcache_static_keeps_sinks_recent_and_the_best_scored(reduce, per_head)
         assert set(got.tolist()) == set(range(4)) | set(range(n - 50, n)) | set(rest.tolist())
     if per_head:
         assert len({tuple(r) for r in idx.tolist()}) > 1  # the heads keep different tokens
+
+
+def _first_call_state(g, prompt, n_new):
+    """The call's state at the first yield (right after prefill, before any decode step) and the result."""
+    states = []
+    orig = g.run
+
+    def spy(*a, **k):
+        for item in orig(*a, **k):
+            if not states:
+                states.append([(c.n, c.pos[:, :c.n].copy(), c.k[0, :, :c.n].copy()) for c in item[2].caches])
+            yield item
+    g.run = spy
+    return g.generate(prompt, max_new_tokens=n_new, stop=False), states[0]
+
+
+def test_knorm_keeps_exactly_the_lowest_norm_keys_and_generates(llama):
+    """Knorm (Devoto et al. 2024) at a 25% budget: after prefill every layer's cache holds, per KV head, exactly
+    the prompt tokens whose keys have the smallest L2 norm (brute force over the uncompressed run's keys), and
+    decoding goes on over it (evicting by the same rule)."""
+    prompt = _long_prompt()[:3000]
+    _, full = _first_call_state(Generator(llama), prompt, 1)
+    res, knorm = _first_call_state(Generator(llama, kv_budget=0.25, policy="knorm"), prompt, 60)
+    assert len(res.tokens) == 60 and res.stats["policy"] == "knorm" and res.stats["evictions"] > 4
+    n_prompt = res.stats["prompt_tokens"]
+    for (n_all, pos_all, k_all), (n, pos, _) in zip(full, knorm):
+        assert n_all == n_prompt and n <= res.stats["kv_capacity_tokens"] < n_prompt
+        norms = np.linalg.norm(k_all.astype(np.float64), axis=-1)                  # [kv, prompt]
+        for h in range(norms.shape[0]):
+            kept = np.isin(pos_all[h], pos[h])
+            assert kept.sum() == n  # the kept tokens are prompt tokens, all distinct
+            # every kept key is at most as long as every evicted one (float32 ties aside)
+            assert norms[h, kept].max() <= norms[h, ~kept].min() * (1 + 1e-6)
+            lowest = pos_all[h, np.argsort(norms[h], kind="stable")[:n]]
+            assert len(set(pos[h].tolist()) ^ set(lowest.tolist())) <= 2  # the same set but for a tie at the edge
+        assert len({tuple(sorted(p.tolist())) for p in pos}) > 1  # per KV head: the heads keep different tokens

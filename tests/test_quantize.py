@@ -76,7 +76,7 @@ def test_quantize_generate_bundle_with_hard_linked_weights(gen_llama_bundle, tmp
     import os
     import shutil
 
-    from edge_sel.runtime.generator import Generator
+    from edge_sel.runtime.generate import Generator
 
     linked = tmp_path / "linked"
     shutil.copytree(gen_llama_bundle, linked, copy_function=os.link)

@@ -1,6 +1,7 @@
 """KV-cache policies, selectable by name and composable with ``+`` (a static prefill policy + a dynamic
 decode-time one, e.g. ``"snapkv+mpcache_dynamic"`` or ``"mpcache+layer_skip"``). Adding a policy: one
-module with a small dataclass and one line in :data:`REGISTRY`.
+module with a small dataclass (on :class:`ScorePolicy` when it scores and evicts, :class:`RecallPolicy`
+when it reads evicted tokens back) and one line in :data:`REGISTRY`.
 """
 
 from __future__ import annotations
@@ -9,13 +10,16 @@ from typing import Callable
 
 from edge_sel.runtime.errors import InputError
 
-from .base import Composite, Context, Policy
+from .base import Context, Policy, ScorePolicy
+from .composite import Composite
 from .full import Full
 from .h2o import H2O
+from .knorm import Knorm
 from .layer_skip import LayerSkip
 from .mpcache import MPCacheDynamic, MPCacheStatic, mpcache
 from .mpcache_recall import MPCacheRecall, mpcache_recall
 from .prompt_distill import PromptDistill
+from .recall import RecallPolicy
 from .snapkv import SnapKV
 from .streaming_llm import StreamingLLM
 from .windowkv import WindowKV
@@ -25,6 +29,7 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "streaming_llm": StreamingLLM,
     "h2o": H2O,
     "snapkv": SnapKV,
+    "knorm": Knorm,
     "mpcache": mpcache,
     "mpcache_static": MPCacheStatic,
     "mpcache_dynamic": MPCacheDynamic,
@@ -59,5 +64,6 @@ def make_policy(spec: "str | Policy | None") -> Policy:
     return Composite(parts=tuple(parts))
 
 
-__all__ = ["Policy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label", "Full", "StreamingLLM", "H2O",
-           "SnapKV", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall", "mpcache_recall", "WindowKV", "PromptDistill", "LayerSkip"]
+__all__ = ["Policy", "ScorePolicy", "RecallPolicy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label",
+           "Full", "StreamingLLM", "H2O", "SnapKV", "Knorm", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall",
+           "mpcache_recall", "WindowKV", "PromptDistill", "LayerSkip"]

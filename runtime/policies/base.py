@@ -1,25 +1,31 @@
-"""The policy contract (kvpress style, DESIGN §3/§8): one small dataclass per method, the base class
-carries the shared mechanics.
+"""The KV policy contract: one small dataclass per method; the base classes carry the mechanics.
 
-The generator calls, per layer ``L``:
+The generate engine calls, per layer ``L`` (nothing else):
 
-* ``observe(L, cache, attn_sum, attn_max, slots, phase)`` after every attention run
-  (``phase`` is ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks — or
-  ``"decode"``; ``slots`` is None when the whole cache was read, else the ``[kv, m]`` selection);
-* ``keep(L, cache, target, phase) -> slots`` whenever the cache must shrink to ``target`` tokens:
-  once per layer at the end of its prefill (``"final"``: the layer's whole prompt is in a one-layer
-  scratch buffer, scored by the observation window), in blocks during decode, or — in the strict
-  ``prefill="rolling"`` mode — as chunks arrive. Returns ascending slot indices, ``[m]`` for all heads or ``[kv, m]`` per head;
-* ``select(L, q, cache) -> slots | None`` before each decode-step attention (dynamic, query-aware
-  selection; None reads the whole cache);
-* ``evicted(L, cache, keep)`` just before the cache (or the prefill scratch) keeps only ``keep``: the
-  other slots leave RAM (a recalling policy writes them to its cold store);
-* ``recall(L, q, cache, phase)`` before the attention of the protected suffix (``phase="suffix"``,
-  ``q`` the queries it selects with) and of each decode step (``"decode"``): a recalling policy fills
-  the cache's fetch area with evicted groups; ``fetch_tokens(cap, suffix, whole, room)`` is how many
-  of the budget's ``cap`` slots form that area (at most ``room``, what the resident minimum leaves; 0: no offload);
-* ``skip_layer(L) -> bool`` (decode), ``after_layer(L, h_in, h_out, q_last, cache, positions) -> token index | None``
-  at the end of each layer's prefill (prompt distillation may drop prompt tokens for later layers).
+* ``begin(ctx)`` / ``end()`` around a call (``end`` also after an exception: release files);
+* planning, before any allocation: ``bytes_per_token``, ``fixed_bytes``, ``fetch_tokens``, the class
+  attributes ``min_tokens``, ``align``, ``evicts``, and ``observation_window(prompt_len)``;
+* ``observe(L, cache, attn_sum, attn_max, slots, phase)`` after an attention run (``phase``:
+  ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks — or ``"decode"``;
+  ``slots`` None when the whole cache was read, else the ``[kv, m]`` selection). At decode steps only
+  when ``needs_decode_attention``;
+* ``appended(L, cache, s)`` after new tokens were written to slots ``s`` of a layer's cache;
+* ``compress(L, cache, target, phase, into=None)`` whenever a cache must shrink to ``target`` tokens
+  (once per layer at the end of a "layer" prefill, from the one-layer scratch ``cache`` ``into`` the
+  layer's cache; in blocks during decode; as chunks arrive in a "rolling" prefill);
+* ``attend(L, q, cache) -> slots | None`` before each decode-step attention (None reads the whole cache);
+* ``suffix_step`` and ``before_suffix_chunk`` around the protected suffix's chunks;
+* ``skip_layer(L)`` (decode) and ``after_layer(L, h_in, h_out, q_last, cache, positions)`` (end of a
+  layer's prefill; may return the prompt token indices later layers keep);
+* ``report(decode_steps)`` (the policy's own stats sections) and ``held_bytes()`` (RAM it holds
+  beside the cache slots, counted in the reported KV bytes).
+
+A policy implements extension points instead, and the base turns them into the calls above:
+``keep`` (which slots stay; None: attention sinks + recent tokens), ``evicted`` (the other slots are
+about to leave RAM), ``compacted`` (the cache was rewritten), ``select`` (a decode-time selection),
+``recall`` (fill the cache's fetch area, :mod:`.recall`), ``accumulate`` (fold an attention run into the
+cache's per-slot scores). Score-and-evict methods derive from :class:`ScorePolicy` and write only
+``score()`` plus declarative knobs.
 
 Every policy counts the cost of its decisions in the terms secure multi-party computation cares
 about (``comparisons``, ``multiplications``, ``exp_div``, ``gathers``), so "MPC-friendly" is measured.
@@ -32,6 +38,10 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
+
+from .sharing import LayerSharing
+
+SINKS = 4  # attention sinks the default eviction keeps (Xiao et al. 2024)
 
 
 def log2c(n: int) -> int:
@@ -48,6 +58,22 @@ def topk_sorted(scores: np.ndarray, k: int) -> np.ndarray:
     return np.sort(part, axis=-1)
 
 
+def max_pool(x: np.ndarray, kernel: int) -> np.ndarray:
+    """1-D max pooling along the last axis, same length (SnapKV clusters neighbouring votes)."""
+    r = kernel // 2
+    out = x.copy()
+    for s in range(1, r + 1):
+        out[..., s:] = np.maximum(out[..., s:], x[..., :-s])
+        out[..., :-s] = np.maximum(out[..., :-s], x[..., s:])
+    return out
+
+
+def sinks_and_recent(n: int, target: int, sinks: int = SINKS) -> np.ndarray:
+    """The first ``sinks`` slots and the most recent ones, ``target`` in all (StreamingLLM's rule)."""
+    sinks = min(sinks, target)
+    return np.concatenate([np.arange(sinks), np.arange(n - (target - sinks), n)])
+
+
 @dataclass
 class Context:
     n_layers: int
@@ -57,27 +83,32 @@ class Context:
     capacity: int
     prompt_len: int
     max_new_tokens: int
-    cold_dir: str | None = None   # directory the generator call owns for evicted K/V (recalling policies)
     fetch: int = 0                # slots of each layer's fetch area (after ``capacity``)
-    stream_suffix: bool = False   # the protected suffix is text being scored (score()): recalls come causally, per block
+    stream_suffix: bool = False   # the protected suffix is text being scored (score()): recalls come causally
+    look_once: bool = False       # "layer" prefill: each layer's whole prompt is scored once, from a scratch
 
 
 @dataclass
 class Policy:
-    """Base: no eviction of its own (``keep`` returns None), no selection, no layer skipping."""
+    """Base: no eviction of its own (the sinks + recent fallback), no selection, no layer skipping."""
 
     name: ClassVar[str] = "base"
     needs_decode_attention: ClassVar[bool] = False   # wants observe() at decode steps
-    window_reset: ClassVar[bool] = False             # "layer" prefill: score keys by the observation window only
+    window_reset: ClassVar[bool] = False             # look-once prefill: keys are scored by the observation window only
     min_tokens: ClassVar[int] = 8                    # smallest cache (tokens per layer) it can work with
     align: ClassVar[int] = 1                         # capacity / eviction granularity
-    recalls: ClassVar[bool] = False                  # reads evicted tokens back (needs a fetch area)
+    evicts: ClassVar[bool] = True                    # False: the budget must hold the prompt and every new token
 
     cost: Counter = field(default_factory=Counter, init=False, repr=False)
 
+    # ---- lifecycle and planning ---------------------------------------------------------
     def begin(self, ctx: Context) -> None:
         self.ctx = ctx
         self.cost = Counter()
+        self.windowed: set[int] = set()
+
+    def end(self) -> None:
+        """The call is over (normally or not): release files and handles."""
 
     def observation_window(self, prompt_len: int) -> int:
         """How many final prompt tokens form the observation window (its own last prefill chunk); 0 = none."""
@@ -87,20 +118,55 @@ class Policy:
         """Extra bytes per cached token per layer the policy keeps (counted against the budget)."""
         return 0
 
+    def fixed_bytes(self, n_layers: int, kv_heads: int, head_dim: int, n_tokens: int) -> int:
+        """RAM the policy keeps whatever the capacity (counted against a byte budget), for ``n_tokens`` in all."""
+        return 0
+
+    def fetch_tokens(self, cap: int, suffix: int, whole: int, room: int) -> int:
+        """Slots of each layer's fetch area, carved out of ``cap`` (the budget's tokens per layer), ``<= room``."""
+        return 0
+
+    # ---- the engine's calls -------------------------------------------------------------
     def observe(self, layer, cache, attn_sum, attn_max, slots, phase) -> None:
+        if phase == "window" and self.window_reset and self.ctx.look_once and layer not in self.windowed:
+            self.windowed.add(layer)
+            cache.score[:, : cache.n] = 0.0  # look-once: only the window's queries score the keys
+        self.accumulate(layer, cache, attn_sum, attn_max, slots, phase)
+
+    def appended(self, layer, cache, s: slice) -> None:
         pass
 
-    def keep(self, layer, cache, target, phase):
-        return None
+    def compress(self, layer, cache, target: int | None, phase: str, into=None) -> None:
+        """Shrink ``cache`` to ``target`` slots (None: keep all) in place, or copy what stays ``into`` another."""
+        idx = None
+        if target is not None:
+            idx = self.keep(layer, cache, target, phase)
+            if idx is None:  # no opinion: attention sinks + recent tokens, needs no scores
+                idx = sinks_and_recent(cache.n, target)
+            self.evicted(layer, cache, idx)
+        if into is None:
+            if idx is not None:
+                cache.compact(idx)
+            into = cache
+        else:
+            into.load_from(cache, idx)
+        self.compacted(layer, into)
 
-    def after_compact(self, layer, cache) -> None:
-        pass
+    def attend(self, layer, q, cache):
+        """Slots a decode step's attention reads (resident selection + the fetch area), None = the whole cache."""
+        self.recall(layer, q, cache, "decode")
+        slots = self.select(layer, q, cache)
+        if slots is not None and cache.nf:
+            slots = np.concatenate([slots, np.broadcast_to(cache.fetched_slots(), (slots.shape[0], cache.nf))], axis=1)
+        return slots
 
-    def after_append(self, layer, cache, s: slice) -> None:
-        pass
+    def suffix_step(self, chunk: int, cache) -> int:
+        """Tokens per chunk of the protected suffix."""
+        return chunk
 
-    def select(self, layer, q, cache):
-        return None
+    def before_suffix_chunk(self, layer, cache, i: int, queries: list, q_ctx) -> None:
+        """Before the attention of the suffix's chunk ``i`` (``queries``: every chunk's queries;
+        ``q_ctx``: the context's last queries or None)."""
 
     def skip_layer(self, layer) -> bool:
         return False
@@ -108,36 +174,42 @@ class Policy:
     def after_layer(self, layer, h_in, h_out, q_last, cache, positions):
         return None
 
-    def fetch_tokens(self, cap: int, suffix: int, whole: int, room: int) -> int:
-        """Slots of each layer's fetch area, carved out of ``cap`` (the budget's tokens per layer), ``<= room``."""
+    def report(self, decode_steps: int) -> dict:
+        """The policy's own stats sections (merged into the generator's stats)."""
+        return {}
+
+    def held_bytes(self) -> int:
         return 0
 
-    def fixed_bytes(self, n_layers: int, kv_heads: int, head_dim: int, n_tokens: int) -> int:
-        """RAM the policy keeps whatever the capacity (counted against a byte budget), for ``n_tokens`` in all."""
-        return 0
+    # ---- extension points ---------------------------------------------------------------
+    def accumulate(self, layer, cache, attn_sum, attn_max, slots, phase) -> None:
+        pass
+
+    def keep(self, layer, cache, target, phase):
+        """Ascending slot indices that stay, ``[m]`` for all heads or ``[kv, m]`` per head; None: no opinion."""
+        return None
 
     def evicted(self, layer, cache, keep) -> None:
         pass
 
-    def recall(self, layer, q, cache, phase) -> None:
+    def compacted(self, layer, cache) -> None:
         pass
 
-    def end(self) -> None:
-        """The call is over (normally or not): release files and handles."""
+    def select(self, layer, q, cache):
+        return None
 
-    def cold_stats(self) -> dict:
-        return {}
+    def recall(self, layer, q, cache, phase) -> None:
+        pass
 
     # ---- shared mechanics ---------------------------------------------------------------
     def count(self, **kw) -> None:
         for k, v in kw.items():
             self.cost[k] += int(v)
 
-    def keep_top(self, cache, score: np.ndarray, target: int, recent: int = 0, first: int = 0) -> np.ndarray:
-        """Keep the ``first`` and the ``recent`` slots plus the best-scored others, ``target`` in all.
+    def keep_top(self, n: int, score: np.ndarray, target: int, recent: int = 0, first: int = 0) -> np.ndarray:
+        """Keep the ``first`` and the ``recent`` of ``n`` slots plus the best-scored others, ``target`` in all.
 
         ``score`` is ``[n]`` (shared) or ``[kv, n]`` (per head). Counted: a top-k over the candidates."""
-        n = cache.n
         recent = min(recent, max(0, target - first))
         s = np.array(score[..., :n], dtype=np.float32, copy=True)
         if first:
@@ -150,115 +222,88 @@ class Policy:
         return idx
 
 
-@dataclass
-class Composite(Policy):
-    """``static + dynamic (+ ...)``: the first part with an opinion decides each hook."""
+class ScorePolicy(Policy):
+    """Score-and-evict (kvpress's ``ScorerPress``): a subclass writes ``score()`` and sets knobs.
 
-    parts: tuple = ()
-    title: str = ""
-    name: ClassVar[str] = "composite"
+    Knobs (class attributes or dataclass fields): ``votes`` — how an attention run folds into the
+    cache's per-slot scores (None: no votes; ``"sum"``: accumulated probabilities, additions only;
+    ``"max"``: running max); ``heads`` — ``"each"`` (one score row per KV head, per-head eviction) or
+    ``"shared"`` (reduced over the layer's heads, one kept set); ``vote_pool`` — max-pool each vote;
+    ``pool`` — max-pool the final score; ``share`` — groups of layers replaying the leader's decisions
+    (followers neither vote nor score); ``sinks_kept(target)`` / ``recent_kept(target)`` — slots always kept.
+    ``choose`` may be overridden for a selection that is not a top-k (whole windows, thresholds)."""
 
-    @property
-    def label(self) -> str:
-        return self.title or "+".join(p.label if isinstance(p, Composite) else p.name for p in self.parts)
+    votes = None
+    heads = "each"
+    vote_pool = 1
+    pool = 1
+    share = 1
 
     def begin(self, ctx):
         super().begin(ctx)
-        for p in self.parts:
-            p.begin(ctx)
+        self.sharing = LayerSharing(self.share, ctx.n_layers)
 
-    @property
-    def needs_decode_attention(self):  # type: ignore[override]
-        return any(p.needs_decode_attention for p in self.parts)
+    def score(self, layer: int, keys: np.ndarray, votes: np.ndarray) -> np.ndarray:
+        """Importance of each cached token (higher stays): ``[kv, n]`` or ``[n]``. ``keys``: ``[kv, n, D]``
+        (after rotary embedding), ``votes``: ``[kv, n]`` the attention folded in by ``votes``/``heads``."""
+        return votes if self.heads == "each" else votes[0]
 
-    @property
-    def min_tokens(self):  # type: ignore[override]
-        return max(p.min_tokens for p in self.parts)
+    def sinks_kept(self, target: int) -> int:
+        return 0
 
-    @property
-    def window_reset(self):  # type: ignore[override]
-        return any(p.window_reset for p in self.parts)
+    def recent_kept(self, target: int) -> int:
+        return 0
 
-    @property
-    def recalls(self):  # type: ignore[override]
-        return any(p.recalls for p in self.parts)
+    def choose(self, n: int, kv_heads: int, score: np.ndarray, target: int) -> np.ndarray:
+        return self.keep_top(n, score, target, recent=self.recent_kept(target), first=self.sinks_kept(target))
 
-    def fetch_tokens(self, *a):
-        return max(p.fetch_tokens(*a) for p in self.parts)
+    def accumulate(self, layer, cache, attn_sum, attn_max, slots, phase):
+        if self.votes is None or not self.sharing.is_leader(layer):
+            return
+        if phase == "decode" and not self.needs_decode_attention:
+            return
+        maxed = self.votes == "max"
+        a = (attn_max if maxed else attn_sum)[0]                                   # [kv, m]
+        if self.heads == "shared":
+            if maxed:
+                self.count(comparisons=a.size)
+            row = a.max(axis=0) if maxed else a.sum(axis=0)
+            if slots is None:
+                n = row.shape[0]
+                cache.score[:, :n] = np.maximum(cache.score[:, :n], row[None]) if maxed else cache.score[:, :n] + row[None]
+            else:
+                for h in range(slots.shape[0]):  # per-head selections; the score row is shared by the heads
+                    cur = cache.score[:, slots[h]]
+                    cache.score[:, slots[h]] = np.maximum(cur, a[h][None]) if maxed else cur + a[h][None]
+            return
+        if self.vote_pool > 1 and slots is None:
+            a = max_pool(a, self.vote_pool)
+            self.count(comparisons=cache.kv_heads * a.shape[1] * (self.vote_pool - 1))
+        if slots is None:
+            m = a.shape[1]
+            if maxed:
+                cache.score[:, :m] = np.maximum(cache.score[:, :m], a)
+            else:
+                cache.score[:, :m] += a
+        else:  # additions only (free in MPC); the probabilities come from attention itself
+            for h in range(slots.shape[0]):
+                if maxed:
+                    cache.score[h, slots[h]] = np.maximum(cache.score[h, slots[h]], a[h])
+                else:
+                    cache.score[h, slots[h]] += a[h]
 
-    def fixed_bytes(self, *a):
-        return sum(p.fixed_bytes(*a) for p in self.parts)
+    def keep(self, layer, cache, target, phase):
+        n = cache.n
 
-    def evicted(self, *a):
-        for p in self.parts:
-            p.evicted(*a)
+        def decide():
+            score = self.score(layer, cache.k[0, :, :n], cache.score[:, :n])
+            if self.pool > 1:  # a token attended to keeps its neighbours, as SnapKV's pooling
+                rows = score.shape[0] if score.ndim > 1 else 1
+                score = max_pool(score, self.pool)
+                self.count(comparisons=rows * n * (self.pool - 1))
+            return self.choose(n, cache.kv_heads, score, target)
 
-    def recall(self, *a):
-        for p in self.parts:
-            p.recall(*a)
-
-    def end(self):
-        for p in self.parts:
-            p.end()
-
-    def cold_stats(self):
-        out: dict = {}
-        for p in self.parts:
-            out.update(p.cold_stats())
-        return out
-
-    @property
-    def align(self):  # type: ignore[override]
-        a = 1
-        for p in self.parts:
-            a = int(np.lcm(a, p.align))
-        return a
-
-    def observation_window(self, prompt_len):
-        return max(p.observation_window(prompt_len) for p in self.parts)
-
-    def bytes_per_token(self, kv_heads, head_dim):
-        return sum(p.bytes_per_token(kv_heads, head_dim) for p in self.parts)
-
-    def observe(self, *a):
-        for p in self.parts:
-            p.observe(*a)
-
-    def keep(self, *a):
-        for p in self.parts:
-            r = p.keep(*a)
-            if r is not None:
-                return r
-        return None
-
-    def after_compact(self, *a):
-        for p in self.parts:
-            p.after_compact(*a)
-
-    def after_append(self, *a):
-        for p in self.parts:
-            p.after_append(*a)
-
-    def select(self, *a):
-        for p in self.parts:
-            r = p.select(*a)
-            if r is not None:
-                return r
-        return None
-
-    def skip_layer(self, layer):
-        return any(p.skip_layer(layer) for p in self.parts)
-
-    def after_layer(self, *a):
-        for p in self.parts:
-            r = p.after_layer(*a)
-            if r is not None:
-                return r
-        return None
-
-    @property
-    def total_cost(self) -> Counter:
-        c = Counter(self.cost)
-        for p in self.parts:
-            c.update(getattr(p, "total_cost", p.cost))
-        return c
+        idx, replayed = self.sharing.decide(layer, n, target, decide)
+        if replayed:
+            self.count(gathers=cache.kv_heads * target)
+        return idx

@@ -15,3 +15,4 @@ class Full(Policy):
 
     name: ClassVar[str] = "full"
     min_tokens: ClassVar[int] = 1
+    evicts: ClassVar[bool] = False

@@ -5,12 +5,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import Policy, log2c, topk_sorted
+from .base import Policy, ScorePolicy, log2c, topk_sorted
 from .sharing import LayerSharing
 
 
 @dataclass
-class MPCacheStatic(Policy):
+class MPCacheStatic(ScorePolicy):
     """MPCache's look-once static eviction.
 
     Zeng et al., "MPCache: MPC-Friendly KV Cache Eviction for Efficient Private LLM Inference",
@@ -25,25 +25,19 @@ class MPCacheStatic(Policy):
     prompt tokens are always kept. ``pool`` > 1 max-pools the scores over neighbouring slots (SnapKV's
     clustering); evictions are replayed in groups of ``share`` layers.
 
-    Defaults (measured on SmolLM2-135M, perplexity of 256 Botchan tokens after a 1792-token prefix
-    compressed to 20%, continuation uncompressed — ``benchmarks/RESULTS.md``, "MPCache perplexity"):
-    every prompt query's attention **accumulated** (``window="all", reduce="sum"``: additions only,
-    H2O's heavy-hitter score, Zhang et al. 2023), **per KV head** (``per_head``), half the kept tokens a
-    recent window (``recent_frac=0.5``), 4 sinks, no pooling, no cross-layer sharing of the eviction
-    (``share=1``): 35.28 vs 36.67 with the paper's rule and the previous defaults (32 sinks, 32 recent,
-    pool 15, share 2) and 35.57 for StreamingLLM; on 4 held-out slices every one better than
-    StreamingLLM (0.2: geometric mean 28.3 vs 29.6). Measured alternatives on the bench slice at 0.2:
-    the paper's max over the last 20% queries 36.0-36.8 whatever the recent window (0.25-0.9 of the
-    kept tokens) and sinks (4/32); per-head accumulated with ``share=2`` 35.89; shared over heads 35.95;
-    only the last 20% queries 35.71; pool 3-15 worse than 1 by 0.5-1.0.
+    Defaults, chosen by perplexity of a compressed prefix with the continuation uncompressed
+    (``benchmarks/RESULTS.md``, "MPCache perplexity"): every prompt query's attention **accumulated**
+    (``window="all", reduce="sum"``: additions only, H2O's heavy-hitter score, Zhang et al. 2023),
+    **per KV head** (``per_head``), half the kept tokens a recent window (``recent_frac=0.5``), 4 sinks,
+    no pooling, no cross-layer sharing of the eviction (``share=1``); each beat the paper's rule and
+    StreamingLLM there.
     """
 
     name: ClassVar[str] = "mpcache_static"
     needs_decode_attention: ClassVar[bool] = True
     align: ClassVar[int] = 32
-    # smallest cache it works with (-> a 64-token resident minimum with align 32); was 96 (128): at 1k tokens
-    # with 10% kept (a 140-slot budget) that left mpcache_recall a 12-14 token fetch area and 1/10 needles;
-    # 32 -> 48 fetch slots, 10/10 (64 -> 32 slots, 10/10), SmolLM2, 10 needles at depth 0.5
+    # smallest cache it works with (a 64-token resident minimum with align 32): a larger minimum leaves
+    # mpcache_recall too small a fetch area at small budgets to bring back what a question needs
     min_tokens: ClassVar[int] = 32
     window_frac: float = 0.2
     threshold: float | None = None
@@ -66,9 +60,13 @@ class MPCacheStatic(Policy):
     def window_reset(self):  # type: ignore[override]  # "last": scores come from the observation window only
         return self.window == "last"
 
-    def begin(self, ctx):
-        super().begin(ctx)
-        self.sharing = LayerSharing(self.share, ctx.n_layers)
+    @property
+    def votes(self):  # type: ignore[override]
+        return self.reduce
+
+    @property
+    def heads(self):  # type: ignore[override]  # a max over the layer's heads is one shared row
+        return "each" if self.per_head or self.reduce == "sum" else "shared"
 
     def observation_window(self, prompt_len):
         # the last ~20% of the prompt, but at most a quarter of the budget: every window query attends
@@ -77,61 +75,29 @@ class MPCacheStatic(Policy):
         cap = getattr(getattr(self, "ctx", None), "capacity", None)
         return min(w, max(32, cap // 4)) if cap else w
 
-    def observe(self, layer, cache, attn_sum, attn_max, slots, phase):
-        if self.reduce == "sum":  # accumulated attention (additions only), per KV head
-            a = attn_sum[0]
-            if slots is None:
-                cache.score[:, :a.shape[1]] += a
-            else:
-                for h in range(slots.shape[0]):
-                    cache.score[h, slots[h]] += a[h]
-            return
-        if self.per_head:  # max over the head's query group (in-graph) and the window, per KV head
-            a = attn_max[0]
-            if slots is None:
-                cache.score[:, :a.shape[1]] = np.maximum(cache.score[:, :a.shape[1]], a)
-            else:
-                for h in range(slots.shape[0]):
-                    cache.score[h, slots[h]] = np.maximum(cache.score[h, slots[h]], a[h])
-            return
-        a = attn_max[0].max(axis=0)  # max over the layer's KV heads (query heads already maxed in-graph)
-        self.count(comparisons=attn_max[0].size)
-        if slots is None:
-            n = a.shape[0]
-            cache.score[:, :n] = np.maximum(cache.score[:, :n], a[None])
-        else:
-            for h in range(slots.shape[0]):  # per-head selections; the score row is shared by the heads
-                cache.score[:, slots[h]] = np.maximum(cache.score[:, slots[h]], attn_max[0, h][None])
-
-    def keep(self, layer, cache, target, phase):
-        event = self.sharing.next_event(layer)
-        if not self.sharing.is_leader(layer):
-            idx = self.sharing.replay(layer, event, cache.n, target)
-            if idx is not None:
-                self.count(gathers=cache.kv_heads * target)
-                return idx
+    def score(self, layer, keys, votes):
         if self.per_head:
-            score = cache.score[:, : cache.n].copy()                       # [kv, n]: one kept set per KV head
-        elif self.reduce == "sum":
-            score = cache.score[:, : cache.n].sum(axis=0)                  # the layer's heads summed
-        else:
-            score = cache.score[0, : cache.n].copy()                       # rows are equal (maxed over heads)
-        rows = score.shape[0] if score.ndim > 1 else 1
-        if self.pool > 1:  # a token attended to keeps its neighbours (the value after "... is"), as SnapKV's pooling
-            from .snapkv import max_pool
+            return votes.copy()                  # [kv, n]: one kept set per KV head
+        if self.reduce == "sum":
+            return votes.sum(axis=0)             # the layer's heads summed
+        return votes[0].copy()                   # rows are equal (maxed over heads)
 
-            score = max_pool(score, self.pool)
-            self.count(comparisons=rows * cache.n * (self.pool - 1))
+    def sinks_kept(self, target):
+        return min(self.sinks, target // 4)
+
+    def recent_kept(self, target):
+        first = self.sinks_kept(target)
+        return min(max(min(self.recent, target // 4), int(self.recent_frac * target)), target - first)
+
+    def choose(self, n, kv_heads, score, target):
         if self.threshold is not None:
+            rows = score.shape[0] if score.ndim > 1 else 1
             score[score <= self.threshold] = -1.0  # below threshold: evicted first (kept only to fill sinks/recent)
-            self.count(comparisons=rows * cache.n)
-        first = min(self.sinks, target // 4)
-        recent = min(max(min(self.recent, target // 4), int(self.recent_frac * target)), target - first)
-        idx = self.keep_top(cache, score, target, recent=recent, first=first)
+            self.count(comparisons=rows * n)
+        idx = super().choose(n, kv_heads, score, target)
         if self.threshold is not None and idx.ndim == 1:
-            ok = (score[idx] > self.threshold) | (idx < self.sinks) | (idx >= cache.n - self.recent)
+            ok = (score[idx] > self.threshold) | (idx < self.sinks) | (idx >= n - self.recent)
             idx = idx[ok] if ok.sum() >= self.min_tokens else idx
-        self.sharing.record(layer, event, idx)
         return idx
 
 
@@ -147,12 +113,12 @@ class MPCacheDynamic(Policy):
     of their 16-groups; the first and the most recent group are always read. Adjacent layers (``share``)
     reuse the leader's selection (cross-layer index sharing). Below ``min_tokens_to_select`` cached
     tokens the whole cache is read; a cache whose capacity is below it never selects, so it keeps no
-    statistics at all (measured: 3.5 ms of a 78 ms SmolLM2 decode step at 4k with 10 % kept).
+    statistics at all (updating them would cost every decode step for nothing).
 
     Sharing a selection is only right when the layers of a group hold the same tokens slot for slot,
     i.e. with a static eviction replayed the same way: ``mpcache(share=2)`` (the paper's setting) shares
-    both. The default static eviction is per layer (``MPCacheStatic.share=1``: 35.28 vs 35.89 perplexity
-    with share 2, SmolLM2 at 20%), so the default here is 1 as well (each layer selects for itself;
+    both. The default static eviction is per layer (``MPCacheStatic.share=1``, better perplexity
+    than share 2), so the default here is 1 as well (each layer selects for itself;
     twice the selection cost of ``share=2``, counted).
     """
 
@@ -216,7 +182,7 @@ class MPCacheDynamic(Policy):
         self.count(comparisons=2 * kv * D * (min(n, g_to * self.sub) - g_from * self.sub) + 2 * kv * D * ng32 * (r - 1),
                    multiplications=2 * kv * D * (ng16 + ng32))
 
-    def after_append(self, layer, cache, s):
+    def appended(self, layer, cache, s):
         if not self.active or not self.sharing.is_leader(layer):
             return  # followers read the leader's selection; they keep no statistics
         if s.stop - s.start != 1:
@@ -239,7 +205,7 @@ class MPCacheDynamic(Policy):
         st["mix32"][:, G] = self.alpha * st["max32"][:, G] + (1 - self.alpha) * st["min32"][:, G]
         self.count(comparisons=4 * k.size, multiplications=4 * k.size)
 
-    def after_compact(self, layer, cache):
+    def compacted(self, layer, cache):
         if not self.active or not self.sharing.is_leader(layer):
             return
         st = self.stats[layer]
@@ -289,7 +255,7 @@ class MPCacheDynamic(Policy):
 
 
 def mpcache(**kw) -> "Policy":
-    from .base import Composite
+    from .composite import Composite
 
     static_kw = {k: v for k, v in kw.items() if k in MPCacheStatic.__dataclass_fields__}
     dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}

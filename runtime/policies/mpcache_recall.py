@@ -1,18 +1,18 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from ..kvcache import EMPTY_POS
-from .base import Policy, log2c, topk_sorted
+from ..manifest import EMPTY_POS
+from .base import Policy, log2c, max_pool, topk_sorted
+from .recall import RecallPolicy
 from .sharing import LayerSharing
-from .snapkv import max_pool
 
 
 @dataclass
-class MPCacheRecall(Policy):
+class MPCacheRecall(RecallPolicy):
     """Query-aware recall of evicted key groups from disk: our on-device adaptation of MPCache's
     dynamic selection (Zeng et al., "MPCache: MPC-Friendly KV Cache Eviction for Efficient Private LLM
     Inference", NeurIPS 2025, arXiv:2501.06807).
@@ -71,12 +71,7 @@ class MPCacheRecall(Policy):
     """
 
     name: ClassVar[str] = "mpcache_recall"
-    recalls: ClassVar[bool] = True
     align: ClassVar[int] = 32
-    alpha: float = 0.6
-    group: int = 16      # cold group size (measured on SmolLM2, 1k needles at 20%: 16 -> 3/9, 32 -> 1/9)
-    fetch_frac: float = 0.5  # of the context's share (16-groups: 0.5 -> 4/9, 0.25 -> 3/9)
-    fetch: int | None = None
     share: int = 1       # linear selection: layers per selection; > 1 needs the static eviction shared alike
     suffix_query: str = "last"
     head_reduce: str = "sum"
@@ -86,15 +81,13 @@ class MPCacheRecall(Policy):
     vote_pool: int = 7        # exact: max-pool kernel over neighbouring cold tokens (SnapKV's 7)
     vote_follow: int = 12     # exact: tokens after a hit that inherit its vote (a key brings the value after it)
     # score()'s causal re-selection every 32 continuation tokens (text streaming in, no question): the continuation
-    # brings its own next tokens, so a hit needs no followers; SmolLM2 ppl at 20% (256 after 1792): follow 0 +
-    # pool 1 35.17, the question's follow 12 + pool 7 35.69, follow 8 + pool 1 35.68, follow 12 + pool 1 35.77
+    # brings its own next tokens, so a hit needs no followers and no pooling (lower perplexity than the question's)
     stream_follow: int = 0
     stream_pool: int = 1
     vote: str = "max"         # exact: probabilities maxed over the question's queries (or summed, "sum", as SnapKV)
     select_share: int = 1     # exact: layers per selection (1: every layer scores its own cold keys)
     refresh: int = 0          # exact: decode steps between linear refreshes of the area's tail (0: fixed)
     refresh_frac: float = 0.5  # exact + refresh: share of the area the linear refresh owns
-    bytes_read: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         if self.suffix_query not in ("last", "max"):
@@ -118,84 +111,40 @@ class MPCacheRecall(Policy):
         """Group statistics in RAM: the linear selection, or the exact one's linear refresh."""
         return self.selection == "linear" or self.refresh > 0
 
-    # ---- planning ----------------------------------------------------------------------------
-    def fetch_tokens(self, cap, suffix, whole, room):
-        G = self.group
-        if self.fetch is not None:
-            want = -(-int(self.fetch) // G) * G
-        elif cap >= whole:
-            return 0  # everything fits: nothing is evicted, nothing to recall
-        else:
-            want = max(G, int(self.fetch_frac * (cap - suffix)) // G * G)
-        got = min(want, room // G * G)  # never below the resident minimum: a small budget runs without recall
-        if got == 0 and self.selection == "exact" and not self.refresh and self.fetch is None and room >= 8:
-            got = min(int(self.fetch_frac * (cap - suffix)), room)  # exact: token-granular, less than a group
-        return got
+    # ---- what the recall base needs to know --------------------------------------------------
+    def stats_layers(self, n_layers):
+        return [L for L in range(n_layers) if L % max(1, self.share) == 0] if self._needs_stats else []
 
-    def _leaders(self, n_layers):
-        return [L for L in range(n_layers) if L % max(1, self.share) == 0]
+    @property
+    def minmax(self):
+        return self.score == "bound"
 
-    def fixed_bytes(self, n_layers, kv_heads, head_dim, n_tokens):
-        groups = -(-int(n_tokens) // self.group) + 1
-        stats = len(self._leaders(n_layers)) * kv_heads * groups * head_dim * 4 * (3 if self.score == "bound" else 1)
+    @property
+    def token_granular(self):  # the exact selection reads tokens: an area below a group still works
+        return self.selection == "exact" and not self.refresh
+
+    def scratch_bytes(self, kv_heads, n_tokens):
         # exact: one per-token vote row and one block of logits, [kv, tokens] f32 each, reused layer after layer
-        exact = 2 * kv_heads * (int(n_tokens) + self.group) * 4 if self.selection == "exact" else 0
-        return (stats if self._needs_stats else 0) + exact
+        return 2 * kv_heads * (n_tokens + self.group) * 4 if self.selection == "exact" else 0
 
     def begin(self, ctx):
         super().begin(ctx)
         self.sharing = LayerSharing(self.share, ctx.n_layers)
-        self.events: dict[int, int] = {}
-        self.store = None
-        self.bytes_read = {"suffix": 0, "decode": 0}
         self.xsharing = LayerSharing(self.select_share, ctx.n_layers)
-        self.xevents: dict[int, int] = {}
         self.selected: dict[int, int] = {}   # layer -> slots of the area the exact selection holds
+        self.exact_ids: dict[int, np.ndarray] = {}
         self.dsteps: dict[int, int] = {}
         self.scratch_peak = 0
-        if ctx.cold_dir and ctx.fetch:
-            from ..coldstore import ColdStore
-
+        if self.store is not None and self.selection == "exact":  # counted in fixed_bytes
             tokens = ctx.prompt_len + ctx.max_new_tokens
-            self.store = ColdStore(ctx.cold_dir, ctx.n_layers, ctx.kv_heads, ctx.head_dim, tokens,
-                                   self._leaders(ctx.n_layers) if self._needs_stats else [],
-                                   alpha=self.alpha, group=self.group, minmax=self.score == "bound")
-            if self.selection == "exact":  # counted in fixed_bytes
-                self._vote = np.zeros((ctx.kv_heads, tokens + self.group), np.float32)
-                self._logits = np.zeros(ctx.kv_heads * (tokens + self.group), np.float32)
+            self.vote_row = np.zeros((ctx.kv_heads, tokens + self.group), np.float32)
+            self.logits_buf = np.zeros(ctx.kv_heads * (tokens + self.group), np.float32)
 
-    def end(self):
-        if getattr(self, "store", None) is not None:
-            self.store.close()
-
-    def cold_stats(self):
-        st = getattr(self, "store", None)
-        if st is None:
-            return {}
-        return {"cold_tokens": list(st.n), "cold_file_bytes": st.file_bytes(), "cold_stats_bytes": st.stats_bytes,
-                "cold_bytes_written": st.bytes_written, "cold_bytes_read_suffix": self.bytes_read["suffix"],
-                "cold_bytes_read_decode": self.bytes_read["decode"], "selection": self.selection,
-                "select_scratch_bytes_peak": self.scratch_peak}
-
-    # ---- eviction -> disk --------------------------------------------------------------------
-    def evicted(self, layer, cache, keep):
-        if self.store is None:
-            return
-        n, kv = cache.n, cache.kv_heads
-        keep = np.asarray(keep, dtype=np.int64)
-        gone = np.ones((kv, n), dtype=bool)
-        if keep.ndim == 1:
-            gone[:, keep] = False
-        else:
-            np.put_along_axis(gone, keep, False, axis=1)
-        E = int(gone[0].sum())
-        if E == 0:
-            return
-        slots = np.nonzero(gone)[1].reshape(kv, E)  # per head, ascending (position order)
-        k = np.take_along_axis(cache.k[0, :, :n], slots[..., None], axis=1)
-        v = np.take_along_axis(cache.v[0, :, :n], slots[..., None], axis=1)
-        p = np.take_along_axis(cache.pos[:, :n], slots, axis=1)
-        self.store.add(layer, k, v, p)
+    def report(self, decode_steps):
+        out = super().report(decode_steps)
+        if out:
+            out["cold"].update(selection=self.selection, select_scratch_bytes_peak=self.scratch_peak)
+        return out
 
     def _expand(self, s: np.ndarray, m: int) -> np.ndarray:
         """Per head: the best groups each with ``expand`` neighbours on both sides (a sentence cut by a
@@ -257,7 +206,7 @@ class MPCacheRecall(Policy):
             cache.set_fetched(ne)
             return
         self._read_groups(layer, ids, cache, ne, phase)
-        exact = self._xidx.get(layer)
+        exact = self.exact_ids.get(layer)
         if exact is not None and exact.size:
             toks = ids[..., None] * G + np.arange(G)                                 # [kv, m, G] cold indices
             dup = np.stack([np.isin(toks[h].ravel(), exact[h]) for h in range(toks.shape[0])])
@@ -268,25 +217,17 @@ class MPCacheRecall(Policy):
 
     def _exact(self, layer, q, cache, m, phase) -> int:
         """Exact selection of ``m`` cold tokens per KV head into the area's first slots; returns how many."""
-        event = self.xevents.get(layer, 0)
-        self.xevents[layer] = event + 1
         n = self.store.n[layer]
         m = min(n, m)
         if m == 0:
+            self.xsharing.next_event(layer)
             return 0
-        idx = None
-        if not self.xsharing.is_leader(layer):
-            idx = self.xsharing.replay(layer, event, n, m)
-        if idx is None:
-            idx = self._score_exact(layer, q, cache, m, phase)
-            if self.xsharing.is_leader(layer):
-                self.xsharing.record(layer, event, idx)
+        idx, _ = self.xsharing.decide(layer, n, m, lambda: self._score_exact(layer, q, cache, m, phase))
         k_out, v_out, p_out = cache.fetch_area()
         self.bytes_read["suffix" if phase == "suffix" else "decode"] += self.store.read_tokens(layer, idx, k_out, v_out, p_out)
         self.count(gathers=idx.size)
         if self.refresh:
-            self._xidx = getattr(self, "_xidx", {})
-            self._xidx[layer] = idx
+            self.exact_ids[layer] = idx
         return int(idx.shape[1])
 
     def _score_exact(self, layer, q, cache, m, phase) -> np.ndarray:
@@ -304,11 +245,11 @@ class MPCacheRecall(Policy):
         R = (H // kv) * T                                                           # queries per KV head
         Q = np.ascontiguousarray(q[0].reshape(kv, R, D), dtype=np.float32) * np.float32(1.0 / np.sqrt(D))
         F = cache.fetch
-        B = max(G, min(F // G * G, self._logits.size // (kv * R) // G * G))         # block of tokens
+        B = max(G, min(F // G * G, self.logits_buf.size // (kv * R) // G * G))         # block of tokens
         if F < G:  # an area smaller than a group: blocks of F tokens, read as runs
             B = F
-        buf = self._logits if kv * R * B <= self._logits.size else np.empty(kv * R * B, np.float32)
-        self.scratch_peak = max(self.scratch_peak, self._vote[:, :n].nbytes + kv * R * B * 4)
+        buf = self.logits_buf if kv * R * B <= self.logits_buf.size else np.empty(kv * R * B, np.float32)
+        self.scratch_peak = max(self.scratch_peak, self.vote_row[:, :n].nbytes + kv * R * B * 4)
         k_out, v_out, p_out = cache.fetch_area()
         key = "suffix" if phase == "suffix" else "decode"
 
@@ -345,12 +286,12 @@ class MPCacheRecall(Policy):
         for a, b, K in blocks():
             update(logits(K[:, :b - a]))
         lse = (mx + np.log(se)).astype(np.float32)
-        vote = self._vote[:, :n]
+        vote = self.vote_row[:, :n]
         for a, b, K in blocks():
             L = logits(K[:, :b - a])
             np.exp(np.subtract(L, lse[..., None], out=L), out=L)
             vote[:, a:b] = L.sum(axis=1) if self.vote == "sum" else L.max(axis=1)
-        stream = phase == "suffix" and getattr(self.ctx, "stream_suffix", False)
+        stream = phase == "suffix" and self.ctx.stream_suffix
         pool, follow = (self.stream_pool, self.stream_follow) if stream else (self.vote_pool, self.vote_follow)
         pooled = max_pool(vote, pool) if pool > 1 else vote
         if follow:  # one-sided: token i also takes the votes of the ``follow`` tokens before it
@@ -367,15 +308,17 @@ class MPCacheRecall(Policy):
 
     def _linear_ids(self, layer, q, phase, m):
         """MPCache's linear selection of ``m`` cold groups per KV head (leader layers; followers replay)."""
-        event = self.events.get(layer, 0)
-        self.events[layer] = event + 1
-        kv = self.store.kv
         n_groups = self.store.groups(layer)
         m = min(n_groups, m)
         if not m:
+            self.sharing.next_event(layer)
             return None
-        if not self.sharing.is_leader(layer):
-            return self.sharing.replay(layer, event, n_groups, m)
+        ids, _ = self.sharing.decide(layer, n_groups, m, lambda: self._linear_score(layer, q, phase, m, n_groups),
+                                     fallback=False)
+        return ids
+
+    def _linear_score(self, layer, q, phase, m, n_groups):
+        kv = self.store.kv
         mix = self.store.mix[layer][:, :n_groups]                                     # [kv, g, D]
         T, D = q.shape[2], q.shape[3]
         if not (phase == "suffix" and self.suffix_query == "max"):
@@ -401,13 +344,12 @@ class MPCacheRecall(Policy):
         else:
             ids = topk_sorted(s, m)                                                  # [kv, m]
             self.count(comparisons=kv * n_groups * log2c(m))
-        self.sharing.record(layer, event, ids)
         return ids
 
 
 def mpcache_recall(**kw) -> "Policy":
     """``mpcache`` (static eviction + dynamic selection over the resident cache) + recall from disk."""
-    from .base import Composite
+    from .composite import Composite
     from .mpcache import MPCacheDynamic, MPCacheStatic
 
     own = ("group", "fetch_frac", "fetch", "suffix_query", "head_reduce", "score", "expand", "selection", "vote_pool", "vote_follow", "vote",

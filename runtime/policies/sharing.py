@@ -34,6 +34,20 @@ class LayerSharing:
         if followers > 0:  # prefill runs layer by layer: keep until every follower replayed it
             self.decisions[(layer, event)] = [idx, followers]
 
+    def decide(self, layer: int, n: int, target: int, compute, fallback: bool = True) -> tuple[np.ndarray | None, bool]:
+        """The layer's next decision: the leader's replayed (``(idx, True)``) or, for a leader — and for a
+        follower whose replay does not fit when ``fallback`` — ``compute()``'s, recorded for the followers."""
+        event = self.next_event(layer)
+        leader = self.is_leader(layer)
+        if not leader:
+            idx = self.replay(layer, event, n, target)
+            if idx is not None or not fallback:
+                return idx, idx is not None
+        idx = compute()
+        if leader and idx is not None:
+            self.record(layer, event, idx)
+        return idx, False
+
     def replay(self, layer: int, event: int, n: int, target: int) -> np.ndarray | None:
         key = (self.leader(layer), event)
         entry = self.decisions.get(key)

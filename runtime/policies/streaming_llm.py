@@ -3,9 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
-
-from .base import Policy
+from .base import Policy, sinks_and_recent
 
 
 @dataclass
@@ -25,7 +23,5 @@ class StreamingLLM(Policy):
         return self.sinks + 4
 
     def keep(self, layer, cache, target, phase):
-        sinks = min(self.sinks, target)
-        idx = np.concatenate([np.arange(sinks), np.arange(cache.n - (target - sinks), cache.n)])
         self.count(gathers=cache.kv_heads * target)
-        return idx
+        return sinks_and_recent(cache.n, target, self.sinks)

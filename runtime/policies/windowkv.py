@@ -5,12 +5,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import Policy, log2c, topk_sorted
-from .sharing import LayerSharing
+from .base import ScorePolicy, log2c, topk_sorted
 
 
 @dataclass
-class WindowKV(Policy):
+class WindowKV(ScorePolicy):
     """Selection in windows of consecutive tokens, indices shared inside groups of layers.
 
     Zuo et al., "WindowKV: Task-Adaptive Group-Wise KV Cache Window Selection for Efficient LLM
@@ -22,6 +21,8 @@ class WindowKV(Policy):
 
     name: ClassVar[str] = "windowkv"
     window_reset: ClassVar[bool] = True   # scores come from the observation window only
+    votes: ClassVar[str] = "sum"
+    heads: ClassVar[str] = "shared"
     window: int = 8
     obs: int = 32
     recent: int = 32
@@ -31,38 +32,20 @@ class WindowKV(Policy):
     def align(self):  # type: ignore[override]
         return self.window
 
-    def begin(self, ctx):
-        super().begin(ctx)
-        self.sharing = LayerSharing(self.share, ctx.n_layers)
-
     def observation_window(self, prompt_len):
         return min(self.obs, max(1, prompt_len // 2))
 
-    def observe(self, layer, cache, attn_sum, attn_max, slots, phase):
-        if phase == "decode" or not self.sharing.is_leader(layer):
-            return
-        a = attn_sum[0].sum(axis=0)
-        n = a.shape[0]
-        cache.score[:, :n] += a[None]
-
-    def keep(self, layer, cache, target, phase):
-        event = self.sharing.next_event(layer)
-        if not self.sharing.is_leader(layer):
-            idx = self.sharing.replay(layer, event, cache.n, target)
-            if idx is not None:
-                self.count(gathers=cache.kv_heads * target)
-                return idx
-        n, w = cache.n, self.window
+    def choose(self, n, kv_heads, score, target):
+        w = self.window
         recent = min(self.recent, target // 2)
         recent -= recent % w
         n_win_old = (n - recent) // w                 # whole windows before the protected recent part
         old_end = n_win_old * w
-        s = cache.score[0, :old_end].reshape(n_win_old, w).sum(axis=1)
+        s = score[:old_end].reshape(n_win_old, w).sum(axis=1)
         k = (target - recent) // w
         win = topk_sorted(s, k)
         old = (win[:, None] * w + np.arange(w)).reshape(-1)
         tail = np.arange(old_end, n)[-(target - old.size):] if target > old.size else np.arange(0)
         idx = np.concatenate([old, tail])[:target]
-        self.count(comparisons=n_win_old * log2c(k), gathers=cache.kv_heads * idx.size)
-        self.sharing.record(layer, event, idx)
+        self.count(comparisons=n_win_old * log2c(k), gathers=kv_heads * idx.size)
         return idx

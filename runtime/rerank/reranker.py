@@ -1,7 +1,7 @@
 """``Reranker``: rank documents for a query by streaming a bundle's layers under a memory budget.
 
 The public API of the rerank engine. A call tokenizes (:mod:`.text`), plans the budget (layer window, chunk size,
-spill; :mod:`edge_sel.runtime.plan`), cuts the candidates into chunks (:mod:`.chunks`), runs them in an execution
+spill; :mod:`edge_sel.runtime.planning`), cuts the candidates into chunks (:mod:`.chunks`), runs them in an execution
 order (:mod:`.execution`), prunes at the calibrated schedule's layers (:mod:`.pruning`) and turns the head's
 output into scores with the bundle's scoring strategy (:mod:`.scoring`).
 """
@@ -20,7 +20,7 @@ from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.embedding import Embedder
 from edge_sel.runtime.errors import BudgetError, InputError
 from edge_sel.runtime.memory import HeapGuard, PeakTracker, release_free_memory, tune_allocator
-from edge_sel.runtime.plan import Planner
+from edge_sel.runtime.planning import Planner
 from edge_sel.runtime.sessions import load_session
 from edge_sel.runtime.units import format_size, parse_size
 

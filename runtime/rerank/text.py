@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
+from edge_sel.runtime.tokenizer import Tokenizer
 
 from .scoring import scoring_class
 
@@ -28,9 +28,8 @@ class TextEncoder:
         self.bundle = bundle
         self.scoring = scoring_class(bundle)
         self.max_length = bundle.max_length
-        self.tok = Tokenizer.from_file(str(bundle.path(bundle.spec.tokenizer.file)))
-        self.tok.no_padding()
-        self.tok.no_truncation()
+        self.tokenizer = Tokenizer(bundle)  # the bundle's tokenizer, shared with the generator
+        self.tok = self.tokenizer.tok       # batches of pairs and truncation use the tokenizers object itself
         self.prompt = bundle.spec.prompt  # decoders: the prompt around each document
 
     def _ids(self, texts: list[str], add_special: bool) -> list[list[int]]:

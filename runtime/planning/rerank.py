@@ -19,10 +19,10 @@ from edge_sel.runtime.errors import BudgetError
 from edge_sel.runtime.units import format_size
 
 SESSION_OVERHEAD = 3 * 1024**2   # per live onnxruntime session beyond its weight files (graph, kernels)
-FIXED_OVERHEAD = 14 * 1024**2    # head session, tokenizer state, numpy scratch, per-call Python objects; 12 MiB
-# measured short in a long pytest process — heap fragmentation, since bounded by edge_sel.runtime.memory.HeapGuard (RESULTS.md "memory")
-SAFETY = 1.0                     # measured: the formula already sits ~20% above onnxruntime's real per-layer peak
-DEFAULT_CHUNK_TOKENS = 1024  # measured: 1k-token chunks beat 4k-16k ones by 1.4-2x (cache-friendly, no huge attention buffers)
+FIXED_OVERHEAD = 14 * 1024**2    # head session, tokenizer state, numpy scratch, per-call Python objects, and a margin
+# for heap fragmentation in a long-lived process (bounded by edge_sel.runtime.memory.HeapGuard)
+SAFETY = 1.0                     # the formula already sits above onnxruntime's real per-layer peak
+DEFAULT_CHUNK_TOKENS = 1024  # cache-friendly, no huge attention buffers: faster than longer chunks
 DEFAULT_MAX_BATCH = 64
 
 
@@ -42,13 +42,14 @@ class Plan:
 class Planner:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        d = bundle.dims
-        self.H, self.I, self.heads = d["hidden"], d["intermediate"], d["heads"]
-        self.kv = d.get("kv_heads", self.heads) * d.get("head_dim", self.H // self.heads)
-        self.n_layers = len(bundle.layers)
+        spec = bundle.spec
+        d = spec.dims
+        self.H, self.I, self.heads = d.hidden, d.intermediate, d.heads
+        self.kv = d.kv_heads * d.head_dim
+        self.n_layers = len(spec.layers)
         self.layer_bytes = max(bundle.layer_weight_bytes(i) for i in range(self.n_layers)) + SESSION_OVERHEAD
-        tok_file = bundle.manifest["files"][bundle.manifest["tokenizer"]["file"]]["size"]
-        head_file = bundle.manifest["files"][bundle.manifest["head"]["file"]]["size"]
+        tok_file = spec.files[spec.tokenizer.file].size
+        head_file = spec.files[spec.head.file].size
         self.fixed = FIXED_OVERHEAD + 6 * tok_file + head_file + SESSION_OVERHEAD
 
     def act_bytes_per_token(self, seq_len: int) -> int:
@@ -100,9 +101,8 @@ class Planner:
                     minimum_bytes=need,
                 )
             return self._spill_plan(budget, max_len, embed_bytes)
-        # Spilling kept states to buy bigger chunks is *not* preferred: measured twice (SmolLM2 N=128, 128MB):
-        # 761-token spilled chunks 36.3 s/query, 64.0 CPU-s, peak 195 MiB vs 140-token resident chunks 36.6 s,
-        # 63.9 CPU-s, 181 MiB (benchmarks/RESULTS.md). Spill only when the kept states do not fit.
+        # Spilling kept states to buy bigger chunks is *not* preferred: the I/O costs what the bigger chunks
+        # save, at a higher peak. Spill only when the kept states do not fit.
         return self._resident_plan(budget, total_tokens, max_len, embed_bytes)
 
     def _resident_plan(self, budget: int, total_tokens: int, max_len: int, embed_bytes: int) -> Plan:

@@ -1,0 +1,75 @@
+"""The decoder as the generate engine runs it: per layer a q/k/v graph and an attention+MLP graph, the
+embedding table, the LM head, and the weight pages those sessions map.
+
+Long prompts prefill with each layer's weights mapped only during its own pass (see
+:mod:`edge_sel.runtime.residency`), so the prefill's activations and the model's weights never peak
+together; decoding runs every layer per token, so the weights are mapped back once before it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_sel.runtime.bundle import Bundle
+
+from ..embedding import Embedder
+from ..residency import WeightPages, release_array, snapshot
+from ..sessions import load_session
+
+# Prompts longer than this release each layer's weights after its prefill pass and trim the heap after
+# every layer: their prefill's activations are large enough for the overlap to matter.
+TRIM_AFTER_TOKENS = 1024
+
+
+class DecoderModel:
+    def __init__(self, bundle: Bundle, threads: int | None = None):
+        spec = bundle.spec
+        self.embedder = Embedder(bundle)
+        self.table = self.embedder.open_table()
+        before = snapshot()  # the mappings the sessions below add are this model's (see WeightPages)
+        # prefill shapes change every chunk: no memory pattern
+        self.layers = []
+        for i, layer in enumerate(spec.layers):
+            qkv = bundle.path(spec.extra_graphs[layer.qkv].file)
+            self.layers.append((load_session(qkv, threads, mem_pattern=False),
+                                load_session(bundle.layer_path(i), threads, mem_pattern=False)))
+        self.head = load_session(bundle.path(spec.head.file), threads, mem_pattern=False)
+        # each layer's weight files (qkv graph, attention+MLP graph)
+        self.layer_weights = [(bundle.path(spec.extra_graphs[layer.qkv].weights), bundle.path(layer.weights))
+                              for layer in spec.layers]
+        self.head_weights = bundle.path(spec.head.weights)
+        self.pages = WeightPages(self.weight_files() + [self.head_weights], before)
+
+    def weight_files(self) -> list:
+        return [p for pair in self.layer_weights for p in pair]
+
+    def embed(self, ids: np.ndarray) -> np.ndarray:
+        """Hidden states of ``ids`` ``[1, T]``; the gathered rows leave RSS again (the result is a copy)."""
+        h = self.embedder(self.table, ids)
+        release_array(self.table)
+        return h
+
+    def logits(self, h_last: np.ndarray) -> np.ndarray:
+        return self.head.run(None, {"hidden": np.ascontiguousarray(h_last, dtype=np.float32)})[0][0]
+
+    def head_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """``[T, vocab]`` logits of every row of ``hidden`` ``[T, H]``."""
+        return self.head.run(None, {"hidden": np.ascontiguousarray(hidden, dtype=np.float32)})[0]
+
+    # ---- weight residency -------------------------------------------------------------------
+    def releases_weights(self, n_prompt: int) -> bool:
+        return n_prompt > TRIM_AFTER_TOKENS and self.pages.releasable
+
+    def release_weights(self) -> None:
+        self.pages.release(*self.weight_files(), self.head_weights)
+
+    def release_layer(self, layer: int) -> None:
+        self.pages.release(*self.layer_weights[layer])
+
+    def map_layers(self) -> None:
+        self.pages.populate(*self.weight_files())
+
+    def close(self) -> None:
+        self.layers = []
+        self.head = None
+        self.table = None
