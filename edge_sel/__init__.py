@@ -1,6 +1,7 @@
 """edge_sel: on-device inference for selection workloads (reranking, KV-bounded generation).
 
-``edge_sel.export(model, out, task="rerank")`` (needs the ``export`` extra: torch),
+``edge_sel.export_model(model, out, task="rerank")`` (needs the ``export`` extra: torch; the torch side is the
+subpackage :mod:`edge_sel.export`),
 ``edge_sel.Bundle.open(path)``, ``edge_sel.Reranker(bundle, memory_budget="128MB").rank(query, docs)``.
 Importing ``edge_sel`` never imports torch.
 """
@@ -13,11 +14,11 @@ from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import BudgetError, BundleError, EdgeSelError, InputError, ModelNotFoundError
 
 
-def export(model, out, task: str = "rerank", **kwargs):
+def export_model(model, out, task: str = "rerank", **kwargs):
     """Export a model to a bundle (see :func:`edge_sel.export.export`). Imports torch lazily."""
-    from edge_sel.export import export as _export
+    from edge_sel.export import export
 
-    return _export(model, out, task=task, **kwargs)
+    return export(model, out, task=task, **kwargs)
 
 
 def __getattr__(name):
@@ -32,4 +33,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'edge_sel' has no attribute {name!r}")
 
 
-__all__ = ["Bundle", "Reranker", "Generator", "export", "EdgeSelError", "BundleError", "BudgetError", "InputError", "ModelNotFoundError"]
+__all__ = ["Bundle", "Reranker", "Generator", "export_model", "EdgeSelError", "BundleError", "BudgetError", "InputError", "ModelNotFoundError"]

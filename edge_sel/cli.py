@@ -231,22 +231,24 @@ def cmd_export(args, console) -> int:
                      verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb,
                      **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}))
     from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.manifest import ExportInfo, thaw
 
     b = Bundle.open(out)
-    ex = b.manifest["export"]
-    info = {"bundle": str(out), "scoring": b.scoring, "layers": len(b.layers), "bytes": b.total_bytes(),
-            "seconds": ex["seconds"], "verified_max_abs_diff": ex["verified_max_abs_diff"],
-            "dropped_layers": b.manifest.get("dropped_layers") or [], "schedule": b.manifest.get("schedule")}
+    s = b.spec
+    ex = s.export or ExportInfo()
+    info = {"bundle": str(out), "scoring": s.scoring, "layers": len(s.layers), "bytes": b.total_bytes(),
+            "seconds": ex.seconds, "verified_max_abs_diff": ex.verified_max_abs_diff,
+            "dropped_layers": list(s.dropped_layers), "schedule": thaw(s.schedule)}
     if args.json:
         print(json.dumps(info))
     else:
-        msg = f"[green]bundle written[/] {out}  ({b.scoring}, {len(b.layers)} layers, {format_size(b.total_bytes())}, {ex['seconds']} s)"
-        if ex["verified_max_abs_diff"] is not None:
-            msg += f"\nverified against torch: max |score diff| = {ex['verified_max_abs_diff']:.2e}"
-        if info["dropped_layers"]:
-            msg += "\n" + _dropped_line(b.manifest)
-        if info["schedule"]:
-            msg += "\n" + _schedule_line(info["schedule"])
+        msg = f"[green]bundle written[/] {out}  ({s.scoring}, {len(s.layers)} layers, {format_size(b.total_bytes())}, {ex.seconds} s)"
+        if ex.verified_max_abs_diff is not None:
+            msg += f"\nverified against torch: max |score diff| = {ex.verified_max_abs_diff:.2e}"
+        if s.dropped_layers:
+            msg += "\n" + _dropped_line(s)
+        if s.schedule is not None:
+            msg += "\n" + _schedule_line(s.schedule)
         console.print(msg)
     return 0
 
@@ -341,6 +343,7 @@ def cmd_calibrate(args, console) -> int:
 def cmd_quantize(args, console) -> int:
     from edge_sel.export.passes.quantize import quantize_bundle
     from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.manifest import thaw
 
     with console.status("quantizing", spinner="dots") if not args.json else _nullcontext() as status:
         def say(msg):
@@ -348,16 +351,16 @@ def cmd_quantize(args, console) -> int:
                 status.update(msg)
         out = quantize_bundle(args.bundle, args.out, weight_type=args.weights, measure=not args.no_measure,
                               force=args.force, say=say)
-    q = Bundle.open(out).manifest["quantization"]
+    q = Bundle.open(out).spec.quantization
     if args.json:
-        print(json.dumps({"bundle": str(out), "quantization": q}))
+        print(json.dumps({"bundle": str(out), "quantization": thaw(q)}))
         return 0
-    console.print(f"[green]wrote[/] {out} ({q['weights']} layer weights, {q['seconds']} s)")
-    a = q.get("agreement")
-    if a:
-        console.print(f"  vs the float bundle on {a['queries']} builtin queries x {a['candidates']} candidates: "
-                      f"max |score diff| {a['max_abs_score_diff']:.2g}, top-10 overlap {a['top10_overlap']:.3f}, "
-                      f"top-10 identical on {100 * a['top10_identical']:.0f}% of queries")
+    console.print(f"[green]wrote[/] {out} ({q.weights} layer weights, {q.seconds} s)")
+    a = q.agreement
+    if a is not None:
+        console.print(f"  vs the float bundle on {a.queries} builtin queries x {a.candidates} candidates: "
+                      f"max |score diff| {a.max_abs_score_diff:.2g}, top-10 overlap {a.top10_overlap:.3f}, "
+                      f"top-10 identical on {100 * a.top10_identical:.0f}% of queries")
     return 0
 
 

@@ -14,8 +14,8 @@ OPSET = 17
 def export_graph(spec: GraphSpec, path: Path, external: bool = True) -> str | None:
     """Export ``spec`` to ``path``; with ``external`` all initializers go to ``<name>.data`` beside it.
 
-    Uses the TorchScript-based exporter (``dynamo=False``): 0.06 s per BERT layer here vs ~2 s for
-    dynamo, both matching torch to < 1e-6 (DESIGN §5). Returns the data file name or None.
+    Uses the TorchScript-based exporter (``dynamo=False``): an order of magnitude faster per layer than the dynamo
+    exporter, with the same outputs. Returns the data file name or None.
     """
     import onnx
     import torch

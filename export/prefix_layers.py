@@ -1,71 +1,54 @@
-"""Split layer graphs for decoder rerank bundles (shared-prefix reuse, issue 3 item 3).
+"""The rerank form of split decoder layers: ONNX rewrites of the ``qkv`` + ``attn`` graphs for prefix reuse.
 
-A yes/no rerank bundle exported with ``prefix_reuse`` (the default for decoders) stores each layer as
-the generation bundles' two graphs — ``qkv`` (norm, projections, rotary) and ``attn`` (attention over
-explicit K/V inputs + MLP) — built by :func:`edge_sel.export.generate.build_graphs`, so the runtime
-(:mod:`edge_sel.runtime.prefix`) computes the instruction + query prefix once per query and lets every
-candidate attend to its K/V. The two graphs hold disjoint weights: the bundle is no larger.
+A yes/no rerank bundle exported with ``prefix_reuse`` (the default for decoders) stores each layer as the
+generation bundles' two graphs — ``qkv`` (norm, projections, rotary) and ``attn`` (attention over explicit K/V
+inputs + MLP), built by :mod:`edge_sel.export.adapters.decoder_graphs` — so the runtime (:mod:`edge_sel.runtime.prefix`)
+computes the instruction + query prefix once per query and lets every candidate attend to its K/V. The two graphs
+hold disjoint weights: the bundle is no larger.
 
-Both graphs are then rewritten into a rerank form (:data:`RERANK_FORM`; same inputs and outputs but the attn graphs'
-policy outputs): the attn graphs keep only ``hidden_out`` and run their attention core as one MultiHeadAttention node
-(:func:`fuse_rerank_attention`), the qkv graphs rotate q and k with RotaryEmbedding nodes
-(:func:`fuse_rerank_qkv`). Every rewritten graph is checked against the exported one on sample inputs. Bundles exported
-before are upgraded in place by :func:`fuse_bundle_attention` (the benchmark does this for its cached bundles).
+Both graphs are then rewritten into the rerank form (:data:`RERANK_FORM`; same inputs and outputs but the attn
+graphs' policy outputs): the attn graphs keep only ``hidden_out`` and run their attention core as one
+MultiHeadAttention node (:func:`fuse_rerank_attention`), the qkv graphs rotate q and k with RotaryEmbedding nodes
+(:func:`fuse_rerank_qkv`). Every rewritten graph is checked against the exported one on sample inputs. The exporter
+applies :class:`RerankForm` to each layer as it is written; bundles exported before are upgraded by
+:func:`edge_sel.export.passes.upgrade.fuse_bundle_attention`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 
-from .graphs import export_graph
-
 log = logging.getLogger("edge_sel")
 
 
-def write_split_layers(w, torch_model, say, fuse: bool = True) -> tuple[list[dict], dict, dict]:
-    """Export every layer as ``qkv`` + ``attn`` graphs into the staging bundle ``w``; ``fuse``: rewrite both into the
-    rerank form (:func:`fuse_rerank_attention`, :func:`fuse_rerank_qkv`).
+class RerankForm:
+    """Rewrites each written layer into the rerank form; after the first graph whose pattern is not recognised, the
+    remaining graphs of that kind stay as exported (correct, only slower) and ``layer_io`` says so."""
 
-    Returns ``(layer entries, extra_graphs, layer_io)`` for the manifest (same layout as generate bundles).
-    """
-    from .generate import EMPTY_POS, build_graphs
+    def __init__(self, dims: dict):
+        self.dims = dims
+        self.fused = self.rotary = True
 
-    pairs, _, dims = build_graphs(torch_model)
-    layers, extra = [], {}
-    n = len(pairs)
-    fused = rotary = fuse
-    for i, (qkv, attn) in enumerate(pairs):
-        say("layers", i, n)
-        rel = f"layers/layer_{i:03d}.onnx"
-        data = export_graph(attn, w.file(rel))
-        if fused:
-            fused = _fuse_file(w.file(rel), dims)
-        qrel = f"layers/layer_{i:03d}_qkv.onnx"
-        qdata = export_graph(qkv, w.file(qrel))
-        if rotary:
-            rotary = _fuse_qkv_file(w.file(qrel), dims)
-        extra[f"qkv_{i:03d}"] = {"file": qrel, "weights": f"layers/{qdata}" if qdata else None}
-        layers.append({"index": i, "source_index": i, "file": rel, "weights": f"layers/{data}" if data else None,
-                       "qkv": f"qkv_{i:03d}"})
-    say("layers", n, n)
-    layer_io = {"qkv": {"inputs": pairs[0][0].input_names, "outputs": pairs[0][0].output_names},
-                "attn": {"inputs": pairs[0][1].input_names,
-                         "outputs": RERANK_ATTN_OUTPUTS if fused else pairs[0][1].output_names},
-                "empty_pos": EMPTY_POS, "prefix_reuse": True}
-    if fused:
-        layer_io["attn_core"] = "MultiHeadAttention"
-    if rotary:
-        layer_io["qkv_rotary"] = "RotaryEmbedding"
-    if fused and rotary:
-        layer_io["rerank_form"] = RERANK_FORM
-    return layers, extra, layer_io
+    def rewrite(self, attn_path: Path, qkv_path: Path | None) -> None:
+        if self.fused:
+            self.fused = fuse_attn_file(attn_path, self.dims)
+        if self.rotary:
+            self.rotary = fuse_qkv_file(qkv_path, self.dims)
+
+    def layer_io(self, io: dict) -> dict:
+        io = {**io}
+        if self.fused:
+            io["attn"] = {**io["attn"], "outputs": list(RERANK_ATTN_OUTPUTS)}
+            io["attn_core"] = "MultiHeadAttention"
+        if self.rotary:
+            io["qkv_rotary"] = "RotaryEmbedding"
+        if self.fused and self.rotary:
+            io["rerank_form"] = RERANK_FORM
+        return io
 
 
-# ---- rerank-only graphs -------------------------------------------------------------------------------
 # The generation graphs' attention is written out op by op (MatMul, Where over [B,kv,G,T,S], Softmax, MatMul) and
 # also returns attn_sum / attn_max for the KV policies. A reranker reads only hidden_out, and onnxruntime runs every
 # node of a graph whatever outputs are requested; its Where over the full score tensor is single-threaded.
@@ -79,7 +62,7 @@ def write_split_layers(w, torch_model, say, fuse: bool = True) -> tuple[list[dic
 RERANK_ATTN_OUTPUTS = ["hidden_out"]
 MS_DOMAIN = "com.microsoft"
 RERANK_FORM = 3  # 1: attn core as MultiHeadAttention over K/V copied per query head; 2: core over the KV heads (grouped)
-# + qkv RotaryEmbedding; 3: form 1's core + qkv RotaryEmbedding (the grouped core raised the streamed peak, see below)
+# + qkv RotaryEmbedding; 3: form 1's core + qkv RotaryEmbedding (the grouped core raises a streamed call's peak memory)
 
 
 def _prune_dead(graph, keep: list[str]) -> None:
@@ -110,9 +93,8 @@ def _ms_opset(model) -> None:
 def _attention_core(out: str, heads: int, kv_heads: int, head_dim: int, scale: float, grouped: bool = False):
     """Nodes + initializers computing the attention core of an attn graph from its inputs into ``out`` ([B,T,heads*D]).
     ``grouped=False`` (the default): K/V copied per query head, the node over all heads. ``grouped=True``: the node over
-    the KV heads, each group's G query heads stacked as G*T rows — 2 % faster on a SmolLM2 layer, but on the tiny test
-    Llama under a tight budget the streamed call peak rose from 20-25 to 35-39 MiB (cause not found), so it is not used;
-    kept to test the upgrade of bundles written in it (form 2)."""
+    the KV heads, each group's G query heads stacked as G*T rows (form 2); barely faster, but it raises the peak memory
+    of a streamed call, so the exporter does not write it; kept to build form-2 graphs for the upgrade tests."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -165,7 +147,7 @@ def _insert(graph, pos: int, nodes, inits) -> None:
 
 
 def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, grouped: bool = False) -> bool:
-    """Rewrite an attn graph (``edge_sel.export.generate.build_graphs``, or an older rerank form) into the current
+    """Rewrite an attn graph (``edge_sel.export.adapters.decoder_graphs.split_layer_graphs``, or an older rerank form) into the current
     rerank form, in place. Returns True when the graph changed (False: already in that form).
     Raises ``ValueError`` when the graph does not have the expected attention pattern
     (then the caller keeps the graph as it is: correct, only slower)."""
@@ -248,7 +230,7 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, group
 
 
 def fuse_rerank_qkv(model, head_dim: int) -> bool:
-    """Replace the rotary embedding of a qkv graph (``edge_sel.export.generate.build_graphs``: transformers'
+    """Replace the rotary embedding of a qkv graph (``edge_sel.export.adapters.decoder_graphs.split_layer_graphs``: transformers'
     ``q*cos + rotate_half(q)*sin``, the same for k) by com.microsoft RotaryEmbedding nodes, in place.
 
     The cos/sin tables stay the graph's own (transformers' values for the given ``position_ids``, scaling included),
@@ -340,7 +322,7 @@ def fuse_rerank_qkv(model, head_dim: int) -> bool:
     return True
 
 
-def _check_same(old: Path, new: Path, feeds: dict) -> float:
+def check_same(old: Path, new: Path, feeds: dict) -> float:
     """Max |difference| of the outputs of two graphs (onnxruntime, as the runtime loads them) on ``feeds``, relative
     to the outputs' magnitude."""
     import numpy as np
@@ -352,10 +334,10 @@ def _check_same(old: Path, new: Path, feeds: dict) -> float:
     return max(float(np.max(np.abs(x - y))) / max(1.0, float(np.max(np.abs(x)))) for x, y in zip(a, b))
 
 
-def _sample_feeds(kind: str, dims: dict) -> dict:
+def sample_feeds(kind: str, dims: dict) -> dict:
     import numpy as np
 
-    from .generate import EMPTY_POS
+    from edge_sel.runtime.manifest import EMPTY_POS
 
     H, heads = int(dims["hidden"]), int(dims["heads"])
     kv, D = int(dims.get("kv_heads") or heads), int(dims.get("head_dim") or H // heads)
@@ -375,7 +357,7 @@ def _sample_feeds(kind: str, dims: dict) -> dict:
 CHECK_TOL = 1e-4
 
 
-def _rewrite_file(path: Path, kind: str, rewrite, dims: dict) -> bool:
+def rewrite_file(path: Path, kind: str, rewrite, dims: dict) -> bool:
     """Apply ``rewrite(model) -> changed`` to one graph file in place (its external weight file untouched) after checking
     that the new graph computes the same outputs on sample inputs. False if the pattern was not found or the check
     failed (the file is then left as it was); True when the file is in the new form."""
@@ -391,7 +373,7 @@ def _rewrite_file(path: Path, kind: str, rewrite, dims: dict) -> bool:
     tmp = path.with_name(path.name + ".tmp")  # beside the original: the external weights resolve the same
     try:
         onnx.save_model(model, str(tmp))
-        diff = _check_same(path, tmp, _sample_feeds(kind, dims))
+        diff = check_same(path, tmp, sample_feeds(kind, dims))
         if not diff <= CHECK_TOL:
             log.warning("%s: the rewritten %s graph differs by %.2e; keeping the graph as it is", path, kind, diff)
             return False
@@ -402,52 +384,16 @@ def _rewrite_file(path: Path, kind: str, rewrite, dims: dict) -> bool:
     return True
 
 
-def _heads(dims: dict) -> tuple[int, int, int]:
+def heads_of(dims: dict) -> tuple[int, int, int]:
     heads = int(dims["heads"])
     return heads, int(dims.get("kv_heads") or heads), int(dims.get("head_dim") or dims["hidden"] // heads)
 
 
-def _fuse_file(path: Path, dims: dict) -> bool:
+def fuse_attn_file(path: Path, dims: dict) -> bool:
     """Rewrite one attn graph file into the rerank form in place. False if the pattern was not found."""
-    return _rewrite_file(path, "attn", lambda m: fuse_rerank_attention(m, *_heads(dims)), dims)
+    return rewrite_file(path, "attn", lambda m: fuse_rerank_attention(m, *heads_of(dims)), dims)
 
 
-def _fuse_qkv_file(path: Path, dims: dict) -> bool:
+def fuse_qkv_file(path: Path, dims: dict) -> bool:
     """Rewrite one qkv graph file's rotary embedding in place. False if the pattern was not found."""
-    return _rewrite_file(path, "qkv", lambda m: fuse_rerank_qkv(m, _heads(dims)[2]), dims)
-
-
-def fuse_bundle_attention(path: str | os.PathLike) -> bool:
-    """Upgrade a rerank bundle with split layers, exported before the current rerank form (:data:`RERANK_FORM`), in
-    place: rewrite its attn graphs (:func:`fuse_rerank_attention`) and qkv graphs (:func:`fuse_rerank_qkv`) — weights
-    unchanged, every rewritten graph checked against the old one on sample inputs — and their manifest entries.
-    Returns True when the bundle changed (False: nothing to do). A qkv graph whose rotary pattern is not recognised
-    stays as exported (correct, only slower)."""
-    from edge_sel.runtime.bundle import MANIFEST, Bundle, sha256_file
-
-    b = Bundle.open(path)
-    io = b.manifest.get("layer_io", {})
-    if not io.get("prefix_reuse") or int(io.get("rerank_form", 0)) >= RERANK_FORM:
-        return False
-    manifest = json.loads(json.dumps(b.manifest))
-    dims = manifest["dims"]
-    rotary = True
-    for entry in manifest["layers"]:
-        f = b.path(entry["file"])
-        if not _fuse_file(f, dims):
-            raise ValueError(f"{f}: the attn graph does not have the expected pattern; re-export the bundle instead")
-        manifest["files"][entry["file"]] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
-        qrel = manifest["extra_graphs"][entry["qkv"]]["file"]
-        qf = b.path(qrel)
-        rotary = _fuse_qkv_file(qf, dims) and rotary
-        manifest["files"][qrel] = {"size": qf.stat().st_size, "sha256": sha256_file(qf)}
-    manifest["layer_io"]["attn"]["outputs"] = list(RERANK_ATTN_OUTPUTS)
-    manifest["layer_io"]["attn_core"] = "MultiHeadAttention"
-    if rotary:
-        manifest["layer_io"]["qkv_rotary"] = "RotaryEmbedding"
-    manifest["layer_io"]["rerank_form"] = RERANK_FORM
-    tmp = b.root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    os.replace(tmp, b.root / MANIFEST)
-    Bundle.open(path)
-    return True
+    return rewrite_file(path, "qkv", lambda m: fuse_rerank_qkv(m, heads_of(dims)[2]), dims)

@@ -36,7 +36,7 @@ def smol():
 
 
 def test_smollm2_full_policy_matches_transformers_for_64_tokens(smol):
-    from edge_sel.export.generate import reference_logits
+    from edge_sel.export.adapters import adapter_for
 
     path, model, tok = smol
     gen = Generator(path, policy="full")
@@ -45,7 +45,7 @@ def test_smollm2_full_policy_matches_transformers_for_64_tokens(smol):
         hf_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True) if chat \
             else tok(prompt)["input_ids"]
         assert list(hf_ids) == res.prompt_ids  # the runtime's tokenizer + template equal transformers'
-        ref = reference_logits(model, res.prompt_ids, res.tokens[:-1])
+        ref = adapter_for("llama").reference_logits(model, res.prompt_ids, res.tokens[:-1])
         assert len(res.tokens) == 64
         assert res.tokens == [int(np.argmax(r)) for r in ref]
         assert np.max(np.abs(np.stack(res.logits) - ref)) < 1e-3

@@ -48,14 +48,14 @@ def test_full_policy_matches_transformers(tmp_path_factory, kind):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edge_sel.export.generate import reference_logits
+    from edge_sel.export.adapters import adapter_for
 
     bundle, hf = _bundle(tmp_path_factory, kind)
     model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, attn_implementation="eager").eval()
     gen = Generator(bundle, policy="full", chunk_tokens=7)  # several prefill chunks
     for p in PROMPTS:
         res = gen.generate(p, max_new_tokens=24, return_logits=True, stop=False)
-        ref = reference_logits(model, res.prompt_ids, res.tokens[:-1])
+        ref = adapter_for(kind).reference_logits(model, res.prompt_ids, res.tokens[:-1])
         mine = np.stack(res.logits)
         assert np.max(np.abs(mine - ref)) < 1e-3
         assert res.tokens == [int(np.argmax(r)) for r in ref]  # same greedy tokens

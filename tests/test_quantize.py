@@ -25,13 +25,14 @@ def test_quantized_bundle_runs_close_to_float(fixture, request, tmp_path, docs):
     src = Bundle.open(request.getfixturevalue(fixture))
     out = quantize_bundle(src.root, tmp_path / "q", measure=False)
     q = Bundle.open(out, verify=True)
-    assert q.manifest["quantization"]["weights"] == "int8"
+    assert q.spec.quantization.weights == "int8"
     # every layer graph (and a decoder's qkv graph) now multiplies int8 weights, and its weight file shrank
     for i in range(len(q.layers)):
         assert "MatMulInteger" in _ops(q.layer_path(i)), f"layer {i} not quantized"
         assert q.layer_weight_bytes(i) < 0.8 * src.layer_weight_bytes(i)  # tiny layers: graph overhead; MiniLM: 4x
-    for spec in q.manifest.get("extra_graphs", {}).values():
-        assert "MatMulInteger" in _ops(q.path(spec["file"]))
+    assert len(q.spec.extra_graphs) == len(src.spec.extra_graphs)
+    for g in q.spec.extra_graphs.values():
+        assert "MatMulInteger" in _ops(q.path(g.file))
     texts, queries = docs
     a, b = Reranker(src, pruning="off").predict(queries[0], texts[:12]), Reranker(q, pruning="off").predict(queries[0], texts[:12])
     assert not np.array_equal(a, b)  # it did change the arithmetic
@@ -45,8 +46,8 @@ def test_quantized_bundle_runs_close_to_float(fixture, request, tmp_path, docs):
 
 def test_quantize_records_measured_agreement(bert_ce_bundle, tmp_path):
     out = quantize_bundle(bert_ce_bundle, tmp_path / "q")
-    a = Bundle.open(out).manifest["quantization"]["agreement"]
-    assert a["queries"] > 0 and 0.0 <= a["top10_overlap"] <= 1.0 and a["max_abs_score_diff"] > 0
+    a = Bundle.open(out).spec.quantization.agreement
+    assert a.queries > 0 and 0.0 <= a.top10_overlap <= 1.0 and a.max_abs_score_diff > 0
 
 
 def test_quantize_bad_input(bert_bi_bundle, tmp_path):

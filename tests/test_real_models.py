@@ -42,12 +42,11 @@ def _torch_reference(kind, queries, docs, bundle):
     adapter = adapter_for("llama" if kind == "yes_no" else "bert")
     scoring = {"bi": "bi_encoder", "ce": "cross_encoder", "yes_no": "yes_no"}[kind]
     model, tok = adapter.load(resolved, scoring, seed=0)
-    split = adapter.split(model, tok, scoring, None, resolved_path=resolved.path if resolved.kind == "hf_dir" else None)
     rr = Reranker(bundle)
     out = []
     for q in queries:
         enc = rr.encoder.encode(q, docs)
-        out.append(adapter.reference_scores(model, enc.doc_ids, enc.doc_types, split, query_ids=enc.query_ids))
+        out.append(adapter.reference_scores(model, tok, scoring, enc.doc_ids, enc.doc_types, query_ids=enc.query_ids))
     return out
 
 

@@ -88,3 +88,33 @@ def make_decoder(path: Path, kind: str = "llama", seed: int = 0, layers: int = 3
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+PHI3_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def make_phi3(path: Path, seed: int = 0, layers: int = 3, context: int = 512, partial_rotary_factor: float = 1.0) -> Path:
+    """A random-weight Phi-3 (``Phi3ForCausalLM``: fused ``qkv_proj`` and ``gate_up_proj``, grouped-query attention)
+    built from its transformers config, with Phi-3's chat markers as special tokens and its chat template."""
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    tok = chat_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.eos_token = "<|endoftext|>"
+    tok.chat_template = PHI3_CHAT_TEMPLATE
+    cfg = Phi3Config(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                     num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=context,
+                     original_max_position_embeddings=context, partial_rotary_factor=partial_rotary_factor,
+                     sliding_window=None, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = Phi3ForCausalLM(cfg).eval()
+    with torch.no_grad():  # widen the tiny init so scores and logits differ visibly
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,14 +1,26 @@
-"""The adapter contract: how one model family is split into embedding arrays, per-layer graphs and a head.
+"""The adapter contract: everything one model family knows, for every task it supports.
 
-Adding a family = one new module here with an :class:`Adapter` subclass and one line in
-``adapters/__init__.py``. Each adapter produces torch modules with the bundle's fixed I/O names
-(see ``LAYER_IO`` / ``HEAD_IO``); the exporter turns them into ONNX with external weights.
+The export pipeline (:mod:`edge_sel.export.pipeline`) knows no family. It calls, in this order:
+
+1. ``default_scoring(config)`` when the caller named no scoring (``config``: the model's ``config.json`` as a dict);
+2. ``load(resolved, scoring, seed)`` -> ``(torch_model, hf_tokenizer)`` in float32 eval mode;
+3. ``rerank_graphs(...)`` or ``generate_graphs(...)`` -> :class:`BundleGraphs`: the embedding table and arrays, one
+   :class:`LayerGraphs` per layer (torch modules with the bundle's fixed I/O names), the head, dims and ``layer_io``;
+   the pipeline writes them as ONNX through :class:`edge_sel.runtime.bundle.BundleWriter`;
+4. ``manifest_extras(model, tokenizer, task, scoring)`` -> the family's manifest fields (embedding rule, pooling,
+   prompt, token ids, chat template, stop ids, ...);
+5. with ``verify=True``: ``reference_scores(...)`` (rerank) or ``reference_logits(...)`` (generate), the torch
+   model's output on exactly the token ids the runtime built, compared with the staged bundle's.
+
+``model_types`` (``config.json``'s ``model_type`` values), ``tasks`` and ``scorings`` say what the adapter accepts.
+Adding a family = one module here with an :class:`Adapter` subclass and one line in ``adapters/__init__.py``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -25,31 +37,68 @@ class GraphSpec:
 
 
 @dataclass
-class SplitModel:
-    family: str
-    scoring: str
+class LayerGraphs:
+    """One layer: ``graph`` becomes ``layers/layer_NNN.onnx``; ``qkv`` (split layers: the runtime owns the K/V between
+    the two graphs) becomes ``layers/layer_NNN_qkv.onnx``, listed in ``extra_graphs``."""
+
+    graph: GraphSpec
+    qkv: GraphSpec | None = None
+
+
+class GraphRewrite(Protocol):
+    """An ONNX rewrite of the written layer graphs (e.g. the rerank form of split layers)."""
+
+    def rewrite(self, graph: Path, qkv: Path | None) -> None:
+        """Rewrite one layer's graph files in place (a file whose pattern is not recognised stays as exported)."""
+
+    def layer_io(self, io: dict[str, Any]) -> dict[str, Any]:
+        """The manifest's ``layer_io`` once every layer has been written."""
+
+
+@dataclass
+class BundleGraphs:
+    """What an adapter hands the pipeline for one task."""
+
     dims: dict[str, int]
     max_length: int
     embed: np.ndarray
     arrays: dict[str, np.ndarray]
-    layers: list[GraphSpec]
+    layers: list[LayerGraphs]
     head: GraphSpec
-    extras: dict[str, Any] = field(default_factory=dict)  # manifest fields: embedding rule, prompt, pooling, tokens
+    layer_io: dict[str, Any]
+    head_external: bool = False  # the head's weights in ``head.onnx.data`` (a full-vocabulary LM head is large)
+    rewrite: GraphRewrite | None = None  # applied to each layer's files as they are written
 
 
 class Adapter:
     family: str = ""
     model_types: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ("rerank",)
     scorings: tuple[str, ...] = ()
+    gguf: bool = False  # GGUF files load through this adapter (transformers' GGUF reader)
+
+    def default_scoring(self, config: dict) -> str:
+        return self.scorings[0]
 
     def load(self, resolved, scoring: str, seed: int):
-        """Return ``(torch_model, hf_tokenizer)`` in float32 eval mode."""
+        """Return ``(torch_model, hf_tokenizer)`` in float32 eval mode; ``seed`` seeds freshly initialised heads."""
         raise NotImplementedError
 
-    def split(self, model, tokenizer, scoring: str, max_length: int | None) -> SplitModel:
+    def rerank_graphs(self, model, tokenizer, scoring: str, max_length: int | None, prefix_reuse: bool | None = None,
+                      resolved_path=None) -> BundleGraphs:
         raise NotImplementedError
 
-    def reference_scores(self, model, batch_ids: list[np.ndarray], batch_types: list[np.ndarray] | None,
-                         split: SplitModel, query_ids: np.ndarray | None = None) -> np.ndarray:
-        """Scores of the full torch model on exactly the token ids the runtime builds (for ``--verify``)."""
+    def generate_graphs(self, model, tokenizer, max_length: int | None) -> BundleGraphs:
+        raise NotImplementedError(f"{self.family} models do not generate")
+
+    def manifest_extras(self, model, tokenizer, task: str, scoring: str) -> dict[str, Any]:
+        return {}
+
+    def reference_scores(self, model, tokenizer, scoring: str, doc_ids: list[np.ndarray],
+                         doc_types: list[np.ndarray] | None, query_ids: np.ndarray | None = None) -> np.ndarray:
+        """Scores of the full torch model on exactly the token ids the runtime builds (for ``verify``)."""
         raise NotImplementedError
+
+    def reference_logits(self, model, prompt_ids: list[int], new_ids: list[int]) -> np.ndarray:
+        """The torch model's next-token logits after the prompt and after each of ``new_ids`` (for ``verify``)."""
+        raise NotImplementedError(f"{self.family} models do not generate")

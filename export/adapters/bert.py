@@ -14,8 +14,7 @@ import math
 
 import numpy as np
 
-from .base import Adapter, GraphSpec, SplitModel
-
+from .base import Adapter, BundleGraphs, GraphSpec, LayerGraphs
 
 
 def _torch():
@@ -28,6 +27,10 @@ class BertAdapter(Adapter):
     family = "bert"
     model_types = ("bert", "roberta", "xlm-roberta")
     scorings = ("cross_encoder", "bi_encoder")
+
+    def default_scoring(self, config: dict) -> str:
+        archs = config.get("architectures") or []
+        return "cross_encoder" if any("SequenceClassification" in a for a in archs) else "bi_encoder"
 
     def load(self, resolved, scoring, seed):
         torch = _torch()
@@ -48,7 +51,7 @@ class BertAdapter(Adapter):
 
     def _max_length(self, resolved_path, model, tok, max_length):
         limit = model.config.max_position_embeddings
-        if model.config.model_type in ("roberta", "xlm-roberta"):
+        if self._roberta_like(model.config):  # positions start after padding_idx
             limit -= model.config.pad_token_id + 1
         st = resolved_path / "sentence_bert_config.json" if resolved_path else None
         if max_length:
@@ -59,14 +62,27 @@ class BertAdapter(Adapter):
             return min(tok.model_max_length, limit)
         return limit
 
-    def split(self, model, tokenizer, scoring, max_length, resolved_path=None):
+    @staticmethod
+    def _encoder(model, scoring):
+        return model if scoring == "bi_encoder" else getattr(model, model.base_model_prefix)
+
+    @staticmethod
+    def _roberta_like(config) -> bool:
+        return config.model_type in ("roberta", "xlm-roberta")
+
+    @staticmethod
+    def _first_token_final(config, scoring) -> bool:
+        """A CLS-pooled cross-encoder with absolute positions: the last layer computes the first token only."""
+        return scoring == "cross_encoder" and getattr(config, "position_embedding_type", "absolute") == "absolute"
+
+    def rerank_graphs(self, model, tokenizer, scoring, max_length, prefix_reuse=None, resolved_path=None) -> BundleGraphs:
         torch = _torch()
         config = model.config
-        encoder_model = model if scoring == "bi_encoder" else getattr(model, model.base_model_prefix)
+        encoder_model = self._encoder(model, scoring)
         emb = encoder_model.embeddings
         layers = encoder_model.encoder.layer
         H = config.hidden_size
-        roberta_like = config.model_type in ("roberta", "xlm-roberta")
+        roberta_like = self._roberta_like(config)
 
         class LayerGraph(torch.nn.Module):
             def __init__(self, layer):
@@ -104,8 +120,7 @@ class BertAdapter(Adapter):
         sample_m = torch.ones(2, 7)
         sample_m[1, 5:] = 0
         axes = {"hidden": {0: "batch", 1: "seq"}, "mask": {0: "batch", 1: "seq"}, "hidden_out": {0: "batch", 1: "seq"}}
-        first_token_final = (scoring == "cross_encoder"
-                             and getattr(config, "position_embedding_type", "absolute") == "absolute")
+        first_token_final = self._first_token_final(config, scoring)
         layer_specs = [
             GraphSpec(LayerGraph(layer).eval(), (sample_h, sample_m), ["hidden", "mask"], ["hidden_out"], axes)
             for layer in layers
@@ -121,7 +136,6 @@ class BertAdapter(Adapter):
 
             head = GraphSpec(Head().eval(), (torch.randn(2, H),), ["pooled"], ["embedding"],
                              {"pooled": {0: "batch"}, "embedding": {0: "batch"}})
-            pooling, score_rule = "mean", "cosine"
         else:
             if roberta_like:
                 classifier = model.classifier
@@ -146,7 +160,6 @@ class BertAdapter(Adapter):
 
             head = GraphSpec(Head().eval(), (torch.randn(2, H),), ["pooled"], ["score"],
                              {"pooled": {0: "batch"}, "score": {0: "batch"}})
-            pooling, score_rule = "cls", "logit"
 
         arrays = {
             "position": emb.position_embeddings.weight.detach().numpy(),
@@ -160,27 +173,33 @@ class BertAdapter(Adapter):
             "kv_heads": config.num_attention_heads, "head_dim": H // config.num_attention_heads,
             "intermediate": config.intermediate_size, "vocab": config.vocab_size,
         }
-        extras = {
+        return BundleGraphs(dims, self._max_length(resolved_path, model, tokenizer, max_length),
+                            emb.word_embeddings.weight.detach().numpy(), arrays, [LayerGraphs(g) for g in layer_specs], head,
+                            {"inputs": layer_specs[0].input_names, "outputs": layer_specs[0].output_names})
+
+    def manifest_extras(self, model, tokenizer, task, scoring):
+        config = model.config
+        return {
             "embedding": {
                 "rule": "bert",
                 "layer_norm_eps": float(config.layer_norm_eps),
-                "position_offset": int(config.pad_token_id + 1) if roberta_like else 0,
+                "position_offset": int(config.pad_token_id + 1) if self._roberta_like(config) else 0,
             },
-            "pooling": pooling,
-            "score_rule": score_rule,
+            "pooling": "mean" if scoring == "bi_encoder" else "cls",
+            "score_rule": "cosine" if scoring == "bi_encoder" else "logit",
             # the last layer graph returns the first token only (FirstTokenLayerGraph): [batch, 1, hidden]
-            "final_layer_output": "first_token" if first_token_final else "all_tokens",
+            "final_layer_output": "first_token" if self._first_token_final(config, scoring) else "all_tokens",
             "pad_id": int(tokenizer.pad_token_id or 0),
         }
-        return SplitModel("bert", scoring, dims, self._max_length(resolved_path, model, tokenizer, max_length),
-                          emb.word_embeddings.weight.detach().numpy(), arrays, layer_specs, head, extras)
 
-    def reference_scores(self, model, batch_ids, batch_types, split, query_ids=None):
+    def reference_scores(self, model, tokenizer, scoring, doc_ids, doc_types, query_ids=None):
         torch = _torch()
+        pad_id = int(tokenizer.pad_token_id or 0)
+        token_types = getattr(self._encoder(model, scoring).embeddings, "token_type_embeddings", None) is not None
 
         def run(ids_list, types_list):
             T = max(len(x) for x in ids_list)
-            ids = torch.full((len(ids_list), T), split.extras["pad_id"], dtype=torch.long)
+            ids = torch.full((len(ids_list), T), pad_id, dtype=torch.long)
             mask = torch.zeros((len(ids_list), T), dtype=torch.long)
             tt = torch.zeros((len(ids_list), T), dtype=torch.long)
             for i, x in enumerate(ids_list):
@@ -189,9 +208,9 @@ class BertAdapter(Adapter):
                 if types_list is not None and model.config.type_vocab_size > 1:
                     tt[i, : len(x)] = torch.as_tensor(types_list[i])
             with torch.no_grad():
-                return model(input_ids=ids, attention_mask=mask, token_type_ids=tt if split.arrays.get("token_type") is not None else None), mask
+                return model(input_ids=ids, attention_mask=mask, token_type_ids=tt if token_types else None), mask
 
-        if split.scoring == "bi_encoder":
+        if scoring == "bi_encoder":
             def embed(ids_list):
                 out, mask = run(ids_list, None)
                 h = out.last_hidden_state
@@ -200,7 +219,7 @@ class BertAdapter(Adapter):
                 return torch.nn.functional.normalize(pooled, dim=-1)
 
             q = embed([query_ids])
-            d = embed(batch_ids)
+            d = embed(doc_ids)
             return (d @ q[0]).numpy()
-        out, _ = run(batch_ids, batch_types)
+        out, _ = run(doc_ids, doc_types)
         return out.logits[:, -1].numpy()

@@ -17,7 +17,7 @@ The output is written atomically (:class:`edge_sel.runtime.bundle.BundleWriter`)
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
 import shutil
 import time
@@ -26,17 +26,12 @@ from typing import Callable
 
 import numpy as np
 
-from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.runtime.bundle import Bundle, BundleWriter
 from edge_sel.runtime.errors import InputError
 
+from ..staging import link_files, stage_manifest
+
 WEIGHT_TYPES = ("int8", "uint8")
-
-
-def _graph_specs(manifest: dict) -> list[dict]:
-    """Every layer graph spec of the manifest (``{"file", "weights"}``): the layers and their extra graphs."""
-    specs = list(manifest["layers"])
-    specs += [g for g in manifest.get("extra_graphs", {}).values()]
-    return specs
 
 
 def _quantize_graph(src: Path, dst: Path, weight_type: str, per_channel: bool, data: Path | None = None) -> None:
@@ -87,54 +82,34 @@ def quantize_bundle(path: str | os.PathLike, out: str | os.PathLike, weight_type
     if weight_type not in WEIGHT_TYPES:
         raise InputError(f"unknown weight type {weight_type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
     src = Bundle.open(path, verify=True)
-    if src.manifest.get("quantization"):
-        raise InputError(f"{src.root} is already quantized ({src.manifest['quantization'].get('weights')}); "
-                         "quantize the float bundle instead")
+    spec = src.spec
+    if spec.quantization is not None:
+        raise InputError(f"{src.root} is already quantized ({spec.quantization.weights}); quantize the float bundle instead")
     out = Path(out).expanduser().absolute()
     if out == src.root:
         raise InputError("--out must differ from the source bundle (the float bundle is kept for comparison)")
-    manifest = copy.deepcopy(src.manifest)
-    manifest.pop("files", None)
     t0 = time.perf_counter()
     with BundleWriter(out, overwrite=force) as w:
-        graph_files = set()
-        specs = _graph_specs(manifest)
-        for n, spec in enumerate(specs, 1):
-            rel = spec["file"]
-            graph_files.add(rel)
-            if spec.get("weights"):
-                graph_files.add(spec["weights"])
-            dst = w.file(rel)
-            say(f"quantizing {rel} ({n}/{len(specs)})")
-            _quantize_graph(src.path(rel), dst, weight_type, per_channel,
-                            src.path(spec["weights"]) if spec.get("weights") else None)
+        graphs = [*spec.layers, *spec.extra_graphs.values()]  # every layer graph and its extra (qkv) graph
+        written: set[str] = set()
+        weights: dict[str, str | None] = {}  # graph file -> its new weight file
+        for n, g in enumerate(graphs, 1):
+            written.update(f for f in (g.file, g.weights) if f)
+            dst = w.file(g.file)
+            say(f"quantizing {g.file} ({n}/{len(graphs)})")
+            _quantize_graph(src.path(g.file), dst, weight_type, per_channel, src.path(g.weights) if g.weights else None)
             data = dst.with_name(dst.name + ".data")
-            if data.exists():
-                spec["weights"] = Path(rel).with_name(data.name).as_posix()
-            else:
-                spec.pop("weights", None)
-        for rel in src.manifest["files"]:
-            if rel in graph_files:
-                continue
-            dst = w.file(rel)
-            try:
-                os.link(src.path(rel), dst)
-            except OSError:
-                shutil.copy2(src.path(rel), dst)
-        manifest["quantization"] = {"method": "onnxruntime.quantization.quantize_dynamic", "weights": weight_type,
-                                    "per_channel": per_channel, "ops": ["MatMul"],
-                                    "source_bytes": sum(src.layer_weight_bytes(i) for i in range(len(src.layers))),
-                                    "seconds": round(time.perf_counter() - t0, 2)}
+            weights[g.file] = Path(g.file).with_name(data.name).as_posix() if data.exists() else None
+        link_files(src, w, [rel for rel in spec.files if rel not in written])
+        quant = {"method": "onnxruntime.quantization.quantize_dynamic", "weights": weight_type, "per_channel": per_channel,
+                 "ops": ["MatMul"], "source_bytes": sum(src.layer_weight_bytes(i) for i in range(len(spec.layers))),
+                 "seconds": round(time.perf_counter() - t0, 2)}
+        new = spec.replace(layers=[dataclasses.replace(x, weights=weights[x.file]) for x in spec.layers],
+                           extra_graphs={k: dataclasses.replace(g, weights=weights[g.file]) for k, g in spec.extra_graphs.items()},
+                           quantization=quant)
         if measure and src.task == "rerank":
-            staged = _staged_bundle(w, manifest)
+            staged = stage_manifest(w, new)
             say("measuring the quantized bundle against the float one on the builtin calibration data")
-            manifest["quantization"]["agreement"] = agreement(src, staged)
-        w.commit(manifest)
+            new = new.replace(quantization={**quant, "agreement": agreement(src, staged)})
+        w.commit(new)
     return out
-
-
-def _staged_bundle(w: BundleWriter, manifest: dict) -> Bundle:
-    """Open the staged (uncommitted) bundle to measure it: a manifest with sizes/hashes is written in staging."""
-    from edge_sel.export import _stage_manifest
-
-    return _stage_manifest(w, manifest)

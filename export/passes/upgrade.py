@@ -1,0 +1,44 @@
+"""Graph upgrades: bring a bundle exported in an older graph form to the exporter's current one, atomically.
+
+:func:`fuse_bundle_attention` rewrites a prefix-reuse rerank bundle's split layer graphs into the current rerank form
+(:mod:`edge_sel.export.prefix_layers`; same weights, same scores within float rounding). The new bundle is staged
+beside the old one — unchanged files hard-linked, rewritten graphs as new files, the new manifest — and committed
+over it (:class:`edge_sel.runtime.bundle.BundleWriter`): a reader sees the old bundle or the upgraded one, never a
+half-upgraded mixture, and hard-linked copies of the old bundle keep their graphs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from edge_sel.runtime.bundle import Bundle, BundleWriter
+
+from .. import prefix_layers as pl
+from ..staging import link_files
+
+
+def fuse_bundle_attention(path: str | os.PathLike) -> bool:
+    """Upgrade a rerank bundle with split layers, exported before the current rerank form (:data:`RERANK_FORM`), in
+    place: rewrite its attn graphs (:func:`~edge_sel.export.prefix_layers.fuse_rerank_attention`) and qkv graphs
+    (:func:`~edge_sel.export.prefix_layers.fuse_rerank_qkv`) — weights unchanged, every rewritten graph checked
+    against the old one on sample inputs — and their manifest entries. Returns True when the bundle changed (False:
+    nothing to do). A qkv graph whose rotary pattern is not recognised stays as exported (correct, only slower);
+    an attn graph that cannot be rewritten leaves the bundle untouched and raises ``ValueError``."""
+    b = Bundle.open(path)
+    spec = b.spec
+    io = spec.layer_io
+    if not io.prefix_reuse or io.rerank_form >= pl.RERANK_FORM:
+        return False
+    dims = spec.dims.to_dict()
+    rotary = True
+    with BundleWriter(b.root, overwrite=True) as w:
+        link_files(b, w, spec.files)
+        for i, layer in enumerate(spec.layers):
+            if not pl.fuse_attn_file(w.file(layer.file), dims):
+                raise ValueError(f"{b.path(layer.file)}: the attn graph does not have the expected pattern; "
+                                 "re-export the bundle instead")
+            rotary = pl.fuse_qkv_file(w.file(spec.qkv_graph(i).file), dims) and rotary
+        io = io.replace(attn=io.attn.replace(outputs=list(pl.RERANK_ATTN_OUTPUTS)), attn_core="MultiHeadAttention",
+                        qkv_rotary="RotaryEmbedding" if rotary else io.qkv_rotary, rerank_form=pl.RERANK_FORM)
+        w.commit(spec.replace(layer_io=io))
+    return True

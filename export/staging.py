@@ -1,0 +1,43 @@
+"""Staged bundles on the export side: open a bundle before it is committed, and carry unchanged files into a new one.
+
+Everything that writes a bundle goes through :class:`edge_sel.runtime.bundle.BundleWriter` (a staging directory
+renamed into place by ``commit``), so a reader sees the old bundle or the new one, never a mixture. A pass that
+rewrites a bundle in place stages the whole new bundle — unchanged files hard-linked, changed ones written anew —
+and commits it over the old path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Iterable
+
+from edge_sel.runtime.bundle import Bundle, BundleWriter, sha256_file
+from edge_sel.runtime.manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, Manifest
+
+
+def stage_manifest(w: BundleWriter, manifest: dict | Manifest) -> Bundle:
+    """Write a provisional manifest into the staging directory and open it (to verify or measure the staged bundle
+    before it is committed; ``commit`` rewrites the manifest with the final file list and hashes)."""
+    if isinstance(manifest, Manifest):
+        manifest = manifest.to_dict()
+    files = {}
+    for p in sorted(w.staging.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[p.relative_to(w.staging).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+    (w.staging / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": CREATED_BY,
+                                                  **manifest, "files": files}))
+    return Bundle.open(w.staging)
+
+
+def link_files(src: Bundle, w: BundleWriter, rels: Iterable[str]) -> None:
+    """Hard-link the files ``rels`` of ``src`` into the staged bundle (copied where linking is impossible). A file
+    rewritten later in staging must be replaced (a new inode, ``os.replace``), never written through the link."""
+    for rel in rels:
+        dst = w.file(rel)
+        try:
+            os.link(src.path(rel), dst)
+        except OSError:
+            shutil.copy2(src.path(rel), dst)
+
