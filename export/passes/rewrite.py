@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from typing import Iterable, Iterator
 
 from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+
+from ..staging import link_files
 
 WRITER_KEYS = ("format", "format_version", "files")  # set by BundleWriter.commit
 
@@ -32,12 +32,5 @@ def rewriting(bundle: Bundle, leave_out: Iterable[str] = ()) -> Iterator[BundleW
     skip = set(leave_out)
     stored = json.loads((bundle.root / MANIFEST).read_text(encoding="utf-8"))["files"]
     with BundleWriter(bundle.root, overwrite=True) as w:
-        for rel in stored:
-            if rel in skip:
-                continue
-            dst = w.file(rel)
-            try:
-                os.link(bundle.root / rel, dst)
-            except OSError:
-                shutil.copy2(bundle.root / rel, dst)
+        link_files(bundle, w, [rel for rel in stored if rel not in skip])
         yield w
