@@ -24,9 +24,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    from edge_sel.export.passes.drop_layers import _agreement, choose_layers
+    from edge_sel.export.passes.drop_layers import agreement, choose_layers
     from edge_sel.runtime import Reranker
-    from edge_sel.export.passes.calibrate import builtin_data, collect_traces
+    from edge_sel.export.passes.calibrate import builtin_data
+    from edge_sel.export.passes.traces import collect_traces
 
     from edge_sel.runtime.bundle import Bundle
 
@@ -41,7 +42,7 @@ def main(argv=None) -> int:
         refs = [np.argsort(-t.final, kind="stable") for t in collect_traces(rr, data)]
         curve = []
         for n in range(1, L):
-            row = _agreement(rr, data, refs, ranked[:n])
+            row = agreement(rr, data, refs, ranked[:n])
             row["dropped"] = sorted(ranked[:n])
             curve.append(row)
             print(f"drop {n}: layers {row['dropped']}: top-10 identical {row['top10_identical']:.2f}, "

@@ -90,9 +90,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edge_sel.runtime import Reranker
-    from edge_sel.export.passes.calibrate import (agreement_table, calibrate, collect_traces, features, head_scores,
-                                            final_query_cosine, simulate)
-    from edge_sel.runtime.early_rank import Schedule, apply_probe
+    from edge_sel.export.passes.calibrate import calibrate
+    from edge_sel.export.passes.schedule_search import simulate
+    from edge_sel.export.passes.traces import agreement_table, collect_traces, features, final_query_cosine, head_scores
+    from edge_sel.runtime.rerank import Schedule
+    from edge_sel.runtime.rerank.scoring import apply_probe
 
     work = Path(tempfile.mkdtemp(prefix="er-study-"))
     bundle = work / "b"
@@ -109,20 +111,21 @@ def main(argv=None) -> int:
     rr = Reranker(bundle, pruning="off")
     traces = collect_traces(rr, data)
     L = len(rr.bundle.layers)
-    scoring = rr.bundle.scoring
+    scoring = rr.scoring
     # probes fitted on calibration only: refit them here the same way (all calibration traces) from the bundle
     W = np.array(rr.bundle.array("early_probe")) if rr.bundle.has_array("early_probe") else None
     if W is None:  # chosen method was not the probe: fit probes on calibration for the comparison
-        from edge_sel.export.passes.calibrate import builtin_data, fit_probes
+        from edge_sel.export.passes.calibrate import builtin_data
+        from edge_sel.export.passes.traces import fit_probes
         cal_rr = Reranker(bundle, pruning="off")
         W, _ = fit_probes(scoring, collect_traces(cal_rr, builtin_data(args.cal_queries, args.candidates, 0)))
         cal_rr.close()
     held = {"probe": [np.stack([apply_probe(W[l], features(scoring, t, l)) for l in range(L)]) for t in traces]}
-    if scoring == "bi_encoder":
-        held["cosine"] = [np.stack([head_scores(rr, t, l) for l in range(L)]) for t in traces]
+    if scoring.query_item:
+        held["cosine"] = [np.stack([head_scores(scoring, t, l) for l in range(L)]) for t in traces]
         held["final_query_cosine"] = [np.stack([final_query_cosine(t, l) for l in range(L)]) for t in traces]
     else:
-        held["head"] = [np.stack([head_scores(rr, t, l) for l in range(L)]) for t in traces]
+        held["head"] = [np.stack([head_scores(scoring, t, l) for l in range(L)]) for t in traces]
     rr.close()
     table = {m: agreement_table(s, traces, k) for m, s in held.items()}
     sims = {}
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
                "live_per_layer_last": pr.last_stats["live_per_layer"]}
     pr.close()
     full.close()
-    out = {"bundle": args.bundle, "scoring": scoring, "top_k": k, "calibration_seconds": t_cal,
+    out = {"bundle": args.bundle, "scoring": scoring.name, "top_k": k, "calibration_seconds": t_cal,
            "cal_queries": args.cal_queries, "held_out": args.held_out, "candidates": args.candidates,
            "chosen": rep["method"], "schedule": rep["schedule"], "table_held_out": table,
            "table_calibration": rep["table"], "schedules": sims, "runtime_held_out": runtime,

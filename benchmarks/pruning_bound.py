@@ -66,7 +66,7 @@ def oracle_work(early: np.ndarray, final: np.ndarray, k: int) -> dict:
 def hindsight(early: list[np.ndarray], traces: list, k: int) -> dict:
     """The best schedule ``calibrate`` could choose had it been fitted on these queries: rank rule, and margin rule
     without clusters, safety 1, up to five layers."""
-    from edge_sel.export.passes.calibrate import choose_schedule, simulate
+    from edge_sel.export.passes.schedule_search import choose_schedule, simulate
 
     out = {}
     for rule, gap in (("rank", None), ("margin", 0.0)):
@@ -91,15 +91,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from edge_sel.runtime import Reranker
-    from edge_sel.export.passes.calibrate import (builtin_data, collect_traces, crossfit_probe_scores, features, final_query_cosine,
-                                            fit_probes, head_scores, simulate, validated_schedule)
-    from edge_sel.runtime.early_rank import apply_probe
+    from edge_sel.export.passes.calibrate import builtin_data
+    from edge_sel.export.passes.schedule_search import simulate, validated_schedule
+    from edge_sel.export.passes.traces import (collect_traces, crossfit_probe_scores, features, final_query_cosine, fit_probes,
+                                               head_scores)
+    from edge_sel.runtime.rerank.scoring import apply_probe
 
     from .workload import build_queries
 
     k = args.top_k
     rr = Reranker(args.bundle, pruning="off")
-    scoring = rr.bundle.scoring
+    scoring = rr.scoring
     L = len(rr.bundle.layers)
     t0 = time.perf_counter()
     cal = collect_traces(rr, builtin_data(args.cal_queries, args.cal_candidates, 0))
@@ -111,13 +113,13 @@ def main(argv=None) -> int:
                             progress=lambda i, n: print(f"  query {i}/{n}", flush=True))
     t_run = time.perf_counter() - t0
     early = {"probe": [np.stack([apply_probe(W[l], features(scoring, t, l)) for l in range(L)]) for t in traces]}
-    other = "cosine" if scoring == "bi_encoder" else "head"
-    early[other] = [np.stack([head_scores(rr, t, l) for l in range(L)]) for t in traces]
-    if scoring == "bi_encoder":
+    other = "cosine" if scoring.query_item else "head"
+    early[other] = [np.stack([head_scores(scoring, t, l) for l in range(L)]) for t in traces]
+    if scoring.query_item:
         early["final_query_cosine"] = [np.stack([final_query_cosine(t, l) for l in range(L)]) for t in traces]
     cal_early = {"probe": crossfit_probe_scores(scoring, cal),
-                 other: [np.stack([head_scores(rr, t, l) for l in range(L)]) for t in cal]}
-    if scoring == "bi_encoder":
+                 other: [np.stack([head_scores(scoring, t, l) for l in range(L)]) for t in cal]}
+    if scoring.query_item:
         cal_early["final_query_cosine"] = [np.stack([final_query_cosine(t, l) for l in range(L)]) for t in cal]
     rr.close()
 
@@ -136,10 +138,10 @@ def main(argv=None) -> int:
             summary[m][f"calibrated_{rule}"] = {"layers": layers, "params": [float(p) for p in params],
                                                 "safety": info.get("safety_used"), "work": 1.0 - sim["layer_work_saved"],
                                                 "topk_identical": sim["topk_identical"]}
-    out = {"bundle": args.bundle, "scoring": scoring, "layers": L, "top_k": k, "n_docs": args.n_docs,
+    out = {"bundle": args.bundle, "scoring": scoring.name, "layers": L, "top_k": k, "n_docs": args.n_docs,
            "queries": args.queries, "calibration_seconds": t_cal, "trace_seconds": t_run,
            "summary": summary, "per_query": per}
-    print(f"{args.bundle} ({scoring}, {L} layers), N={args.n_docs}, K={k}, {args.queries} benchmark queries")
+    print(f"{args.bundle} ({scoring.name}, {L} layers), N={args.n_docs}, K={k}, {args.queries} benchmark queries")
     print("| scorer | depth to hold the final top-K, per layer (mean / worst fraction of N) | oracle work, best single layer | oracle work, every layer (mean / best query) | hindsight work: rank / margin rule | calibrated work (top-K kept): rank / margin rule |")
     print("|---|---|---|---|---|---|")
     for m, s in summary.items():

@@ -254,14 +254,6 @@ def cmd_export(args, console) -> int:
     return 0
 
 
-def _stats_public(stats: dict) -> dict:
-    keep = ("latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s", "peak_rss_bytes",
-            "start_rss_bytes", "window_layers", "chunk_size", "chunk_tokens", "n_chunks", "memory_budget_bytes",
-            "live_per_layer", "n_layers", "n_documents", "n_truncated", "layer_loads", "pruning", "layer_work_saved",
-            "token_work_saved", "n_pruned", "dropped_layers")
-    return {k: stats[k] for k in keep if k in stats}
-
-
 def cmd_rerank(args, console) -> int:
     from edge_sel.runtime.documents import read_documents
     from .runtime import Reranker
@@ -272,7 +264,7 @@ def cmd_rerank(args, console) -> int:
         results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=args.show_text, instruction=args.instruction)
     finally:
         rr.close()
-    stats = _stats_public(rr.last_stats)
+    stats = rr.stats.public()
     if args.json:
         print(json.dumps({"results": results, "stats": stats}))
         return 0
@@ -293,8 +285,8 @@ def cmd_rerank(args, console) -> int:
     console.print(f"pruning: {stats.get('pruning')}"
                   + (f" · {stats['n_pruned']} pruned early, {100 * stats['layer_work_saved']:.0f}% of layer-work saved"
                      if stats.get("n_pruned") else ""))
-    if rr.bundle.manifest.get("dropped_layers"):
-        console.print(_dropped_line(rr.bundle.manifest))
+    if rr.bundle.spec.dropped_layers:
+        console.print(_dropped_line(rr.bundle.spec))
     return 0
 
 

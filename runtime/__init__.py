@@ -13,7 +13,7 @@ from .bundle import Bundle
 
 def __getattr__(name):
     if name in ("Reranker",):
-        from .reranker import Reranker
+        from .rerank import Reranker
 
         return Reranker
     if name in ("Generator", "GenerationResult"):
@@ -25,7 +25,7 @@ def __getattr__(name):
 
         return Planner
     if name == "LayerStream":
-        from .stream import LayerStream
+        from .rerank.stream import LayerStream
 
         return LayerStream
     raise AttributeError(f"module 'edge_sel.runtime' has no attribute {name!r}")

@@ -14,18 +14,18 @@ from edge_sel.runtime.bundle import Bundle
 class Embedder:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        rule = bundle.manifest.get("embedding", {"rule": "gather"})
-        self.rule = rule["rule"]
-        spec = bundle.manifest["embed"]
-        self.rows, self.hidden = int(spec["shape"][0]), int(spec["shape"][1])
-        self.row_bytes = self.hidden * np.dtype(spec["dtype"]).itemsize
+        rule = bundle.spec.embedding
+        self.rule = rule.rule
+        embed = bundle.spec.embed
+        self.rows, self.hidden = embed.shape
+        self.row_bytes = self.hidden * np.dtype(embed.dtype).itemsize
         if self.rule == "bert":
             self.position = np.array(bundle.array("position"))
             self.token_type = np.array(bundle.array("token_type")) if bundle.has_array("token_type") else None
             self.ln_w = np.array(bundle.array("ln_weight"))
             self.ln_b = np.array(bundle.array("ln_bias"))
-            self.eps = float(rule["layer_norm_eps"])
-            self.offset = int(rule.get("position_offset", 0))
+            self.eps = rule.layer_norm_eps
+            self.offset = rule.position_offset
 
     def touched_bytes(self, unique_ids: int) -> int:
         """Upper bound of page-cache bytes a gather of ``unique_ids`` rows maps in."""

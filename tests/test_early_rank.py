@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
 from edge_sel.runtime import Reranker
-from edge_sel.export.passes.calibrate import (calibrate, calibration_items, choose_schedule, simulate)
-from edge_sel.runtime.early_rank import Schedule, clusters_1d, prune_mask, prune_rank_mask
+from edge_sel.export.passes.calibrate import calibrate, calibration_items
+from edge_sel.export.passes.schedule_search import choose_schedule, simulate
+from edge_sel.runtime.rerank import Schedule
+from edge_sel.runtime.rerank.pruning import clusters_1d, prune_mask, prune_rank_mask
 
 
 # ---- properties of the pruning rule ----------------------------------------------------------------
@@ -37,7 +39,7 @@ def test_prune_mask_keeps_k_and_everything_within_margin(scores, k, margin, floo
 
 def _synthetic_trajectories(seed, n, layers, noise, queries=6):
     """Score trajectories that converge to each query's final score (noise shrinks with depth)."""
-    from edge_sel.export.passes.calibrate import Trace
+    from edge_sel.export.passes.traces import Trace
 
     rng = np.random.default_rng(seed)
     traces, scores = [], []
@@ -440,8 +442,8 @@ def test_final_layer_last_token_only_matches_full_layer(llama_bundle, docs):
         rr = Reranker(llama_bundle, memory_budget=budget, pruning="off")
         fast = rr.predict(queries[0], documents)
         assert rr.last_stats["final_layer_last_token_only"]
-        rr.final_last_only = False
-        full = rr.predict(queries[0], documents)
-        assert not rr.last_stats["final_layer_last_token_only"]
+        every_token = Reranker(llama_bundle, memory_budget=budget, pruning="off", last_token_final_layer=False)
+        full = every_token.predict(queries[0], documents)
+        assert not every_token.last_stats["final_layer_last_token_only"]
         np.testing.assert_allclose(fast, full, atol=1e-3)
         assert np.abs(fast - full).max() < 1e-4 and np.std(full) > 1e-3  # scores differ between docs: a real check

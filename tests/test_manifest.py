@@ -310,7 +310,7 @@ def test_cli_info_and_verify_report_the_manifest(bert_ce_bundle, tmp_path):
     """`info` prints the manifest's facts (typed reads, same JSON as the manifest holds) on a dropped + calibrated bundle."""
     from edge_sel.export.passes.calibrate import write_schedule
     from edge_sel.export.passes.drop_layers import rewrite_without
-    from edge_sel.runtime.early_rank import Schedule
+    from edge_sel.runtime.rerank import Schedule
 
     root = rewrite_without(Bundle.open(_copy(bert_ce_bundle, tmp_path)), [1], {"top10_overlap": 0.95, "top10_identical": 0.5})
     b = Bundle.open(root)

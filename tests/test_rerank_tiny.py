@@ -132,7 +132,7 @@ def test_spilled_hidden_states_match_resident(fixture, request, docs, tmp_path):
     full = Reranker(bundle)
     ref = full.predict(queries[0], documents)
     enc = full.encoder.encode(queries[0], documents)
-    ids, _ = full._items(enc)
+    ids, _ = full.scoring.items(enc)
     lengths = np.array([len(x) for x in ids])
     embed = full.embedder.touched_bytes(len(np.unique(np.concatenate(ids))))
     resident = full.planner.resident_minimum(int(lengths.sum()), int(lengths.max()), embed)
@@ -152,7 +152,7 @@ def test_spilled_hidden_states_match_resident(fixture, request, docs, tmp_path):
 
 def test_spill_with_pruning_keeps_exact_scores(bert_ce_bundle, docs, tmp_path):
     """Pruning re-packs chunks; with spilled states the survivors' scores equal the unpruned model's."""
-    from edge_sel.runtime.early_rank import Schedule
+    from edge_sel.runtime.rerank import Schedule
 
     documents, queries = docs
     documents = documents * 6
@@ -160,7 +160,7 @@ def test_spill_with_pruning_keeps_exact_scores(bert_ce_bundle, docs, tmp_path):
     ref = full.predict(queries[0], documents)
     sched = Schedule(method="head", top_k=3, layers=[0], margins=[0.0], floor=3)
     enc = full.encoder.encode(queries[0], documents)
-    ids, _ = full._items(enc)
+    ids, _ = full.scoring.items(enc)
     lengths = np.array([len(x) for x in ids])
     spill_min = full.planner.spill_minimum(int(lengths.max()), full.embedder.touched_bytes(len(np.unique(np.concatenate(ids)))))
     rr = Reranker(bert_ce_bundle, memory_budget=spill_min + full.planner.layer_bytes // 2, pruning=sched, spill_dir=tmp_path)
@@ -191,7 +191,7 @@ def test_plan_counts_embedding_and_layer_stage_as_successive_peaks(llama_bundle,
     documents, queries = docs
     documents = documents * 4
     enc = rr.encoder.encode(queries[0], documents)
-    ids, _ = rr._items(enc)
+    ids, _ = rr.scoring.items(enc)
     lengths = np.array([len(x) for x in ids])
     embed = rr.embedder.touched_bytes(len(np.unique(np.concatenate(ids))))
     need = p.resident_minimum(int(lengths.sum()), int(lengths.max()), embed)
@@ -205,9 +205,8 @@ def test_plan_counts_embedding_and_layer_stage_as_successive_peaks(llama_bundle,
 
 def test_budget_holds_in_a_fragmented_heap(llama_bundle, docs):
     """A long-lived process's heap is full of holes (earlier work freed, trimmed back to the kernel): glibc's best
-    fit puts chunk after chunk into a different hole, so RSS climbs although live memory stays flat (measured here:
-    40-52 MiB against a 31 MiB budget without the guard; CI once failed the test above at 37.5 MiB that way). The
-    reranker's heap guard trims between chunks once growth nears the budget."""
+    fit puts chunk after chunk into a different hole, so RSS climbs although live memory stays flat and a run without
+    the guard exceeds the budget. The reranker's heap guard trims between chunks once growth nears the budget."""
     documents, queries = docs
     documents = documents * 4
     rr = Reranker(llama_bundle)
@@ -263,3 +262,50 @@ def test_bi_encoder_keeps_every_token_at_the_final_layer(bert_bi_bundle):
     from edge_sel.runtime.bundle import Bundle
 
     assert Bundle.open(bert_bi_bundle).manifest["final_layer_output"] == "all_tokens"
+
+
+@pytest.mark.parametrize("fixture, strategy", [("bert_bi_bundle", "BiEncoderScoring"), ("bert_ce_bundle", "CrossEncoderScoring"),
+                                               ("llama_bundle", "YesNoScoring")])
+def test_scoring_strategy_and_public_stats(fixture, strategy, request, docs):
+    """The scoring strategy is chosen from the bundle; the CLI's view of the stats is the public fields, in order."""
+    bundle = request.getfixturevalue(fixture)
+    documents, queries = docs
+    rr = Reranker(bundle)
+    assert type(rr.scoring).__name__ == strategy
+    rr.rank(queries[0], documents, top_k=3)
+    pub = rr.stats.public()
+    assert list(pub) == ["latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s", "peak_rss_bytes",
+                         "start_rss_bytes", "window_layers", "chunk_size", "chunk_tokens", "n_chunks", "memory_budget_bytes",
+                         "live_per_layer", "n_layers", "n_documents", "n_truncated", "layer_loads", "pruning",
+                         "layer_work_saved", "token_work_saved", "n_pruned", "dropped_layers"]
+    assert pub == {k: rr.last_stats[k] for k in pub}
+    assert {"order", "plan_estimate", "spill", "heap_trims"} <= set(rr.last_stats) and "spill_bytes_written" not in rr.last_stats
+    assert pub["n_documents"] == len(documents) and pub["live_per_layer"] == [len(documents)] * len(rr.bundle.layers)
+
+
+def test_skipping_layers_runs_without_them_and_restores(bert_ce_bundle, docs):
+    """``Reranker.skipping`` leaves layers out for the calls inside the block only (layer-drop measurement)."""
+    documents, queries = docs
+    rr = Reranker(bert_ce_bundle, pruning="off")
+    full = rr.predict(queries[0], documents)
+    with rr.skipping([1]):
+        skipped = rr.predict(queries[0], documents)
+        assert len(rr.last_stats["live_per_layer"]) == len(rr.bundle.layers) - 1
+    assert np.abs(skipped - full).max() > 1e-6  # a real change (the same layers give bit-identical scores)
+    np.testing.assert_array_equal(rr.predict(queries[0], documents), full)
+    assert len(rr.last_stats["live_per_layer"]) == len(rr.bundle.layers)
+
+
+def test_trace_observes_every_layer_of_every_chunk(bert_bi_bundle, docs):
+    """``Reranker.trace`` scores like ``predict`` and shows the observer each layer's output on every item."""
+    documents, queries = docs
+    rr = Reranker(bert_bi_bundle, pruning="off")
+    seen = []
+    traced = rr.trace(queries[0], documents, seen.append)
+    np.testing.assert_allclose(traced, rr.predict(queries[0], documents), atol=1e-6)
+    for layer in range(len(rr.bundle.layers)):
+        obs = [o for o in seen if o.layer == layer]
+        items = np.sort(np.concatenate([o.items for o in obs]))
+        assert list(items) == list(range(len(documents) + 1))  # every document and the query
+        for o in obs:
+            assert o.hidden_out.shape == o.hidden_in.shape and o.pooled.shape == (len(o.items), o.hidden_out.shape[2])

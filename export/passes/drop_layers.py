@@ -10,51 +10,50 @@ time, each step measured cumulatively). The manifest records ``dropped_layers`` 
 
 Works on an exported bundle with the runtime only (no torch): layer files are hard-linked (copied
 when linking is impossible) into a staged bundle without the dropped layers, which is renamed into
-place (:class:`edge_sel.runtime.bundle.BundleWriter`). Calibration text: the builtin calibration data of
+place (:mod:`.rewrite`). Calibration text: the builtin calibration data of
 :mod:`edge_sel.export.passes.calibrate` (never the benchmark text). A calibrated early-ranking schedule is
 invalidated by dropping layers and removed (calibrate again afterwards; ``export --calibrate`` does).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
+from edge_sel.runtime.rerank import Reranker
+from edge_sel.runtime.rerank.schedule import PROBE_ARRAY
+
+from .calibrate import builtin_data
+from .rewrite import editable_manifest, rewriting
+from .traces import collect_traces
 
 DEFAULT_THRESHOLD = 0.9
 TOP = 10
 
 
-def _agreement(rr, data, refs, skip) -> dict:
-    rr._skip_layers = set(int(x) for x in skip)
-    try:
-        over, ident = [], []
+def agreement(rr, data, refs, skip) -> dict:
+    """Top-10 agreement with the full model's rankings ``refs`` when the layers at positions ``skip`` are left out."""
+    over, ident = [], []
+    with rr.skipping(skip):
         for (q, docs), ref in zip(data, refs):
             s = rr.predict(q, docs)
             k = min(TOP, len(docs))
             a, b = set(np.argsort(-s, kind="stable")[:k]), set(ref[:k])
             over.append(len(a & b) / k)
             ident.append(a == b)
-    finally:
-        rr._skip_layers = set()
     return {"top10_overlap": float(np.mean(over)), "top10_identical": float(np.mean(ident))}
 
 
 def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRESHOLD, n_queries: int = 8,
                   n_candidates: int = 32, say: Callable[[str, int, int], None] | None = None) -> dict:
     """Measure and pick the layers to drop; returns ``{"drop": [positions], "influence", "individual", "cost"}``."""
-    from edge_sel.runtime import Reranker
-    from edge_sel.export.passes.calibrate import builtin_data, collect_traces
-
     say = say or (lambda *a: None)
-    L = len(bundle.layers)
+    L = len(bundle.spec.layers)
     if n != "auto":
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise InputError(f"--drop-layers takes a non-negative number or 'auto', got {n!r}")
@@ -71,21 +70,21 @@ def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRES
         individual = {}
         for j, l in enumerate(order[:n_eval]):
             say("drop: measure", j, n_eval)
-            individual[l] = _agreement(rr, data, refs, [l])
+            individual[l] = agreement(rr, data, refs, [l])
         say("drop: measure", n_eval, n_eval)
         ranked = sorted(individual, key=lambda l: (-individual[l]["top10_overlap"], influence[l]))
         ranked += [l for l in order if l not in individual]
         if n == "auto":
             chosen, cost = [], {"top10_overlap": 1.0, "top10_identical": 1.0}
             for l in ranked[: L - 1]:
-                trial = _agreement(rr, data, refs, chosen + [l])
+                trial = agreement(rr, data, refs, chosen + [l])
                 if trial["top10_overlap"] < threshold:
                     break
                 chosen.append(l)
                 cost = trial
         else:
             chosen = ranked[:n]
-            cost = _agreement(rr, data, refs, chosen) if chosen else {"top10_overlap": 1.0, "top10_identical": 1.0}
+            cost = agreement(rr, data, refs, chosen) if chosen else {"top10_overlap": 1.0, "top10_identical": 1.0}
     finally:
         rr.close()
     return {"drop": sorted(chosen), "influence": influence.tolist(),
@@ -95,11 +94,10 @@ def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRES
 
 def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
     """Rewrite ``bundle`` without the layers at positions ``drop`` (atomic; files hard-linked)."""
-    L = len(bundle.layers)
+    L = len(bundle.spec.layers)
     if any(not 0 <= d < L for d in drop) or len(set(drop)) >= L:
         raise InputError(f"cannot drop layers {drop} from a bundle with {L} layers")
-    root = bundle.root
-    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    manifest = editable_manifest(bundle)
     dropped_files = set()
     kept = []
     for pos, layer in enumerate(manifest["layers"]):
@@ -111,7 +109,7 @@ def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
         else:
             kept.append({**layer, "index": len(kept)})
     prev = list(manifest.get("dropped_layers") or [])
-    newly = [int(manifest["layers"][p].get("source_index", p)) for p in drop]
+    newly = [bundle.spec.layers[p].source_index for p in drop]
     manifest["layers"] = kept
     manifest["dropped_layers"] = sorted(prev + newly)
     if L - 1 in drop and manifest.get("final_layer_output") == "first_token":
@@ -119,20 +117,10 @@ def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
     manifest["drop_cost"] = cost
     if manifest.get("schedule"):
         manifest["schedule"] = None  # its layer positions no longer hold; calibrate again
-    probe = manifest.get("arrays", {}).pop("early_probe", None)
+    probe = manifest.get("arrays", {}).pop(PROBE_ARRAY, None)
     if probe:
         dropped_files.add(probe["file"])
-    for key in ("format", "format_version", "files"):
-        manifest.pop(key, None)
-    with BundleWriter(root, overwrite=True) as w:
-        for rel in bundle.manifest["files"]:
-            if rel in dropped_files:
-                continue
-            dst = w.file(rel)
-            try:
-                os.link(root / rel, dst)
-            except OSError:
-                shutil.copy2(root / rel, dst)
+    with rewriting(bundle, leave_out=dropped_files) as w:
         return w.commit(manifest)
 
 
@@ -144,7 +132,7 @@ def drop_layers(path: str | os.PathLike, n: int | str, threshold: float = DEFAUL
         return {"drop": [], "cost": None}
     res = choose_layers(bundle, n, threshold, n_queries, n_candidates, say)
     cost = {**res["cost"], "threshold": threshold if n == "auto" else None, "requested": n,
-            "block_influence": {int(bundle.layers[p].get("source_index", p)): round(res["influence"][p], 5) for p in res["drop"]},
+            "block_influence": {bundle.spec.layers[p].source_index: round(res["influence"][p], 5) for p in res["drop"]},
             "calibration": res["calibration"]}
     if res["drop"]:
         rewrite_without(bundle, res["drop"], cost)

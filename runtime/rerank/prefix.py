@@ -7,7 +7,7 @@ compute the prefix once per query and layer, and run each candidate's own tokens
 ``P .. P+T-1``) against ``[prefix K/V ; own K/V]``. Visibility is the graph's one rule —
 key ``j`` is visible to query ``i`` iff ``key_pos[j] <= position_ids[i]`` — so the prefix keys
 (positions ``0..P-1``) are visible to every candidate token, the candidate's own keys causally, and
-padding keys carry ``EMPTY_POS`` (never visible). This is exactly the full model's causal attention
+padding keys carry the manifest's ``layer_io.empty_pos`` (never visible). This is exactly the full model's causal attention
 over ``prefix + candidate``, so scores match it (checked by ``export --verify`` within 1e-3).
 """
 
@@ -15,28 +15,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sessions import load_session
+from edge_sel.runtime.sessions import load_session
 from .stream import LayerStream
 
-EMPTY_POS = 2**40
-
-
 def is_split(bundle) -> bool:
-    return bool(bundle.layers) and "qkv" in bundle.layers[0]
+    return bundle.spec.layer_io.split
 
 
 def qkv_weight_bytes(bundle, i: int) -> int:
-    spec = bundle.manifest["extra_graphs"][bundle.layers[i]["qkv"]]
-    files = bundle.manifest["files"]
-    return files[spec["file"]]["size"] + (files[spec["weights"]]["size"] if spec.get("weights") else 0)
+    graph, files = bundle.spec.qkv_graph(i), bundle.spec.files
+    return files[graph.file].size + (files[graph.weights].size if graph.weights else 0)
 
 
 class PairStream(LayerStream):
     """A :class:`LayerStream` whose 'session' per layer is the pair ``(qkv, attn)``."""
 
-    def _load(self, i: int):
-        spec = self.bundle.manifest["extra_graphs"][self.bundle.layers[i]["qkv"]]
-        qkv = load_session(self.bundle.path(spec["file"]), self.threads, self.optimize, mem_pattern=self.keep_all)
+    def load_layer(self, i: int):
+        """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
+        qkv = load_session(self.bundle.path(self.bundle.spec.qkv_graph(i).file), self.threads, self.optimize, mem_pattern=self.keep_all)
         attn = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
         self.loads += 1
         return qkv, attn
@@ -56,7 +52,7 @@ def run_prefix(pair, hidden: np.ndarray, positions: np.ndarray, kv_only: bool = 
 
 def run_candidates(pair, hidden: np.ndarray, mask: np.ndarray, positions: np.ndarray,
                    k_prefix: np.ndarray | None, v_prefix: np.ndarray | None, prefix_positions: np.ndarray | None,
-                   last: np.ndarray | None = None) -> np.ndarray:
+                   empty_pos: int, last: np.ndarray | None = None) -> np.ndarray:
     """One layer over a chunk of candidates ``[B, T, H]`` attending to the prefix K/V and to themselves.
 
     ``last`` (``[B]`` token indices): only those tokens' outputs are wanted — the final layer of a reranker whose
@@ -66,7 +62,7 @@ def run_candidates(pair, hidden: np.ndarray, mask: np.ndarray, positions: np.nda
     qkv, attn = pair
     B = hidden.shape[0]
     q, k, v = qkv.run(None, {"hidden": hidden, "position_ids": positions})
-    own_pos = np.where(mask > 0.5, positions, EMPTY_POS).astype(np.int64)
+    own_pos = np.where(mask > 0.5, positions, empty_pos).astype(np.int64)
     if last is not None:
         rows = np.arange(B)
         q = np.ascontiguousarray(q[rows, :, last][:, :, None, :])        # [B, heads, 1, D]

@@ -13,13 +13,13 @@ from typing import Iterator
 
 from edge_sel.runtime.bundle import Bundle
 
-from .sessions import load_session
+from edge_sel.runtime.sessions import load_session
 
 
 class LayerStream:
     def __init__(self, bundle: Bundle, window: int, threads: int | None = None, optimize: str = "all"):
         self.bundle = bundle
-        self.n = len(bundle.layers)
+        self.n = len(bundle.spec.layers)
         self.threads = threads
         self.optimize = optimize
         self._resident: dict[int, object] = {}
@@ -34,7 +34,8 @@ class LayerStream:
         if not self.keep_all:
             self._resident.clear()
 
-    def _load(self, i: int):
+    def load_layer(self, i: int):
+        """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
         sess = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
         self.loads += 1
         return sess
@@ -49,7 +50,7 @@ class LayerStream:
             if pos < len(order):
                 j = order[pos]
                 if j not in self._resident and j not in pending:
-                    pending[j] = self._pool.submit(self._load, j)
+                    pending[j] = self._pool.submit(self.load_layer, j)
 
         try:
             for pos in range(min(self.window, len(order))):

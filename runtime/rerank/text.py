@@ -5,10 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
+from edge_sel.runtime.tokenizer import Tokenizer
+
+from .scoring import scoring_class
 
 
 @dataclass
@@ -24,12 +26,11 @@ class Encoded:
 class TextEncoder:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        self.scoring = bundle.scoring
+        self.scoring = scoring_class(bundle)
         self.max_length = bundle.max_length
-        self.tok = Tokenizer.from_file(str(bundle.path(bundle.manifest["tokenizer"]["file"])))
-        self.tok.no_padding()
-        self.tok.no_truncation()
-        self.prompt = bundle.manifest.get("prompt")
+        self.tokenizer = Tokenizer(bundle)  # the bundle's tokenizer, shared with the generator
+        self.tok = self.tokenizer.tok       # batches of pairs and truncation use the tokenizers object itself
+        self.prompt = bundle.spec.prompt  # decoders: the prompt around each document
 
     def _ids(self, texts: list[str], add_special: bool) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special)]
@@ -37,18 +38,10 @@ class TextEncoder:
     def encode(self, query: str, documents: list[str], instruction: str | None = None) -> Encoded:
         if not isinstance(query, str) or not query.strip():
             raise InputError("query is empty")
-        if self.scoring == "yes_no":
-            return self._encode_prompt(query, documents, instruction)
-        if self.scoring == "cross_encoder":
-            return self._encode_pairs(query, documents)
-        return self._encode_single(query, documents)
+        return self.scoring.encode(self, query, documents, instruction)
 
-    def _truncate_single(self, enc_ids: list[int], specials_tail: int) -> tuple[list[int], bool]:
-        if len(enc_ids) <= self.max_length:
-            return enc_ids, False
-        return enc_ids[: self.max_length - specials_tail] + enc_ids[len(enc_ids) - specials_tail:], True
-
-    def _encode_single(self, query, documents) -> Encoded:
+    def encode_single(self, query: str, documents: list[str]) -> Encoded:
+        """Query and documents as separate sequences (bi-encoders)."""
         self.tok.enable_truncation(self.max_length)
         try:
             encs = self.tok.encode_batch([query] + list(documents))
@@ -58,7 +51,8 @@ class TextEncoder:
         truncated = sum(1 for e in encs[1:] if e.overflowing)
         return Encoded(doc_ids=ids[1:], query_ids=ids[0], n_truncated=truncated)
 
-    def _encode_pairs(self, query, documents) -> Encoded:
+    def encode_pairs(self, query: str, documents: list[str]) -> Encoded:
+        """One (query, document) pair per document, the document truncated to fit (cross-encoders)."""
         self.tok.enable_truncation(self.max_length, strategy="only_second")
         try:
             encs = self.tok.encode_batch([(query, d) for d in documents])
@@ -72,11 +66,12 @@ class TextEncoder:
             n_truncated=sum(1 for e in encs if e.overflowing),
         )
 
-    def _encode_prompt(self, query, documents, instruction) -> Encoded:
+    def encode_prompt(self, query: str, documents: list[str], instruction: str | None) -> Encoded:
+        """The bundle's prompt around each document; the instruction + query part is a shared prefix (decoders)."""
         p = self.prompt
-        prefix = p["prefix"].format(instruction=instruction or p["instruction"], query=query)
+        prefix = p.prefix.format(instruction=instruction or p.instruction, query=query)
         head = self._ids([prefix], False)[0]
-        tail = self._ids([p["suffix"]], False)[0]
+        tail = self._ids([p.suffix], False)[0]
         room = self.max_length - len(head) - len(tail)
         if room < 1:
             raise InputError(f"query prompt takes {len(head) + len(tail)} tokens, leaving no room for a document within max length {self.max_length}")

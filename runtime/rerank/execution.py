@@ -1,0 +1,174 @@
+"""Execution orders: how the chunks of one call move through the embedding, the layers and the head.
+
+* :meth:`Execution.monolithic` — every live candidate through one layer before the next (GRATING, EuroSys'26,
+  "monolithic forwarding"): each layer is loaded once per call while only a window of layer sessions is
+  resident, and the candidates can be compared (pruned) between layers. Kept hidden states may be spilled.
+* :meth:`Execution.depth_first` — each chunk through every layer and the head in turn: only one chunk's
+  activations are alive. Used when nothing is compared between layers and every layer is resident.
+
+Split decoder bundles (qkv + attn graphs per layer, :mod:`.prefix`) run monolithically: the prompt prefix shared
+by every candidate is computed once per layer and each candidate attends to its keys and values; the final
+layer computes only the token the head reads.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from edge_sel.runtime.embedding import Embedder
+from edge_sel.runtime.memory import HeapGuard
+
+from .chunks import Chunk, ChunkStore
+from .prefix import run_candidates, run_prefix
+from .pruning import Pruner
+from .scoring import Scores, Scoring
+
+
+@dataclass
+class LayerObservation:
+    """What an observer sees after a layer ran on a chunk (before pruning): calibration records these."""
+
+    layer: int                 # position in the bundle's layer list
+    items: np.ndarray          # [B] item indices (documents, then the query for bi-encoders)
+    mask: np.ndarray           # [B, T] 1.0 on real tokens
+    hidden_in: np.ndarray      # [B, T, H] the layer's input
+    hidden_out: np.ndarray     # [B, T', H] its output (T' = 1 for a first-token-only final layer)
+    pooled: np.ndarray         # [B, H] the output pooled as the head would read it
+
+
+Observer = Callable[[LayerObservation], None]
+
+
+@dataclass
+class Call:
+    """One call's context: where hidden states live, the heap guard, the pruner and observer (if any)."""
+
+    store: ChunkStore
+    guard: HeapGuard
+    n_docs: int
+    pruner: Pruner | None = None
+    observer: Observer | None = None
+
+
+@dataclass
+class Work:
+    """What an execution order did."""
+
+    chunks: list[Chunk]                # the chunks at the end (re-packed when pruned)
+    t_embed: float
+    t_layers: float
+    t_head: float
+    live_per_layer: list[int] = field(default_factory=list)     # documents computed by each layer
+    tokens_per_layer: list[int] = field(default_factory=list)
+    last_token_only: bool = False      # the final layer computed the head's token only
+
+
+class Execution:
+    """Runs chunks through a bundle's layers with the engine's stream, embedder and scoring strategy."""
+
+    def __init__(self, bundle, stream, embedder: Embedder, scoring: Scoring, split: bool, last_token_final: bool = True):
+        self.n_layers = len(bundle.spec.layers)
+        self.layer_inputs = bundle.spec.layer_io.inputs or ()
+        self.empty_pos = bundle.spec.layer_io.empty_pos  # key position of padding (split layers)
+        self.stream = stream
+        self.embedder = embedder
+        self.scoring = scoring
+        self.split = split
+        self.last_token_final = last_token_final
+
+    def _feeds(self, c: Chunk, hidden: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"hidden": hidden, "mask": c.mask}
+        if "position_ids" in self.layer_inputs:
+            feeds["position_ids"] = c.positions
+        return feeds
+
+    def _head(self, c: Chunk, h: np.ndarray, scores: Scores) -> None:
+        scores.add(c.items, self.scoring.run_head(self.scoring.pool(h, c.lengths, c.mask)))
+
+    def depth_first(self, chunks: list[Chunk], order: list[int] | None, scores: Scores, call: Call, doc_tokens: int) -> Work:
+        """Each chunk through every (resident) layer and the head, one chunk at a time."""
+        t0 = time.perf_counter()
+        sessions = [sess for _, sess in self.stream.run(order)]  # all resident (keep_all): loaded once, kept
+        t_embed = t_head = 0.0
+        table = self.embedder.open_table()
+        try:
+            for c in chunks:
+                t = time.perf_counter()
+                h = self.embedder(table, c.ids, c.types, c.positions)
+                t_embed += time.perf_counter() - t
+                for sess in sessions:
+                    h = sess.run(None, self._feeds(c, h))[0]
+                t = time.perf_counter()
+                self._head(c, h, scores)
+                t_head += time.perf_counter() - t
+                del h
+                call.guard.check()
+        finally:
+            del table, sessions
+        n_run = len(order) if order is not None else self.n_layers
+        return Work(chunks, t_embed, time.perf_counter() - t0 - t_embed - t_head, t_head,
+                    [call.n_docs] * n_run, [doc_tokens] * n_run)
+
+    def monolithic(self, chunks: list[Chunk], order: list[int] | None, scores: Scores, call: Call,
+                   prefix_ids: np.ndarray | None = None, started: float | None = None) -> Work:
+        """All candidates through one layer at a time, pruning at the schedule's layers; then the head.
+        ``prefix_ids``: the shared prompt prefix of a split bundle (computed once per layer)."""
+        t0 = started if started is not None else time.perf_counter()
+        store = call.store
+        table = self.embedder.open_table()
+        prefix_h = prefix_pos = None
+        if prefix_ids is not None and len(prefix_ids):
+            prefix_pos = np.arange(len(prefix_ids), dtype=np.int64)[None]
+            prefix_h = self.embedder(table, np.asarray(prefix_ids, dtype=np.int64)[None], None, prefix_pos)
+        for c in chunks:
+            c.hidden = self.embedder(table, c.ids, c.types, c.positions)
+            store.keep(c)
+        del table  # unmap: the touched embedding pages leave RSS
+        t_embed = time.perf_counter() - t0
+        work = Work(chunks, t_embed, 0.0, 0.0)
+        self._layers(work, order, call, prefix_h, prefix_pos)
+        t2 = time.perf_counter()
+        for c in work.chunks:
+            self._head(c, store.hidden(c), scores)
+            store.release(c)
+        work.t_head = time.perf_counter() - t2
+        return work
+
+    def _layers(self, work: Work, order: list[int] | None, call: Call, prefix_h, prefix_pos) -> None:
+        t1 = time.perf_counter()
+        store, n_docs, observer = call.store, call.n_docs, call.observer
+        final = (order or list(range(self.n_layers)))[-1]
+        chunks = work.chunks
+        for i, sess in self.stream.run(order):
+            work.live_per_layer.append(int(sum(int((c.items < n_docs).sum()) for c in chunks)))
+            work.tokens_per_layer.append(int(sum(int(c.lengths[c.items < n_docs].sum()) for c in chunks)))
+            # the head reads one token per candidate: the final layer computes only that token's output
+            # (an observer looks at every token, so it gets the full layer)
+            last_only = (self.last_token_final and self.split and i == final and self.scoring.reads_last_token
+                         and observer is None)
+            kp = vp = None
+            if prefix_h is not None:
+                prefix_h, kp, vp = run_prefix(sess, prefix_h, prefix_pos, kv_only=last_only)
+            work.last_token_only |= last_only
+            for c in chunks:
+                h_in = store.hidden(c)
+                if self.split:
+                    c.hidden = run_candidates(sess, h_in, c.mask, c.positions, kp, vp, prefix_pos, self.empty_pos,
+                                              last=c.lengths - 1 if last_only else None)
+                else:
+                    c.hidden = sess.run(None, self._feeds(c, h_in))[0]
+                if observer is not None:
+                    observer(LayerObservation(i, c.items, c.mask, h_in, c.hidden,
+                                              self.scoring.pool(c.hidden, c.lengths, c.mask)))
+                del h_in
+                store.keep(c)
+                call.guard.check()
+            del sess, kp, vp
+            if call.pruner is not None:
+                chunks = call.pruner.after_layer(i, chunks, store)
+        work.chunks = chunks
+        work.t_layers = time.perf_counter() - t1

@@ -1,0 +1,293 @@
+"""``Reranker``: rank documents for a query by streaming a bundle's layers under a memory budget.
+
+The public API of the rerank engine. A call tokenizes (:mod:`.text`), plans the budget (layer window, chunk size,
+spill; :mod:`edge_sel.runtime.planning`), cuts the candidates into chunks (:mod:`.chunks`), runs them in an execution
+order (:mod:`.execution`), prunes at the calibrated schedule's layers (:mod:`.pruning`) and turns the head's
+output into scores with the bundle's scoring strategy (:mod:`.scoring`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.embedding import Embedder
+from edge_sel.runtime.errors import BudgetError, InputError
+from edge_sel.runtime.memory import HeapGuard, PeakTracker, release_free_memory, tune_allocator
+from edge_sel.runtime.planning import Planner
+from edge_sel.runtime.sessions import load_session
+from edge_sel.runtime.units import format_size, parse_size
+
+from .chunks import ChunkStore, HiddenSpill, Packing, make_chunks
+from .execution import Call, Execution, Observer
+from .prefix import PairStream, is_split, qkv_weight_bytes
+from .pruning import Pruner
+from .schedule import Schedule
+from .scoring import LayerScorer, scoring_for
+from .stats import RerankStats
+from .stream import LayerStream
+from .text import Encoded, TextEncoder
+
+log = logging.getLogger("edge_sel")
+
+
+class Reranker:
+    """Rank ``documents`` for a ``query`` with a bundle.
+
+    >>> rr = Reranker("bundles/minilm", memory_budget="128MB")
+    >>> rr.rank("how do I copy a file?", docs, top_k=5)
+    [{'corpus_id': 3, 'score': 0.71}, ...]
+
+    memory_budget: bytes or a size string ("128MB", "1.5GiB"); None keeps every layer resident. When the
+    kept hidden states of all candidates do not fit the budget they are spilled to files under
+    ``spill_dir`` (default: the system temp directory) — only the chunk in flight stays in RAM;
+    ``spill=False`` refuses such budgets instead.
+    ``top_k`` larger than the number of documents is clamped to it (with a log note); ``top_k <= 0`` is refused.
+
+    pruning (early ranking, used by :meth:`rank`; :meth:`predict` always computes every score):
+      ``"auto"`` (default) — prune with the bundle's calibrated schedule; a bundle without one runs
+      every candidate through every layer (logged; ``last_stats["pruning"]`` says to calibrate);
+      ``"on"`` — like auto, but a bundle without a schedule is refused (InputError: run ``edge-sel calibrate``);
+      ``"off"`` / None — never prune; or a schedule (dict as in the manifest, or :class:`Schedule`).
+    A schedule calibrated for top-K protects any ``top_k <= K``; for a larger ``top_k`` that call runs unpruned (warning).
+
+    last_token_final_layer: split decoder bundles whose head reads the last token compute only that token in
+    the final layer (same scores within float rounding); False runs the full final layer.
+    """
+
+    def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget: int | str | None = None,
+                 pruning: str | dict | Schedule | None = "auto", threads: int | None = None, optimize: str = "all",
+                 spill: bool = True, spill_dir: str | os.PathLike | None = None, last_token_final_layer: bool = True):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        if self.bundle.task != "rerank":
+            raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; ranking needs a bundle exported with --task rerank")
+        self.memory_budget = parse_size(memory_budget) if memory_budget is not None else None
+        if self.memory_budget is not None:
+            tune_allocator()  # under a budget, freed activations must leave the process (glibc; see edge_sel.runtime.memory)
+        self.planner = Planner(self.bundle)
+        self.split = is_split(self.bundle)  # qkv + attn layer graphs: the shared prompt prefix is computed once
+        if self.split:
+            self.planner.layer_bytes += max(qkv_weight_bytes(self.bundle, i) for i in range(len(self.bundle.spec.layers)))
+        if self.memory_budget is not None and self.memory_budget < self.planner.static_minimum():
+            need = self.planner.static_minimum()
+            raise BudgetError(
+                f"memory budget {format_size(self.memory_budget)} is below the minimum this bundle can run in: "
+                f"{format_size(need)} (two layers of {format_size(self.planner.layer_bytes)} + fixed costs)", minimum_bytes=need)
+        self.encoder = TextEncoder(self.bundle)
+        self.embedder = Embedder(self.bundle)
+        head = load_session(self.bundle.path(self.bundle.spec.head.file), threads)
+        self.scoring = scoring_for(self.bundle, head)  # the scoring mode's strategy, chosen once
+        self.pruning = "off" if pruning is None else pruning
+        self.schedule, self.pruning_note = self._resolve_schedule(self.pruning)
+        self.layer_scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
+        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), threads, optimize)
+        self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer))
+        self.pad_id = self.bundle.spec.pad_id
+        self.stats = RerankStats()
+        self.allow_spill = bool(spill)
+        self.spill_dir = spill_dir
+        self._skip: frozenset[int] = frozenset()
+        self._dropped_at: np.ndarray | None = None
+
+    def _resolve_schedule(self, pruning) -> tuple[Schedule | None, str]:
+        root = self.bundle.root
+        if isinstance(pruning, str):
+            if pruning == "off":
+                return None, "off"
+            if pruning not in ("auto", "on"):
+                raise InputError(f"pruning={pruning!r}: expected 'auto', 'on', 'off' or a schedule")
+            stored = self.bundle.spec.schedule
+            if stored is None:
+                if pruning == "on":
+                    raise InputError(f"{root} has no early-ranking schedule, so pruning cannot be used; "
+                                     f"calibrate it first: `edge-sel calibrate {root}` (or use pruning='auto'/'off')")
+                log.info("%s has no early-ranking schedule: ranking without pruning (run `edge-sel calibrate %s`)", root, root)
+                return None, "off (bundle not calibrated: run `edge-sel calibrate`)"
+            sched = Schedule.from_manifest(stored.to_dict())
+        elif isinstance(pruning, Schedule):
+            sched = pruning
+        elif isinstance(pruning, dict):
+            sched = Schedule.from_manifest(pruning)
+        else:
+            raise InputError(f"pruning must be 'auto', 'on', 'off' or a schedule, got {type(pruning).__name__}")
+        sched.validate(self.bundle)
+        return sched, f"{sched.method} at layers {sched.layers} (top-{sched.top_k})"
+
+    # ---- public API ----------------------------------------------------------------------
+    @property
+    def last_stats(self) -> dict[str, Any]:
+        """The last call's :class:`RerankStats` as a dict."""
+        return self.stats.as_dict()
+
+    def rank(self, query: str, documents: list[str], top_k: int | None = 10, return_documents: bool = False,
+             instruction: str | None = None) -> list[dict[str, Any]]:
+        documents = check_documents(documents)
+        n = len(documents)
+        prune_k = top_k  # None: full ordering; pruned with the schedule's own K (dropped candidates listed last)
+        if top_k is None:
+            top_k = n
+        if not isinstance(top_k, (int, np.integer)) or top_k <= 0:
+            raise InputError(f"top_k must be a positive integer, got {top_k!r}")
+        if top_k > n:
+            log.info("top_k=%d is larger than the %d documents; returning all %d", top_k, n, n)
+            top_k = n
+        scores = self._run(query, documents, instruction, top_k=prune_k, prune=True)
+        dropped = self._dropped_at if self._dropped_at is not None else np.full(n, -1)
+        # survivors by final score, then dropped candidates: later drop first, then by their last score
+        key_drop = np.where(dropped < 0, np.iinfo(np.int64).max, dropped)
+        order = np.lexsort((-scores, -key_drop))[:top_k]
+        results = []
+        for i in order:
+            r = {"corpus_id": int(i), "score": float(scores[i])}
+            if dropped[i] >= 0:
+                r["pruned_at_layer"] = int(dropped[i])
+            if return_documents:
+                r["text"] = documents[i]
+            results.append(r)
+        return results
+
+    def predict(self, query: str, documents: list[str], instruction: str | None = None) -> np.ndarray:
+        """Full-model scores for every document, in input order (never pruned; :meth:`rank` prunes)."""
+        return self._run(query, documents, instruction, top_k=None, prune=False)
+
+    def trace(self, query: str, documents: list[str], observer: Observer, instruction: str | None = None) -> np.ndarray:
+        """:meth:`predict`, calling ``observer(LayerObservation)`` after every layer ran on every chunk (calibration).
+        Traced calls run every candidate through every token of every layer, one layer at a time."""
+        return self._run(query, documents, instruction, top_k=None, prune=False, observer=observer)
+
+    @contextlib.contextmanager
+    def skipping(self, layers: Iterable[int]) -> Iterator["Reranker"]:
+        """Within the block, calls leave out the layers at these positions (measuring what dropping them costs,
+        without reloading the other layers' sessions)."""
+        self._skip = frozenset(int(x) for x in layers)
+        try:
+            yield self
+        finally:
+            self._skip = frozenset()
+
+    def minimum_budget(self, query: str, documents: list[str], instruction: str | None = None) -> int:
+        """Smallest ``memory_budget`` (bytes) under which this query and these documents can run."""
+        enc = self.encoder.encode(query, check_documents(documents), instruction=instruction)
+        ids, _ = self.scoring.items(enc)
+        lengths = np.array([len(x) for x in ids])
+        unique = len(np.unique(np.concatenate(ids)))
+        return self.planner.minimum(int(lengths.sum()), int(lengths.max()), self.embedder.touched_bytes(unique), self.allow_spill)
+
+    def close(self) -> None:
+        self.stream.close()
+
+    def score_encoded(self, enc: Encoded, top_k: int | None = None, prune: bool = False) -> np.ndarray:
+        """Scores for the encoded documents. With ``prune`` and a schedule, prune early for ``top_k``
+        (None: the schedule's K) — see :meth:`rank`; dropped candidates carry their last early score."""
+        return self._score(enc, top_k, prune, None)
+
+    # ---- one call ------------------------------------------------------------------------
+    def _run(self, query: str, documents: list[str], instruction: str | None, top_k: int | None, prune: bool,
+             observer: Observer | None = None) -> np.ndarray:
+        documents = check_documents(documents)
+        t0 = time.perf_counter()
+        with PeakTracker() as peak:
+            enc = self.encoder.encode(query, documents, instruction=instruction)
+            t_tok = time.perf_counter() - t0
+            if enc.n_truncated:
+                log.warning("%d of %d documents were longer than the model's maximum of %d tokens and were truncated",
+                            enc.n_truncated, len(documents), self.bundle.max_length)
+            scores = self._score(enc, top_k, prune, observer)
+        release_free_memory()
+        st = self.stats
+        st.latency_s, st.tokenize_s = time.perf_counter() - t0, t_tok
+        st.peak_rss_bytes, st.start_rss_bytes = peak.peak, peak.start
+        st.n_documents, st.n_truncated = len(documents), enc.n_truncated
+        return scores
+
+    def _score(self, enc: Encoded, top_k: int | None, prune: bool, observer: Observer | None) -> np.ndarray:
+        ids, types = self.scoring.items(enc)
+        lengths = np.array([len(x) for x in ids])
+        total, max_len = int(lengths.sum()), int(lengths.max())
+        embed_bytes = self.embedder.touched_bytes(len(np.unique(np.concatenate(ids))))
+        plan = self.planner.plan(self.memory_budget, total, max_len, embed_bytes, self.allow_spill)
+        self.stream.set_window(plan.window)
+        store = ChunkStore(HiddenSpill(self.spill_dir) if plan.spill else None)
+        guard = HeapGuard(plan.budget)  # between chunks: give back free heap pages once growth nears the budget
+        try:
+            # depth-first keeps the embedding table mapped while the layers run; under a budget that is only
+            # allowed where the kept-states room it does not use covers the table's touched pages
+            embed_fits = plan.budget is None or embed_bytes <= self.planner.hidden_bytes(total, max_len)
+            return self._score_planned(enc, plan, ids, types, lengths, top_k, prune, embed_fits, store, guard, observer)
+        finally:
+            if store.spill is not None:
+                self.stats.spill_bytes_written = store.bytes_written
+                self.stats.spill_bytes_read = store.bytes_read
+            store.close()
+            self.stats.heap_trims = guard.trims
+
+    def _pruner(self, top_k: int | None, prune: bool, n_docs: int, n_items: int, packing: Packing) -> tuple[Pruner | None, str]:
+        """This call's pruner (None: no pruning) and the note that says why."""
+        if self.schedule is None:
+            return None, self.pruning_note
+        if not prune:
+            return None, "off (predict computes every score)"
+        if top_k is not None and top_k > self.schedule.top_k:
+            log.warning("top_k=%d is larger than the top-%d the pruning schedule was calibrated for: this call runs "
+                        "without pruning (recalibrate with `edge-sel calibrate BUNDLE --top-k %d`)", top_k, self.schedule.top_k, top_k)
+            return None, f"off for this call (top_k={top_k} > calibrated top-{self.schedule.top_k})"
+        return Pruner(self.schedule, self.layer_scorer, self.scoring, n_docs, n_items, len(self.bundle.spec.layers), packing,
+                      self.bundle.spec.dims.hidden), self.pruning_note
+
+    def _score_planned(self, enc: Encoded, plan, ids, types, lengths, top_k, prune, embed_fits: bool,
+                       store: ChunkStore, guard: HeapGuard, observer: Observer | None) -> np.ndarray:
+        t0 = time.perf_counter()
+        n_items, n_docs, n_layers = len(ids), len(enc.doc_ids), len(self.bundle.spec.layers)
+        packing = Packing(self.pad_id, enc.prefix_len if self.split else 0, plan.chunk_tokens, plan.max_batch)
+        chunks = make_chunks(ids, types, packing)
+        pruner, pruning_note = self._pruner(top_k, prune, n_docs, n_items, packing)
+        order = [j for j in range(n_layers) if j not in self._skip] if self._skip else None
+        # Nothing to compare between layers and every layer resident: run each chunk through all layers and the head
+        # in turn (depth-first) instead of holding every candidate's hidden state between layers (monolithic).
+        depth_first = ((pruner is None or not pruner.prunes_anything) and embed_fits and self.stream.keep_all
+                       and not plan.spill and not self.split and observer is None)
+        scores = self.scoring.collector(n_items)
+        doc_tokens = int(lengths[:n_docs].sum())
+        call = Call(store, guard, n_docs, pruner, observer)
+        if depth_first:
+            work = self.execution.depth_first(chunks, order, scores, call, doc_tokens)
+        else:
+            prefix = enc.doc_ids[0][: enc.prefix_len] if self.split else None
+            work = self.execution.monolithic(chunks, order, scores, call, prefix, started=t0)
+        out = scores.result()
+        if pruner is not None:
+            out = pruner.finish(out)
+        self._dropped_at = pruner.dropped_at if pruner is not None else None
+        chunks = work.chunks
+        self.stats = RerankStats(
+            embed_s=work.t_embed, layers_s=work.t_layers, head_s=work.t_head, layer_load_wait_s=self.stream.load_wait_s,
+            window_layers=self.stream.window, chunk_size=int(max(len(c.items) for c in chunks)) if chunks else 0,
+            chunk_tokens=plan.chunk_tokens, n_chunks=len(chunks), memory_budget_bytes=plan.budget,
+            plan_estimate=plan.estimate, live_per_layer=work.live_per_layer, n_layers=n_layers,
+            layer_loads=self.stream.loads, pruning=pruning_note,
+            layer_work_saved=1.0 - sum(work.live_per_layer) / max(1, n_docs * n_layers),
+            token_work_saved=1.0 - sum(work.tokens_per_layer) / max(1, doc_tokens * n_layers),
+            n_pruned=pruner.n_pruned if pruner is not None else 0,
+            dropped_layers=list(self.bundle.spec.dropped_layers),
+            prefix_reuse_tokens=int(enc.prefix_len) if self.split else 0, spill=plan.spill,
+            final_layer_last_token_only=bool(work.last_token_only), order="depth-first" if depth_first else "monolithic")
+        return out
+
+
+def check_documents(documents) -> list[str]:
+    """The documents as a list of strings (refuses a single string, an empty list, non-strings)."""
+    if isinstance(documents, str):
+        raise InputError("documents must be a list of strings, not a single string")
+    documents = list(documents)
+    if not documents:
+        raise InputError("no documents to rank (the document list is empty)")
+    for i, d in enumerate(documents):
+        if not isinstance(d, str):
+            raise InputError(f"document {i} is {type(d).__name__}, expected str")
+    return documents
