@@ -5,8 +5,8 @@ the embedding table as a raw little-endian array (memory-mapped at run time), on
 kept layer with external weights, a small scoring head graph, ``tokenizer.json``. Nothing in a
 bundle is executed (no pickle). ``docs/BUNDLE.md`` specifies the format.
 
-Integrity: the manifest lists every other file's size and sha256; the writer also records
-``manifest.json.sha256`` (``sha256sum`` format) over the manifest's bytes. Opening a bundle parses and validates the manifest
+Integrity: ``manifest.json.sha256`` (``sha256sum`` format) covers the manifest's bytes, and the manifest
+lists every other file's size and sha256. Opening a bundle parses and validates the manifest
 (:class:`edge_sel.runtime.manifest.Manifest`, exposed as ``bundle.spec``) and checks paths and sizes; the
 first open also verifies every hash and that each graph's external data is a listed file, then records a
 stamp (the manifest's digest and every listed file's size, mtime, ctime and inode), so later opens only
@@ -175,9 +175,14 @@ class Bundle:
         return self._manifest_bytes if self._manifest_bytes is not None else (self.root / MANIFEST).read_bytes()
 
     def verify(self, progress=None) -> None:
-        """Check every file's sha256 and that each graph's external data is a listed file;
+        """Check the manifest's digest, every file's sha256 and that each graph's external data is a listed file;
         raise :class:`BundleError` on the first problem. Records the stamp that lets later opens skip hashing."""
         data = self._current_manifest_bytes()
+        digest = self.root / DIGEST
+        if digest.is_file():  # bundles written before the digest existed have none: their files are still checked
+            if digest.read_text(encoding="ascii", errors="replace").split()[:1] != [hashlib.sha256(data).hexdigest()]:
+                raise BundleError(f"{self.root / MANIFEST}: does not match its digest in {DIGEST} (modified after it was "
+                                  f"written, or a rewrite was interrupted); re-export the bundle")
         graphs = {g for g, _ in self._graph_files()}
         for rel, info in self.spec.files.items():
             full = self.root / rel

@@ -187,6 +187,21 @@ def test_swapped_layer_graph_is_caught(bert_ce_bundle, tmp_path):
         Bundle.open(root)
 
 
+def test_edited_manifest_is_caught_by_its_digest(bert_ce_bundle, tmp_path):
+    """Swapping two layers' entries keeps every file's hash valid: only the manifest's digest sees it."""
+    root = _copy(bert_ce_bundle, tmp_path)
+
+    def swap(m):
+        a, b = m["layers"][0], m["layers"][1]
+        a["file"], b["file"], a["weights"], b["weights"] = b["file"], a["file"], b["weights"], a["weights"]
+
+    _edit_manifest(root, swap)
+    with pytest.raises(BundleError, match="does not match its digest"):
+        Bundle.open(root)
+    out = subprocess.run([sys.executable, "-m", "edge_sel.cli", "verify", str(root)], capture_output=True, text=True)
+    assert out.returncode == 2 and "digest" in out.stderr + out.stdout
+
+
 def test_graph_loading_an_unlisted_data_file_is_refused(bert_ce_bundle, tmp_path):
     """A graph pointing its external data at a file the manifest does not list (here: a copy of its own weights), with
     the manifest and its digest rewritten consistently, is refused when the hashes are verified."""
