@@ -151,7 +151,6 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, group
     rerank form, in place. Returns True when the graph changed (False: already in that form).
     Raises ``ValueError`` when the graph does not have the expected attention pattern
     (then the caller keeps the graph as it is: correct, only slower)."""
-    import numpy as np
     from onnx import TensorProto, numpy_helper
 
     g = model.graph

@@ -825,7 +825,54 @@ class Manifest(Node):
                                         f"{a.file!r} with {self.files[a.file].size}")
 
 
+# ---- the edits bundle passes make (they rewrite a stored manifest; the exporter writes whole new ones) ------------
+WRITER_KEYS = ("format", "format_version", "files")  # set by BundleWriter.commit
+
+
+def editable(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored manifest without the keys the bundle writer sets on commit, ready to be edited and committed."""
+    return {k: v for k, v in raw.items() if k not in WRITER_KEYS}
+
+
+def with_schedule(raw: dict[str, Any], schedule: dict[str, Any] | None, probe_name: str,
+                  probe: dict[str, Any] | None) -> dict[str, Any]:
+    """``raw`` with ``schedule`` stored and the array ``probe_name`` replaced by ``probe`` (or removed)."""
+    arrays = {k: v for k, v in raw.get("arrays", {}).items() if k != probe_name}
+    if probe is not None:
+        arrays[probe_name] = probe
+    return {**raw, "arrays": arrays, "schedule": schedule}
+
+
+def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], probe_name: str) -> tuple[dict[str, Any], set[str]]:
+    """``raw`` without the layers at positions ``drop`` (and their qkv graphs), recording them as dropped; the
+    schedule and its probe go (their layer positions no longer hold). Returns the new manifest and the files it no
+    longer references."""
+    gone: set[str] = set()
+    extra = dict(raw.get("extra_graphs", {}))
+    kept, newly = [], []
+    for pos, layer in enumerate(raw["layers"]):
+        if pos not in drop:
+            kept.append({**layer, "index": len(kept)})
+            continue
+        newly.append(layer.get("source_index", layer["index"]))
+        gone.update(x for x in (layer["file"], layer.get("weights")) if x)
+        if layer.get("qkv"):
+            g = extra.pop(layer["qkv"])
+            gone.update(x for x in (g["file"], g.get("weights")) if x)
+    out = {**raw, "layers": kept, "extra_graphs": extra, "dropped_layers": sorted(list(raw.get("dropped_layers") or []) + newly),
+           "drop_cost": cost}
+    if len(raw["layers"]) - 1 in drop and raw.get("final_layer_output") == "first_token":
+        out["final_layer_output"] = "all_tokens"  # the first-token graph was the last layer's; a full one ends it now
+    if raw.get("schedule"):
+        out["schedule"] = None
+    probe = raw.get("arrays", {}).get(probe_name)
+    if probe:
+        gone.add(probe["file"])
+        out["arrays"] = {k: v for k, v in raw["arrays"].items() if k != probe_name}
+    return out, gone
+
+
 __all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
            "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
            "ExportInfo", "FileEntry", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
-           "CREATED_BY", "DTYPES", "freeze", "thaw"]
+           "CREATED_BY", "DTYPES", "freeze", "thaw", "editable", "with_schedule", "without_layers"]

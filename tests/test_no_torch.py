@@ -1,4 +1,4 @@
-"""The runtime half must never import torch / transformers / optimum (DESIGN §1)."""
+"""The runtime half must never import torch, transformers or optimum: it runs on a device with numpy and onnxruntime only."""
 
 import json
 import subprocess

@@ -18,7 +18,7 @@ Adding a family = one module here with an :class:`Adapter` subclass and one line
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
+from edge_sel.runtime.manifest import with_schedule
 from edge_sel.runtime.rerank import Reranker
 from edge_sel.runtime.rerank.schedule import PROBE_ARRAY, RULES, Schedule
 from edge_sel.runtime.rerank.scoring import scoring_class
@@ -190,13 +191,11 @@ def decide_schedule(b: Bundle, traces: list[Trace], all_scores: dict[str, list[n
 
 def write_schedule(bundle: Bundle, schedule: Schedule | None, probes: np.ndarray | None) -> None:
     """Store ``schedule`` (and its probe array, replacing a previous one) in the bundle through the staged writer."""
-    manifest = editable_manifest(bundle)
-    arrays = manifest.setdefault("arrays", {})
-    old = arrays.pop(PROBE_ARRAY, None)
-    with rewriting(bundle, leave_out=[old["file"]] if old is not None else []) as w:
+    old = bundle.spec.arrays.get(PROBE_ARRAY)
+    with rewriting(bundle, leave_out=[old.file] if old is not None else []) as w:
+        probe = None
         if probes is not None:
-            arrays[PROBE_ARRAY] = w.write_array(f"calibration/probe-{uuid.uuid4().hex[:8]}.bin",
-                                                np.ascontiguousarray(probes, dtype="<f4"))
-        manifest["schedule"] = schedule.to_manifest() if schedule is not None else None
-        w.commit(manifest)
+            probe = w.write_array(f"calibration/probe-{uuid.uuid4().hex[:8]}.bin", np.ascontiguousarray(probes, dtype="<f4"))
+        w.commit(with_schedule(editable_manifest(bundle), schedule.to_manifest() if schedule is not None else None,
+                               PROBE_ARRAY, probe))
     bundle.manifest = Bundle.open(bundle.root).manifest

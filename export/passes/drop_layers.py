@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
+from edge_sel.runtime.manifest import without_layers
 from edge_sel.runtime.rerank import Reranker
 from edge_sel.runtime.rerank.schedule import PROBE_ARRAY
 
@@ -97,29 +98,7 @@ def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
     L = len(bundle.spec.layers)
     if any(not 0 <= d < L for d in drop) or len(set(drop)) >= L:
         raise InputError(f"cannot drop layers {drop} from a bundle with {L} layers")
-    manifest = editable_manifest(bundle)
-    dropped_files = set()
-    kept = []
-    for pos, layer in enumerate(manifest["layers"]):
-        if pos in drop:
-            dropped_files.update(x for x in (layer["file"], layer.get("weights")) if x)
-            if layer.get("qkv"):  # split (prefix-reuse) layers: the qkv graph goes too
-                spec = manifest.get("extra_graphs", {}).pop(layer["qkv"])
-                dropped_files.update(x for x in (spec["file"], spec.get("weights")) if x)
-        else:
-            kept.append({**layer, "index": len(kept)})
-    prev = list(manifest.get("dropped_layers") or [])
-    newly = [bundle.spec.layers[p].source_index for p in drop]
-    manifest["layers"] = kept
-    manifest["dropped_layers"] = sorted(prev + newly)
-    if L - 1 in drop and manifest.get("final_layer_output") == "first_token":
-        manifest["final_layer_output"] = "all_tokens"  # the first-token-only graph was the last layer's; a full one ends it now
-    manifest["drop_cost"] = cost
-    if manifest.get("schedule"):
-        manifest["schedule"] = None  # its layer positions no longer hold; calibrate again
-    probe = manifest.get("arrays", {}).pop(PROBE_ARRAY, None)
-    if probe:
-        dropped_files.add(probe["file"])
+    manifest, dropped_files = without_layers(editable_manifest(bundle), set(drop), cost, PROBE_ARRAY)
     with rewriting(bundle, leave_out=dropped_files) as w:
         return w.commit(manifest)
 

@@ -12,25 +12,20 @@ import json
 from typing import Iterable, Iterator
 
 from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.runtime.manifest import editable
 
 from ..staging import link_files
 
-WRITER_KEYS = ("format", "format_version", "files")  # set by BundleWriter.commit
-
-
 def editable_manifest(bundle: Bundle) -> dict:
     """The bundle's manifest as stored, without the keys the writer sets on commit."""
-    manifest = json.loads((bundle.root / MANIFEST).read_text(encoding="utf-8"))
-    for key in WRITER_KEYS:
-        manifest.pop(key, None)
-    return manifest
+    return editable(json.loads((bundle.root / MANIFEST).read_text(encoding="utf-8")))
 
 
 @contextlib.contextmanager
 def rewriting(bundle: Bundle, leave_out: Iterable[str] = ()) -> Iterator[BundleWriter]:
     """A writer staging ``bundle``'s files except ``leave_out``; the caller adds files and commits the manifest."""
     skip = set(leave_out)
-    stored = json.loads((bundle.root / MANIFEST).read_text(encoding="utf-8"))["files"]
+    stored = bundle.spec.files
     with BundleWriter(bundle.root, overwrite=True) as w:
         link_files(bundle, w, [rel for rel in stored if rel not in skip])
         yield w

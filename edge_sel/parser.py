@@ -1,0 +1,181 @@
+"""The ``edge-sel`` argument parser: every subcommand, its options and its ``--help`` examples.
+
+Usage errors exit with code 2 and the usage line, as argparse does; the commands themselves live in
+:mod:`edge_sel.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edge_sel.runtime.errors import EdgeSelError
+from edge_sel.runtime.units import parse_size
+
+EXAMPLES = {
+    "models": """examples:
+  edge-sel models list
+  edge-sel models fetch all-minilm-l6-v2
+  edge-sel models fetch smollm2-135m-instruct""",
+    "export": """examples:
+  edge-sel export all-minilm-l6-v2 -o bundles/minilm --verify
+  edge-sel export all-minilm-l6-v2 -o bundles/minilm-ce --scoring cross_encoder --seed 0
+  edge-sel export smollm2-135m-instruct -o bundles/smollm2 --task rerank --verify
+  edge-sel export ~/models/my-cross-encoder -o bundles/ce""",
+    "rerank": """examples:
+  edge-sel rerank bundles/minilm --query "copy a file" --documents docs.txt --top-k 5
+  edge-sel rerank bundles/smollm2 --query "..." --documents docs.jsonl --memory-budget 128MB --json
+documents: plain text, one document per non-empty line (corpus_id = index among those lines),
+or JSONL (one object per line with a "text" field).""",
+    "demo": """examples:
+  edge-sel demo
+  edge-sel demo --model smollm2-135m-instruct --memory-budget 128MB""",
+    "calibrate": """examples:
+  edge-sel calibrate bundles/smollm2                        # builtin calibration text, top-10
+  edge-sel calibrate bundles/minilm --top-k 5 --json
+  edge-sel calibrate bundles/bge --data my_queries.jsonl    # lines: {"query": "...", "documents": ["...", ...]}
+calibration text never overlaps the benchmark text (builtin: docstrings of other stdlib modules).""",
+    "generate": """examples:
+  edge-sel export smollm2-135m-instruct -o bundles/smol-gen --task generate --verify
+  edge-sel generate bundles/smol-gen --prompt "Write a haiku about the sea." --chat
+  edge-sel generate bundles/smol-gen --prompt-file book.txt --kv-budget 0.2 --policy mpcache --json
+  edge-sel generate bundles/smol-gen -p "Once upon a time" --kv-budget 64MB --temperature 0.8 --seed 1
+--kv-budget: tokens per layer (512), a fraction of the prompt (0.2) or bytes for the whole cache (64MB);
+default: room for the prompt and every new token. Prompts longer than the model's context are refused.""",
+    "verify": """examples:
+  edge-sel verify bundles/minilm""",
+    "info": """examples:
+  edge-sel info bundles/minilm""",
+    "bench": """examples:
+  edge-sel bench bundles/minilm                                    # 64 synthetic candidates of 128 tokens, pruning off/on
+  edge-sel bench bundles/smollm2 -n 32,128 -m none,128MB --pruning off,on --json
+  edge-sel bench bundles/minilm -n 100 --documents docs.txt --query "copy a file"
+  edge-sel bench bundles/smol-gen -p 512,2048 --policy full,mpcache --kv-budget none,0.2
+measures edge_sel alone on this device (no torch). The side-by-side comparison with torch, optimum and
+kvpress is a developer script of the source checkout: python -m benchmarks.rerank --help""",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: exit 2 with the usage line, as argparse does
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except EdgeSelError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="edge-sel", description="On-device selection: memory-bounded reranking over exported layer bundles.",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def cmd(name, help_):
+        return sub.add_parser(name, help=help_, description=help_, epilog=EXAMPLES.get(name),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    m = cmd("models", "list or fetch the packaged default models")
+    msub = m.add_subparsers(dest="models_cmd", metavar="ACTION", parser_class=_Parser)
+    msub.required = True
+    ml = msub.add_parser("list", help="show packaged models and whether they are fetched")
+    ml.add_argument("--json", action="store_true")
+    mf = msub.add_parser("fetch", help="download a packaged model into the edge_sel cache")
+    mf.add_argument("name")
+    mf.add_argument("--force", action="store_true", help="download again even if present")
+
+    e = cmd("export", "export a model to a bundle")
+    e.add_argument("model", help="packaged name, local HF directory, .gguf file, or an id in the local HF cache")
+    e.add_argument("-o", "--out", required=True, help="bundle directory to write (atomically)")
+    e.add_argument("--task", default="rerank", choices=["rerank", "generate"])
+    e.add_argument("--scoring", choices=["yes_no", "cross_encoder", "bi_encoder"], help="default: from the model")
+    e.add_argument("--max-length", type=int, help="maximum tokens per candidate (default: the model's)")
+    e.add_argument("--verify", action="store_true", help="compare bundle and torch scores; fail above 1e-3")
+    e.add_argument("--seed", type=int, default=0, help="seed for freshly initialised head weights")
+    e.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    e.add_argument("--drop-layers", metavar="N|auto", help="drop the N layers that matter least (block influence + measured "
+                   "ranking effect on calibration text); auto: as many as keep top-10 agreement >= 0.9")
+    e.add_argument("--calibrate", action="store_true", help="calibrate early-ranking pruning after export (see `edge-sel calibrate`)")
+    e.add_argument("--json", action="store_true")
+
+    r = cmd("rerank", "rank documents for a query with a bundle")
+    r.add_argument("bundle")
+    r.add_argument("--query", "-q", required=True)
+    r.add_argument("--documents", "-d", required=True, help="text file (one per line) or JSONL with 'text'")
+    r.add_argument("--top-k", "-k", type=int, default=10)
+    r.add_argument("--memory-budget", "-m", type=_size, help="e.g. 128MB, 1.5GiB (default: all layers resident)")
+    r.add_argument("--instruction", help="decoder rerankers: the <Instruct> line of the prompt")
+    r.add_argument("--show-text", action="store_true", help="print document text with the results")
+    r.add_argument("--pruning", choices=["auto", "on", "off"], default="auto",
+                   help="early-ranking pruning: auto = the bundle's calibrated schedule if it has one; on = require one; off")
+    r.add_argument("--json", action="store_true", help="print {results, stats} as JSON")
+
+    d = cmd("demo", "select from real text (CPython docstrings) with a packaged model")
+    d.add_argument("--model", default="all-minilm-l6-v2", help="all-minilm-l6-v2 (default) or smollm2-135m-instruct")
+    d.add_argument("--memory-budget", "-m", type=_size, default=None, help="default: 128MB (MiniLM) / 192MB (SmolLM2)")
+    d.add_argument("--pool", type=int, default=None, help="number of candidate docstrings (default: 200 MiniLM, 48 SmolLM2)")
+    d.add_argument("--top-k", "-k", type=int, default=3)
+    d.add_argument("--json", action="store_true")
+
+    c = cmd("calibrate", "calibrate early-ranking pruning for a bundle (runtime only, no torch); rewrites its manifest")
+    c.add_argument("bundle")
+    c.add_argument("--data", default="builtin", help="'builtin' (default) or a JSONL file of {query, documents}")
+    c.add_argument("--top-k", "-k", type=int, default=10, help="the top-K the schedule must always keep (default 10)")
+    c.add_argument("--method", default="auto", choices=["auto", "probe", "head", "cosine"], help="how a layer is scored")
+    c.add_argument("--rule", default="auto", choices=["auto", "margin", "rank"],
+                   help="margin = drop clusters scoring below the K-th best minus a calibrated margin; rank = keep a calibrated "
+                        "fraction of the candidates; auto (default) = whichever saves more on the calibration data")
+    c.add_argument("--safety", type=float, default=None,
+                   help="multiplier over the calibration worst case (default: 1.5 for margins, 1.0 for rank fractions; "
+                        "split-half validation raises it when needed)")
+    c.add_argument("--queries", type=int, default=64, help="builtin data: number of queries (default 64)")
+    c.add_argument("--candidates", type=int, default=48, help="builtin data: candidates per query")
+    c.add_argument("--max-layers", type=int, default=4, help="at most this many pruning layers")
+    c.add_argument("--memory-budget", "-m", type=_size, help="run calibration under this budget")
+    c.add_argument("--json", action="store_true")
+
+    from edge_sel.runtime.policies import REGISTRY
+
+    policies = ", ".join(REGISTRY)
+    g = cmd("generate", "generate text with a generate bundle under a KV-cache budget")
+    g.epilog = f"{EXAMPLES['generate']}\npolicies: {policies} (combine with +)."
+    g.add_argument("bundle")
+    g.add_argument("--prompt", "-p", help="the prompt text")
+    g.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    g.add_argument("--kv-budget", "-b", default=None, help="512 (tokens/layer) | 0.2 (of the prompt) | 64MB (bytes, whole cache)")
+    g.add_argument("--policy", default="full", help=f"KV policy (default full): {policies}, or a+b")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
+    g.add_argument("--system", help="system message (with --chat)")
+    g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
+
+    qz = cmd("quantize", "write a copy of a bundle with int8 layer weights (onnxruntime dynamic quantization) and measure "
+             "what it costs in ranking agreement")
+    qz.add_argument("bundle")
+    qz.add_argument("-o", "--out", required=True, help="bundle directory to write (atomically)")
+    qz.add_argument("--weights", default="int8", choices=["int8", "uint8"])
+    qz.add_argument("--no-measure", action="store_true", help="skip the agreement measurement on the builtin calibration data")
+    qz.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    qz.add_argument("--json", action="store_true")
+
+    v = cmd("verify", "check a bundle's files against its manifest (sizes and sha256)")
+    v.add_argument("bundle")
+    v.add_argument("--json", action="store_true")
+
+    i = cmd("info", "summarise a bundle")
+    i.add_argument("bundle")
+    i.add_argument("--json", action="store_true")
+
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(cmd("bench", "measure edge_sel on this device with a bundle (no torch): rerank latency and peak "
+                                     "RSS, or generation prefill tokens/s and decode ms/token"))
+    return p
