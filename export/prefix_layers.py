@@ -2,7 +2,7 @@
 
 A yes/no rerank bundle exported with ``prefix_reuse`` (the default for decoders) stores each layer as the
 generation bundles' two graphs — ``qkv`` (norm, projections, rotary) and ``attn`` (attention over explicit K/V
-inputs + MLP), built by :mod:`edge_sel.export.adapters.decoder_graphs` — so the runtime (:mod:`edge_sel.runtime.prefix`)
+inputs + MLP), built by :mod:`edge_sel.export.adapters.decoder_graphs` — so the runtime (:mod:`edge_sel.runtime.rerank.prefix`)
 computes the instruction + query prefix once per query and lets every candidate attend to its K/V. The two graphs
 hold disjoint weights: the bundle is no larger.
 

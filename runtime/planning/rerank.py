@@ -6,7 +6,7 @@ a gather touches, hidden states kept between layers for every live candidate, th
 one chunk inside a layer, plus fixed costs (tokenizer, head, session bookkeeping).
 
 When the kept hidden states of every candidate do not fit, the plan *spills* them to files
-(:mod:`.spill`): then only the chunk in flight holds hidden states in RAM, and the minimum no longer
+(:mod:`edge_sel.runtime.rerank.chunks`): then only the chunk in flight holds hidden states in RAM, and the minimum no longer
 grows with the number of candidates. Keeping them resident is preferred whenever it fits (no I/O).
 """
 

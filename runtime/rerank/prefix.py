@@ -2,7 +2,7 @@
 
 In a yes/no reranker prompt the instruction + query part (``prefix``, ``Encoded.prefix_len`` tokens) is
 identical for every candidate. Bundles exported with split layer graphs (the generation bundles'
-``qkv`` + ``attn`` graphs of :mod:`edge_sel.export.generate`, reused as they are) let the runtime
+``qkv`` + ``attn`` graphs built by :mod:`edge_sel.export.adapters.decoder_graphs`) let the runtime
 compute the prefix once per query and layer, and run each candidate's own tokens (positions
 ``P .. P+T-1``) against ``[prefix K/V ; own K/V]``. Visibility is the graph's one rule —
 key ``j`` is visible to query ``i`` iff ``key_pos[j] <= position_ids[i]`` — so the prefix keys
