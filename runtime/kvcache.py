@@ -61,19 +61,20 @@ class LayerCache:
         """Keep only slots ``keep`` (``[m]`` shared by all heads, or ``[kv, m]`` per head; ascending)."""
         keep = np.asarray(keep, dtype=np.int64)
         m = keep.shape[-1]
-        if keep.ndim == 1:
-            self.k[0, :, :m] = self.k[0][:, keep]
-            self.v[0, :, :m] = self.v[0][:, keep]
-            self.pos[:, :m] = self.pos[:, keep]
-            self.score[:, :m] = self.score[:, keep]
-        else:
-            self.k[0, :, :m] = np.take_along_axis(self.k[0], keep[..., None], axis=1)
-            self.v[0, :, :m] = np.take_along_axis(self.v[0], keep[..., None], axis=1)
-            self.pos[:, :m] = np.take_along_axis(self.pos, keep, axis=1)
-            self.score[:, :m] = np.take_along_axis(self.score, keep, axis=1)
+        self._copy_slots(self, keep)
         self.pos[:, m:self.n] = EMPTY_POS
         self.score[:, m:self.n] = 0.0
         self.n = m
+
+    def _copy_slots(self, src: "LayerCache", keep: np.ndarray) -> None:
+        """Write ``src``'s slots ``keep`` (``[m]`` shared by all heads or ``[kv, m]`` per head) to this cache's
+        first ``m`` slots; ``src`` may be this cache (fancy indexing copies before the write)."""
+        m = keep.shape[-1]
+        for dst, a in ((self.k[0], src.k[0]), (self.v[0], src.v[0]), (self.pos, src.pos), (self.score, src.score)):
+            if keep.ndim == 1:
+                dst[:, :m] = a[:, keep]
+            else:  # k/v rows are [kv, slots, D]: the per-head indices broadcast over D
+                dst[:, :m] = np.take_along_axis(a, keep if a.ndim == 2 else keep[..., None], axis=1)
 
     def reset(self) -> None:
         self.pos[:, : self.n] = EMPTY_POS
@@ -88,16 +89,7 @@ class LayerCache:
         m = keep.shape[-1]
         if m > self.capacity:
             raise RuntimeError(f"KV cache overflow: keeping {m} > capacity {self.capacity} (policy bug)")
-        if keep.ndim == 1:
-            self.k[0, :, :m] = src.k[0][:, keep]
-            self.v[0, :, :m] = src.v[0][:, keep]
-            self.pos[:, :m] = src.pos[:, keep]
-            self.score[:, :m] = src.score[:, keep]
-        else:
-            self.k[0, :, :m] = np.take_along_axis(src.k[0], keep[..., None], axis=1)
-            self.v[0, :, :m] = np.take_along_axis(src.v[0], keep[..., None], axis=1)
-            self.pos[:, :m] = np.take_along_axis(src.pos, keep, axis=1)
-            self.score[:, :m] = np.take_along_axis(src.score, keep, axis=1)
+        self._copy_slots(src, keep)
         self.pos[:, m:self.capacity] = EMPTY_POS
         self.score[:, m:self.capacity] = 0.0
         self.n = m

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from types import MappingProxyType
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping
 
 from .errors import BundleError
 
@@ -102,6 +102,16 @@ class _Reader:
             self.fail(path, f"expected true or false, got {_show(v)}")
         return v
 
+    def fraction(self, v, path: str, optional: bool = False):
+        v = self.float(v, path, optional=optional)
+        if v is not None and not 0 <= v <= 1:
+            self.fail(path, f"expected a fraction in [0, 1], got {v}")
+        return v
+
+    def free(self, v, path: str):
+        """A free-form JSON object (facts for people, not read by the runtime), frozen."""
+        return freeze(self.obj(v, path))
+
     def list(self, v, path: str, item, nonempty: bool = False) -> tuple:
         if not isinstance(v, list) or (nonempty and not v):
             self.fail(path, f"expected a{' non-empty' if nonempty else ''} list, got {_show(v)}")
@@ -145,15 +155,45 @@ def thaw(v):
 
 
 # ---- the node base: JSON round trip ------------------------------------------------------------------------------
+def _json(kind, default=dataclasses.MISSING, **opts):
+    """A field :meth:`Node.read` fills from the JSON key of its name, with ``kind``: a :class:`_Reader` method
+    (``opts`` are its options; ``"list"`` takes ``of=`` the item's method, ``nonempty=`` and the item's options)
+    or a :class:`Node` class. ``default`` is also the JSON's value when the key is absent; a None default makes
+    the field optional (null or absent)."""
+    return field(default=default, metadata={"json": (kind, opts)})
+
+
+_SAY_NULL = ("str", "int", "float", "path", "fraction")  # readers that accept null themselves ("... or null")
+
+
+def _read_field(r: _Reader, d: dict, p: str, f: dataclasses.Field):
+    kind, opts = f.metadata["json"]
+    key, q = f.name, f"{p}.{f.name}"
+    if f.default is None:
+        if kind in _SAY_NULL:
+            opts = {**opts, "optional": True}
+        elif d.get(key) is None:
+            return None
+    v = d.get(key, None if f.default is dataclasses.MISSING else thaw(f.default))
+    if isinstance(kind, type):
+        return kind.read(r, v, q)
+    if kind == "list":
+        item = {k: x for k, x in opts.items() if k not in ("of", "nonempty")}
+        read_item = getattr(r, opts["of"])
+        return r.list(v, q, lambda x, iq: read_item(x, iq, **item), nonempty=opts.get("nonempty", False))
+    return getattr(r, kind)(v, q, **opts)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Node:
     """A manifest object. ``unknown``: keys this version does not know (kept and written back); ``_keys``: keys the
-    parsed JSON held, so that defaults filled in at parse time are not written back where the JSON had none."""
+    parsed JSON held, so that defaults filled in at parse time are not written back where the JSON had none.
+
+    A field declared with :func:`_json` is read by the generic :meth:`read`; the others (values checked against
+    each other) by the class's :meth:`_read_first`, before the declared ones."""
 
     unknown: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
     _keys: frozenset = field(default=frozenset(), compare=False, repr=False)
-
-    KNOWN: ClassVar[tuple] = ()  # the JSON keys of this object
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -180,72 +220,85 @@ class Node:
         """Validate the JSON object ``d`` as this part; errors name ``where`` and the field ``path`` (e.g. "schedule")."""
         return cls.read(_Reader(str(where)), d, path or cls.__name__)
 
+    @classmethod
+    def read(cls, r: _Reader, v, p: str) -> "Node":
+        d = r.obj(v, p)
+        return cls(**cls._read_declared(r, d, p, cls._read_first(r, d, p)), **cls._base(d))
+
+    @classmethod
+    def _read_first(cls, r: _Reader, d: dict, p: str) -> dict[str, Any]:
+        """The fields that are not declared with :func:`_json`, read and checked against each other."""
+        return {}
+
+    @classmethod
+    def _read_declared(cls, r: _Reader, d: dict, p: str, done: dict[str, Any], names: tuple = ()) -> dict[str, Any]:
+        """``done`` + the declared fields not in it (only ``names`` when given), in declaration order."""
+        out = dict(done)
+        for f in dataclasses.fields(cls):
+            if "json" in f.metadata and f.name not in done and (not names or f.name in names):
+                out[f.name] = _read_field(r, d, p, f)
+        return out
+
     def _implied(self) -> dict[str, Any]:
         """Defaults that depend on other fields (written back only when they differ)."""
         return {}
 
     @classmethod
     def _base(cls, d: dict) -> dict:
-        return {"unknown": freeze({k: v for k, v in d.items() if k not in cls.KNOWN}), "_keys": frozenset(d)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"unknown", "_keys"}  # the JSON keys are the field names
+        return {"unknown": freeze({k: v for k, v in d.items() if k not in known}), "_keys": frozenset(d)}
 
 
 # ---- the parts -----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class ModelInfo(Node):
-    KNOWN = ("name", "source", "family", "model_type", "scoring", "task")
     scoring: str
     task: str
-    name: str | None = None
-    source: str | None = None
-    family: str | None = None
-    model_type: str | None = None
+    name: str | None = _json("str", None, nonempty=False)
+    source: str | None = _json("str", None, nonempty=False)
+    family: str | None = _json("str", None, nonempty=False)
+    model_type: str | None = _json("str", None, nonempty=False)
 
     @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "ModelInfo":
-        d = r.obj(v, p)
+    def _read_first(cls, r, d, p):
         task = r.str(d.get("task"), f"{p}.task", choices=TASKS)
         scoring = r.str(d.get("scoring"), f"{p}.scoring", choices=SCORINGS)
         if scoring not in TASK_SCORINGS[task]:
             r.fail(f"{p}.scoring", f"{scoring!r} is not a scoring of task {task!r} (one of {', '.join(TASK_SCORINGS[task])})")
-        opt = {k: r.str(d.get(k), f"{p}.{k}", optional=True, nonempty=False) for k in ("name", "source", "family", "model_type")}
-        return cls(scoring=scoring, task=task, **opt, **cls._base(d))
+        return {"scoring": scoring, "task": task}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Dims(Node):
-    KNOWN = ("num_layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
     hidden: int
     heads: int
     kv_heads: int
     head_dim: int
-    num_layers: int | None = None
-    intermediate: int | None = None
-    vocab: int | None = None
+    num_layers: int | None = _json("int", None, lo=1)
+    intermediate: int | None = _json("int", None, lo=1)
+    vocab: int | None = _json("int", None, lo=1)
 
     def _implied(self) -> dict[str, Any]:
         return {"kv_heads": self.heads, "head_dim": self.hidden // self.heads}
 
     @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "Dims":
-        d = r.obj(v, p)
+    def _read_first(cls, r, d, p):
         hidden = r.int(d.get("hidden"), f"{p}.hidden", lo=1)
         heads = r.int(d.get("heads"), f"{p}.heads", lo=1)
         kv_heads = r.int(d.get("kv_heads", heads), f"{p}.kv_heads", lo=1)
         head_dim = r.int(d.get("head_dim", hidden // heads), f"{p}.head_dim", lo=1)
         if heads % kv_heads:
             r.fail(f"{p}.kv_heads", f"{kv_heads} does not divide heads ({heads})")
-        opt = {k: r.int(d.get(k), f"{p}.{k}", lo=1, optional=True) for k in ("num_layers", "intermediate", "vocab")}
-        return cls(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, **opt, **cls._base(d))
+        return {"hidden": hidden, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ArraySpec(Node):
     """A raw little-endian C-order array file (memory-mapped by the runtime)."""
 
-    KNOWN = ("file", "dtype", "shape")
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
+    file: str = _json("path")
+    dtype: str = _json("str", choices=DTYPES)
+    shape: tuple[int, ...] = _json("list", of="int", lo=0, nonempty=True)
 
     @property
     def nbytes(self) -> int:
@@ -253,25 +306,17 @@ class ArraySpec(Node):
 
         return int(math.prod(self.shape)) * np.dtype(self.dtype).itemsize
 
-    @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "ArraySpec":
-        d = r.obj(v, p)
-        return cls(file=r.path(d.get("file"), f"{p}.file"), dtype=r.str(d.get("dtype"), f"{p}.dtype", choices=DTYPES),
-                   shape=r.list(d.get("shape"), f"{p}.shape", lambda x, q: r.int(x, q, lo=0), nonempty=True),
-                   **cls._base(d))
-
 
 @dataclass(frozen=True, kw_only=True)
 class LayerSpec(Node):
     """One kept layer: its graph (``file``, external weights ``weights``), its position in the source model
     (``source_index``) and, for split layers, the key of its qkv graph in ``extra_graphs``."""
 
-    KNOWN = ("index", "source_index", "file", "weights", "qkv")
     index: int
     source_index: int
-    file: str
-    weights: str | None = None
-    qkv: str | None = None
+    file: str = _json("path")
+    weights: str | None = _json("path", None)
+    qkv: str | None = _json("str", None)
 
     def _implied(self) -> dict[str, Any]:
         return {"source_index": self.index}
@@ -282,24 +327,16 @@ class LayerSpec(Node):
         index = r.int(d.get("index", position), f"{p}.index", lo=0)
         if index != position:
             r.fail(f"{p}.index", f"expected {position} (the layer's position in the list), got {index}")
-        return cls(index=index, source_index=r.int(d.get("source_index", index), f"{p}.source_index", lo=0),
-                   file=r.path(d.get("file"), f"{p}.file"), weights=r.path(d.get("weights"), f"{p}.weights", optional=True),
-                   qkv=r.str(d.get("qkv"), f"{p}.qkv", optional=True), **cls._base(d))
+        first = {"index": index, "source_index": r.int(d.get("source_index", index), f"{p}.source_index", lo=0)}
+        return cls(**cls._read_declared(r, d, p, first), **cls._base(d))
 
 
 @dataclass(frozen=True, kw_only=True)
 class GraphFile(Node):
     """An ONNX graph file and its external-data file (``weights``, null when the weights are inline)."""
 
-    KNOWN = ("file", "weights")
-    file: str
-    weights: str | None = None
-
-    @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "GraphFile":
-        d = r.obj(v, p)
-        return cls(file=r.path(d.get("file"), f"{p}.file"), weights=r.path(d.get("weights"), f"{p}.weights", optional=True),
-                   **cls._base(d))
+    file: str = _json("path")
+    weights: str | None = _json("path", None)
 
 
 def _names(r: _Reader, v, p: str) -> tuple[str, ...]:
@@ -308,29 +345,18 @@ def _names(r: _Reader, v, p: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class GraphIO(Node):
-    KNOWN = ("inputs", "outputs")
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-
-    @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "GraphIO":
-        d = r.obj(v, p)
-        return cls(inputs=_names(r, d.get("inputs"), f"{p}.inputs"), outputs=_names(r, d.get("outputs"), f"{p}.outputs"),
-                   **cls._base(d))
+    inputs: tuple[str, ...] = _json("list", of="str", nonempty=True)
+    outputs: tuple[str, ...] = _json("list", of="str", nonempty=True)
 
 
 @dataclass(frozen=True, kw_only=True)
 class HeadSpec(GraphFile):
-    KNOWN = ("file", "weights", "inputs", "outputs")
-    inputs: tuple[str, ...] | None = None
-    outputs: tuple[str, ...] | None = None
+    inputs: tuple[str, ...] | None = _json("list", None, of="str", nonempty=True)
+    outputs: tuple[str, ...] | None = _json("list", None, of="str", nonempty=True)
 
     @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "HeadSpec":
-        d = r.obj(v, p)
-        io = {k: None if d.get(k) is None else _names(r, d[k], f"{p}.{k}") for k in ("inputs", "outputs")}
-        return cls(file=r.path(d.get("file"), f"{p}.file"), weights=r.path(d.get("weights"), f"{p}.weights", optional=True),
-                   **io, **cls._base(d))
+    def _read_first(cls, r, d, p):
+        return cls._read_declared(r, d, p, {}, names=("inputs", "outputs"))  # the I/O names before the graph file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -338,16 +364,15 @@ class LayerIO(Node):
     """The layer graphs' I/O names. One graph per layer: ``inputs``/``outputs``. Split layers (decoders): ``qkv`` and
     ``attn`` graphs, ``empty_pos`` (key position of an empty slot), and for rerank bundles the fused-graph markers."""
 
-    KNOWN = ("inputs", "outputs", "qkv", "attn", "empty_pos", "prefix_reuse", "attn_core", "qkv_rotary", "rerank_form")
     inputs: tuple[str, ...] | None = None
     outputs: tuple[str, ...] | None = None
     qkv: GraphIO | None = None
     attn: GraphIO | None = None
     empty_pos: int | None = None
-    prefix_reuse: bool = False
-    attn_core: str | None = None
-    qkv_rotary: str | None = None
-    rerank_form: int = 0
+    prefix_reuse: bool = _json("bool", False)
+    attn_core: str | None = _json("str", None)
+    qkv_rotary: str | None = _json("str", None)
+    rerank_form: int = _json("int", 0, lo=0)
 
     @property
     def split(self) -> bool:
@@ -359,21 +384,16 @@ class LayerIO(Node):
         return {"inputs": ("hidden", "mask"), "outputs": ("hidden_out",)}
 
     @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "LayerIO":
-        d = r.obj(v, p)
+    def _read_first(cls, r, d, p):
         qkv = None if d.get("qkv") is None else GraphIO.read(r, d["qkv"], f"{p}.qkv")
         attn = None if d.get("attn") is None else GraphIO.read(r, d["attn"], f"{p}.attn")
         if (qkv is None) != (attn is None):
             r.fail(f"{p}.{'attn' if attn is None else 'qkv'}", "split layers need both 'qkv' and 'attn'")
         plain = qkv is None
-        return cls(inputs=_names(r, d["inputs"], f"{p}.inputs") if "inputs" in d else (("hidden", "mask") if plain else None),
-                   outputs=_names(r, d["outputs"], f"{p}.outputs") if "outputs" in d else (("hidden_out",) if plain else None),
-                   qkv=qkv, attn=attn,
-                   empty_pos=r.int(d.get("empty_pos", None if plain else EMPTY_POS), f"{p}.empty_pos", lo=1, optional=plain),
-                   prefix_reuse=r.bool(d.get("prefix_reuse", False), f"{p}.prefix_reuse"),
-                   attn_core=r.str(d.get("attn_core"), f"{p}.attn_core", optional=True),
-                   qkv_rotary=r.str(d.get("qkv_rotary"), f"{p}.qkv_rotary", optional=True),
-                   rerank_form=r.int(d.get("rerank_form", 0), f"{p}.rerank_form", lo=0), **cls._base(d))
+        return {"inputs": _names(r, d["inputs"], f"{p}.inputs") if "inputs" in d else (("hidden", "mask") if plain else None),
+                "outputs": _names(r, d["outputs"], f"{p}.outputs") if "outputs" in d else (("hidden_out",) if plain else None),
+                "qkv": qkv, "attn": attn,
+                "empty_pos": r.int(d.get("empty_pos", None if plain else EMPTY_POS), f"{p}.empty_pos", lo=1, optional=plain)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -381,46 +401,30 @@ class EmbeddingRule(Node):
     """``gather``: rows of ``embed``. ``bert``: + position (offset by ``position_offset``) and token-type rows, then
     LayerNorm(``ln_weight``, ``ln_bias``, ``layer_norm_eps``)."""
 
-    KNOWN = ("rule", "layer_norm_eps", "position_offset")
     rule: str = "gather"
     layer_norm_eps: float | None = None
-    position_offset: int = 0
+    position_offset: int = _json("int", 0, lo=0)
 
     @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "EmbeddingRule":
-        d = r.obj(v, p)
+    def _read_first(cls, r, d, p):
         rule = r.str(d.get("rule", "gather"), f"{p}.rule", choices=EMBEDDING_RULES)
         eps = r.float(d.get("layer_norm_eps"), f"{p}.layer_norm_eps", positive=True, optional=rule != "bert")
-        return cls(rule=rule, layer_norm_eps=eps, position_offset=r.int(d.get("position_offset", 0), f"{p}.position_offset", lo=0),
-                   **cls._base(d))
+        return {"rule": rule, "layer_norm_eps": eps}
 
 
 @dataclass(frozen=True, kw_only=True)
 class PromptSpec(Node):
     """Yes/no reranking prompt: ``prefix`` (with ``{instruction}`` and ``{query}``) + document + ``suffix``."""
 
-    KNOWN = ("prefix", "suffix", "instruction")
-    prefix: str
-    suffix: str
-    instruction: str = ""
-
-    @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "PromptSpec":
-        d = r.obj(v, p)
-        return cls(prefix=r.str(d.get("prefix"), f"{p}.prefix", nonempty=False), suffix=r.str(d.get("suffix"), f"{p}.suffix", nonempty=False),
-                   instruction=r.str(d.get("instruction", ""), f"{p}.instruction", nonempty=False), **cls._base(d))
+    prefix: str = _json("str", nonempty=False)
+    suffix: str = _json("str", nonempty=False)
+    instruction: str = _json("str", "", nonempty=False)
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokenIds(Node):
-    KNOWN = ("yes", "no")
-    yes: int
-    no: int
-
-    @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "TokenIds":
-        d = r.obj(v, p)
-        return cls(yes=r.int(d.get("yes"), f"{p}.yes", lo=0), no=r.int(d.get("no"), f"{p}.no", lo=0), **cls._base(d))
+    yes: int = _json("int", lo=0)
+    no: int = _json("int", lo=0)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -428,88 +432,64 @@ class ChatSpec(Node):
     """The chat template rendered around the user text: ``before`` + text + ``after`` (with a system prompt:
     ``system_before`` + system + ``system_between`` + text + ``after``); ``template``: the original Jinja source."""
 
-    KNOWN = ("template", "before", "after", "system_before", "system_between")
-    before: str
-    after: str
-    template: str | None = None
-    system_before: str | None = None
-    system_between: str | None = None
+    before: str = _json("str", nonempty=False)
+    after: str = _json("str", nonempty=False)
+    template: str | None = _json("str", None, nonempty=False)
+    system_before: str | None = _json("str", None, nonempty=False)
+    system_between: str | None = _json("str", None, nonempty=False)
 
     @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "ChatSpec":
-        d = r.obj(v, p)
-        s = {k: r.str(d.get(k), f"{p}.{k}", optional=True, nonempty=False) for k in ("template", "system_before", "system_between")}
+    def _read_first(cls, r, d, p):
+        s = cls._read_declared(r, d, p, {}, names=("template", "system_before", "system_between"))
         if (s["system_before"] is None) != (s["system_between"] is None):
             r.fail(f"{p}.system_between", "system_before and system_between come together")
-        return cls(before=r.str(d.get("before"), f"{p}.before", nonempty=False), after=r.str(d.get("after"), f"{p}.after", nonempty=False),
-                   **s, **cls._base(d))
+        return s
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleLayer(Node):
-    KNOWN = ("layer", "margin", "keep")
     layer: int
     margin: float | None = None
     keep: float | None = None
-
-
-def _free(r: _Reader, d: dict, key: str, p: str):
-    """A free-form JSON object (facts for people, not read by the runtime), frozen; null when absent."""
-    return None if d.get(key) is None else freeze(r.obj(d[key], f"{p}.{key}" if p else key))
-
-
-def _fraction(r: _Reader, d: dict, key: str, p: str):
-    v = r.float(d.get(key), f"{p}.{key}", optional=True)
-    if v is not None and not 0 <= v <= 1:
-        r.fail(f"{p}.{key}", f"expected a fraction in [0, 1], got {v}")
-    return v
 
 
 @dataclass(frozen=True, kw_only=True)
 class Agreement(Node):
     """How a calibrated schedule did on its calibration data (simulated)."""
 
-    KNOWN = ("layer_work_saved", "topk_recall", "topk_identical")
-    layer_work_saved: float | None = None
-    topk_recall: float | None = None
-    topk_identical: float | None = None
+    layer_work_saved: float | None = _json("fraction", None)
+    topk_recall: float | None = _json("fraction", None)
+    topk_identical: float | None = _json("fraction", None)
 
-    @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "Agreement":
-        d = r.obj(v, p)
-        return cls(**{k: _fraction(r, d, k, p) for k in cls.KNOWN}, **cls._base(d))
+
+def _free(r: _Reader, d: dict, key: str, p: str):
+    """:meth:`_Reader.free`; null when absent."""
+    return None if d.get(key) is None else r.free(d[key], f"{p}.{key}" if p else key)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DropCost(Node):
     """What dropping layers cost, measured on calibration text against the full bundle."""
 
-    KNOWN = ("top10_overlap", "top10_identical", "threshold", "requested", "block_influence", "calibration")
-    top10_overlap: float | None = None
-    top10_identical: float | None = None
-    threshold: float | None = None
+    top10_overlap: float | None = _json("fraction", None)
+    top10_identical: float | None = _json("fraction", None)
+    threshold: float | None = _json("float", None)
     requested: int | str | None = None            # a number of layers or "auto"
-    block_influence: Mapping[str, float] | None = None   # source index -> influence of the dropped block
-    calibration: Mapping[str, Any] | None = None
+    block_influence: Mapping[str, float] | None = _json("free", None)   # source index -> influence of the dropped block
+    calibration: Mapping[str, Any] | None = _json("free", None)
 
     @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "DropCost":
-        d = r.obj(v, p)
+    def _read_first(cls, r, d, p):
         req = d.get("requested")
         if req is not None and req != "auto":
             r.int(req, f"{p}.requested", lo=0)
-        return cls(top10_overlap=_fraction(r, d, "top10_overlap", p), top10_identical=_fraction(r, d, "top10_identical", p),
-                   threshold=r.float(d.get("threshold"), f"{p}.threshold", optional=True), requested=req,
-                   block_influence=_free(r, d, "block_influence", p), calibration=_free(r, d, "calibration", p),
-                   **cls._base(d))
+        return {"requested": req}
 
 
 @dataclass(frozen=True, kw_only=True)
 class ScheduleSpec(Node):
     """Early-ranking pruning schedule written by calibration; ``layers[i].layer`` is a position in ``layers``."""
 
-    KNOWN = ("version", "method", "rule", "top_k", "layers", "floor", "cluster_gap", "safety", "probe", "source_layers",
-             "calibration", "agreement", "per_layer")
     method: str
     top_k: int
     layers: tuple[ScheduleLayer, ...]
@@ -561,86 +541,49 @@ class ScheduleSpec(Node):
 class QuantAgreement(Node):
     """A quantized bundle's scores against its float source on the builtin calibration data."""
 
-    KNOWN = ("data", "queries", "candidates", "max_abs_score_diff", "top10_overlap", "top10_identical")
-    data: str | None = None
-    queries: int | None = None
-    candidates: int | None = None
-    max_abs_score_diff: float | None = None
-    top10_overlap: float | None = None
-    top10_identical: float | None = None
-
-    @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "QuantAgreement":
-        d = r.obj(v, p)
-        return cls(data=r.str(d.get("data"), f"{p}.data", optional=True),
-                   queries=r.int(d.get("queries"), f"{p}.queries", lo=0, optional=True),
-                   candidates=r.int(d.get("candidates"), f"{p}.candidates", lo=0, optional=True),
-                   max_abs_score_diff=r.float(d.get("max_abs_score_diff"), f"{p}.max_abs_score_diff", optional=True),
-                   top10_overlap=_fraction(r, d, "top10_overlap", p), top10_identical=_fraction(r, d, "top10_identical", p),
-                   **cls._base(d))
+    data: str | None = _json("str", None)
+    queries: int | None = _json("int", None, lo=0)
+    candidates: int | None = _json("int", None, lo=0)
+    max_abs_score_diff: float | None = _json("float", None)
+    top10_overlap: float | None = _json("fraction", None)
+    top10_identical: float | None = _json("fraction", None)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Quantization(Node):
-    KNOWN = ("method", "weights", "per_channel", "ops", "source_bytes", "seconds", "agreement")
-    method: str
-    weights: str
-    per_channel: bool = False
-    ops: tuple[str, ...] = ()
-    source_bytes: int | None = None
-    seconds: float | None = None
-    agreement: QuantAgreement | None = None
-
-    @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "Quantization":
-        d = r.obj(v, p)
-        return cls(method=r.str(d.get("method"), f"{p}.method"), weights=r.str(d.get("weights"), f"{p}.weights"),
-                   per_channel=r.bool(d.get("per_channel", False), f"{p}.per_channel"),
-                   ops=r.list(d.get("ops", []), f"{p}.ops", lambda x, q: r.str(x, q)),
-                   source_bytes=r.int(d.get("source_bytes"), f"{p}.source_bytes", lo=0, optional=True),
-                   seconds=r.float(d.get("seconds"), f"{p}.seconds", optional=True),
-                   agreement=None if d.get("agreement") is None else QuantAgreement.read(r, d["agreement"], f"{p}.agreement"),
-                   **cls._base(d))
+    method: str = _json("str")
+    weights: str = _json("str")
+    per_channel: bool = _json("bool", False)
+    ops: tuple[str, ...] = _json("list", (), of="str")
+    source_bytes: int | None = _json("int", None, lo=0)
+    seconds: float | None = _json("float", None)
+    agreement: QuantAgreement | None = _json(QuantAgreement, None)
 
 
 @dataclass(frozen=True, kw_only=True)
 class ExportInfo(Node):
-    KNOWN = ("seed", "seconds", "verified_max_abs_diff")
-    seed: int | None = None
-    seconds: float | None = None
-    verified_max_abs_diff: float | None = None
-
-    @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "ExportInfo":
-        d = r.obj(v, p)
-        return cls(seed=r.int(d.get("seed"), f"{p}.seed", optional=True), seconds=r.float(d.get("seconds"), f"{p}.seconds", optional=True),
-                   verified_max_abs_diff=r.float(d.get("verified_max_abs_diff"), f"{p}.verified_max_abs_diff", optional=True),
-                   **cls._base(d))
+    seed: int | None = _json("int", None)
+    seconds: float | None = _json("float", None)
+    verified_max_abs_diff: float | None = _json("float", None)
 
 
 @dataclass(frozen=True, kw_only=True)
 class FileEntry(Node):
-    KNOWN = ("size", "sha256")
-    size: int
+    size: int = _json("int", lo=0)
     sha256: str
 
     @classmethod
-    def read(cls, r: _Reader, v, p: str) -> "FileEntry":
-        d = r.obj(v, p)
+    def _read_first(cls, r, d, p):
         digest = r.str(d.get("sha256"), f"{p}.sha256")
         if not _SHA256.fullmatch(digest):
             r.fail(f"{p}.sha256", f"expected 64 lowercase hex digits, got {_show(digest)}")
-        return cls(size=r.int(d.get("size"), f"{p}.size", lo=0), sha256=digest, **cls._base(d))
+        return {"sha256": digest}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Manifest(Node):
     """The whole manifest. ``Manifest.parse(json_dict, where)`` validates; attributes mirror the JSON keys."""
 
-    KNOWN = ("format", "format_version", "created_by", "model", "dims", "dtype", "max_length", "embed", "arrays", "layers",
-             "layer_io", "extra_graphs", "head", "tokenizer", "dropped_layers", "drop_cost", "schedule", "export",
-             "quantization", "embedding", "pooling", "score_rule", "final_layer_output", "pad_id", "prompt", "token_ids",
-             "eos_ids", "chat", "stop_ids", "bos_id", "add_bos", "rope_theta", "rms_norm_eps", "files")
     format: str
     format_version: int
     model: ModelInfo

@@ -307,3 +307,16 @@ class ScorePolicy(Policy):
         if replayed:
             self.count(gathers=cache.kv_heads * target)
         return idx
+
+
+class ObservationWindowPolicy(ScorePolicy):
+    """Scored by the observation window's summed attention (SnapKV's rule, shared by WindowKV): the last
+    prompt queries, as many as the dataclass field named by ``observed`` but at most half the prompt, vote;
+    a look-once prefill scores the keys by the window's queries only."""
+
+    window_reset = True
+    votes = "sum"
+    observed = "window"  # the field holding the window's size
+
+    def observation_window(self, prompt_len):
+        return min(getattr(self, self.observed), max(1, prompt_len // 2))

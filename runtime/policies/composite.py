@@ -11,10 +11,29 @@ import numpy as np
 from .base import Policy
 
 
+def _first_opinion(results):
+    """The first result that is not None (the later parts are not asked)."""
+    return next((r for r in results if r is not None), None)
+
+
+def _every(results) -> None:
+    """Ask every part; no result."""
+    for _ in results:
+        pass
+
+
+def _merged(results) -> dict:
+    out: dict = {}
+    for r in results:
+        out.update(r)
+    return out
+
+
 @dataclass
 class Composite(Policy):
     """``static + dynamic (+ ...)``: the first part with an opinion decides each choice; every part
-    sees every event."""
+    sees every event. The planning attributes and the hooks that only fold the parts' answers are
+    installed from :data:`_ATTRIBUTES` and :data:`_HOOKS` below."""
 
     parts: tuple = ()
     title: str = ""
@@ -30,54 +49,11 @@ class Composite(Policy):
             p.begin(ctx)
 
     @property
-    def needs_decode_attention(self):  # type: ignore[override]
-        return any(p.needs_decode_attention for p in self.parts)
-
-    @property
-    def min_tokens(self):  # type: ignore[override]
-        return max(p.min_tokens for p in self.parts)
-
-    @property
-    def window_reset(self):  # type: ignore[override]
-        return any(p.window_reset for p in self.parts)
-
-    @property
-    def evicts(self):  # type: ignore[override]
-        return all(p.evicts for p in self.parts)
-
-    @property
     def align(self):  # type: ignore[override]
         a = 1
         for p in self.parts:
             a = int(np.lcm(a, p.align))
         return a
-
-    def observation_window(self, prompt_len):
-        return max(p.observation_window(prompt_len) for p in self.parts)
-
-    def bytes_per_token(self, kv_heads, head_dim):
-        return sum(p.bytes_per_token(kv_heads, head_dim) for p in self.parts)
-
-    def fixed_bytes(self, *a):
-        return sum(p.fixed_bytes(*a) for p in self.parts)
-
-    def fetch_tokens(self, *a):
-        return max(p.fetch_tokens(*a) for p in self.parts)
-
-    def suffix_step(self, chunk, cache):
-        return min(p.suffix_step(chunk, cache) for p in self.parts)
-
-    def held_bytes(self):
-        return sum(p.held_bytes() for p in self.parts)
-
-    def report(self, decode_steps):
-        out: dict = {}
-        for p in self.parts:
-            out.update(p.report(decode_steps))
-        return out
-
-    def skip_layer(self, layer):
-        return any(p.skip_layer(layer) for p in self.parts)
 
     @property
     def total_cost(self) -> Counter:
@@ -86,43 +62,32 @@ class Composite(Policy):
             c.update(getattr(p, "total_cost", p.cost))
         return c
 
-    def _first(self, hook, *a):
-        for p in self.parts:
-            r = getattr(p, hook)(*a)
-            if r is not None:
-                return r
-        return None
 
-    def _each(self, hook, *a):
-        for p in self.parts:
-            getattr(p, hook)(*a)
+# How the parts' answers fold into the composite's: planning attributes, then the engine's calls and
+# extension points (the first part with an opinion decides a choice; every part sees every event).
+_ATTRIBUTES = {"needs_decode_attention": any, "window_reset": any, "min_tokens": max, "evicts": all}
+_HOOKS = {
+    "observation_window": max, "fetch_tokens": max, "suffix_step": min, "skip_layer": any,
+    "bytes_per_token": sum, "fixed_bytes": sum, "held_bytes": sum, "report": _merged,
+    "keep": _first_opinion, "select": _first_opinion, "after_layer": _first_opinion,
+    "end": _every, "accumulate": _every, "appended": _every, "evicted": _every, "compacted": _every,
+    "recall": _every, "before_suffix_chunk": _every,
+}
 
-    def keep(self, *a):
-        return self._first("keep", *a)
 
-    def select(self, *a):
-        return self._first("select", *a)
+def _over_parts(combine, attr: str) -> property:
+    return property(lambda self: combine(getattr(p, attr) for p in self.parts))
 
-    def after_layer(self, *a):
-        return self._first("after_layer", *a)
 
-    def end(self):
-        self._each("end")
+def _to_parts(combine, hook: str):
+    def method(self, *a):  # a generator: _first_opinion stops asking at the first answer
+        return combine(getattr(p, hook)(*a) for p in self.parts)
 
-    def accumulate(self, *a):
-        self._each("accumulate", *a)
+    method.__name__, method.__qualname__ = hook, f"Composite.{hook}"
+    return method
 
-    def appended(self, *a):
-        self._each("appended", *a)
 
-    def evicted(self, *a):
-        self._each("evicted", *a)
-
-    def compacted(self, *a):
-        self._each("compacted", *a)
-
-    def recall(self, *a):
-        self._each("recall", *a)
-
-    def before_suffix_chunk(self, *a):
-        self._each("before_suffix_chunk", *a)
+for _name, _combine in _ATTRIBUTES.items():
+    setattr(Composite, _name, _over_parts(_combine, _name))
+for _name, _combine in _HOOKS.items():
+    setattr(Composite, _name, _to_parts(_combine, _name))

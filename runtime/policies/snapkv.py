@@ -3,11 +3,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .base import ScorePolicy
+from .base import ObservationWindowPolicy
 
 
 @dataclass
-class SnapKV(ScorePolicy):
+class SnapKV(ObservationWindowPolicy):
     """Observation-window voting at prefill.
 
     Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", NeurIPS 2024
@@ -17,17 +17,12 @@ class SnapKV(ScorePolicy):
     """
 
     name: ClassVar[str] = "snapkv"
-    window_reset: ClassVar[bool] = True   # scores come from the observation window only
-    votes: ClassVar[str] = "sum"
     window: int = 32
     kernel: int = 7
 
     @property
     def vote_pool(self):  # type: ignore[override]
         return self.kernel
-
-    def observation_window(self, prompt_len):
-        return min(self.window, max(1, prompt_len // 2))
 
     def recent_kept(self, target):
         return min(self.window, target // 2)

@@ -5,11 +5,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from .base import ScorePolicy, log2c, topk_sorted
+from .base import ObservationWindowPolicy, log2c, topk_sorted
 
 
 @dataclass
-class WindowKV(ScorePolicy):
+class WindowKV(ObservationWindowPolicy):
     """Selection in windows of consecutive tokens, indices shared inside groups of layers.
 
     Zuo et al., "WindowKV: Task-Adaptive Group-Wise KV Cache Window Selection for Efficient LLM
@@ -20,8 +20,7 @@ class WindowKV(ScorePolicy):
     """
 
     name: ClassVar[str] = "windowkv"
-    window_reset: ClassVar[bool] = True   # scores come from the observation window only
-    votes: ClassVar[str] = "sum"
+    observed: ClassVar[str] = "obs"
     heads: ClassVar[str] = "shared"
     window: int = 8
     obs: int = 32
@@ -31,9 +30,6 @@ class WindowKV(ScorePolicy):
     @property
     def align(self):  # type: ignore[override]
         return self.window
-
-    def observation_window(self, prompt_len):
-        return min(self.obs, max(1, prompt_len // 2))
 
     def choose(self, n, kv_heads, score, target):
         w = self.window
