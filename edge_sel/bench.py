@@ -58,6 +58,7 @@ class Settings:
     memory_budgets: list[int | None] = field(default_factory=lambda: [None])
     pruning: list[str] = field(default_factory=lambda: ["off", "on"])
     top_k: int = 10
+    spill_dir: str | os.PathLike | None = None  # where a spilling rerank writes hidden states (None: system temp)
     # generate bundles
     prompt_tokens: list[int] = field(default_factory=lambda: [512])
     new_tokens: int = 32
@@ -155,7 +156,8 @@ def bench_rerank(bundle: Bundle, settings: Settings) -> list[dict[str, Any]]:
                 "runs": times}
 
     configs = [{"memory_budget_bytes": b, "pruning": p} for b in settings.memory_budgets for p in settings.pruning]
-    return _sweep(configs, lambda c: Reranker(bundle, memory_budget=c["memory_budget_bytes"], pruning=c["pruning"]),
+    return _sweep(configs, lambda c: Reranker(bundle, memory_budget=c["memory_budget_bytes"], pruning=c["pruning"],
+                                                spill_dir=settings.spill_dir),
                   "n_docs", settings.n_docs, measure)
 
 
@@ -293,6 +295,7 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     br.add_argument("--memory-budget", "-m", default="none", help="comma-separated sizes; none = all layers resident")
     br.add_argument("--pruning", default="off,on", help="comma-separated: off, on (needs a calibrated bundle), auto")
     br.add_argument("--top-k", "-k", type=int, default=10)
+    br.add_argument("--spill-dir", help="folder for hidden states spilled under a tight budget (default: system temp)")
     bg = b.add_argument_group("generate bundles")
     bg.add_argument("--prompt-tokens", "-p", default="512", help="prompt lengths in tokens, comma-separated (default 512)")
     bg.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per call (default 32)")
@@ -314,9 +317,27 @@ def _csv(text: str, convert=str, none_ok: bool = False) -> list:
         raise InputError(f"{text!r}: {e}") from None
 
 
+# options of one task given explicitly (not at their defaults) to a bundle of the other task are refused
+_TASK_OPTIONS = {"rerank": {"n_docs": "64", "doc_tokens": 128, "documents": None, "query": None, "memory_budget": "none",
+                            "pruning": "off,on", "top_k": 10, "spill_dir": None},
+                 "generate": {"prompt_tokens": "512", "new_tokens": 32, "policy": "full", "kv_budget": "none",
+                              "prompt_file": None}}
+
+
+def _check_task(args: argparse.Namespace, task: str) -> None:
+    for other, options in _TASK_OPTIONS.items():
+        if other == task:
+            continue
+        given = [f"--{k.replace('_', '-')}" for k, default in options.items() if getattr(args, k) != default]
+        if given:
+            raise InputError(f"{args.bundle} is a {task} bundle; {', '.join(given)} only apply to {other} bundles")
+
+
 def command(args: argparse.Namespace, console) -> int:
     """``edge-sel bench``: parse the lists, run, print a table or JSON."""
     from edge_sel.runtime.documents import read_documents
+
+    from .paths import writable_dir
 
     prompt_text = None
     if args.prompt_file:
@@ -330,7 +351,9 @@ def command(args: argparse.Namespace, console) -> int:
         documents=read_documents(args.documents) if args.documents else None, query=args.query,
         memory_budgets=_csv(args.memory_budget, parse_size, none_ok=True), pruning=_csv(args.pruning), top_k=args.top_k,
         prompt_tokens=_csv(args.prompt_tokens, int), new_tokens=args.new_tokens, policies=_csv(args.policy),
-        kv_budgets=_csv(args.kv_budget, none_ok=True), prompt_text=prompt_text)
+        kv_budgets=_csv(args.kv_budget, none_ok=True), prompt_text=prompt_text,
+        spill_dir=writable_dir(args.spill_dir, "--spill-dir"))
+    _check_task(args, Bundle.open(args.bundle).task)
     report = run(args.bundle, settings)
     if args.json:
         print(json.dumps(report))

@@ -1,6 +1,8 @@
 """The ``edge-sel`` command line. Every subcommand has ``--help`` with examples.
 
-User errors (bad input, missing files, infeasible budgets) print one message and exit with code 2.
+User errors (bad input, missing files, infeasible budgets) print one message and exit with code 2; an unexpected
+internal error prints one line naming the log file that holds its traceback (``EDGE_SEL_DEBUG=1``: the traceback
+itself) and exits with code 1.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 from edge_sel.runtime.errors import EdgeSelError
 from edge_sel.runtime.units import format_size
 
+from .crash import report_crash
+from .paths import creatable_path, writable_dir
 from .parser import build_parser
 from .progress import export_progress
 
@@ -52,6 +56,9 @@ def cmd_models(args, console) -> int:
 def cmd_export(args, console) -> int:
     from edge_sel.export import export
 
+    if args.max_length is not None and args.max_length <= 0:
+        raise EdgeSelError(f"--max-length must be a positive number of tokens, got {args.max_length}")
+    creatable_path(args.out, "-o")
     drop = None
     if args.drop_layers is not None:
         if args.drop_layers != "auto" and not args.drop_layers.isdigit():
@@ -90,7 +97,8 @@ def cmd_rerank(args, console) -> int:
     from .runtime import Reranker
 
     docs = read_documents(args.documents)
-    rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning)
+    rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning,
+                  spill_dir=writable_dir(args.spill_dir, "--spill-dir"))
     try:
         results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=args.show_text, instruction=args.instruction)
     finally:
@@ -177,6 +185,7 @@ def cmd_quantize(args, console) -> int:
     from edge_sel.runtime.bundle import Bundle
     from edge_sel.runtime.manifest import thaw
 
+    creatable_path(args.out, "-o")
     with console.status("quantizing", spinner="dots") if not args.json else _nullcontext() as status:
         def say(msg):
             if status is not None:
@@ -245,6 +254,10 @@ def cmd_generate(args, console) -> int:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except FileNotFoundError:
             raise InputError(f"prompt file not found: {args.prompt_file}") from None
+        except IsADirectoryError:
+            raise InputError(f"--prompt-file {args.prompt_file} is a directory, not a text file") from None
+        except OSError as e:
+            raise InputError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
         except UnicodeDecodeError as e:
             raise InputError(f"{args.prompt_file} is not UTF-8 text ({e})") from None
     gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy)
@@ -297,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("edge-sel: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug, not a user error: one line saying where the traceback went
+        print(f"edge-sel: internal error: {report_crash()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ EXAMPLES = {
   edge-sel rerank bundles/minilm --query "copy a file" --documents docs.txt --top-k 5
   edge-sel rerank bundles/smollm2 --query "..." --documents docs.jsonl --memory-budget 128MB --json
 documents: plain text, one document per non-empty line (corpus_id = index among those lines),
-or JSONL (one object per line with a "text" field).""",
+or JSONL (one object per line with a non-blank "text" field). A .jsonl/.ndjson file is always read as JSONL;
+any other file is JSONL when every non-empty line parses as a JSON object, otherwise plain text.""",
     "demo": """examples:
   edge-sel demo
   edge-sel demo --model smollm2-135m-instruct --memory-budget 128MB""",
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--show-text", action="store_true", help="print document text with the results")
     r.add_argument("--pruning", choices=["auto", "on", "off"], default="auto",
                    help="early-ranking pruning: auto = the bundle's calibrated schedule if it has one; on = require one; off")
+    r.add_argument("--spill-dir", help="folder for hidden states spilled under a tight budget (default: the system temp "
+                   "directory; choose a disk-backed one when /tmp is in RAM)")
     r.add_argument("--json", action="store_true", help="print {results, stats} as JSON")
 
     d = cmd("demo", "select from real text (CPython docstrings) with a packaged model")

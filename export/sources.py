@@ -163,6 +163,26 @@ def _from_hf_cache(model_id: str) -> Path | None:
     return None
 
 
+def _checked_gguf(p: Path) -> Path:
+    """A GGUF file starts with the magic bytes ``GGUF``; anything else is refused before torch reads it."""
+    with open(p, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelNotFoundError(f"{p} is not a GGUF model file (it does not start with the GGUF magic bytes)")
+    return p
+
+
+def _checked_hf_dir(p: Path) -> Path:
+    """A Hugging Face directory's ``config.json`` must be a JSON object naming its ``model_type``."""
+    cfg = p / "config.json"
+    try:
+        obj = json.loads(cfg.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelNotFoundError(f"{cfg} is not valid JSON ({e}); a Hugging Face model directory needs a readable config.json") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("model_type"), str):
+        raise ModelNotFoundError(f"{cfg} is not a Hugging Face model config (a JSON object with a 'model_type' string)")
+    return p
+
+
 def resolve(spec: str | os.PathLike, fetch_missing: bool = False) -> ResolvedModel:
     """Find a model: packaged name, local directory, GGUF file, or an id in the local HF cache."""
     text = str(spec)
@@ -177,13 +197,13 @@ def resolve(spec: str | os.PathLike, fetch_missing: bool = False) -> ResolvedMod
         return ResolvedModel(text, _packaged_model_path(m), m.kind, text, m)
     p = Path(text).expanduser()
     if p.is_file() and p.suffix == ".gguf":
-        return ResolvedModel(text, p, "gguf", p.stem)
+        return ResolvedModel(text, _checked_gguf(p), "gguf", p.stem)
     if p.is_dir():
         if (p / "config.json").is_file():
-            return ResolvedModel(text, p, "hf_dir", p.name)
+            return ResolvedModel(text, _checked_hf_dir(p), "hf_dir", p.name)
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
-            return ResolvedModel(text, ggufs[0], "gguf", ggufs[0].stem)
+            return ResolvedModel(text, _checked_gguf(ggufs[0]), "gguf", ggufs[0].stem)
         raise ModelNotFoundError(f"{p} is a directory but holds no config.json (Hugging Face format) nor a single .gguf file")
     if p.exists():
         raise ModelNotFoundError(f"{p} is not a model: expected a Hugging Face directory or a .gguf file")

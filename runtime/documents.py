@@ -1,4 +1,9 @@
-"""Read a documents file: plain text (one document per non-empty line) or JSONL with a ``text`` field."""
+"""Read a documents file: plain text (one document per non-empty line) or JSONL with a ``text`` field.
+
+The rule: a ``.jsonl`` / ``.ndjson`` file is JSONL (every line an object with a non-blank string ``text``);
+any other file is JSONL when every non-empty line parses as a JSON object (each then needs that ``text``),
+otherwise plain text, so a text line that merely starts with ``{`` stays a document.
+"""
 
 from __future__ import annotations
 
@@ -21,9 +26,21 @@ def read_documents(path: str | Path) -> list[str]:
     lines = [ln for ln in raw.splitlines() if ln.strip()]
     if not lines:
         raise InputError(f"{p} holds no documents (empty file)")
-    jsonl = p.suffix.lower() in (".jsonl", ".ndjson") or lines[0].lstrip().startswith("{")
-    if not jsonl:
-        return [ln.strip() for ln in lines]
+    if p.suffix.lower() in (".jsonl", ".ndjson"):
+        return _jsonl(p, lines)
+    if lines[0].lstrip().startswith("{") and all(_is_object(ln) for ln in lines):
+        return _jsonl(p, lines)
+    return [ln.strip() for ln in lines]
+
+
+def _is_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _jsonl(p: Path, lines: list[str]) -> list[str]:
     docs = []
     for n, ln in enumerate(lines, 1):
         try:
@@ -32,5 +49,7 @@ def read_documents(path: str | Path) -> list[str]:
             raise InputError(f"{p}: line {n} is not valid JSON ({e.msg}); JSONL files need one object per line with a 'text' field") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise InputError(f"{p}: line {n} has no string 'text' field")
+        if not obj["text"].strip():
+            raise InputError(f"{p}: line {n} is an empty document (its 'text' is blank)")
         docs.append(obj["text"])
     return docs

@@ -1,7 +1,7 @@
 """Errors that edge_sel raises for problems a user can fix.
 
 The CLI prints these as one clear message and exits with code 2 (usage / input errors);
-anything else is a bug and keeps its traceback.
+anything else is a bug: one line naming where its traceback went, exit code 1.
 """
 
 

@@ -85,8 +85,12 @@ def load_data(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"calibration data file not found: {p}")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. `iconv -t UTF-8`") from None
     data = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -116,6 +120,11 @@ def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", 
         raise InputError(f"{b.root} is a {b.task!r} bundle; early ranking is calibrated on rerank bundles")
     if not isinstance(top_k, (int, np.integer)) or top_k <= 0:
         raise InputError(f"top_k must be a positive integer, got {top_k!r}")
+    for name, value in (("max_layers", max_layers), ("n_queries", n_queries), ("n_candidates", n_candidates)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if safety is not None and not (np.isfinite(safety) and safety > 0):
+        raise InputError(f"safety must be a positive number, got {safety!r}")
     if rule != "auto" and rule not in RULES:
         raise InputError(f"rule {rule!r} is not known (choose from auto, {', '.join(RULES)})")
     if isinstance(data, str):

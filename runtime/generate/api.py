@@ -205,8 +205,10 @@ class Generator:
         suffix is text being scored, so a policy reading evicted tokens back must not look ahead in it."""
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens <= 0:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise InputError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        if not (np.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1):
+            raise InputError(f"temperature must be finite and >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise InputError(f"seed must be a non-negative integer, got {seed!r}")
         ids = self._prompt_ids(prompt, chat, system)
         N = len(ids)
         if isinstance(suffix, bool) or not isinstance(suffix, (int, np.integer)) or not 0 <= suffix < N:

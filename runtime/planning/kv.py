@@ -48,7 +48,7 @@ def parse_budget(kv_budget) -> tuple[str, float] | None:
     except ValueError:
         value = None
     if value is not None:
-        if value <= 0:
+        if not np.isfinite(value) or value <= 0:
             raise BudgetError(f"kv_budget must be positive, got {text!r}")
         if "." in text or "e" in text.lower():
             return parse_budget(value if value <= 1.0 else int(value))
