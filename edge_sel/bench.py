@@ -355,6 +355,8 @@ def command(args: argparse.Namespace, console) -> int:
         spill_dir=writable_dir(args.spill_dir, "--spill-dir"))
     _check_task(args, Bundle.open(args.bundle).task)
     report = run(args.bundle, settings)
+    if report["rows"] and all("error" in r for r in report["rows"]):  # nothing measured: the reason is the answer
+        raise InputError(f"no configuration could run: {report['rows'][0]['error']}")
     if args.json:
         print(json.dumps(report))
     else:

@@ -67,7 +67,10 @@ def pick_queries(items, n=3):
 def run_demo(args, console) -> int:
     from .runtime import Reranker
     from edge_sel.export.textdata import docstring_items
+    from edge_sel.runtime.errors import InputError
 
+    if args.pool is not None and args.pool <= 0:
+        raise InputError(f"--pool must be a positive number of docstrings, got {args.pool}")
     model = args.model
     budget = args.memory_budget or DEFAULT_BUDGET.get(model, 128 * 1024**2)
     bundle = ensure_bundle(model, console)
