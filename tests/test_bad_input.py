@@ -95,6 +95,7 @@ CASES = [
     ("gen-kv-budget-nan", lambda c: GEN(c, "--kv-budget", "nan"), "kv_budget"),
     ("gen-kv-budget-zero", lambda c: GEN(c, "--kv-budget", "0"), "kv_budget"),
     ("gen-kv-budget-negative", lambda c: GEN(c, "--kv-budget", "-5"), "kv_budget"),
+    ("gen-kv-budget-fraction-above-one", lambda c: GEN(c, "--kv-budget", "1.5"), "kv_budget"),
     ("gen-kv-budget-junk", lambda c: GEN(c, "--kv-budget", "lots"), "kv_budget"),
     ("gen-seed-negative", lambda c: GEN(c, "-t", "0.8", "--seed", "-1"), "seed"),
     ("gen-max-new-zero", lambda c: ["generate", c.gen, "-p", "hi", "-n", 0], "max_new_tokens"),

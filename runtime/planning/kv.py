@@ -51,6 +51,8 @@ def parse_budget(kv_budget) -> tuple[str, float] | None:
         if not np.isfinite(value) or value <= 0:
             raise BudgetError(f"kv_budget must be positive, got {text!r}")
         if "." in text or "e" in text.lower():
+            if value > 1.0 and value != int(value):
+                raise BudgetError(f"kv_budget {text!r}: a fraction of the prompt must be in (0, 1] and tokens a whole number")
             return parse_budget(value if value <= 1.0 else int(value))
         return ("tokens", int(value))
     try:
