@@ -316,9 +316,9 @@ class Bundle:
 
 
 class BundleWriter:
-    """Stage a bundle in a temporary sibling directory; :meth:`commit` writes the manifest (with sizes and
-    hashes of every staged file) and renames it into place. On error or interruption the staging
-    directory is removed and the target path is left as it was.
+    """Stage a bundle in a sibling directory; :meth:`commit` writes the manifest (sizes and hashes of every staged
+    file) and renames it into place, replacing only an existing bundle. On error or interruption the target is left as
+    it was; siblings of writers that died are tidied by the next writer (:mod:`edge_sel.runtime.siblings`).
 
     >>> with BundleWriter(out, overwrite=True) as w:
     ...     write files under w.staging ...
