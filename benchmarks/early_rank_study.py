@@ -25,18 +25,10 @@ import numpy as np
 
 
 def held_out_data(n_queries: int, n_candidates: int, seed: int = 1) -> list[tuple[str, list[str]]]:
+    from edge_sel.export.passes.calibrate import sample_queries
     from edge_sel.export.textdata import docstring_pairs
 
-    pairs = docstring_pairs()
-    rng = np.random.default_rng(seed)
-    qidx = rng.permutation(len(pairs))[:n_queries]
-    out = []
-    for qi in qidx:
-        others = rng.permutation([j for j in range(len(pairs)) if j != qi])[: n_candidates - 1]
-        cand = [pairs[qi][1]] + [pairs[j][1] for j in others]
-        rng.shuffle(cand)
-        out.append((pairs[qi][0], cand))
-    return out
+    return sample_queries(docstring_pairs(), n_queries, n_candidates, seed)
 
 
 def render(paths: list[str]) -> str:
@@ -93,7 +85,6 @@ def main(argv=None) -> int:
     from edge_sel.export.passes.calibrate import calibrate
     from edge_sel.export.passes.schedule_search import simulate
     from edge_sel.export.passes.traces import agreement_table, collect_traces, features, final_query_cosine, head_scores
-    from edge_sel.runtime.rerank import Schedule
     from edge_sel.runtime.rerank.scoring import apply_probe
 
     work = Path(tempfile.mkdtemp(prefix="er-study-"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
                 "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate,
                 "quantize": cmd_quantize}
+    signals: list[int] = []
+    previous = _raise_on_sigterm(signals)
     try:
         if args.command == "demo":
             from .demo import run_demo
@@ -307,12 +310,28 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeSelError as e:
         print(f"edge-sel: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (timeout, systemd, docker): the writers' cleanup has run
         print("edge-sel: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signals[0] if signals else 130
     except Exception:  # a bug, not a user error: one line saying where the traceback went
         print(f"edge-sel: internal error: {report_crash()}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm(signals: list[int]):
+    """Handle SIGTERM like Ctrl-C, so partial outputs are removed; returns the previous handler (None when not on
+    the main thread, where handlers cannot be installed)."""
+    def handler(signum, frame):
+        signals.append(signum)
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

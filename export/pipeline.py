@@ -48,7 +48,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     """
     if task not in TASKS:
         raise InputError(f"task {task!r} is not supported (supported: {', '.join(TASKS)})")
+    BundleWriter.check_target(out, overwrite)  # before anything is fetched or loaded
     resolved = resolve(model, fetch_missing=fetch_missing)
+    _refuse_overlap(Path(out), resolved.path)
     mtype = model_type(resolved)
     adapter = adapter_for_model(resolved)
     if task not in adapter.tasks:
@@ -105,6 +107,14 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     if task == "rerank":
         _rerank_passes(path, drop_layers, calibrate, say)
     return path
+
+
+def _refuse_overlap(out: Path, source: Path) -> None:
+    """The bundle may not be written at, inside or around the model it is exported from."""
+    o, src = out.expanduser().resolve(), source.expanduser().resolve()
+    if o == src or src in o.parents or o in src.parents:
+        where = "is" if o == src else "is inside" if src in o.parents else "contains"
+        raise InputError(f"output {out} {where} the source model {source}; choose an output path outside it")
 
 
 def write_graphs(w: BundleWriter, graphs: BundleGraphs, say: Callable[[str, int, int], None]) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import json
 import os
 import posixpath
 import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -32,8 +31,9 @@ import numpy as np
 from .errors import BundleError
 from .home import home
 from .manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, SCORINGS, TASKS, Manifest
+from .siblings import backup_path, staging_dir, sweep
 
-__all__ = ["Bundle", "BundleWriter", "sha256_file", "write_manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST", "DIGEST",
+__all__ = ["Bundle", "BundleWriter", "is_bundle", "sha256_file", "write_manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST", "DIGEST",
            "STAMP", "SCORINGS", "TASKS"]
 
 DIGEST = MANIFEST + ".sha256"   # "<sha256 of manifest.json's bytes>  manifest.json\n"
@@ -112,6 +112,15 @@ def read_manifest(root: Path) -> tuple[dict[str, Any], Manifest, bytes]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath}: manifest is not valid JSON ({e})") from None
     return raw, Manifest.parse(raw, str(mpath)), data
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory whose manifest parses as an edge_sel manifest (files are not checked)."""
+    root = Path(path)
+    try:
+        return not root.is_symlink() and (root / MANIFEST).is_file() and bool(read_manifest(root))
+    except (BundleError, OSError, ValueError):
+        return False
 
 
 class Bundle:
@@ -307,9 +316,9 @@ class Bundle:
 
 
 class BundleWriter:
-    """Stage a bundle in a temporary sibling directory; :meth:`commit` writes the manifest (with sizes and
-    hashes of every staged file) and renames it into place. On error or interruption the staging
-    directory is removed and the target path is left as it was.
+    """Stage a bundle in a sibling directory; :meth:`commit` writes the manifest (sizes and hashes of every staged
+    file) and renames it into place, replacing only an existing bundle. On error or interruption the target is left as
+    it was; siblings of writers that died are tidied by the next writer (:mod:`edge_sel.runtime.siblings`).
 
     >>> with BundleWriter(out, overwrite=True) as w:
     ...     write files under w.staging ...
@@ -319,17 +328,33 @@ class BundleWriter:
     def __init__(self, target: str | os.PathLike, overwrite: bool = False):
         self.target = Path(target).expanduser().absolute()
         self.overwrite = overwrite
-        if self.target.exists() and not overwrite:
-            raise BundleError(f"{self.target} already exists; pass overwrite=True / --force to replace it")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        sweep(self.target.parent, is_bundle)  # siblings left by dead writers; may restore a stranded target
+        self.check_target(self.target, overwrite)
+        self.staging = staging_dir(self.target)
         self.committed = False
+        self.backup: Path | None = None
+
+    @staticmethod
+    def check_target(target: str | os.PathLike, overwrite: bool) -> None:
+        """Refuse a target that exists, unless ``overwrite`` and it is an edge_sel bundle: anything else there (a
+        folder of the user's files, a file) is never replaced."""
+        target = Path(target).expanduser()
+        if not os.path.lexists(target):
+            return
+        if not overwrite:
+            raise BundleError(f"{target} already exists; pass overwrite=True / --force to replace it")
+        if not is_bundle(target):
+            raise BundleError(f"{target} exists and is not an edge_sel bundle (no valid {MANIFEST}); "
+                              "--force only replaces a bundle, so choose another output path")
 
     def __enter__(self) -> "BundleWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
+            if self.backup is not None and not os.path.lexists(self.target):
+                os.replace(self.backup, self.target)  # interrupted between the two renames: put the old one back
             shutil.rmtree(self.staging, ignore_errors=True)
 
     def file(self, rel: str) -> Path:
@@ -359,14 +384,14 @@ class BundleWriter:
         staged = Bundle.open(self.staging, verify=False)  # structural self-check before it becomes visible
         for rel, _ in staged._graph_files():
             staged._check_graph_refs(rel, (self.staging / rel).read_bytes())
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            os.replace(self.target, old)
+        if os.path.lexists(self.target):
+            self.check_target(self.target, self.overwrite)  # it may have changed since the writer started
+            self.backup = backup_path(self.target)
+            os.replace(self.target, self.backup)
         os.replace(self.staging, self.target)
         self.committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.backup is not None:
+            shutil.rmtree(self.backup, ignore_errors=True)
         # this writer hashed every file itself: stamp the bundle as verified (after the old bundle is gone, since
         # removing it changes the ctime of files the new one shares through hard links)
         done = Bundle.open(self.target, verify=False)

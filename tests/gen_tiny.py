@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tiny_models import chat_tokenizer
+from tiny_models import chat_tokenizer, save_widened
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -24,13 +24,7 @@ def make_gen_decoder(path: Path, kind: str = "llama", layers: int = 4, seed: int
            "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
     extra = {"head_dim": 8} if kind == "qwen3" else {}
     model = cls[1](cls[0](**common, **extra)).eval()
-    with torch.no_grad():  # widen the tiny init so logits are far from uniform and attention is peaked
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_widened(model, tok, path)
 
 
 def long_text(n_chars: int) -> str:

@@ -81,13 +81,7 @@ def make_decoder(path: Path, kind: str = "llama", seed: int = 0, layers: int = 3
            "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
     extra = {"head_dim": 8} if kind == "qwen3" else {}
     model = cls[1](cls[0](**common, **extra)).eval()
-    with torch.no_grad():  # random init is tiny; widen it so scores differ visibly between documents
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_widened(model, tok, path)
 
 
 PHI3_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -111,7 +105,15 @@ def make_phi3(path: Path, seed: int = 0, layers: int = 3, context: int = 512, pa
                      sliding_window=None, tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model = Phi3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # widen the tiny init so scores and logits differ visibly
+    return save_widened(model, tok, path)
+
+
+def save_widened(model, tok, path: Path) -> Path:
+    """Save a random-weight model and its tokenizer, its matrices widened 3x first: the tiny default init gives
+    nearly uniform attention and scores, widened ones differ visibly between documents and tokens."""
+    import torch
+
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(3.0)

@@ -70,14 +70,20 @@ def builtin_data(n_queries: int = 32, n_candidates: int = 48, seed: int = 0) -> 
     items = calibration_items()
     if len(items) < n_candidates:
         raise InputError(f"only {len(items)} calibration passages available, fewer than {n_candidates} candidates per query")
+    return sample_queries(items, n_queries, n_candidates, seed)
+
+
+def sample_queries(pairs: list[tuple[str, str]], n_queries: int, n_candidates: int, seed: int) -> list[tuple[str, list[str]]]:
+    """``n_queries`` seeded queries from ``(query, passage)`` pairs, each with its own passage and ``n_candidates - 1``
+    others, shuffled."""
     rng = np.random.default_rng(seed)
-    qidx = rng.permutation(len(items))[:n_queries]
+    qidx = rng.permutation(len(pairs))[:n_queries]
     data = []
     for qi in qidx:
-        others = rng.permutation([j for j in range(len(items)) if j != qi])[: n_candidates - 1]
-        cand = [items[qi][1]] + [items[j][1] for j in others]
+        others = rng.permutation([j for j in range(len(pairs)) if j != qi])[: n_candidates - 1]
+        cand = [pairs[qi][1]] + [pairs[j][1] for j in others]
         rng.shuffle(cand)
-        data.append((items[qi][0], cand))
+        data.append((pairs[qi][0], cand))
     return data
 
 
