@@ -230,7 +230,7 @@ def test_fetching_everything_reproduces_the_full_cache(llama, ids, question):
 
 
 def _cold_dirs(root):
-    return [d for d in os.listdir(root) if d.startswith("edge_sel_cold_")]
+    return [d for d in os.listdir(root) if d.startswith("edge_sel-cold-")]
 
 
 def test_cold_files_are_removed_after_the_call_and_after_an_exception(llama, ids, question, tmp_path, monkeypatch):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -88,7 +87,9 @@ class RecallPolicy(Policy):
         if ctx.fetch:
             from ..coldstore import ColdStore
 
-            self.cold_dir = tempfile.mkdtemp(prefix="edge_sel_cold_")
+            from ..scratch import owned_tempdir
+
+            self.cold_dir = str(owned_tempdir("cold"))
             self.store = ColdStore(self.cold_dir, ctx.n_layers, ctx.kv_heads, ctx.head_dim,
                                    ctx.prompt_len + ctx.max_new_tokens, self.stats_layers(ctx.n_layers),
                                    alpha=self.alpha, group=self.group, minmax=self.minmax)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from edge_sel.runtime.scratch import owned_tempdir
 
 
 @dataclass
@@ -89,7 +90,7 @@ class HiddenSpill:
     """A private directory of ``.npy`` files, one per spilled chunk state; ``close()`` removes it."""
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.dir = Path(tempfile.mkdtemp(prefix="edge_sel-hidden-", dir=root))
+        self.dir = owned_tempdir("hidden", root)
         self._n = 0
         self.bytes_written = 0
         self.bytes_read = 0
