@@ -59,3 +59,12 @@ def gen_llama_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_llama")
     hf = make_gen_decoder(root / "hf", kind="llama", layers=4)
     return export(hf, root / "bundle", task="generate", verify=True)
+
+
+@pytest.fixture(scope="session")
+def vector_bundles(tmp_path_factory):
+    """The calibrated tiny bundles the shared test vectors (tests/vectors/) were made from, rebuilt: {case: path}."""
+    from vectors.make import CASES, export_case
+
+    root = tmp_path_factory.mktemp("vector_bundles")
+    return {name: export_case(name, root) for name in CASES}
