@@ -32,7 +32,8 @@ TASKS = ("rerank", "generate")
 def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank", scoring: str | None = None,
            max_length: int | None = None, verify: bool = False, overwrite: bool = False, seed: int = 0,
            fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None,
-           drop_layers: int | str | None = None, calibrate: bool = False, prefix_reuse: bool | None = None) -> Path:
+           drop_layers: int | str | None = None, calibrate: bool = False, prefix_reuse: bool | None = None,
+           graph_format: str = "onnx") -> Path:
     """Export ``model`` to a bundle directory ``out`` and return its path.
 
     task: ``"rerank"`` or ``"generate"`` (decoders).
@@ -45,9 +46,13 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     :mod:`edge_sel.export.passes.calibrate`.
     prefix_reuse: yes/no (decoder) rerankers: split layer graphs so the instruction + query prefix is computed
     once per query (default True; see :mod:`edge_sel.export.prefix_layers`).
+    graph_format: ``"onnx"`` or ``"ort"``: convert the graphs to onnxruntime's ORT format last (for mobile and minimal
+    builds), see :mod:`edge_sel.export.passes.ort_format`.
     """
     if task not in TASKS:
         raise InputError(f"task {task!r} is not supported (supported: {', '.join(TASKS)})")
+    if graph_format not in ("onnx", "ort"):
+        raise InputError(f"graph format {graph_format!r} is not supported (supported: onnx, ort)")
     BundleWriter.check_target(out, overwrite)  # before anything is fetched or loaded
     resolved = resolve(model, fetch_missing=fetch_missing)
     _refuse_overlap(Path(out), resolved.path)
@@ -106,6 +111,12 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
         path = w.commit(manifest)
     if task == "rerank":
         _rerank_passes(path, drop_layers, calibrate, say)
+    if graph_format == "ort":  # last: the passes above rewrite ONNX graphs
+        from .passes.ort_format import convert_to_ort
+
+        say("ort", 0, 1)
+        convert_to_ort(path)
+        say("ort", 1, 1)
     return path
 
 

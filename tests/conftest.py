@@ -68,3 +68,12 @@ def vector_bundles(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("vector_bundles")
     return {name: export_case(name, root) for name in CASES}
+
+
+@pytest.fixture(scope="session")
+def vector_bundles_ort(vector_bundles, tmp_path_factory):
+    """The vector bundles with their graphs converted to the ORT format: {case: path}."""
+    from edge_sel.export.passes.ort_format import convert_to_ort
+
+    root = tmp_path_factory.mktemp("vector_bundles_ort")
+    return {name: convert_to_ort(path, root / name) for name, path in vector_bundles.items()}

@@ -118,7 +118,7 @@ class Bundle {
       if (want !== crypto.createHash("sha256").update(this.manifestBytes).digest("hex"))
         throw new BundleError(`${path.join(this.root, MANIFEST)}: does not match its digest in ${DIGEST} (modified after it was written, or a rewrite was interrupted); re-export the bundle`);
     }
-    const graphs = new Set(referenced(this.spec).map(([rel]) => rel).filter((rel) => rel.endsWith(".onnx") || rel.endsWith(".ort")));
+    const graphs = new Set(referenced(this.spec).map(([rel]) => rel).filter((rel) => rel.endsWith(".onnx")));  // ORT files hold their weights
     for (const [rel, info] of Object.entries(this.spec.files)) {
       const full = this.path(rel);
       let got, blob = null;

@@ -214,8 +214,11 @@ function parseManifest(d, where) {
     finalLayerOutput: r.str(d.final_layer_output ?? "all_tokens", "final_layer_output", { choices: ["all_tokens", "first_token"] }),
     padId: r.int(d.pad_id ?? 0, "pad_id", { lo: 0 }), prompt, files,
     quantization: d.quantization ?? null,
+    graphFormat: r.str(d.graph_format ?? "onnx", "graph_format", { choices: ["onnx", "ort"] }),
+    ort: d.ort === null || d.ort === undefined ? null : { requiredOperators: r.path(r.obj(d.ort, "ort").required_operators, "ort.required_operators") },
     schedule: d.schedule === null || d.schedule === undefined ? null : readSchedule(r, d.schedule, "schedule", layers.length),
   };
+  if ((m.graphFormat === "ort") !== (m.ort !== null)) r.fail("ort", "graph_format 'ort' and the 'ort' object come together");
   if (m.schedule && m.schedule.method === "probe" && !(m.schedule.probe in arrays))
     r.fail("schedule.probe", `names no entry of arrays (${show(m.schedule.probe)})`);
 
@@ -239,6 +242,7 @@ function referenced(m) {
     refs.push([g.file, `graph ${k}`]);
     if (g.weights) refs.push([g.weights, `graph ${k} weights`]);
   }
+  if (m.ort) refs.push([m.ort.requiredOperators, "ORT operator configuration"]);
   return refs;
 }
 
