@@ -202,6 +202,7 @@ CASES = [
     ("bench-repeats-zero", lambda c: ["bench", c.bi, "--repeats", 0], "repeats"),
     ("bench-missing", lambda c: ["bench", c.tmp / "none"], "not found"),
     ("bench-n-docs-junk", lambda c: ["bench", c.bi, "-n", "many"], "many"),
+    ("bench-n-docs-huge", lambda c: ["bench", c.bi, "-n", "100000000"], "--n-docs"),
     ("bench-prompt-file-folder", lambda c: ["bench", c.gen, "--prompt-file", c.tmp], "prompt file"),
 ]
 
@@ -219,6 +220,15 @@ def test_bad_input(ctx, capsys, case):
     assert len(lines) == 1, err
     assert lines[0].startswith("edge-sel: error: ") and needle in lines[0], lines[0]
     assert snapshot(*owned) == before, "a bad input changed or left files behind"
+
+
+@pytest.mark.parametrize("argv", [["models", "list"], ["demo"]])
+def test_home_that_cannot_be_a_folder(ctx, capsys, monkeypatch, argv):
+    monkeypatch.setenv("EDGE_SEL_HOME", str(ctx.docs))
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.strip().startswith("edge-sel: error: EDGE_SEL_HOME=") and "\n" not in err.strip(), err
+    code, _, err = run_cli(RERANK(ctx, ctx.bi), capsys)  # a local bundle does not need the home
+    assert code == 0, err
 
 
 def test_plain_text_starting_with_brace_is_plain_text(ctx, capsys):
