@@ -243,9 +243,9 @@ def cmd_info(args, console) -> int:
     return 0
 
 
-def cmd_generate(args, console) -> int:
+def read_prompt(args) -> str:
+    """The prompt of ``generate``'s arguments: ``--prompt`` or the text of ``--prompt-file``."""
     from edge_sel.runtime.errors import InputError
-    from .runtime import Generator
 
     if (args.prompt is None) == (args.prompt_file is None):
         raise InputError("give exactly one of --prompt or --prompt-file")
@@ -261,6 +261,13 @@ def cmd_generate(args, console) -> int:
             raise InputError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
         except UnicodeDecodeError as e:
             raise InputError(f"{args.prompt_file} is not UTF-8 text ({e})") from None
+    return prompt
+
+
+def cmd_generate(args, console) -> int:
+    from .runtime import Generator
+
+    prompt = read_prompt(args)
     gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               chat=args.chat, system=args.system)
@@ -285,6 +292,12 @@ def cmd_generate(args, console) -> int:
         gen.close()
 
 
+def cmd_profile(args, console) -> int:
+    from .profile import command
+
+    return command(args, console)
+
+
 def cmd_bench(args, console) -> int:
     from .bench import command
 
@@ -298,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     console = _console()
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
                 "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate,
-                "quantize": cmd_quantize}
+                "quantize": cmd_quantize, "profile": cmd_profile}
     signals: list[int] = []
     previous = _raise_on_sigterm(signals)
     try:

@@ -43,6 +43,12 @@ calibration text never overlaps the benchmark text (builtin: docstrings of other
   edge-sel generate bundles/smol-gen -p "Once upon a time" --kv-budget 64MB --temperature 0.8 --seed 1
 --kv-budget: tokens per layer (512), a fraction of the prompt (0.2) or bytes for the whole cache (64MB);
 default: room for the prompt and every new token. Prompts longer than the model's context are refused.""",
+    "profile": """examples:
+  edge-sel profile bundles/smollm2 rerank -q "copy a file" -d docs.txt -m 128MB --out prof/
+  edge-sel profile bundles/minilm rerank -q "copy a file" -d docs.txt --out prof/ --ops
+  edge-sel profile bundles/smol-gen generate --prompt-file book.txt --kv-budget 0.1 --policy mpcache_recall --out prof/
+writes trace.json (open in ui.perfetto.dev or chrome://tracing), memory.png, report.html and profile.json.
+--ops adds onnxruntime's per-operator profile to the trace; --interval-ms sets the sampler period (default 5).""",
     "verify": """examples:
   edge-sel verify bundles/minilm""",
     "info": """examples:
@@ -176,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = cmd("info", "summarise a bundle")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
+
+    from .profile import add_arguments as add_profile_arguments
+
+    add_profile_arguments(cmd("profile", "run one rerank or generate call under the memory profiler: trace, plot, report"))
 
     from .bench import add_arguments as add_bench_arguments
 
