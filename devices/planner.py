@@ -81,3 +81,94 @@ def kv_plan(bundle: Bundle, n_prompt: int, max_new: int, kv_budget, policy: str 
     kv = (plan.resident + plan.fetch) * kp.slot_bytes(pol) * len(spec.layers)
     scratch = n_prompt * LayerCache.bytes_per_slot(d.kv_heads, d.head_dim) if plan.scratch else 0
     return plan, int(kv), int(scratch)
+
+
+# ---- device plans ---------------------------------------------------------------------------------------------
+APP_MARGIN = 0.75        # of a device's per-app limit: the app's own memory and the OS's slack come first
+NO_LIMIT_SHARE = 0.5     # of RAM, on devices that set no per-app limit
+
+
+def device_budget(device: dict) -> int:
+    limit = device.get("app_memory_limit_bytes")
+    return int(APP_MARGIN * limit) if limit else int(NO_LIMIT_SHARE * device["ram_bytes"])
+
+
+def local_costs(bundle: Bundle, device: dict) -> tuple[dict | None, float]:
+    """Probed costs of ``bundle`` and the factor that scales them to ``device``: the device's own probe (factor 1),
+    else this machine's probed profile scaled by GFLOPS; (None, 1) when nothing was probed."""
+    from .probe import bundle_key
+    from .profiles import load, names
+
+    key = bundle_key(bundle)
+    own = (device.get("measured") or {}).get("bundles", {}).get(key)
+    if own is not None:
+        return own, 1.0
+    for name in names():
+        other = load(name)
+        costs = (other.get("measured") or {}).get("bundles", {}).get(key)
+        if costs is not None:
+            return costs, other["sustained_gflops"] / device["sustained_gflops"]
+    return None, 1.0
+
+
+def _layer_flops_per_token(bundle: Bundle, length: int) -> float:
+    d = bundle.spec.dims
+    params = bundle.layer_weight_bytes(0) / 4
+    return 2 * params + 4 * length * d.hidden
+
+
+def rerank_latency(bundle: Bundle, device: dict, tokens: int, max_len: int) -> tuple[float, str]:
+    n = len(bundle.spec.layers)
+    costs, scale = local_costs(bundle, device)
+    if costs is None or costs.get("task") != "rerank":
+        secs = tokens * n * _layer_flops_per_token(bundle, max_len) / (device["sustained_gflops"] * 1e9)
+        return secs, "analytical (FLOPs / the device's sustained GFLOPS; probe the bundle for a measured figure)"
+    per = costs["layer_s_per_token"] + costs["layer_s_per_token_per_len"] * max_len
+    secs = tokens * (n * per + costs["other_s_per_token"]) + n * costs["layer_load_s"]
+    return secs * scale, "probed layer costs" + ("" if scale == 1.0 else f" scaled by GFLOPS (x{scale:.2f})")
+
+
+def generate_latency(bundle: Bundle, device: dict, n_prompt: int, new: int, capacity: int) -> tuple[float, str]:
+    n = len(bundle.spec.layers)
+    costs, scale = local_costs(bundle, device)
+    if costs is None or costs.get("task") != "generate":
+        flops = n * (n_prompt + new) * _layer_flops_per_token(bundle, min(capacity, n_prompt))
+        return flops / (device["sustained_gflops"] * 1e9), "analytical (FLOPs / the device's sustained GFLOPS)"
+    prefill = n * n_prompt * (costs["prefill_s_per_token_layer"] + costs["prefill_s_per_token_layer_per_len"] * n_prompt)
+    ctx = min(capacity, n_prompt + new / 2)
+    decode = max(0, new - 1) * n * (costs["decode_s_per_layer"] + costs["decode_s_per_layer_per_context"] * ctx)
+    return (prefill + decode) * scale, "probed layer costs" + ("" if scale == 1.0 else f" scaled by GFLOPS (x{scale:.2f})")
+
+
+def plan_rerank(bundle: Bundle, device: dict, n_docs: int, doc_tokens: int, query_tokens: int = 16,
+                budget: int | None = None) -> dict:
+    budget = device_budget(device) if budget is None else budget
+    split_extra = 0
+    if bundle.spec.layer_io.split:
+        from edge_sel.runtime.rerank.prefix import qkv_weight_bytes
+
+        split_extra = max(qkv_weight_bytes(bundle, i) for i in range(len(bundle.spec.layers)))
+    planner, plan, size = rerank_plan(bundle, n_docs, doc_tokens, query_tokens, budget, split_extra=split_extra)
+    mem = rerank_memory(planner, plan.estimate)
+    secs, how = rerank_latency(bundle, device, size["total_tokens"], size["max_len"])
+    return {"task": "rerank", "device": device["name"], "budget_bytes": budget, "window_layers": plan.window,
+            "layers": planner.n_layers, "chunk_tokens": plan.chunk_tokens, "spill": plan.spill,
+            "peak_bytes": mem["total"], "components": mem, "latency_s": secs, "latency_basis": how, **size}
+
+
+def plan_generate(bundle: Bundle, device: dict, n_prompt: int, new_tokens: int, kv_budget=None, policy: str = "full",
+                  budget: int | None = None) -> dict:
+    budget = device_budget(device) if budget is None else budget
+    plan, kv, scratch = kv_plan(bundle, n_prompt, new_tokens, kv_budget, policy)
+    mem = generate_prediction(bundle, n_prompt, kv, scratch)
+    secs, how = generate_latency(bundle, device, n_prompt, new_tokens, plan.resident + plan.fetch)
+    out = {"task": "generate", "device": device["name"], "budget_bytes": budget, "kv_resident_tokens": plan.resident,
+           "kv_fetch_tokens": plan.fetch, "prefill_scratch": plan.scratch, "peak_bytes": mem["total"], "components": mem,
+           "latency_s": secs, "latency_basis": how}
+    if mem["total"] > budget:
+        from edge_sel.runtime.errors import BudgetError
+
+        raise BudgetError(f"generation needs about {mem['total'] / 2**20:.0f} MiB (weights {mem['weights'] / 2**20:.0f} MiB "
+                          f"+ KV {mem['kv'] / 2**20:.0f} MiB + activations), above the {budget / 2**20:.0f} MiB budget",
+                          minimum_bytes=mem["total"])
+    return out

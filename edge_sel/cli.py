@@ -298,6 +298,18 @@ def cmd_profile(args, console) -> int:
     return command(args, console)
 
 
+def cmd_devices(args, console) -> int:
+    from .devices_cli import cmd_devices as run
+
+    return run(args, console)
+
+
+def cmd_plan(args, console) -> int:
+    from .devices_cli import cmd_plan as run
+
+    return run(args, console)
+
+
 def cmd_bench(args, console) -> int:
     from .bench import command
 
@@ -311,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     console = _console()
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
                 "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate,
-                "quantize": cmd_quantize, "profile": cmd_profile}
+                "quantize": cmd_quantize, "profile": cmd_profile, "devices": cmd_devices, "plan": cmd_plan}
     signals: list[int] = []
     previous = _raise_on_sigterm(signals)
     try:
