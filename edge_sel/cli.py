@@ -106,7 +106,7 @@ def cmd_rerank(args, console) -> int:
         rr.close()
     stats = rr.stats.public()
     if args.json:
-        print(json.dumps({"results": results, "stats": stats}))
+        print(json.dumps({"results": results, "stats": stats, "plan": _rerank_plan_vs_measured(rr)}))
         return 0
     from rich.table import Table
 
@@ -128,6 +128,26 @@ def cmd_rerank(args, console) -> int:
     if rr.bundle.spec.dropped_layers:
         console.print(_dropped_line(rr.bundle.spec))
     return 0
+
+
+def _rerank_plan_vs_measured(rr) -> dict:
+    """The plan's memory estimate (by component, bytes above idle) next to what the call measured."""
+    from edge_sel.devices.planner import rerank_memory
+
+    st = rr.stats.as_dict()
+    measured = {k: st.get(k) for k in ("peak_rss_bytes", "start_rss_bytes", "spill_bytes_written", "spill_bytes_read",
+                                       "heap_trims")}
+    measured["growth_bytes"] = st["peak_rss_bytes"] - st["start_rss_bytes"]
+    return {"estimate": rerank_memory(rr.planner, st["plan_estimate"]), "components": st["plan_estimate"],
+            "measured": measured}
+
+
+def _generate_plan_vs_measured(gen) -> dict:
+    from edge_sel.devices.planner import generate_memory
+
+    st = gen.last_stats
+    return {"estimate": generate_memory(gen.bundle, st),
+            "measured": {k: st.get(k) for k in ("kv_bytes_peak", "kv_bytes_allocated", "peak_rss_bytes")}}
 
 
 def _dropped_line(spec) -> str:
@@ -275,7 +295,7 @@ def cmd_generate(args, console) -> int:
         if args.json:
             res = gen.generate(prompt, **kw)
             print(json.dumps({"text": res.text, "tokens": res.tokens, "finish_reason": res.finish_reason,
-                              "stats": gen.stats.public()}))
+                              "stats": gen.stats.public(), "plan": _generate_plan_vs_measured(gen)}))
             return 0
         for piece in gen.stream(prompt, **kw):
             sys.stdout.write(piece)

@@ -19,7 +19,7 @@ from pathlib import Path
 from edge_sel.runtime.errors import InputError
 from edge_sel.runtime.profiler import Profiler
 
-from .paths import writable_dir
+from .paths import creatable_path, writable_dir
 from .profile_report import plot_png, print_summary, summarize, write_html
 from .profile_trace import write_trace
 
@@ -27,7 +27,7 @@ from .profile_trace import write_trace
 def profile_options() -> argparse.ArgumentParser:
     """The options ``profile`` itself takes, wherever they appear among the command's arguments."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--out", "-o", required=True)
+    p.add_argument("--out", "-o")
     p.add_argument("--ops", action="store_true")
     p.add_argument("--interval-ms", type=float, default=5.0)
     p.add_argument("--json", action="store_true")
@@ -79,18 +79,20 @@ def command(args, console) -> int:
     from .parser import build_parser
 
     opts, rest = profile_options().parse_known_args(args.rest)
-    if opts.interval_ms <= 0 or opts.interval_ms > 1000:
+    if opts.out is None:
+        raise InputError("profile needs --out DIR (the folder for trace.json, memory.png, report.html, profile.json)")
+    if not 0 < opts.interval_ms <= 1000:
         raise InputError(f"--interval-ms must be in (0, 1000], got {opts.interval_ms}")
     inner = build_parser().parse_args([args.task, args.bundle, *rest])
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    writable_dir(str(out), "--out")
+    creatable_path(str(out), "--out")
     budget = inner.memory_budget if args.task == "rerank" else None
     import edge_sel.runtime.generate  # noqa: F401  the engines and their libraries load before the profile
     import edge_sel.runtime.rerank  # noqa: F401  starts: they belong to its baseline, not to the call
-    ops_dir = Path(tempfile.mkdtemp(prefix="ort-ops-", dir=out)) if opts.ops else None
+
+    ops_dir = Path(tempfile.mkdtemp(prefix="edge-sel-ops-")) if opts.ops else None
     try:
         with Profiler(interval=opts.interval_ms / 1000, budget=budget,
                       ops_prefix=str(ops_dir / "s") if ops_dir else None) as prof:
@@ -99,6 +101,7 @@ def command(args, console) -> int:
         res = prof.result
         argv = ["edge-sel", "profile", args.bundle, args.task, *rest]
         summary = summarize(res, {"argv": argv, "task": args.task}, stats, estimate)
+        out.mkdir(parents=True, exist_ok=True)  # only once the call succeeded: a bad input leaves nothing behind
         trace = write_trace(res, out / "trace.json", ops=opts.ops, meta={"command": argv})
     finally:
         if ops_dir is not None:
