@@ -93,6 +93,16 @@ def test_profile_rerank_trace_is_valid_and_has_the_stages(llama_bundle, tmp_path
     assert [r["component"] for r in summary["plan"]] == ["weights", "hidden", "total"]
 
 
+def _sample_after_largest(res, key):
+    """The first sample after the engine reported its largest ``key`` (the attribution there must count it)."""
+    counts = [e for e in res.events if e.kind == "counter" and key in e.args]
+    assert counts and max(e.args[key] for e in counts) > 0
+    t = max(counts, key=lambda e: e.args[key]).t0
+    sample = next(s for s in res.samples if s.t >= t)
+    assert res.attribution(sample)["engine"][key] > 0
+    return sample
+
+
 def _adds_up(att):
     assert att["sum_bytes"] is not None
     assert abs(att["sum_bytes"] - att["rss_bytes"]) <= 0.10 * att["rss_bytes"], att
@@ -110,17 +120,16 @@ def test_attribution_adds_up_rerank_and_generate(llama_bundle, gen_llama_bundle)
         rr = Reranker(llama_bundle, memory_budget="40MB", pruning="off")
         rr.rank("copy a file", docs)
         rr.close()
-    att = prof.result.attribution()
-    assert att["engine"]["hidden_bytes"] > 0
-    _adds_up(att)
+    res = prof.result
+    _adds_up(res.attribution())
+    _adds_up(res.attribution(_sample_after_largest(res, "hidden_bytes")))
     with Profiler(interval=0.002) as prof:
         gen = Generator(gen_llama_bundle, kv_budget=64, policy="streaming_llm")
         gen.generate(list(range(5, 300)), max_new_tokens=8)
         gen.close()
     res = prof.result
-    att = res.attribution()
-    assert att["engine"]["kv_bytes"] > 0
-    _adds_up(att)
+    _adds_up(res.attribution())
+    _adds_up(res.attribution(_sample_after_largest(res, "kv_bytes")))
     names = [e.name for e in res.events]
     assert names.count("prefill.layer") == 4 and names.count("decode") == 7 and "evict" in names
 

@@ -100,6 +100,7 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
             if scratch.n + n_sfx + max_new > cap:
                 target = final_target(cap, n_sfx, max_new, policy.align)
                 call.evictions += 1
+                trace.instant("evict", layer=L, phase="final", tokens=int(scratch.n), kept=int(target))
             policy.compress(L, scratch, target, "final", into=c)
         if n_sfx:
             q = prefill_suffix(model, call, L, hidden, positions, out, n_ctx, chunk_tokens, q)
