@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from edge_sel.runtime.errors import EdgeSelError
+from edge_sel.runtime.errors import EdgeSelError, InputError
 from edge_sel.runtime.units import format_size
 
 from .crash import report_crash
@@ -100,6 +100,10 @@ def cmd_rerank(args, console) -> int:
     docs = read_documents(args.documents)
     rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning,
                   spill_dir=writable_dir(args.spill_dir, "--spill-dir"))
+    if args.instruction is not None and rr.bundle.spec.prompt is None:
+        rr.close()
+        raise InputError(f"--instruction is the <Instruct> line of a decoder reranker's prompt; {args.bundle} is a "
+                         f"{rr.bundle.spec.model.scoring} bundle, which has no prompt")
     try:
         results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=args.show_text, instruction=args.instruction)
     finally:
@@ -267,6 +271,8 @@ def read_prompt(args) -> str:
     """The prompt of ``generate``'s arguments: ``--prompt`` or the text of ``--prompt-file``."""
     from edge_sel.runtime.errors import InputError
 
+    if args.system is not None and not args.chat:
+        raise InputError("--system is a chat message: add --chat (it wraps the prompt in the bundle's chat template)")
     if (args.prompt is None) == (args.prompt_file is None):
         raise InputError("give exactly one of --prompt or --prompt-file")
     prompt = args.prompt

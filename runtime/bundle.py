@@ -328,7 +328,10 @@ class BundleWriter:
     def __init__(self, target: str | os.PathLike, overwrite: bool = False):
         self.target = Path(target).expanduser().absolute()
         self.overwrite = overwrite
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BundleError(f"cannot create {self.target.parent}: {e.strerror}") from None
         sweep(self.target.parent, is_bundle)  # siblings left by dead writers; may restore a stranded target
         self.check_target(self.target, overwrite)
         self.staging = staging_dir(self.target)

@@ -108,6 +108,8 @@ CASES = [
     ("gen-empty-prompt", lambda c: ["generate", c.gen, "-p", "", "-n", 2], "prompt"),
     ("gen-policy-full-combined", lambda c: GEN(c, "--policy", "full+full"), "full"),
     ("gen-rerank-bundle", lambda c: ["generate", c.bi, "-p", "hi"], "rerank"),
+    ("gen-policy-repeated", lambda c: GEN(c, "--policy", "h2o+h2o"), "twice"),
+    ("gen-system-without-chat", lambda c: GEN(c, "--system", "be brief"), "--chat"),
     ("gen-missing-bundle", lambda c: ["generate", c.tmp / "none", "-p", "hi"], "not found"),
     # export
     ("export-max-length-zero", lambda c: ["export", c.hf, "-o", c.tmp / "out", "--max-length", 0], "--max-length"),
@@ -125,8 +127,10 @@ CASES = [
     ("export-missing-model", lambda c: ["export", c.tmp / "no-such-model", "-o", c.tmp / "o"], "not found"),
     ("export-drop-layers-junk", lambda c: ["export", c.hf, "-o", c.tmp / "o", "--drop-layers", "some"], "--drop-layers"),
     ("export-out-under-a-file", lambda c: ["export", c.hf, "-o", c.docs / "bundle"], "docs.txt"),
+    ("export-out-uncreatable", lambda c: ["export", c.hf, "-o", "/proc/no-such-dir/bundle"], "cannot create"),
     # rerank
     ("rerank-top-k-zero", lambda c: RERANK(c, c.bi, "-k", 0), "top_k"),
+    ("rerank-instruction-on-encoder", lambda c: RERANK(c, c.ce, "--instruction", "judge"), "--instruction"),
     ("rerank-empty-query", lambda c: ["rerank", c.bi, "-q", "", "-d", c.docs], "query"),
     ("rerank-docs-folder", lambda c: ["rerank", c.bi, "-q", "x", "-d", c.tmp], "not found"),
     ("rerank-docs-missing", lambda c: ["rerank", c.bi, "-q", "x", "-d", c.tmp / "none.txt"], "not found"),

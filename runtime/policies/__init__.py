@@ -56,6 +56,9 @@ def make_policy(spec: "str | Policy | None") -> Policy:
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise InputError(f"unknown policy {unknown[0]!r}; known policies: {', '.join(REGISTRY)} (combine with '+')")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"policy {repeated[0]!r} appears twice in {spec!r}; name each policy once")
     parts = [REGISTRY[n]() for n in names]
     if len(parts) == 1:
         return parts[0]
