@@ -269,8 +269,6 @@ def cmd_info(args, console) -> int:
 
 def read_prompt(args) -> str:
     """The prompt of ``generate``'s arguments: ``--prompt`` or the text of ``--prompt-file``."""
-    from edge_sel.runtime.errors import InputError
-
     if args.system is not None and not args.chat:
         raise InputError("--system is a chat message: add --chat (it wraps the prompt in the bundle's chat template)")
     if (args.prompt is None) == (args.prompt_file is None):

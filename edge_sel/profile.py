@@ -109,7 +109,8 @@ def command(args, console) -> int:
     png = plot_png(res, out / "memory.png", title=" ".join(argv[2:])[:120])
     report = write_html(summary, png, out / "report.html")
     (out / "profile.json").write_text(json.dumps(summary, default=str, indent=1))
-    files = {"trace": str(trace), "plot": str(png), "report": str(report), "summary": str(out / "profile.json")}
+    files = {"trace": str(trace), "plot": str(png) if png else "(none: pip install edge-sel[profile] for matplotlib)",
+             "report": str(report), "summary": str(out / "profile.json")}
     if opts.json:
         print(json.dumps({**summary, "files": files}, default=str))
     else:

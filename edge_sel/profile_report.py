@@ -89,8 +89,12 @@ def summarize(prof: ProfileResult, command: dict, stats: dict, estimate: dict | 
     }
 
 
-def plot_png(prof: ProfileResult, path: str | os.PathLike, title: str = "") -> Path:
-    import matplotlib
+def plot_png(prof: ProfileResult, path: str | os.PathLike, title: str = "") -> Path | None:
+    """The memory plot; None when matplotlib is not installed (``pip install edge-sel[profile]``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,8 +148,8 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def write_html(summary: dict, png: Path, path: str | os.PathLike) -> Path:
-    img = base64.b64encode(Path(png).read_bytes()).decode()
+def write_html(summary: dict, png: Path | None, path: str | os.PathLike) -> Path:
+    img = base64.b64encode(Path(png).read_bytes()).decode() if png is not None else None
     att = summary["attribution"]
     cmd = " ".join(summary["command"].get("argv", []))
     overview = [["command", cmd], ["duration", f"{summary['duration_s']:.3f} s"],
@@ -169,7 +173,8 @@ td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left;font-size:14px}}th{
 h2{{margin-top:28px}}</style></head><body>
 <h1>edge-sel profile</h1>
 {_table(["", ""], overview)}
-<img alt="memory over time" src="data:image/png;base64,{img}">
+{f'<img alt="memory over time" src="data:image/png;base64,{img}">' if img else
+ "<p>(no plot: matplotlib is not installed; pip install edge-sel[profile])</p>"}
 <h2>Memory at the peak, by what holds it</h2>{_table(["part", "bytes"], attr)}
 <h2>Plan estimate vs measured</h2>{_table(["component", "estimate", "measured", "error"], plan) if plan else "<p>no estimate</p>"}
 <h2>Stages</h2>{_table(["stage", "count", "total ms", "max growth", "max peak RSS"], stages)}
