@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from edge_sel.runtime.errors import BudgetError, InputError
@@ -35,7 +36,7 @@ def cmd_devices(args, console) -> int:
         return 0
     from edge_sel.devices.probe import probe
 
-    with console.status("probing", spinner="dots") if not args.json else _null() as status:
+    with console.status("probing", spinner="dots") if not args.json else contextlib.nullcontext() as status:
         doc = probe(args.name, args.bundle or (), args.storage_dir,
                     say=lambda m: status.update(f"probing: {m}") if status is not None else None)
     path = profiles.save(doc, args.out)
@@ -46,12 +47,6 @@ def cmd_devices(args, console) -> int:
                       f"{doc['storage_read_bytes_per_s'] / 1e9:.2f} GB/s · matmul {doc['sustained_gflops']:.0f} GFLOPS · "
                       f"{len(doc['measured']['bundles'])} bundle(s) probed")
     return 0
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _smallest_device(need: int) -> str | None:
