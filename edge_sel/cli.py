@@ -110,7 +110,7 @@ def cmd_rerank(args, console) -> int:
         rr.close()
     stats = rr.stats.public()
     if args.json:
-        print(json.dumps({"results": results, "stats": stats}))
+        print(json.dumps({"results": results, "stats": stats, "plan": _rerank_plan_vs_measured(rr)}))
         return 0
     from rich.table import Table
 
@@ -132,6 +132,26 @@ def cmd_rerank(args, console) -> int:
     if rr.bundle.spec.dropped_layers:
         console.print(_dropped_line(rr.bundle.spec))
     return 0
+
+
+def _rerank_plan_vs_measured(rr) -> dict:
+    """The plan's memory estimate (by component, bytes above idle) next to what the call measured."""
+    from edge_sel.devices.planner import rerank_memory
+
+    st = rr.stats.as_dict()
+    measured = {k: st.get(k) for k in ("peak_rss_bytes", "start_rss_bytes", "spill_bytes_written", "spill_bytes_read",
+                                       "heap_trims")}
+    measured["growth_bytes"] = st["peak_rss_bytes"] - st["start_rss_bytes"]
+    return {"estimate": rerank_memory(rr.planner, st["plan_estimate"]), "components": st["plan_estimate"],
+            "measured": measured}
+
+
+def _generate_plan_vs_measured(gen) -> dict:
+    from edge_sel.devices.planner import generate_memory
+
+    st = gen.last_stats
+    return {"estimate": generate_memory(gen.bundle, st),
+            "measured": {k: st.get(k) for k in ("kv_bytes_peak", "kv_bytes_allocated", "peak_rss_bytes")}}
 
 
 def _dropped_line(spec) -> str:
@@ -247,9 +267,8 @@ def cmd_info(args, console) -> int:
     return 0
 
 
-def cmd_generate(args, console) -> int:
-    from .runtime import Generator
-
+def read_prompt(args) -> str:
+    """The prompt of ``generate``'s arguments: ``--prompt`` or the text of ``--prompt-file``."""
     if args.system is not None and not args.chat:
         raise InputError("--system is a chat message: add --chat (it wraps the prompt in the bundle's chat template)")
     if (args.prompt is None) == (args.prompt_file is None):
@@ -266,6 +285,13 @@ def cmd_generate(args, console) -> int:
             raise InputError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
         except UnicodeDecodeError as e:
             raise InputError(f"{args.prompt_file} is not UTF-8 text ({e})") from None
+    return prompt
+
+
+def cmd_generate(args, console) -> int:
+    from .runtime import Generator
+
+    prompt = read_prompt(args)
     gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               chat=args.chat, system=args.system)
@@ -273,7 +299,7 @@ def cmd_generate(args, console) -> int:
         if args.json:
             res = gen.generate(prompt, **kw)
             print(json.dumps({"text": res.text, "tokens": res.tokens, "finish_reason": res.finish_reason,
-                              "stats": gen.stats.public()}))
+                              "stats": gen.stats.public(), "plan": _generate_plan_vs_measured(gen)}))
             return 0
         for piece in gen.stream(prompt, **kw):
             sys.stdout.write(piece)
@@ -290,6 +316,24 @@ def cmd_generate(args, console) -> int:
         gen.close()
 
 
+def cmd_profile(args, console) -> int:
+    from .profile import command
+
+    return command(args, console)
+
+
+def cmd_devices(args, console) -> int:
+    from .devices_cli import cmd_devices as run
+
+    return run(args, console)
+
+
+def cmd_plan(args, console) -> int:
+    from .devices_cli import cmd_plan as run
+
+    return run(args, console)
+
+
 def cmd_bench(args, console) -> int:
     from .bench import command
 
@@ -303,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     console = _console()
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
                 "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate,
-                "quantize": cmd_quantize}
+                "quantize": cmd_quantize, "profile": cmd_profile, "devices": cmd_devices, "plan": cmd_plan}
     signals: list[int] = []
     previous = _raise_on_sigterm(signals)
     try:

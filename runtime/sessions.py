@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.errors import BundleError
 
 
@@ -39,8 +40,14 @@ def session_options(threads: int | None = None, optimize: str = "all", mem_patte
 
 
 def load_session(path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True) -> ort.InferenceSession:
+    so = session_options(threads, optimize, mem_pattern)
+    prefix = trace.op_profile_prefix()  # a profiler asked for onnxruntime's per-operator timings
+    if prefix is not None:
+        so.enable_profiling, so.profile_file_prefix = True, prefix
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads, optimize, mem_pattern),
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types; name the file
         raise BundleError(f"cannot load graph {path}: {e}") from None
+    if prefix is not None:
+        trace.register_session(sess, prefix)
+    return sess

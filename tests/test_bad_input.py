@@ -204,6 +204,25 @@ CASES = [
     ("bench-n-docs-junk", lambda c: ["bench", c.bi, "-n", "many"], "many"),
     ("bench-n-docs-huge", lambda c: ["bench", c.bi, "-n", "100000000"], "--n-docs"),
     ("bench-prompt-file-folder", lambda c: ["bench", c.gen, "--prompt-file", c.tmp], "prompt file"),
+    # devices, plan, profile
+    ("devices-show-unknown", lambda c: ["devices", "show", "no-such-phone"], "unknown device"),
+    ("plan-unknown-device", lambda c: ["plan", c.bi, "--device", "no-such-phone", "--task", "rerank", "-n", 4,
+                                       "--doc-tokens", 8], "unknown device"),
+    ("plan-device-file-invalid", lambda c: ["plan", c.bi, "--device", write(c.tmp / "d.json", '{"name": "x"}'), "--task",
+                                            "rerank", "-n", 4, "--doc-tokens", 8], "not a valid device profile"),
+    ("plan-infeasible-budget", lambda c: ["plan", c.bi, "--device", "iphone-se-3", "--task", "rerank", "-n", 4,
+                                          "--doc-tokens", 8, "--budget", "1KB"], "smallest budget that works"),
+    ("plan-wrong-task", lambda c: ["plan", c.gen, "--device", "pixel-8", "--task", "rerank", "-n", 4, "--doc-tokens", 8],
+     "'generate' bundle"),
+    ("plan-rerank-without-candidates", lambda c: ["plan", c.bi, "--device", "pixel-8", "--task", "rerank"], "--candidates"),
+    ("plan-generate-prompt-beyond-context", lambda c: ["plan", c.gen, "--device", "pixel-8", "--task", "generate",
+                                                       "--prompt-tokens", 10**7], "context"),
+    ("profile-without-out", lambda c: ["profile", c.bi, "rerank", "-q", "x", "-d", c.docs], "--out"),
+    ("profile-out-is-a-file", lambda c: ["profile", c.bi, "rerank", "-q", "x", "-d", c.docs, "--out", c.docs], "not a folder"),
+    ("profile-interval-zero", lambda c: ["profile", c.bi, "rerank", "-q", "x", "-d", c.docs, "--out", c.tmp / "p",
+                                         "--interval-ms", 0], "--interval-ms"),
+    ("profile-missing-documents", lambda c: ["profile", c.bi, "rerank", "-q", "x", "-d", c.tmp / "none.txt", "--out",
+                                             c.tmp / "p"], "not found"),
 ]
 
 
