@@ -99,7 +99,7 @@ def cmd_rerank(args, console) -> int:
 
     docs = read_documents(args.documents)
     rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning,
-                  spill_dir=writable_dir(args.spill_dir, "--spill-dir"))
+                  spill_dir=writable_dir(args.spill_dir, "--spill-dir"), provider=args.provider)
     try:
         results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=args.show_text, instruction=args.instruction)
     finally:
@@ -121,6 +121,7 @@ def cmd_rerank(args, console) -> int:
     console.print(t)
     console.print(f"latency {stats['latency_s']:.3f} s · peak RSS {format_size(stats['peak_rss_bytes'])} "
                   f"· window {stats['window_layers']}/{stats['n_layers']} layers · chunk {stats['chunk_size']} docs"
+                  f" · provider {stats['provider']['provider']}"
                   + (f" · {stats['n_truncated']} documents truncated" if stats.get("n_truncated") else ""))
     console.print(f"pruning: {stats.get('pruning')}"
                   + (f" · {stats['n_pruned']} pruned early, {100 * stats['layer_work_saved']:.0f}% of layer-work saved"
@@ -261,7 +262,7 @@ def cmd_generate(args, console) -> int:
             raise InputError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
         except UnicodeDecodeError as e:
             raise InputError(f"{args.prompt_file} is not UTF-8 text ({e})") from None
-    gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy)
+    gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy, provider=args.provider)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               chat=args.chat, system=args.system)
     try:
