@@ -27,7 +27,7 @@ import numpy as np
 
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
-from edge_sel.runtime.memory import PeakTracker
+from edge_sel.runtime.memory import PeakTracker, ReleaseLog
 
 from ..kvcache import LayerCache
 from ..planning import KVPlanner
@@ -220,6 +220,7 @@ class Generator:
         if isinstance(suffix, bool) or not isinstance(suffix, (int, np.integer)) or not 0 <= suffix < N:
             raise InputError(f"protect_suffix must be an integer in [0, {N}) (the prompt is {N} tokens), got {suffix!r}")
         max_new = self.planner.clamp_new(N, int(max_new_tokens))
+        released = ReleaseLog()
         if self.model.releases_weights(N):  # before this call allocates its cache (the last call's weights are mapped)
             self.model.release_weights()
         policy = make_policy(self.policy_spec)
@@ -246,6 +247,7 @@ class Generator:
                 tok = forced[step] if forced is not None else sample(logits, temperature, top_p, rng)
                 self.stats = rec.stats(n_decode, step + 1)
                 self.stats.provider = self.providers.as_dict()
+                self.stats.memory_release = released.report()
                 yield tok, logits, call
                 if (stop and tok in self.stop_ids) or step == max_new - 1:
                     break

@@ -42,6 +42,7 @@ class GenerationStats:
     skipped_layers: list = _public(default_factory=list)
     peak_rss_bytes: int = _public(default=0)
     provider: dict = _public(default_factory=dict)  # execution providers: choice, node assignment, load time
+    memory_release: dict = field(default_factory=dict)  # which memory mechanisms ran (memory.ReleaseLog)
     sections: dict = field(default_factory=dict)  # the policy's own sections (e.g. "cold": a recall store's I/O)
 
     def as_dict(self) -> dict[str, Any]:

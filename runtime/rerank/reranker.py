@@ -19,7 +19,7 @@ import numpy as np
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.embedding import Embedder
 from edge_sel.runtime.errors import BudgetError, InputError
-from edge_sel.runtime.memory import HeapGuard, PeakTracker, release_free_memory, tune_allocator
+from edge_sel.runtime.memory import HeapGuard, PeakTracker, ReleaseLog, release_free_memory, tune_allocator
 from edge_sel.runtime.planning import Planner
 from edge_sel.runtime.providers import Assignment, ProviderChoice
 from edge_sel.runtime.providers import resolve as resolve_provider
@@ -204,6 +204,7 @@ class Reranker:
              observer: Observer | None = None) -> np.ndarray:
         documents = check_documents(documents)
         loads0, load_s0 = self.providers.sessions, self.providers.load_s
+        released = ReleaseLog()
         t0 = time.perf_counter()
         with PeakTracker() as peak:
             enc = self.encoder.encode(query, documents, instruction=instruction)
@@ -217,6 +218,7 @@ class Reranker:
         st.latency_s, st.tokenize_s = time.perf_counter() - t0, t_tok
         st.peak_rss_bytes, st.start_rss_bytes = peak.peak, peak.start
         st.n_documents, st.n_truncated = len(documents), enc.n_truncated
+        st.memory_release = released.report()
         st.provider = {**self.providers.as_dict(), "call_sessions_loaded": self.providers.sessions - loads0,
                        "call_session_load_s": round(self.providers.load_s - load_s0, 4)}
         return scores

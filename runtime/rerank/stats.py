@@ -53,6 +53,8 @@ class RerankStats:
     spill_bytes_written: int | None = _f(per_call=True)
     spill_bytes_read: int | None = _f(per_call=True)
     heap_trims: int = _f(0)
+    # which memory mechanisms ran (edge_sel.runtime.memory.ReleaseLog): glibc or macOS heap release, weight pages
+    memory_release: dict | None = _f(per_call=True)
 
     def as_dict(self) -> dict[str, Any]:
         """Every field (per-call fields only when set)."""
