@@ -36,7 +36,9 @@ def peak_rss_bytes() -> int:
         pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from edge_sel.runtime.memory import maxrss_bytes
+
+    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def kv_bytes(cache) -> int:

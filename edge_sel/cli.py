@@ -99,7 +99,7 @@ def cmd_rerank(args, console) -> int:
 
     docs = read_documents(args.documents)
     rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning,
-                  spill_dir=writable_dir(args.spill_dir, "--spill-dir"))
+                  spill_dir=writable_dir(args.spill_dir, "--spill-dir"), provider=args.provider)
     if args.instruction is not None and rr.bundle.spec.prompt is None:
         rr.close()
         raise InputError(f"--instruction is the <Instruct> line of a decoder reranker's prompt; {args.bundle} is a "
@@ -125,6 +125,7 @@ def cmd_rerank(args, console) -> int:
     console.print(t)
     console.print(f"latency {stats['latency_s']:.3f} s · peak RSS {format_size(stats['peak_rss_bytes'])} "
                   f"· window {stats['window_layers']}/{stats['n_layers']} layers · chunk {stats['chunk_size']} docs"
+                  f" · provider {stats['provider']['provider']}"
                   + (f" · {stats['n_truncated']} documents truncated" if stats.get("n_truncated") else ""))
     console.print(f"pruning: {stats.get('pruning')}"
                   + (f" · {stats['n_pruned']} pruned early, {100 * stats['layer_work_saved']:.0f}% of layer-work saved"
@@ -292,7 +293,7 @@ def cmd_generate(args, console) -> int:
     from .runtime import Generator
 
     prompt = read_prompt(args)
-    gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy)
+    gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy, provider=args.provider)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               chat=args.chat, system=args.system)
     try:

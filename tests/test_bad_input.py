@@ -160,6 +160,9 @@ CASES = [
      "format_version"),
     ("rerank-format-version-bool", lambda c: RERANK(c, bundle_copy(c, c.bi, lambda m: _set(m, True, "format_version"))),
      "format_version"),
+    ("rerank-provider-unknown", lambda c: RERANK(c, c.bi, "--provider", "warp-drive"), "provider"),
+    ("gen-provider-unknown", lambda c: GEN(c, "--provider", "warp-drive"), "provider"),
+    ("bench-provider-unknown", lambda c: ["bench", c.bi, "--provider", "warp-drive", "-r", 1], "provider"),
     ("rerank-manifest-not-json", lambda c: RERANK(c, bundle_copy(c, c.bi, edit_file=("manifest.json", b"{"))), "manifest"),
     # calibrate
     ("calibrate-candidates-zero", lambda c: ["calibrate", c.ce, "--candidates", 0], "n_candidates"),
