@@ -69,7 +69,8 @@ def cmd_export(args, console) -> int:
     with prog:
         out = export(args.model, args.out, task=args.task, scoring=args.scoring, max_length=args.max_length,
                      verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb,
-                     **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}))
+                     **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}),
+                     **({"format": args.format} if args.format != "onnx" else {}))
     from edge_sel.runtime.bundle import Bundle
     from edge_sel.runtime.manifest import ExportInfo, thaw
 
@@ -231,6 +232,26 @@ def cmd_quantize(args, console) -> int:
     return 0
 
 
+def cmd_convert(args, console) -> int:
+    from edge_sel.export.passes.ort_format import convert_to_ort
+    from edge_sel.runtime.bundle import Bundle
+
+    if args.out is not None:
+        creatable_path(args.out, "-o")
+    out = convert_to_ort(args.bundle, args.out, level=args.optimization, force=args.force)
+    b = Bundle.open(out)
+    ops = dict(b.spec.ort.operators or {})
+    if args.json:
+        print(json.dumps({"bundle": str(out), "graph_format": b.spec.graph_format, "required_operators": b.spec.ort.required_operators,
+                          "operators": ops, "bytes": b.total_bytes()}))
+        return 0
+    console.print(f"[green]wrote[/] {out} (ORT-format graphs, {format_size(b.total_bytes())}); operator config for a reduced "
+                  f"build: {b.root / b.spec.ort.required_operators}")
+    for domain, names in ops.items():
+        console.print(f"  {domain}: {', '.join(names)}")
+    return 0
+
+
 def _nullcontext():
     import contextlib
 
@@ -348,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     console = _console()
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
                 "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate,
-                "quantize": cmd_quantize, "profile": cmd_profile, "devices": cmd_devices, "plan": cmd_plan}
+                "quantize": cmd_quantize, "convert": cmd_convert, "profile": cmd_profile, "devices": cmd_devices,
+                "plan": cmd_plan}
     signals: list[int] = []
     previous = _raise_on_sigterm(signals)
     try:

@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-layers", metavar="N|auto", help="drop the N layers that matter least (block influence + measured "
                    "ranking effect on calibration text); auto: as many as keep top-10 agreement >= 0.9")
     e.add_argument("--calibrate", action="store_true", help="calibrate early-ranking pruning after export (see `edge-sel calibrate`)")
+    e.add_argument("--format", choices=["onnx", "ort", "coreml"], default="onnx",
+                   help="ort: onnxruntime's ORT format graphs + the operator config for a reduced build (see `edge-sel convert`); "
+                   "coreml: also a CoreML ML Program package per streamed stage (needs coremltools)")
     e.add_argument("--json", action="store_true")
 
     r = cmd("rerank", "rank documents for a query with a bundle")
@@ -187,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--no-measure", action="store_true", help="skip the agreement measurement on the builtin calibration data")
     qz.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     qz.add_argument("--json", action="store_true")
+
+    cv = cmd("convert", "rewrite a bundle's graphs in onnxruntime's ORT format (mobile and minimal builds) with the "
+             "required-operators config for a reduced build")
+    cv.add_argument("bundle")
+    cv.add_argument("--format", dest="graph_format", choices=["ort"], default="ort", help="target graph format")
+    cv.add_argument("-o", "--out", help="write a converted copy here (default: convert the bundle in place, atomically)")
+    cv.add_argument("--optimization", choices=["basic", "extended", "all"], default="all",
+                    help="onnxruntime graph optimizations applied before saving (all: fastest, needs contrib ops)")
+    cv.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    cv.add_argument("--json", action="store_true")
 
     v = cmd("verify", "check a bundle's files against its manifest (sizes and sha256)")
     v.add_argument("bundle")

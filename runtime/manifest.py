@@ -52,6 +52,7 @@ SCORE_RULES = ("logit", "cosine", "yes_minus_no_logit")
 FINAL_LAYER_OUTPUTS = ("all_tokens", "first_token")
 SCHEDULE_METHODS = ("probe", "head", "cosine")
 SCHEDULE_RULES = ("margin", "rank")
+GRAPH_FORMATS = ("onnx", "ort")  # ort: onnxruntime's flatbuffer format (mobile and minimal builds), weights inside
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -562,6 +563,19 @@ class Quantization(Node):
 
 
 @dataclass(frozen=True, kw_only=True)
+class OrtInfo(Node):
+    """ORT-format graphs: the operator configuration a reduced onnxruntime build takes (``--include_ops_by_config``),
+    how the graphs were optimized before saving, and the operator set (``{"domain;opset": [ops]}``, informational)."""
+
+    required_operators: str = _json("path")
+    optimization_level: str | None = _json("str", None)
+    optimization_style: str | None = _json("str", None)
+    onnxruntime: str | None = _json("str", None)
+    operators: Mapping[str, Any] | None = _json("free", None)
+    seconds: float | None = _json("float", None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExportInfo(Node):
     seed: int | None = _json("int", None)
     seconds: float | None = _json("float", None)
@@ -605,6 +619,8 @@ class Manifest(Node):
     schedule: ScheduleSpec | None = None
     export: ExportInfo | None = None
     quantization: Quantization | None = None
+    graph_format: str = "onnx"
+    ort: OrtInfo | None = None
     embedding: EmbeddingRule = field(default_factory=EmbeddingRule)
     pooling: str = "cls"
     score_rule: str | None = None
@@ -651,6 +667,8 @@ class Manifest(Node):
             refs.append((g.file, f"graph {name}"))
             if g.weights:
                 refs.append((g.weights, f"graph {name} weights"))
+        if self.ort is not None:
+            refs.append((self.ort.required_operators, "ORT operator configuration"))
         return refs
 
     def layer_weight_bytes(self, i: int) -> int:
@@ -710,6 +728,8 @@ class Manifest(Node):
             schedule=opt("schedule", ScheduleSpec.read),
             export=opt("export", ExportInfo.read),
             quantization=opt("quantization", Quantization.read),
+            graph_format=r.str(d.get("graph_format", "onnx"), "graph_format", choices=GRAPH_FORMATS),
+            ort=opt("ort", OrtInfo.read),
             embedding=EmbeddingRule.read(r, d.get("embedding", {}), "embedding"),
             pooling=r.str(d.get("pooling", "cls"), "pooling", choices=POOLINGS),
             score_rule=r.str(d.get("score_rule"), "score_rule", optional=True, choices=SCORE_RULES),
@@ -745,6 +765,8 @@ class Manifest(Node):
             r.fail("layer_io", "split layers (qkv graphs) need layer_io.qkv and layer_io.attn, and only they have them")
         if self.task == "generate" and not all(split):
             r.fail("layers[0].qkv", "generate bundles need split layers (a qkv graph per layer)")
+        if (self.graph_format == "ort") != (self.ort is not None):
+            r.fail("ort", "graph_format 'ort' and the 'ort' object come together")
         if self.scoring == "yes_no" and self.prompt is None:
             r.fail("prompt", "yes/no scoring needs the prompt (prefix, suffix)")
         if self.prompt is not None:
