@@ -15,6 +15,10 @@ cache compressed layer by layer), then the question runs over the compressed cac
 the answer is greedy-decoded without the press — kvpress's own pipeline (``KVPressTextGenerationPipeline``).
 An empty ``question_ids`` compresses the whole prompt (question included) and answers from its last logits.
 Perplexity: the prefix compressed under the press, the continuation teacher-forced over it.
+
+Perplexity windows (``python -m benchmarks.perplexity``): ``windows`` ({name: {"prefix", "cont"}}) and ``runs``
+([{"name", "press" (or "none"), "compression_ratio"}]) score every run on every window in this one process
+(the model loaded once): ``result["windows"][run][window] = {"nll", "kept"}``.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ def main(path: str) -> int:
 
     import kvpress
 
+    if cfg.get("windows"):
+        return windows_main(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     t0 = time.perf_counter()
@@ -131,6 +137,58 @@ def main(path: str) -> int:
             logits = torch.cat([last[None], out.logits[0]], 0).double()
             nll = torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(cont)[:, None])[:, 0]
         res["ppl"] = float(math.exp(float(nll.mean())))
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    with open(cfg["result"], "w") as f:
+        json.dump(res, f)
+    return 0
+
+
+def continuation_nll(model, press, prefix, cont) -> tuple[float, int]:
+    """Mean NLL of ``cont`` teacher-forced after ``prefix`` compressed under ``press`` (None: full cache), and the
+    cache length the prefix left."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        with press(model) if press is not None else contextlib.nullcontext():
+            out = model(input_ids=torch.tensor([prefix]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kept = cache_len(cache)
+        last = out.logits[0, -1]
+        out = model(input_ids=torch.tensor([cont[:-1]]), past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(len(prefix), len(prefix) + len(cont) - 1)[None])
+        logits = torch.cat([last[None], out.logits[0]], 0).double()
+        nll = torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(cont)[:, None])[:, 0]
+    return float(nll.mean()), kept
+
+
+def windows_main(cfg: dict) -> int:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    import kvpress
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    model = AutoModelForCausalLM.from_pretrained(cfg["hf_dir"], dtype=torch.float32).eval()
+    res = {"windows": {}, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                       "kvpress": getattr(kvpress, "__version__", None) or "0.5.5"}}
+    for name, w in cfg["windows"].items():  # windows outer: an interrupted worker has every run on the windows it did
+        t0 = time.perf_counter()
+        for run in cfg["runs"]:
+            press = None
+            if run["press"] != "none":
+                press = getattr(kvpress, run["press"])(compression_ratio=float(run["compression_ratio"]))
+            got = res["windows"].setdefault(run["name"], {})
+            try:
+                nll, kept = continuation_nll(model, press, list(w["prefix"]), list(w["cont"]))
+                got[name] = {"nll": nll, "kept": kept}
+            except Exception as e:  # record, do not abort the other runs
+                got[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            with open(cfg["result"], "w") as f:  # after every run: an interrupted worker keeps what it measured
+                json.dump(res, f)
+        print(f"kvpress {name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     res["peak_rss_bytes"] = peak_rss_bytes()
     with open(cfg["result"], "w") as f:
         json.dump(res, f)

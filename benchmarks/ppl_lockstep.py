@@ -44,7 +44,8 @@ def _runs(gen: Generator, configs, n_prompt: int, n_sfx: int) -> list[_Run]:
         max_new = planner.clamp_new(n_prompt, 1)
         plan = planner.plan(policy, n_prompt, max_new, n_sfx)
         policy.begin(Context(gen.n_layers, gen.kv_heads, gen.heads, gen.head_dim, plan.resident, n_prompt, max_new,
-                             fetch=plan.fetch, stream_suffix=True, look_once=plan.scratch))
+                             fetch=plan.fetch, stream_suffix=True, look_once=plan.scratch,
+                             rope_theta=gen.bundle.spec.rope_theta))
         call = Call(list(range(n_prompt)), max_new, plan.resident, policy, suffix=n_sfx, fetch=plan.fetch,
                     keep_suffix_hidden=True)
         call.caches = [LayerCache(gen.kv_heads, plan.resident, gen.head_dim, fetch=plan.fetch) for _ in range(gen.n_layers)]
@@ -81,7 +82,7 @@ def score_lockstep(gen: Generator, prefix: list[int], cont: list[int], configs) 
                 ho, asum, amax = attn.run(None, {"hidden": ctx[:, a:b], "q": q, "k_cache": kc, "v_cache": vc,
                                                  "key_pos": kp, "position_ids": p})
                 out_ctx[:, a:b] = ho
-                seen.append((a, asum, amax))
+                seen.append((a, q, asum, amax))
             q_last = q
             for r in runs:
                 _compress_layer(r, L, scratch, seen, plan_chunks(n_ctx, chunk, r.obs), n_ctx, S)
@@ -107,7 +108,7 @@ def score_lockstep(gen: Generator, prefix: list[int], cont: list[int], configs) 
 def _merged(seen, a0: int, b0: int):
     """The attention sums and maxima of the engine's chunk ``[a0, b0)`` from the shared sub-chunks inside it (a pooled
     vote, as SnapKV's, is taken per chunk, so the chunks the policy sees must be the engine's own)."""
-    parts = [(asum, amax) for a, asum, amax in seen if a0 <= a < b0]
+    parts = [(asum, amax) for a, _, asum, amax in seen if a0 <= a < b0]
     if len(parts) == 1:
         return parts[0]
     shape = parts[-1][0].shape
@@ -130,6 +131,8 @@ def _compress_layer(r: _Run, L: int, scratch: LayerCache, seen, own_chunks, n_ct
         s = c.append(scratch.k[:, :, :n_ctx], scratch.v[:, :, :n_ctx], scratch.pos[0, :n_ctx])
         policy.appended(L, c, s)
     for a0, b0, phase in own_chunks:
+        q = np.concatenate([q for a, q, _, _ in seen if a0 <= a < b0], axis=2)
+        policy.queries(L, q, np.arange(a0, b0, dtype=np.int64), phase)
         asum, amax = _merged(seen, a0, b0)
         policy.observe(L, work, asum, amax, None, phase)
     if r.look_once:
