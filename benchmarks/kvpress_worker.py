@@ -162,6 +162,53 @@ def continuation_nll(model, press, prefix, cont) -> tuple[float, int]:
     return float(nll.mean()), kept
 
 
+def shared_prefix_nll(model, presses: dict, prefix, cont) -> dict:
+    """``{run: (mean NLL, kept)}`` for several score-and-evict presses (kvpress ``ScorerPress``) from ONE prefix pass.
+
+    Under any press the prefix's hidden states are exact (a layer's cache is compressed by a hook after its own
+    attention ran, and only later tokens read it), so every press sees the same ``compress()`` inputs whichever
+    runs: this pass keeps the layer's whole cache live and hands each press's own ``compress()`` the layer's
+    keys and values in the same hook, collecting each press's kept K/V in its own cache; each continuation then
+    runs over its own cache: the same numbers as one prefill per press (``"own_prefill": true`` in a run forces that)."""
+    import torch
+    from transformers import DynamicCache
+
+    from kvpress.presses.base_press import is_prefilling
+    from kvpress.utils import extract_keys_and_values
+
+    caches = {name: DynamicCache() for name in presses}
+
+    def hook(module, args, kwargs, output):
+        if not is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+            return output
+        keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+        for name, press in presses.items():
+            k, v = press.compress(module, kwargs["hidden_states"], keys, values, output[1], kwargs)
+            caches[name].update(k, v, module.layer_idx)
+        return output
+
+    for press in presses.values():
+        press.post_init_from_model(model)
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([prefix]), past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    last = out.logits[0, -1]
+    res = {}
+    with torch.no_grad():
+        for name, cache in caches.items():
+            kept = cache_len(cache)
+            o = model(input_ids=torch.tensor([cont[:-1]]), past_key_values=cache, use_cache=True,
+                      position_ids=torch.arange(len(prefix), len(prefix) + len(cont) - 1)[None])
+            logits = torch.cat([last[None], o.logits[0]], 0).double()
+            nll = torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(cont)[:, None])[:, 0]
+            res[name] = (float(nll.mean()), kept)
+    return res
+
+
 def windows_main(cfg: dict) -> int:
     import torch
     import transformers
@@ -174,13 +221,37 @@ def windows_main(cfg: dict) -> int:
     model = AutoModelForCausalLM.from_pretrained(cfg["hf_dir"], dtype=torch.float32).eval()
     res = {"windows": {}, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                                        "kvpress": getattr(kvpress, "__version__", None) or "0.5.5"}}
+    if cfg.get("resume"):  # keep what an interrupted worker measured on the same ids
+        try:
+            with open(cfg["result"]) as f:
+                res["windows"] = json.load(f).get("windows", {})
+        except (OSError, ValueError):
+            pass
+    from kvpress.presses.scorer_press import ScorerPress
+
+    def todo(run, name):
+        return "nll" not in res["windows"].setdefault(run["name"], {}).get(name, {})
+
     for name, w in cfg["windows"].items():  # windows outer: an interrupted worker has every run on the windows it did
         t0 = time.perf_counter()
+        shared = {}
+        for run in cfg["runs"]:  # score-and-evict presses: one prefix pass for all (see shared_prefix_nll)
+            if run["press"] != "none" and not run.get("own_prefill") and todo(run, name):
+                press = getattr(kvpress, run["press"])(compression_ratio=float(run["compression_ratio"]))
+                if isinstance(press, ScorerPress):
+                    shared[run["name"]] = press
+        if shared:
+            for rname, (nll, kept) in shared_prefix_nll(model, shared, list(w["prefix"]), list(w["cont"])).items():
+                res["windows"][rname][name] = {"nll": nll, "kept": kept, "shared_prefix": True}
+            with open(cfg["result"], "w") as f:
+                json.dump(res, f)
         for run in cfg["runs"]:
             press = None
             if run["press"] != "none":
                 press = getattr(kvpress, run["press"])(compression_ratio=float(run["compression_ratio"]))
             got = res["windows"].setdefault(run["name"], {})
+            if "nll" in got.get(name, {}):
+                continue
             try:
                 nll, kept = continuation_nll(model, press, list(w["prefix"]), list(w["cont"]))
                 got[name] = {"nll": nll, "kept": kept}

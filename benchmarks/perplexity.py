@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--systems", default="edge_sel,kvpress", help="which workers to run now")
     ap.add_argument("--merge", action="append", default=[],
                     help="a results JSON of an earlier run on the same token ids (checked): its systems join the table")
-    ap.add_argument("--out", help="results JSON (raw NLL per configuration and window)")
+    ap.add_argument("--out", help="results JSON (raw NLL per configuration and window); workers write OUT.<system>.json as they go")
+    ap.add_argument("--resume", action="store_true", help="kvpress: keep the runs OUT.kvpress.json already holds")
     ap.add_argument("--markdown", help="write the table here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             runs += [{"name": f"kvpress {press_label(p)} @{r:g}", "press": p, "compression_ratio": compression_ratio(r)}
                      for p in presses for r in ratios]
             kcfg = {"hf_dir": ensure_peers(a.model, "yes_no", 0, need_onnx=False, log=print)["peer_hf"], "windows": payload,
-                    "runs": runs, "threads": a.threads, "result": keep("kvpress")}
+                    "runs": runs, "threads": a.threads, "result": keep("kvpress"), "resume": a.resume}
             Path(tmp, "kvpress_cfg.json").write_text(json.dumps(kcfg))
             procs["kvpress"] = (_start([str(py), str(HERE / "kvpress_worker.py"), str(Path(tmp, "kvpress_cfg.json"))],
                                        os.path.join(tmp, "kvpress.log")), kcfg["result"])

@@ -14,6 +14,7 @@ cache. 8 windows on *Botchan*, 4 on *Alice*, spread evenly over each book (skipp
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 PREFIX = 1792
@@ -74,15 +75,14 @@ def book_text(book: str) -> str:
 
 
 def windows(split: str = "held") -> list[Window]:
-    """The fixed windows of ``split`` ("tune", "held" or "all"); even-numbered windows of a book tune, odd ones are held out."""
-    out = []
+    """The fixed windows of ``split`` ("tune", "held" or "all"); even-numbered windows of a book tune, odd ones are
+    held out. The books take turns in the list, so a run cut short still has windows of both."""
+    per_book = []
     for book, (lo, hi, n) in SPREAD.items():
         step = (hi - (PREFIX + CONT) - lo) // (n - 1)
-        for i in range(n):
-            w = Window(book, lo + i * step, "tune" if i % 2 == 0 else "held")
-            if split in ("all", w.split):
-                out.append(w)
-    return out
+        wins = [Window(book, lo + i * step, "tune" if i % 2 == 0 else "held") for i in range(n)]
+        per_book.append([w for w in wins if split in ("all", w.split)])
+    return [w for turn in itertools.zip_longest(*per_book) for w in turn if w is not None]
 
 
 def window_ids(encode, wins: list[Window], bos: int | None = None) -> dict[str, dict]:

@@ -137,3 +137,16 @@ def mpcache_ea(**kw):
     static_kw = {k: v for k, v in kw.items() if k in MPCacheEA.__dataclass_fields__}
     dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}
     return Composite(parts=(MPCacheEA(**static_kw), MPCacheDynamic(**dyn_kw)), title="mpcache_ea")
+
+
+def mpcache_ea_recall(**kw):
+    """``mpcache_ea`` + recall of evicted tokens from disk into a fetch area inside the budget (:class:`MPCacheRecall`)."""
+    from .composite import Composite
+    from .mpcache_recall import MPCacheRecall
+
+    own = set(MPCacheRecall.__dataclass_fields__) - {"alpha", "share"}  # recall's alone
+    static_kw = {k: v for k, v in kw.items() if k in MPCacheEA.__dataclass_fields__ and k not in own}
+    rec_kw = {k: v for k, v in kw.items() if k in MPCacheRecall.__dataclass_fields__}
+    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__ and k not in own}
+    return Composite(parts=(MPCacheEA(**static_kw), MPCacheRecall(**rec_kw), MPCacheDynamic(**dyn_kw)),
+                     title="mpcache_ea_recall")
