@@ -235,7 +235,8 @@ class Generator:
         rec = None
         try:
             policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, plan.resident, N, max_new,
-                                 fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch))
+                                 fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch,
+                                 rope_theta=self.bundle.spec.rope_theta))
             call = Call(ids, max_new, plan.resident, policy, suffix=int(suffix), fetch=plan.fetch,
                         keep_suffix_hidden=bool(suffix_hidden))
             call.caches = [LayerCache(self.kv_heads, plan.resident, self.head_dim, fetch=plan.fetch)
