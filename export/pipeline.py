@@ -27,13 +27,14 @@ from .staging import stage_manifest
 from .verify import check, verify_generate, verify_rerank
 
 TASKS = ("rerank", "generate")
+FORMATS = ("onnx", "ort", "coreml")  # ort: graphs in ORT format; coreml: the ONNX bundle plus CoreML packages
 
 
 def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank", scoring: str | None = None,
            max_length: int | None = None, verify: bool = False, overwrite: bool = False, seed: int = 0,
            fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None,
            drop_layers: int | str | None = None, calibrate: bool = False, prefix_reuse: bool | None = None,
-           graph_format: str = "onnx") -> Path:
+           format: str = "onnx", coreml_precision: str = "fp16") -> Path:
     """Export ``model`` to a bundle directory ``out`` and return its path.
 
     task: ``"rerank"`` or ``"generate"`` (decoders).
@@ -46,13 +47,17 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     :mod:`edge_sel.export.passes.calibrate`.
     prefix_reuse: yes/no (decoder) rerankers: split layer graphs so the instruction + query prefix is computed
     once per query (default True; see :mod:`edge_sel.export.prefix_layers`).
-    graph_format: ``"onnx"`` or ``"ort"``: convert the graphs to onnxruntime's ORT format last (for mobile and minimal
-    builds), see :mod:`edge_sel.export.passes.ort_format`.
+    format: ``"onnx"`` (default); ``"ort"``: the graphs converted to onnxruntime's ORT format last (for mobile and
+    minimal builds, see :mod:`edge_sel.export.passes.ort_format`); ``"coreml"``: the ONNX bundle plus a CoreML ML
+    Program package per layer, qkv graph and head, converted from torch (``coreml_precision`` ``"fp16"`` (default)
+    or ``"fp32"``; see :mod:`edge_sel.export.coreml`).
     """
     if task not in TASKS:
         raise InputError(f"task {task!r} is not supported (supported: {', '.join(TASKS)})")
-    if graph_format not in ("onnx", "ort"):
-        raise InputError(f"graph format {graph_format!r} is not supported (supported: onnx, ort)")
+    if format not in FORMATS:
+        raise InputError(f"format {format!r} is not supported (supported: {', '.join(FORMATS)})")
+    if format == "coreml":
+        _check_coreml(coreml_precision, drop_layers)
     BundleWriter.check_target(out, overwrite)  # before anything is fetched or loaded
     resolved = resolve(model, fetch_missing=fetch_missing)
     _refuse_overlap(Path(out), resolved.path)
@@ -101,6 +106,10 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             "export": record,
             **adapter.manifest_extras(torch_model, tokenizer, task, scoring),
         }
+        if format == "coreml":
+            from .coreml import write_packages
+
+            manifest["coreml"] = write_packages(w, graphs, manifest["layer_io"], coreml_precision, say)
         if verify:  # on the staged bundle, so a failing export never reaches `out`
             say("verify", 0, 1)
             diff = _verify(stage_manifest(w, manifest), adapter, torch_model, tokenizer, task, scoring)
@@ -111,13 +120,27 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
         path = w.commit(manifest)
     if task == "rerank":
         _rerank_passes(path, drop_layers, calibrate, say)
-    if graph_format == "ort":  # last: the passes above rewrite ONNX graphs
+    if format == "ort":  # last: the passes above rewrite ONNX graphs
         from .passes.ort_format import convert_to_ort
 
         say("ort", 0, 1)
         convert_to_ort(path)
         say("ort", 1, 1)
     return path
+
+
+def _check_coreml(precision: str, drop_layers) -> None:
+    from .coreml import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise InputError(f"CoreML precision {precision!r} is not supported (supported: {', '.join(PRECISIONS)})")
+    if drop_layers not in (None, 0):
+        raise InputError("--format coreml cannot be combined with --drop-layers yet (the packages are converted "
+                         "per layer before layers are dropped); export without it")
+    try:
+        import coremltools  # noqa: F401
+    except ImportError:
+        raise InputError("--format coreml needs coremltools: pip install 'edge-sel[coreml]'") from None
 
 
 def _refuse_overlap(out: Path, source: Path) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from types import MappingProxyType
@@ -768,6 +769,23 @@ class Manifest(Node):
             r.fail("ort", "graph_format 'ort' and the 'ort' object come together")
         if self.scoring == "yes_no" and self.prompt is None:
             r.fail("prompt", "yes/no scoring needs the prompt (prefix, suffix)")
+        if self.prompt is not None:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.prompt.prefix) if f is not None}
+            if "query" not in fields or not fields <= {"query", "instruction"}:
+                r.fail("prompt.prefix", f"expected the placeholders {{query}} and optionally {{instruction}}, got {sorted(fields)}")
+        n_source = len(self.layers) + len(self.dropped_layers)
+        if self.dims.num_layers is not None and self.dims.num_layers != n_source:
+            r.fail("dims.num_layers", f"expected {n_source} (layers + dropped_layers), got {self.dims.num_layers}")
+        rows = self.embed.shape[0]
+        if self.dims.vocab is not None and self.dims.vocab != rows:
+            r.fail("dims.vocab", f"expected the embedding table's {rows} rows, got {self.dims.vocab}")
+        named_ids = [("pad_id", self.pad_id), ("bos_id", self.bos_id), *((f"stop_ids[{i}]", t) for i, t in enumerate(self.stop_ids)),
+                     *((f"eos_ids[{i}]", t) for i, t in enumerate(self.eos_ids))]
+        if self.token_ids is not None:
+            named_ids += [("token_ids.yes", self.token_ids.yes), ("token_ids.no", self.token_ids.no)]
+        for name, tid in named_ids:
+            if tid is not None and tid >= rows:
+                r.fail(name, f"token id {tid} is outside the embedding table's {rows} rows")
         if self.embedding.rule == "bert":
             for name in ("position", "ln_weight", "ln_bias"):
                 if name not in self.arrays:
