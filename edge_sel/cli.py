@@ -94,16 +94,18 @@ def cmd_export(args, console) -> int:
 
 
 def cmd_rerank(args, console) -> int:
-    from edge_sel.runtime.documents import read_documents
+    from edge_sel.runtime.documents import DocumentsFile
     from .runtime import Reranker
 
-    docs = read_documents(args.documents)
-    rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning,
-                  spill_dir=writable_dir(args.spill_dir, "--spill-dir"))
-    try:
-        results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=args.show_text, instruction=args.instruction)
-    finally:
-        rr.close()
+    spill_dir = writable_dir(args.spill_dir, "--spill-dir")
+    # checked in one pass up front, then read batch by batch while the engine tokenizes (never held whole)
+    with DocumentsFile(args.documents, spool_dir=spill_dir) as docs:
+        rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning, spill_dir=spill_dir)
+        try:
+            results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=True, instruction=args.instruction)
+        finally:
+            rr.close()
+    texts = {r["corpus_id"]: (r["text"] if args.show_text else r.pop("text")) for r in results}
     stats = rr.stats.public()
     if args.json:
         print(json.dumps({"results": results, "stats": stats}))
@@ -116,7 +118,7 @@ def cmd_rerank(args, console) -> int:
     t.add_column("score", justify="right")
     t.add_column("document")
     for n, r in enumerate(results, 1):
-        text = docs[r["corpus_id"]]
+        text = texts[r["corpus_id"]]
         t.add_row(str(n), str(r["corpus_id"]), f"{r['score']:.4f}", textwrap.shorten(text, 90))
     console.print(t)
     console.print(f"latency {stats['latency_s']:.3f} s · peak RSS {format_size(stats['peak_rss_bytes'])} "

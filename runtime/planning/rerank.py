@@ -3,11 +3,16 @@
 The budget covers the model's own share of the process (peak RSS minus idle RSS): resident layer
 weights (W x the largest layer's files, file-backed pages count while mapped), the embedding pages
 a gather touches, hidden states kept between layers for every live candidate, the activations of
-one chunk inside a layer, plus fixed costs (tokenizer, head, session bookkeeping).
+one chunk inside a layer, plus fixed costs (tokenizer, head, session bookkeeping), plus what the call keeps per
+candidate (lengths, offsets, chunk rows, scores, pruning state: :data:`ITEM_BYTES` each, and a bi-encoder's embedding)
+and per chunk (:data:`CHUNK_BYTES`), and the candidates' token ids (4-5 bytes a token, or none once they are kept in a
+file). A call has three successive stages over what it keeps: tokenizing (one bounded batch of tokenizer state), the
+embedding stage (touched table pages and the token ids) and the layer stage (the window and one chunk's activations).
 
 When the kept hidden states of every candidate do not fit, the plan *spills* them to files
 (:mod:`edge_sel.runtime.rerank.chunks`): then only the chunk in flight holds hidden states in RAM, and the minimum no longer
-grows with the number of candidates. Keeping them resident is preferred whenever it fits (no I/O).
+grows with the number of candidates except for the few bytes of bookkeeping each one costs. Keeping them resident
+is preferred whenever it fits (no I/O).
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ FIXED_OVERHEAD = 14 * 1024**2    # head session, tokenizer state, numpy scratch,
 SAFETY = 1.0                     # the formula already sits above onnxruntime's real per-layer peak
 DEFAULT_CHUNK_TOKENS = 1024  # cache-friendly, no huge attention buffers: faster than longer chunks
 DEFAULT_MAX_BATCH = 64
+ITEM_BYTES = 128                 # per candidate: lengths + offsets (12), chunk rows (16), scores (4), pruning state (13),
+# re-packing and the final ordering (transient, ~70) -- all int64/float32 arrays, no per-candidate Python objects
+CHUNK_BYTES = 1024               # per chunk: the Chunk object, its two arrays and a spill file's path
+TOKENIZE_BATCH_BYTES = 6 * 1024**2  # tokenizer state of one batch (runtime.rerank.text: ~100-250 bytes a token)
 
 
 @dataclass
@@ -39,6 +48,17 @@ class Plan:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class CallSize:
+    """What a planner needs to know of one call's input (``Reranker.call_size``)."""
+
+    total_tokens: int
+    max_len: int
+    embed_bytes: int       # embedding-table pages the call's token ids touch
+    n_items: int           # candidates: the documents, and the query for bi-encoders
+    token_bytes: int       # their token ids, compactly
+
+
 class Planner:
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
@@ -51,6 +71,8 @@ class Planner:
         tok_file = spec.files[spec.tokenizer.file].size
         head_file = spec.files[spec.head.file].size
         self.fixed = FIXED_OVERHEAD + 6 * tok_file + head_file + SESSION_OVERHEAD
+        # a bi-encoder keeps every candidate's embedding (the head's output, at most the hidden size) for the final dot
+        self.item_extra = 4 * self.H if spec.scoring == "bi_encoder" else 0
 
     def act_bytes_per_token(self, seq_len: int) -> int:
         """Peak live activation bytes per token inside one layer run (attention rows grow with length)."""
@@ -65,34 +87,82 @@ class Planner:
         # a spilled run holds the chunk in flight only: its input, its output and one re-packed chunk
         return int(4 * self.H * 3 * chunk_tokens)
 
-    # The embedding stage and the layer stage do not overlap: the table is mapped only while the inputs are
-    # gathered and unmapped before the first layer loads (runtime/embedding.py), so its touched pages and the
-    # layer window + activations are two successive peaks over the kept hidden states, not one sum.
-    def resident_minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0) -> int:
-        return int(self.fixed + self.hidden_bytes(total_tokens, max_len)
-                   + max(embed_bytes, 2 * self.layer_bytes + self.act_bytes_per_token(max_len) * max_len))
+    def bookkeeping_bytes(self, n_items: int, chunk_tokens: int, max_len: int) -> int:
+        """What the call keeps per candidate and per chunk (re-packing after pruning briefly holds two chunk lists)."""
+        rows = max(1, min(DEFAULT_MAX_BATCH, chunk_tokens // max(1, max_len)))  # every full chunk has at least this many
+        n_chunks = n_items // rows + 1
+        return int(n_items * (ITEM_BYTES + self.item_extra) + 2 * n_chunks * CHUNK_BYTES)
 
-    def spill_minimum(self, max_len: int, embed_bytes: int = 0) -> int:
-        return int(self.fixed + self.spill_hidden_bytes(max_len)
-                   + max(embed_bytes, 2 * self.layer_bytes + self.act_bytes_per_token(max_len) * max_len))
+    def need(self, chunk: int, window: int, hidden: int | None, max_len: int, embed_bytes: int = 0, n_items: int = 0,
+             token_ram: int = 0) -> int:
+        """Peak share of a call running ``chunk``-token chunks with ``window`` resident layers: fixed costs and
+        bookkeeping, then the largest of the three successive stages -- tokenizing (one batch of tokenizer state
+        and the token ids), the embedding stage (kept hidden states, token ids, touched table pages) and the layer
+        stage (kept hidden states, the window, one chunk's activations). ``hidden``: every candidate's kept
+        hidden states (None: spilled, only the chunk in flight's)."""
+        kept = self.spill_hidden_bytes(chunk) if hidden is None else hidden
+        tokenize = token_ram + TOKENIZE_BATCH_BYTES
+        embedding = kept + token_ram + embed_bytes
+        layers = kept + window * self.layer_bytes + self.act_bytes_per_token(max_len) * chunk
+        return int(self.fixed + self.bookkeeping_bytes(n_items, chunk, max_len) + max(tokenize, embedding, layers))
 
-    def minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True) -> int:
-        need = self.resident_minimum(total_tokens, max_len, embed_bytes)
-        return min(need, self.spill_minimum(max_len, embed_bytes)) if allow_spill else need
+    @staticmethod
+    def _chunk_sizes(max_len: int) -> list[int]:
+        """Chunk sizes worth trying, largest first (a multiple of the longest candidate, or the default)."""
+        top = max(DEFAULT_CHUNK_TOKENS, max_len)
+        return sorted({top} | set(range(max_len, top + 1, max(1, max_len))), reverse=True)
+
+    def _smallest_need(self, hidden: int | None, max_len: int, embed_bytes: int, n_items: int, token_ram: int) -> tuple[int, int]:
+        """(budget, chunk) of the cheapest chunk size with a window of two layers."""
+        return min((self.need(c, 2, hidden, max_len, embed_bytes, n_items, token_ram), c) for c in self._chunk_sizes(max_len))
+
+    def resident_minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0, n_items: int = 0, token_ram: int = 0) -> int:
+        return self._smallest_need(self.hidden_bytes(total_tokens, max_len), max_len, embed_bytes, n_items, token_ram)[0]
+
+    def spill_minimum(self, max_len: int, embed_bytes: int = 0, n_items: int = 0, token_ram: int = 0) -> int:
+        return self._smallest_need(None, max_len, embed_bytes, n_items, token_ram)[0]
+
+    def minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True,
+                n_items: int = 0, token_ram: int = 0) -> int:
+        need = self.resident_minimum(total_tokens, max_len, embed_bytes, n_items, token_ram)
+        return min(need, self.spill_minimum(max_len, embed_bytes, n_items, token_ram)) if allow_spill else need
+
+    def minimum_for(self, size: CallSize, allow_spill: bool = True) -> int:
+        """:meth:`minimum` for a call whose token ids a budget keeps in RAM only up to :meth:`token_ram_limit`
+        (beyond, they live in a file and cost nothing here)."""
+        args = (size.total_tokens, size.max_len, size.embed_bytes)
+        if not allow_spill:
+            return self.minimum(*args, False, size.n_items, size.token_bytes)
+        in_file = self.minimum(*args, True, size.n_items, 0)
+        if size.token_bytes > self.token_ram_limit(in_file):
+            return in_file
+        return self.minimum(*args, True, size.n_items, size.token_bytes)
 
     def static_minimum(self) -> int:
         """Smallest budget that could run even a single short candidate (checked at construction)."""
-        return self.minimum(64, 64)
+        return self.minimum(64, 64, n_items=1)
 
-    def plan(self, budget: int | None, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True) -> Plan:
+    def token_ram_limit(self, budget: int | None, allow_spill: bool = True) -> int | None:
+        """How many bytes of token ids a call keeps in RAM before moving them to a file (None: no limit)."""
+        if budget is None or not allow_spill:
+            return None
+        return budget // 16
+
+    def plan(self, budget: int | None, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True,
+             n_items: int = 0, token_ram: int = 0) -> Plan:
+        """``n_items``: candidates (documents, and the query for bi-encoders); ``token_ram``: bytes of their token ids
+        held in RAM."""
         if budget is None:
             chunk = max(DEFAULT_CHUNK_TOKENS, max_len)
             return Plan(None, self.n_layers, chunk, DEFAULT_MAX_BATCH, {"layer_bytes": self.layer_bytes})
-        if budget < self.resident_minimum(total_tokens, max_len, embed_bytes):
-            need = self.minimum(total_tokens, max_len, embed_bytes, allow_spill)
+        call = (max_len, embed_bytes, n_items, token_ram)
+        hidden = self.hidden_bytes(total_tokens, max_len)
+        if budget < self.resident_minimum(total_tokens, max_len, embed_bytes, n_items, token_ram):
+            need = self.minimum(total_tokens, max_len, embed_bytes, allow_spill, n_items, token_ram)
             if budget < need:
                 kept = ("the chunk in flight's hidden states (the rest spilled to files)" if allow_spill
                         else f"kept hidden states for {total_tokens} tokens")
+                kept += f" + bookkeeping for {n_items} candidates" if n_items else ""
                 raise BudgetError(
                     f"memory budget {format_size(budget)} is below the minimum for this input: {format_size(need)} "
                     f"(2 layers x {format_size(self.layer_bytes)} + {kept} "
@@ -100,13 +170,30 @@ class Planner:
                     f"or more, or rank shorter documents.",
                     minimum_bytes=need,
                 )
-            return self._spill_plan(budget, max_len, embed_bytes)
+            return self._spill_plan(budget, *call)
         # Spilling kept states to buy bigger chunks is *not* preferred: the I/O costs what the bigger chunks
         # save, at a higher peak. Spill only when the kept states do not fit.
-        return self._resident_plan(budget, total_tokens, max_len, embed_bytes)
+        return self._resident_plan(budget, total_tokens, hidden, *call)
 
-    def _resident_plan(self, budget: int, total_tokens: int, max_len: int, embed_bytes: int) -> Plan:
-        free = budget - self.fixed - self.hidden_bytes(total_tokens, max_len)  # the layer stage's room (embedding unmapped)
+    def _fit(self, budget: int, window: int, chunk: int, hidden: int | None, *call) -> tuple[int, int]:
+        """``(window, chunk)`` if they fit the budget, else a window of two and the largest chunk that fits."""
+        if self.need(chunk, window, hidden, *call) <= budget:
+            return window, chunk
+        for c in self._chunk_sizes(call[0]):
+            if c <= chunk and self.need(c, 2, hidden, *call) <= budget:
+                return 2, c
+        return 2, self._smallest_need(hidden, *call)[1]
+
+    def _estimate(self, window: int, chunk: int, hidden: int, max_len: int, embed_bytes: int, n_items: int, token_ram: int) -> dict:
+        return {"fixed": self.fixed, "layers": window * self.layer_bytes, "hidden": hidden, "embed": embed_bytes,
+                "activations": chunk * self.act_bytes_per_token(max_len), "layer_bytes": self.layer_bytes,
+                "tokens": token_ram, "bookkeeping": self.bookkeeping_bytes(n_items, chunk, max_len)}
+
+    def _resident_plan(self, budget: int, total_tokens: int, hidden: int, max_len: int, embed_bytes: int, n_items: int,
+                       token_ram: int) -> Plan:
+        call = (max_len, embed_bytes, n_items, token_ram)
+        # the layer stage's room (embedding unmapped), with the bookkeeping of default-size chunks
+        free = budget - self.fixed - hidden - self.bookkeeping_bytes(n_items, max(max_len, DEFAULT_CHUNK_TOKENS), max_len)
         per_tok = self.act_bytes_per_token(max_len)
         act_min = per_tok * max_len
         window = int(min(self.n_layers, max(2, (free - act_min) // self.layer_bytes)))
@@ -115,19 +202,15 @@ class Planner:
             window = 2 if free - 2 * self.layer_bytes < per_tok * min(total_tokens, DEFAULT_CHUNK_TOKENS) else window
         act_room = free - window * self.layer_bytes
         chunk = int(max(max_len, min(DEFAULT_CHUNK_TOKENS, act_room // per_tok)))
-        estimate = {
-            "fixed": self.fixed, "layers": window * self.layer_bytes, "hidden": self.hidden_bytes(total_tokens, max_len),
-            "embed": embed_bytes, "activations": chunk * per_tok, "layer_bytes": self.layer_bytes,
-        }
-        return Plan(budget, window, chunk, DEFAULT_MAX_BATCH, estimate)
+        window, chunk = self._fit(budget, window, chunk, hidden, *call)
+        return Plan(budget, window, chunk, DEFAULT_MAX_BATCH, self._estimate(window, chunk, hidden, *call))
 
-    def _spill_plan(self, budget: int, max_len: int, embed_bytes: int) -> Plan:
-        free = budget - self.fixed  # the layer stage's room (embedding unmapped)
+    def _spill_plan(self, budget: int, max_len: int, embed_bytes: int, n_items: int, token_ram: int) -> Plan:
+        call = (max_len, embed_bytes, n_items, token_ram)
+        free = budget - self.fixed - self.bookkeeping_bytes(n_items, max(max_len, DEFAULT_CHUNK_TOKENS), max_len)
         per_tok = self.act_bytes_per_token(max_len) + 4 * self.H * 3
         window = 2
         chunk = int(max(max_len, min(DEFAULT_CHUNK_TOKENS, (free - window * self.layer_bytes) // per_tok)))
-        estimate = {
-            "fixed": self.fixed, "layers": window * self.layer_bytes, "hidden": self.spill_hidden_bytes(chunk),
-            "embed": embed_bytes, "activations": chunk * self.act_bytes_per_token(max_len), "layer_bytes": self.layer_bytes,
-        }
-        return Plan(budget, window, chunk, DEFAULT_MAX_BATCH, estimate, spill=True)
+        window, chunk = self._fit(budget, window, chunk, None, *call)
+        return Plan(budget, window, chunk, DEFAULT_MAX_BATCH, self._estimate(window, chunk, self.spill_hidden_bytes(chunk), *call),
+                    spill=True)

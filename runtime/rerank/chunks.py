@@ -24,16 +24,32 @@ import numpy as np
 from edge_sel.runtime.scratch import owned_tempdir
 
 
-@dataclass
+@dataclass(eq=False)
 class Chunk:
+    """Rows of candidates padded to the longest: which items, their lengths, and the hidden state between layers.
+    The mask and positions follow from the lengths and are made when asked for (nothing per token is kept besides the
+    hidden state); the token ids come from the call's :class:`.tokens.TokenStore` when the chunk is embedded."""
+
     items: np.ndarray        # indices into the item list (documents, then the query for bi-encoders)
     lengths: np.ndarray
-    ids: np.ndarray          # [B, T] int64
-    mask: np.ndarray         # [B, T] float32
-    positions: np.ndarray    # [B, T] int64
-    types: np.ndarray | None
+    pos_offset: int = 0      # position of the first token (after a shared prefix)
     hidden: np.ndarray | None = None
     spilled: Path | None = None   # hidden state in a spill file instead of RAM
+
+    @property
+    def width(self) -> int:
+        return int(self.lengths.max())
+
+    @property
+    def mask(self) -> np.ndarray:
+        """``[B, T]`` float32, 1.0 on real tokens."""
+        return (np.arange(self.width)[None, :] < self.lengths[:, None]).astype(np.float32)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """``[B, T]`` int64 positions ``pos_offset ..``."""
+        T = self.width
+        return np.broadcast_to(np.arange(self.pos_offset, self.pos_offset + T, dtype=np.int64), (len(self.items), T)).copy()
 
 
 @dataclass(frozen=True)
@@ -45,44 +61,25 @@ class Packing:
     chunk_tokens: int
     max_batch: int
 
-    def positions(self, rows: int, width: int) -> np.ndarray:
-        return np.broadcast_to(np.arange(self.pos_offset, self.pos_offset + width, dtype=np.int64), (rows, width)).copy()
-
     def full(self, rows: int, width: int) -> bool:
         """Would a chunk of ``rows`` rows padded to ``width`` tokens exceed the limits?"""
         return rows * width > self.chunk_tokens or rows > self.max_batch
 
 
-def make_chunks(ids: list[np.ndarray], types: list[np.ndarray] | None, packing: Packing) -> list[Chunk]:
-    """Chunks of the items sorted by length (stable), each padded to its longest row."""
-    lengths = np.array([len(x) for x in ids])
+def make_chunks(lengths: np.ndarray, packing: Packing) -> list[Chunk]:
+    """Chunks of the items sorted by length (stable), each as wide as its longest row."""
+    lengths = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(lengths, kind="stable")
-    chunks, cur = [], []
-
-    def flush():
-        if not cur:
-            return
-        idx = np.array(cur)
-        L = lengths[idx]
-        T = int(L.max())
-        B = len(idx)
-        a = np.full((B, T), packing.pad_id, dtype=np.int64)
-        m = np.zeros((B, T), dtype=np.float32)
-        t = np.zeros((B, T), dtype=np.int64) if types is not None else None
-        for r, i in enumerate(idx):
-            a[r, : L[r]] = ids[i]
-            m[r, : L[r]] = 1.0
-            if t is not None:
-                t[r, : L[r]] = types[i]
-        chunks.append(Chunk(idx, L, a, m, packing.positions(B, T), t))
-        cur.clear()
-
-    for i in order:
-        T = lengths[i]  # sorted ascending: the newest item sets the chunk's padded length
-        if cur and packing.full(len(cur) + 1, T):
-            flush()
-        cur.append(int(i))
-    flush()
+    chunks, start = [], 0
+    for pos in range(len(order)):
+        # sorted ascending: the newest item sets the chunk's padded length
+        if pos > start and packing.full(pos - start + 1, int(lengths[order[pos]])):
+            idx = order[start:pos].copy()
+            chunks.append(Chunk(idx, lengths[idx], packing.pos_offset))
+            start = pos
+    if start < len(order):
+        idx = order[start:].copy()
+        chunks.append(Chunk(idx, lengths[idx], packing.pos_offset))
     return chunks
 
 
@@ -175,22 +172,14 @@ class ChunkStore:
         out = []
         for g in groups:
             B, T = len(g), max(x[1] for x in g)
-            ids = np.full((B, T), packing.pad_id, dtype=np.int64)
-            mask = np.zeros((B, T), dtype=np.float32)
-            pos = packing.positions(B, T)
-            has_types = chunks[g[0][2]].types is not None
-            types = np.zeros((B, T), dtype=np.int64) if has_types else None
             hidden = np.zeros((B, T, hidden_size), dtype=np.float32)
             views: dict[int, np.ndarray] = {}
             for r, (_, L, ci, sr) in enumerate(g):
-                c = chunks[ci]
                 if ci not in views:
-                    views[ci] = self._view(c)
-                ids[r, :L], mask[r, :L], pos[r, :L], hidden[r, :L] = c.ids[sr, :L], 1.0, c.positions[sr, :L], views[ci][sr, :L]
-                if types is not None:
-                    types[r, :L] = c.types[sr, :L]
+                    views[ci] = self._view(chunks[ci])
+                hidden[r, :L] = views[ci][sr, :L]
             del views
-            nc = Chunk(np.array([x[0] for x in g]), np.array([x[1] for x in g]), ids, mask, pos, types, hidden)
+            nc = Chunk(np.array([x[0] for x in g]), np.array([x[1] for x in g]), packing.pos_offset, hidden)
             self.keep(nc)
             out.append(nc)
         for c in chunks:
