@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import BudgetError
 from edge_sel.runtime.units import format_size
@@ -29,9 +31,10 @@ FIXED_OVERHEAD = 14 * 1024**2    # head session, tokenizer state, numpy scratch,
 SAFETY = 1.0                     # the formula already sits above onnxruntime's real per-layer peak
 DEFAULT_CHUNK_TOKENS = 1024  # cache-friendly, no huge attention buffers: faster than longer chunks
 DEFAULT_MAX_BATCH = 64
-ITEM_BYTES = 128                 # per candidate: lengths + offsets (12), chunk rows (16), scores (4), pruning state (13),
-# re-packing and the final ordering (transient, ~70) -- all int64/float32 arrays, no per-candidate Python objects
-CHUNK_BYTES = 1024               # per chunk: the Chunk object, its two arrays and a spill file's path
+ITEM_BYTES = 112                 # per candidate: token lengths + offsets (12), chunk rows (16), chunk counting (8),
+# scores (4), pruning state (13), re-packing after pruning (~45) and the final ordering (transient) -- all numpy
+# arrays, no per-candidate Python objects
+CHUNK_BYTES = 512                # per chunk: the Chunk object, its two array views and a spill file's name (~470)
 TOKENIZE_BATCH_BYTES = 6 * 1024**2  # tokenizer state of one batch (runtime.rerank.text: ~100-250 bytes a token)
 
 
@@ -57,6 +60,33 @@ class CallSize:
     embed_bytes: int       # embedding-table pages the call's token ids touch
     n_items: int           # candidates: the documents, and the query for bi-encoders
     token_bytes: int       # their token ids, compactly
+    count: ChunkCount | None = None  # their lengths, for the number of chunks each chunk size makes
+
+
+class ChunkCount:
+    """How many chunks ``chunk_tokens`` makes of candidates of these lengths: the greedy packing of
+    :func:`edge_sel.runtime.rerank.chunks.make_chunks` (sorted by length, a chunk grows while its rows x its longest
+    row stay within ``chunk_tokens`` and its rows within ``max_batch``), counted without building them."""
+
+    def __init__(self, lengths: np.ndarray, max_batch: int = DEFAULT_MAX_BATCH):
+        self.sorted = np.sort(np.asarray(lengths, dtype=np.int64), kind="stable")
+        self.max_batch = max_batch
+        self._memo: dict[int, int] = {}
+
+    def __call__(self, chunk_tokens: int) -> int:
+        if chunk_tokens not in self._memo:
+            s, n, i, k = self.sorted, len(self.sorted), 0, 0
+            while i < n:
+                lo, hi = 1, min(self.max_batch, n - i)  # the longest run from i that fits (binary search)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    if mid * s[i + mid - 1] <= chunk_tokens:
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                i, k = i + lo, k + 1
+            self._memo[chunk_tokens] = k
+        return self._memo[chunk_tokens]
 
 
 class Planner:
@@ -87,14 +117,18 @@ class Planner:
         # a spilled run holds the chunk in flight only: its input, its output and one re-packed chunk
         return int(4 * self.H * 3 * chunk_tokens)
 
-    def bookkeeping_bytes(self, n_items: int, chunk_tokens: int, max_len: int) -> int:
-        """What the call keeps per candidate and per chunk (re-packing after pruning briefly holds two chunk lists)."""
-        rows = max(1, min(DEFAULT_MAX_BATCH, chunk_tokens // max(1, max_len)))  # every full chunk has at least this many
-        n_chunks = n_items // rows + 1
+    def bookkeeping_bytes(self, n_items: int, chunk_tokens: int, max_len: int, count: ChunkCount | None = None) -> int:
+        """What the call keeps per candidate and per chunk (re-packing after pruning briefly holds two chunk lists).
+        ``count``: the exact number of chunks; without it, a bound (every full chunk has at least ``rows`` rows)."""
+        if count is not None:
+            n_chunks = count(chunk_tokens)
+        else:
+            rows = max(1, min(DEFAULT_MAX_BATCH, chunk_tokens // max(1, max_len)))
+            n_chunks = n_items // rows + 1
         return int(n_items * (ITEM_BYTES + self.item_extra) + 2 * n_chunks * CHUNK_BYTES)
 
     def need(self, chunk: int, window: int, hidden: int | None, max_len: int, embed_bytes: int = 0, n_items: int = 0,
-             token_ram: int = 0) -> int:
+             token_ram: int = 0, count: ChunkCount | None = None) -> int:
         """Peak share of a call running ``chunk``-token chunks with ``window`` resident layers: fixed costs and
         bookkeeping, then the largest of the three successive stages -- tokenizing (one batch of tokenizer state
         and the token ids), the embedding stage (kept hidden states, token ids, touched table pages) and the layer
@@ -104,39 +138,43 @@ class Planner:
         tokenize = token_ram + TOKENIZE_BATCH_BYTES
         embedding = kept + token_ram + embed_bytes
         layers = kept + window * self.layer_bytes + self.act_bytes_per_token(max_len) * chunk
-        return int(self.fixed + self.bookkeeping_bytes(n_items, chunk, max_len) + max(tokenize, embedding, layers))
+        return int(self.fixed + self.bookkeeping_bytes(n_items, chunk, max_len, count) + max(tokenize, embedding, layers))
 
     @staticmethod
     def _chunk_sizes(max_len: int) -> list[int]:
-        """Chunk sizes worth trying, largest first (a multiple of the longest candidate, or the default)."""
+        """Chunk sizes worth trying, largest first: the default and multiples of the longest candidate below it."""
         top = max(DEFAULT_CHUNK_TOKENS, max_len)
-        return sorted({top} | set(range(max_len, top + 1, max(1, max_len))), reverse=True)
+        steps = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+        return sorted({top} | {k * max_len for k in steps if k * max_len < top}, reverse=True)
 
-    def _smallest_need(self, hidden: int | None, max_len: int, embed_bytes: int, n_items: int, token_ram: int) -> tuple[int, int]:
+    def _smallest_need(self, hidden: int | None, max_len: int, embed_bytes: int, n_items: int, token_ram: int,
+                       count: ChunkCount | None = None) -> tuple[int, int]:
         """(budget, chunk) of the cheapest chunk size with a window of two layers."""
-        return min((self.need(c, 2, hidden, max_len, embed_bytes, n_items, token_ram), c) for c in self._chunk_sizes(max_len))
+        return min((self.need(c, 2, hidden, max_len, embed_bytes, n_items, token_ram, count), c) for c in self._chunk_sizes(max_len))
 
-    def resident_minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0, n_items: int = 0, token_ram: int = 0) -> int:
-        return self._smallest_need(self.hidden_bytes(total_tokens, max_len), max_len, embed_bytes, n_items, token_ram)[0]
+    def resident_minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0, n_items: int = 0, token_ram: int = 0,
+                         count: ChunkCount | None = None) -> int:
+        return self._smallest_need(self.hidden_bytes(total_tokens, max_len), max_len, embed_bytes, n_items, token_ram, count)[0]
 
-    def spill_minimum(self, max_len: int, embed_bytes: int = 0, n_items: int = 0, token_ram: int = 0) -> int:
-        return self._smallest_need(None, max_len, embed_bytes, n_items, token_ram)[0]
+    def spill_minimum(self, max_len: int, embed_bytes: int = 0, n_items: int = 0, token_ram: int = 0,
+                      count: ChunkCount | None = None) -> int:
+        return self._smallest_need(None, max_len, embed_bytes, n_items, token_ram, count)[0]
 
     def minimum(self, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True,
-                n_items: int = 0, token_ram: int = 0) -> int:
-        need = self.resident_minimum(total_tokens, max_len, embed_bytes, n_items, token_ram)
-        return min(need, self.spill_minimum(max_len, embed_bytes, n_items, token_ram)) if allow_spill else need
+                n_items: int = 0, token_ram: int = 0, count: ChunkCount | None = None) -> int:
+        need = self.resident_minimum(total_tokens, max_len, embed_bytes, n_items, token_ram, count)
+        return min(need, self.spill_minimum(max_len, embed_bytes, n_items, token_ram, count)) if allow_spill else need
 
     def minimum_for(self, size: CallSize, allow_spill: bool = True) -> int:
         """:meth:`minimum` for a call whose token ids a budget keeps in RAM only up to :meth:`token_ram_limit`
         (beyond, they live in a file and cost nothing here)."""
         args = (size.total_tokens, size.max_len, size.embed_bytes)
         if not allow_spill:
-            return self.minimum(*args, False, size.n_items, size.token_bytes)
-        in_file = self.minimum(*args, True, size.n_items, 0)
+            return self.minimum(*args, False, size.n_items, size.token_bytes, size.count)
+        in_file = self.minimum(*args, True, size.n_items, 0, size.count)
         if size.token_bytes > self.token_ram_limit(in_file):
             return in_file
-        return self.minimum(*args, True, size.n_items, size.token_bytes)
+        return self.minimum(*args, True, size.n_items, size.token_bytes, size.count)
 
     def static_minimum(self) -> int:
         """Smallest budget that could run even a single short candidate (checked at construction)."""
@@ -149,16 +187,16 @@ class Planner:
         return budget // 16
 
     def plan(self, budget: int | None, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True,
-             n_items: int = 0, token_ram: int = 0) -> Plan:
+             n_items: int = 0, token_ram: int = 0, count: ChunkCount | None = None) -> Plan:
         """``n_items``: candidates (documents, and the query for bi-encoders); ``token_ram``: bytes of their token ids
-        held in RAM."""
+        held in RAM; ``count``: their chunk counts (else bounded)."""
         if budget is None:
             chunk = max(DEFAULT_CHUNK_TOKENS, max_len)
             return Plan(None, self.n_layers, chunk, DEFAULT_MAX_BATCH, {"layer_bytes": self.layer_bytes})
-        call = (max_len, embed_bytes, n_items, token_ram)
+        call = (max_len, embed_bytes, n_items, token_ram, count)
         hidden = self.hidden_bytes(total_tokens, max_len)
-        if budget < self.resident_minimum(total_tokens, max_len, embed_bytes, n_items, token_ram):
-            need = self.minimum(total_tokens, max_len, embed_bytes, allow_spill, n_items, token_ram)
+        if budget < self.resident_minimum(total_tokens, *call):
+            need = self.minimum(total_tokens, max_len, embed_bytes, allow_spill, n_items, token_ram, count)
             if budget < need:
                 kept = ("the chunk in flight's hidden states (the rest spilled to files)" if allow_spill
                         else f"kept hidden states for {total_tokens} tokens")
@@ -184,16 +222,17 @@ class Planner:
                 return 2, c
         return 2, self._smallest_need(hidden, *call)[1]
 
-    def _estimate(self, window: int, chunk: int, hidden: int, max_len: int, embed_bytes: int, n_items: int, token_ram: int) -> dict:
+    def _estimate(self, window: int, chunk: int, hidden: int, max_len: int, embed_bytes: int, n_items: int, token_ram: int,
+                  count: ChunkCount | None) -> dict:
         return {"fixed": self.fixed, "layers": window * self.layer_bytes, "hidden": hidden, "embed": embed_bytes,
                 "activations": chunk * self.act_bytes_per_token(max_len), "layer_bytes": self.layer_bytes,
-                "tokens": token_ram, "bookkeeping": self.bookkeeping_bytes(n_items, chunk, max_len)}
+                "tokens": token_ram, "bookkeeping": self.bookkeeping_bytes(n_items, chunk, max_len, count)}
 
     def _resident_plan(self, budget: int, total_tokens: int, hidden: int, max_len: int, embed_bytes: int, n_items: int,
-                       token_ram: int) -> Plan:
-        call = (max_len, embed_bytes, n_items, token_ram)
+                       token_ram: int, count: ChunkCount | None) -> Plan:
+        call = (max_len, embed_bytes, n_items, token_ram, count)
         # the layer stage's room (embedding unmapped), with the bookkeeping of default-size chunks
-        free = budget - self.fixed - hidden - self.bookkeeping_bytes(n_items, max(max_len, DEFAULT_CHUNK_TOKENS), max_len)
+        free = budget - self.fixed - hidden - self.bookkeeping_bytes(n_items, max(max_len, DEFAULT_CHUNK_TOKENS), max_len, count)
         per_tok = self.act_bytes_per_token(max_len)
         act_min = per_tok * max_len
         window = int(min(self.n_layers, max(2, (free - act_min) // self.layer_bytes)))
@@ -205,9 +244,10 @@ class Planner:
         window, chunk = self._fit(budget, window, chunk, hidden, *call)
         return Plan(budget, window, chunk, DEFAULT_MAX_BATCH, self._estimate(window, chunk, hidden, *call))
 
-    def _spill_plan(self, budget: int, max_len: int, embed_bytes: int, n_items: int, token_ram: int) -> Plan:
-        call = (max_len, embed_bytes, n_items, token_ram)
-        free = budget - self.fixed - self.bookkeeping_bytes(n_items, max(max_len, DEFAULT_CHUNK_TOKENS), max_len)
+    def _spill_plan(self, budget: int, max_len: int, embed_bytes: int, n_items: int, token_ram: int,
+                    count: ChunkCount | None) -> Plan:
+        call = (max_len, embed_bytes, n_items, token_ram, count)
+        free = budget - self.fixed - self.bookkeeping_bytes(n_items, max(max_len, DEFAULT_CHUNK_TOKENS), max_len, count)
         per_tok = self.act_bytes_per_token(max_len) + 4 * self.H * 3
         window = 2
         chunk = int(max(max_len, min(DEFAULT_CHUNK_TOKENS, (free - window * self.layer_bytes) // per_tok)))

@@ -14,6 +14,7 @@ The spill directory is private to one call and removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 from edge_sel.runtime.scratch import owned_tempdir
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Chunk:
     """Rows of candidates padded to the longest: which items, their lengths, and the hidden state between layers.
     The mask and positions follow from the lengths and are made when asked for (nothing per token is kept besides the
@@ -34,7 +35,7 @@ class Chunk:
     lengths: np.ndarray
     pos_offset: int = 0      # position of the first token (after a shared prefix)
     hidden: np.ndarray | None = None
-    spilled: Path | None = None   # hidden state in a spill file instead of RAM
+    spilled: str | None = None    # hidden state in a spill file instead of RAM (a str: a Path costs 3x the memory)
 
     @property
     def width(self) -> int:
@@ -66,21 +67,25 @@ class Packing:
         return rows * width > self.chunk_tokens or rows > self.max_batch
 
 
-def make_chunks(lengths: np.ndarray, packing: Packing) -> list[Chunk]:
-    """Chunks of the items sorted by length (stable), each as wide as its longest row."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    order = np.argsort(lengths, kind="stable")
-    chunks, start = [], 0
-    for pos in range(len(order)):
-        # sorted ascending: the newest item sets the chunk's padded length
-        if pos > start and packing.full(pos - start + 1, int(lengths[order[pos]])):
-            idx = order[start:pos].copy()
-            chunks.append(Chunk(idx, lengths[idx], packing.pos_offset))
+def _runs(sorted_lengths: np.ndarray, packing: Packing) -> list[tuple[int, int]]:
+    """``(start, end)`` of each chunk over rows sorted by length: a chunk takes rows while they fit the packing's
+    limits (the newest row sets the chunk's padded length)."""
+    runs, start = [], 0
+    for pos in range(1, len(sorted_lengths)):
+        if packing.full(pos - start + 1, int(sorted_lengths[pos])):
+            runs.append((start, pos))
             start = pos
-    if start < len(order):
-        idx = order[start:].copy()
-        chunks.append(Chunk(idx, lengths[idx], packing.pos_offset))
-    return chunks
+    if len(sorted_lengths):
+        runs.append((start, len(sorted_lengths)))
+    return runs
+
+
+def make_chunks(lengths: np.ndarray, packing: Packing) -> list[Chunk]:
+    """Chunks of the items sorted by length (stable), each as wide as its longest row. The chunks' item and length
+    arrays are views of one sorted copy (no per-chunk allocations besides the chunk itself)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    sorted_lengths = np.asarray(lengths, dtype=np.int64)[order]
+    return [Chunk(order[a:b], sorted_lengths[a:b], packing.pos_offset) for a, b in _runs(sorted_lengths, packing)]
 
 
 class HiddenSpill:
@@ -88,31 +93,33 @@ class HiddenSpill:
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.dir = owned_tempdir("hidden", root)
+        self._dir = str(self.dir)
         self._n = 0
         self.bytes_written = 0
         self.bytes_read = 0
 
-    def put(self, arr: np.ndarray) -> Path:
-        path = self.dir / f"h{self._n}.npy"
+    def put(self, arr: np.ndarray) -> str:
+        path = os.path.join(self._dir, f"h{self._n}.npy")
         self._n += 1
         with open(path, "wb") as f:
             np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
         self.bytes_written += arr.nbytes
         return path
 
-    def get(self, path: Path) -> np.ndarray:
+    def get(self, path: str) -> np.ndarray:
         arr = np.load(path, allow_pickle=False)
         self.bytes_read += arr.nbytes
         return arr
 
-    def view(self, path: Path) -> np.ndarray:
+    def view(self, path: str) -> np.ndarray:
         """Read-only memory map (for gathering a few rows while re-packing chunks; drop it promptly)."""
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
     @staticmethod
-    def drop(path: Path | None) -> None:
+    def drop(path: str | None) -> None:
         if path is not None:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -155,31 +162,25 @@ class ChunkStore:
     def compact(self, chunks: list[Chunk], keep_items: np.ndarray, packing: Packing, hidden_size: int) -> list[Chunk]:
         """Rebuild the chunks from the surviving rows (re-packed by length, padding trimmed). With a spill,
         each new chunk gathers its rows from memory maps of the old chunks' files and is spilled in turn."""
-        rows = []  # (item, length, source chunk, source row)
-        for ci, c in enumerate(chunks):
-            for r, it in enumerate(c.items):
-                if keep_items[it]:
-                    rows.append((int(it), int(c.lengths[r]), ci, r))
-        rows.sort(key=lambda x: x[1])
-        groups, cur = [], []
-        for row in rows:
-            if cur and packing.full(len(cur) + 1, row[1]):
-                groups.append(cur)
-                cur = []
-            cur.append(row)
-        if cur:
-            groups.append(cur)
+        items = np.concatenate([c.items for c in chunks])
+        lengths = np.concatenate([c.lengths for c in chunks]).astype(np.int64, copy=False)
+        source = np.concatenate([np.full(len(c.items), ci, dtype=np.int64) for ci, c in enumerate(chunks)])
+        row = np.concatenate([np.arange(len(c.items), dtype=np.int64) for c in chunks])
+        kept = keep_items[items]
+        order = np.argsort(lengths[kept], kind="stable")  # by length, ties in chunk order
+        items, lengths, source, row = (a[kept][order] for a in (items, lengths, source, row))
         out = []
-        for g in groups:
-            B, T = len(g), max(x[1] for x in g)
+        for a, b in _runs(lengths, packing):
+            B, T = b - a, int(lengths[b - 1])
             hidden = np.zeros((B, T, hidden_size), dtype=np.float32)
             views: dict[int, np.ndarray] = {}
-            for r, (_, L, ci, sr) in enumerate(g):
+            for r in range(B):
+                ci, sr, L = int(source[a + r]), int(row[a + r]), int(lengths[a + r])
                 if ci not in views:
                     views[ci] = self._view(chunks[ci])
                 hidden[r, :L] = views[ci][sr, :L]
             del views
-            nc = Chunk(np.array([x[0] for x in g]), np.array([x[1] for x in g]), packing.pos_offset, hidden)
+            nc = Chunk(items[a:b], lengths[a:b], packing.pos_offset, hidden)
             self.keep(nc)
             out.append(nc)
         for c in chunks:

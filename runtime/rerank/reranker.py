@@ -22,6 +22,7 @@ from edge_sel.runtime.embedding import Embedder
 from edge_sel.runtime.errors import BudgetError, InputError
 from edge_sel.runtime.memory import HeapGuard, PeakTracker, release_free_memory, tune_allocator
 from edge_sel.runtime.planning import CallSize, Planner
+from edge_sel.runtime.planning.rerank import ChunkCount
 from edge_sel.runtime.sessions import load_session
 from edge_sel.runtime.units import format_size, parse_size
 
@@ -189,7 +190,7 @@ class Reranker:
             self.encoder.encode_into(tokens, query, documents, instruction, split=self.split)
             tokens.freeze()
             return CallSize(int(tokens.lengths.sum()), int(tokens.lengths.max()), self.embedder.touched_bytes(tokens.unique_ids()),
-                            tokens.n_items, tokens.nbytes_if_ram())
+                            tokens.n_items, tokens.nbytes_if_ram(), ChunkCount(tokens.lengths))
         finally:
             tokens.close()
 
@@ -241,7 +242,7 @@ class Reranker:
         total, max_len = int(lengths.sum()), int(lengths.max())
         embed_bytes = self.embedder.touched_bytes(tokens.unique_ids())
         plan = self.planner.plan(self.memory_budget, total, max_len, embed_bytes, self.allow_spill,
-                                 n_items=tokens.n_items, token_ram=tokens.ram_bytes)
+                                 n_items=tokens.n_items, token_ram=tokens.ram_bytes, count=ChunkCount(lengths))
         self.stream.set_window(plan.window)
         store = ChunkStore(HiddenSpill(self.spill_dir) if plan.spill else None)
         try:
