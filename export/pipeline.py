@@ -92,6 +92,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     record = {"seed": seed, "seconds": None, "verified_max_abs_diff": None}  # the manifest's ``export`` field
     with BundleWriter(out, overwrite=overwrite) as w:
         tokenizer.backend_tokenizer.save(str(w.file("tokenizer.json")))
+        graph_files = write_graphs(w, graphs, say)
         manifest: dict[str, Any] = {
             "created_by": CREATED_BY,
             "model": {"name": resolved.name, "source": str(resolved.spec), "family": adapter.family,
@@ -99,7 +100,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             "dims": graphs.dims,
             "dtype": "float32",
             "max_length": int(graphs.max_length),
-            **write_graphs(w, graphs, say),
+            **graph_files,
             "tokenizer": {"file": "tokenizer.json"},
             "dropped_layers": [],
             "schedule": None,
@@ -109,7 +110,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
         if format == "coreml":
             from .coreml import write_packages
 
-            manifest["coreml"] = write_packages(w, graphs, manifest["layer_io"], coreml_precision, say)
+            manifest = {**manifest, "coreml": write_packages(w, graphs, graph_files["layer_io"], coreml_precision, say)}
         if verify:  # on the staged bundle, so a failing export never reaches `out`
             say("verify", 0, 1)
             diff = _verify(stage_manifest(w, manifest), adapter, torch_model, tokenizer, task, scoring)
