@@ -69,6 +69,7 @@ def cmd_export(args, console) -> int:
     with prog:
         out = export(args.model, args.out, task=args.task, scoring=args.scoring, max_length=args.max_length,
                      verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb,
+                     **({"format": args.format, "coreml_precision": args.coreml_precision} if args.format != "onnx" else {}),
                      **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}))
     from edge_sel.runtime.bundle import Bundle
     from edge_sel.runtime.manifest import ExportInfo, thaw
@@ -79,6 +80,8 @@ def cmd_export(args, console) -> int:
     info = {"bundle": str(out), "scoring": s.scoring, "layers": len(s.layers), "bytes": b.total_bytes(),
             "seconds": ex.seconds, "verified_max_abs_diff": ex.verified_max_abs_diff,
             "dropped_layers": list(s.dropped_layers), "schedule": thaw(s.schedule)}
+    if s.coreml is not None:
+        info["coreml"] = _coreml_summary(b)
     if args.json:
         print(json.dumps(info))
     else:
@@ -89,8 +92,21 @@ def cmd_export(args, console) -> int:
             msg += "\n" + _dropped_line(s)
         if s.schedule is not None:
             msg += "\n" + _schedule_line(s.schedule)
+        if s.coreml is not None:
+            c = info["coreml"]
+            msg += (f"\nCoreML: {c['packages']} {c['precision']} ML Program packages, {format_size(c['bytes'])} "
+                    f"({format_size(c['weight_bytes'])} of weights)")
         console.print(msg)
     return 0
+
+
+def _coreml_summary(b) -> dict:
+    """The CoreML packages of a bundle: how many, their precision, bytes on disk and of weights."""
+    c = b.spec.coreml
+    prefixes = tuple(s.package + "/" for s in c.stages.values())
+    return {"packages": len(c.stages), "precision": c.precision,
+            "bytes": sum(f.size for rel, f in b.spec.files.items() if rel.startswith(prefixes)),
+            "weight_bytes": sum(s.weight_bytes or 0 for s in c.stages.values())}
 
 
 def cmd_rerank(args, console) -> int:

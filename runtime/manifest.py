@@ -560,6 +560,39 @@ class Quantization(Node):
     agreement: QuantAgreement | None = _json(QuantAgreement, None)
 
 
+COREML_PRECISIONS = ("float16", "float32")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreMLStage(Node):
+    """One CoreML ML Program package (a directory) standing for the ONNX graph ``graph``, with that graph's I/O names."""
+
+    package: str = _json("path")
+    graph: str = _json("path")
+    inputs: tuple[str, ...] = _json("list", of="str", nonempty=True)
+    outputs: tuple[str, ...] = _json("list", of="str", nonempty=True)
+    weight_bytes: int | None = _json("int", None, lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreMLPackages(Node):
+    """``edge-sel export --format coreml``: a CoreML package per streamed stage (key: ``layer_NNN``, ``qkv_NNN``, ``head``)."""
+
+    stages: Mapping[str, CoreMLStage]
+    precision: str = _json("str", choices=COREML_PRECISIONS)
+    minimum_deployment_target: str = _json("str")
+    converter: str | None = _json("str", None)
+    empty_pos: int = _json("int", 2**31 - 1, lo=1)
+
+    @classmethod
+    def _read_first(cls, r, d, p):
+        raw = r.obj(d.get("stages"), f"{p}.stages")
+        if not raw:
+            r.fail(f"{p}.stages", "expected at least one stage")
+        return {"stages": MappingProxyType({r.str(k, f"{p}.stages key"): CoreMLStage.read(r, v, f"{p}.stages.{k}")
+                                            for k, v in raw.items()})}
+
+
 @dataclass(frozen=True, kw_only=True)
 class ExportInfo(Node):
     seed: int | None = _json("int", None)
@@ -604,6 +637,7 @@ class Manifest(Node):
     schedule: ScheduleSpec | None = None
     export: ExportInfo | None = None
     quantization: Quantization | None = None
+    coreml: CoreMLPackages | None = None
     embedding: EmbeddingRule = field(default_factory=EmbeddingRule)
     pooling: str = "cls"
     score_rule: str | None = None
@@ -650,6 +684,8 @@ class Manifest(Node):
             refs.append((g.file, f"graph {name}"))
             if g.weights:
                 refs.append((g.weights, f"graph {name} weights"))
+        if self.coreml is not None:  # a package is a directory: its manifest file stands for it
+            refs += [(f"{s.package}/Manifest.json", f"CoreML package {k}") for k, s in self.coreml.stages.items()]
         return refs
 
     def layer_weight_bytes(self, i: int) -> int:
@@ -709,6 +745,7 @@ class Manifest(Node):
             schedule=opt("schedule", ScheduleSpec.read),
             export=opt("export", ExportInfo.read),
             quantization=opt("quantization", Quantization.read),
+            coreml=opt("coreml", CoreMLPackages.read),
             embedding=EmbeddingRule.read(r, d.get("embedding", {}), "embedding"),
             pooling=r.str(d.get("pooling", "cls"), "pooling", choices=POOLINGS),
             score_rule=r.str(d.get("score_rule"), "score_rule", optional=True, choices=SCORE_RULES),
@@ -759,6 +796,11 @@ class Manifest(Node):
                 r.fail("schedule.source_layers", f"expected {len(at)} entries, got {len(s.source_layers)}")
             if s.method == "probe" and (s.probe is None or s.probe not in self.arrays):
                 r.fail("schedule.probe", f"names array {s.probe!r}, which is not in arrays")
+        if self.coreml is not None:
+            graphs = {x.file for x in self.layers} | {g.file for g in self.extra_graphs.values()} | {self.head.file}
+            for k, s in self.coreml.stages.items():
+                if s.graph not in graphs:
+                    r.fail(f"coreml.stages.{k}.graph", f"{s.graph!r} is not a graph of this bundle")
         for rel, what in self.referenced():
             if rel not in self.files:
                 r.fail("files", f"{what} file {rel!r} is not listed in 'files'")
@@ -786,10 +828,12 @@ def with_schedule(raw: dict[str, Any], schedule: dict[str, Any] | None, probe_na
     return {**raw, "arrays": arrays, "schedule": schedule}
 
 
-def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], probe_name: str) -> tuple[dict[str, Any], set[str]]:
+def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], probe_name: str,
+                   files: Any = ()) -> tuple[dict[str, Any], set[str]]:
     """``raw`` without the layers at positions ``drop`` (and their qkv graphs), recording them as dropped; the
-    schedule and its probe go (their layer positions no longer hold). Returns the new manifest and the files it no
-    longer references."""
+    schedule and its probe go (their layer positions no longer hold), and so do CoreML packages (``files``: the
+    bundle's listed files, to find the packages' contents). Returns the new manifest and the files it no longer
+    references."""
     gone: set[str] = set()
     extra = dict(raw.get("extra_graphs", {}))
     kept, newly = [], []
@@ -808,6 +852,10 @@ def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], pr
         out["final_layer_output"] = "all_tokens"  # the first-token graph was the last layer's; a full one ends it now
     if raw.get("schedule"):
         out["schedule"] = None
+    if raw.get("coreml"):  # packages are per layer position: they go with the layers' renumbering
+        pkgs = [s["package"] + "/" for s in raw["coreml"]["stages"].values()]
+        gone.update(f for f in files if any(f.startswith(pk) for pk in pkgs))
+        out["coreml"] = None
     probe = raw.get("arrays", {}).get(probe_name)
     if probe:
         gone.add(probe["file"])
@@ -817,5 +865,5 @@ def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], pr
 
 __all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
            "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
-           "ExportInfo", "FileEntry", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
+           "ExportInfo", "CoreMLPackages", "CoreMLStage", "FileEntry", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
            "CREATED_BY", "DTYPES", "freeze", "thaw", "editable", "with_schedule", "without_layers"]
