@@ -42,6 +42,9 @@ WORDS = ("time year people way day man thing woman life child world school state
          "copy file read write open close list sort search find value error memory budget layer model query").split()
 
 
+MAX_BENCH_DOCS = 100_000  # synthetic candidates are built in memory up front
+
+
 @dataclass
 class Settings:
     """What to measure. Lists are swept as a grid; ``None`` in ``memory_budgets`` / ``kv_budgets`` means
@@ -72,6 +75,9 @@ class Settings:
             raise InputError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
         if min(self.n_docs) < 1 or self.doc_tokens < 1 or self.top_k < 1:
             raise InputError("candidate counts, --doc-tokens and --top-k must be positive")
+        if max(self.n_docs) > MAX_BENCH_DOCS:
+            raise InputError(f"--n-docs {max(self.n_docs)} is more candidates than this benchmark synthesizes "
+                             f"(at most {MAX_BENCH_DOCS:,}); rank a real documents file with `edge-sel rerank` instead")
         if min(self.prompt_tokens) < 1 or self.new_tokens < 1:
             raise InputError("prompt lengths and --new-tokens must be positive")
         bad = [p for p in self.pruning if p not in ("off", "on", "auto")]

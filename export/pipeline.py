@@ -27,7 +27,7 @@ from .staging import stage_manifest
 from .verify import check, verify_generate, verify_rerank
 
 TASKS = ("rerank", "generate")
-FORMATS = ("onnx", "coreml")  # coreml: the ONNX bundle plus a CoreML package per streamed stage (export/coreml.py)
+FORMATS = ("onnx", "ort", "coreml")  # ort: graphs in ORT format; coreml: the ONNX bundle plus CoreML packages
 
 
 def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank", scoring: str | None = None,
@@ -47,8 +47,10 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     :mod:`edge_sel.export.passes.calibrate`.
     prefix_reuse: yes/no (decoder) rerankers: split layer graphs so the instruction + query prefix is computed
     once per query (default True; see :mod:`edge_sel.export.prefix_layers`).
-    format: ``"onnx"`` or ``"coreml"`` (also a CoreML ML Program package per layer, qkv graph and head, converted
-    from torch; ``coreml_precision`` ``"fp16"`` (default) or ``"fp32"``; see :mod:`edge_sel.export.coreml`).
+    format: ``"onnx"`` (default); ``"ort"``: the graphs converted to onnxruntime's ORT format last (for mobile and
+    minimal builds, see :mod:`edge_sel.export.passes.ort_format`); ``"coreml"``: the ONNX bundle plus a CoreML ML
+    Program package per layer, qkv graph and head, converted from torch (``coreml_precision`` ``"fp16"`` (default)
+    or ``"fp32"``; see :mod:`edge_sel.export.coreml`).
     """
     if task not in TASKS:
         raise InputError(f"task {task!r} is not supported (supported: {', '.join(TASKS)})")
@@ -116,11 +118,17 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
         path = w.commit(manifest)
     if task == "rerank":
         _rerank_passes(path, drop_layers, calibrate, say)
+    if format == "ort":  # last: the passes above rewrite ONNX graphs
+        from .passes.ort_format import convert_to_ort
+
+        say("ort", 0, 1)
+        convert_to_ort(path)
+        say("ort", 1, 1)
     return path
 
 
 def _coreml_packages(w: BundleWriter, graphs: BundleGraphs, format: str, precision: str, say) -> dict[str, Any]:
-    """The manifest's ``coreml`` field (the packages written into ``w``), or nothing for the ONNX format."""
+    """The manifest's ``coreml`` field (the packages written into ``w``), or nothing for the other formats."""
     if format != "coreml":
         return {}
     from .coreml import write_packages

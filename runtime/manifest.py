@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from types import MappingProxyType
@@ -51,6 +52,7 @@ SCORE_RULES = ("logit", "cosine", "yes_minus_no_logit")
 FINAL_LAYER_OUTPUTS = ("all_tokens", "first_token")
 SCHEDULE_METHODS = ("probe", "head", "cosine")
 SCHEDULE_RULES = ("margin", "rank")
+GRAPH_FORMATS = ("onnx", "ort")  # ort: onnxruntime's flatbuffer format (mobile and minimal builds), weights inside
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -594,6 +596,19 @@ class CoreMLPackages(Node):
 
 
 @dataclass(frozen=True, kw_only=True)
+class OrtInfo(Node):
+    """ORT-format graphs: the operator configuration a reduced onnxruntime build takes (``--include_ops_by_config``),
+    how the graphs were optimized before saving, and the operator set (``{"domain;opset": [ops]}``, informational)."""
+
+    required_operators: str = _json("path")
+    optimization_level: str | None = _json("str", None)
+    optimization_style: str | None = _json("str", None)
+    onnxruntime: str | None = _json("str", None)
+    operators: Mapping[str, Any] | None = _json("free", None)
+    seconds: float | None = _json("float", None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExportInfo(Node):
     seed: int | None = _json("int", None)
     seconds: float | None = _json("float", None)
@@ -638,6 +653,8 @@ class Manifest(Node):
     export: ExportInfo | None = None
     quantization: Quantization | None = None
     coreml: CoreMLPackages | None = None
+    graph_format: str = "onnx"
+    ort: OrtInfo | None = None
     embedding: EmbeddingRule = field(default_factory=EmbeddingRule)
     pooling: str = "cls"
     score_rule: str | None = None
@@ -686,6 +703,8 @@ class Manifest(Node):
                 refs.append((g.weights, f"graph {name} weights"))
         if self.coreml is not None:  # a package is a directory: its manifest file stands for it
             refs += [(f"{s.package}/Manifest.json", f"CoreML package {k}") for k, s in self.coreml.stages.items()]
+        if self.ort is not None:
+            refs.append((self.ort.required_operators, "ORT operator configuration"))
         return refs
 
     def layer_weight_bytes(self, i: int) -> int:
@@ -746,6 +765,8 @@ class Manifest(Node):
             export=opt("export", ExportInfo.read),
             quantization=opt("quantization", Quantization.read),
             coreml=opt("coreml", CoreMLPackages.read),
+            graph_format=r.str(d.get("graph_format", "onnx"), "graph_format", choices=GRAPH_FORMATS),
+            ort=opt("ort", OrtInfo.read),
             embedding=EmbeddingRule.read(r, d.get("embedding", {}), "embedding"),
             pooling=r.str(d.get("pooling", "cls"), "pooling", choices=POOLINGS),
             score_rule=r.str(d.get("score_rule"), "score_rule", optional=True, choices=SCORE_RULES),
@@ -781,8 +802,27 @@ class Manifest(Node):
             r.fail("layer_io", "split layers (qkv graphs) need layer_io.qkv and layer_io.attn, and only they have them")
         if self.task == "generate" and not all(split):
             r.fail("layers[0].qkv", "generate bundles need split layers (a qkv graph per layer)")
+        if (self.graph_format == "ort") != (self.ort is not None):
+            r.fail("ort", "graph_format 'ort' and the 'ort' object come together")
         if self.scoring == "yes_no" and self.prompt is None:
             r.fail("prompt", "yes/no scoring needs the prompt (prefix, suffix)")
+        if self.prompt is not None:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.prompt.prefix) if f is not None}
+            if "query" not in fields or not fields <= {"query", "instruction"}:
+                r.fail("prompt.prefix", f"expected the placeholders {{query}} and optionally {{instruction}}, got {sorted(fields)}")
+        n_source = len(self.layers) + len(self.dropped_layers)
+        if self.dims.num_layers is not None and self.dims.num_layers != n_source:
+            r.fail("dims.num_layers", f"expected {n_source} (layers + dropped_layers), got {self.dims.num_layers}")
+        rows = self.embed.shape[0]
+        if self.dims.vocab is not None and self.dims.vocab != rows:
+            r.fail("dims.vocab", f"expected the embedding table's {rows} rows, got {self.dims.vocab}")
+        named_ids = [("pad_id", self.pad_id), ("bos_id", self.bos_id), *((f"stop_ids[{i}]", t) for i, t in enumerate(self.stop_ids)),
+                     *((f"eos_ids[{i}]", t) for i, t in enumerate(self.eos_ids))]
+        if self.token_ids is not None:
+            named_ids += [("token_ids.yes", self.token_ids.yes), ("token_ids.no", self.token_ids.no)]
+        for name, tid in named_ids:
+            if tid is not None and tid >= rows:
+                r.fail(name, f"token id {tid} is outside the embedding table's {rows} rows")
         if self.embedding.rule == "bert":
             for name in ("position", "ln_weight", "ln_bias"):
                 if name not in self.arrays:

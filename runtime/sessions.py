@@ -14,6 +14,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.errors import BundleError
 from edge_sel.runtime.providers import Assignment
 
@@ -44,6 +45,9 @@ def load_session(path: Path, threads: int | None = None, optimize: str = "all", 
                  providers: Assignment | None = None) -> ort.InferenceSession:
     """A session on the CPU provider, or on ``providers``' choice (its load time and node assignment recorded there)."""
     so = session_options(threads, optimize, mem_pattern)
+    prefix = trace.op_profile_prefix()  # a profiler asked for onnxruntime's per-operator timings
+    if prefix is not None:
+        so.enable_profiling, so.profile_file_prefix = True, prefix
     chain: list = ["CPUExecutionProvider"]
     if providers is not None:
         so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
@@ -55,4 +59,6 @@ def load_session(path: Path, threads: int | None = None, optimize: str = "all", 
         raise BundleError(f"cannot load graph {path}: {e}") from None
     if providers is not None:
         providers.record(sess, time.perf_counter() - t, str(path))
+    if prefix is not None:
+        trace.register_session(sess, prefix)
     return sess

@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
 from edge_sel.runtime.memory import PeakTracker, ReleaseLog
@@ -196,7 +197,9 @@ class Generator:
             if not ids:
                 raise InputError("prompt is empty")
         else:
+            tk = trace.begin("tokenize")
             ids = self.encode(prompt, chat, system)
+            trace.end(tk, tokens=len(ids))
         N = len(ids)
         if N >= self.context:
             raise InputError(f"prompt is {N} tokens, the model's context is {self.context}; refusing (not truncating): "
@@ -225,19 +228,22 @@ class Generator:
             self.model.release_weights()
         policy = make_policy(self.policy_spec)
         plan = self.planner.plan(policy, N, max_new, int(suffix))
+        trace.instant("plan", resident=plan.resident, fetch=plan.fetch, scratch=plan.scratch, prompt_tokens=N, max_new=max_new)
         t0 = time.perf_counter()
         tracker = PeakTracker()
         tracker.__enter__()
         rec = None
         try:
             policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, plan.resident, N, max_new,
-                                 fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch))
+                                 fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch,
+                                 rope_theta=self.bundle.spec.rope_theta))
             call = Call(ids, max_new, plan.resident, policy, suffix=int(suffix), fetch=plan.fetch,
                         keep_suffix_hidden=bool(suffix_hidden))
             call.caches = [LayerCache(self.kv_heads, plan.resident, self.head_dim, fetch=plan.fetch)
                            for _ in range(self.n_layers)]
             if plan.scratch:
                 call.scratch = LayerCache(self.kv_heads, N, self.head_dim)
+            trace.counter("engine", lambda: {"kv_bytes": sum(c.nbytes for c in call.caches) + (call.scratch.nbytes if call.scratch else 0)})
             rng = np.random.default_rng(seed)
             logits = prefill(self.model, call, self.chunk_tokens, self.heads)
             rec = StatsRecorder(self.planner, call, tracker, time.perf_counter() - t0)
@@ -251,7 +257,9 @@ class Generator:
                 yield tok, logits, call
                 if (stop and tok in self.stop_ids) or step == max_new - 1:
                     break
+                tk = trace.begin("decode", step=n_decode)
                 logits = decode_step(self.model, call, tok, pos)
+                trace.end(tk)
                 pos += 1
                 n_decode += 1
         finally:

@@ -12,6 +12,7 @@ import numpy as np
 
 from edge_sel.runtime.bundle import Bundle
 
+from .. import trace
 from ..embedding import Embedder
 from ..residency import WeightPages, release_array, snapshot
 from ..providers import Assignment
@@ -67,6 +68,7 @@ class DecoderModel:
 
     def release_layer(self, layer: int) -> None:
         self.pages.release(*self.layer_weights[layer])
+        trace.instant("weights.release", layer=layer)
 
     def map_layers(self) -> None:
         self.pages.populate(*self.weight_files())

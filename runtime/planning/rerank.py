@@ -38,6 +38,13 @@ class Plan:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def peak_estimate(self) -> int:
+        """The model's share of the process at its peak: fixed costs and kept hidden states, plus the larger of the
+        embedding stage and the layer stage (they do not overlap)."""
+        e = self.estimate
+        return int(e["fixed"] + e["hidden"] + max(e["embed"], e["layers"] + e["activations"]))
+
 
 class Planner:
     def __init__(self, bundle: Bundle):
@@ -87,7 +94,11 @@ class Planner:
     def plan(self, budget: int | None, total_tokens: int, max_len: int, embed_bytes: int = 0, allow_spill: bool = True) -> Plan:
         if budget is None:
             chunk = max(DEFAULT_CHUNK_TOKENS, max_len)
-            return Plan(None, self.n_layers, chunk, DEFAULT_MAX_BATCH, {"layer_bytes": self.layer_bytes})
+            estimate = {"fixed": self.fixed, "layers": self.n_layers * self.layer_bytes,
+                        "hidden": self.hidden_bytes(total_tokens, max_len), "embed": embed_bytes,
+                        "activations": min(chunk, max(total_tokens, max_len)) * self.act_bytes_per_token(max_len),
+                        "layer_bytes": self.layer_bytes}
+            return Plan(None, self.n_layers, chunk, DEFAULT_MAX_BATCH, estimate)
         if budget < self.resident_minimum(total_tokens, max_len, embed_bytes):
             need = self.minimum(total_tokens, max_len, embed_bytes, allow_spill)
             if budget < need:

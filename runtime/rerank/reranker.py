@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.embedding import Embedder
 from edge_sel.runtime.errors import BudgetError, InputError
@@ -207,7 +208,9 @@ class Reranker:
         released = ReleaseLog()
         t0 = time.perf_counter()
         with PeakTracker() as peak:
+            tk = trace.begin("tokenize", documents=len(documents))
             enc = self.encoder.encode(query, documents, instruction=instruction)
+            trace.end(tk)
             t_tok = time.perf_counter() - t0
             if enc.n_truncated:
                 log.warning("%d of %d documents were longer than the model's maximum of %d tokens and were truncated",
@@ -229,6 +232,7 @@ class Reranker:
         total, max_len = int(lengths.sum()), int(lengths.max())
         embed_bytes = self.embedder.touched_bytes(len(np.unique(np.concatenate(ids))))
         plan = self.planner.plan(self.memory_budget, total, max_len, embed_bytes, self.allow_spill)
+        trace.instant("plan", **plan.as_dict(), candidates=len(ids), total_tokens=total, max_len=max_len)
         self.stream.set_window(plan.window)
         store = ChunkStore(HiddenSpill(self.spill_dir) if plan.spill else None)
         guard = HeapGuard(plan.budget)  # between chunks: give back free heap pages once growth nears the budget

@@ -11,8 +11,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.bundle import Bundle
-
 from edge_sel.runtime.providers import Assignment
 from edge_sel.runtime.sessions import load_session
 
@@ -39,8 +39,10 @@ class LayerStream:
 
     def load_layer(self, i: int):
         """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
+        tk = trace.begin("layer.load", layer=i)
         sess = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all,
                             providers=self.providers)
+        trace.end(tk)
         self.loads += 1
         return sess
 
