@@ -82,7 +82,7 @@ def cmd_export(args, console) -> int:
             "seconds": ex.seconds, "verified_max_abs_diff": ex.verified_max_abs_diff,
             "dropped_layers": list(s.dropped_layers), "schedule": thaw(s.schedule)}
     if s.coreml is not None:
-        info["coreml"] = _coreml_summary(b)
+        info["coreml"] = s.coreml_summary()
     if args.json:
         print(json.dumps(info))
     else:
@@ -99,15 +99,6 @@ def cmd_export(args, console) -> int:
                     f"({format_size(c['weight_bytes'])} of weights)")
         console.print(msg)
     return 0
-
-
-def _coreml_summary(b) -> dict:
-    """The CoreML packages of a bundle: how many, their precision, bytes on disk and of weights."""
-    c = b.spec.coreml
-    prefixes = tuple(s.package + "/" for s in c.stages.values())
-    return {"packages": len(c.stages), "precision": c.precision,
-            "bytes": sum(f.size for rel, f in b.spec.files.items() if rel.startswith(prefixes)),
-            "weight_bytes": sum(s.weight_bytes or 0 for s in c.stages.values())}
 
 
 def cmd_rerank(args, console) -> int:

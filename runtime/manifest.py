@@ -715,6 +715,14 @@ class Manifest(Node):
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
 
+    def coreml_summary(self) -> dict[str, Any]:
+        """The CoreML packages: how many, their precision, bytes on disk and of weights."""
+        c = self.coreml
+        prefixes = tuple(s.package + "/" for s in c.stages.values())
+        return {"packages": len(c.stages), "precision": c.precision,
+                "bytes": sum(f.size for rel, f in self.files.items() if rel.startswith(prefixes)),
+                "weight_bytes": sum(s.weight_bytes or 0 for s in c.stages.values())}
+
     # ---- parsing -------------------------------------------------------------------------------------------------
     @classmethod
     def parse(cls, d: Any, where: str = MANIFEST) -> "Manifest":
