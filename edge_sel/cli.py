@@ -72,7 +72,8 @@ def cmd_export(args, console) -> int:
         out = export(args.model, args.out, task=args.task, scoring=args.scoring, max_length=args.max_length,
                      verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb,
                      **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}),
-                     **({"format": args.format} if args.format != "onnx" else {}))
+                     **({"format": args.format} if args.format != "onnx" else {}),
+                     **({"coreml_precision": args.coreml_precision} if args.format == "coreml" else {}))
     from edge_sel.runtime.bundle import Bundle
     from edge_sel.runtime.manifest import ExportInfo, thaw
 
@@ -82,6 +83,8 @@ def cmd_export(args, console) -> int:
     info = {"bundle": str(out), "scoring": s.scoring, "layers": len(s.layers), "bytes": b.total_bytes(),
             "seconds": ex.seconds, "verified_max_abs_diff": ex.verified_max_abs_diff,
             "dropped_layers": list(s.dropped_layers), "schedule": thaw(s.schedule)}
+    if s.coreml is not None:
+        info["coreml"] = s.coreml_summary()
     if args.json:
         print(json.dumps(info))
     else:
@@ -92,6 +95,10 @@ def cmd_export(args, console) -> int:
             msg += "\n" + _dropped_line(s)
         if s.schedule is not None:
             msg += "\n" + _schedule_line(s.schedule)
+        if s.coreml is not None:
+            c = info["coreml"]
+            msg += (f"\nCoreML: {c['packages']} {c['precision']} ML Program packages, {format_size(c['bytes'])} "
+                    f"({format_size(c['weight_bytes'])} of weights)")
         console.print(msg)
     return 0
 

@@ -269,7 +269,7 @@ def test_scoring_strategy_and_public_stats(fixture, strategy, request, docs):
     assert list(pub) == ["latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s", "peak_rss_bytes",
                          "start_rss_bytes", "window_layers", "chunk_size", "chunk_tokens", "n_chunks", "memory_budget_bytes",
                          "live_per_layer", "n_layers", "n_documents", "n_truncated", "layer_loads", "pruning",
-                         "layer_work_saved", "token_work_saved", "n_pruned", "dropped_layers"]
+                         "layer_work_saved", "token_work_saved", "n_pruned", "dropped_layers", "provider"]
     assert pub == {k: rr.last_stats[k] for k in pub}
     assert {"order", "plan_estimate", "spill", "heap_trims"} <= set(rr.last_stats) and "spill_bytes_written" not in rr.last_stats
     assert pub["n_documents"] == len(documents) and pub["live_per_layer"] == [len(documents)] * len(rr.bundle.layers)
