@@ -21,7 +21,8 @@ EXAMPLES = {
   edge-sel export all-minilm-l6-v2 -o bundles/minilm --verify
   edge-sel export all-minilm-l6-v2 -o bundles/minilm-ce --scoring cross_encoder --seed 0
   edge-sel export smollm2-135m-instruct -o bundles/smollm2 --task rerank --verify
-  edge-sel export ~/models/my-cross-encoder -o bundles/ce""",
+  edge-sel export ~/models/my-cross-encoder -o bundles/ce
+  edge-sel export all-minilm-l6-v2 -o bundles/minilm-coreml --format coreml          # + CoreML packages (fp16)""",
     "rerank": """examples:
   edge-sel rerank bundles/minilm --query "copy a file" --documents docs.txt --top-k 5
   edge-sel rerank bundles/smollm2 --query "..." --documents docs.jsonl --memory-budget 128MB --json
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["onnx", "ort", "coreml"], default="onnx",
                    help="ort: onnxruntime's ORT format graphs + the operator config for a reduced build (see `edge-sel convert`); "
                    "coreml: also a CoreML ML Program package per streamed stage (needs coremltools)")
+    e.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
+                   help="CoreML packages' weights and arithmetic (default fp16)")
     e.add_argument("--json", action="store_true")
 
     r = cmd("rerank", "rank documents for a query with a bundle")

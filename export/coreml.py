@@ -111,16 +111,18 @@ def weight_bytes(package: Path) -> int:
     return sum(p.stat().st_size for p in (Path(package) / "Data" / "com.apple.CoreML" / "weights").rglob("*") if p.is_file())
 
 
-def write_packages(w, graphs, layer_io: dict, precision: str, say) -> dict[str, Any]:
-    """Convert every streamed stage of ``graphs`` (:class:`BundleGraphs`) into the staged bundle ``w``; returns the
-    manifest's ``coreml`` field. ``layer_io``: the bundle's final ``layer_io`` (rewritten rerank forms drop outputs)."""
+def write_packages(w, graphs, precision: str, say) -> dict[str, Any]:
+    """Convert every streamed stage of ``graphs`` (:class:`BundleGraphs`, its ONNX graphs already written) into the
+    staged bundle ``w``; returns the manifest's ``coreml`` field."""
     if precision not in PRECISIONS:
         from edge_sel.runtime.errors import InputError
 
         raise InputError(f"CoreML precision {precision!r}: choose from {', '.join(PRECISIONS)}")
     ct = coremltools()
     max_len, kv = int(graphs.max_length), int(graphs.dims.get("kv_heads") or graphs.dims["heads"])
-    attn_outputs = list(layer_io["attn"]["outputs"]) if "attn" in layer_io else None
+    # the bundle's final layer I/O: the rerank form of split layers returns hidden_out only
+    io = graphs.rewrite.layer_io(graphs.layer_io) if graphs.rewrite is not None else graphs.layer_io
+    attn_outputs = list(io["attn"]["outputs"]) if "attn" in io else None
     stages: dict[str, Any] = {}
     n = len(graphs.layers)
 

@@ -92,6 +92,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     record = {"seed": seed, "seconds": None, "verified_max_abs_diff": None}  # the manifest's ``export`` field
     with BundleWriter(out, overwrite=overwrite) as w:
         tokenizer.backend_tokenizer.save(str(w.file("tokenizer.json")))
+        graph_fields = write_graphs(w, graphs, say)
         manifest: dict[str, Any] = {
             "created_by": CREATED_BY,
             "model": {"name": resolved.name, "source": str(resolved.spec), "family": adapter.family,
@@ -99,17 +100,14 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             "dims": graphs.dims,
             "dtype": "float32",
             "max_length": int(graphs.max_length),
-            **write_graphs(w, graphs, say),
+            **graph_fields,
             "tokenizer": {"file": "tokenizer.json"},
             "dropped_layers": [],
             "schedule": None,
             "export": record,
             **adapter.manifest_extras(torch_model, tokenizer, task, scoring),
+            **_coreml_packages(w, graphs, format, coreml_precision, say),
         }
-        if format == "coreml":
-            from .coreml import write_packages
-
-            manifest["coreml"] = write_packages(w, graphs, manifest["layer_io"], coreml_precision, say)
         if verify:  # on the staged bundle, so a failing export never reaches `out`
             say("verify", 0, 1)
             diff = _verify(stage_manifest(w, manifest), adapter, torch_model, tokenizer, task, scoring)
@@ -127,6 +125,15 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
         convert_to_ort(path)
         say("ort", 1, 1)
     return path
+
+
+def _coreml_packages(w: BundleWriter, graphs: BundleGraphs, format: str, precision: str, say) -> dict[str, Any]:
+    """The manifest's ``coreml`` field (the packages written into ``w``), or nothing for the other formats."""
+    if format != "coreml":
+        return {}
+    from .coreml import write_packages
+
+    return {"coreml": write_packages(w, graphs, precision, say)}
 
 
 def _check_coreml(precision: str, drop_layers) -> None:

@@ -1,4 +1,5 @@
 """The bundle: the one thing that crosses from export to runtime.
+Long because reading (with verification) and the atomic writer share the format's file rules.
 
 A directory holding ``manifest.json`` plus the files it lists (each with size and sha256):
 the embedding table as a raw little-endian array (memory-mapped at run time), one ONNX graph per
