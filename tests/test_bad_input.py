@@ -191,6 +191,9 @@ CASES = [
                                                "--no-measure"], "mine"),
     ("quantize-out-under-a-file", lambda c: ["quantize", c.bi, "-o", c.docs / "q", "--no-measure"], "docs.txt"),
     ("quantize-generate-out-under-a-file", lambda c: ["quantize", c.gen, "-o", c.docs / "q" / "r"], "docs.txt"),
+    ("convert-missing", lambda c: ["convert", c.tmp / "none"], "not found"),
+    ("convert-out-is-user-folder", lambda c: ["convert", c.bi, "-o", write(c.tmp / "mine" / "notes.txt", "keep").parent], "mine"),
+    ("convert-out-under-a-file", lambda c: ["convert", c.bi, "-o", c.docs / "o"], "docs.txt"),
     ("export-generate-out-under-a-file", lambda c: ["export", c.hf, "--task", "generate", "-o", c.docs / "b"], "docs.txt"),
     # bench
     ("bench-rerank-bundle-generate-options", lambda c: ["bench", c.bi, "--policy", "mpcache"], "--policy"),
