@@ -50,6 +50,14 @@ class Plan:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def peak_estimate(self) -> int:
+        """The model's share of the process at its peak: fixed costs, kept hidden states, token ids and per-candidate
+        bookkeeping, plus the larger of the embedding stage and the layer stage (they do not overlap)."""
+        e = self.estimate
+        return int(e["fixed"] + e["hidden"] + e.get("tokens", 0) + e.get("bookkeeping", 0)
+                   + max(e["embed"], e["layers"] + e["activations"]))
+
 
 @dataclass(frozen=True)
 class CallSize:
@@ -192,7 +200,12 @@ class Planner:
         held in RAM; ``count``: their chunk counts (else bounded)."""
         if budget is None:
             chunk = max(DEFAULT_CHUNK_TOKENS, max_len)
-            return Plan(None, self.n_layers, chunk, DEFAULT_MAX_BATCH, {"layer_bytes": self.layer_bytes})
+            estimate = {"fixed": self.fixed, "layers": self.n_layers * self.layer_bytes,
+                        "hidden": self.hidden_bytes(total_tokens, max_len), "embed": embed_bytes,
+                        "activations": min(chunk, max(total_tokens, max_len)) * self.act_bytes_per_token(max_len),
+                        "layer_bytes": self.layer_bytes, "tokens": token_ram,
+                        "bookkeeping": self.bookkeeping_bytes(n_items, chunk, max_len, count)}
+            return Plan(None, self.n_layers, chunk, DEFAULT_MAX_BATCH, estimate)
         call = (max_len, embed_bytes, n_items, token_ram, count)
         hidden = self.hidden_bytes(total_tokens, max_len)
         if budget < self.resident_minimum(total_tokens, *call):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.scratch import owned_tempdir
 
 
@@ -101,13 +102,17 @@ class HiddenSpill:
     def put(self, arr: np.ndarray) -> str:
         path = os.path.join(self._dir, f"h{self._n}.npy")
         self._n += 1
+        tk = trace.begin("spill.write", bytes=arr.nbytes)
         with open(path, "wb") as f:
             np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        trace.end(tk)
         self.bytes_written += arr.nbytes
         return path
 
     def get(self, path: str) -> np.ndarray:
+        tk = trace.begin("spill.read")
         arr = np.load(path, allow_pickle=False)
+        trace.end(tk, bytes=arr.nbytes)
         self.bytes_read += arr.nbytes
         return arr
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_sel.runtime import trace
+
 from .chunks import Chunk, ChunkStore, Packing
 from .schedule import Schedule
 from .scoring import LayerScorer, Scoring
@@ -124,6 +126,7 @@ class Pruner:
         else:
             margin = sched.margin_at(layer)
             keep = prune_mask(est, self.k, margin, sched.floor, sched.cluster_gap * margin)
+        trace.instant("prune", layer=layer, live=len(items), kept=int(keep.sum()))
         if keep.all():
             return chunks
         gone = items[~keep]

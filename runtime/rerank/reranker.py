@@ -17,12 +17,15 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.embedding import Embedder
 from edge_sel.runtime.errors import BudgetError, InputError
-from edge_sel.runtime.memory import HeapGuard, PeakTracker, release_free_memory, tune_allocator
+from edge_sel.runtime.memory import HeapGuard, PeakTracker, ReleaseLog, release_free_memory, tune_allocator
 from edge_sel.runtime.planning import CallSize, Planner
 from edge_sel.runtime.planning.rerank import ChunkCount
+from edge_sel.runtime.providers import Assignment, ProviderChoice
+from edge_sel.runtime.providers import resolve as resolve_provider
 from edge_sel.runtime.sessions import load_session
 from edge_sel.runtime.units import format_size, parse_size
 
@@ -65,13 +68,22 @@ class Reranker:
       ``"off"`` / None — never prune; or a schedule (dict as in the manifest, or :class:`Schedule`).
     A schedule calibrated for top-K protects any ``top_k <= K``; for a larger ``top_k`` that call runs unpruned (warning).
 
+    provider: the onnxruntime execution provider — ``"cpu"`` (default), ``"auto"`` (CoreML where this onnxruntime build
+    has it, else the CPU), ``"coreml"``, another short or full provider name, or a
+    :class:`edge_sel.runtime.providers.ProviderChoice`; a provider the build lacks is refused (InputError).
+    ``last_stats["provider"]`` reports the choice, how many graph nodes each provider took (those another provider
+    could not take fall back to the CPU: ``cpu_fallback_ops``) and the sessions' load time (a provider that compiles
+    a graph on load, as CoreML does, pays it on every streamed layer load).
+
     last_token_final_layer: split decoder bundles whose head reads the last token compute only that token in
     the final layer (same scores within float rounding); False runs the full final layer.
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget: int | str | None = None,
                  pruning: str | dict | Schedule | None = "auto", threads: int | None = None, optimize: str = "all",
-                 spill: bool = True, spill_dir: str | os.PathLike | None = None, last_token_final_layer: bool = True):
+                 spill: bool = True, spill_dir: str | os.PathLike | None = None, last_token_final_layer: bool = True,
+                 provider: str | ProviderChoice | None = "cpu"):
+        self.providers = Assignment(resolve_provider(provider))  # before the bundle opens: a bad name fails fast
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if self.bundle.task != "rerank":
             raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; ranking needs a bundle exported with --task rerank")
@@ -89,12 +101,13 @@ class Reranker:
                 f"{format_size(need)} (two layers of {format_size(self.planner.layer_bytes)} + fixed costs)", minimum_bytes=need)
         self.encoder = TextEncoder(self.bundle)
         self.embedder = Embedder(self.bundle)
-        head = load_session(self.bundle.path(self.bundle.spec.head.file), threads)
+        head = load_session(self.bundle.path(self.bundle.spec.head.file), threads, providers=self.providers)
         self.scoring = scoring_for(self.bundle, head)  # the scoring mode's strategy, chosen once
         self.pruning = "off" if pruning is None else pruning
         self.schedule, self.pruning_note = self._resolve_schedule(self.pruning)
         self.layer_scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
-        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), threads, optimize)
+        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), threads, optimize,
+                                                                   self.providers)
         self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer))
         self.pad_id = self.bundle.spec.pad_id
         self.stats = RerankStats()
@@ -214,14 +227,18 @@ class Reranker:
     # ---- one call ------------------------------------------------------------------------
     def _run(self, query: str, documents, instruction: str | None, top_k: int | None, prune: bool,
              observer: Observer | None = None) -> np.ndarray:
+        loads0, load_s0 = self.providers.sessions, self.providers.load_s
+        released = ReleaseLog()
         t0 = time.perf_counter()
         with PeakTracker() as peak:
             guard = HeapGuard(self.memory_budget)  # between batches and chunks: give back free heap pages near the budget
             tokens = TokenStore(ram_limit=self.planner.token_ram_limit(self.memory_budget, self.allow_spill),
                                 spill_dir=self.spill_dir, vocab=self.embedder.rows)
             try:
+                tk = trace.begin("tokenize")
                 text = self.encoder.encode_into(tokens, query, documents, instruction, split=self.split, on_batch=guard.check)
                 tokens.freeze()
+                trace.end(tk, documents=text.n_docs)
                 t_tok = time.perf_counter() - t0
                 if text.n_truncated:
                     log.warning("%d of %d documents were longer than the model's maximum of %d tokens and were truncated",
@@ -234,6 +251,9 @@ class Reranker:
         st.latency_s, st.tokenize_s = time.perf_counter() - t0, t_tok
         st.peak_rss_bytes, st.start_rss_bytes = peak.peak, peak.start
         st.n_documents, st.n_truncated = text.n_docs, text.n_truncated
+        st.memory_release = released.report()
+        st.provider = {**self.providers.as_dict(), "call_sessions_loaded": self.providers.sessions - loads0,
+                       "call_session_load_s": round(self.providers.load_s - load_s0, 4)}
         return scores
 
     def _score(self, tokens: TokenStore, text: Streamed, top_k: int | None, prune: bool, observer: Observer | None,
@@ -243,6 +263,7 @@ class Reranker:
         embed_bytes = self.embedder.touched_bytes(tokens.unique_ids())
         plan = self.planner.plan(self.memory_budget, total, max_len, embed_bytes, self.allow_spill,
                                  n_items=tokens.n_items, token_ram=tokens.ram_bytes, count=ChunkCount(lengths))
+        trace.instant("plan", **plan.as_dict(), candidates=tokens.n_items, total_tokens=total, max_len=max_len)
         self.stream.set_window(plan.window)
         store = ChunkStore(HiddenSpill(self.spill_dir) if plan.spill else None)
         try:
