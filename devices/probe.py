@@ -84,12 +84,22 @@ def probe_rerank(bundle, lengths=(48, 192), n_docs: int = 32) -> dict:
     from edge_sel.runtime.rerank import Reranker
     from edge_sel.runtime.sessions import load_session
 
+    from edge_sel.runtime.profiler import Profiler
+
+    query = "how do I copy a file"
+    # a fresh reranker's construction and first call, every layer resident: its anonymous growth (sessions,
+    # activations, onnxruntime's memory patterns) is what an unbudgeted call costs beside the mapped weights
+    with Profiler() as prof:
+        rr = Reranker(bundle, pruning="off")
+        rr.predict(query, _texts(rr.encoder.tok, n_docs, lengths[-1], 0))
+        rr.close()
+    res = prof.result
+    resident_anon = max(s.anon for s in res.samples) - res.baseline.anon if res.baseline.anon is not None else None
     rr = Reranker(bundle, pruning="off")
     n_layers = len(rr.bundle.spec.layers)
     t = time.perf_counter()
     load_session(rr.bundle.layer_path(0))
     load_s = time.perf_counter() - t
-    query = "how do I copy a file"
     points = []
     try:
         for T in lengths:
@@ -105,14 +115,18 @@ def probe_rerank(bundle, lengths=(48, 192), n_docs: int = 32) -> dict:
                     best = s
             tokens = sum(lens)
             points.append({"max_len": max(lens), "tokens": tokens, "layer_s_per_token": best["layers_s"] / (tokens * n_layers),
-                           "other_s_per_token": (best["latency_s"] - best["layers_s"]) / tokens})
+                           "other_s_per_token": (best["latency_s"] - best["layers_s"]) / tokens,
+                           # every layer resident and warm: what a call adds is its activations (and onnxruntime's
+                           # per-session memory patterns), which the static formula does not see
+                           "call_growth_bytes": best["peak_rss_bytes"] - best["start_rss_bytes"],
+                           "chunk_tokens": best["chunk_tokens"], "order": best["order"]})
     finally:
         rr.close()
     p1, p2 = points
     a, b = _fit(p1["max_len"], p1["layer_s_per_token"], p2["max_len"], p2["layer_s_per_token"])
     return {"task": "rerank", "layers": n_layers, "layer_s_per_token": a, "layer_s_per_token_per_len": b,
             "other_s_per_token": float(np.mean([p["other_s_per_token"] for p in points])), "layer_load_s": load_s,
-            "points": points}
+            "resident_anon_bytes": resident_anon, "points": points}
 
 
 def probe_generate(bundle, lengths=(256, 1024), new_tokens: int = 8) -> dict:
