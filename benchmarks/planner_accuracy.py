@@ -3,8 +3,8 @@
 
     python -m benchmarks.planner_accuracy --bundle bundles/minilm:128,512:none,96MB --bundle bundles/smollm2:32,128:none,128MB
 
-Documents are synthetic (`edge_sel.bench.synthetic_text`) cut to exactly --doc-tokens tokens by each bundle's own
-tokenizer, pruning off (the planner assumes no pruning). Probe the device first (`edge-sel devices probe --bundle ...`):
+Documents are CPython docstrings (`edge_sel.export.textdata`, real English text) cut to exactly --doc-tokens tokens by
+each bundle's own tokenizer (shorter ones are left out), pruning off (the planner assumes no pruning). Probe the device first (`edge-sel devices probe --bundle ...`):
 with no probed costs the latency is FLOPs over the profile's GFLOPS.
 """
 
@@ -19,6 +19,7 @@ import sys
 import tempfile
 
 from edge_sel.bench import bundle_tokenizer, cut_to_tokens, synthetic_text
+from edge_sel.export.textdata import docstring_pairs
 from edge_sel.runtime.bundle import Bundle
 
 QUERY = "how do I copy a file to another directory"
@@ -31,8 +32,12 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
 def measure(bundle: str, n: int, budget: str | None, doc_tokens: int, device: str, out: str) -> dict:
     tok = bundle_tokenizer(Bundle.open(bundle))
     docs = os.path.join(out, f"{os.path.basename(bundle)}-{n}.txt")
+    texts = [t.replace("\n", " ") for _, t in docstring_pairs(limit=4 * n)]
+    texts = [cut_to_tokens(tok, t, doc_tokens) for t in texts if len(tok.encode(t, add_special_tokens=False).ids) >= doc_tokens]
+    if len(texts) < n:
+        texts += [cut_to_tokens(tok, synthetic_text(doc_tokens * 2, i), doc_tokens) for i in range(n - len(texts))]
     with open(docs, "w") as f:
-        f.writelines(cut_to_tokens(tok, synthetic_text(doc_tokens * 2, i), doc_tokens) + "\n" for i in range(n))
+        f.writelines(t + "\n" for t in texts[:n])
     q = len(tok.encode(QUERY, add_special_tokens=False).ids)
     tag = f"{os.path.basename(bundle)} N={n} budget={budget or 'none'}"
     plan = run(["plan", bundle, "--device", device, "--task", "rerank", "-n", str(n), "--doc-tokens", str(doc_tokens),

@@ -58,6 +58,16 @@ def rerank_memory_of_call(rr, stats: dict) -> dict | None:
     return rerank_memory(rr.planner, e)
 
 
+def _interpolate(points: list | None, x: float) -> float | None:
+    """Linear interpolation in probed ``[[length, bytes], ...]`` (extrapolated from the nearest two points)."""
+    if not points or not isinstance(points, list):
+        return None
+    if len(points) == 1:
+        return points[0][1]
+    (x1, y1), (x2, y2) = points[0], points[-1]
+    return max(0.0, y1 + (y2 - y1) * (x - x1) / (x2 - x1)) if x2 != x1 else y2
+
+
 def unique_tokens(total: int, vocab: int) -> int:
     """Distinct token ids among ``total`` tokens of text (Heaps' law, fitted on English docstrings with WordPiece and
     byte-level BPE tokenizers: 1.1-2.4 x total^0.7); the upper end, capped by the vocabulary."""
@@ -98,6 +108,7 @@ def generate_prediction(bundle: Bundle, n_prompt: int, kv_bytes: int, scratch_by
     d = spec.dims
     weights = sum(bundle.layer_weight_bytes(i) for i in range(len(spec.layers)))
     weights += sum(spec.files[g.weights].size for g in spec.extra_graphs.values() if g.weights)
+    weights += spec.files[spec.head.weights].size if spec.head.weights else 0  # the LM head, mapped while decoding
     hidden = 4 * d.hidden * n_prompt * 3 + 4 * d.intermediate * min(n_prompt, 256) * 3
     chunk = chunk_size(256, d.heads, n_prompt)
     attention = GEN_ATTENTION_TENSORS * min(PREFILL_SCORES_BYTES, 4 * d.heads * chunk * n_prompt)
@@ -186,7 +197,7 @@ def plan_rerank(bundle: Bundle, device: dict, n_docs: int, doc_tokens: int, quer
     planner, plan, size = rerank_plan(bundle, n_docs, doc_tokens, query_tokens, budget, split_extra=split_extra)
     costs, _ = local_costs(bundle, device)
     mem = rerank_memory(planner, plan.estimate, plan=plan, split=bool(split_extra),
-                        probed_anon=(costs or {}).get("resident_anon_bytes"))
+                        probed_anon=_interpolate((costs or {}).get("resident_anon_bytes"), size["max_len"]))
     secs, how = rerank_latency(bundle, device, size["total_tokens"], size["max_len"])
     return {"task": "rerank", "device": device["name"], "budget_bytes": budget, "window_layers": plan.window,
             "layers": planner.n_layers, "chunk_tokens": plan.chunk_tokens, "spill": plan.spill,
