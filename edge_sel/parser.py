@@ -21,7 +21,8 @@ EXAMPLES = {
   edge-sel export all-minilm-l6-v2 -o bundles/minilm --verify
   edge-sel export all-minilm-l6-v2 -o bundles/minilm-ce --scoring cross_encoder --seed 0
   edge-sel export smollm2-135m-instruct -o bundles/smollm2 --task rerank --verify
-  edge-sel export ~/models/my-cross-encoder -o bundles/ce""",
+  edge-sel export ~/models/my-cross-encoder -o bundles/ce
+  edge-sel export all-minilm-l6-v2 -o bundles/minilm-coreml --format coreml          # + CoreML packages (fp16)""",
     "rerank": """examples:
   edge-sel rerank bundles/minilm --query "copy a file" --documents docs.txt --top-k 5
   edge-sel rerank bundles/smollm2 --query "..." --documents docs.jsonl --memory-budget 128MB --json
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-layers", metavar="N|auto", help="drop the N layers that matter least (block influence + measured "
                    "ranking effect on calibration text); auto: as many as keep top-10 agreement >= 0.9")
     e.add_argument("--calibrate", action="store_true", help="calibrate early-ranking pruning after export (see `edge-sel calibrate`)")
+    e.add_argument("--format", choices=["onnx", "ort", "coreml"], default="onnx",
+                   help="ort: onnxruntime's ORT format graphs + the operator config for a reduced build (see `edge-sel convert`); "
+                   "coreml: also a CoreML ML Program package per streamed stage (needs coremltools)")
+    e.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
+                   help="CoreML packages' weights and arithmetic (default fp16)")
     e.add_argument("--json", action="store_true")
 
     r = cmd("rerank", "rank documents for a query with a bundle")
@@ -131,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="early-ranking pruning: auto = the bundle's calibrated schedule if it has one; on = require one; off")
     r.add_argument("--spill-dir", help="folder for hidden states spilled under a tight budget (default: the system temp "
                    "directory; choose a disk-backed one when /tmp is in RAM)")
+    r.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
+                   "this onnxruntime build has it, else cpu), coreml, or another provider name")
     r.add_argument("--json", action="store_true", help="print {results, stats} as JSON")
 
     d = cmd("demo", "select from real text (CPython docstrings) with a packaged model")
@@ -173,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
+                   "this onnxruntime build has it, else cpu), coreml, or another provider name")
     g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
 
     qz = cmd("quantize", "write a copy of a bundle with int8 layer weights (onnxruntime dynamic quantization) and measure "
@@ -183,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--no-measure", action="store_true", help="skip the agreement measurement on the builtin calibration data")
     qz.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     qz.add_argument("--json", action="store_true")
+
+    cv = cmd("convert", "rewrite a bundle's graphs in onnxruntime's ORT format (mobile and minimal builds) with the "
+             "required-operators config for a reduced build")
+    cv.add_argument("bundle")
+    cv.add_argument("--format", dest="graph_format", choices=["ort"], default="ort", help="target graph format")
+    cv.add_argument("-o", "--out", help="write a converted copy here (default: convert the bundle in place, atomically)")
+    cv.add_argument("--optimization", choices=["basic", "extended", "all"], default="all",
+                    help="onnxruntime graph optimizations applied before saving (all: fastest, needs contrib ops)")
+    cv.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    cv.add_argument("--json", action="store_true")
 
     v = cmd("verify", "check a bundle's files against its manifest (sizes and sha256)")
     v.add_argument("bundle")

@@ -160,6 +160,9 @@ CASES = [
      "format_version"),
     ("rerank-format-version-bool", lambda c: RERANK(c, bundle_copy(c, c.bi, lambda m: _set(m, True, "format_version"))),
      "format_version"),
+    ("rerank-provider-unknown", lambda c: RERANK(c, c.bi, "--provider", "warp-drive"), "provider"),
+    ("gen-provider-unknown", lambda c: GEN(c, "--provider", "warp-drive"), "provider"),
+    ("bench-provider-unknown", lambda c: ["bench", c.bi, "--provider", "warp-drive", "-r", 1], "provider"),
     ("rerank-manifest-not-json", lambda c: RERANK(c, bundle_copy(c, c.bi, edit_file=("manifest.json", b"{"))), "manifest"),
     # calibrate
     ("calibrate-candidates-zero", lambda c: ["calibrate", c.ce, "--candidates", 0], "n_candidates"),
@@ -202,6 +205,7 @@ CASES = [
     ("bench-repeats-zero", lambda c: ["bench", c.bi, "--repeats", 0], "repeats"),
     ("bench-missing", lambda c: ["bench", c.tmp / "none"], "not found"),
     ("bench-n-docs-junk", lambda c: ["bench", c.bi, "-n", "many"], "many"),
+    ("bench-n-docs-huge", lambda c: ["bench", c.bi, "-n", "100000000"], "--n-docs"),
     ("bench-prompt-file-folder", lambda c: ["bench", c.gen, "--prompt-file", c.tmp], "prompt file"),
     # devices, plan, profile
     ("devices-show-unknown", lambda c: ["devices", "show", "no-such-phone"], "unknown device"),
@@ -238,6 +242,15 @@ def test_bad_input(ctx, capsys, case):
     assert len(lines) == 1, err
     assert lines[0].startswith("edge-sel: error: ") and needle in lines[0], lines[0]
     assert snapshot(*owned) == before, "a bad input changed or left files behind"
+
+
+@pytest.mark.parametrize("argv", [["models", "list"], ["demo"]])
+def test_home_that_cannot_be_a_folder(ctx, capsys, monkeypatch, argv):
+    monkeypatch.setenv("EDGE_SEL_HOME", str(ctx.docs))
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.strip().startswith("edge-sel: error: EDGE_SEL_HOME=") and "\n" not in err.strip(), err
+    code, _, err = run_cli(RERANK(ctx, ctx.bi), capsys)  # a local bundle does not need the home
+    assert code == 0, err
 
 
 def test_plain_text_starting_with_brace_is_plain_text(ctx, capsys):

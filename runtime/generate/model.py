@@ -15,6 +15,7 @@ from edge_sel.runtime.bundle import Bundle
 from .. import trace
 from ..embedding import Embedder
 from ..residency import WeightPages, release_array, snapshot
+from ..providers import Assignment
 from ..sessions import load_session
 
 # Prompts longer than this release each layer's weights after its prefill pass and trim the heap after
@@ -23,8 +24,9 @@ TRIM_AFTER_TOKENS = 1024
 
 
 class DecoderModel:
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: Assignment | None = None):
         spec = bundle.spec
+        self.providers = providers
         self.embedder = Embedder(bundle)
         self.table = self.embedder.open_table()
         before = snapshot()  # the mappings the sessions below add are this model's (see WeightPages)
@@ -32,9 +34,9 @@ class DecoderModel:
         self.layers = []
         for i, layer in enumerate(spec.layers):
             qkv = bundle.path(spec.extra_graphs[layer.qkv].file)
-            self.layers.append((load_session(qkv, threads, mem_pattern=False),
-                                load_session(bundle.layer_path(i), threads, mem_pattern=False)))
-        self.head = load_session(bundle.path(spec.head.file), threads, mem_pattern=False)
+            self.layers.append((load_session(qkv, threads, mem_pattern=False, providers=providers),
+                                load_session(bundle.layer_path(i), threads, mem_pattern=False, providers=providers)))
+        self.head = load_session(bundle.path(spec.head.file), threads, mem_pattern=False, providers=providers)
         # each layer's weight files (qkv graph, attention+MLP graph)
         self.layer_weights = [(bundle.path(spec.extra_graphs[layer.qkv].weights), bundle.path(layer.weights))
                               for layer in spec.layers]

@@ -85,6 +85,7 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
             h = hidden[:, a:b]
             p = positions[None, a:b]
             q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
+            policy.queries(L, q, p[0], phase)
             if work.n + (b - a) > work.capacity:
                 call.make_room(L, b - a, phase)
             s = work.append(k, v, p[0])

@@ -12,6 +12,7 @@ from edge_sel.runtime.errors import InputError
 
 from .base import Context, Policy, ScorePolicy
 from .composite import Composite
+from .expected_attention import MPCacheEA, mpcache_ea, mpcache_ea_recall
 from .full import Full
 from .h2o import H2O
 from .knorm import Knorm
@@ -34,6 +35,9 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "mpcache_static": MPCacheStatic,
     "mpcache_dynamic": MPCacheDynamic,
     "mpcache_recall": mpcache_recall,
+    "mpcache_ea": mpcache_ea,
+    "mpcache_ea_static": MPCacheEA,
+    "mpcache_ea_recall": mpcache_ea_recall,
     "windowkv": WindowKV,
     "prompt_distill": PromptDistill,
     "layer_skip": LayerSkip,
@@ -69,4 +73,4 @@ def make_policy(spec: "str | Policy | None") -> Policy:
 
 __all__ = ["Policy", "ScorePolicy", "RecallPolicy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label",
            "Full", "StreamingLLM", "H2O", "SnapKV", "Knorm", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall",
-           "mpcache_recall", "WindowKV", "PromptDistill", "LayerSkip"]
+           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "WindowKV", "PromptDistill", "LayerSkip"]

@@ -27,6 +27,7 @@ from .chunks import Chunk, ChunkStore
 from .prefix import run_candidates, run_prefix
 from .pruning import Pruner
 from .scoring import Scores, Scoring
+from .tokens import TokenStore
 
 
 @dataclass
@@ -46,13 +47,15 @@ Observer = Callable[[LayerObservation], None]
 
 @dataclass
 class Call:
-    """One call's context: where hidden states live, the heap guard, the pruner and observer (if any)."""
+    """One call's context: where token ids and hidden states live, the heap guard, the pruner and observer (if any)."""
 
     store: ChunkStore
     guard: HeapGuard
     n_docs: int
     pruner: Pruner | None = None
     observer: Observer | None = None
+    tokens: TokenStore | None = None
+    pad_id: int = 0
 
 
 @dataclass
@@ -87,6 +90,10 @@ class Execution:
             feeds["position_ids"] = c.positions
         return feeds
 
+    def _embed(self, table: np.ndarray, c: Chunk, call: Call) -> np.ndarray:
+        ids, types = call.tokens.rows(c.items, call.pad_id)
+        return self.embedder(table, ids, types, c.positions)
+
     def _head(self, c: Chunk, h: np.ndarray, scores: Scores) -> None:
         scores.add(c.items, self.scoring.run_head(self.scoring.pool(h, c.lengths, c.mask)))
 
@@ -98,9 +105,9 @@ class Execution:
         table = self.embedder.open_table()
         try:
             for c in chunks:
-                tk = trace.begin("chunk", rows=len(c.items), tokens=int(c.ids.size))
+                tk = trace.begin("chunk", rows=len(c.items), tokens=len(c.items) * c.width)
                 t = time.perf_counter()
-                h = self.embedder(table, c.ids, c.types, c.positions)
+                h = self._embed(table, c, call)
                 t_embed += time.perf_counter() - t
                 for sess in sessions:
                     h = sess.run(None, self._feeds(c, h))[0]
@@ -130,9 +137,11 @@ class Execution:
             prefix_h = self.embedder(table, np.asarray(prefix_ids, dtype=np.int64)[None], None, prefix_pos)
         tk = trace.begin("embed", chunks=len(chunks))
         for c in chunks:
-            c.hidden = self.embedder(table, c.ids, c.types, c.positions)
+            c.hidden = self._embed(table, c, call)
             store.keep(c)
+            call.guard.check()
         del table  # unmap: the touched embedding pages leave RSS
+        call.tokens.close()  # the ids are not read again: their memory goes before the layers load
         trace.end(tk)
         t_embed = time.perf_counter() - t0
         work = Work(chunks, t_embed, 0.0, 0.0)
@@ -164,7 +173,7 @@ class Execution:
                 prefix_h, kp, vp = run_prefix(sess, prefix_h, prefix_pos, kv_only=last_only)
             work.last_token_only |= last_only
             for c in chunks:
-                tc = trace.begin("chunk", layer=i, rows=len(c.items), tokens=int(c.ids.size))
+                tc = trace.begin("chunk", layer=i, rows=len(c.items), tokens=len(c.items) * c.width)
                 h_in = store.hidden(c)
                 if self.split:
                     c.hidden = run_candidates(sess, h_in, c.mask, c.positions, kp, vp, prefix_pos, self.empty_pos,

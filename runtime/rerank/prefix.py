@@ -34,8 +34,9 @@ class PairStream(LayerStream):
     def load_layer(self, i: int):
         """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
         tk = trace.begin("layer.load", layer=i)
-        qkv = load_session(self.bundle.path(self.bundle.spec.qkv_graph(i).file), self.threads, self.optimize, mem_pattern=self.keep_all)
-        attn = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
+        kw = dict(mem_pattern=self.keep_all, providers=self.providers)
+        qkv = load_session(self.bundle.path(self.bundle.spec.qkv_graph(i).file), self.threads, self.optimize, **kw)
+        attn = load_session(self.bundle.layer_path(i), self.threads, self.optimize, **kw)
         trace.end(tk)
         self.loads += 1
         return qkv, attn
