@@ -9,10 +9,14 @@ hidden states or KV cache (engine-known bytes) and the total share of the proces
 
 from __future__ import annotations
 
+import numpy as np
+
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.generate.prefill import PREFILL_SCORES_BYTES, chunk_size
 from edge_sel.runtime.kvcache import LayerCache
 from edge_sel.runtime.planning import KVPlanner, Planner
+from edge_sel.runtime.planning.rerank import ChunkCount
+from edge_sel.runtime.rerank.tokens import BYTES_PER_ITEM, BYTES_PER_TOKEN, BYTES_PER_TYPE
 from edge_sel.runtime.policies import make_policy
 
 # What a generate call holds besides weights and cache, measured on this repository's bundles: the prompt's
@@ -40,9 +44,11 @@ def rerank_memory(planner: Planner, estimate: dict, stats: dict | None = None, p
         hidden = 2 * 4 * planner.H * plan.chunk_tokens
         # a probe measured what building the engine and a resident call add in anonymous memory here (sessions,
         # activations, onnxruntime's memory patterns): the static formula's fixed + activations undercount it
-        total = e["layers"] + e["embed"] + max(e["fixed"] + e["activations"] + hidden, probed_anon or 0)
+        extra = e.get("tokens", 0) + e.get("bookkeeping", 0)
+        total = e["layers"] + e["embed"] + max(e["fixed"] + e["activations"] + hidden + extra, probed_anon or 0)
         return {"weights": int(e["layers"] + e["embed"]), "hidden": int(hidden), "total": int(total)}
-    total = int(e["fixed"] + e["hidden"] + max(e["embed"], e["layers"] + e["activations"]))
+    total = int(e["fixed"] + e["hidden"] + e.get("tokens", 0) + e.get("bookkeeping", 0)
+                + max(e["embed"], e["layers"] + e["activations"]))
     return {"weights": int(e["layers"]), "hidden": int(e["hidden"]), "total": total}
 
 
@@ -54,7 +60,8 @@ def rerank_memory_of_call(rr, stats: dict) -> dict | None:
     if stats.get("order") == "depth-first":
         hidden = 2 * 4 * rr.planner.H * stats["chunk_tokens"]
         return {"weights": int(e["layers"] + e["embed"]), "hidden": int(hidden),
-                "total": int(e["fixed"] + e["layers"] + e["embed"] + e["activations"] + hidden)}
+                "total": int(e["fixed"] + e["layers"] + e["embed"] + e["activations"] + hidden
+                             + e.get("tokens", 0) + e.get("bookkeeping", 0))}
     return rerank_memory(rr.planner, e)
 
 
@@ -83,7 +90,11 @@ def rerank_plan(bundle: Bundle, n_docs: int, doc_tokens: int, query_tokens: int 
     per_item = min(bundle.max_length, doc_tokens + query_tokens + 4)  # pair / prompt around the document
     total, max_len = n_docs * per_item, per_item
     embed_bytes = _embed_touched(bundle, unique_tokens(total, spec.embed.shape[0]))
-    plan = planner.plan(budget, total, max_len, embed_bytes, allow_spill)
+    token_ram = total * (BYTES_PER_TOKEN + (BYTES_PER_TYPE if spec.scoring == "cross_encoder" else 0)) + n_docs * BYTES_PER_ITEM
+    if budget is not None and allow_spill and token_ram > planner.token_ram_limit(budget):
+        token_ram = 0  # the engine keeps token ids in a file beyond budget / 16
+    plan = planner.plan(budget, total, max_len, embed_bytes, allow_spill, n_items=n_docs, token_ram=token_ram,
+                        count=ChunkCount(np.full(n_docs, max_len)))
     return planner, plan, {"total_tokens": total, "max_len": max_len}
 
 
