@@ -149,13 +149,13 @@ def cmd_rerank(args, console) -> int:
 
 def _rerank_plan_vs_measured(rr) -> dict:
     """The plan's memory estimate (by component, bytes above idle) next to what the call measured."""
-    from edge_sel.devices.planner import rerank_memory
+    from edge_sel.devices.planner import rerank_memory_of_call
 
     st = rr.stats.as_dict()
     measured = {k: st.get(k) for k in ("peak_rss_bytes", "start_rss_bytes", "spill_bytes_written", "spill_bytes_read",
                                        "heap_trims")}
     measured["growth_bytes"] = st["peak_rss_bytes"] - st["start_rss_bytes"]
-    return {"estimate": rerank_memory(rr.planner, st["plan_estimate"]), "components": st["plan_estimate"],
+    return {"estimate": rerank_memory_of_call(rr, st), "components": st["plan_estimate"],
             "measured": measured}
 
 
