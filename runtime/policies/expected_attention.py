@@ -5,7 +5,8 @@ Distribution" (2025; kvpress's ``ExpectedAttentionPress``): the queries still to
 with the prompt's own query mean and covariance (taken before the rotary embedding, then turned by the average
 rotation of the next ``n_future`` positions); a key's expected attention is
 ``softmax_j(mu . k_j / sqrt(d) + k_j^T Sigma k_j / (2 d))``, averaged over the query heads of its KV head and
-scaled by ``||v_j||``. Here that score replaces the accumulated votes of MPCache's static eviction
+scaled by ``||v_j||``. The statistics are ``H x D x D`` per layer while its prompt runs; a look-once prefill
+drops them once the layer is compressed (``held_bytes``), and later evictions fall back to the votes. Here that score replaces the accumulated votes of MPCache's static eviction
 (:class:`MPCacheStatic`: sinks, a recent window, one kept set per KV head, MPC cost counts) and MPCache's
 dynamic group selection runs on what is left (:func:`mpcache_ea`). ``vote_weight`` mixes the prompt's
 accumulated attention back in (each normalised to sum 1 per head). The expected attention costs
@@ -89,6 +90,12 @@ class MPCacheEA(MPCacheStatic):
             return super().keep(layer, cache, target, phase)
         finally:
             self._values = None
+            if phase == "final":  # look-once: the layer's statistics are done with (later evictions use the votes)
+                self.qstats.pop(layer, None)
+
+    def held_bytes(self):
+        """The query statistics alive now (one layer's during a look-once prefill), beside the cache slots."""
+        return sum(st["sum"].nbytes + st["outer"].nbytes for st in self.qstats.values())
 
     def expected(self, layer, keys: np.ndarray) -> np.ndarray | None:
         """Expected attention ``[kv, n]`` of ``keys`` ``[kv, n, D]`` (each row sums to 1), None without statistics."""
