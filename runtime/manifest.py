@@ -50,7 +50,7 @@ POOLINGS = ("cls", "mean", "last")
 SCORE_RULES = ("logit", "cosine", "yes_minus_no_logit")
 FINAL_LAYER_OUTPUTS = ("all_tokens", "first_token")
 SCHEDULE_METHODS = ("probe", "head", "cosine")
-SCHEDULE_RULES = ("margin", "rank")
+SCHEDULE_RULES = ("margin", "rank", "spread")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -451,6 +451,7 @@ class ScheduleLayer(Node):
     layer: int
     margin: float | None = None
     keep: float | None = None
+    spread: float | None = None     # rule "spread": margin in units of the query's score spread near the K-th best
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -516,10 +517,11 @@ class ScheduleSpec(Node):
                 if keep > 1:
                     r.fail(f"{q}.keep", f"expected a fraction in (0, 1], got {keep}")
                 return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), keep=keep, **ScheduleLayer._base(e))
-            margin = r.float(e.get("margin"), f"{q}.margin")
+            key = "spread" if rule == "spread" else "margin"
+            margin = r.float(e.get(key), f"{q}.{key}")
             if margin < 0:
-                r.fail(f"{q}.margin", f"expected a number >= 0, got {margin}")
-            return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), margin=margin, **ScheduleLayer._base(e))
+                r.fail(f"{q}.{key}", f"expected a number >= 0, got {margin}")
+            return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), **{key: margin}, **ScheduleLayer._base(e))
 
         src = d.get("source_layers")
         return cls(method=r.str(d.get("method", "head"), f"{p}.method", choices=SCHEDULE_METHODS),

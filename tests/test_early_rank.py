@@ -447,3 +447,31 @@ def test_final_layer_last_token_only_matches_full_layer(llama_bundle, docs):
         assert not every_token.last_stats["final_layer_last_token_only"]
         np.testing.assert_allclose(fast, full, atol=1e-3)
         assert np.abs(fast - full).max() < 1e-4 and np.std(full) > 1e-3  # scores differ between docs: a real check
+
+
+def test_ridge_from_sufficient_statistics_matches_a_direct_fit():
+    """RidgeStats sums per-query Gram matrices; a direct ridge on the stacked, query-centred, standardised rows
+    must give the same weights, and cross-fitted scores must come from probes that never saw their query."""
+    from edge_sel.export.passes.traces import RidgeStats
+
+    rng = np.random.default_rng(3)
+    X = [rng.normal(size=(int(rng.integers(5, 12)), 7)) + rng.normal(size=7) for _ in range(9)]
+    true_w = rng.normal(size=7)
+    y = [x @ true_w + rng.normal(size=len(x)) * 0.3 + rng.normal() for x in X]
+    stats = RidgeStats(X, y, folds=3)
+    lam = 0.1
+    Z = np.concatenate([x - x.mean(0) for x in X])
+    t = np.concatenate([v - v.mean() for v in y])
+    sd = Z.std(0)
+    direct = np.linalg.solve((Z / sd).T @ (Z / sd) + lam * len(t) * np.eye(7), (Z / sd).T @ t) / sd
+    w, info = stats.fit(lambdas=(lam,))
+    assert np.allclose(w[:-1], direct, rtol=1e-4, atol=1e-5)
+    assert np.isclose(w[-1], np.concatenate(y).mean() - np.concatenate(X).mean(0) @ direct, atol=1e-4)
+    # cross-fitting: query 0 (fold 0) is scored by a probe fitted on folds 1 and 2 only
+    keep = [i for i in range(9) if i % 3 != 0]
+    Zk = np.concatenate([X[i] - X[i].mean(0) for i in keep])
+    tk = np.concatenate([y[i] - y[i].mean() for i in keep])
+    sdk = Zk.std(0)
+    wk = np.linalg.solve((Zk / sdk).T @ (Zk / sdk) + lam * len(tk) * np.eye(7), (Zk / sdk).T @ tk) / sdk
+    assert np.allclose(stats.crossfit(lam)[0], X[0] @ wk, rtol=1e-4, atol=1e-4)
+    assert info["lambda"] == lam
