@@ -59,6 +59,8 @@ def record(bundle: Path, domain: str, n_queries: int, n_candidates: int, seed: i
     L = len(rr.bundle.spec.layers)
     try:
         for qi in todo:
+            if paths[qi].is_file():  # another recorder got there first
+                continue
             query, docs = data[qi]
             rec = TraceRecorder(L, len(docs))
             t = time.perf_counter()
@@ -92,16 +94,93 @@ def load_traces(paths: list[Path], n: int | None = None):
     return out
 
 
+def probe_scores(W: np.ndarray, scoring, traces) -> list[np.ndarray]:
+    """Every layer's probe scores ``[L, N]`` per trace, with the probes ``W`` (fitted on calibration only)."""
+    from edge_sel.export.passes.traces import features
+    from edge_sel.runtime.rerank.scoring import apply_probe
+
+    return [np.stack([apply_probe(W[l], features(scoring, t, l)) for l in range(W.shape[0])]) for t in traces]
+
+
+def evaluate(bundle: Path, cal: list, held: dict[str, list], k: int, rules: list[str], safeties: list[float] | None = None,
+             stored: dict | None = None) -> dict:
+    """Calibrate each rule on the traces ``cal`` (probe, split-half validated, as ``edge-sel calibrate``), replay it
+    on every held-out trace set of ``held`` (name -> traces); ``safeties``: also each rule unvalidated at these safety
+    factors (the trade-off); ``stored``: a schedule dict (e.g. the bundle's) replayed as well."""
+    from edge_sel.export.passes.schedule_search import choose_schedule, simulate, validated_schedule
+    from edge_sel.export.passes.traces import probe_fits
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.rerank.scoring import scoring_class
+
+    b = Bundle.open(bundle)
+    scoring = scoring_class(b)
+    t = time.process_time()
+    W, _, cal_scores = probe_fits(scoring, cal)
+    fit_cpu = time.process_time() - t
+    held_scores = {name: probe_scores(W, scoring, tr) for name, tr in held.items()}
+    rows = []
+
+    def add(label, rule, safety, layers, params, info):
+        row = {"schedule": label, "rule": rule, "safety": safety, "layers": layers, "params": [round(float(x), 4) for x in params],
+               "calibration": simulate(cal_scores, cal, k, layers, params, rule=rule)}
+        for name, tr in held.items():
+            row[name] = simulate(held_scores[name], tr, k, layers, params, rule=rule)
+        row.update(info)
+        rows.append(row)
+
+    for rule in rules:
+        layers, params, info = validated_schedule(cal_scores, cal, k, None, rule=rule)
+        add(f"{rule} (validated)", rule, info.get("safety_used"), layers, params, {})
+        for sf in safeties or []:
+            layers, params, _ = choose_schedule(cal_scores, cal, k, sf, rule=rule)
+            add(f"{rule} x{sf:g}", rule, sf, layers, params, {})
+    if stored and stored.get("layers"):
+        from edge_sel.runtime.rerank.schedule import Schedule
+
+        sch = Schedule.from_manifest(stored)
+        Wb = np.array(b.array(sch.probe)) if sch.method == "probe" else None
+        if Wb is not None:
+            row = {"schedule": "stored in the bundle", "rule": sch.rule, "safety": sch.safety, "layers": sch.layers,
+                   "params": [round(float(x), 4) for x in sch.params]}
+            for name, tr in held.items():
+                row[name] = simulate(probe_scores(Wb, scoring, tr), tr, k, sch.layers, sch.params, rule=sch.rule)
+            rows.append(row)
+    return {"rows": rows, "probe_fit_cpu_s": fit_cpu}
+
+
+def render(doc: dict) -> str:
+    """A Markdown table: per schedule and domain, top-K identical / overlap / layer-work saved."""
+    names = doc["domains"]
+    head = ["schedule", "layers", "params"] + [f"{n}: same / overlap / saved" for n in ["calibration"] + names]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in doc["rows"]:
+        cells = [r["schedule"], str(r["layers"]), ", ".join(f"{x:g}" for x in r["params"])]
+        for n in ["calibration"] + names:
+            v = r.get(n)
+            cells.append("-" if v is None else f"{100 * v['topk_identical']:.0f}% / {v.get('overlap', float('nan')):.3f} / "
+                                               f"{100 * v['layer_work_saved']:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cross_domain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["record"])
+    ap.add_argument("command", choices=["record", "evaluate"])
     ap.add_argument("bundle")
     ap.add_argument("--domains", default="botchan,wordnet")
     ap.add_argument("--queries", type=int, default=20)
     ap.add_argument("--candidates", default="64")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
+    ap.add_argument("--cal-domain", default="builtin", help="evaluate: the domain calibration sees (default: %(default)s)")
+    ap.add_argument("--cal-queries", type=int, default=24)
+    ap.add_argument("--cal-candidates", type=int, default=48, help="evaluate: the first this many candidates of each "
+                    "calibration query (recorded with --candidates 48)")
+    ap.add_argument("--top-k", type=int, default=10)
+    ap.add_argument("--rules", default="margin,rank,spread")
+    ap.add_argument("--safeties", default="", help="evaluate: also each rule unvalidated at these safety factors")
+    ap.add_argument("--out", help="evaluate: write the JSON here")
     args = ap.parse_args(argv)
     bundle = Path(args.bundle).resolve()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -109,6 +188,25 @@ def main(argv: list[str] | None = None) -> int:
         for d in args.domains.split(","):
             for n in [int(x) for x in args.candidates.split(",")]:
                 record(bundle, d, args.queries, n, args.seed, Path(args.cache), log)
+    if args.command == "evaluate":
+        from edge_sel.runtime.bundle import Bundle
+
+        cal = load_traces(sorted((Path(args.cache) / _bundle_key(bundle) / f"{args.cal_domain}-n48-s0").glob("q*.npz"))[:args.cal_queries],
+                          args.cal_candidates)
+        held = {}
+        for d in args.domains.split(","):
+            for n in [int(x) for x in args.candidates.split(",")]:
+                paths = [p for p in (trace_path(Path(args.cache), bundle, d, n, qi, args.seed) for qi in range(args.queries)) if p.is_file()]
+                if paths:
+                    held[f"{d} N={n} ({len(paths)}q)"] = load_traces(paths)
+        stored = Bundle.open(bundle).spec.schedule
+        res = evaluate(bundle, cal, held, args.top_k, args.rules.split(","),
+                       [float(x) for x in args.safeties.split(",") if x], stored.to_dict() if stored else None)
+        doc = {"bundle": str(bundle), "cal_domain": args.cal_domain, "cal_queries": len(cal), "cal_candidates": args.cal_candidates,
+               "domains": list(held), "top_k": args.top_k, **res}
+        print(render(doc))
+        if args.out:
+            Path(args.out).write_text(json.dumps(doc, indent=1))
     return 0
 
 

@@ -29,7 +29,7 @@ def _cap(text: str, max_words: int = MAX_WORDS) -> str:
     return " ".join(words[:max_words])
 
 
-def botchan_pairs(window_words: int = 110) -> list[tuple[str, str]]:
+def botchan_pairs(window_words: int = 80) -> list[tuple[str, str]]:
     """Consecutive windows of *Botchan*: the first sentence (6-40 words) as query, the rest of the window as passage."""
     from .textdata import botchan
 

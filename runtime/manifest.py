@@ -504,6 +504,7 @@ class ScheduleSpec(Node):
     calibration: Mapping[str, Any] | None = None     # what it was calibrated on (data, queries, candidates, seed, seconds)
     agreement: Agreement | None = None
     per_layer: tuple[Mapping[str, Any], ...] | None = None  # per layer: spearman / top-k overlap with the final scores
+    shadow: Mapping[str, Any] | None = None          # shadow mode's counts when it last tightened this schedule
 
     @classmethod
     def read(cls, r: _Reader, v, p: str) -> "ScheduleSpec":
@@ -532,7 +533,7 @@ class ScheduleSpec(Node):
                    safety=r.float(d.get("safety", 1.0), f"{p}.safety", positive=True),
                    probe=r.str(d.get("probe"), f"{p}.probe", optional=True),
                    source_layers=None if src is None else r.list(src, f"{p}.source_layers", lambda x, q: r.int(x, q, lo=0)),
-                   calibration=_free(r, d, "calibration", p),
+                   calibration=_free(r, d, "calibration", p), shadow=_free(r, d, "shadow", p),
                    agreement=None if d.get("agreement") is None else Agreement.read(r, d["agreement"], f"{p}.agreement"),
                    per_layer=None if d.get("per_layer") is None else r.list(d["per_layer"], f"{p}.per_layer",
                                                                           lambda x, q: freeze(r.obj(x, q))),

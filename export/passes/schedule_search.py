@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_sel.runtime.rerank.pruning import replay
 from edge_sel.runtime.rerank.rules import rule_for
 
 from .traces import Trace
@@ -51,15 +52,15 @@ def simulate(scores: list[np.ndarray], traces: list[Trace], k: int, layers: list
     """Run progressive pruning on recorded trajectories: work saved and whether the final top-K survived.
     ``margins`` are the per-layer parameters of ``rule`` (keep fractions for ``rank``)."""
     L = scores[0].shape[0]
-    r = rule_for(rule)
     work, full, kept_topk, identical, overlap = 0, 0, [], [], []
     for s, t in zip(scores, traces):
         n = len(t.final)
-        live = np.arange(n)
-        for l in range(L):
-            work += len(live)
-            if l in layers and l < L - 1 and len(live) > k:
-                live = live[r.keep_mask(s[l][live], margins[layers.index(l)], k, n, floor, cluster_gap)]
+        live, counts = replay(rule, s, list(layers), list(margins), k, n, floor, cluster_gap, last_layer=L - 1)
+        if layers:  # layer l computes what was live before pruning at l
+            work += n * (layers[0] + 1) + len(live) * (L - 1 - layers[-1])
+            work += sum(counts[i + 1] * (layers[i + 1] - layers[i]) for i in range(len(layers) - 1))
+        else:
+            work += n * L
         full += n * L
         top = set(np.argsort(-t.final, kind="stable")[:k])
         # what rank() returns: survivors by final score, then the dropped (none of them can displace a survivor

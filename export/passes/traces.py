@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from edge_sel.runtime.rerank import LayerObservation, Scoring
-from edge_sel.runtime.rerank.scoring import apply_probe, cosine_scores
+from edge_sel.runtime.rerank.scoring import cosine_scores
 
 
 @dataclass

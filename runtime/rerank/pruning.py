@@ -21,6 +21,22 @@ from .schedule import Schedule
 from .scoring import LayerScorer, Scoring
 
 
+def replay(rule: str, layer_scores, layers: list[int], params: list[float], k: int, n: int, floor: int | None = None,
+           cluster_gap: float = 0.0, last_layer: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """Progressive pruning replayed on recorded early scores (``layer_scores[l]``: every candidate's score after
+    layer ``l``; only the schedule's layers are read): the candidates still live at the end, and how many were live
+    at each schedule layer. Pruning never changes a survivor's computation, so this is what a pruned call does."""
+    r = rule_for(rule)
+    live = np.arange(n)
+    counts = []
+    for l, p in zip(layers, params):
+        counts.append(len(live))
+        if (last_layer is not None and l >= last_layer) or len(live) <= k:
+            continue
+        live = live[r.keep_mask(np.asarray(layer_scores[l])[live], p, k, n, floor, cluster_gap)]
+    return live, counts
+
+
 class Pruner:
     """One call's pruning: where to prune, what was dropped at which layer, and the dropped candidates' last scores.
 

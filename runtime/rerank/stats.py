@@ -42,6 +42,7 @@ class RerankStats:
     token_work_saved: float = _f(0.0, public=True)
     n_pruned: int = _f(0, public=True)
     dropped_layers: list[int] = _f(public=True, factory=list)
+    shadow: dict | None = _f(public=True, per_call=True)  # shadow mode's counts and cost so far (see .shadow)
     plan_estimate: dict = _f(factory=dict)
     prefix_reuse_tokens: int = _f(0)
     spill: bool = _f(False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 
 from ..masks import prune_mask
 from .base import Rule, kth_best
