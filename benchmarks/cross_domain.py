@@ -163,10 +163,63 @@ def render(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latency(bundle: Path, calibrated: Path, domain: str, n: int, n_queries: int, seed: int, k: int, runs: int,
+            peer_onnx: str, log=print, timeout: float = 4 * 3600) -> dict:
+    """Real calls, each configuration in a fresh process (``benchmarks.rerank_worker``): the bare whole-model
+    onnxruntime session (``ort``) and edge_sel on ``calibrated`` with its stored schedule (``edge_sel_pruned``; its
+    warm-up pass is ``predict()``, the full model: the ``--pruning off`` reference for the top-K)."""
+    import subprocess
+    import tempfile
+
+    from edge_sel.export.domains import domain_pairs, domain_queries
+    from edge_sel.runtime import Reranker
+
+    from . import module_cmd
+    from .rerank import _env
+    from .workload import Query, encode_workload
+
+    own = dict(domain_pairs(domain))
+    data = domain_queries(domain, n_queries, n, seed)
+    queries = [Query(q, f"{domain}#{i}", docs, ["other"] * len(docs), docs.index(own[q]) if own.get(q) in docs else 0)
+               for i, (q, docs) in enumerate(data)]
+    rr = Reranker(bundle)
+    workload = encode_workload(rr.encoder, queries)
+    tm = rr.bundle.spec.token_ids
+    spec = {"model": str(bundle), "scoring": rr.bundle.scoring, "bundle": str(bundle), "bundle_calibrated": str(calibrated),
+            "top_k": k, "runs": runs, "batch_size": 16, "memory_budget": 0, "pruning": "off", "pad_id": rr.bundle.spec.pad_id,
+            "yes_id": tm and tm.yes, "no_id": tm and tm.no, "queries": workload, "max_length": int(rr.bundle.max_length),
+            "peer_onnx": peer_onnx}
+    rr.close()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="edge_sel-xdomain-") as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        for c in ("ort", "edge_sel_pruned"):
+            out = Path(tmp) / f"{c}.json"
+            log(f"[{domain} N={n}] {c} in a fresh process (load average {os.getloadavg()[0]:.1f}) ...")
+            res = subprocess.run(module_cmd("rerank_worker", "--config", c, "--spec", str(spec_path), "--out", str(out)),
+                                 env=_env(), capture_output=True, text=True, timeout=timeout)
+            results[c] = json.loads(out.read_text()) if out.is_file() else {"ok": False, "error": res.stderr[-500:]}
+    ort, pr = results["ort"], results["edge_sel_pruned"]
+    if not (ort.get("ok") and pr.get("ok")):
+        return {"ok": False, "errors": {c: r.get("error") for c, r in results.items() if not r.get("ok")}}
+    ref = [set(t[:k]) for t in pr["topk_warmup"]]     # predict(): the full model
+    got = [set(t[:k]) for t in pr["topk"]]            # rank(): pruned
+    stats = pr.get("edge_sel_stats") or []
+    return {"ok": True, "queries": len(workload), "ort_s": ort["latency_per_query"], "pruned_s": pr["latency_per_query"],
+            "full_s": float(np.median(pr["warmup_s"])), "ratio": pr["latency_per_query"] / ort["latency_per_query"],
+            "full_ratio": float(np.mean(pr["warmup_s"])) / ort["latency_per_query"],
+            "cpu_ratio": pr["cpu_per_query"] / ort["cpu_per_query"] if ort.get("cpu_per_query") else None,
+            "topk_identical": float(np.mean([a == b for a, b in zip(ref, got)])),
+            "overlap": float(np.mean([len(a & b) / k for a, b in zip(ref, got)])),
+            "layer_work_saved": float(np.mean([s_["layer_work_saved"] for s_ in stats])) if stats else None,
+            "pruning": stats[0].get("pruning") if stats else None, "loadavg": os.getloadavg()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cross_domain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["record", "evaluate"])
+    ap.add_argument("command", choices=["record", "evaluate", "latency"])
     ap.add_argument("bundle")
     ap.add_argument("--domains", default="botchan,wordnet")
     ap.add_argument("--queries", type=int, default=20)
@@ -180,7 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--rules", default="margin,rank,spread")
     ap.add_argument("--safeties", default="", help="evaluate: also each rule unvalidated at these safety factors")
-    ap.add_argument("--out", help="evaluate: write the JSON here")
+    ap.add_argument("--out", help="evaluate / latency: write the JSON here")
+    ap.add_argument("--calibrated", help="latency: the calibrated copy of BUNDLE whose stored schedule is timed")
+    ap.add_argument("--peer-onnx", help="latency: the whole-model ONNX graph (benchmarks.prepare's peer_onnx)")
+    ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args(argv)
     bundle = Path(args.bundle).resolve()
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -207,6 +263,21 @@ def main(argv: list[str] | None = None) -> int:
         print(render(doc))
         if args.out:
             Path(args.out).write_text(json.dumps(doc, indent=1))
+    if args.command == "latency":
+        rows = {}
+        for d in args.domains.split(","):
+            for n in [int(x) for x in args.candidates.split(",")]:
+                rows[f"{d} N={n}"] = r = latency(bundle, Path(args.calibrated).resolve(), d, n, args.queries, args.seed,
+                                                 args.top_k, args.runs, args.peer_onnx, log)
+                log(f"{d} N={n}: {json.dumps(r)}")
+        print("| domain | queries | bare ort s/query | edge_sel full s | pruned s | pruned x ort | full x ort | top-K same | overlap | work saved |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name, r in rows.items():
+            if r.get("ok"):
+                print(f"| {name} | {r['queries']} | {r['ort_s']:.2f} | {r['full_s']:.2f} | {r['pruned_s']:.2f} | {r['ratio']:.3f} | "
+                      f"{r['full_ratio']:.3f} | {100 * r['topk_identical']:.0f}% | {r['overlap']:.3f} | {100 * (r['layer_work_saved'] or 0):.0f}% |")
+        if args.out:
+            Path(args.out).write_text(json.dumps(rows, indent=1))
     return 0
 
 
