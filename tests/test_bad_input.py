@@ -148,6 +148,8 @@ CASES = [
     ("rerank-spill-dir-missing", lambda c: RERANK(c, c.bi, "--spill-dir", c.tmp / "nope"), "--spill-dir"),
     ("rerank-spill-dir-a-file", lambda c: RERANK(c, c.bi, "--spill-dir", c.docs), "--spill-dir"),
     ("rerank-pruning-on-uncalibrated", lambda c: RERANK(c, c.bi, "--pruning", "on"), "calibrat"),
+    ("rerank-shadow-above-one", lambda c: RERANK(c, c.bi, "--shadow", "1.5"), "shadow"),
+    ("rerank-shadow-negative", lambda c: RERANK(c, c.bi, "--shadow=-0.1"), "shadow"),
     ("rerank-generate-bundle", lambda c: RERANK(c, c.gen), "generate"),
     ("rerank-missing-bundle", lambda c: RERANK(c, c.tmp / "none"), "not found"),
     ("rerank-not-a-bundle", lambda c: RERANK(c, c.tmp), "manifest"),
@@ -180,6 +182,7 @@ CASES = [
     ("calibrate-data-wrong-shape", lambda c: ["calibrate", c.ce, "--data", write(c.tmp / "cal.jsonl", '{"query": 1}\n')],
      "line 1"),
     ("calibrate-generate-bundle", lambda c: ["calibrate", c.gen], "generate"),
+    ("calibrate-check-unknown-domain", lambda c: ["calibrate", c.ce, "--check", "botchan,nowhere"], "nowhere"),
     # verify / info
     ("verify-missing", lambda c: ["verify", c.tmp / "none"], "not found"),
     ("verify-not-a-bundle", lambda c: ["verify", c.tmp], "manifest"),
