@@ -33,6 +33,8 @@ class TextEncoder:
         self.tokenizer = Tokenizer(bundle)  # the bundle's tokenizer, shared with the generator
         self.tok = self.tokenizer.tok       # batches of pairs and truncation use the tokenizers object itself
         self.prompt = bundle.spec.prompt  # decoders: the prompt around each document
+        # start the tokenizer's worker threads now: their arenas are a one-time cost of the process, not of a call
+        self.tok.encode_batch(["a", "b"])
 
     def _ids(self, texts: list[str], add_special: bool) -> list[list[int]]:
         return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special)]
@@ -142,8 +144,8 @@ class Streamed:
     n_truncated: int = 0
 
 
-BATCH_DOCS = 256        # documents tokenized at once; tokenizers keeps ~100-250 bytes of state per token
-BATCH_CHARS = 1 << 16   # ... and at most this much text, so one batch's state stays near a few MiB
+BATCH_DOCS = 128        # documents tokenized at once; tokenizers keeps ~100-250 bytes of state per token
+BATCH_CHARS = 1 << 14   # ... and at most this much text: one batch's state stays within a few MiB
 
 
 def _batches(documents: Iterable[str]) -> Iterator[list[str]]:
