@@ -191,6 +191,8 @@ def shared_prefix_nll(model, presses: dict, prefix, cont) -> dict:
 
     for press in presses.values():
         press.post_init_from_model(model)
+    for layer in model.model.layers:  # as BasePress.__call__ does before its hooks
+        layer.self_attn.rotary_emb = model.model.rotary_emb
     handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
     try:
         with torch.no_grad():

@@ -9,10 +9,14 @@ hidden states or KV cache (engine-known bytes) and the total share of the proces
 
 from __future__ import annotations
 
+import numpy as np
+
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.generate.prefill import PREFILL_SCORES_BYTES, chunk_size
 from edge_sel.runtime.kvcache import LayerCache
 from edge_sel.runtime.planning import KVPlanner, Planner
+from edge_sel.runtime.planning.rerank import ChunkCount
+from edge_sel.runtime.rerank.tokens import BYTES_PER_ITEM, BYTES_PER_TOKEN, BYTES_PER_TYPE
 from edge_sel.runtime.policies import make_policy
 
 # What a generate call holds besides weights and cache, measured on this repository's bundles: the prompt's
@@ -20,13 +24,61 @@ from edge_sel.runtime.policies import make_policy
 GEN_ATTENTION_TENSORS = 4
 
 
-def rerank_memory(planner: Planner, estimate: dict, stats: dict | None = None) -> dict | None:
-    """The plan's components (bytes) as a profile measures them; None without a full estimate."""
+def depth_first(planner: Planner, plan, split: bool) -> bool:
+    """Whether the engine runs this plan depth-first (every layer resident, nothing spilled, the embedding table's
+    touched pages covered by the kept-states room), as :mod:`edge_sel.runtime.rerank.reranker` decides (no pruning)."""
+    e = plan.estimate
+    return (plan.window >= planner.n_layers and not plan.spill and not split
+            and (plan.budget is None or e["embed"] <= e["hidden"]))
+
+
+def rerank_memory(planner: Planner, estimate: dict, stats: dict | None = None, plan=None, split: bool = False,
+                  probed_anon: int | None = None) -> dict | None:
+    """The plan's components (bytes) as a profile measures them; None without a full estimate. Depth-first runs
+    keep the embedding table mapped beside the layers and only one chunk's hidden states."""
     need = ("fixed", "layers", "hidden", "embed", "activations")
     if not all(k in estimate for k in need):
         return None
-    total = int(estimate["fixed"] + estimate["hidden"] + max(estimate["embed"], estimate["layers"] + estimate["activations"]))
-    return {"weights": int(estimate["layers"]), "hidden": int(estimate["hidden"]), "total": total}
+    e = estimate
+    if plan is not None and depth_first(planner, plan, split):
+        hidden = 2 * 4 * planner.H * plan.chunk_tokens
+        # a probe measured what building the engine and a resident call add in anonymous memory here (sessions,
+        # activations, onnxruntime's memory patterns): the static formula's fixed + activations undercount it
+        extra = e.get("tokens", 0) + e.get("bookkeeping", 0)
+        total = e["layers"] + e["embed"] + max(e["fixed"] + e["activations"] + hidden + extra, probed_anon or 0)
+        return {"weights": int(e["layers"] + e["embed"]), "hidden": int(hidden), "total": int(total)}
+    total = int(e["fixed"] + e["hidden"] + e.get("tokens", 0) + e.get("bookkeeping", 0)
+                + max(e["embed"], e["layers"] + e["activations"]))
+    return {"weights": int(e["layers"]), "hidden": int(e["hidden"]), "total": total}
+
+
+def rerank_memory_of_call(rr, stats: dict) -> dict | None:
+    """:func:`rerank_memory` for a finished call of reranker ``rr`` (its stats say the plan and the order it ran)."""
+    e = stats.get("plan_estimate") or {}
+    if not all(k in e for k in ("fixed", "layers", "hidden", "embed", "activations")):
+        return None
+    if stats.get("order") == "depth-first":
+        hidden = 2 * 4 * rr.planner.H * stats["chunk_tokens"]
+        return {"weights": int(e["layers"] + e["embed"]), "hidden": int(hidden),
+                "total": int(e["fixed"] + e["layers"] + e["embed"] + e["activations"] + hidden
+                             + e.get("tokens", 0) + e.get("bookkeeping", 0))}
+    return rerank_memory(rr.planner, e)
+
+
+def _interpolate(points: list | None, x: float) -> float | None:
+    """Linear interpolation in probed ``[[length, bytes], ...]`` (extrapolated from the nearest two points)."""
+    if not points or not isinstance(points, list):
+        return None
+    if len(points) == 1:
+        return points[0][1]
+    (x1, y1), (x2, y2) = points[0], points[-1]
+    return max(0.0, y1 + (y2 - y1) * (x - x1) / (x2 - x1)) if x2 != x1 else y2
+
+
+def unique_tokens(total: int, vocab: int) -> int:
+    """Distinct token ids among ``total`` tokens of text (Heaps' law, fitted on English docstrings with WordPiece and
+    byte-level BPE tokenizers: 1.1-2.4 x total^0.7); the upper end, capped by the vocabulary."""
+    return int(min(vocab, 2.5 * total ** 0.7))
 
 
 def rerank_plan(bundle: Bundle, n_docs: int, doc_tokens: int, query_tokens: int = 16, budget: int | None = None,
@@ -37,8 +89,12 @@ def rerank_plan(bundle: Bundle, n_docs: int, doc_tokens: int, query_tokens: int 
     spec = bundle.spec
     per_item = min(bundle.max_length, doc_tokens + query_tokens + 4)  # pair / prompt around the document
     total, max_len = n_docs * per_item, per_item
-    embed_bytes = _embed_touched(bundle, min(spec.embed.shape[0], total))
-    plan = planner.plan(budget, total, max_len, embed_bytes, allow_spill)
+    embed_bytes = _embed_touched(bundle, unique_tokens(total, spec.embed.shape[0]))
+    token_ram = total * (BYTES_PER_TOKEN + (BYTES_PER_TYPE if spec.scoring == "cross_encoder" else 0)) + n_docs * BYTES_PER_ITEM
+    if budget is not None and allow_spill and token_ram > planner.token_ram_limit(budget):
+        token_ram = 0  # the engine keeps token ids in a file beyond budget / 16
+    plan = planner.plan(budget, total, max_len, embed_bytes, allow_spill, n_items=n_docs, token_ram=token_ram,
+                        count=ChunkCount(np.full(n_docs, max_len)))
     return planner, plan, {"total_tokens": total, "max_len": max_len}
 
 
@@ -63,6 +119,7 @@ def generate_prediction(bundle: Bundle, n_prompt: int, kv_bytes: int, scratch_by
     d = spec.dims
     weights = sum(bundle.layer_weight_bytes(i) for i in range(len(spec.layers)))
     weights += sum(spec.files[g.weights].size for g in spec.extra_graphs.values() if g.weights)
+    weights += spec.files[spec.head.weights].size if spec.head.weights else 0  # the LM head, mapped while decoding
     hidden = 4 * d.hidden * n_prompt * 3 + 4 * d.intermediate * min(n_prompt, 256) * 3
     chunk = chunk_size(256, d.heads, n_prompt)
     attention = GEN_ATTENTION_TENSORS * min(PREFILL_SCORES_BYTES, 4 * d.heads * chunk * n_prompt)
@@ -149,7 +206,9 @@ def plan_rerank(bundle: Bundle, device: dict, n_docs: int, doc_tokens: int, quer
 
         split_extra = max(qkv_weight_bytes(bundle, i) for i in range(len(bundle.spec.layers)))
     planner, plan, size = rerank_plan(bundle, n_docs, doc_tokens, query_tokens, budget, split_extra=split_extra)
-    mem = rerank_memory(planner, plan.estimate)
+    costs, _ = local_costs(bundle, device)
+    mem = rerank_memory(planner, plan.estimate, plan=plan, split=bool(split_extra),
+                        probed_anon=_interpolate((costs or {}).get("resident_anon_bytes"), size["max_len"]))
     secs, how = rerank_latency(bundle, device, size["total_tokens"], size["max_len"])
     return {"task": "rerank", "device": device["name"], "budget_bytes": budget, "window_layers": plan.window,
             "layers": planner.n_layers, "chunk_tokens": plan.chunk_tokens, "spill": plan.spill,

@@ -111,7 +111,7 @@ def cmd_rerank(args, console) -> int:
     # checked in one pass up front, then read batch by batch while the engine tokenizes (never held whole)
     with DocumentsFile(args.documents, spool_dir=spill_dir) as docs:
         rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning, spill_dir=spill_dir,
-                      provider=args.provider)
+                      provider=args.provider, shadow=args.shadow)
         try:
             if args.instruction is not None and rr.bundle.spec.prompt is None:
                 raise InputError(f"--instruction is the <Instruct> line of a decoder reranker's prompt; {args.bundle} is "
@@ -144,18 +144,23 @@ def cmd_rerank(args, console) -> int:
                      if stats.get("n_pruned") else ""))
     if rr.bundle.spec.dropped_layers:
         console.print(_dropped_line(rr.bundle.spec))
+    sh = stats.get("shadow")
+    if sh:
+        console.print(f"shadow: {'ran' if sh['last'].get('ran') else 'not run'} this call"
+                      + (f" ({'top-K matched' if sh['last'].get('matched') else 'MISS: schedule tightened'})" if sh["last"].get("ran") else "")
+                      + f" · {sh['runs']} runs, {sh['misses']} misses so far")
     return 0
 
 
 def _rerank_plan_vs_measured(rr) -> dict:
     """The plan's memory estimate (by component, bytes above idle) next to what the call measured."""
-    from edge_sel.devices.planner import rerank_memory
+    from edge_sel.devices.planner import rerank_memory_of_call
 
     st = rr.stats.as_dict()
     measured = {k: st.get(k) for k in ("peak_rss_bytes", "start_rss_bytes", "spill_bytes_written", "spill_bytes_read",
                                        "heap_trims")}
     measured["growth_bytes"] = st["peak_rss_bytes"] - st["start_rss_bytes"]
-    return {"estimate": rerank_memory(rr.planner, st["plan_estimate"]), "components": st["plan_estimate"],
+    return {"estimate": rerank_memory_of_call(rr, st), "components": st["plan_estimate"],
             "measured": measured}
 
 
@@ -197,24 +202,40 @@ def _schedule_line(s) -> str:
 def cmd_calibrate(args, console) -> int:
     from edge_sel.export.passes.calibrate import calibrate
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    kw = {k: v for k, v in (("n_queries", args.queries), ("n_candidates", args.candidates)) if v is not None}
+    check = tuple(d.strip() for d in args.check.split(",") if d.strip())
     with Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} queries"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=args.json) as prog:
-        task = prog.add_task("cal", total=None)
+                  TextColumn("{task.fields[tokens]}"), TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn(),
+                  console=console, transient=True, disable=args.json) as prog:
+        task = prog.add_task("cal", total=None, tokens="")
+
+        def progress(i, n, info):
+            done, total, sec = info["tokens_done"], info["tokens_total"], info["seconds"]
+            if i == 0 and not args.json:
+                console.print(f"calibrating on {n} queries ({total:,} tokens through every layer)"
+                              + (f", then {args.check_queries} queries of each of {', '.join(check)}" if check else ""))
+            if i == 1 and not args.json:
+                console.print(f"estimated time for the traces: {sec * total / max(done, 1):.0f} s "
+                              f"(from the first query: {done / max(sec, 1e-9):.0f} tokens/s)")
+            prog.update(task, completed=i, total=n, tokens=f"{done:,}/{total:,} tokens")
+
         rep = calibrate(args.bundle, args.data, top_k=args.top_k, method=args.method, safety=args.safety, rule=args.rule,
-                        max_layers=args.max_layers, n_queries=args.queries, n_candidates=args.candidates,
-                        memory_budget=args.memory_budget, progress=lambda i, n: prog.update(task, completed=i, total=n))
+                        max_layers=args.max_layers, memory_budget=args.memory_budget, progress=progress, check=check,
+                        check_queries=args.check_queries, **kw)
     if args.json:
         print(json.dumps({"bundle": rep["bundle"], "method": rep["method"], "schedule": rep["schedule"],
-                          "candidates": rep["candidates"]}))
+                          "candidates": rep["candidates"], "off_domain": rep.get("off_domain")}))
         return 0
     console.print(f"[green]calibrated[/] {rep['bundle']}")
     console.print(_schedule_line(rep["schedule"]))
     for m, c in rep["candidates"].items():
-        what = "keep fractions" if m.endswith("/rank") else "margins"
+        what = {"rank": "keep fractions", "spread": "spread margins"}.get(m.split("/")[-1], "margins")
+        off = "".join(f" · {d}: top-{rep['top_k']} same {100 * r[m]['topk_identical']:.0f}%, saved {100 * r[m]['layer_work_saved']:.0f}%"
+                      for d, r in (rep.get("off_domain") or {}).items() if m in r)
         console.print(f"  {m:13s} layers {c['layers']} {what} {[round(x, 3) for x in c['params']]} · "
-                      f"simulated layer-work saved {100 * c['simulated']['layer_work_saved']:.0f}%")
+                      f"simulated layer-work saved {100 * c['simulated']['layer_work_saved']:.0f}%{off}")
     return 0
 
 

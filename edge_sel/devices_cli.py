@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 
 from edge_sel.runtime.errors import BudgetError, InputError
 from edge_sel.runtime.units import format_size
@@ -39,7 +40,14 @@ def cmd_devices(args, console) -> int:
     with console.status("probing", spinner="dots") if not args.json else contextlib.nullcontext() as status:
         doc = probe(args.name, args.bundle or (), args.storage_dir,
                     say=lambda m: status.update(f"probing: {m}") if status is not None else None)
-    path = profiles.save(doc, args.out)
+    target = Path(args.out) if args.out else profiles.user_dir() / f"{doc['name']}.json"
+    if target.is_file():  # probing more bundles adds to what was probed before
+        try:
+            previous = json.loads(target.read_text()).get("measured", {}).get("bundles", {})
+        except (OSError, ValueError):
+            previous = {}
+        doc["measured"]["bundles"] = {**previous, **doc["measured"]["bundles"]}
+    path = profiles.save(doc, target)
     if args.json:
         print(json.dumps({"profile": str(path), **doc}))
     else:

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--show-text", action="store_true", help="print document text with the results")
     r.add_argument("--pruning", choices=["auto", "on", "off"], default="auto",
                    help="early-ranking pruning: auto = the bundle's calibrated schedule if it has one; on = require one; off")
+    r.add_argument("--shadow", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                   help="shadow mode: also run this fraction of pruned calls unpruned (bare --shadow: every call); a pruned "
+                        "top-K that differs from the full model's tightens the schedule stored in the bundle")
     r.add_argument("--spill-dir", help="folder for hidden states spilled under a tight budget (default: the system temp "
                    "directory; choose a disk-backed one when /tmp is in RAM)")
     r.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
@@ -153,14 +156,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default="builtin", help="'builtin' (default) or a JSONL file of {query, documents}")
     c.add_argument("--top-k", "-k", type=int, default=10, help="the top-K the schedule must always keep (default 10)")
     c.add_argument("--method", default="auto", choices=["auto", "probe", "head", "cosine"], help="how a layer is scored")
-    c.add_argument("--rule", default="auto", choices=["auto", "margin", "rank"],
+    c.add_argument("--rule", default="auto", choices=["auto", "margin", "rank", "spread"],
                    help="margin = drop clusters scoring below the K-th best minus a calibrated margin; rank = keep a calibrated "
-                        "fraction of the candidates; auto (default) = whichever saves more on the calibration data")
+                        "fraction of the candidates; spread = a margin in units of each query's own score spread near the "
+                        "K-th best; auto (default) = whichever of the rules measured safe off-domain saves more on the "
+                        "calibration data")
     c.add_argument("--safety", type=float, default=None,
                    help="multiplier over the calibration worst case (default: 1.5 for margins, 1.0 for rank fractions; "
                         "split-half validation raises it when needed)")
-    c.add_argument("--queries", type=int, default=64, help="builtin data: number of queries (default 64)")
-    c.add_argument("--candidates", type=int, default=48, help="builtin data: candidates per query")
+    c.add_argument("--queries", type=int, default=None, help="builtin data: number of queries (default 64)")
+    c.add_argument("--candidates", type=int, default=None, help="builtin data: candidates per query (default 48)")
+    c.add_argument("--check", default="", help="comma-separated text domains calibration never sees (botchan, wordnet, "
+                   "docstrings): trace a few queries of each and report every candidate schedule on them")
+    c.add_argument("--check-queries", type=int, default=8, help="queries per --check domain (default 8)")
     c.add_argument("--max-layers", type=int, default=4, help="at most this many pruning layers")
     c.add_argument("--memory-budget", "-m", type=_size, help="run calibration under this budget")
     c.add_argument("--json", action="store_true")

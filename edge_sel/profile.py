@@ -51,10 +51,9 @@ def _run_rerank(args) -> tuple[dict, dict | None]:
 
 def rerank_estimate(rr, stats: dict) -> dict | None:
     """The plan's memory estimate for the call that produced ``stats``, by component (devices planner)."""
-    from edge_sel.devices.planner import rerank_memory
+    from edge_sel.devices.planner import rerank_memory_of_call
 
-    est = stats.get("plan_estimate") or {}
-    return rerank_memory(rr.planner, est, stats)
+    return rerank_memory_of_call(rr, stats)
 
 
 def _run_generate(args) -> tuple[dict, dict | None]:

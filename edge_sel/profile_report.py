@@ -16,8 +16,9 @@ from edge_sel.runtime.units import format_size
 MiB = 1024 * 1024
 # spans drawn as bands under the memory plot (the rest, e.g. spill reads, would only add noise)
 BAND_COLORS = {"tokenize": "#bbbbbb", "embed": "#f4a261", "layer": "#8ecae6", "head": "#e76f51",
-               "prefill.layer": "#90be6d", "decode": "#cdb4db", "chunk": "#577590", "layer.load": "#f94144"}
-BAND_ROWS = {"chunk": 1, "layer.load": 2}  # nested spans get their own row of bands above the stage row
+               "prefill.layer": "#90be6d", "decode": "#cdb4db", "chunk": "#577590", "layer.load": "#f94144",
+               "weights.map": "#f94144"}
+BAND_ROWS = {"chunk": 1, "layer.load": 2, "weights.map": 2}  # nested spans get their own row of bands above the stage row
 
 
 def _label(e) -> str:

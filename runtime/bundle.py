@@ -369,6 +369,16 @@ class BundleWriter:
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
+    def link_from(self, src: "Bundle", rels) -> None:
+        """Hard-link the files ``rels`` of ``src`` into the staged bundle (copied where linking is impossible). A file
+        rewritten later in staging must be replaced (a new inode, ``os.replace``), never written through the link."""
+        for rel in rels:
+            dst = self.file(rel)
+            try:
+                os.link(src.path(rel), dst)
+            except OSError:
+                shutil.copy2(src.path(rel), dst)
+
     def write_array(self, rel: str, array: np.ndarray) -> dict[str, Any]:
         arr = np.ascontiguousarray(array)
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)

@@ -51,7 +51,7 @@ POOLINGS = ("cls", "mean", "last")
 SCORE_RULES = ("logit", "cosine", "yes_minus_no_logit")
 FINAL_LAYER_OUTPUTS = ("all_tokens", "first_token")
 SCHEDULE_METHODS = ("probe", "head", "cosine")
-SCHEDULE_RULES = ("margin", "rank")
+SCHEDULE_RULES = ("margin", "rank", "spread")
 GRAPH_FORMATS = ("onnx", "ort")  # ort: onnxruntime's flatbuffer format (mobile and minimal builds), weights inside
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -453,6 +453,7 @@ class ScheduleLayer(Node):
     layer: int
     margin: float | None = None
     keep: float | None = None
+    spread: float | None = None     # rule "spread": margin in units of the query's score spread near the K-th best
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -505,6 +506,7 @@ class ScheduleSpec(Node):
     calibration: Mapping[str, Any] | None = None     # what it was calibrated on (data, queries, candidates, seed, seconds)
     agreement: Agreement | None = None
     per_layer: tuple[Mapping[str, Any], ...] | None = None  # per layer: spearman / top-k overlap with the final scores
+    shadow: Mapping[str, Any] | None = None          # shadow mode's counts when it last tightened this schedule
 
     @classmethod
     def read(cls, r: _Reader, v, p: str) -> "ScheduleSpec":
@@ -518,10 +520,11 @@ class ScheduleSpec(Node):
                 if keep > 1:
                     r.fail(f"{q}.keep", f"expected a fraction in (0, 1], got {keep}")
                 return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), keep=keep, **ScheduleLayer._base(e))
-            margin = r.float(e.get("margin"), f"{q}.margin")
+            key = "spread" if rule == "spread" else "margin"
+            margin = r.float(e.get(key), f"{q}.{key}")
             if margin < 0:
-                r.fail(f"{q}.margin", f"expected a number >= 0, got {margin}")
-            return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), margin=margin, **ScheduleLayer._base(e))
+                r.fail(f"{q}.{key}", f"expected a number >= 0, got {margin}")
+            return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), **{key: margin}, **ScheduleLayer._base(e))
 
         src = d.get("source_layers")
         return cls(method=r.str(d.get("method", "head"), f"{p}.method", choices=SCHEDULE_METHODS),
@@ -532,7 +535,7 @@ class ScheduleSpec(Node):
                    safety=r.float(d.get("safety", 1.0), f"{p}.safety", positive=True),
                    probe=r.str(d.get("probe"), f"{p}.probe", optional=True),
                    source_layers=None if src is None else r.list(src, f"{p}.source_layers", lambda x, q: r.int(x, q, lo=0)),
-                   calibration=_free(r, d, "calibration", p),
+                   calibration=_free(r, d, "calibration", p), shadow=_free(r, d, "shadow", p),
                    agreement=None if d.get("agreement") is None else Agreement.read(r, d["agreement"], f"{p}.agreement"),
                    per_layer=None if d.get("per_layer") is None else r.list(d["per_layer"], f"{p}.per_layer",
                                                                           lambda x, q: freeze(r.obj(x, q))),

@@ -18,6 +18,7 @@ and KV cache, and the rest of the anonymous growth is activations and other heap
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -38,16 +39,12 @@ def _status_reader():
         except OSError:
             fd = None
         if fd is not None:
-            keys = {b"RssAnon:": 1, b"RssFile:": 2, b"RssShmem:": 3}
+            fields = re.compile(rb"RssAnon:\s+(\d+).*?RssFile:\s+(\d+).*?RssShmem:\s+(\d+)", re.S)
 
             def read() -> tuple:
-                out = [0, 0, 0, 0]
-                for line in os.pread(fd, 16384, 0).split(b"\n"):
-                    i = keys.get(line[:9].rstrip()) if line.startswith(b"Rss") else None
-                    if i is not None:
-                        out[i] = int(line.split()[1]) * 1024
-                out[0] = out[1] + out[2] + out[3]
-                return tuple(out)
+                m = fields.search(os.pread(fd, 8192, 0))
+                anon, file, shmem = int(m[1]) << 10, int(m[2]) << 10, int(m[3]) << 10
+                return (anon + file + shmem, anon, file, shmem)
 
             read.close = lambda: os.close(fd)  # type: ignore[attr-defined]
             return read
@@ -141,8 +138,11 @@ class Profiler:
         self.samples.append(Sample(time.perf_counter(), rss, anon, file, shmem))
 
     def _run(self, read) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample_now(read)
+        samples, clock, pause, interval = self.samples, time.perf_counter, time.sleep, self.interval
+        while not self._stop.is_set():
+            pause(interval)
+            rss, anon, file, shmem = read()
+            samples.append(Sample(clock(), rss, anon, file, shmem))
 
     def __enter__(self) -> "Profiler":
         if trace.active():

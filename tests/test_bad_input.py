@@ -148,6 +148,8 @@ CASES = [
     ("rerank-spill-dir-missing", lambda c: RERANK(c, c.bi, "--spill-dir", c.tmp / "nope"), "--spill-dir"),
     ("rerank-spill-dir-a-file", lambda c: RERANK(c, c.bi, "--spill-dir", c.docs), "--spill-dir"),
     ("rerank-pruning-on-uncalibrated", lambda c: RERANK(c, c.bi, "--pruning", "on"), "calibrat"),
+    ("rerank-shadow-above-one", lambda c: RERANK(c, c.bi, "--shadow", "1.5"), "shadow"),
+    ("rerank-shadow-negative", lambda c: RERANK(c, c.bi, "--shadow=-0.1"), "shadow"),
     ("rerank-generate-bundle", lambda c: RERANK(c, c.gen), "generate"),
     ("rerank-missing-bundle", lambda c: RERANK(c, c.tmp / "none"), "not found"),
     ("rerank-not-a-bundle", lambda c: RERANK(c, c.tmp), "manifest"),
@@ -180,6 +182,7 @@ CASES = [
     ("calibrate-data-wrong-shape", lambda c: ["calibrate", c.ce, "--data", write(c.tmp / "cal.jsonl", '{"query": 1}\n')],
      "line 1"),
     ("calibrate-generate-bundle", lambda c: ["calibrate", c.gen], "generate"),
+    ("calibrate-check-unknown-domain", lambda c: ["calibrate", c.ce, "--check", "botchan,nowhere"], "nowhere"),
     # verify / info
     ("verify-missing", lambda c: ["verify", c.tmp / "none"], "not found"),
     ("verify-not-a-bundle", lambda c: ["verify", c.tmp], "manifest"),
@@ -194,6 +197,9 @@ CASES = [
                                                "--no-measure"], "mine"),
     ("quantize-out-under-a-file", lambda c: ["quantize", c.bi, "-o", c.docs / "q", "--no-measure"], "docs.txt"),
     ("quantize-generate-out-under-a-file", lambda c: ["quantize", c.gen, "-o", c.docs / "q" / "r"], "docs.txt"),
+    ("convert-missing", lambda c: ["convert", c.tmp / "none"], "not found"),
+    ("convert-out-is-user-folder", lambda c: ["convert", c.bi, "-o", write(c.tmp / "mine" / "notes.txt", "keep").parent], "mine"),
+    ("convert-out-under-a-file", lambda c: ["convert", c.bi, "-o", c.docs / "o"], "docs.txt"),
     ("export-generate-out-under-a-file", lambda c: ["export", c.hf, "--task", "generate", "-o", c.docs / "b"], "docs.txt"),
     # bench
     ("bench-rerank-bundle-generate-options", lambda c: ["bench", c.bi, "--policy", "mpcache"], "--policy"),

@@ -36,7 +36,7 @@ def test_window_ids_cut_the_same_tokens_and_refuse_a_window_past_the_end(monkeyp
         ppl_texts.window_ids(lambda b: list(range(1000)), ppl_texts.windows("held"))
 
 
-POLICIES = ["full", "mpcache", "snapkv", "streaming_llm", "mpcache_recall", "knorm", "mpcache_ea"]
+POLICIES = ["full", "mpcache", "snapkv", "streaming_llm", "mpcache_recall", "knorm", "mpcache_ea", "mpcache_ea_recall"]
 
 
 def test_lockstep_equals_the_engine_per_configuration(gen_llama_bundle):
@@ -49,3 +49,34 @@ def test_lockstep_equals_the_engine_per_configuration(gen_llama_bundle):
         want = Generator(gen_llama_bundle, policy=spec, kv_budget=r).score(prefix, cont, compress_continuation=False)
         np.testing.assert_allclose(got[name]["nll_tokens"], want["nll_tokens"], rtol=2e-4, atol=2e-4, err_msg=name)
     assert got["mpcache@0.1"]["ppl"] != got["full@0.2"]["ppl"]  # the compression changes the continuation's scores
+
+
+def test_ratios_are_to_each_systems_own_full_cache_and_windows_missing_anywhere_are_left_out():
+    import math
+
+    from benchmarks import perplexity as bp
+
+    wins = {"botchan@1": {"book": "botchan", "split": "held"}, "alice@2": {"book": "alice", "split": "held"},
+            "botchan@3": {"book": "botchan", "split": "held"}}
+    es = {"edge_sel full": {"botchan@1": {"nll": 3.0}, "alice@2": {"nll": 2.0}, "botchan@3": {"nll": 3.0}},
+          "edge_sel p @0.2": {"botchan@1": {"nll": 3.02}, "alice@2": {"nll": 2.04}, "botchan@3": {"nll": 3.1}}}
+    kp = {"kvpress full": {"botchan@1": {"nll": 3.1}, "alice@2": {"nll": 2.1}},  # botchan@3 not measured by kvpress
+          "kvpress X @0.2": {"botchan@1": {"nll": 3.13}, "alice@2": {"nll": 2.13}}}
+    doc = {"windows": wins, "edge_sel": es, "kvpress": kp}
+    assert bp.measured(doc) == {"botchan@1", "alice@2"}
+    s = bp.summarize(doc)
+    assert s["edge_sel p @0.2"]["held"] == pytest.approx(math.exp((0.02 + 0.04) / 2))
+    assert s["kvpress X @0.2"]["held"] == pytest.approx(math.exp(0.03))
+    assert s["edge_sel p @0.2"]["held botchan"] == pytest.approx(math.exp(0.02))
+    md = bp.markdown(doc, "held")
+    assert "2 `held` windows" in md and "0.2 kept: best edge_sel `p` 1.030 vs best press X 1.030" in md
+
+
+def test_policy_options_parse_to_a_fresh_policy_each_time():
+    from benchmarks import perplexity as bp
+
+    label, make = bp.parse_policy("mpcache_ea:recent_frac=0.25:value_norm=false")
+    a, b = make(), make()
+    assert label == "mpcache_ea:recent_frac=0.25:value_norm=false" and a is not b
+    assert a.parts[0].recent_frac == 0.25 and a.parts[0].value_norm is False
+    assert bp.parse_policy("snapkv") == ("snapkv", "snapkv")

@@ -49,10 +49,10 @@ def test_the_key_the_expected_query_prefers_stays():
     p = MPCacheEA(recent_frac=0.0, recent=0, value_norm=False)
     p.begin(Context(1, kv, H, D, 64, n, 1, rope_theta=None))  # no rotation known: statistics as they come
     p.queries(0, q, np.arange(n - 64, n), "window")
-    kept = p.keep(0, cache, 32, "final")
-    assert 150 in kept[0]
     ea = p.expected(0, cache.k[0, :, :n])
     assert ea.shape == (kv, n) and np.allclose(ea.sum(axis=1), 1.0) and int(ea[0].argmax()) == 150
+    kept = p.keep(0, cache, 32, "final")
+    assert 150 in kept[0]
     assert p.cost["exp_div"] > 0  # not MPC-friendly: counted
 
 
@@ -66,3 +66,13 @@ def test_mpcache_ea_generates_within_the_budget(gen_llama_bundle, ratio):
     assert max(r.stats["kv_tokens_kept"]) <= r.stats["kv_capacity_tokens"]
     assert r.stats["cost_prefill"]["exp_div"] > 0
     assert make_policy("mpcache_ea").label == "mpcache_ea"
+
+
+def test_query_statistics_leave_with_the_layers_compression(gen_llama_bundle):
+    from edge_sel.runtime.policies import mpcache_ea
+
+    pol = mpcache_ea()
+    g = Generator(gen_llama_bundle, kv_budget=0.2, policy=pol)
+    ids = g.encode(long_text(4000))[:600]
+    g.generate(ids, max_new_tokens=2, stop=False)
+    assert pol.parts[0].qstats == {} and pol.held_bytes() == 0  # look-once: no layer's statistics outlive its compression

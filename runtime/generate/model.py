@@ -71,7 +71,9 @@ class DecoderModel:
         trace.instant("weights.release", layer=layer)
 
     def map_layers(self) -> None:
+        tk = trace.begin("weights.map")
         self.pages.populate(*self.weight_files())
+        trace.end(tk)
 
     def close(self) -> None:
         self.layers = []

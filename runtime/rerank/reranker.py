@@ -35,6 +35,7 @@ from .prefix import PairStream, is_split, qkv_weight_bytes
 from .pruning import Pruner
 from .schedule import Schedule
 from .scoring import LayerScorer, scoring_for
+from .shadow import Shadow, check_fraction
 from .stats import RerankStats
 from .stream import LayerStream
 from .text import Encoded, Streamed, TextEncoder
@@ -77,12 +78,16 @@ class Reranker:
 
     last_token_final_layer: split decoder bundles whose head reads the last token compute only that token in
     the final layer (same scores within float rounding); False runs the full final layer.
+
+    shadow: the fraction of pruned :meth:`rank` calls that are run again unpruned once the pruned answer is
+    computed; a pruned top-K that differs from the full model's tightens the schedule, stored back into the bundle
+    atomically when it came from there (:mod:`.shadow`). Counts and cost: ``last_stats["shadow"]``.
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget: int | str | None = None,
                  pruning: str | dict | Schedule | None = "auto", threads: int | None = None, optimize: str = "all",
                  spill: bool = True, spill_dir: str | os.PathLike | None = None, last_token_final_layer: bool = True,
-                 provider: str | ProviderChoice | None = "cpu"):
+                 provider: str | ProviderChoice | None = "cpu", shadow: float = 0.0):
         self.providers = Assignment(resolve_provider(provider))  # before the bundle opens: a bad name fails fast
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if self.bundle.task != "rerank":
@@ -115,6 +120,7 @@ class Reranker:
         self.spill_dir = spill_dir
         self._skip: frozenset[int] = frozenset()
         self._dropped_at: np.ndarray | None = None
+        self.shadow = Shadow(shadow) if check_fraction(shadow) > 0 else None
 
     def _resolve_schedule(self, pruning) -> tuple[Schedule | None, str]:
         root = self.bundle.root
@@ -171,7 +177,25 @@ class Reranker:
             if return_documents:
                 r["text"] = texts[int(i)]
             results.append(r)
+        if self.shadow is not None and self._dropped_at is not None:  # a pruned call
+            self._shadow(query, documents, instruction, [r["corpus_id"] for r in results], top_k)
         return results
+
+    def _shadow(self, query: str, documents: list[str], instruction: str | None, returned: list[int], top_k: int) -> None:
+        """Shadow mode after a pruned call (see :mod:`.shadow`); the call's own stats are kept."""
+        st = self.stats
+        if self.shadow.due(st.latency_s or 0.0):
+            new = self.shadow.run(self, query, documents, instruction, returned, top_k)
+            if new is not None:
+                stored = self.shadow.store(self.bundle, new) if isinstance(self.pruning, str) else None
+                if stored is not None:
+                    self.bundle = stored
+                self.schedule = new
+                self.pruning_note = f"{new.method} at layers {new.layers} (top-{new.top_k}, tightened by shadow runs)"
+        else:
+            self.shadow.stats.last = {"ran": False}
+        st.shadow = self.shadow.stats.as_dict()
+        self.stats = st
 
     def predict(self, query: str, documents: list[str], instruction: str | None = None) -> np.ndarray:
         """Full-model scores for every document, in input order (never pruned; :meth:`rank` prunes)."""

@@ -45,6 +45,7 @@ class RerankStats:
     # execution providers (edge_sel.runtime.providers): the choice, node assignment, every session's load time since
     # the Reranker was made and this call's share (``call_session_load_s``: streamed layers load again per call)
     provider: dict = _f(public=True, factory=dict)
+    shadow: dict | None = _f(public=True, per_call=True)  # shadow mode's counts and cost so far (see .shadow)
     plan_estimate: dict = _f(factory=dict)
     prefix_reuse_tokens: int = _f(0)
     spill: bool = _f(False)

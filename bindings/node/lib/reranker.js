@@ -189,10 +189,9 @@ class Reranker {
     if (enc.queryIds) ids.push(enc.queryIds);
     const types = enc.docTypes;
     const lengths = ids.map((x) => x.length);
-    const total = lengths.reduce((a, b) => a + b, 0), maxLen = Math.max(...lengths);
-    const prefixIds = P ? enc.docIds[0].slice(0, P) : [];
-    const unique = new Set([...ids.flat(), ...prefixIds]).size;
-    const plan = this.planner.plan(this.memoryBudget, total, maxLen, this.embedder.touchedBytes(unique));
+        const prefixIds = P ? enc.docIds[0].slice(0, P) : [];
+    const unique = new Set(ids.flat()).size;
+    const plan = this.planner.plan(this.memoryBudget, this.planner.callSize(lengths, this.embedder.touchedBytes(unique)));
     this.stream.setWindow(plan.window);
     const packing = new Packing(spec.padId, P, plan.chunkTokens, plan.maxBatch);
     let chunks = makeChunks(ids, types, packing);
