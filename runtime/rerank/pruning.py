@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_sel.runtime import trace
+
 from .chunks import Chunk, ChunkStore, Packing
 from .masks import clusters_1d, prune_mask, prune_rank_mask  # noqa: F401  (the rules' building blocks, re-exported)
 from .rules import rule_for
@@ -85,6 +87,7 @@ class Pruner:
             return chunks
         est = self.scorer(layer, np.concatenate(pooled), q_pooled)
         keep = self.rule.keep_mask(est, sched.param_at(layer), self.k, self.n_docs, sched.floor, sched.cluster_gap)
+        trace.instant("prune", layer=layer, live=len(items), kept=int(keep.sum()))
         if keep.all():
             return chunks
         gone = items[~keep]
