@@ -158,7 +158,7 @@ def markdown(doc: dict, split: str, chosen: str | None = None) -> str:
         k = best.get(("kvpress", r))
         mine = s.get(f"edge_sel {chosen} @{r:g}", {}).get(split) if chosen else None
         if k and mine is not None:
-            verdict = "met" if mine <= k[0] else "NOT met"
+            verdict = "met" if mine <= k[0] + 1e-12 else "NOT met"
             lines.append(f"- {r:g} kept: edge_sel `{chosen}` (chosen on the tuning half) {mine:.3f} vs the best press "
                          f"here, {k[1].split(' ', 1)[1].rsplit(' @', 1)[0]}, {k[0]:.3f}: {verdict}")
     return "\n".join(lines) + "\n"
