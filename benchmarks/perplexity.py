@@ -119,7 +119,9 @@ def _ratio_of(name: str) -> float | None:
     return float(name.rsplit("@", 1)[1]) if "@" in name else None
 
 
-def markdown(doc: dict, split: str) -> str:
+def markdown(doc: dict, split: str, chosen: str | None = None) -> str:
+    """The table for ``split``; the verdict per ratio is for ``chosen`` (the policy chosen on the tuning half), and the
+    best edge_sel row per ratio is bold only for information (picking it on the same windows would be tuning to them)."""
     s = summarize(doc)
     ratios = sorted({r for n in s if (r := _ratio_of(n)) is not None}, reverse=True)
     base = sorted({n.rsplit(" @", 1)[0] for n in s if _ratio_of(n) is not None}, key=lambda n: (not n.startswith("edge_sel"), n))
@@ -153,11 +155,12 @@ def markdown(doc: dict, split: str) -> str:
             lines.append(f"- {sys_} full-cache perplexity per window: "
                          + ", ".join(f"{n} {math.exp(f[n]['nll']):.2f}" for n in names))
     for r in ratios:
-        e, k = best.get(("edge_sel", r)), best.get(("kvpress", r))
-        if e and k:
-            verdict = "met" if e[0] <= k[0] else "NOT met"
-            lines.append(f"- {r:g} kept: best edge_sel `{e[1].split(' ', 1)[1].rsplit(' @', 1)[0]}` {e[0]:.3f} vs best "
-                         f"press {k[1].split(' ', 1)[1].rsplit(' @', 1)[0]} {k[0]:.3f}: {verdict}")
+        k = best.get(("kvpress", r))
+        mine = s.get(f"edge_sel {chosen} @{r:g}", {}).get(split) if chosen else None
+        if k and mine is not None:
+            verdict = "met" if mine <= k[0] + 1e-12 else "NOT met"
+            lines.append(f"- {r:g} kept: edge_sel `{chosen}` (chosen on the tuning half) {mine:.3f} vs the best press "
+                         f"here, {k[1].split(' ', 1)[1].rsplit(' @', 1)[0]}, {k[0]:.3f}: {verdict}")
     return "\n".join(lines) + "\n"
 
 
@@ -175,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="threads per worker (1: the two workers run side by side)")
     ap.add_argument("--systems", default="edge_sel,kvpress", help="which workers to run now")
     ap.add_argument("--merge", action="append", default=[],
-                    help="a results JSON of an earlier run on the same token ids (checked): its systems join the table")
+                    help="a results JSON of an earlier run on the same token ids (checked), or a worker's OUT.<system>.json "
+                         "(its window names checked): its systems join the table")
+    ap.add_argument("--chosen", help="the edge_sel policy label chosen on the tuning half: the verdict lines judge it")
     ap.add_argument("--out", help="results JSON (raw NLL per configuration and window); workers write OUT.<system>.json as they go")
     ap.add_argument("--resume", action="store_true", help="kvpress: keep the runs OUT.kvpress.json already holds")
     ap.add_argument("--markdown", help="write the table here")
@@ -209,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     systems = [s for s in a.systems.split(",") if s]
     for path in a.merge:
         other = json.loads(Path(path).read_text())
+        if "ids_sha256" not in other and isinstance(other.get("windows"), dict):  # a worker's OUT.<system>.json
+            runs = other["windows"]
+            sy = next((s for s in ("edge_sel", "kvpress") if f"{s} full" in runs), None)
+            unknown = {w for per in runs.values() for w in per} - set(ids)
+            if sy is None or unknown:
+                print(f"--merge {path}: not a worker result of these windows ({sorted(unknown)[:3]})", file=sys.stderr)
+                return 2
+            other = {"ids_sha256": doc["ids_sha256"], sy: runs}  # window names fix the token ids (ppl_texts)
         if other.get("ids_sha256") != doc["ids_sha256"]:
             print(f"--merge {path}: measured on other token ids; refusing to put it beside this run", file=sys.stderr)
             return 2
@@ -255,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         Path(a.out).write_text(json.dumps(doc, indent=1))
     split = a.split if a.split != "all" else "held"
-    md = markdown(doc, split)
+    md = markdown(doc, split, a.chosen)
     if a.markdown:
         Path(a.markdown).write_text(md)
     print(md)

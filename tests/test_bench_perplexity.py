@@ -68,8 +68,8 @@ def test_ratios_are_to_each_systems_own_full_cache_and_windows_missing_anywhere_
     assert s["edge_sel p @0.2"]["held"] == pytest.approx(math.exp((0.02 + 0.04) / 2))
     assert s["kvpress X @0.2"]["held"] == pytest.approx(math.exp(0.03))
     assert s["edge_sel p @0.2"]["held botchan"] == pytest.approx(math.exp(0.02))
-    md = bp.markdown(doc, "held")
-    assert "2 `held` windows" in md and "0.2 kept: best edge_sel `p` 1.030 vs best press X 1.030" in md
+    md = bp.markdown(doc, "held", chosen="p")
+    assert "2 `held` windows" in md and "0.2 kept: edge_sel `p` (chosen on the tuning half) 1.030 vs the best press here, X, 1.030: met" in md
 
 
 def test_policy_options_parse_to_a_fresh_policy_each_time():

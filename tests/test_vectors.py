@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_sel.runtime.manifest import SCHEDULE_RULES
 from vectors.make import CASES, compare, make_vectors
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
@@ -31,6 +32,6 @@ def test_vectors_exercise_pruning_and_truncation():
         seen[v["scoring"]] = v
         assert any(q["tokens"]["n_truncated"] for q in v["queries"])
         pruned = [r for q in v["queries"] for r in q["rankings"].values() if max(r["pruned_at_layer"]) >= 0]
-        assert {r["schedule"]["rule"] for r in pruned if r["schedule"]} == {"rank", "margin", "spread"}
+        assert {r["schedule"]["rule"] for r in pruned if r["schedule"]} == set(SCHEDULE_RULES)
     assert set(seen) == {"bi_encoder", "cross_encoder", "yes_no"}
     assert all(q["tokens"]["prefix_len"] > 0 for q in seen["yes_no"]["queries"])
