@@ -51,10 +51,13 @@ def texts() -> tuple[list[str], list[str]]:
     return [pairs[40][0], pairs[47][0]], docs
 
 
-def forced_schedules(scoring: str, n_layers: int) -> dict[str, dict]:
-    """Schedules that prune on any input (the calibrated one may not): every rule, the non-probe methods."""
+def forced_schedules(scoring: str, n_layers: int, probe: str | None = None) -> dict[str, dict]:
+    """Schedules that prune on any input (the calibrated one may not): every rule, every method (the probe: the
+    calibrated bundle's array)."""
     early = "cosine" if scoring == "bi_encoder" else "head"
-    return {
+    probed = {"probe_rank": {"method": "probe", "probe": probe, "rule": "rank", "top_k": TOP_K,
+                             "layers": [{"layer": 0, "keep": 0.5}, {"layer": 1, "keep": 0.4}]}} if probe else {}
+    return {**probed,
         "rank_half": {"method": early, "rule": "rank", "top_k": TOP_K, "layers": [{"layer": 0, "keep": 0.5}]},
         "margin_clusters": {"method": early, "rule": "margin", "top_k": TOP_K, "floor": 6, "cluster_gap": 0.25,
                             "layers": [{"layer": l, "margin": 0.0} for l in range(n_layers - 1)]},
@@ -146,7 +149,8 @@ def make_vectors(bundle: str | Path, name: str, with_plans: bool = True) -> dict
             "scores": _round(scores),
             "rankings": {},
         }
-        schedules = {"none": "off", "bundle": "auto", **forced_schedules(spec.model.scoring, n_layers)}
+        probe = spec.schedule.probe if spec.schedule is not None and spec.schedule.method == "probe" else None
+        schedules = {"none": "off", "bundle": "auto", **forced_schedules(spec.model.scoring, n_layers, probe)}
         for label, sched in schedules.items():
             r = Reranker(b, pruning=sched)
             res = r.rank(q, docs, top_k=TOP_K)
