@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for sy in ("edge_sel", "kvpress"):
             if sy in other and sy not in systems:
-                doc[sy] = other[sy]
+                doc.setdefault(sy, {}).update(other[sy])  # several earlier runs of one system combine
                 doc.setdefault("merged", {})[sy] = {"from": path, "commit": other.get("commit")}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edge_sel-bench-ppl-") as tmp:
