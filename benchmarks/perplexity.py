@@ -150,7 +150,7 @@ def markdown(doc: dict, split: str, chosen: str | None = None) -> str:
     lines.append("")
     for sys_ in ("edge_sel", "kvpress"):
         f = doc.get(sys_, {}).get(f"{sys_} full", {})
-        names = [n for n, w in doc["windows"].items() if w["split"] == split and n in f and "nll" in f[n]]
+        names = [n for n, w in doc["windows"].items() if w["split"] == split and n in done and "nll" in f.get(n, {})]
         if names:
             lines.append(f"- {sys_} full-cache perplexity per window: "
                          + ", ".join(f"{n} {math.exp(f[n]['nll']):.2f}" for n in names))
