@@ -159,12 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rule", default="auto", choices=["auto", "margin", "rank", "spread"],
                    help="margin = drop clusters scoring below the K-th best minus a calibrated margin; rank = keep a calibrated "
                         "fraction of the candidates; spread = a margin in units of each query's own score spread near the "
-                        "K-th best; auto (default) = whichever of the rules measured safe off-domain saves more on the "
-                        "calibration data")
+                        "K-th best; auto (default) = the rules measured safe on text calibration never saw (margin)")
     c.add_argument("--safety", type=float, default=None,
-                   help="multiplier over the calibration worst case (default: 1.5 for margins, 1.0 for rank fractions; "
+                   help="multiplier over the calibration worst case (default: 3 for margins, 1.0 for rank fractions, "
+                        "1.25 for spread margins; "
                         "split-half validation raises it when needed)")
-    c.add_argument("--queries", type=int, default=None, help="builtin data: number of queries (default 64)")
+    c.add_argument("--queries", type=int, default=None, help="builtin data: number of queries (default 32)")
     c.add_argument("--candidates", type=int, default=None, help="builtin data: candidates per query (default 48)")
     c.add_argument("--check", default="", help="comma-separated text domains calibration never sees (botchan, wordnet, "
                    "docstrings): trace a few queries of each and report every candidate schedule on them")

@@ -203,4 +203,4 @@ def _rerank_passes(path: Path, drop_layers, calibrate: bool, say) -> None:
         from .passes.calibrate import calibrate as calibrate_bundle
 
         say("calibrate", 0, 1)
-        calibrate_bundle(path, "builtin", progress=lambda i, n: say("calibrate", i, n))
+        calibrate_bundle(path, "builtin", progress=lambda i, n, *_: say("calibrate", i, n))

@@ -530,3 +530,23 @@ def test_shadow_fraction_is_checked_and_zero_means_off(bert_ce_bundle, docs):
     rr = Reranker(bert_ce_bundle, pruning={"method": "head", "rule": "rank", "top_k": 5, "layers": [{"layer": 0, "keep": 0.5}]})
     rr.rank(queries[0], documents, top_k=5)
     assert rr.shadow is None and "shadow" not in rr.last_stats
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores=st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=60), k=st.integers(1, 20),
+       param=st.floats(0, 5), floor=st.none() | st.integers(0, 30), gap=st.floats(0, 1))
+def test_every_rule_keeps_k_and_what_its_need_says_it_must(scores, k, param, floor, gap):
+    """For every rule: never fewer than max(K, floor) survivors; and any set of candidates whose need is <= the
+    parameter survives (the need is what calibration and shadow tightening rely on)."""
+    from edge_sel.runtime.rerank.rules import RULE_TYPES
+
+    s = np.array(scores)
+    n = len(s)
+    for rule in RULE_TYPES.values():
+        p = min(param, 1.0) if rule.max_param else param
+        keep = rule.keep_mask(s, p, k, n, floor, gap)
+        assert keep.sum() >= min(n, max(k, floor or 0))
+        if n > k:
+            top = np.random.default_rng(n + k).choice(n, min(k, n), replace=False)  # any set the final top-K might be
+            if rule.need(s, top, k) <= p:
+                assert keep[top].all()

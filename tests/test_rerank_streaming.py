@@ -125,3 +125,26 @@ def test_a_pipe_is_read_once_and_kept_in_an_unnamed_file(tmp_path):
         assert len(d) == 500 and list(d) == lines and list(d) == lines
         assert d.texts([499]) == {499: lines[499]}
         assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # the copy has no name
+
+
+@pytest.mark.parametrize("fixture", BUNDLES)
+def test_long_documents_are_cut_before_tokenizing_with_the_same_ids(fixture, request, docs):
+    """Documents far beyond the model's length are cut at a space before tokenizing (bounded tokenizer memory):
+    the ids are the whole text's, also for text that is mostly blanks (tokenized whole) or has no space."""
+    from gen_tiny import long_text
+
+    documents, queries = docs
+    rr = Reranker(request.getfixturevalue(fixture))
+    cut = rr.encoder.cut_chars
+    long_docs = [long_text(40 * cut), "word" + " " * (3 * cut) + "end", "x" * (2 * cut), documents[0],
+                 long_text(cut + 7), "é " * cut]
+    assert sum(text_mod._cut(d, cut) is not d for d in long_docs) >= 3  # really cut
+    enc = rr.encoder.encode(queries[0], long_docs)
+    ids, types = rr.scoring.items(enc)
+    store = TokenStore(vocab=rr.embedder.rows)
+    streamed = rr.encoder.encode_into(store, queries[0], long_docs, split=rr.split)
+    store.freeze()
+    assert streamed.n_truncated == enc.n_truncated >= 3
+    for i in range(len(ids)):
+        np.testing.assert_array_equal(store.item(i), ids[i])
+    np.testing.assert_array_equal(rr.predict(queries[0], long_docs), rr.score_encoded(enc))

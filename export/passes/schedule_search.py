@@ -19,7 +19,7 @@ from edge_sel.runtime.rerank.rules import rule_for
 
 from .traces import Trace
 
-DEFAULT_SAFETY = 1.5          # rule "margin": margin = safety x the worst calibration gap
+DEFAULT_SAFETY = 3.0          # rule "margin": margin = safety x the worst calibration gap (lower lost top-10 members off-domain)
 DEFAULT_RANK_SAFETY = 1.0     # rule "rank": keep fraction = safety x the deepest calibration rank (split-half validation raises it)
 DEFAULT_SPREAD_SAFETY = 1.25  # rule "spread": margin = safety x the worst calibration gap in units of the query's spread
 SAFETY_STEP = {"margin": 1.5, "rank": 1.25, "spread": 1.25}

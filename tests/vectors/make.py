@@ -52,12 +52,13 @@ def texts() -> tuple[list[str], list[str]]:
 
 
 def forced_schedules(scoring: str, n_layers: int) -> dict[str, dict]:
-    """Schedules that prune on any input (the calibrated one may not): both rules, the non-probe methods."""
+    """Schedules that prune on any input (the calibrated one may not): every rule, the non-probe methods."""
     early = "cosine" if scoring == "bi_encoder" else "head"
     return {
         "rank_half": {"method": early, "rule": "rank", "top_k": TOP_K, "layers": [{"layer": 0, "keep": 0.5}]},
         "margin_clusters": {"method": early, "rule": "margin", "top_k": TOP_K, "floor": 6, "cluster_gap": 0.25,
                             "layers": [{"layer": l, "margin": 0.0} for l in range(n_layers - 1)]},
+        "spread": {"method": early, "rule": "spread", "top_k": TOP_K, "layers": [{"layer": 0, "spread": 0.5}]},
     }
 
 

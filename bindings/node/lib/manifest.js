@@ -13,7 +13,7 @@ const DTYPES = { float32: 4, float16: 2, float64: 8, int8: 1, uint8: 1, int16: 2
 const POOLINGS = ["cls", "mean", "last"];
 const EMBEDDING_RULES = ["gather", "bert"];
 const SCHEDULE_METHODS = ["probe", "head", "cosine"];
-const SCHEDULE_RULES = ["margin", "rank"];
+const SCHEDULE_RULES = ["margin", "rank", "spread"];
 const EMPTY_POS = 2 ** 40;
 const SHA256 = /^[0-9a-f]{64}$/;
 
@@ -101,8 +101,9 @@ function readSchedule(r, d, p, nLayers) {
       if (keep > 1) r.fail(`${q}.keep`, `expected a fraction in (0, 1], got ${keep}`);
       return { layer, keep, margin: 0 };
     }
-    const margin = r.num(x.margin, `${q}.margin`);
-    if (margin < 0) r.fail(`${q}.margin`, `expected a number >= 0, got ${margin}`);
+    const key = rule === "spread" ? "spread" : "margin";  // spread: the margin in units of the scores' spread
+    const margin = r.num(x[key], `${q}.${key}`);
+    if (margin < 0) r.fail(`${q}.${key}`, `expected a number >= 0, got ${margin}`);
     return { layer, margin, keep: null };
   });
   for (let i = 0; i < layers.length; i++) {

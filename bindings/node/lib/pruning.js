@@ -3,7 +3,8 @@
  * Early ranking with the bundle's calibrated schedule (docs/BUNDLE.md, "Early ranking"): at each schedule layer but
  * the last, the live candidates are scored (probe, head or cosine) and the rule keeps a set — `margin`: clusters of
  * similar score (split at gaps wider than cluster_gap x margin) whose best member reaches s_K - margin; `rank`: the
- * best ceil(keep x N). Never fewer than max(K, floor). GRATING (EuroSys'26) prunes between layers this way.
+ * best ceil(keep x N); `spread`: `margin` with the margin spread_l x the standard deviation of the best min(N, 2K)
+ * live scores (the query's own scale around the boundary). Never fewer than max(K, floor). GRATING (EuroSys'26) prunes between layers this way.
  * A dropped candidate keeps its last early score and the layer it was dropped at.
  */
 const { InputError } = require("./errors");
@@ -42,6 +43,14 @@ function pruneMask(scores, k, margin, floor, clusterGap) {
     for (const i of descending(scores, dropped).slice(0, short)) keep[i] = true;
   }
   return keep;
+}
+
+/** Standard deviation of the best min(n, 2k) scores (1 when they are all equal or not finite). */
+function boundarySpread(scores, k) {
+  const top = [...scores].sort((a, b) => b - a).slice(0, Math.min(scores.length, 2 * k));
+  const mean = top.reduce((a, b) => a + b, 0) / top.length;
+  const sd = Math.sqrt(top.reduce((a, b) => a + (b - mean) ** 2, 0) / top.length);
+  return Number.isFinite(sd) && sd > 1e-12 ? sd : 1;
 }
 
 function pruneRankMask(scores, keepN, k, floor) {
@@ -95,9 +104,12 @@ class Pruner {
     if (!entry || layer >= this.nLayers - 1 || items.length <= this.k) return null;
     const est = await this.scorer(layer, pooled, queryPooled);
     const s = this.schedule;
-    const keep = s.rule === "rank"
-      ? pruneRankMask(est, Math.ceil(entry.keep * this.nDocs - 1e-9), this.k, s.floor)
-      : pruneMask(est, this.k, entry.margin, s.floor, s.clusterGap * entry.margin);
+    let keep;
+    if (s.rule === "rank") keep = pruneRankMask(est, Math.ceil(entry.keep * this.nDocs - 1e-9), this.k, s.floor);
+    else {
+      const margin = s.rule === "spread" ? entry.margin * boundarySpread(est, this.k) : entry.margin;
+      keep = pruneMask(est, this.k, margin, s.floor, s.clusterGap * margin);
+    }
     if (keep.every(Boolean)) return null;
     keep.forEach((kept, j) => {
       if (!kept) {
@@ -109,4 +121,4 @@ class Pruner {
   }
 }
 
-module.exports = { Pruner, pruneMask, pruneRankMask, checkSchedule };
+module.exports = { Pruner, pruneMask, pruneRankMask, boundarySpread, checkSchedule };

@@ -8,6 +8,8 @@
  * the prompt prefix shared by every document once per layer and each document against its keys and values.
  */
 const fs = require("node:fs");
+const v8 = require("node:v8");
+const vm = require("node:vm");
 const { Bundle } = require("./bundle");
 const { Embedder } = require("./embedding");
 const { TextEncoder } = require("./text");
@@ -47,6 +49,17 @@ class PeakRss {
     return this.peak;
   }
 }
+
+/** A full garbage collection, when the process allows one: under a budget, each layer's replaced hidden states (and
+ * onnxruntime's output buffers) are returned before the next layer allocates, instead of when V8 would get to them. */
+const collectGarbage = (() => {
+  try {
+    v8.setFlagsFromString("--expose-gc");
+    return vm.runInNewContext("gc");
+  } catch {
+    return () => {};
+  }
+})();
 
 function checkDocuments(documents) {
   if (typeof documents === "string") throw new InputError("documents must be an array of strings, not a single string");
@@ -210,6 +223,7 @@ class Reranker {
     const prefixPos = new BigInt64Array(P).map((_, t) => BigInt(t));
     if (P) prefixH = this.embedder.embed(rows, 1, P, BigInt64Array.from(prefixIds, BigInt), prefixPos, null);
     rows = null;
+    if (this.memoryBudget !== null) collectGarbage();
     const tEmbed = performance.now() - t1;
     peak.sample();
 
@@ -228,6 +242,7 @@ class Reranker {
         peak.sample();
       }
       if (pruner) chunks = await this.pruneAfter(i, chunks, pruner, nDocs, packing, H);
+      if (this.memoryBudget !== null) collectGarbage();
     }
     const tLayers = performance.now() - t2;
 

@@ -104,7 +104,7 @@ test("tensor formats this binding does not read are refused by name", { skip }, 
 
 test("unknown pruning rules and methods are refused, not guessed", { skip }, async () => {
   const d = copy();
-  rewrite(d, (m) => { m.schedule = { ...m.schedule, rule: "adaptive" }; });
+  rewrite(d, (m) => { m.schedule = { ...m.schedule, rule: "adaptive" }; });  // a rule a later version may add
   await rejects(Reranker.open(d), BundleError, /pruning rule "adaptive" is not known/);
   await rejects(Reranker.open(SOURCE, { pruning: { method: "oracle", top_k: 3, layers: [] } }), InputError, /method "oracle" is not known/);
   await rejects(Reranker.open(SOURCE, { pruning: { method: "cosine", top_k: 3, layers: [{ layer: 0, margin: 0 }] } }), InputError, /needs a bi-encoder/);
