@@ -150,7 +150,7 @@ def markdown(doc: dict, split: str, chosen: str | None = None) -> str:
     lines.append("")
     for sys_ in ("edge_sel", "kvpress"):
         f = doc.get(sys_, {}).get(f"{sys_} full", {})
-        names = [n for n, w in doc["windows"].items() if w["split"] == split and n in f and "nll" in f[n]]
+        names = [n for n, w in doc["windows"].items() if w["split"] == split and n in done and "nll" in f.get(n, {})]
         if names:
             lines.append(f"- {sys_} full-cache perplexity per window: "
                          + ", ".join(f"{n} {math.exp(f[n]['nll']):.2f}" for n in names))
@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the same model for kvpress")
     ap.add_argument("--split", default="held", choices=["tune", "held", "all"])
     ap.add_argument("--fast", action="store_true", help="the split's first window of each book only (development)")
+    ap.add_argument("--windows", help="only these windows of the split (comma-separated names, e.g. botchan@28179)")
     ap.add_argument("--ratios", default="0.2,0.1,0.05", help="fractions of the context kept")
     ap.add_argument("--policies", default=",".join(POLICIES), help="edge_sel policies (name or name:key=value:...)")
     ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (class names; 'none' = no kvpress)")
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     wins = windows(a.split)
     if a.fast:
         wins = [next(w for w in wins if w.book == b) for b in ("botchan", "alice")]
+    if a.windows:
+        wins = [w for w in wins if w.name in a.windows.split(",")]
     ids = window_ids(lambda t: tok.encode(t, add_special_tokens=False).ids, wins, bos=Bundle.open(bundle).spec.bos_id)
     doc = {"args": {k: v for k, v in vars(a).items() if k != "worker"},
            "windows": {n: {"book": w["book"], "split": w["split"]} for n, w in ids.items()},
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for sy in ("edge_sel", "kvpress"):
             if sy in other and sy not in systems:
-                doc[sy] = other[sy]
+                doc.setdefault(sy, {}).update(other[sy])  # several earlier runs of one system combine
                 doc.setdefault("merged", {})[sy] = {"from": path, "commit": other.get("commit")}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edge_sel-bench-ppl-") as tmp:

@@ -12,8 +12,8 @@ dynamic group selection runs on what is left (:func:`mpcache_ea`). ``vote_weight
 accumulated attention back in (each normalised to sum 1 per head). The expected attention costs
 exponentials (counted as ``exp_div``): unlike the votes it is not MPC-friendly.
 
-Defaults (``recent_frac=0.25``, no value-norm scaling, covariance on) were chosen on the perplexity benchmark's
-tuning windows only (``python -m benchmarks.perplexity --split tune``); the held-out windows report them.
+Defaults (half expected attention, half the prompt's accumulated votes; ``recent_frac=0.25``; no value-norm
+scaling; covariance on) were chosen on the perplexity benchmark's tuning windows only (``python -m benchmarks.perplexity --split tune``); the held-out windows report them.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class MPCacheEA(MPCacheStatic):
     n_future: int = 512        # future positions the query distribution is averaged over (kvpress's default)
     covariance: bool = True    # the k^T Sigma k term (False: the mean query only)
     value_norm: bool = False   # scale by ||v|| (kvpress's default; worse on the tuning windows)
-    vote_weight: float = 0.0   # share of the prompt's accumulated attention in the score
+    vote_weight: float = 0.5   # share of the prompt's accumulated attention (MPCache's votes) in the score
     skip_first: int = 4        # the first queries (attention sinks' outliers) stay out of the statistics
     recent_frac: float = 0.25  # a quarter of the kept tokens a recent window (chosen on the tuning windows)
     qstats: dict = field(default_factory=dict, init=False, repr=False)
