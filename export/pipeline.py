@@ -32,7 +32,8 @@ TASKS = ("rerank", "generate")
 def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank", scoring: str | None = None,
            max_length: int | None = None, verify: bool = False, overwrite: bool = False, seed: int = 0,
            fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None,
-           drop_layers: int | str | None = None, calibrate: bool = False, prefix_reuse: bool | None = None) -> Path:
+           drop_layers: int | str | None = None, calibrate: bool = False, prefix_reuse: bool | None = None,
+           weights: str = "fp32") -> Path:
     """Export ``model`` to a bundle directory ``out`` and return its path.
 
     task: ``"rerank"`` or ``"generate"`` (decoders).
@@ -45,7 +46,12 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     :mod:`edge_sel.export.passes.calibrate`.
     prefix_reuse: yes/no (decoder) rerankers: split layer graphs so the instruction + query prefix is computed
     once per query (default True; see :mod:`edge_sel.export.prefix_layers`).
+    weights: ``fp32`` (default), ``fp16``, ``int8`` or ``int4``: how the graphs' matrices and the embedding table are
+    stored (see :mod:`edge_sel.export.passes.weights`); ``verify`` checks the float32 graphs before conversion.
     """
+    from .passes.weights import check_format
+
+    check_format(weights)
     if task not in TASKS:
         raise InputError(f"task {task!r} is not supported (supported: {', '.join(TASKS)})")
     BundleWriter.check_target(out, overwrite)  # before anything is fetched or loaded
@@ -102,6 +108,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             record["verified_max_abs_diff"] = diff
             check(diff, "logits" if task == "generate" else "scores")
             say("verify", 1, 1)
+        if weights != "fp32":
+            manifest = _convert_weights(w, manifest, weights, task, graphs, say)
         record["seconds"] = round(time.perf_counter() - t0, 2)
         path = w.commit(manifest)
     if task == "rerank":
@@ -145,6 +153,24 @@ def write_graphs(w: BundleWriter, graphs: BundleGraphs, say: Callable[[str, int,
     return {"embed": embed, "arrays": arrays, "layers": layers, "layer_io": layer_io, "extra_graphs": extra_graphs,
             "head": {"file": "head.onnx", **({"weights": hdata} if graphs.head_external else {}),
                      "inputs": head.input_names, "outputs": head.output_names}}
+
+
+def _convert_weights(w: BundleWriter, manifest: dict[str, Any], weights: str, task: str, graphs: BundleGraphs,
+                     say: Callable[[str, int, int], None]) -> dict[str, Any]:
+    """The staged float32 graphs and table rewritten in place in the ``weights`` format."""
+    from .passes.weights import convert_files
+
+    say("weights", 0, 1)
+    new, replaced = convert_files(lambda rel: w.staging / rel, w, manifest, weights, task, table=graphs.embed,
+                                  say=lambda msg: None)
+    kept = {a["file"] for a in (new["embed"], *(new["embed"].get("encoding") or {}).values()) if isinstance(a, dict) and "file" in a}
+    for rel in replaced - kept:
+        p = w.staging / rel
+        if p.exists() and not any(rel == g.get(k) for g in [*new["layers"], *new["extra_graphs"].values(), new["head"]]
+                                  for k in ("file", "weights")):
+            p.unlink()  # the float32 table the encoded one replaces
+    say("weights", 1, 1)
+    return new
 
 
 def _verify(staged, adapter: Adapter, model, tokenizer, task: str, scoring: str) -> float:

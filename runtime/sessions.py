@@ -16,11 +16,15 @@ import onnxruntime as ort
 from edge_sel.runtime.errors import BundleError
 
 
-def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True) -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
+                    prepack: bool = False) -> ort.SessionOptions:
     """``mem_pattern=False`` for sessions that live for one call (a streaming window): onnxruntime plans a
-    memory pattern on the first run of every input shape, and a fresh session never runs a shape twice."""
+    memory pattern on the first run of every input shape, and a fresh session never runs a shape twice.
+    ``prepack``: let kernels repack constant weights into their own (anonymous) buffers; off by default so float
+    weights stay file-backed, on for graphs with block-quantized weights (:func:`needs_prepacking`)."""
     so = ort.SessionOptions()
-    so.add_session_config_entry("session.disable_prepacking", "1")
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = mem_pattern  # arena off + memory pattern: the arena's speed without its retained peak
     # Every session owns an intra-op pool whose threads spin after each op; with W..L resident sessions (and
@@ -38,9 +42,20 @@ def session_options(threads: int | None = None, optimize: str = "all", mem_patte
     return so
 
 
+def needs_prepacking(path: Path) -> bool:
+    """Whether the graph multiplies block-quantized weights (``MatMulNBits``): onnxruntime's fast CPU kernels for them
+    run on prepacked weights only (unpacked, each call dequantizes the whole matrix first: ~10x slower). Their packed
+    copy is small (4/8-bit), so it is worth its anonymous memory. The graph files hold no weights, so this reads little."""
+    try:
+        return b"MatMulNBits" in Path(path).read_bytes()
+    except OSError:
+        return False
+
+
 def load_session(path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads, optimize, mem_pattern),
+        return ort.InferenceSession(str(path), sess_options=session_options(threads, optimize, mem_pattern,
+                                                                            prepack=needs_prepacking(path)),
                                     providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types; name the file
         raise BundleError(f"cannot load graph {path}: {e}") from None
