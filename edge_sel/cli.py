@@ -59,6 +59,8 @@ def cmd_export(args, console) -> int:
 
     if args.max_length is not None and args.max_length <= 0:
         raise EdgeSelError(f"--max-length must be a positive number of tokens, got {args.max_length}")
+    if args.weights not in ("fp32", "fp16", "int8", "int4"):
+        raise EdgeSelError(f"--weights {args.weights!r} is not a weight format; choose fp32, fp16, int8 or int4")
     creatable_path(args.out, "-o")
     drop = None
     if args.drop_layers is not None:
@@ -215,6 +217,9 @@ def cmd_quantize(args, console) -> int:
     from edge_sel.runtime.bundle import Bundle
     from edge_sel.runtime.manifest import thaw
 
+    if args.weights not in ("fp16", "int8", "int4", "uint8"):
+        raise EdgeSelError(f"--weights {args.weights!r} is not a weight format; choose fp16, int8 or int4 "
+                           "(or int8 / uint8 with --method dynamic)")
     creatable_path(args.out, "-o")
     if args.method == "weight-only":
         return _convert_weights(args, console)

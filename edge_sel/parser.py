@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-layers", metavar="N|auto", help="drop the N layers that matter least (block influence + measured "
                    "ranking effect on calibration text); auto: as many as keep top-10 agreement >= 0.9")
     e.add_argument("--calibrate", action="store_true", help="calibrate early-ranking pruning after export (see `edge-sel calibrate`)")
-    e.add_argument("--weights", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+    e.add_argument("--weights", default="fp32", metavar="{fp32,fp16,int8,int4}",  # checked by the command: one-line error
                    help="how matrices and the embedding table are stored: fp32 (default), fp16, int8 or int4 "
                         "(block-wise MatMulNBits; see docs/BUNDLE.md)")
     e.add_argument("--json", action="store_true")
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
              "what it costs in ranking agreement")
     qz.add_argument("bundle")
     qz.add_argument("-o", "--out", required=True, help="bundle directory to write (atomically)")
-    qz.add_argument("--weights", default="int8", choices=["fp16", "int8", "int4", "uint8"],
+    qz.add_argument("--weights", default="int8", metavar="{fp16,int8,int4,uint8}",
                     help="fp16 / int8 / int4: weight-only, every matrix, the embedding table and the head (default int8); "
                          "with --method dynamic: int8 / uint8 layer weights with activations quantized per call")
     qz.add_argument("--method", default="weight-only", choices=["weight-only", "dynamic"],

@@ -184,6 +184,13 @@ CASES = [
                                                "--no-measure"], "mine"),
     ("quantize-out-under-a-file", lambda c: ["quantize", c.bi, "-o", c.docs / "q", "--no-measure"], "docs.txt"),
     ("quantize-generate-out-under-a-file", lambda c: ["quantize", c.gen, "-o", c.docs / "q" / "r"], "docs.txt"),
+    ("export-weights-unknown", lambda c: ["export", c.hf, "-o", c.tmp / "o", "--weights", "int3"], "--weights"),
+    ("quantize-weights-unknown", lambda c: ["quantize", c.bi, "-o", c.tmp / "q", "--weights", "int3"], "--weights"),
+    ("quantize-uint8-weight-only", lambda c: ["quantize", c.bi, "-o", c.tmp / "q", "--weights", "uint8"], "dynamic"),
+    ("quantize-dynamic-int4", lambda c: ["quantize", c.bi, "-o", c.tmp / "q", "--method", "dynamic", "--weights", "int4"],
+     "dynamic"),
+    ("quantize-block-size-not-power-of-two", lambda c: ["quantize", c.bi, "-o", c.tmp / "q", "--weights", "int4",
+                                                        "--block-size", 24], "--block-size"),
     ("export-generate-out-under-a-file", lambda c: ["export", c.hf, "--task", "generate", "-o", c.docs / "b"], "docs.txt"),
     # bench
     ("bench-rerank-bundle-generate-options", lambda c: ["bench", c.bi, "--policy", "mpcache"], "--policy"),
