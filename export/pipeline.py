@@ -109,7 +109,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             check(diff, "logits" if task == "generate" else "scores")
             say("verify", 1, 1)
         if weights != "fp32":
-            manifest = _convert_weights(w, manifest, weights, task, graphs, say)
+            manifest = _convert_weights(w, manifest, weights, task, graphs, say,
+                                        resolved.path if resolved.kind == "gguf" else None)
         record["seconds"] = round(time.perf_counter() - t0, 2)
         path = w.commit(manifest)
     if task == "rerank":
@@ -156,13 +157,16 @@ def write_graphs(w: BundleWriter, graphs: BundleGraphs, say: Callable[[str, int,
 
 
 def _convert_weights(w: BundleWriter, manifest: dict[str, Any], weights: str, task: str, graphs: BundleGraphs,
-                     say: Callable[[str, int, int], None]) -> dict[str, Any]:
-    """The staged float32 graphs and table rewritten in place in the ``weights`` format."""
+                     say: Callable[[str, int, int], None], gguf: Path | None = None) -> dict[str, Any]:
+    """The staged float32 graphs and table rewritten in place in the ``weights`` format; from a GGUF whose token
+    embedding is Q8_0 / Q4_0 / Q4_1, the table keeps the file's own blocks (:mod:`edge_sel.export.gguf_blocks`)."""
+    from .gguf_blocks import table_blocks
     from .passes.weights import convert_files
 
     say("weights", 0, 1)
+    blocks = table_blocks(gguf) if gguf is not None and weights in ("int8", "int4") else None
     new, replaced = convert_files(lambda rel: w.staging / rel, w, manifest, weights, task, table=graphs.embed,
-                                  say=lambda msg: None)
+                                  say=lambda msg: None, table_blocks=blocks)
     kept = {a["file"] for a in (new["embed"], *(new["embed"].get("encoding") or {}).values()) if isinstance(a, dict) and "file" in a}
     for rel in replaced - kept:
         p = w.staging / rel

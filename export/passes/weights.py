@@ -166,13 +166,18 @@ def encode_table(table: np.ndarray, fmt: str, block_size: int = BLOCK_SIZE):
 
 
 def write_table(write_array: Callable[[str, np.ndarray], dict], table: np.ndarray, fmt: str,
-                block_size: int = BLOCK_SIZE, source: str = "requantized") -> dict[str, Any]:
-    """Write the embedding table in ``fmt`` and return its manifest array spec (with ``encoding`` at 8/4 bits)."""
+                block_size: int = BLOCK_SIZE, source: str = "requantized", blocks=None) -> dict[str, Any]:
+    """Write the embedding table in ``fmt`` and return its manifest array spec (with ``encoding`` at 8/4 bits).
+    ``blocks``: ``(values, scales, mins, bits, block, source)`` already in the block layout (a GGUF's own blocks,
+    :mod:`edge_sel.export.gguf_blocks`), written as they are."""
     if fmt == "fp32":
         return write_array("embed/tokens.bin", np.asarray(table, dtype=np.float32))
     if fmt == "fp16":
         return write_array("embed/tokens.f16.bin", np.asarray(table, dtype=np.float16))
-    values, scales, mins, bits, block = encode_table(np.asarray(table, dtype=np.float32), fmt, block_size)
+    if blocks is not None:
+        values, scales, mins, bits, block, source = blocks
+    else:
+        values, scales, mins, bits, block = encode_table(np.asarray(table, dtype=np.float32), fmt, block_size)
     spec = write_array(f"embed/tokens.q{bits}.bin", values)
     spec["encoding"] = {"bits": bits, "block_size": block, "shape": list(table.shape),
                         "scales": write_array(f"embed/tokens.q{bits}.scales.bin", scales),
@@ -184,7 +189,7 @@ def write_table(write_array: Callable[[str, np.ndarray], dict], table: np.ndarra
 # ---- a whole bundle's files ----------------------------------------------------------------------------------
 def convert_files(read: Callable[[str], Path], w, manifest: dict[str, Any], fmt: str, task: str,
                   block_size: int = BLOCK_SIZE, accuracy_level: int | None = None, table: np.ndarray | None = None,
-                  say: Callable[[str], None] | None = None) -> tuple[dict[str, Any], set[str]]:
+                  say: Callable[[str], None] | None = None, table_blocks=None) -> tuple[dict[str, Any], set[str]]:
     """Write every graph named by ``manifest`` (layers, qkv graphs, head) and the embedding table in ``fmt`` into the
     bundle writer ``w``, reading the float32 originals through ``read(rel)``. Returns the new manifest (``weights``
     recorded, the ``embed`` spec replaced) and the set of source files it replaced (the rest carry over)."""
@@ -214,9 +219,10 @@ def convert_files(read: Callable[[str], Path], w, manifest: dict[str, Any], fmt:
     def write_array(rel: str, arr: np.ndarray) -> dict:
         return w.write_array(rel, arr)
 
-    spec = write_table(write_array, table, fmt, block_size)
-    tensors[spec["file"]] = {"format": fmt, "block_size": (spec.get("encoding") or {}).get("block_size"),
-                             "source": "requantized" if block else "export"}
+    spec = write_table(write_array, table, fmt, block_size, blocks=table_blocks if block else None)
+    enc = spec.get("encoding") or {}
+    tensors[spec["file"]] = {"format": {8: "int8", 4: "int4"}.get(enc.get("bits"), fmt), "block_size": enc.get("block_size"),
+                             "source": enc.get("source") or "export"}
     weights = {"format": fmt, "block_size": block, "accuracy_level": level if block else None, "tensors": tensors,
                "source": "requantized"}
     return {**manifest, "embed": spec, "weights": weights}, replaced
