@@ -301,8 +301,7 @@ class Bundle:
         return self.map_raw(spec)
 
     def map_raw(self, spec: RawArray) -> np.ndarray:
-        """Memory-map one raw array file of the manifest (an array, or an encoded array's scales or mins) read-only,
-        as stored."""
+        """Memory-map one raw array file (an array, or an encoded array's scales or mins) read-only, as stored."""
         dtype = np.dtype(spec.dtype).newbyteorder("<")
         full = self.path(spec.file)
         if full.stat().st_size != spec.nbytes:
@@ -384,7 +383,7 @@ class BundleWriter:
             if p.is_file() and rel not in _RESERVED:
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
         manifest = {"format": FORMAT, "created_by": CREATED_BY, **manifest, "files": files}
-        manifest["format_version"] = required_version(manifest)  # the oldest that holds it, whatever a pass carried over
+        manifest["format_version"] = required_version(manifest)  # the oldest that holds it, whatever a pass carried
         (self.staging / STAMP).unlink(missing_ok=True)
         write_manifest(self.staging, manifest)
         staged = Bundle.open(self.staging, verify=False)  # structural self-check before it becomes visible
