@@ -15,6 +15,10 @@ cache compressed layer by layer), then the question runs over the compressed cac
 the answer is greedy-decoded without the press — kvpress's own pipeline (``KVPressTextGenerationPipeline``).
 An empty ``question_ids`` compresses the whole prompt (question included) and answers from its last logits.
 Perplexity: the prefix compressed under the press, the continuation teacher-forced over it.
+
+Perplexity windows (``python -m benchmarks.perplexity``): ``windows`` ({name: {"prefix", "cont"}}) and ``runs``
+([{"name", "press" (or "none"), "compression_ratio"}]) score every run on every window in this one process
+(the model loaded once): ``result["windows"][run][window] = {"nll", "kept"}``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ def peak_rss_bytes() -> int:
         pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from edge_sel.runtime.memory import maxrss_bytes
+
+    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def kv_bytes(cache) -> int:
@@ -67,6 +73,8 @@ def main(path: str) -> int:
 
     import kvpress
 
+    if cfg.get("windows"):
+        return windows_main(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     t0 = time.perf_counter()
@@ -131,6 +139,131 @@ def main(path: str) -> int:
             logits = torch.cat([last[None], out.logits[0]], 0).double()
             nll = torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(cont)[:, None])[:, 0]
         res["ppl"] = float(math.exp(float(nll.mean())))
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    with open(cfg["result"], "w") as f:
+        json.dump(res, f)
+    return 0
+
+
+def continuation_nll(model, press, prefix, cont) -> tuple[float, int]:
+    """Mean NLL of ``cont`` teacher-forced after ``prefix`` compressed under ``press`` (None: full cache), and the
+    cache length the prefix left."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        with press(model) if press is not None else contextlib.nullcontext():
+            out = model(input_ids=torch.tensor([prefix]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        kept = cache_len(cache)
+        last = out.logits[0, -1]
+        out = model(input_ids=torch.tensor([cont[:-1]]), past_key_values=cache, use_cache=True,
+                    position_ids=torch.arange(len(prefix), len(prefix) + len(cont) - 1)[None])
+        logits = torch.cat([last[None], out.logits[0]], 0).double()
+        nll = torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(cont)[:, None])[:, 0]
+    return float(nll.mean()), kept
+
+
+def shared_prefix_nll(model, presses: dict, prefix, cont) -> dict:
+    """``{run: (mean NLL, kept)}`` for several score-and-evict presses (kvpress ``ScorerPress``) from ONE prefix pass.
+
+    Under any press the prefix's hidden states are exact (a layer's cache is compressed by a hook after its own
+    attention ran, and only later tokens read it), so every press sees the same ``compress()`` inputs whichever
+    runs: this pass keeps the layer's whole cache live and hands each press's own ``compress()`` the layer's
+    keys and values in the same hook, collecting each press's kept K/V in its own cache; each continuation then
+    runs over its own cache: the same numbers as one prefill per press (``"own_prefill": true`` in a run forces that)."""
+    import torch
+    from transformers import DynamicCache
+
+    from kvpress.presses.base_press import is_prefilling
+    from kvpress.utils import extract_keys_and_values
+
+    caches = {name: DynamicCache() for name in presses}
+
+    def hook(module, args, kwargs, output):
+        if not is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+            return output
+        keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+        for name, press in presses.items():
+            k, v = press.compress(module, kwargs["hidden_states"], keys, values, output[1], kwargs)
+            caches[name].update(k, v, module.layer_idx)
+        return output
+
+    for press in presses.values():
+        press.post_init_from_model(model)
+    for layer in model.model.layers:  # as BasePress.__call__ does before its hooks
+        layer.self_attn.rotary_emb = model.model.rotary_emb
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([prefix]), past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    last = out.logits[0, -1]
+    res = {}
+    with torch.no_grad():
+        for name, cache in caches.items():
+            kept = cache_len(cache)
+            o = model(input_ids=torch.tensor([cont[:-1]]), past_key_values=cache, use_cache=True,
+                      position_ids=torch.arange(len(prefix), len(prefix) + len(cont) - 1)[None])
+            logits = torch.cat([last[None], o.logits[0]], 0).double()
+            nll = torch.logsumexp(logits, -1) - logits.gather(1, torch.tensor(cont)[:, None])[:, 0]
+            res[name] = (float(nll.mean()), kept)
+    return res
+
+
+def windows_main(cfg: dict) -> int:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    import kvpress
+
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    model = AutoModelForCausalLM.from_pretrained(cfg["hf_dir"], dtype=torch.float32).eval()
+    res = {"windows": {}, "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                                       "kvpress": getattr(kvpress, "__version__", None) or "0.5.5"}}
+    if cfg.get("resume"):  # keep what an interrupted worker measured on the same ids
+        try:
+            with open(cfg["result"]) as f:
+                res["windows"] = json.load(f).get("windows", {})
+        except (OSError, ValueError):
+            pass
+    from kvpress.presses.scorer_press import ScorerPress
+
+    def todo(run, name):
+        return "nll" not in res["windows"].setdefault(run["name"], {}).get(name, {})
+
+    for name, w in cfg["windows"].items():  # windows outer: an interrupted worker has every run on the windows it did
+        t0 = time.perf_counter()
+        shared = {}
+        for run in cfg["runs"]:  # score-and-evict presses: one prefix pass for all (see shared_prefix_nll)
+            if run["press"] != "none" and not run.get("own_prefill") and todo(run, name):
+                press = getattr(kvpress, run["press"])(compression_ratio=float(run["compression_ratio"]))
+                if isinstance(press, ScorerPress):
+                    shared[run["name"]] = press
+        if shared:
+            for rname, (nll, kept) in shared_prefix_nll(model, shared, list(w["prefix"]), list(w["cont"])).items():
+                res["windows"][rname][name] = {"nll": nll, "kept": kept, "shared_prefix": True}
+            with open(cfg["result"], "w") as f:
+                json.dump(res, f)
+        for run in cfg["runs"]:
+            press = None
+            if run["press"] != "none":
+                press = getattr(kvpress, run["press"])(compression_ratio=float(run["compression_ratio"]))
+            got = res["windows"].setdefault(run["name"], {})
+            if "nll" in got.get(name, {}):
+                continue
+            try:
+                nll, kept = continuation_nll(model, press, list(w["prefix"]), list(w["cont"]))
+                got[name] = {"nll": nll, "kept": kept}
+            except Exception as e:  # record, do not abort the other runs
+                got[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            with open(cfg["result"], "w") as f:  # after every run: an interrupted worker keeps what it measured
+                json.dump(res, f)
+        print(f"kvpress {name}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     res["peak_rss_bytes"] = peak_rss_bytes()
     with open(cfg["result"], "w") as f:
         json.dump(res, f)

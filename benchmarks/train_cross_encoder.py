@@ -566,7 +566,9 @@ def train(out: str | os.PathLike | None = None, hyper: Hyper = Hyper(), base: st
         timings["save_s"] = time.perf_counter() - t0
         timings["total_s"] = time.perf_counter() - t_start
         timings["cpu_s"] = time.process_time() - cpu_start
-        report["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        from edge_sel.runtime.memory import maxrss_bytes
+
+        report["peak_rss_mb"] = round(maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20, 1)
         report["timings"] = {k: round(v, 2) for k, v in timings.items()}
         (stage / REPORT).write_text(json.dumps(report, indent=1))
         old = None

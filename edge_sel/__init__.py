@@ -2,7 +2,8 @@
 
 ``edge_sel.export_model(model, out, task="rerank")`` (needs the ``export`` extra: torch; the torch side is the
 subpackage :mod:`edge_sel.export`),
-``edge_sel.Bundle.open(path)``, ``edge_sel.Reranker(bundle, memory_budget="128MB").rank(query, docs)``.
+``edge_sel.Bundle.open(path)``, ``edge_sel.Reranker(bundle, memory_budget="128MB").rank(query, docs)`` (``docs`` a list,
+or ``edge_sel.DocumentsFile(path)``: a documents file read batch by batch).
 Importing ``edge_sel`` never imports torch.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.documents import DocumentsFile
 from edge_sel.runtime.errors import BudgetError, BundleError, EdgeSelError, InputError, ModelNotFoundError
 
 
@@ -33,4 +35,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'edge_sel' has no attribute {name!r}")
 
 
-__all__ = ["Bundle", "Reranker", "Generator", "export_model", "EdgeSelError", "BundleError", "BudgetError", "InputError", "ModelNotFoundError"]
+__all__ = ["Bundle", "DocumentsFile", "Reranker", "Generator", "export_model", "EdgeSelError", "BundleError", "BudgetError", "InputError", "ModelNotFoundError"]

@@ -42,6 +42,9 @@ WORDS = ("time year people way day man thing woman life child world school state
          "copy file read write open close list sort search find value error memory budget layer model query").split()
 
 
+MAX_BENCH_DOCS = 100_000  # synthetic candidates are built in memory up front
+
+
 @dataclass
 class Settings:
     """What to measure. Lists are swept as a grid; ``None`` in ``memory_budgets`` / ``kv_budgets`` means
@@ -65,12 +68,16 @@ class Settings:
     policies: list[str] = field(default_factory=lambda: ["full"])
     kv_budgets: list[str | None] = field(default_factory=lambda: [None])
     prompt_text: str | None = None
+    provider: str = "cpu"  # onnxruntime execution provider (edge_sel.runtime.providers)
 
     def check(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
             raise InputError(f"need repeats >= 1 and warmup >= 0, got {self.repeats} and {self.warmup}")
         if min(self.n_docs) < 1 or self.doc_tokens < 1 or self.top_k < 1:
             raise InputError("candidate counts, --doc-tokens and --top-k must be positive")
+        if max(self.n_docs) > MAX_BENCH_DOCS:
+            raise InputError(f"--n-docs {max(self.n_docs)} is more candidates than this benchmark synthesizes "
+                             f"(at most {MAX_BENCH_DOCS:,}); rank a real documents file with `edge-sel rerank` instead")
         if min(self.prompt_tokens) < 1 or self.new_tokens < 1:
             raise InputError("prompt lengths and --new-tokens must be positive")
         bad = [p for p in self.pruning if p not in ("off", "on", "auto")]
@@ -153,11 +160,12 @@ def bench_rerank(bundle: Bundle, settings: Settings) -> list[dict[str, Any]]:
                 "max_s": max(times), "docs_per_s": n / median(times), "peak_rss_bytes": peak,
                 "pruning_applied": st.get("pruning"), "layer_work_saved": st.get("layer_work_saved"),
                 "window_layers": st.get("window_layers"), "n_layers": st.get("n_layers"), "spill": st.get("spill"),
-                "runs": times}
+                "provider": st.get("provider", {}).get("provider"),
+                "session_load_s": st.get("provider", {}).get("call_session_load_s"), "runs": times}
 
     configs = [{"memory_budget_bytes": b, "pruning": p} for b in settings.memory_budgets for p in settings.pruning]
     return _sweep(configs, lambda c: Reranker(bundle, memory_budget=c["memory_budget_bytes"], pruning=c["pruning"],
-                                                spill_dir=settings.spill_dir),
+                                                spill_dir=settings.spill_dir, provider=settings.provider),
                   "n_docs", settings.n_docs, measure)
 
 
@@ -215,10 +223,12 @@ def bench_generate(bundle: Bundle, settings: Settings) -> list[dict[str, Any]]:
                 "decode_ms_per_token": median(decode) if decode else None,
                 "kv_bytes_peak": max(s["kv_bytes_peak"] for s in timed),
                 "kv_capacity_tokens": timed[-1].get("kv_capacity_tokens"), "peak_rss_bytes": peak,
+                "provider": timed[-1].get("provider", {}).get("provider"),
                 "prefill_runs": prefill, "decode_runs": decode}
 
     configs = [{"policy": p, "kv_budget": kv} for p in settings.policies for kv in settings.kv_budgets]
-    return _sweep(configs, lambda c: Generator(bundle, kv_budget=c["kv_budget"], policy=c["policy"]),
+    return _sweep(configs, lambda c: Generator(bundle, kv_budget=c["kv_budget"], policy=c["policy"],
+                                               provider=settings.provider),
                   "prompt_tokens", settings.prompt_tokens, measure)
 
 
@@ -302,6 +312,7 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     bg.add_argument("--policy", default="full", help="KV policies, comma-separated (default full)")
     bg.add_argument("--kv-budget", "-b", default="none", help="comma-separated: none, 512 (tokens), 0.2 (of the prompt), 64MB")
     bg.add_argument("--prompt-file", help="prompt text (default: synthetic), repeated when shorter than a length")
+    b.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto, coreml, ...")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -337,8 +348,11 @@ def command(args: argparse.Namespace, console) -> int:
     """``edge-sel bench``: parse the lists, run, print a table or JSON."""
     from edge_sel.runtime.documents import read_documents
 
+    from edge_sel.runtime.providers import resolve
+
     from .paths import writable_dir
 
+    resolve(args.provider)  # a provider this onnxruntime lacks: one line, before anything loads
     prompt_text = None
     if args.prompt_file:
         try:
@@ -352,7 +366,7 @@ def command(args: argparse.Namespace, console) -> int:
         memory_budgets=_csv(args.memory_budget, parse_size, none_ok=True), pruning=_csv(args.pruning), top_k=args.top_k,
         prompt_tokens=_csv(args.prompt_tokens, int), new_tokens=args.new_tokens, policies=_csv(args.policy),
         kv_budgets=_csv(args.kv_budget, none_ok=True), prompt_text=prompt_text,
-        spill_dir=writable_dir(args.spill_dir, "--spill-dir"))
+        spill_dir=writable_dir(args.spill_dir, "--spill-dir"), provider=args.provider)
     _check_task(args, Bundle.open(args.bundle).task)
     report = run(args.bundle, settings)
     if report["rows"] and all("error" in r for r in report["rows"]):  # nothing measured: the reason is the answer

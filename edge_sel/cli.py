@@ -1,4 +1,5 @@
 """The ``edge-sel`` command line. Every subcommand has ``--help`` with examples.
+Long because it is the one dispatcher of every subcommand; each handler is a few lines over the library call.
 
 User errors (bad input, missing files, infeasible budgets) print one message and exit with code 2; an unexpected
 internal error prints one line naming the log file that holds its traceback (``EDGE_SEL_DEBUG=1``: the traceback
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import textwrap
 from pathlib import Path
 
-from edge_sel.runtime.errors import EdgeSelError
+from edge_sel.runtime.errors import EdgeSelError, InputError
 from edge_sel.runtime.units import format_size
 
 from .crash import report_crash
@@ -70,8 +72,15 @@ def cmd_export(args, console) -> int:
     prog, cb = export_progress(console)
     with prog:
         out = export(args.model, args.out, task=args.task, scoring=args.scoring, max_length=args.max_length,
+<<<<<<< HEAD
                      verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb, weights=args.weights,
                      **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}))
+=======
+                     verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb,
+                     **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}),
+                     **({"format": args.format} if args.format != "onnx" else {}),
+                     **({"coreml_precision": args.coreml_precision} if args.format == "coreml" else {}))
+>>>>>>> main
     from edge_sel.runtime.bundle import Bundle
     from edge_sel.runtime.manifest import ExportInfo, thaw
 
@@ -81,6 +90,8 @@ def cmd_export(args, console) -> int:
     info = {"bundle": str(out), "scoring": s.scoring, "layers": len(s.layers), "bytes": b.total_bytes(),
             "seconds": ex.seconds, "verified_max_abs_diff": ex.verified_max_abs_diff,
             "dropped_layers": list(s.dropped_layers), "schedule": thaw(s.schedule)}
+    if s.coreml is not None:
+        info["coreml"] = s.coreml_summary()
     if args.json:
         print(json.dumps(info))
     else:
@@ -91,24 +102,34 @@ def cmd_export(args, console) -> int:
             msg += "\n" + _dropped_line(s)
         if s.schedule is not None:
             msg += "\n" + _schedule_line(s.schedule)
+        if s.coreml is not None:
+            c = info["coreml"]
+            msg += (f"\nCoreML: {c['packages']} {c['precision']} ML Program packages, {format_size(c['bytes'])} "
+                    f"({format_size(c['weight_bytes'])} of weights)")
         console.print(msg)
     return 0
 
 
 def cmd_rerank(args, console) -> int:
-    from edge_sel.runtime.documents import read_documents
+    from edge_sel.runtime.documents import DocumentsFile
     from .runtime import Reranker
 
-    docs = read_documents(args.documents)
-    rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning,
-                  spill_dir=writable_dir(args.spill_dir, "--spill-dir"))
-    try:
-        results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=args.show_text, instruction=args.instruction)
-    finally:
-        rr.close()
+    spill_dir = writable_dir(args.spill_dir, "--spill-dir")
+    # checked in one pass up front, then read batch by batch while the engine tokenizes (never held whole)
+    with DocumentsFile(args.documents, spool_dir=spill_dir) as docs:
+        rr = Reranker(args.bundle, memory_budget=args.memory_budget, pruning=args.pruning, spill_dir=spill_dir,
+                      provider=args.provider, shadow=args.shadow)
+        try:
+            if args.instruction is not None and rr.bundle.spec.prompt is None:
+                raise InputError(f"--instruction is the <Instruct> line of a decoder reranker's prompt; {args.bundle} is "
+                                 f"a {rr.bundle.spec.model.scoring} bundle, which has no prompt")
+            results = rr.rank(args.query, docs, top_k=args.top_k, return_documents=True, instruction=args.instruction)
+        finally:
+            rr.close()
+    texts = {r["corpus_id"]: (r["text"] if args.show_text else r.pop("text")) for r in results}
     stats = rr.stats.public()
     if args.json:
-        print(json.dumps({"results": results, "stats": stats}))
+        print(json.dumps({"results": results, "stats": stats, "plan": _rerank_plan_vs_measured(rr)}))
         return 0
     from rich.table import Table
 
@@ -118,18 +139,44 @@ def cmd_rerank(args, console) -> int:
     t.add_column("score", justify="right")
     t.add_column("document")
     for n, r in enumerate(results, 1):
-        text = docs[r["corpus_id"]]
+        text = texts[r["corpus_id"]]
         t.add_row(str(n), str(r["corpus_id"]), f"{r['score']:.4f}", textwrap.shorten(text, 90))
     console.print(t)
     console.print(f"latency {stats['latency_s']:.3f} s · peak RSS {format_size(stats['peak_rss_bytes'])} "
                   f"· window {stats['window_layers']}/{stats['n_layers']} layers · chunk {stats['chunk_size']} docs"
+                  f" · provider {stats['provider']['provider']}"
                   + (f" · {stats['n_truncated']} documents truncated" if stats.get("n_truncated") else ""))
     console.print(f"pruning: {stats.get('pruning')}"
                   + (f" · {stats['n_pruned']} pruned early, {100 * stats['layer_work_saved']:.0f}% of layer-work saved"
                      if stats.get("n_pruned") else ""))
     if rr.bundle.spec.dropped_layers:
         console.print(_dropped_line(rr.bundle.spec))
+    sh = stats.get("shadow")
+    if sh:
+        console.print(f"shadow: {'ran' if sh['last'].get('ran') else 'not run'} this call"
+                      + (f" ({'top-K matched' if sh['last'].get('matched') else 'MISS: schedule tightened'})" if sh["last"].get("ran") else "")
+                      + f" · {sh['runs']} runs, {sh['misses']} misses so far")
     return 0
+
+
+def _rerank_plan_vs_measured(rr) -> dict:
+    """The plan's memory estimate (by component, bytes above idle) next to what the call measured."""
+    from edge_sel.devices.planner import rerank_memory_of_call
+
+    st = rr.stats.as_dict()
+    measured = {k: st.get(k) for k in ("peak_rss_bytes", "start_rss_bytes", "spill_bytes_written", "spill_bytes_read",
+                                       "heap_trims")}
+    measured["growth_bytes"] = st["peak_rss_bytes"] - st["start_rss_bytes"]
+    return {"estimate": rerank_memory_of_call(rr, st), "components": st["plan_estimate"],
+            "measured": measured}
+
+
+def _generate_plan_vs_measured(gen) -> dict:
+    from edge_sel.devices.planner import generate_memory
+
+    st = gen.last_stats
+    return {"estimate": generate_memory(gen.bundle, st),
+            "measured": {k: st.get(k) for k in ("kv_bytes_peak", "kv_bytes_allocated", "peak_rss_bytes")}}
 
 
 def _dropped_line(spec) -> str:
@@ -162,24 +209,40 @@ def _schedule_line(s) -> str:
 def cmd_calibrate(args, console) -> int:
     from edge_sel.export.passes.calibrate import calibrate
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    kw = {k: v for k, v in (("n_queries", args.queries), ("n_candidates", args.candidates)) if v is not None}
+    check = tuple(d.strip() for d in args.check.split(",") if d.strip())
     with Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} queries"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=args.json) as prog:
-        task = prog.add_task("cal", total=None)
+                  TextColumn("{task.fields[tokens]}"), TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn(),
+                  console=console, transient=True, disable=args.json) as prog:
+        task = prog.add_task("cal", total=None, tokens="")
+
+        def progress(i, n, info):
+            done, total, sec = info["tokens_done"], info["tokens_total"], info["seconds"]
+            if i == 0 and not args.json:
+                console.print(f"calibrating on {n} queries ({total:,} tokens through every layer)"
+                              + (f", then {args.check_queries} queries of each of {', '.join(check)}" if check else ""))
+            if i == 1 and not args.json:
+                console.print(f"estimated time for the traces: {sec * total / max(done, 1):.0f} s "
+                              f"(from the first query: {done / max(sec, 1e-9):.0f} tokens/s)")
+            prog.update(task, completed=i, total=n, tokens=f"{done:,}/{total:,} tokens")
+
         rep = calibrate(args.bundle, args.data, top_k=args.top_k, method=args.method, safety=args.safety, rule=args.rule,
-                        max_layers=args.max_layers, n_queries=args.queries, n_candidates=args.candidates,
-                        memory_budget=args.memory_budget, progress=lambda i, n: prog.update(task, completed=i, total=n))
+                        max_layers=args.max_layers, memory_budget=args.memory_budget, progress=progress, check=check,
+                        check_queries=args.check_queries, **kw)
     if args.json:
         print(json.dumps({"bundle": rep["bundle"], "method": rep["method"], "schedule": rep["schedule"],
-                          "candidates": rep["candidates"]}))
+                          "candidates": rep["candidates"], "off_domain": rep.get("off_domain")}))
         return 0
     console.print(f"[green]calibrated[/] {rep['bundle']}")
     console.print(_schedule_line(rep["schedule"]))
     for m, c in rep["candidates"].items():
-        what = "keep fractions" if m.endswith("/rank") else "margins"
+        what = {"rank": "keep fractions", "spread": "spread margins"}.get(m.split("/")[-1], "margins")
+        off = "".join(f" · {d}: top-{rep['top_k']} same {100 * r[m]['topk_identical']:.0f}%, saved {100 * r[m]['layer_work_saved']:.0f}%"
+                      for d, r in (rep.get("off_domain") or {}).items() if m in r)
         console.print(f"  {m:13s} layers {c['layers']} {what} {[round(x, 3) for x in c['params']]} · "
-                      f"simulated layer-work saved {100 * c['simulated']['layer_work_saved']:.0f}%")
+                      f"simulated layer-work saved {100 * c['simulated']['layer_work_saved']:.0f}%{off}")
     return 0
 
 
@@ -244,6 +307,26 @@ def cmd_quantize(args, console) -> int:
     return 0
 
 
+def cmd_convert(args, console) -> int:
+    from edge_sel.export.passes.ort_format import convert_to_ort
+    from edge_sel.runtime.bundle import Bundle
+
+    if args.out is not None:
+        creatable_path(args.out, "-o")
+    out = convert_to_ort(args.bundle, args.out, level=args.optimization, force=args.force)
+    b = Bundle.open(out)
+    ops = dict(b.spec.ort.operators or {})
+    if args.json:
+        print(json.dumps({"bundle": str(out), "graph_format": b.spec.graph_format, "required_operators": b.spec.ort.required_operators,
+                          "operators": ops, "bytes": b.total_bytes()}))
+        return 0
+    console.print(f"[green]wrote[/] {out} (ORT-format graphs, {format_size(b.total_bytes())}); operator config for a reduced "
+                  f"build: {b.root / b.spec.ort.required_operators}")
+    for domain, names in ops.items():
+        console.print(f"  {domain}: {', '.join(names)}")
+    return 0
+
+
 def _nullcontext():
     import contextlib
 
@@ -281,10 +364,10 @@ def cmd_info(args, console) -> int:
     return 0
 
 
-def cmd_generate(args, console) -> int:
-    from edge_sel.runtime.errors import InputError
-    from .runtime import Generator
-
+def read_prompt(args) -> str:
+    """The prompt of ``generate``'s arguments: ``--prompt`` or the text of ``--prompt-file``."""
+    if args.system is not None and not args.chat:
+        raise InputError("--system is a chat message: add --chat (it wraps the prompt in the bundle's chat template)")
     if (args.prompt is None) == (args.prompt_file is None):
         raise InputError("give exactly one of --prompt or --prompt-file")
     prompt = args.prompt
@@ -299,14 +382,21 @@ def cmd_generate(args, console) -> int:
             raise InputError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
         except UnicodeDecodeError as e:
             raise InputError(f"{args.prompt_file} is not UTF-8 text ({e})") from None
-    gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy)
+    return prompt
+
+
+def cmd_generate(args, console) -> int:
+    from .runtime import Generator
+
+    prompt = read_prompt(args)
+    gen = Generator(args.bundle, kv_budget=args.kv_budget, policy=args.policy, provider=args.provider)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               chat=args.chat, system=args.system)
     try:
         if args.json:
             res = gen.generate(prompt, **kw)
             print(json.dumps({"text": res.text, "tokens": res.tokens, "finish_reason": res.finish_reason,
-                              "stats": gen.stats.public()}))
+                              "stats": gen.stats.public(), "plan": _generate_plan_vs_measured(gen)}))
             return 0
         for piece in gen.stream(prompt, **kw):
             sys.stdout.write(piece)
@@ -323,6 +413,24 @@ def cmd_generate(args, console) -> int:
         gen.close()
 
 
+def cmd_profile(args, console) -> int:
+    from .profile import command
+
+    return command(args, console)
+
+
+def cmd_devices(args, console) -> int:
+    from .devices_cli import cmd_devices as run
+
+    return run(args, console)
+
+
+def cmd_plan(args, console) -> int:
+    from .devices_cli import cmd_plan as run
+
+    return run(args, console)
+
+
 def cmd_bench(args, console) -> int:
     from .bench import command
 
@@ -336,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     console = _console()
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
                 "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate,
-                "quantize": cmd_quantize}
+                "quantize": cmd_quantize, "convert": cmd_convert, "profile": cmd_profile, "devices": cmd_devices,
+                "plan": cmd_plan}
     signals: list[int] = []
     previous = _raise_on_sigterm(signals)
     try:
@@ -348,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeSelError as e:
         print(f"edge-sel: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not fail again
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (timeout, systemd, docker): the writers' cleanup has run
         print("edge-sel: interrupted", file=sys.stderr)
         return 128 + signals[0] if signals else 130

@@ -11,6 +11,7 @@ import sys
 import time
 import traceback
 
+from edge_sel.runtime.errors import EdgeSelError
 from edge_sel.runtime.home import home
 
 
@@ -23,10 +24,14 @@ def report_crash() -> str:
         return f"{summary} (traceback above)"
     details = traceback.format_exc()
     try:
-        logs = home() / "logs"
+        base = home()
+    except EdgeSelError as e:
+        return f"{summary} (set EDGE_SEL_DEBUG=1 for the traceback; no log written: {e})"
+    try:
+        logs = base / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log = logs / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
         log.write_text(f"edge-sel {' '.join(sys.argv[1:])}\n{details}", encoding="utf-8")
     except OSError:
-        return f"{summary} (set EDGE_SEL_DEBUG=1 for the traceback; the log folder under {home()} is not writable)"
+        return f"{summary} (set EDGE_SEL_DEBUG=1 for the traceback; the log folder under {base} is not writable)"
     return f"{summary}; this is a bug, the traceback is in {log} (or set EDGE_SEL_DEBUG=1)"

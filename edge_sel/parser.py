@@ -21,7 +21,8 @@ EXAMPLES = {
   edge-sel export all-minilm-l6-v2 -o bundles/minilm --verify
   edge-sel export all-minilm-l6-v2 -o bundles/minilm-ce --scoring cross_encoder --seed 0
   edge-sel export smollm2-135m-instruct -o bundles/smollm2 --task rerank --verify
-  edge-sel export ~/models/my-cross-encoder -o bundles/ce""",
+  edge-sel export ~/models/my-cross-encoder -o bundles/ce
+  edge-sel export all-minilm-l6-v2 -o bundles/minilm-coreml --format coreml          # + CoreML packages (fp16)""",
     "rerank": """examples:
   edge-sel rerank bundles/minilm --query "copy a file" --documents docs.txt --top-k 5
   edge-sel rerank bundles/smollm2 --query "..." --documents docs.jsonl --memory-budget 128MB --json
@@ -43,6 +44,21 @@ calibration text never overlaps the benchmark text (builtin: docstrings of other
   edge-sel generate bundles/smol-gen -p "Once upon a time" --kv-budget 64MB --temperature 0.8 --seed 1
 --kv-budget: tokens per layer (512), a fraction of the prompt (0.2) or bytes for the whole cache (64MB);
 default: room for the prompt and every new token. Prompts longer than the model's context are refused.""",
+    "profile": """examples:
+  edge-sel profile bundles/smollm2 rerank -q "copy a file" -d docs.txt -m 128MB --out prof/
+  edge-sel profile bundles/minilm rerank -q "copy a file" -d docs.txt --out prof/ --ops
+  edge-sel profile bundles/smol-gen generate --prompt-file book.txt --kv-budget 0.1 --policy mpcache_recall --out prof/
+writes trace.json (open in ui.perfetto.dev or chrome://tracing), memory.png, report.html and profile.json.
+--ops adds onnxruntime's per-operator profile to the trace; --interval-ms sets the sampler period (default 5).""",
+    "devices": """examples:
+  edge-sel devices list
+  edge-sel devices show iphone-se-3
+  edge-sel devices probe --bundle bundles/minilm --bundle bundles/smol-gen""",
+    "plan": """examples:
+  edge-sel plan bundles/smollm2 --device iphone-se-3 --task rerank --candidates 200 --doc-tokens 128
+  edge-sel plan bundles/minilm --device this-machine --task rerank -n 512 --doc-tokens 96 --budget 128MB --json
+  edge-sel plan bundles/smol-gen --device pixel-8 --task generate --prompt-tokens 2048 --new-tokens 64 --kv-budget 0.1 --policy mpcache_recall
+an infeasible plan exits 2 with the reason, the smallest budget and the smallest device that would work.""",
     "verify": """examples:
   edge-sel verify bundles/minilm""",
     "info": """examples:
@@ -102,9 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-layers", metavar="N|auto", help="drop the N layers that matter least (block influence + measured "
                    "ranking effect on calibration text); auto: as many as keep top-10 agreement >= 0.9")
     e.add_argument("--calibrate", action="store_true", help="calibrate early-ranking pruning after export (see `edge-sel calibrate`)")
+<<<<<<< HEAD
     e.add_argument("--weights", default="fp32", metavar="{fp32,fp16,int8,int4}",  # checked by the command: one-line error
                    help="how matrices and the embedding table are stored: fp32 (default), fp16, int8 or int4 "
                         "(block-wise MatMulNBits; see docs/BUNDLE.md)")
+=======
+    e.add_argument("--format", choices=["onnx", "ort", "coreml"], default="onnx",
+                   help="ort: onnxruntime's ORT format graphs + the operator config for a reduced build (see `edge-sel convert`); "
+                   "coreml: also a CoreML ML Program package per streamed stage (needs coremltools)")
+    e.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
+                   help="CoreML packages' weights and arithmetic (default fp16)")
+>>>>>>> main
     e.add_argument("--json", action="store_true")
 
     r = cmd("rerank", "rank documents for a query with a bundle")
@@ -117,8 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--show-text", action="store_true", help="print document text with the results")
     r.add_argument("--pruning", choices=["auto", "on", "off"], default="auto",
                    help="early-ranking pruning: auto = the bundle's calibrated schedule if it has one; on = require one; off")
+    r.add_argument("--shadow", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
+                   help="shadow mode: also run this fraction of pruned calls unpruned (bare --shadow: every call); a pruned "
+                        "top-K that differs from the full model's tightens the schedule stored in the bundle")
     r.add_argument("--spill-dir", help="folder for hidden states spilled under a tight budget (default: the system temp "
                    "directory; choose a disk-backed one when /tmp is in RAM)")
+    r.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
+                   "this onnxruntime build has it, else cpu), coreml, or another provider name")
     r.add_argument("--json", action="store_true", help="print {results, stats} as JSON")
 
     d = cmd("demo", "select from real text (CPython docstrings) with a packaged model")
@@ -133,14 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default="builtin", help="'builtin' (default) or a JSONL file of {query, documents}")
     c.add_argument("--top-k", "-k", type=int, default=10, help="the top-K the schedule must always keep (default 10)")
     c.add_argument("--method", default="auto", choices=["auto", "probe", "head", "cosine"], help="how a layer is scored")
-    c.add_argument("--rule", default="auto", choices=["auto", "margin", "rank"],
+    c.add_argument("--rule", default="auto", choices=["auto", "margin", "rank", "spread"],
                    help="margin = drop clusters scoring below the K-th best minus a calibrated margin; rank = keep a calibrated "
-                        "fraction of the candidates; auto (default) = whichever saves more on the calibration data")
+                        "fraction of the candidates; spread = a margin in units of each query's own score spread near the "
+                        "K-th best; auto (default) = the rules measured safe on text calibration never saw (margin)")
     c.add_argument("--safety", type=float, default=None,
-                   help="multiplier over the calibration worst case (default: 1.5 for margins, 1.0 for rank fractions; "
+                   help="multiplier over the calibration worst case (default: 3 for margins, 1.0 for rank fractions, "
+                        "1.25 for spread margins; "
                         "split-half validation raises it when needed)")
-    c.add_argument("--queries", type=int, default=64, help="builtin data: number of queries (default 64)")
-    c.add_argument("--candidates", type=int, default=48, help="builtin data: candidates per query")
+    c.add_argument("--queries", type=int, default=None, help="builtin data: number of queries (default 32)")
+    c.add_argument("--candidates", type=int, default=None, help="builtin data: candidates per query (default 48)")
+    c.add_argument("--check", default="", help="comma-separated text domains calibration never sees (botchan, wordnet, "
+                   "docstrings): trace a few queries of each and report every candidate schedule on them")
+    c.add_argument("--check-queries", type=int, default=8, help="queries per --check domain (default 8)")
     c.add_argument("--max-layers", type=int, default=4, help="at most this many pruning layers")
     c.add_argument("--memory-budget", "-m", type=_size, help="run calibration under this budget")
     c.add_argument("--json", action="store_true")
@@ -161,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    g.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
+                   "this onnxruntime build has it, else cpu), coreml, or another provider name")
     g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
 
     qz = cmd("quantize", "write a copy of a bundle with int8 layer weights (onnxruntime dynamic quantization) and measure "
@@ -177,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     qz.add_argument("--json", action="store_true")
 
+    cv = cmd("convert", "rewrite a bundle's graphs in onnxruntime's ORT format (mobile and minimal builds) with the "
+             "required-operators config for a reduced build")
+    cv.add_argument("bundle")
+    cv.add_argument("--format", dest="graph_format", choices=["ort"], default="ort", help="target graph format")
+    cv.add_argument("-o", "--out", help="write a converted copy here (default: convert the bundle in place, atomically)")
+    cv.add_argument("--optimization", choices=["basic", "extended", "all"], default="all",
+                    help="onnxruntime graph optimizations applied before saving (all: fastest, needs contrib ops)")
+    cv.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    cv.add_argument("--json", action="store_true")
+
     v = cmd("verify", "check a bundle's files against its manifest (sizes and sha256)")
     v.add_argument("bundle")
     v.add_argument("--json", action="store_true")
@@ -184,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     i = cmd("info", "summarise a bundle")
     i.add_argument("bundle")
     i.add_argument("--json", action="store_true")
+
+    from .devices_cli import add_devices_arguments, add_plan_arguments
+    from .profile import add_arguments as add_profile_arguments
+
+    add_devices_arguments(cmd("devices", "device profiles: list, show one, or probe this machine"))
+    add_plan_arguments(cmd("plan", "predict a call's plan, peak memory and latency on a device; refuse what cannot fit"), _size)
+
+    add_profile_arguments(cmd("profile", "run one rerank or generate call under the memory profiler: trace, plot, report"))
 
     from .bench import add_arguments as add_bench_arguments
 

@@ -27,13 +27,18 @@ from .staging import stage_manifest
 from .verify import check, verify_generate, verify_rerank
 
 TASKS = ("rerank", "generate")
+FORMATS = ("onnx", "ort", "coreml")  # ort: graphs in ORT format; coreml: the ONNX bundle plus CoreML packages
 
 
 def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank", scoring: str | None = None,
            max_length: int | None = None, verify: bool = False, overwrite: bool = False, seed: int = 0,
            fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None,
            drop_layers: int | str | None = None, calibrate: bool = False, prefix_reuse: bool | None = None,
+<<<<<<< HEAD
            weights: str = "fp32") -> Path:
+=======
+           format: str = "onnx", coreml_precision: str = "fp16") -> Path:
+>>>>>>> main
     """Export ``model`` to a bundle directory ``out`` and return its path.
 
     task: ``"rerank"`` or ``"generate"`` (decoders).
@@ -46,14 +51,25 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     :mod:`edge_sel.export.passes.calibrate`.
     prefix_reuse: yes/no (decoder) rerankers: split layer graphs so the instruction + query prefix is computed
     once per query (default True; see :mod:`edge_sel.export.prefix_layers`).
+<<<<<<< HEAD
     weights: ``fp32`` (default), ``fp16``, ``int8`` or ``int4``: how the graphs' matrices and the embedding table are
     stored (see :mod:`edge_sel.export.passes.weights`); ``verify`` checks the float32 graphs before conversion.
+=======
+    format: ``"onnx"`` (default); ``"ort"``: the graphs converted to onnxruntime's ORT format last (for mobile and
+    minimal builds, see :mod:`edge_sel.export.passes.ort_format`); ``"coreml"``: the ONNX bundle plus a CoreML ML
+    Program package per layer, qkv graph and head, converted from torch (``coreml_precision`` ``"fp16"`` (default)
+    or ``"fp32"``; see :mod:`edge_sel.export.coreml`).
+>>>>>>> main
     """
     from .passes.weights import check_format
 
     check_format(weights)
     if task not in TASKS:
         raise InputError(f"task {task!r} is not supported (supported: {', '.join(TASKS)})")
+    if format not in FORMATS:
+        raise InputError(f"format {format!r} is not supported (supported: {', '.join(FORMATS)})")
+    if format == "coreml":
+        _check_coreml(coreml_precision, drop_layers)
     BundleWriter.check_target(out, overwrite)  # before anything is fetched or loaded
     resolved = resolve(model, fetch_missing=fetch_missing)
     _refuse_overlap(Path(out), resolved.path)
@@ -88,6 +104,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     record = {"seed": seed, "seconds": None, "verified_max_abs_diff": None}  # the manifest's ``export`` field
     with BundleWriter(out, overwrite=overwrite) as w:
         tokenizer.backend_tokenizer.save(str(w.file("tokenizer.json")))
+        graph_fields = write_graphs(w, graphs, say)
         manifest: dict[str, Any] = {
             "created_by": CREATED_BY,
             "model": {"name": resolved.name, "source": str(resolved.spec), "family": adapter.family,
@@ -95,12 +112,13 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             "dims": graphs.dims,
             "dtype": "float32",
             "max_length": int(graphs.max_length),
-            **write_graphs(w, graphs, say),
+            **graph_fields,
             "tokenizer": {"file": "tokenizer.json"},
             "dropped_layers": [],
             "schedule": None,
             "export": record,
             **adapter.manifest_extras(torch_model, tokenizer, task, scoring),
+            **_coreml_packages(w, graphs, format, coreml_precision, say),
         }
         if verify:  # on the staged bundle, so a failing export never reaches `out`
             say("verify", 0, 1)
@@ -115,7 +133,36 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
         path = w.commit(manifest)
     if task == "rerank":
         _rerank_passes(path, drop_layers, calibrate, say)
+    if format == "ort":  # last: the passes above rewrite ONNX graphs
+        from .passes.ort_format import convert_to_ort
+
+        say("ort", 0, 1)
+        convert_to_ort(path)
+        say("ort", 1, 1)
     return path
+
+
+def _coreml_packages(w: BundleWriter, graphs: BundleGraphs, format: str, precision: str, say) -> dict[str, Any]:
+    """The manifest's ``coreml`` field (the packages written into ``w``), or nothing for the other formats."""
+    if format != "coreml":
+        return {}
+    from .coreml import write_packages
+
+    return {"coreml": write_packages(w, graphs, precision, say)}
+
+
+def _check_coreml(precision: str, drop_layers) -> None:
+    from .coreml import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise InputError(f"CoreML precision {precision!r} is not supported (supported: {', '.join(PRECISIONS)})")
+    if drop_layers not in (None, 0):
+        raise InputError("--format coreml cannot be combined with --drop-layers yet (the packages are converted "
+                         "per layer before layers are dropped); export without it")
+    try:
+        import coremltools  # noqa: F401
+    except ImportError:
+        raise InputError("--format coreml needs coremltools: pip install 'edge-sel[coreml]'") from None
 
 
 def _refuse_overlap(out: Path, source: Path) -> None:
@@ -192,4 +239,4 @@ def _rerank_passes(path: Path, drop_layers, calibrate: bool, say) -> None:
         from .passes.calibrate import calibrate as calibrate_bundle
 
         say("calibrate", 0, 1)
-        calibrate_bundle(path, "builtin", progress=lambda i, n: say("calibrate", i, n))
+        calibrate_bundle(path, "builtin", progress=lambda i, n, *_: say("calibrate", i, n))

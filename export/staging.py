@@ -9,8 +9,6 @@ and commits it over the old path.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Iterable
 
 from edge_sel.runtime.bundle import Bundle, BundleWriter, sha256_file
@@ -33,12 +31,5 @@ def stage_manifest(w: BundleWriter, manifest: dict | Manifest) -> Bundle:
 
 
 def link_files(src: Bundle, w: BundleWriter, rels: Iterable[str]) -> None:
-    """Hard-link the files ``rels`` of ``src`` into the staged bundle (copied where linking is impossible). A file
-    rewritten later in staging must be replaced (a new inode, ``os.replace``), never written through the link."""
-    for rel in rels:
-        dst = w.file(rel)
-        try:
-            os.link(src.path(rel), dst)
-        except OSError:
-            shutil.copy2(src.path(rel), dst)
-
+    """Hard-link the files ``rels`` of ``src`` into the staged bundle (:meth:`BundleWriter.link_from`)."""
+    w.link_from(src, rels)

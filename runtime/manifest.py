@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import string
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from types import MappingProxyType
@@ -52,10 +53,15 @@ POOLINGS = ("cls", "mean", "last")
 SCORE_RULES = ("logit", "cosine", "yes_minus_no_logit")
 FINAL_LAYER_OUTPUTS = ("all_tokens", "first_token")
 SCHEDULE_METHODS = ("probe", "head", "cosine")
+<<<<<<< HEAD
 SCHEDULE_RULES = ("margin", "rank")
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")   # how a bundle stores its weights (``weights.format``)
 TABLE_BITS = (4, 8)                                   # an encoded raw array's value width
 SCALE_DTYPES = ("float16", "float32")                 # an encoded raw array's scales and mins
+=======
+SCHEDULE_RULES = ("margin", "rank", "spread")
+GRAPH_FORMATS = ("onnx", "ort")  # ort: onnxruntime's flatbuffer format (mobile and minimal builds), weights inside
+>>>>>>> main
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -506,6 +512,7 @@ class ScheduleLayer(Node):
     layer: int
     margin: float | None = None
     keep: float | None = None
+    spread: float | None = None     # rule "spread": margin in units of the query's score spread near the K-th best
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -558,6 +565,7 @@ class ScheduleSpec(Node):
     calibration: Mapping[str, Any] | None = None     # what it was calibrated on (data, queries, candidates, seed, seconds)
     agreement: Agreement | None = None
     per_layer: tuple[Mapping[str, Any], ...] | None = None  # per layer: spearman / top-k overlap with the final scores
+    shadow: Mapping[str, Any] | None = None          # shadow mode's counts when it last tightened this schedule
 
     @classmethod
     def read(cls, r: _Reader, v, p: str) -> "ScheduleSpec":
@@ -571,10 +579,11 @@ class ScheduleSpec(Node):
                 if keep > 1:
                     r.fail(f"{q}.keep", f"expected a fraction in (0, 1], got {keep}")
                 return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), keep=keep, **ScheduleLayer._base(e))
-            margin = r.float(e.get("margin"), f"{q}.margin")
+            key = "spread" if rule == "spread" else "margin"
+            margin = r.float(e.get(key), f"{q}.{key}")
             if margin < 0:
-                r.fail(f"{q}.margin", f"expected a number >= 0, got {margin}")
-            return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), margin=margin, **ScheduleLayer._base(e))
+                r.fail(f"{q}.{key}", f"expected a number >= 0, got {margin}")
+            return ScheduleLayer(layer=r.int(e.get("layer"), f"{q}.layer", lo=0), **{key: margin}, **ScheduleLayer._base(e))
 
         src = d.get("source_layers")
         return cls(method=r.str(d.get("method", "head"), f"{p}.method", choices=SCHEDULE_METHODS),
@@ -585,7 +594,7 @@ class ScheduleSpec(Node):
                    safety=r.float(d.get("safety", 1.0), f"{p}.safety", positive=True),
                    probe=r.str(d.get("probe"), f"{p}.probe", optional=True),
                    source_layers=None if src is None else r.list(src, f"{p}.source_layers", lambda x, q: r.int(x, q, lo=0)),
-                   calibration=_free(r, d, "calibration", p),
+                   calibration=_free(r, d, "calibration", p), shadow=_free(r, d, "shadow", p),
                    agreement=None if d.get("agreement") is None else Agreement.read(r, d["agreement"], f"{p}.agreement"),
                    per_layer=None if d.get("per_layer") is None else r.list(d["per_layer"], f"{p}.per_layer",
                                                                           lambda x, q: freeze(r.obj(x, q))),
@@ -613,6 +622,52 @@ class Quantization(Node):
     source_bytes: int | None = _json("int", None, lo=0)
     seconds: float | None = _json("float", None)
     agreement: QuantAgreement | None = _json(QuantAgreement, None)
+
+
+COREML_PRECISIONS = ("float16", "float32")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreMLStage(Node):
+    """One CoreML ML Program package (a directory) standing for the ONNX graph ``graph``, with that graph's I/O names."""
+
+    package: str = _json("path")
+    graph: str = _json("path")
+    inputs: tuple[str, ...] = _json("list", of="str", nonempty=True)
+    outputs: tuple[str, ...] = _json("list", of="str", nonempty=True)
+    weight_bytes: int | None = _json("int", None, lo=0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreMLPackages(Node):
+    """``edge-sel export --format coreml``: a CoreML package per streamed stage (key: ``layer_NNN``, ``qkv_NNN``, ``head``)."""
+
+    stages: Mapping[str, CoreMLStage]
+    precision: str = _json("str", choices=COREML_PRECISIONS)
+    minimum_deployment_target: str = _json("str")
+    converter: str | None = _json("str", None)
+    empty_pos: int = _json("int", 2**31 - 1, lo=1)
+
+    @classmethod
+    def _read_first(cls, r, d, p):
+        raw = r.obj(d.get("stages"), f"{p}.stages")
+        if not raw:
+            r.fail(f"{p}.stages", "expected at least one stage")
+        return {"stages": MappingProxyType({r.str(k, f"{p}.stages key"): CoreMLStage.read(r, v, f"{p}.stages.{k}")
+                                            for k, v in raw.items()})}
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrtInfo(Node):
+    """ORT-format graphs: the operator configuration a reduced onnxruntime build takes (``--include_ops_by_config``),
+    how the graphs were optimized before saving, and the operator set (``{"domain;opset": [ops]}``, informational)."""
+
+    required_operators: str = _json("path")
+    optimization_level: str | None = _json("str", None)
+    optimization_style: str | None = _json("str", None)
+    onnxruntime: str | None = _json("str", None)
+    operators: Mapping[str, Any] | None = _json("free", None)
+    seconds: float | None = _json("float", None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -689,7 +744,13 @@ class Manifest(Node):
     schedule: ScheduleSpec | None = None
     export: ExportInfo | None = None
     quantization: Quantization | None = None
+<<<<<<< HEAD
     weights: WeightsSpec | None = None
+=======
+    coreml: CoreMLPackages | None = None
+    graph_format: str = "onnx"
+    ort: OrtInfo | None = None
+>>>>>>> main
     embedding: EmbeddingRule = field(default_factory=EmbeddingRule)
     pooling: str = "cls"
     score_rule: str | None = None
@@ -737,6 +798,10 @@ class Manifest(Node):
             refs.append((g.file, f"graph {name}"))
             if g.weights:
                 refs.append((g.weights, f"graph {name} weights"))
+        if self.coreml is not None:  # a package is a directory: its manifest file stands for it
+            refs += [(f"{s.package}/Manifest.json", f"CoreML package {k}") for k, s in self.coreml.stages.items()]
+        if self.ort is not None:
+            refs.append((self.ort.required_operators, "ORT operator configuration"))
         return refs
 
     def layer_weight_bytes(self, i: int) -> int:
@@ -746,6 +811,14 @@ class Manifest(Node):
 
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files.values())
+
+    def coreml_summary(self) -> dict[str, Any]:
+        """The CoreML packages: how many, their precision, bytes on disk and of weights."""
+        c = self.coreml
+        prefixes = tuple(s.package + "/" for s in c.stages.values())
+        return {"packages": len(c.stages), "precision": c.precision,
+                "bytes": sum(f.size for rel, f in self.files.items() if rel.startswith(prefixes)),
+                "weight_bytes": sum(s.weight_bytes or 0 for s in c.stages.values())}
 
     # ---- parsing -------------------------------------------------------------------------------------------------
     @classmethod
@@ -796,7 +869,13 @@ class Manifest(Node):
             schedule=opt("schedule", ScheduleSpec.read),
             export=opt("export", ExportInfo.read),
             quantization=opt("quantization", Quantization.read),
+<<<<<<< HEAD
             weights=opt("weights", WeightsSpec.read),
+=======
+            coreml=opt("coreml", CoreMLPackages.read),
+            graph_format=r.str(d.get("graph_format", "onnx"), "graph_format", choices=GRAPH_FORMATS),
+            ort=opt("ort", OrtInfo.read),
+>>>>>>> main
             embedding=EmbeddingRule.read(r, d.get("embedding", {}), "embedding"),
             pooling=r.str(d.get("pooling", "cls"), "pooling", choices=POOLINGS),
             score_rule=r.str(d.get("score_rule"), "score_rule", optional=True, choices=SCORE_RULES),
@@ -845,8 +924,27 @@ class Manifest(Node):
             r.fail("layer_io", "split layers (qkv graphs) need layer_io.qkv and layer_io.attn, and only they have them")
         if self.task == "generate" and not all(split):
             r.fail("layers[0].qkv", "generate bundles need split layers (a qkv graph per layer)")
+        if (self.graph_format == "ort") != (self.ort is not None):
+            r.fail("ort", "graph_format 'ort' and the 'ort' object come together")
         if self.scoring == "yes_no" and self.prompt is None:
             r.fail("prompt", "yes/no scoring needs the prompt (prefix, suffix)")
+        if self.prompt is not None:
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.prompt.prefix) if f is not None}
+            if "query" not in fields or not fields <= {"query", "instruction"}:
+                r.fail("prompt.prefix", f"expected the placeholders {{query}} and optionally {{instruction}}, got {sorted(fields)}")
+        n_source = len(self.layers) + len(self.dropped_layers)
+        if self.dims.num_layers is not None and self.dims.num_layers != n_source:
+            r.fail("dims.num_layers", f"expected {n_source} (layers + dropped_layers), got {self.dims.num_layers}")
+        rows = self.embed.shape[0]
+        if self.dims.vocab is not None and self.dims.vocab != rows:
+            r.fail("dims.vocab", f"expected the embedding table's {rows} rows, got {self.dims.vocab}")
+        named_ids = [("pad_id", self.pad_id), ("bos_id", self.bos_id), *((f"stop_ids[{i}]", t) for i, t in enumerate(self.stop_ids)),
+                     *((f"eos_ids[{i}]", t) for i, t in enumerate(self.eos_ids))]
+        if self.token_ids is not None:
+            named_ids += [("token_ids.yes", self.token_ids.yes), ("token_ids.no", self.token_ids.no)]
+        for name, tid in named_ids:
+            if tid is not None and tid >= rows:
+                r.fail(name, f"token id {tid} is outside the embedding table's {rows} rows")
         if self.embedding.rule == "bert":
             for name in ("position", "ln_weight", "ln_bias"):
                 if name not in self.arrays:
@@ -860,6 +958,11 @@ class Manifest(Node):
                 r.fail("schedule.source_layers", f"expected {len(at)} entries, got {len(s.source_layers)}")
             if s.method == "probe" and (s.probe is None or s.probe not in self.arrays):
                 r.fail("schedule.probe", f"names array {s.probe!r}, which is not in arrays")
+        if self.coreml is not None:
+            graphs = {x.file for x in self.layers} | {g.file for g in self.extra_graphs.values()} | {self.head.file}
+            for k, s in self.coreml.stages.items():
+                if s.graph not in graphs:
+                    r.fail(f"coreml.stages.{k}.graph", f"{s.graph!r} is not a graph of this bundle")
         for rel, what in self.referenced():
             if rel not in self.files:
                 r.fail("files", f"{what} file {rel!r} is not listed in 'files'")
@@ -901,10 +1004,12 @@ def with_schedule(raw: dict[str, Any], schedule: dict[str, Any] | None, probe_na
     return {**raw, "arrays": arrays, "schedule": schedule}
 
 
-def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], probe_name: str) -> tuple[dict[str, Any], set[str]]:
+def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], probe_name: str,
+                   files: Any = ()) -> tuple[dict[str, Any], set[str]]:
     """``raw`` without the layers at positions ``drop`` (and their qkv graphs), recording them as dropped; the
-    schedule and its probe go (their layer positions no longer hold). Returns the new manifest and the files it no
-    longer references."""
+    schedule and its probe go (their layer positions no longer hold), and so do CoreML packages (``files``: the
+    bundle's listed files, to find the packages' contents). Returns the new manifest and the files it no longer
+    references."""
     gone: set[str] = set()
     extra = dict(raw.get("extra_graphs", {}))
     kept, newly = [], []
@@ -923,6 +1028,10 @@ def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], pr
         out["final_layer_output"] = "all_tokens"  # the first-token graph was the last layer's; a full one ends it now
     if raw.get("schedule"):
         out["schedule"] = None
+    if raw.get("coreml"):  # packages are per layer position: they go with the layers' renumbering
+        pkgs = [s["package"] + "/" for s in raw["coreml"]["stages"].values()]
+        gone.update(f for f in files if any(f.startswith(pk) for pk in pkgs))
+        out["coreml"] = None
     probe = raw.get("arrays", {}).get(probe_name)
     if probe:
         gone.add(probe["file"])
@@ -932,6 +1041,10 @@ def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], pr
 
 __all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
            "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
+<<<<<<< HEAD
            "ExportInfo", "FileEntry", "RawArray", "TableEncoding", "TensorFormat", "WeightsSpec", "WEIGHT_FORMATS",
            "required_version", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
+=======
+           "ExportInfo", "CoreMLPackages", "CoreMLStage", "FileEntry", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
+>>>>>>> main
            "CREATED_BY", "DTYPES", "freeze", "thaw", "editable", "with_schedule", "without_layers"]

@@ -1,14 +1,27 @@
-"""Process memory measurement: current RSS, a resettable peak (Linux VmHWM), and a sampling fallback."""
+"""Process memory: current RSS, a resettable peak (Linux VmHWM) with a sampling fallback, and the allocator's
+free-memory release per platform (glibc ``mallopt`` / ``malloc_trim``; macOS ``malloc_zone_pressure_relief``).
+
+Every platform-specific call is guarded: on a platform without the mechanism it is not made, and
+:func:`mechanisms` says which ones this process uses (the engines report it in ``last_stats``).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
 import psutil
 
 _PROC = psutil.Process()
+DARWIN_LIBSYSTEM = "/usr/lib/libSystem.B.dylib"
+
+
+def maxrss_bytes(ru_maxrss: int, platform: str | None = None) -> int:
+    """``getrusage().ru_maxrss`` in bytes: macOS reports bytes, Linux and the BSDs KiB."""
+    platform = sys.platform if platform is None else platform
+    return int(ru_maxrss) if platform == "darwin" else int(ru_maxrss) * 1024
 
 
 def rss_bytes() -> int:
@@ -33,7 +46,7 @@ def peak_rss_bytes() -> int:
         return hwm
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def reset_peak() -> bool:
@@ -97,6 +110,15 @@ MMAP_THRESHOLD = 64 << 20
 TRIM_THRESHOLD = 256 << 10  # free heap above this at the top is returned at once
 _tuned: bool | None = None
 _LIBC: list = []
+_RELEASE: list = []
+_COUNTS = [0]  # heap releases made by this process (read by ReleaseLog)
+
+
+def _glibc() -> bool:
+    try:
+        return "glibc" in (os.confstr("CS_GNU_LIBC_VERSION") or "")
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def _libc():
@@ -106,12 +128,82 @@ def _libc():
 
         lib = None
         try:
-            if "glibc" in (os.confstr("CS_GNU_LIBC_VERSION") or ""):
+            if _glibc():
                 lib = ctypes.CDLL("libc.so.6")
-        except (AttributeError, ValueError, OSError):
+        except OSError:
             lib = None
         _LIBC.append(lib)
     return _LIBC[0]
+
+
+class HeapRelease:
+    """Return the allocator's free pages to the OS now. ``name`` says which call does it.
+
+    glibc: ``malloc_trim(0)`` (every arena, also free chunks in the middle of the heap). macOS:
+    ``malloc_zone_pressure_relief(NULL, 0)`` — every malloc zone gives back as much free memory as it can (its free
+    pages are marked reusable, ``madvise(MADV_FREE_REUSABLE)``, and leave the process's footprint)."""
+
+    def __init__(self, name: str, call):
+        self.name = name
+        self._call = call
+
+    def __call__(self) -> None:
+        self._call()
+
+
+def heap_release_for(platform: str, glibc: bool, load=None) -> HeapRelease | None:
+    """The heap-release mechanism of a platform (``sys.platform``, whether the C library is glibc); None where
+    there is none. ``load`` opens a shared library (``ctypes.CDLL``; injected by tests)."""
+    import ctypes
+
+    load = load or ctypes.CDLL
+    try:
+        if platform.startswith("linux") and glibc:
+            lib = load("libc.so.6")
+            return HeapRelease("malloc_trim", lambda: lib.malloc_trim(0))
+        if platform == "darwin":
+            lib = load(DARWIN_LIBSYSTEM)
+            fn = lib.malloc_zone_pressure_relief
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            fn.restype = ctypes.c_size_t
+            return HeapRelease("malloc_zone_pressure_relief", lambda: fn(None, 0))
+    except (OSError, AttributeError):  # a C library without the call: nothing to do
+        return None
+    return None
+
+
+def _heap_release() -> HeapRelease | None:
+    if not _RELEASE:
+        _RELEASE.append(heap_release_for(sys.platform, _glibc()))
+    return _RELEASE[0]
+
+
+class ReleaseLog:
+    """Which memory mechanisms ran between its creation and :meth:`report` (one engine call), for ``last_stats``."""
+
+    def __init__(self):
+        from .residency import released_bytes
+
+        self.heap0, self.pages0 = _COUNTS[0], released_bytes()
+
+    def report(self) -> dict:
+        from .residency import released_bytes
+
+        m = mechanisms()
+        heap, pages = _COUNTS[0] - self.heap0, released_bytes() - self.pages0
+        return {"allocator_tuning": m["allocator_tuning"], "heap_release": m["heap_release"] if heap else None,
+                "heap_release_calls": heap, "weight_pages": m["weight_pages"] if pages else None,
+                "weight_page_bytes_released": pages, "available": m}
+
+
+def mechanisms() -> dict[str, str | None]:
+    """What this process uses to keep memory down (None: nothing on this platform): allocator tuning, heap
+    release, and the release of file-backed weight pages (:mod:`edge_sel.runtime.residency`)."""
+    from .residency import mechanism as page_mechanism
+
+    release = _heap_release()
+    return {"allocator_tuning": "mallopt" if _tuned else None, "heap_release": release.name if release else None,
+            "weight_pages": page_mechanism()}
 
 
 def tune_allocator() -> bool:
@@ -141,23 +233,26 @@ def tune_allocator() -> bool:
 
 
 def trim_heap() -> None:
-    """Return the free pages of every malloc arena to the kernel now (glibc ``malloc_trim(0)``, also the free
-    chunks in the middle of the heap); a no-op elsewhere. Unlike :func:`release_free_memory` it does not need
+    """Return the allocator's free pages to the kernel now (:class:`HeapRelease`: glibc ``malloc_trim(0)``, macOS
+    ``malloc_zone_pressure_relief``); a no-op elsewhere. Unlike :func:`release_free_memory` it does not need
     :func:`tune_allocator`: the generator calls it between prefill layers, whose attention temporaries are
     freed but, fragmented among longer-lived blocks, would otherwise stay resident."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    release = _heap_release()
+    if release is not None:
+        release()
+        _COUNTS[0] += 1
 
 
 def release_free_memory() -> None:
-    """:func:`trim_heap` once :func:`tune_allocator` has tuned glibc (the reranker's budgeted runs); a no-op otherwise."""
-    if _tuned:
+    """:func:`trim_heap` after a budgeted call: once :func:`tune_allocator` has tuned glibc, or on macOS (whose
+    allocator has no tuning; its zones keep freed pages until asked); a no-op otherwise."""
+    if _tuned or sys.platform == "darwin":
         trim_heap()
 
 
 class HeapGuard:
-    """Keep a budgeted call's RSS growth near what it really holds, in a fragmented heap.
+    """Keep a budgeted call's RSS growth near what it really holds, in a fragmented heap (glibc; on macOS the same
+    guard releases through ``malloc_zone_pressure_relief``, see :class:`HeapRelease`).
 
     glibc serves each request from the best-fitting free hole. In a long-lived process whose heap is full of holes
     (returned to the kernel by :func:`trim_heap` after earlier calls), chunk after chunk lands in a different hole and
@@ -176,7 +271,7 @@ class HeapGuard:
                 fraction = float(raw)
             except ValueError:
                 raise ValueError(f"EDGE_SEL_HEAP_GUARD must be a fraction of the budget (0 = off), got {raw!r}") from None
-        on = budget is not None and fraction > 0 and _libc() is not None
+        on = budget is not None and fraction > 0 and _heap_release() is not None
         self.limit = rss_bytes() + int(fraction * budget) if on else None
         self.trims = 0
 

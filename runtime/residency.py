@@ -8,7 +8,10 @@ prefill pass keeps the prefill's activations and the model's weights from peakin
 pages stay in the kernel's page cache, so the next use re-maps them without disk I/O (page faults only).
 
 Only read-only private mappings of the named files that hold no anonymous (copied-on-write) pages
-are ever released, so no modified data can be lost. Elsewhere than Linux/glibc this is a no-op.
+are ever released, so no modified data can be lost. Elsewhere than Linux this is a no-op (:func:`mechanism` is
+None): macOS has no ``/proc`` to find onnxruntime's mappings, its ``MADV_DONTNEED`` only lowers the pages' priority
+(they stay mapped), and its ``MADV_FREE_REUSABLE`` is for anonymous memory — the malloc heap, which
+:func:`edge_sel.runtime.memory.trim_heap` releases there — not for file-backed weights.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ctypes
 import mmap
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +29,28 @@ MADV_DONTNEED = 4
 MADV_POPULATE_READ = 22  # Linux >= 5.14: map (read-fault) a range in one call
 _PAGE = mmap.PAGESIZE
 _MADVISE: list = []
+_RELEASED = [0]  # bytes advised away by this process (read by edge_sel.runtime.memory.ReleaseLog)
+
+
+def released_bytes() -> int:
+    return _RELEASED[0]
+
+
+def page_release_for(platform: str, has_proc_maps: bool) -> str | None:
+    """The weight-page release a platform offers (``sys.platform``, whether ``/proc/self/maps`` exists): Linux's
+    ``madvise(MADV_DONTNEED)`` on mappings found in ``/proc/self/smaps``, or None (nothing is called)."""
+    return "madvise(MADV_DONTNEED)" if platform.startswith("linux") and has_proc_maps else None
+
+
+def mechanism() -> str | None:
+    """This process's weight-page release (:func:`page_release_for` of this platform)."""
+    return page_release_for(sys.platform, os.path.exists("/proc/self/maps"))
 
 
 def _madvise():
     if not _MADVISE:
         fn = None
-        if os.name == "posix" and os.path.exists("/proc/self/maps"):
+        if mechanism() is not None:
             try:
                 lib = ctypes.CDLL(None, use_errno=True)
                 fn = lib.madvise
@@ -57,6 +77,7 @@ def release_range(address: int, nbytes: int) -> int:
     b = -(-(address + nbytes) // _PAGE) * _PAGE
     if fn(a, b - a, MADV_DONTNEED) != 0:
         raise OSError(ctypes.get_errno(), f"madvise(MADV_DONTNEED) failed on {b - a} bytes")
+    _RELEASED[0] += b - a
     return b - a
 
 
@@ -151,4 +172,4 @@ class WeightPages:
         return done
 
 
-__all__ = ["WeightPages", "snapshot", "release_range", "release_array", "supported"]
+__all__ = ["WeightPages", "snapshot", "release_range", "release_array", "supported", "mechanism", "page_release_for"]

@@ -9,11 +9,14 @@ session kept resident does not keep its largest activation allocation for life.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import onnxruntime as ort
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.errors import BundleError
+from edge_sel.runtime.providers import Assignment
 
 
 def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
@@ -52,10 +55,24 @@ def needs_prepacking(path: Path) -> bool:
         return False
 
 
-def load_session(path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True) -> ort.InferenceSession:
+def load_session(path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
+                 providers: Assignment | None = None) -> ort.InferenceSession:
+    """A session on the CPU provider, or on ``providers``' choice (its load time and node assignment recorded there)."""
+    so = session_options(threads, optimize, mem_pattern, prepack=needs_prepacking(path))
+    prefix = trace.op_profile_prefix()  # a profiler asked for onnxruntime's per-operator timings
+    if prefix is not None:
+        so.enable_profiling, so.profile_file_prefix = True, prefix
+    chain: list = ["CPUExecutionProvider"]
+    if providers is not None:
+        so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+        chain = providers.choice.for_session()
+    t = time.perf_counter()
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads, optimize, mem_pattern,
-                                                                            prepack=needs_prepacking(path)),
-                                    providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(str(path), sess_options=so, providers=chain)
     except Exception as e:  # onnxruntime raises its own exception types; name the file
         raise BundleError(f"cannot load graph {path}: {e}") from None
+    if providers is not None:
+        providers.record(sess, time.perf_counter() - t, str(path))
+    if prefix is not None:
+        trace.register_session(sess, prefix)
+    return sess

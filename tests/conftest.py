@@ -59,3 +59,21 @@ def gen_llama_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen_llama")
     hf = make_gen_decoder(root / "hf", kind="llama", layers=4)
     return export(hf, root / "bundle", task="generate", verify=True)
+
+
+@pytest.fixture(scope="session")
+def vector_bundles(tmp_path_factory):
+    """The calibrated tiny bundles the shared test vectors (tests/vectors/) were made from, rebuilt: {case: path}."""
+    from vectors.make import CASES, export_case
+
+    root = tmp_path_factory.mktemp("vector_bundles")
+    return {name: export_case(name, root) for name in CASES}
+
+
+@pytest.fixture(scope="session")
+def vector_bundles_ort(vector_bundles, tmp_path_factory):
+    """The vector bundles with their graphs converted to the ORT format: {case: path}."""
+    from edge_sel.export.passes.ort_format import convert_to_ort
+
+    root = tmp_path_factory.mktemp("vector_bundles_ort")
+    return {name: convert_to_ort(path, root / name) for name, path in vector_bundles.items()}

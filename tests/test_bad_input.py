@@ -108,6 +108,8 @@ CASES = [
     ("gen-empty-prompt", lambda c: ["generate", c.gen, "-p", "", "-n", 2], "prompt"),
     ("gen-policy-full-combined", lambda c: GEN(c, "--policy", "full+full"), "full"),
     ("gen-rerank-bundle", lambda c: ["generate", c.bi, "-p", "hi"], "rerank"),
+    ("gen-policy-repeated", lambda c: GEN(c, "--policy", "h2o+h2o"), "twice"),
+    ("gen-system-without-chat", lambda c: GEN(c, "--system", "be brief"), "--chat"),
     ("gen-missing-bundle", lambda c: ["generate", c.tmp / "none", "-p", "hi"], "not found"),
     # export
     ("export-max-length-zero", lambda c: ["export", c.hf, "-o", c.tmp / "out", "--max-length", 0], "--max-length"),
@@ -125,8 +127,10 @@ CASES = [
     ("export-missing-model", lambda c: ["export", c.tmp / "no-such-model", "-o", c.tmp / "o"], "not found"),
     ("export-drop-layers-junk", lambda c: ["export", c.hf, "-o", c.tmp / "o", "--drop-layers", "some"], "--drop-layers"),
     ("export-out-under-a-file", lambda c: ["export", c.hf, "-o", c.docs / "bundle"], "docs.txt"),
+    ("export-out-uncreatable", lambda c: ["export", c.hf, "-o", "/proc/no-such-dir/bundle"], "cannot create"),
     # rerank
     ("rerank-top-k-zero", lambda c: RERANK(c, c.bi, "-k", 0), "top_k"),
+    ("rerank-instruction-on-encoder", lambda c: RERANK(c, c.ce, "--instruction", "judge"), "--instruction"),
     ("rerank-empty-query", lambda c: ["rerank", c.bi, "-q", "", "-d", c.docs], "query"),
     ("rerank-docs-folder", lambda c: ["rerank", c.bi, "-q", "x", "-d", c.tmp], "not found"),
     ("rerank-docs-missing", lambda c: ["rerank", c.bi, "-q", "x", "-d", c.tmp / "none.txt"], "not found"),
@@ -137,10 +141,15 @@ CASES = [
     ("rerank-jsonl-not-json", lambda c: ["rerank", c.bi, "-q", "x", "-d", write(c.tmp / "d.jsonl", "plain words\n")],
      "line 1"),
     ("rerank-jsonl-no-text", lambda c: ["rerank", c.bi, "-q", "x", "-d", write(c.tmp / "d.txt", '{"txt": 1}\n')], "text"),
+    ("rerank-docs-line-too-long", lambda c: ["rerank", c.bi, "-q", "x", "-d",
+                                             write(c.tmp / "d.txt", "ok\n" + "x" * ((1 << 20) + 1) + "\n")], "line 2 is longer than 1.0 MiB"),
+    ("rerank-docs-endless", lambda c: ["rerank", c.bi, "-q", "x", "-d", "/dev/zero"], "line 1 is longer than"),
     ("rerank-budget-too-small", lambda c: RERANK(c, c.bi, "-m", "1KB"), "minimum"),
     ("rerank-spill-dir-missing", lambda c: RERANK(c, c.bi, "--spill-dir", c.tmp / "nope"), "--spill-dir"),
     ("rerank-spill-dir-a-file", lambda c: RERANK(c, c.bi, "--spill-dir", c.docs), "--spill-dir"),
     ("rerank-pruning-on-uncalibrated", lambda c: RERANK(c, c.bi, "--pruning", "on"), "calibrat"),
+    ("rerank-shadow-above-one", lambda c: RERANK(c, c.bi, "--shadow", "1.5"), "shadow"),
+    ("rerank-shadow-negative", lambda c: RERANK(c, c.bi, "--shadow=-0.1"), "shadow"),
     ("rerank-generate-bundle", lambda c: RERANK(c, c.gen), "generate"),
     ("rerank-missing-bundle", lambda c: RERANK(c, c.tmp / "none"), "not found"),
     ("rerank-not-a-bundle", lambda c: RERANK(c, c.tmp), "manifest"),
@@ -156,6 +165,9 @@ CASES = [
      "format_version"),
     ("rerank-format-version-bool", lambda c: RERANK(c, bundle_copy(c, c.bi, lambda m: _set(m, True, "format_version"))),
      "format_version"),
+    ("rerank-provider-unknown", lambda c: RERANK(c, c.bi, "--provider", "warp-drive"), "provider"),
+    ("gen-provider-unknown", lambda c: GEN(c, "--provider", "warp-drive"), "provider"),
+    ("bench-provider-unknown", lambda c: ["bench", c.bi, "--provider", "warp-drive", "-r", 1], "provider"),
     ("rerank-manifest-not-json", lambda c: RERANK(c, bundle_copy(c, c.bi, edit_file=("manifest.json", b"{"))), "manifest"),
     # calibrate
     ("calibrate-candidates-zero", lambda c: ["calibrate", c.ce, "--candidates", 0], "n_candidates"),
@@ -170,6 +182,7 @@ CASES = [
     ("calibrate-data-wrong-shape", lambda c: ["calibrate", c.ce, "--data", write(c.tmp / "cal.jsonl", '{"query": 1}\n')],
      "line 1"),
     ("calibrate-generate-bundle", lambda c: ["calibrate", c.gen], "generate"),
+    ("calibrate-check-unknown-domain", lambda c: ["calibrate", c.ce, "--check", "botchan,nowhere"], "nowhere"),
     # verify / info
     ("verify-missing", lambda c: ["verify", c.tmp / "none"], "not found"),
     ("verify-not-a-bundle", lambda c: ["verify", c.tmp], "manifest"),
@@ -191,6 +204,9 @@ CASES = [
      "dynamic"),
     ("quantize-block-size-not-power-of-two", lambda c: ["quantize", c.bi, "-o", c.tmp / "q", "--weights", "int4",
                                                         "--block-size", 24], "--block-size"),
+    ("convert-missing", lambda c: ["convert", c.tmp / "none"], "not found"),
+    ("convert-out-is-user-folder", lambda c: ["convert", c.bi, "-o", write(c.tmp / "mine" / "notes.txt", "keep").parent], "mine"),
+    ("convert-out-under-a-file", lambda c: ["convert", c.bi, "-o", c.docs / "o"], "docs.txt"),
     ("export-generate-out-under-a-file", lambda c: ["export", c.hf, "--task", "generate", "-o", c.docs / "b"], "docs.txt"),
     # bench
     ("bench-rerank-bundle-generate-options", lambda c: ["bench", c.bi, "--policy", "mpcache"], "--policy"),
@@ -205,7 +221,27 @@ CASES = [
     ("bench-repeats-zero", lambda c: ["bench", c.bi, "--repeats", 0], "repeats"),
     ("bench-missing", lambda c: ["bench", c.tmp / "none"], "not found"),
     ("bench-n-docs-junk", lambda c: ["bench", c.bi, "-n", "many"], "many"),
+    ("bench-n-docs-huge", lambda c: ["bench", c.bi, "-n", "100000000"], "--n-docs"),
     ("bench-prompt-file-folder", lambda c: ["bench", c.gen, "--prompt-file", c.tmp], "prompt file"),
+    # devices, plan, profile
+    ("devices-show-unknown", lambda c: ["devices", "show", "no-such-phone"], "unknown device"),
+    ("plan-unknown-device", lambda c: ["plan", c.bi, "--device", "no-such-phone", "--task", "rerank", "-n", 4,
+                                       "--doc-tokens", 8], "unknown device"),
+    ("plan-device-file-invalid", lambda c: ["plan", c.bi, "--device", write(c.tmp / "d.json", '{"name": "x"}'), "--task",
+                                            "rerank", "-n", 4, "--doc-tokens", 8], "not a valid device profile"),
+    ("plan-infeasible-budget", lambda c: ["plan", c.bi, "--device", "iphone-se-3", "--task", "rerank", "-n", 4,
+                                          "--doc-tokens", 8, "--budget", "1KB"], "smallest budget that works"),
+    ("plan-wrong-task", lambda c: ["plan", c.gen, "--device", "pixel-8", "--task", "rerank", "-n", 4, "--doc-tokens", 8],
+     "'generate' bundle"),
+    ("plan-rerank-without-candidates", lambda c: ["plan", c.bi, "--device", "pixel-8", "--task", "rerank"], "--candidates"),
+    ("plan-generate-prompt-beyond-context", lambda c: ["plan", c.gen, "--device", "pixel-8", "--task", "generate",
+                                                       "--prompt-tokens", 10**7], "context"),
+    ("profile-without-out", lambda c: ["profile", c.bi, "rerank", "-q", "x", "-d", c.docs], "--out"),
+    ("profile-out-is-a-file", lambda c: ["profile", c.bi, "rerank", "-q", "x", "-d", c.docs, "--out", c.docs], "not a folder"),
+    ("profile-interval-zero", lambda c: ["profile", c.bi, "rerank", "-q", "x", "-d", c.docs, "--out", c.tmp / "p",
+                                         "--interval-ms", 0], "--interval-ms"),
+    ("profile-missing-documents", lambda c: ["profile", c.bi, "rerank", "-q", "x", "-d", c.tmp / "none.txt", "--out",
+                                             c.tmp / "p"], "not found"),
 ]
 
 
@@ -222,6 +258,15 @@ def test_bad_input(ctx, capsys, case):
     assert len(lines) == 1, err
     assert lines[0].startswith("edge-sel: error: ") and needle in lines[0], lines[0]
     assert snapshot(*owned) == before, "a bad input changed or left files behind"
+
+
+@pytest.mark.parametrize("argv", [["models", "list"], ["demo"]])
+def test_home_that_cannot_be_a_folder(ctx, capsys, monkeypatch, argv):
+    monkeypatch.setenv("EDGE_SEL_HOME", str(ctx.docs))
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.strip().startswith("edge-sel: error: EDGE_SEL_HOME=") and "\n" not in err.strip(), err
+    code, _, err = run_cli(RERANK(ctx, ctx.bi), capsys)  # a local bundle does not need the home
+    assert code == 0, err
 
 
 def test_plain_text_starting_with_brace_is_plain_text(ctx, capsys):

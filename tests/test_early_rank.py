@@ -447,3 +447,106 @@ def test_final_layer_last_token_only_matches_full_layer(llama_bundle, docs):
         assert not every_token.last_stats["final_layer_last_token_only"]
         np.testing.assert_allclose(fast, full, atol=1e-3)
         assert np.abs(fast - full).max() < 1e-4 and np.std(full) > 1e-3  # scores differ between docs: a real check
+
+
+def test_ridge_from_sufficient_statistics_matches_a_direct_fit():
+    """RidgeStats sums per-query Gram matrices; a direct ridge on the stacked, query-centred, standardised rows
+    must give the same weights, and cross-fitted scores must come from probes that never saw their query."""
+    from edge_sel.export.passes.traces import RidgeStats
+
+    rng = np.random.default_rng(3)
+    X = [rng.normal(size=(int(rng.integers(5, 12)), 7)) + rng.normal(size=7) for _ in range(9)]
+    true_w = rng.normal(size=7)
+    y = [x @ true_w + rng.normal(size=len(x)) * 0.3 + rng.normal() for x in X]
+    stats = RidgeStats(X, y, folds=3)
+    lam = 0.1
+    Z = np.concatenate([x - x.mean(0) for x in X])
+    t = np.concatenate([v - v.mean() for v in y])
+    sd = Z.std(0)
+    direct = np.linalg.solve((Z / sd).T @ (Z / sd) + lam * len(t) * np.eye(7), (Z / sd).T @ t) / sd
+    w, info = stats.fit(lambdas=(lam,))
+    assert np.allclose(w[:-1], direct, rtol=1e-4, atol=1e-5)
+    assert np.isclose(w[-1], np.concatenate(y).mean() - np.concatenate(X).mean(0) @ direct, atol=1e-4)
+    # cross-fitting: query 0 (fold 0) is scored by a probe fitted on folds 1 and 2 only
+    keep = [i for i in range(9) if i % 3 != 0]
+    Zk = np.concatenate([X[i] - X[i].mean(0) for i in keep])
+    tk = np.concatenate([y[i] - y[i].mean() for i in keep])
+    sdk = Zk.std(0)
+    wk = np.linalg.solve((Zk / sdk).T @ (Zk / sdk) + lam * len(tk) * np.eye(7), (Zk / sdk).T @ tk) / sdk
+    assert np.allclose(stats.crossfit(lam)[0], X[0] @ wk, rtol=1e-4, atol=1e-4)
+    assert info["lambda"] == lam
+
+
+# ---- shadow mode ------------------------------------------------------------------------------------------------
+def test_shadow_runs_tighten_a_too_aggressive_schedule_until_misses_stop(bert_ce_bundle, docs, tmp_path):
+    """A schedule that keeps only the top-K by the layer-0 logit lens loses top-K members; shadow runs (every call)
+    find the misses, tighten the schedule and store it back atomically: the rewritten bundle verifies, shares
+    every other file with the old one, and from then on the pruned top-K is the full model's on these queries."""
+    from edge_sel.runtime.rerank.shadow import store_schedule
+
+    documents, queries = docs
+    b = tmp_path / "b"
+    shutil.copytree(bert_ce_bundle, b)
+    aggressive = Schedule.from_manifest({"method": "head", "rule": "rank", "top_k": 5, "layers": [{"layer": 0, "keep": 0.125}]})
+    store_schedule(Bundle.open(b), aggressive)
+    layer_file = Bundle.open(b).spec.layers[1].file
+    inode = (b / layer_file).stat().st_ino
+    full = Reranker(b, pruning="off")
+    truth = [set(np.argsort(-full.predict(q, documents), kind="stable")[:5].tolist()) for q in queries]
+    rr = Reranker(b, pruning="auto", shadow=1.0)
+    misses_per_pass = []
+    for _ in range(3):
+        before = rr.shadow.stats.misses
+        for q in queries:
+            rr.rank(q, documents, top_k=5)
+            st = rr.last_stats["shadow"]
+            assert st["last"]["ran"] and st["runs"] == st["calls"] and st["seconds"] > 0 and st["cost"] > 0
+        misses_per_pass.append(rr.shadow.stats.misses - before)
+        if misses_per_pass[-1] == 0:
+            break
+    assert misses_per_pass[0] > 0, "the aggressive schedule should have lost top-K members"
+    assert misses_per_pass[-1] == 0, misses_per_pass
+    st = rr.last_stats["shadow"]
+    assert st["stored"] == st["tightenings"] >= 1 and st["miss_rate"] > 0
+    stored = Bundle.open(b, verify=True)  # the rewrite went through the writer: hashes hold
+    raw = stored.manifest["schedule"]
+    assert raw["shadow"]["misses"] == st["misses"] and raw["rule"] == "rank"
+    kept = [e["keep"] for e in raw["layers"]]
+    assert not kept or kept[0] > 0.125  # tightened (or given up), never loosened
+    assert (b / layer_file).stat().st_ino == inode  # unchanged files are linked, not rewritten
+    assert not [p for p in tmp_path.iterdir() if p.name != "b"]  # no staging or backup sibling left
+    fresh = Reranker(b, pruning="auto")
+    for q, t in zip(queries, truth):
+        assert {r["corpus_id"] for r in fresh.rank(q, documents, top_k=5)} == t
+    info = subprocess.run([sys.executable, "-m", "edge_sel.cli", "info", str(b), "--json"], capture_output=True, text=True)
+    assert json.loads(info.stdout)["schedule"]["shadow"]["tightenings"] == st["tightenings"]
+
+
+def test_shadow_fraction_is_checked_and_zero_means_off(bert_ce_bundle, docs):
+    documents, queries = docs
+    for bad in (-0.1, 1.5, "often", True):
+        with pytest.raises(InputError, match="shadow"):
+            Reranker(bert_ce_bundle, shadow=bad)
+    rr = Reranker(bert_ce_bundle, pruning={"method": "head", "rule": "rank", "top_k": 5, "layers": [{"layer": 0, "keep": 0.5}]})
+    rr.rank(queries[0], documents, top_k=5)
+    assert rr.shadow is None and "shadow" not in rr.last_stats
+
+
+@settings(max_examples=200, deadline=None)
+@given(scores=st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=60), k=st.integers(1, 20),
+       param=st.floats(0, 5), floor=st.none() | st.integers(0, 30), gap=st.floats(0, 1))
+def test_every_rule_keeps_k_and_what_its_need_says_it_must(scores, k, param, floor, gap):
+    """For every rule: never fewer than max(K, floor) survivors; and any set of candidates whose need is <= the
+    parameter survives (the need is what calibration and shadow tightening rely on)."""
+    from edge_sel.runtime.rerank.rules import RULE_TYPES
+
+    s = np.array(scores)
+    n = len(s)
+    for rule in RULE_TYPES.values():
+        p = min(param, 1.0) if rule.max_param else param
+        keep = rule.keep_mask(s, p, k, n, floor, gap)
+        assert keep.sum() >= min(n, max(k, floor or 0))
+        if n > k:
+            top = np.random.default_rng(n + k).choice(n, min(k, n), replace=False)  # any set the final top-K might be
+            if rule.need(s, top, k) <= p:
+                assert keep[top].all()

@@ -198,6 +198,15 @@ BAD = [  # (bundle fixture, edit, the field the error must name)
     ("gen_llama_bundle", _set("rope_theta", -1.0), "rope_theta"),
     ("gen_llama_bundle", _set("layer_io.empty_pos", 0), "layer_io.empty_pos"),
     ("gen_llama_bundle", _set("model.scoring", "yes_no"), "model.scoring"),  # a generate bundle scores with the LM head
+    # fields that each parse but do not agree with the rest of the bundle
+    ("llama_bundle", _set("prompt.prefix", "no placeholder at all"), "prompt.prefix"),
+    ("llama_bundle", _set("prompt.prefix", "{nonsense} {query}"), "prompt.prefix"),
+    ("llama_bundle", _set("token_ids.yes", 10**7), "token_ids.yes"),
+    ("llama_bundle", _set("pad_id", 10**6), "pad_id"),
+    ("llama_bundle", _set("dims.num_layers", 7), "dims.num_layers"),
+    ("bert_bi_bundle", _set("dims.vocab", 10), "dims.vocab"),
+    ("gen_llama_bundle", _set("stop_ids", [2, 10**6]), r"stop_ids\[1\]"),
+    ("gen_llama_bundle", _set("bos_id", 10**6), "bos_id"),
 ]
 
 

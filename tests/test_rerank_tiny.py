@@ -131,12 +131,9 @@ def test_spilled_hidden_states_match_resident(fixture, request, docs, tmp_path):
     documents = documents * 6
     full = Reranker(bundle)
     ref = full.predict(queries[0], documents)
-    enc = full.encoder.encode(queries[0], documents)
-    ids, _ = full.scoring.items(enc)
-    lengths = np.array([len(x) for x in ids])
-    embed = full.embedder.touched_bytes(len(np.unique(np.concatenate(ids))))
-    resident = full.planner.resident_minimum(int(lengths.sum()), int(lengths.max()), embed)
-    spill_min = full.planner.spill_minimum(int(lengths.max()), embed)
+    size = full.call_size(queries[0], documents)
+    resident = full.planner.resident_minimum(size.total_tokens, size.max_len, size.embed_bytes, size.n_items, size.token_bytes, size.count)
+    spill_min = full.planner.spill_minimum(size.max_len, size.embed_bytes, size.n_items, size.token_bytes, size.count)
     assert spill_min < resident
     budget = (spill_min + resident) // 2
     rr = Reranker(bundle, memory_budget=budget, spill_dir=tmp_path)
@@ -159,10 +156,8 @@ def test_spill_with_pruning_keeps_exact_scores(bert_ce_bundle, docs, tmp_path):
     full = Reranker(bert_ce_bundle, pruning="off")
     ref = full.predict(queries[0], documents)
     sched = Schedule(method="head", top_k=3, layers=[0], margins=[0.0], floor=3)
-    enc = full.encoder.encode(queries[0], documents)
-    ids, _ = full.scoring.items(enc)
-    lengths = np.array([len(x) for x in ids])
-    spill_min = full.planner.spill_minimum(int(lengths.max()), full.embedder.touched_bytes(len(np.unique(np.concatenate(ids)))))
+    size = full.call_size(queries[0], documents)
+    spill_min = full.planner.spill_minimum(size.max_len, size.embed_bytes, size.n_items, size.token_bytes, size.count)
     rr = Reranker(bert_ce_bundle, memory_budget=spill_min + full.planner.layer_bytes // 2, pruning=sched, spill_dir=tmp_path)
     res = rr.rank(queries[0], documents, top_k=3)
     assert rr.last_stats["spill"] is True and rr.last_stats["n_pruned"] > 0
@@ -190,11 +185,8 @@ def test_plan_counts_embedding_and_layer_stage_as_successive_peaks(llama_bundle,
     assert p.resident_minimum(total, max_len, layer_stage + 1000) == base + 1000
     documents, queries = docs
     documents = documents * 4
-    enc = rr.encoder.encode(queries[0], documents)
-    ids, _ = rr.scoring.items(enc)
-    lengths = np.array([len(x) for x in ids])
-    embed = rr.embedder.touched_bytes(len(np.unique(np.concatenate(ids))))
-    need = p.resident_minimum(int(lengths.sum()), int(lengths.max()), embed)
+    size = rr.call_size(queries[0], documents)
+    need = p.resident_minimum(size.total_tokens, size.max_len, size.embed_bytes, size.n_items, size.token_bytes, size.count)
     tight = Reranker(llama_bundle, memory_budget=need + 2 * 1024**2)
     ref = rr.predict(queries[0], documents)
     np.testing.assert_allclose(tight.predict(queries[0], documents), ref, atol=1e-5)
@@ -277,7 +269,7 @@ def test_scoring_strategy_and_public_stats(fixture, strategy, request, docs):
     assert list(pub) == ["latency_s", "tokenize_s", "embed_s", "layers_s", "head_s", "layer_load_wait_s", "peak_rss_bytes",
                          "start_rss_bytes", "window_layers", "chunk_size", "chunk_tokens", "n_chunks", "memory_budget_bytes",
                          "live_per_layer", "n_layers", "n_documents", "n_truncated", "layer_loads", "pruning",
-                         "layer_work_saved", "token_work_saved", "n_pruned", "dropped_layers"]
+                         "layer_work_saved", "token_work_saved", "n_pruned", "dropped_layers", "provider"]
     assert pub == {k: rr.last_stats[k] for k in pub}
     assert {"order", "plan_estimate", "spill", "heap_trims"} <= set(rr.last_stats) and "spill_bytes_written" not in rr.last_stats
     assert pub["n_documents"] == len(documents) and pub["live_per_layer"] == [len(documents)] * len(rr.bundle.layers)

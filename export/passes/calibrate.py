@@ -34,8 +34,11 @@ from edge_sel.runtime.rerank.schedule import PROBE_ARRAY, RULES, Schedule
 from edge_sel.runtime.rerank.scoring import scoring_class
 
 from .rewrite import editable_manifest, rewriting
-from .schedule_search import DEFAULT_CLUSTER_GAP, DEFAULT_MAX_LAYERS, DEFAULT_SAFETY, validated_schedule
-from .traces import Trace, agreement_table, collect_traces, fit_probes, method_scores
+from edge_sel.runtime.rerank.scoring import apply_probe
+
+from ..domains import DOMAINS, domain_queries
+from .schedule_search import DEFAULT_CLUSTER_GAP, DEFAULT_MAX_LAYERS, DEFAULT_SAFETY, simulate, validated_schedule
+from .traces import Trace, agreement_table, collect_traces, features, fit_probes, method_scores
 
 log = logging.getLogger("edge_sel")
 
@@ -51,7 +54,11 @@ CALIBRATION_MODULES = [
     "symtable", "token", "tomllib", "rlcompleter", "fileinput", "smtpd", "asynchat", "socketserver",
 ]
 
-DEFAULT_QUERIES = 64          # schedules from 32 queries lost held-out top-10 members on 2% of queries (SmolLM2)
+DEFAULT_QUERIES = 32          # with the margin rule at its default safety, 24 queries already transfer as well as 64
+DEFAULT_CANDIDATES = 48
+# The rules ``--rule auto`` chooses from: only those whose validated schedule from builtin text kept the full top-10
+# on text calibration never saw (benchmarks/EARLY_RANK.md, "Off-domain"); rank and spread stay available by name.
+AUTO_RULES = ("margin",)
 
 
 # ---- calibration data ---------------------------------------------------------------------------
@@ -114,12 +121,17 @@ def load_data(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
 
 def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", top_k: int = 10, method: str = "auto",
               safety: float | None = None, max_layers: int = DEFAULT_MAX_LAYERS, n_queries: int = DEFAULT_QUERIES,
-              n_candidates: int = 48, seed: int = 0, write: bool = True, memory_budget=None,
-              progress: Callable[[int, int], None] | None = None, keep_traces: bool = False, rule: str = "auto") -> dict:
+              n_candidates: int = DEFAULT_CANDIDATES, seed: int = 0, write: bool = True, memory_budget=None,
+              progress: Callable[..., None] | None = None, keep_traces: bool = False, rule: str = "auto",
+              check: tuple[str, ...] = (), check_queries: int = 8) -> dict:
     """Calibrate ``bundle`` and (with ``write``) store schedule + probes in it. Returns a report dict.
 
-    ``rule``: ``margin`` (score margins), ``rank`` (keep fractions) or ``auto`` (the one whose validated
-    schedule saves more simulated layer-work). ``safety``: None = the rule's default."""
+    ``rule``: ``margin`` (score margins), ``rank`` (keep fractions), ``spread`` (margins in units of the query's
+    score spread) or ``auto`` (see :data:`AUTO_RULES`). ``safety``: None = the rule's default.
+    ``progress(done, total, info)``: after each traced query; ``info`` holds the tokens done / in total and the
+    seconds so far (an estimate of the whole run from the first query on). ``check``: text domains calibration never
+    saw (:mod:`edge_sel.export.domains`, e.g. ``("botchan", "wordnet")``): ``check_queries`` queries of each are
+    traced too and every candidate schedule replayed on them (``report["off_domain"]``)."""
     t0 = time.perf_counter()
     b = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     if b.task != "rerank":
@@ -144,23 +156,66 @@ def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", 
         if len(docs) <= top_k:
             raise InputError(f"calibration query {i} has {len(docs)} candidates, but top-{top_k} needs more than {top_k} "
                              f"to calibrate pruning (use more documents per query or a smaller --top-k)")
+    unknown = [d for d in check if d not in DOMAINS]
+    if unknown:
+        raise InputError(f"unknown text domain(s) to check {unknown} (known: {', '.join(DOMAINS)})")
     scoring = scoring_class(b)
     methods = list(scoring.early_methods)
     if method != "auto" and method not in methods:
         raise InputError(f"method {method!r} is not available for a {scoring.name} bundle (choose from auto, {', '.join(methods)})")
 
     rr = Reranker(b, memory_budget=memory_budget, pruning="off")
+    source = {"data": label, "queries": len(pairs), "candidates": int(np.median([len(d) for _, d in pairs])), "seed": seed}
     try:
-        traces = collect_traces(rr, pairs, progress)
+        traces = collect_traces(rr, pairs, _token_progress(rr, pairs, progress))
         all_scores = method_scores(rr, traces, methods)
+        report = decide_schedule(b, traces, all_scores, int(top_k), method=method, rule=rule, safety=safety,
+                                 max_layers=max_layers, source=source, write=False, started=t0)
+        held = {d: collect_traces(rr, domain_queries(d, check_queries, source["candidates"], seed + 1)) for d in check}
     finally:
         rr.close()
-    source = {"data": label, "queries": len(pairs), "candidates": int(np.median([len(d) for _, d in pairs])), "seed": seed}
-    report = decide_schedule(b, traces, all_scores, int(top_k), method=method, rule=rule, safety=safety,
-                             max_layers=max_layers, source=source, write=write, started=t0)
+    if held:
+        report["off_domain"] = off_domain(b, report, traces, held, int(top_k))
+    if write:
+        sched = Schedule.from_manifest(report["schedule"])
+        if not sched.layers:
+            log.warning("calibration found no layer where pruning keeps every calibration top-%d under split-half validation; "
+                        "storing an empty schedule", top_k)
+        write_schedule(b, sched, report["probes"])
     if keep_traces:
         report["traces"], report["method_scores"] = traces, all_scores
+    report.pop("probes")
     return report
+
+
+def _token_progress(rr: Reranker, pairs: list, progress):
+    """``progress(done, total)`` -> ``progress(done, total, info)`` with tokens done / in total and seconds so far."""
+    if progress is None:
+        return None
+    tokens = [sum(len(x) for x in rr.scoring.items(rr.encoder.encode(q, d))[0]) for q, d in pairs]
+    total, started = sum(tokens), time.perf_counter()
+    progress(0, len(pairs), {"tokens_done": 0, "tokens_total": total, "seconds": 0.0})
+
+    def cb(done: int, n: int) -> None:
+        progress(done, n, {"tokens_done": sum(tokens[:done]), "tokens_total": total, "seconds": time.perf_counter() - started})
+
+    return cb
+
+
+def off_domain(b: Bundle, report: dict, traces: list[Trace], held: dict[str, list[Trace]], k: int) -> dict:
+    """Every candidate schedule of ``report`` replayed on traces of domains calibration never saw (probes fitted on
+    the calibration traces only): per domain and schedule, top-K identical / overlap / layer-work saved."""
+    scoring = scoring_class(b)
+    W = fit_probes(scoring, traces)[0] if any(key.startswith("probe/") for key in report["candidates"]) else None
+    out = {}
+    for d, tr in held.items():
+        scores = {"probe": [np.stack([apply_probe(W[l], features(scoring, t, l)) for l in range(W.shape[0])]) for t in tr]} if W is not None else {}
+        out[d] = {}
+        for key, c in report["candidates"].items():
+            m, ru = key.split("/")
+            if m == "probe":
+                out[d][key] = simulate(scores["probe"], tr, k, c["layers"], c["params"], rule=ru)
+    return out
 
 
 def decide_schedule(b: Bundle, traces: list[Trace], all_scores: dict[str, list[np.ndarray]], k: int, method: str = "auto",
@@ -169,7 +224,7 @@ def decide_schedule(b: Bundle, traces: list[Trace], all_scores: dict[str, list[n
     """Choose (method, rule) and the schedule from recorded calibration trajectories; store it with ``write``."""
     t0 = started if started is not None else time.perf_counter()
     methods = [m for m in all_scores if method in ("auto", m)]
-    rules = list(RULES) if rule == "auto" else [rule]
+    rules = list(AUTO_RULES) if rule == "auto" else [rule]
     table = {m: agreement_table(all_scores[m], traces, k) for m in methods}
     results = {}
     for m in methods:
@@ -190,7 +245,7 @@ def decide_schedule(b: Bundle, traces: list[Trace], all_scores: dict[str, list[n
                            "per_layer": [{"layer": row["layer"], "spearman": round(row["spearman"], 4),
                                           "topk_overlap": round(row["topk_overlap"], 4)} for row in table[chosen_m]]})
     sched.info["calibration"]["seconds"] = round(time.perf_counter() - t0, 1)
-    report = {"bundle": str(b.root), "method": chosen_m, "rule": chosen_r, "top_k": k, "schedule": sched.to_manifest(), "table": table,
+    report = {"probes": probes, "bundle": str(b.root), "method": chosen_m, "rule": chosen_r, "top_k": k, "schedule": sched.to_manifest(), "table": table,
               "candidates": {f"{m}/{ru}": {"layers": v["layers"], "params": v["params"], "simulated": v["simulated"],
                                            "safety_used": v.get("safety_used")} for (m, ru), v in results.items()},
               "influence": np.mean([t.influence for t in traces], 0).tolist()}

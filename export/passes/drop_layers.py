@@ -98,7 +98,7 @@ def rewrite_without(bundle: Bundle, drop: list[int], cost: dict) -> Path:
     L = len(bundle.spec.layers)
     if any(not 0 <= d < L for d in drop) or len(set(drop)) >= L:
         raise InputError(f"cannot drop layers {drop} from a bundle with {L} layers")
-    manifest, dropped_files = without_layers(editable_manifest(bundle), set(drop), cost, PROBE_ARRAY)
+    manifest, dropped_files = without_layers(editable_manifest(bundle), set(drop), cost, PROBE_ARRAY, bundle.spec.files)
     with rewriting(bundle, leave_out=dropped_files) as w:
         return w.commit(manifest)
 

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from edge_sel.runtime.rerank import LayerObservation, Scoring
-from edge_sel.runtime.rerank.scoring import apply_probe, cosine_scores
+from edge_sel.runtime.rerank.scoring import cosine_scores
 
 
 @dataclass
@@ -91,29 +91,39 @@ def features(scoring: type[Scoring] | Scoring, trace: Trace, layer: int) -> np.n
 
 
 def fit_probes(scoring: type[Scoring] | Scoring, traces: list[Trace]) -> tuple[np.ndarray, list[dict]]:
-    L = traces[0].pooled.shape[0]
-    W, infos = [], []
-    for l in range(L):
-        w, info = fit_ridge_probe([features(scoring, t, l) for t in traces], [t.final for t in traces])
-        W.append(w)
-        infos.append(info)
-    return np.stack(W), infos
+    """Per-layer ridge probes ``[L, F+1]`` fitted on all ``traces``, and each layer's fit info."""
+    W, infos, _ = probe_fits(scoring, traces)
+    return W, infos
 
 
 def crossfit_probe_scores(scoring: type[Scoring] | Scoring, traces: list[Trace], folds: int = 4) -> list[np.ndarray]:
     """Probe scores [L, N] per query, each from probes fitted on the other folds of queries."""
+    return probe_fits(scoring, traces, folds)[2]
+
+
+_FITS: dict = {}  # the last fit, keyed by the traces' identities: calibration asks for cross-fitted scores, then the probes
+
+
+def probe_fits(scoring: type[Scoring] | Scoring, traces: list[Trace], folds: int = 4) -> tuple[np.ndarray, list[dict], list[np.ndarray]]:
+    """Probes on all traces ``[L, F+1]``, fit infos, and cross-fitted scores (``[L, N]`` per query, from probes
+    fitted on the other folds), from one pass over per-query sufficient statistics (:class:`RidgeStats`)."""
+    key = (tuple(id(t) for t in traces), folds, getattr(scoring, "name", ""))
+    if key in _FITS:
+        return _FITS[key]
     L = traces[0].pooled.shape[0]
-    nf = max(2, min(folds, len(traces)))
-    fold_of = np.arange(len(traces)) % nf
     out = [np.zeros((L, len(t.final))) for t in traces]
-    for f in range(nf):
-        train = [t for t, g in zip(traces, fold_of) if g != f]
-        test = [i for i, g in enumerate(fold_of) if g == f]
-        W, _ = fit_probes(scoring, train)
-        for i in test:
-            for l in range(L):
-                out[i][l] = apply_probe(W[l], features(scoring, traces[i], l))
-    return out
+    W, infos = [], []
+    for l in range(L):
+        X = [features(scoring, t, l) for t in traces]
+        stats = RidgeStats(X, [t.final for t in traces], folds)
+        w, info = stats.fit()
+        W.append(w)
+        infos.append(info)
+        for i, s in enumerate(stats.crossfit(info["lambda"])):
+            out[i][l] = s
+    _FITS.clear()
+    _FITS[key] = (np.stack(W), infos, out)
+    return _FITS[key]
 
 
 def method_scores(rr, traces: list[Trace], methods: list[str]) -> dict[str, list[np.ndarray]]:
@@ -159,47 +169,74 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / d) if d > 0 else 0.0
 
 
+class RidgeStats:
+    """Ridge regression of the final score on one layer's features, from per-query sufficient statistics.
+
+    Ranking only compares candidates of one query, so features and targets are centred within each query (the
+    per-query offset is irrelevant and would otherwise dominate). Features are standardised for the fit (the
+    scaling folded back into ``w``); the penalty is ``lambda * n_samples``. Queries fall into ``folds`` folds
+    (query ``i`` in fold ``i % folds``); every fit on some folds sums their Gram matrices ``X^T X`` and ``X^T y``
+    instead of revisiting the rows, so choosing ``lambda`` by leave-folds-out Spearman and cross-fitting cost
+    a few ``F x F`` solves, not passes over the data.
+    """
+
+    def __init__(self, X: list[np.ndarray], y: list[np.ndarray], folds: int = 4):
+        self.means = [x.astype(np.float64).mean(0) for x in X]
+        self.Xc = [x.astype(np.float64) - m for x, m in zip(X, self.means)]
+        self.yc = [t.astype(np.float64) - t.mean() for t in y]
+        self.nf = max(1, min(folds, len(X)))
+        self.fold_of = np.arange(len(X)) % self.nf
+        F = self.Xc[0].shape[1]
+        self.G = np.zeros((self.nf, F, F))
+        self.b = np.zeros((self.nf, F))
+        self.n = np.zeros(self.nf)
+        for x, t, f in zip(self.Xc, self.yc, self.fold_of):
+            self.G[f] += x.T @ x
+            self.b[f] += x.T @ t
+            self.n[f] += len(t)
+        self.sum_x = sum(x.astype(np.float64).sum(0) for x in X)
+        self.sum_y = float(sum(t.astype(np.float64).sum() for t in y))
+
+    def _solve(self, train: np.ndarray, lam: float) -> np.ndarray:
+        """Weights (in raw feature units) fitted on the folds in ``train``."""
+        G, b, n = self.G[train].sum(0), self.b[train].sum(0), self.n[train].sum()
+        sd = np.sqrt(np.maximum(np.diag(G) / max(n, 1.0), 0.0))
+        sd[sd < 1e-8] = 1.0
+        A = G / np.outer(sd, sd) + lam * n * np.eye(len(sd))
+        return np.linalg.solve(A, b / sd) / sd
+
+    def fit(self, lambdas=(1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> tuple[np.ndarray, dict]:
+        """``(w_with_bias [F+1], info)`` on all queries; ``lambda`` by leave-one-fold-out mean Spearman."""
+        folds = np.arange(self.nf)
+        best_lam, best_cv, table = lambdas[0], -2.0, {}
+        if self.nf >= 2 and len(lambdas) > 1:
+            for lam in lambdas:
+                rhos = []
+                for f in folds:
+                    w = self._solve(folds != f, lam)
+                    rhos += [spearman(self.Xc[i] @ w, self.yc[i]) for i in np.nonzero(self.fold_of == f)[0]]
+                table[lam] = float(np.mean(rhos))
+                if table[lam] > best_cv:
+                    best_lam, best_cv = lam, table[lam]
+        w = self._solve(folds == folds, best_lam)
+        bias = (self.sum_y - self.sum_x @ w) / self.n.sum()
+        return np.concatenate([w, [bias]]).astype(np.float32), {"lambda": best_lam, "cv_spearman": best_cv, "cv": table}
+
+    def crossfit(self, lam: float) -> list[np.ndarray]:
+        """Each query's scores (up to a per-query offset, which no ranking sees) from the weights fitted on the
+        other folds (all folds when there is one).
+        ``lambda`` is chosen once on all folds: one hyper-parameter, a negligible leak into these scores."""
+        folds = np.arange(self.nf)
+        out: list[np.ndarray] = [np.zeros(0)] * len(self.Xc)
+        for f in folds:
+            w = self._solve(folds != f if self.nf > 1 else folds == folds, lam)
+            for i in np.nonzero(self.fold_of == f)[0]:
+                out[i] = self.Xc[i] @ w + self.means[i] @ w
+        return out
+
+
 def fit_ridge_probe(X: list[np.ndarray], y: list[np.ndarray], lambdas=(1e-4, 1e-3, 1e-2, 1e-1, 1.0),
                     folds: int = 4) -> tuple[np.ndarray, dict]:
-    """Fit ``y ~ X w + b`` per group (= query) in closed form; return ``(w_with_bias [F+1], info)``.
-
-    Ranking only compares candidates of one query, so features and targets are centred within each
-    query before fitting (the per-query offset is irrelevant and would otherwise dominate). Features
-    are standardised for the fit and the scaling is folded back into ``w``; the penalty is
-    ``lambda * n_samples``. ``lambda`` is chosen by
-    leave-queries-out cross-validation on mean within-query Spearman correlation.
-    """
-    Xc = [x.astype(np.float64) - x.mean(0, keepdims=True) for x in X]
-    yc = [t.astype(np.float64) - t.mean() for t in y]
-    Z = np.concatenate(Xc)
-    sd = Z.std(0)
-    sd[sd < 1e-8] = 1.0
-    F = Z.shape[1]
-    g = len(X)
-
-    def solve(idx, lam):
-        A = np.concatenate([Xc[i] for i in idx]) / sd
-        t = np.concatenate([yc[i] for i in idx])
-        return np.linalg.solve(A.T @ A + lam * len(t) * np.eye(F), A.T @ t)
-
-    best_lam, best_cv, cv_table = lambdas[0], -2.0, {}
-    if g >= 2 and len(lambdas) > 1:
-        nf = min(folds, g)
-        fold_of = np.arange(g) % nf
-        for lam in lambdas:
-            rhos = []
-            for f in range(nf):
-                train = np.nonzero(fold_of != f)[0]
-                w = solve(train, lam)
-                for i in np.nonzero(fold_of == f)[0]:
-                    rhos.append(spearman((Xc[i] / sd) @ w, yc[i]))
-            cv_table[lam] = float(np.mean(rhos))
-            if cv_table[lam] > best_cv:
-                best_lam, best_cv = lam, cv_table[lam]
-    w = solve(np.arange(g), best_lam) / sd
-    allX = np.concatenate([x.astype(np.float64) for x in X])
-    ally = np.concatenate([t.astype(np.float64) for t in y])
-    b = float(ally.mean() - allX.mean(0) @ w)
-    return np.concatenate([w, [b]]).astype(np.float32), {"lambda": best_lam, "cv_spearman": best_cv, "cv": cv_table}
-
-
+    """Fit ``y ~ X w + b`` per group (= query) in closed form; return ``(w_with_bias [F+1], info)``
+    (see :class:`RidgeStats`)."""
+    return RidgeStats(X, y, folds).fit(lambdas)

@@ -25,13 +25,16 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import InputError
-from edge_sel.runtime.memory import PeakTracker
+from edge_sel.runtime.memory import PeakTracker, ReleaseLog
 
 from ..kvcache import LayerCache
 from ..planning import KVPlanner
 from ..policies import Context, Policy, make_policy
+from ..providers import Assignment, ProviderChoice
+from ..providers import resolve as resolve_provider
 from ..tokenizer import Tokenizer
 from .call import Call
 from .decode import decode_step
@@ -68,11 +71,15 @@ class Generator:
     :class:`Policy` instance. ``kv_budget``: see :mod:`edge_sel.runtime.planning.kv`. Prompts longer than
     the bundle's context are refused (not truncated); ``max_new_tokens`` is clamped so positions stay
     inside the context. ``prefill``: ``"layer"`` (look-once, exact) or ``"rolling"`` (strict bound).
+    ``provider``: the onnxruntime execution provider (``"cpu"`` default, ``"auto"``, ``"coreml"``, ...; see
+    :mod:`edge_sel.runtime.providers`); ``last_stats["provider"]`` reports the choice, the nodes that fell back to
+    the CPU and the sessions' load time (every session is made once, in the constructor).
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, kv_budget: int | float | str | None = None,
                  policy: str | Policy | None = "full", threads: int | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 prefill: str = "layer"):
+                 prefill: str = "layer", provider: str | ProviderChoice | None = "cpu"):
+        self.providers = Assignment(resolve_provider(provider))  # a provider this build lacks fails before any load
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if self.bundle.task != "generate":
             raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; generation needs a bundle exported "
@@ -94,7 +101,7 @@ class Generator:
         self.budget = self.planner.budget
         self.stop_ids = set(int(i) for i in spec.stop_ids)
         self.tokenizer = Tokenizer(self.bundle)
-        self.model = DecoderModel(self.bundle, threads)
+        self.model = DecoderModel(self.bundle, threads, self.providers)
         self.stats: GenerationStats | None = None
 
     @property
@@ -190,7 +197,9 @@ class Generator:
             if not ids:
                 raise InputError("prompt is empty")
         else:
+            tk = trace.begin("tokenize")
             ids = self.encode(prompt, chat, system)
+            trace.end(tk, tokens=len(ids))
         N = len(ids)
         if N >= self.context:
             raise InputError(f"prompt is {N} tokens, the model's context is {self.context}; refusing (not truncating): "
@@ -214,23 +223,27 @@ class Generator:
         if isinstance(suffix, bool) or not isinstance(suffix, (int, np.integer)) or not 0 <= suffix < N:
             raise InputError(f"protect_suffix must be an integer in [0, {N}) (the prompt is {N} tokens), got {suffix!r}")
         max_new = self.planner.clamp_new(N, int(max_new_tokens))
+        released = ReleaseLog()
         if self.model.releases_weights(N):  # before this call allocates its cache (the last call's weights are mapped)
             self.model.release_weights()
         policy = make_policy(self.policy_spec)
         plan = self.planner.plan(policy, N, max_new, int(suffix))
+        trace.instant("plan", resident=plan.resident, fetch=plan.fetch, scratch=plan.scratch, prompt_tokens=N, max_new=max_new)
         t0 = time.perf_counter()
         tracker = PeakTracker()
         tracker.__enter__()
         rec = None
         try:
             policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, plan.resident, N, max_new,
-                                 fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch))
+                                 fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch,
+                                 rope_theta=self.bundle.spec.rope_theta))
             call = Call(ids, max_new, plan.resident, policy, suffix=int(suffix), fetch=plan.fetch,
                         keep_suffix_hidden=bool(suffix_hidden))
             call.caches = [LayerCache(self.kv_heads, plan.resident, self.head_dim, fetch=plan.fetch)
                            for _ in range(self.n_layers)]
             if plan.scratch:
                 call.scratch = LayerCache(self.kv_heads, N, self.head_dim)
+            trace.counter("engine", lambda: {"kv_bytes": sum(c.nbytes for c in call.caches) + (call.scratch.nbytes if call.scratch else 0)})
             rng = np.random.default_rng(seed)
             logits = prefill(self.model, call, self.chunk_tokens, self.heads)
             rec = StatsRecorder(self.planner, call, tracker, time.perf_counter() - t0)
@@ -239,10 +252,14 @@ class Generator:
             for step in range(max_new):
                 tok = forced[step] if forced is not None else sample(logits, temperature, top_p, rng)
                 self.stats = rec.stats(n_decode, step + 1)
+                self.stats.provider = self.providers.as_dict()
+                self.stats.memory_release = released.report()
                 yield tok, logits, call
                 if (stop and tok in self.stop_ids) or step == max_new - 1:
                     break
+                tk = trace.begin("decode", step=n_decode)
                 logits = decode_step(self.model, call, tok, pos)
+                trace.end(tk)
                 pos += 1
                 n_decode += 1
         finally:

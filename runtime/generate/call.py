@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import trace
 from ..kvcache import LayerCache
 from ..policies import Policy
 
@@ -36,4 +37,5 @@ class Call:
         block = -(-block // a) * a
         target = max(0, (self.capacity - block) // a * a)
         policy.compress(layer, c, target, phase)
+        trace.instant("evict", layer=layer, phase=phase, kept=int(c.n))
         self.evictions += 1

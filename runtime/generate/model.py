@@ -12,8 +12,14 @@ import numpy as np
 
 from edge_sel.runtime.bundle import Bundle
 
+from .. import trace
 from ..embedding import Embedder
+<<<<<<< HEAD
 from ..residency import WeightPages, snapshot
+=======
+from ..residency import WeightPages, release_array, snapshot
+from ..providers import Assignment
+>>>>>>> main
 from ..sessions import load_session
 
 # Prompts longer than this release each layer's weights after its prefill pass and trim the heap after
@@ -22,8 +28,9 @@ TRIM_AFTER_TOKENS = 1024
 
 
 class DecoderModel:
-    def __init__(self, bundle: Bundle, threads: int | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: Assignment | None = None):
         spec = bundle.spec
+        self.providers = providers
         self.embedder = Embedder(bundle)
         self.table = self.embedder.open_table()
         before = snapshot()  # the mappings the sessions below add are this model's (see WeightPages)
@@ -31,9 +38,9 @@ class DecoderModel:
         self.layers = []
         for i, layer in enumerate(spec.layers):
             qkv = bundle.path(spec.extra_graphs[layer.qkv].file)
-            self.layers.append((load_session(qkv, threads, mem_pattern=False),
-                                load_session(bundle.layer_path(i), threads, mem_pattern=False)))
-        self.head = load_session(bundle.path(spec.head.file), threads, mem_pattern=False)
+            self.layers.append((load_session(qkv, threads, mem_pattern=False, providers=providers),
+                                load_session(bundle.layer_path(i), threads, mem_pattern=False, providers=providers)))
+        self.head = load_session(bundle.path(spec.head.file), threads, mem_pattern=False, providers=providers)
         # each layer's weight files (qkv graph, attention+MLP graph)
         self.layer_weights = [(bundle.path(spec.extra_graphs[layer.qkv].weights), bundle.path(layer.weights))
                               for layer in spec.layers]
@@ -65,9 +72,12 @@ class DecoderModel:
 
     def release_layer(self, layer: int) -> None:
         self.pages.release(*self.layer_weights[layer])
+        trace.instant("weights.release", layer=layer)
 
     def map_layers(self) -> None:
+        tk = trace.begin("weights.map")
         self.pages.populate(*self.weight_files())
+        trace.end(tk)
 
     def close(self) -> None:
         self.layers = []

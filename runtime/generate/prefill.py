@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import trace
 from ..memory import trim_heap
 from .call import Call
 from .model import TRIM_AFTER_TOKENS, DecoderModel
@@ -59,7 +60,9 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
     ids = np.asarray(call.prompt_ids, dtype=np.int64)[None]
     N, max_new = ids.shape[1], call.max_new
     release_weights = model.releases_weights(N)  # the engine already dropped the last call's mappings
+    tk = trace.begin("embed", tokens=N)
     hidden = model.embed(ids)
+    trace.end(tk)
     positions = np.arange(ids.shape[1], dtype=np.int64)
     sfx_from = N - call.suffix  # positions >= sfx_from: the protected suffix
     evicting = N + max_new > cap
@@ -70,6 +73,7 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
     if rolling:
         obs = min(obs, max(1, cap // 2))
     for L, (qkv, attn) in enumerate(model.layers):
+        tk = trace.begin("prefill.layer", layer=L)
         c = call.caches[L]
         work = c if scratch is None else scratch
         work.reset()
@@ -81,6 +85,7 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
             h = hidden[:, a:b]
             p = positions[None, a:b]
             q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
+            policy.queries(L, q, p[0], phase)
             if work.n + (b - a) > work.capacity:
                 call.make_room(L, b - a, phase)
             s = work.append(k, v, p[0])
@@ -96,6 +101,7 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
             if scratch.n + n_sfx + max_new > cap:
                 target = final_target(cap, n_sfx, max_new, policy.align)
                 call.evictions += 1
+                trace.instant("evict", layer=L, phase="final", tokens=int(scratch.n), kept=int(target))
             policy.compress(L, scratch, target, "final", into=c)
         if n_sfx:
             q = prefill_suffix(model, call, L, hidden, positions, out, n_ctx, chunk_tokens, q)
@@ -109,6 +115,8 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
         if keep is not None:
             hidden = np.ascontiguousarray(hidden[:, keep])
             positions = positions[keep]
+        trace.end(tk, tokens=int(hidden.shape[1]), kv_tokens=int(c.n))
+        trace.counter("engine", lambda: {"hidden_bytes": hidden.nbytes})
     if release_weights:  # decoding runs every layer per token: map the weights back now, inside the prefill's
         model.map_layers()  # time, so the first decode step is not charged the page faults
     if call.keep_suffix_hidden:

@@ -41,6 +41,8 @@ class GenerationStats:
     cost_per_decode_step: dict = _public(default_factory=dict)
     skipped_layers: list = _public(default_factory=list)
     peak_rss_bytes: int = _public(default=0)
+    provider: dict = _public(default_factory=dict)  # execution providers: choice, node assignment, load time
+    memory_release: dict = field(default_factory=dict)  # which memory mechanisms ran (memory.ReleaseLog)
     sections: dict = field(default_factory=dict)  # the policy's own sections (e.g. "cold": a recall store's I/O)
 
     def as_dict(self) -> dict[str, Any]:

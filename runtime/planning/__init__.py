@@ -8,6 +8,6 @@ naming the minimum that would work.
 from __future__ import annotations
 
 from .kv import KVPlan, KVPlanner, parse_budget
-from .rerank import Plan, Planner
+from .rerank import CallSize, Plan, Planner
 
-__all__ = ["Plan", "Planner", "KVPlan", "KVPlanner", "parse_budget"]
+__all__ = ["CallSize", "Plan", "Planner", "KVPlan", "KVPlanner", "parse_budget"]

@@ -12,6 +12,7 @@ from edge_sel.runtime.errors import InputError
 
 from .base import Context, Policy, ScorePolicy
 from .composite import Composite
+from .expected_attention import MPCacheEA, mpcache_ea, mpcache_ea_recall
 from .full import Full
 from .h2o import H2O
 from .knorm import Knorm
@@ -34,6 +35,9 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "mpcache_static": MPCacheStatic,
     "mpcache_dynamic": MPCacheDynamic,
     "mpcache_recall": mpcache_recall,
+    "mpcache_ea": mpcache_ea,
+    "mpcache_ea_static": MPCacheEA,
+    "mpcache_ea_recall": mpcache_ea_recall,
     "windowkv": WindowKV,
     "prompt_distill": PromptDistill,
     "layer_skip": LayerSkip,
@@ -56,6 +60,9 @@ def make_policy(spec: "str | Policy | None") -> Policy:
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise InputError(f"unknown policy {unknown[0]!r}; known policies: {', '.join(REGISTRY)} (combine with '+')")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"policy {repeated[0]!r} appears twice in {spec!r}; name each policy once")
     parts = [REGISTRY[n]() for n in names]
     if len(parts) == 1:
         return parts[0]
@@ -66,4 +73,4 @@ def make_policy(spec: "str | Policy | None") -> Policy:
 
 __all__ = ["Policy", "ScorePolicy", "RecallPolicy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label",
            "Full", "StreamingLLM", "H2O", "SnapKV", "Knorm", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall",
-           "mpcache_recall", "WindowKV", "PromptDistill", "LayerSkip"]
+           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "WindowKV", "PromptDistill", "LayerSkip"]

@@ -9,6 +9,8 @@ The generate engine calls, per layer ``L`` (nothing else):
   ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks — or ``"decode"``;
   ``slots`` None when the whole cache was read, else the ``[kv, m]`` selection). At decode steps only
   when ``needs_decode_attention``;
+* ``queries(L, q, positions, phase)`` with each prompt chunk's queries (``[1, H, T, D]``, after the rotary
+  embedding), before its attention runs;
 * ``appended(L, cache, s)`` after new tokens were written to slots ``s`` of a layer's cache;
 * ``compress(L, cache, target, phase, into=None)`` whenever a cache must shrink to ``target`` tokens
   (once per layer at the end of a "layer" prefill, from the one-layer scratch ``cache`` ``into`` the
@@ -86,6 +88,7 @@ class Context:
     fetch: int = 0                # slots of each layer's fetch area (after ``capacity``)
     stream_suffix: bool = False   # the protected suffix is text being scored (score()): recalls come causally
     look_once: bool = False       # "layer" prefill: each layer's whole prompt is scored once, from a scratch
+    rope_theta: float | None = None  # the model's rotary base (a policy modelling future queries rotates with it)
 
 
 @dataclass
@@ -132,6 +135,9 @@ class Policy:
             self.windowed.add(layer)
             cache.score[:, : cache.n] = 0.0  # look-once: only the window's queries score the keys
         self.accumulate(layer, cache, attn_sum, attn_max, slots, phase)
+
+    def queries(self, layer, q, positions, phase) -> None:
+        """A prompt chunk's queries (``[1, H, T, D]`` after the rotary embedding) at ``positions``."""
 
     def appended(self, layer, cache, s: slice) -> None:
         pass

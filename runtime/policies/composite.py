@@ -71,7 +71,7 @@ _HOOKS = {
     "bytes_per_token": sum, "fixed_bytes": sum, "held_bytes": sum, "report": _merged,
     "keep": _first_opinion, "select": _first_opinion, "after_layer": _first_opinion,
     "end": _every, "accumulate": _every, "appended": _every, "evicted": _every, "compacted": _every,
-    "recall": _every, "before_suffix_chunk": _every,
+    "recall": _every, "before_suffix_chunk": _every, "queries": _every,
 }
 
 

@@ -14,6 +14,7 @@ The spill directory is private to one call and removed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -21,19 +22,36 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.scratch import owned_tempdir
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class Chunk:
+    """Rows of candidates padded to the longest: which items, their lengths, and the hidden state between layers.
+    The mask and positions follow from the lengths and are made when asked for (nothing per token is kept besides the
+    hidden state); the token ids come from the call's :class:`.tokens.TokenStore` when the chunk is embedded."""
+
     items: np.ndarray        # indices into the item list (documents, then the query for bi-encoders)
     lengths: np.ndarray
-    ids: np.ndarray          # [B, T] int64
-    mask: np.ndarray         # [B, T] float32
-    positions: np.ndarray    # [B, T] int64
-    types: np.ndarray | None
+    pos_offset: int = 0      # position of the first token (after a shared prefix)
     hidden: np.ndarray | None = None
-    spilled: Path | None = None   # hidden state in a spill file instead of RAM
+    spilled: str | None = None    # hidden state in a spill file instead of RAM (a str: a Path costs 3x the memory)
+
+    @property
+    def width(self) -> int:
+        return int(self.lengths.max())
+
+    @property
+    def mask(self) -> np.ndarray:
+        """``[B, T]`` float32, 1.0 on real tokens."""
+        return (np.arange(self.width)[None, :] < self.lengths[:, None]).astype(np.float32)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """``[B, T]`` int64 positions ``pos_offset ..``."""
+        T = self.width
+        return np.broadcast_to(np.arange(self.pos_offset, self.pos_offset + T, dtype=np.int64), (len(self.items), T)).copy()
 
 
 @dataclass(frozen=True)
@@ -45,45 +63,30 @@ class Packing:
     chunk_tokens: int
     max_batch: int
 
-    def positions(self, rows: int, width: int) -> np.ndarray:
-        return np.broadcast_to(np.arange(self.pos_offset, self.pos_offset + width, dtype=np.int64), (rows, width)).copy()
-
     def full(self, rows: int, width: int) -> bool:
         """Would a chunk of ``rows`` rows padded to ``width`` tokens exceed the limits?"""
         return rows * width > self.chunk_tokens or rows > self.max_batch
 
 
-def make_chunks(ids: list[np.ndarray], types: list[np.ndarray] | None, packing: Packing) -> list[Chunk]:
-    """Chunks of the items sorted by length (stable), each padded to its longest row."""
-    lengths = np.array([len(x) for x in ids])
-    order = np.argsort(lengths, kind="stable")
-    chunks, cur = [], []
+def _runs(sorted_lengths: np.ndarray, packing: Packing) -> list[tuple[int, int]]:
+    """``(start, end)`` of each chunk over rows sorted by length: a chunk takes rows while they fit the packing's
+    limits (the newest row sets the chunk's padded length)."""
+    runs, start = [], 0
+    for pos in range(1, len(sorted_lengths)):
+        if packing.full(pos - start + 1, int(sorted_lengths[pos])):
+            runs.append((start, pos))
+            start = pos
+    if len(sorted_lengths):
+        runs.append((start, len(sorted_lengths)))
+    return runs
 
-    def flush():
-        if not cur:
-            return
-        idx = np.array(cur)
-        L = lengths[idx]
-        T = int(L.max())
-        B = len(idx)
-        a = np.full((B, T), packing.pad_id, dtype=np.int64)
-        m = np.zeros((B, T), dtype=np.float32)
-        t = np.zeros((B, T), dtype=np.int64) if types is not None else None
-        for r, i in enumerate(idx):
-            a[r, : L[r]] = ids[i]
-            m[r, : L[r]] = 1.0
-            if t is not None:
-                t[r, : L[r]] = types[i]
-        chunks.append(Chunk(idx, L, a, m, packing.positions(B, T), t))
-        cur.clear()
 
-    for i in order:
-        T = lengths[i]  # sorted ascending: the newest item sets the chunk's padded length
-        if cur and packing.full(len(cur) + 1, T):
-            flush()
-        cur.append(int(i))
-    flush()
-    return chunks
+def make_chunks(lengths: np.ndarray, packing: Packing) -> list[Chunk]:
+    """Chunks of the items sorted by length (stable), each as wide as its longest row. The chunks' item and length
+    arrays are views of one sorted copy (no per-chunk allocations besides the chunk itself)."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    sorted_lengths = np.asarray(lengths, dtype=np.int64)[order]
+    return [Chunk(order[a:b], sorted_lengths[a:b], packing.pos_offset) for a, b in _runs(sorted_lengths, packing)]
 
 
 class HiddenSpill:
@@ -91,31 +94,37 @@ class HiddenSpill:
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.dir = owned_tempdir("hidden", root)
+        self._dir = str(self.dir)
         self._n = 0
         self.bytes_written = 0
         self.bytes_read = 0
 
-    def put(self, arr: np.ndarray) -> Path:
-        path = self.dir / f"h{self._n}.npy"
+    def put(self, arr: np.ndarray) -> str:
+        path = os.path.join(self._dir, f"h{self._n}.npy")
         self._n += 1
+        tk = trace.begin("spill.write", bytes=arr.nbytes)
         with open(path, "wb") as f:
             np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+        trace.end(tk)
         self.bytes_written += arr.nbytes
         return path
 
-    def get(self, path: Path) -> np.ndarray:
+    def get(self, path: str) -> np.ndarray:
+        tk = trace.begin("spill.read")
         arr = np.load(path, allow_pickle=False)
+        trace.end(tk, bytes=arr.nbytes)
         self.bytes_read += arr.nbytes
         return arr
 
-    def view(self, path: Path) -> np.ndarray:
+    def view(self, path: str) -> np.ndarray:
         """Read-only memory map (for gathering a few rows while re-packing chunks; drop it promptly)."""
         return np.load(path, mmap_mode="r", allow_pickle=False)
 
     @staticmethod
-    def drop(path: Path | None) -> None:
+    def drop(path: str | None) -> None:
         if path is not None:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -158,39 +167,25 @@ class ChunkStore:
     def compact(self, chunks: list[Chunk], keep_items: np.ndarray, packing: Packing, hidden_size: int) -> list[Chunk]:
         """Rebuild the chunks from the surviving rows (re-packed by length, padding trimmed). With a spill,
         each new chunk gathers its rows from memory maps of the old chunks' files and is spilled in turn."""
-        rows = []  # (item, length, source chunk, source row)
-        for ci, c in enumerate(chunks):
-            for r, it in enumerate(c.items):
-                if keep_items[it]:
-                    rows.append((int(it), int(c.lengths[r]), ci, r))
-        rows.sort(key=lambda x: x[1])
-        groups, cur = [], []
-        for row in rows:
-            if cur and packing.full(len(cur) + 1, row[1]):
-                groups.append(cur)
-                cur = []
-            cur.append(row)
-        if cur:
-            groups.append(cur)
+        items = np.concatenate([c.items for c in chunks])
+        lengths = np.concatenate([c.lengths for c in chunks]).astype(np.int64, copy=False)
+        source = np.concatenate([np.full(len(c.items), ci, dtype=np.int64) for ci, c in enumerate(chunks)])
+        row = np.concatenate([np.arange(len(c.items), dtype=np.int64) for c in chunks])
+        kept = keep_items[items]
+        order = np.argsort(lengths[kept], kind="stable")  # by length, ties in chunk order
+        items, lengths, source, row = (a[kept][order] for a in (items, lengths, source, row))
         out = []
-        for g in groups:
-            B, T = len(g), max(x[1] for x in g)
-            ids = np.full((B, T), packing.pad_id, dtype=np.int64)
-            mask = np.zeros((B, T), dtype=np.float32)
-            pos = packing.positions(B, T)
-            has_types = chunks[g[0][2]].types is not None
-            types = np.zeros((B, T), dtype=np.int64) if has_types else None
+        for a, b in _runs(lengths, packing):
+            B, T = b - a, int(lengths[b - 1])
             hidden = np.zeros((B, T, hidden_size), dtype=np.float32)
             views: dict[int, np.ndarray] = {}
-            for r, (_, L, ci, sr) in enumerate(g):
-                c = chunks[ci]
+            for r in range(B):
+                ci, sr, L = int(source[a + r]), int(row[a + r]), int(lengths[a + r])
                 if ci not in views:
-                    views[ci] = self._view(c)
-                ids[r, :L], mask[r, :L], pos[r, :L], hidden[r, :L] = c.ids[sr, :L], 1.0, c.positions[sr, :L], views[ci][sr, :L]
-                if types is not None:
-                    types[r, :L] = c.types[sr, :L]
+                    views[ci] = self._view(chunks[ci])
+                hidden[r, :L] = views[ci][sr, :L]
             del views
-            nc = Chunk(np.array([x[0] for x in g]), np.array([x[1] for x in g]), ids, mask, pos, types, hidden)
+            nc = Chunk(items[a:b], lengths[a:b], packing.pos_offset, hidden)
             self.keep(nc)
             out.append(nc)
         for c in chunks:

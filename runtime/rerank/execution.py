@@ -19,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.embedding import Embedder
 from edge_sel.runtime.memory import HeapGuard
 
@@ -26,6 +27,7 @@ from .chunks import Chunk, ChunkStore
 from .prefix import run_candidates, run_prefix
 from .pruning import Pruner
 from .scoring import Scores, Scoring
+from .tokens import TokenStore
 
 
 @dataclass
@@ -45,13 +47,15 @@ Observer = Callable[[LayerObservation], None]
 
 @dataclass
 class Call:
-    """One call's context: where hidden states live, the heap guard, the pruner and observer (if any)."""
+    """One call's context: where token ids and hidden states live, the heap guard, the pruner and observer (if any)."""
 
     store: ChunkStore
     guard: HeapGuard
     n_docs: int
     pruner: Pruner | None = None
     observer: Observer | None = None
+    tokens: TokenStore | None = None
+    pad_id: int = 0
 
 
 @dataclass
@@ -86,6 +90,10 @@ class Execution:
             feeds["position_ids"] = c.positions
         return feeds
 
+    def _embed(self, table: np.ndarray, c: Chunk, call: Call) -> np.ndarray:
+        ids, types = call.tokens.rows(c.items, call.pad_id)
+        return self.embedder(table, ids, types, c.positions)
+
     def _head(self, c: Chunk, h: np.ndarray, scores: Scores) -> None:
         scores.add(c.items, self.scoring.run_head(self.scoring.pool(h, c.lengths, c.mask)))
 
@@ -97,16 +105,19 @@ class Execution:
         table = self.embedder.open_table()
         try:
             for c in chunks:
+                tk = trace.begin("chunk", rows=len(c.items), tokens=len(c.items) * c.width)
                 t = time.perf_counter()
-                h = self.embedder(table, c.ids, c.types, c.positions)
+                h = self._embed(table, c, call)
                 t_embed += time.perf_counter() - t
                 for sess in sessions:
                     h = sess.run(None, self._feeds(c, h))[0]
+                trace.counter("engine", lambda: {"hidden_bytes": h.nbytes})
                 t = time.perf_counter()
                 self._head(c, h, scores)
                 t_head += time.perf_counter() - t
                 del h
                 call.guard.check()
+                trace.end(tk)
         finally:
             del table, sessions
         n_run = len(order) if order is not None else self.n_layers
@@ -124,17 +135,23 @@ class Execution:
         if prefix_ids is not None and len(prefix_ids):
             prefix_pos = np.arange(len(prefix_ids), dtype=np.int64)[None]
             prefix_h = self.embedder(table, np.asarray(prefix_ids, dtype=np.int64)[None], None, prefix_pos)
+        tk = trace.begin("embed", chunks=len(chunks))
         for c in chunks:
-            c.hidden = self.embedder(table, c.ids, c.types, c.positions)
+            c.hidden = self._embed(table, c, call)
             store.keep(c)
+            call.guard.check()
         del table  # unmap: the touched embedding pages leave RSS
+        call.tokens.close()  # the ids are not read again: their memory goes before the layers load
+        trace.end(tk)
         t_embed = time.perf_counter() - t0
         work = Work(chunks, t_embed, 0.0, 0.0)
         self._layers(work, order, call, prefix_h, prefix_pos)
         t2 = time.perf_counter()
+        tk = trace.begin("head", chunks=len(work.chunks))
         for c in work.chunks:
             self._head(c, store.hidden(c), scores)
             store.release(c)
+        trace.end(tk)
         work.t_head = time.perf_counter() - t2
         return work
 
@@ -144,6 +161,7 @@ class Execution:
         final = (order or list(range(self.n_layers)))[-1]
         chunks = work.chunks
         for i, sess in self.stream.run(order):
+            tk = trace.begin("layer", layer=i)
             work.live_per_layer.append(int(sum(int((c.items < n_docs).sum()) for c in chunks)))
             work.tokens_per_layer.append(int(sum(int(c.lengths[c.items < n_docs].sum()) for c in chunks)))
             # the head reads one token per candidate: the final layer computes only that token's output
@@ -155,6 +173,7 @@ class Execution:
                 prefix_h, kp, vp = run_prefix(sess, prefix_h, prefix_pos, kv_only=last_only)
             work.last_token_only |= last_only
             for c in chunks:
+                tc = trace.begin("chunk", layer=i, rows=len(c.items), tokens=len(c.items) * c.width)
                 h_in = store.hidden(c)
                 if self.split:
                     c.hidden = run_candidates(sess, h_in, c.mask, c.positions, kp, vp, prefix_pos, self.empty_pos,
@@ -167,7 +186,11 @@ class Execution:
                 del h_in
                 store.keep(c)
                 call.guard.check()
+                trace.end(tc)
+            trace.counter("engine", lambda: {"hidden_bytes": sum(c.hidden.nbytes for c in chunks if c.hidden is not None)})
+            trace.end(tk, live=work.live_per_layer[-1])
             del sess, kp, vp
+            trace.instant("layer.release", layer=i)
             if call.pruner is not None:
                 chunks = call.pruner.after_layer(i, chunks, store)
         work.chunks = chunks

@@ -1,10 +1,11 @@
 """Progressive cluster pruning: at the schedule's layers, drop the candidates that cannot reach the top-K.
 
 GRATING (EuroSys'26) prunes between layers of monolithic forwarding. At a schedule layer the live candidates
-are scored (:class:`.scoring.LayerScorer`); the ``margin`` rule groups the scores into clusters of similar score
-(1-D: split at gaps wider than ``cluster_gap``) and drops every cluster whose best member is below
-``s_K - margin`` (``s_K`` = the K-th best live score); the ``rank`` rule keeps a calibrated fraction of the
-call's candidates. Never fewer than ``floor`` (and K) candidates stay live. The survivors are re-packed into
+are scored (:class:`.scoring.LayerScorer`) and the schedule's rule (:mod:`.rules`) turns the scores into a
+keep-set: ``margin`` groups the scores into clusters of similar score (1-D: split at gaps wider than
+``cluster_gap``) and drops every cluster whose best member is below ``s_K - margin`` (``s_K`` = the K-th best live
+score); ``rank`` keeps a calibrated fraction of the call's candidates; ``spread`` is ``margin`` with the margin in
+units of the query's own score spread near ``s_K``. Never fewer than ``floor`` (and K) candidates stay live. The survivors are re-packed into
 chunks (:meth:`.chunks.ChunkStore.compact`); a dropped candidate keeps its last early score and the layer it
 was dropped at.
 """
@@ -13,64 +14,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_sel.runtime import trace
+
 from .chunks import Chunk, ChunkStore, Packing
+from .masks import clusters_1d, prune_mask, prune_rank_mask  # noqa: F401  (the rules' building blocks, re-exported)
+from .rules import rule_for
 from .schedule import Schedule
 from .scoring import LayerScorer, Scoring
 
 
-# ---- keep-masks (pure functions; property-tested) ---------------------------------------------------
-def clusters_1d(scores: np.ndarray, gap: float) -> list[np.ndarray]:
-    """Group candidates into runs of similar score: sort descending, split where the gap exceeds ``gap``.
-
-    Returns index arrays (into ``scores``), best cluster first.
-    """
-    order = np.argsort(-scores, kind="stable")
-    if len(order) == 0:
-        return []
-    s = scores[order]
-    cuts = np.nonzero((s[:-1] - s[1:]) > gap)[0] + 1
-    return np.split(order, cuts)
-
-
-def prune_mask(scores: np.ndarray, k: int, margin: float, floor: int | None = None, cluster_gap: float = 0.0) -> np.ndarray:
-    """Boolean keep-mask over ``scores`` (the live candidates' scores at one layer).
-
-    A cluster survives when its best member reaches ``s_k - margin``; hence every candidate whose
-    score is at least ``s_k - margin`` survives. Never fewer than ``max(k, floor)`` survivors (the
-    best-scoring dropped candidates are taken back when needed).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    n = len(scores)
-    keep_at_least = min(n, max(int(k), int(floor or 0)))
-    if n <= keep_at_least:
-        return np.ones(n, dtype=bool)
-    if not np.all(np.isfinite(scores)):
-        return np.ones(n, dtype=bool)  # never prune on a broken score
-    kth = np.partition(scores, n - k)[n - k]  # k-th best
-    # tiny slack so that a margin calibrated to exactly reach a score keeps it despite float rounding
-    threshold = kth - max(float(margin), 0.0) - 1e-9 * max(1.0, abs(kth))
-    keep = np.zeros(n, dtype=bool)
-    for members in clusters_1d(scores, max(float(cluster_gap), 0.0)):
-        if scores[members].max() >= threshold:
-            keep[members] = True
-    short = keep_at_least - int(keep.sum())
-    if short > 0:
-        dropped = np.nonzero(~keep)[0]
-        best = dropped[np.argsort(-scores[dropped], kind="stable")[:short]]
-        keep[best] = True
-    return keep
-
-
-def prune_rank_mask(scores: np.ndarray, keep_n: int, k: int, floor: int | None = None) -> np.ndarray:
-    """Keep-mask for the ``rank`` rule: the best ``max(keep_n, k, floor)`` live candidates by early score
-    (ties at the cut are kept). Non-finite scores prune nothing."""
-    scores = np.asarray(scores, dtype=np.float64)
-    n = len(scores)
-    keep_n = min(n, max(int(keep_n), int(k), int(floor or 0)))
-    if keep_n >= n or not np.all(np.isfinite(scores)):
-        return np.ones(n, dtype=bool)
-    cut = np.partition(scores, n - keep_n)[n - keep_n]  # keep_n-th best
-    return scores >= cut
+def replay(rule: str, layer_scores, layers: list[int], params: list[float], k: int, n: int, floor: int | None = None,
+           cluster_gap: float = 0.0, last_layer: int | None = None) -> tuple[np.ndarray, list[int]]:
+    """Progressive pruning replayed on recorded early scores (``layer_scores[l]``: every candidate's score after
+    layer ``l``; only the schedule's layers are read): the candidates still live at the end, and how many were live
+    at each schedule layer. Pruning never changes a survivor's computation, so this is what a pruned call does."""
+    r = rule_for(rule)
+    live = np.arange(n)
+    counts = []
+    for l, p in zip(layers, params):
+        counts.append(len(live))
+        if (last_layer is not None and l >= last_layer) or len(live) <= k:
+            continue
+        live = live[r.keep_mask(np.asarray(layer_scores[l])[live], p, k, n, floor, cluster_gap)]
+    return live, counts
 
 
 class Pruner:
@@ -84,6 +50,7 @@ class Pruner:
         self.schedule = schedule
         self.scorer = scorer
         self.scoring = scoring
+        self.rule = rule_for(schedule.rule)
         self.layers = set(schedule.layers)
         self.k = int(schedule.top_k)
         self.n_docs, self.n_items, self.n_layers = n_docs, n_items, n_layers
@@ -119,11 +86,8 @@ class Pruner:
         if len(items) <= self.k:
             return chunks
         est = self.scorer(layer, np.concatenate(pooled), q_pooled)
-        if sched.rule == "rank":  # keep a calibrated fraction of this call's candidates
-            keep = prune_rank_mask(est, sched.keep_count(layer, self.n_docs), self.k, sched.floor)
-        else:
-            margin = sched.margin_at(layer)
-            keep = prune_mask(est, self.k, margin, sched.floor, sched.cluster_gap * margin)
+        keep = self.rule.keep_mask(est, sched.param_at(layer), self.k, self.n_docs, sched.floor, sched.cluster_gap)
+        trace.instant("prune", layer=layer, live=len(items), kept=int(keep.sum()))
         if keep.all():
             return chunks
         gone = items[~keep]

@@ -8,7 +8,11 @@ the bundle manifest) names the layers, the method that scores a layer (``probe``
 * ``margin`` — per layer a margin in score units: clusters of similar score whose best member is below
   ``s_K - margin`` are dropped;
 * ``rank``   — per layer a fraction of the call's candidates kept by early score. The probe's error is
-  heavy-tailed in score units but not in rank, so at the same held-out safety the rank rule saves more work.
+  heavy-tailed in score units but not in rank, so at the same held-out safety the rank rule saves more work;
+* ``spread`` — per layer a margin in units of the query's own score spread near the K-th best (per-query adaptive).
+
+Each rule is a module of :mod:`.rules`; ``margins`` holds the per-layer parameter of ``margin`` and ``spread``,
+``keep`` that of ``rank``.
 
 A schedule calibrated for top-K protects any ``top_k <= K``.
 """
@@ -22,11 +26,11 @@ import numpy as np
 
 from edge_sel.runtime.errors import BundleError, InputError
 
+from .rules import RULES, rule_for
 from .scoring import scoring_class
 
 SCHEDULE_VERSION = 1
 METHODS = ("probe", "head", "cosine")
-RULES = ("margin", "rank")
 PROBE_ARRAY = "early_probe"
 
 
@@ -48,10 +52,8 @@ class Schedule:
     keep: list[float] | None = None    # rule "rank": fraction of the call's candidates kept at each schedule layer
 
     def to_manifest(self) -> dict[str, Any]:
-        if self.rule == "rank":
-            layers = [{"layer": int(l), "keep": float(f)} for l, f in zip(self.layers, self.keep or [])]
-        else:
-            layers = [{"layer": int(l), "margin": float(m)} for l, m in zip(self.layers, self.margins)]
+        key = rule_for(self.rule).param_key
+        layers = [{"layer": int(l), key: float(v)} for l, v in zip(self.layers, self.params)]
         return {"version": SCHEDULE_VERSION, "method": self.method, "rule": self.rule, "top_k": int(self.top_k), "layers": layers,
                 "floor": self.floor, "cluster_gap": float(self.cluster_gap), "safety": float(self.safety),
                 "probe": self.probe, "source_layers": self.source_layers, **self.info}
@@ -66,7 +68,7 @@ class Schedule:
                 raise InputError(f"unknown pruning rule {rule!r} in the schedule (known: {', '.join(RULES)})")
             layers = [int(e["layer"]) for e in d["layers"]]
             keep = [float(e["keep"]) for e in d["layers"]] if rule == "rank" else None
-            margins = [0.0] * len(layers) if rule == "rank" else [float(e["margin"]) for e in d["layers"]]
+            margins = [0.0] * len(layers) if rule == "rank" else [float(e[rule_for(rule).param_key]) for e in d["layers"]]
             known = {"version", "method", "rule", "top_k", "layers", "floor", "cluster_gap", "safety", "probe", "source_layers"}
             return cls(method=str(d.get("method", "head")), top_k=int(d["top_k"]), layers=layers, margins=margins, rule=rule, keep=keep,
                        floor=None if d.get("floor") is None else int(d["floor"]), cluster_gap=float(d.get("cluster_gap", 0.0)),
@@ -112,6 +114,14 @@ class Schedule:
             shape = list(bundle.spec.arrays[self.probe].shape)
             if len(shape) != 2 or shape[0] != n:
                 raise BundleError(f"{where}: probe array {self.probe!r} has shape {shape}, expected [{n}, F+1]")
+
+    @property
+    def params(self) -> list[float]:
+        """The rule's per-layer parameters (keep fractions for ``rank``, margins otherwise)."""
+        return list(self.keep or []) if self.rule == "rank" else list(self.margins)
+
+    def param_at(self, layer: int) -> float:
+        return self.params[self.layers.index(layer)]
 
     def keep_count(self, layer: int, n_candidates: int) -> int:
         """Rule ``rank``: how many of the call's ``n_candidates`` stay live after ``layer``."""

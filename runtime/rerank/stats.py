@@ -42,6 +42,10 @@ class RerankStats:
     token_work_saved: float = _f(0.0, public=True)
     n_pruned: int = _f(0, public=True)
     dropped_layers: list[int] = _f(public=True, factory=list)
+    # execution providers (edge_sel.runtime.providers): the choice, node assignment, every session's load time since
+    # the Reranker was made and this call's share (``call_session_load_s``: streamed layers load again per call)
+    provider: dict = _f(public=True, factory=dict)
+    shadow: dict | None = _f(public=True, per_call=True)  # shadow mode's counts and cost so far (see .shadow)
     plan_estimate: dict = _f(factory=dict)
     prefix_reuse_tokens: int = _f(0)
     spill: bool = _f(False)
@@ -50,6 +54,8 @@ class RerankStats:
     spill_bytes_written: int | None = _f(per_call=True)
     spill_bytes_read: int | None = _f(per_call=True)
     heap_trims: int = _f(0)
+    # which memory mechanisms ran (edge_sel.runtime.memory.ReleaseLog): glibc or macOS heap release, weight pages
+    memory_release: dict | None = _f(per_call=True)
 
     def as_dict(self) -> dict[str, Any]:
         """Every field (per-call fields only when set)."""

@@ -11,14 +11,17 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Iterator
 
+from edge_sel.runtime import trace
 from edge_sel.runtime.bundle import Bundle
-
+from edge_sel.runtime.providers import Assignment
 from edge_sel.runtime.sessions import load_session
 
 
 class LayerStream:
-    def __init__(self, bundle: Bundle, window: int, threads: int | None = None, optimize: str = "all"):
+    def __init__(self, bundle: Bundle, window: int, threads: int | None = None, optimize: str = "all",
+                 providers: Assignment | None = None):
         self.bundle = bundle
+        self.providers = providers  # the execution providers' choice; counts every session's load time
         self.n = len(bundle.spec.layers)
         self.threads = threads
         self.optimize = optimize
@@ -36,7 +39,10 @@ class LayerStream:
 
     def load_layer(self, i: int):
         """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
-        sess = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
+        tk = trace.begin("layer.load", layer=i)
+        sess = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all,
+                            providers=self.providers)
+        trace.end(tk)
         self.loads += 1
         return sess
 

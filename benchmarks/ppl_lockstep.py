@@ -1,0 +1,143 @@
+"""Many KV configurations scored on one window in lockstep: the prefix runs once, each configuration's continuation
+over its own compressed cache.
+
+Per configuration this computes what ``Generator.score(prefix, cont, compress_continuation=False)`` computes (the
+test holds them equal): a look-once prefill is exact up to each layer's compression, so every configuration sees
+the same context hidden states, K/V and attention; only its votes, its compression and its continuation differ.
+The shared prefix runs in chunks cut at every configuration's observation-window start, and each configuration's
+policy is handed the chunks' attention with its own phase ("prefill" / "window"), as the engine's prefill would.
+The continuation then runs through the engine's own ``prefill_suffix``, layer by layer, per configuration.
+One prefill instead of one per configuration: the perplexity benchmark's many policies x ratios x windows fit
+on a shared two-core machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge_sel.runtime.generate import Generator
+from edge_sel.runtime.generate.call import Call
+from edge_sel.runtime.generate.prefill import chunk_size, final_target, plan_chunks, prefill_suffix
+from edge_sel.runtime.generate.sampling import log_softmax_nll
+from edge_sel.runtime.kvcache import LayerCache
+from edge_sel.runtime.planning import KVPlanner
+from edge_sel.runtime.policies import Context, make_policy
+
+
+@dataclass
+class _Run:
+    name: str
+    policy: object
+    call: Call
+    look_once: bool
+    obs: int
+    hidden: np.ndarray | None = None  # this configuration's continuation rows entering the current layer
+
+
+def _runs(gen: Generator, configs, n_prompt: int, n_sfx: int) -> list[_Run]:
+    out = []
+    for name, spec, ratio in configs:
+        planner = KVPlanner(gen.n_layers, gen.kv_heads, gen.head_dim, gen.context, ratio, "layer")
+        policy = make_policy(spec() if callable(spec) else spec)
+        max_new = planner.clamp_new(n_prompt, 1)
+        plan = planner.plan(policy, n_prompt, max_new, n_sfx)
+        policy.begin(Context(gen.n_layers, gen.kv_heads, gen.heads, gen.head_dim, plan.resident, n_prompt, max_new,
+                             fetch=plan.fetch, stream_suffix=True, look_once=plan.scratch,
+                             rope_theta=gen.bundle.spec.rope_theta))
+        call = Call(list(range(n_prompt)), max_new, plan.resident, policy, suffix=n_sfx, fetch=plan.fetch,
+                    keep_suffix_hidden=True)
+        call.caches = [LayerCache(gen.kv_heads, plan.resident, gen.head_dim, fetch=plan.fetch) for _ in range(gen.n_layers)]
+        out.append(_Run(name, policy, call, plan.scratch, policy.observation_window(n_prompt - n_sfx)))
+    return out
+
+
+def score_lockstep(gen: Generator, prefix: list[int], cont: list[int], configs) -> dict[str, dict]:
+    """``{name: {"nll", "ppl", "n", "nll_tokens"}}`` for ``configs`` = ``[(name, policy spec or factory, kv_budget)]``."""
+    ids = [int(t) for t in prefix] + [int(t) for t in cont]
+    N, S = len(ids), len(cont)
+    n_ctx = N - S
+    model = gen.model
+    runs = _runs(gen, configs, N, S)
+    try:
+        chunk = chunk_size(gen.chunk_tokens, gen.heads, N)
+        starts = sorted({a for r in runs for a, _, _ in plan_chunks(n_ctx, chunk, r.obs)})
+        chunks = list(zip(starts, starts[1:] + [n_ctx]))
+        positions = np.arange(N, dtype=np.int64)
+        emb = model.embed(np.asarray(ids, dtype=np.int64)[None])
+        ctx = emb[:, :n_ctx]
+        for r in runs:
+            r.hidden = emb[:, n_ctx:]
+        scratch = LayerCache(gen.kv_heads, n_ctx, gen.head_dim)
+        for L, (qkv, attn) in enumerate(model.layers):
+            scratch.reset()
+            out_ctx = np.empty_like(ctx)
+            seen = []
+            for a, b in chunks:
+                p = positions[None, a:b]
+                q, k, v = qkv.run(None, {"hidden": ctx[:, a:b], "position_ids": p})
+                scratch.append(k, v, p[0])
+                kc, vc, kp = scratch.prefix()
+                ho, asum, amax = attn.run(None, {"hidden": ctx[:, a:b], "q": q, "k_cache": kc, "v_cache": vc,
+                                                 "key_pos": kp, "position_ids": p})
+                out_ctx[:, a:b] = ho
+                seen.append((a, q, asum, amax))
+            q_last = q
+            for r in runs:
+                _compress_layer(r, L, scratch, seen, plan_chunks(n_ctx, chunk, r.obs), n_ctx, S)
+                hid = np.concatenate([ctx, r.hidden], axis=1)
+                out = np.concatenate([out_ctx, np.empty_like(r.hidden)], axis=1)
+                qs = prefill_suffix(model, r.call, L, hid, positions, out, n_ctx, gen.chunk_tokens, q_last)
+                if r.policy.after_layer(L, hid, out, qs[0, :, -1], r.call.caches[L], positions) is not None:
+                    raise ValueError(f"{r.name}: a policy that drops prompt tokens from later layers is not scored in lockstep")
+                r.hidden = out[:, n_ctx:]
+            ctx = out_ctx
+        res = {}
+        for r in runs:
+            h = np.concatenate([ctx[:, -1:], r.hidden[:, :-1]], axis=1)[0]
+            nll = log_softmax_nll(model.head_logits(h), cont)
+            res[r.name] = {"nll": float(nll.mean()), "ppl": float(np.exp(nll.mean())), "n": S, "nll_tokens": nll.tolist(),
+                           "kept": [int((c.pos[0, :c.n] < n_ctx).sum()) for c in r.call.caches]}
+        return res
+    finally:
+        for r in runs:
+            r.policy.end()
+
+
+def _merged(seen, a0: int, b0: int):
+    """The attention sums and maxima of the engine's chunk ``[a0, b0)`` from the shared sub-chunks inside it (a pooled
+    vote, as SnapKV's, is taken per chunk, so the chunks the policy sees must be the engine's own)."""
+    parts = [(asum, amax) for a, _, asum, amax in seen if a0 <= a < b0]
+    if len(parts) == 1:
+        return parts[0]
+    shape = parts[-1][0].shape
+    tot, top = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for asum, amax in parts:
+        m = asum.shape[-1]
+        tot[..., :m] += asum
+        np.maximum(top[..., :m], amax, out=top[..., :m])
+    return tot, top
+
+
+def _compress_layer(r: _Run, L: int, scratch: LayerCache, seen, own_chunks, n_ctx: int, n_sfx: int) -> None:
+    """Hand the shared prefix's attention to ``r``'s policy in its own chunks and phases, then compress into its cache."""
+    policy, call = r.policy, r.call
+    c = call.caches[L]
+    scratch.score[:, :scratch.n] = 0.0  # each configuration votes afresh
+    work = scratch if r.look_once else c
+    if not r.look_once:  # everything fits: the engine prefills straight into the layer's cache
+        c.reset()
+        s = c.append(scratch.k[:, :, :n_ctx], scratch.v[:, :, :n_ctx], scratch.pos[0, :n_ctx])
+        policy.appended(L, c, s)
+    for a0, b0, phase in own_chunks:
+        q = np.concatenate([q for a, q, _, _ in seen if a0 <= a < b0], axis=2)
+        policy.queries(L, q, np.arange(a0, b0, dtype=np.int64), phase)
+        asum, amax = _merged(seen, a0, b0)
+        policy.observe(L, work, asum, amax, None, phase)
+    if r.look_once:
+        target = None
+        if n_ctx + n_sfx + call.max_new > call.capacity:
+            target = final_target(call.capacity, n_sfx, call.max_new, policy.align)
+            call.evictions += 1
+        policy.compress(L, scratch, target, "final", into=c)

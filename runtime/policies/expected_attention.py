@@ -1,0 +1,162 @@
+"""Expected attention inside MPCache's look-once static eviction (``mpcache_ea``).
+
+Devoto et al., "Expected Attention: KV Cache Compression by Estimating Attention from Future Queries
+Distribution" (2025; kvpress's ``ExpectedAttentionPress``): the queries still to come are modelled as a Gaussian
+with the prompt's own query mean and covariance (taken before the rotary embedding, then turned by the average
+rotation of the next ``n_future`` positions); a key's expected attention is
+``softmax_j(mu . k_j / sqrt(d) + k_j^T Sigma k_j / (2 d))``, averaged over the query heads of its KV head and
+scaled by ``||v_j||``. The statistics are ``H x D x D`` per layer while its prompt runs; a look-once prefill
+drops them once the layer is compressed (``held_bytes``), and later evictions fall back to the votes. Here that score replaces the accumulated votes of MPCache's static eviction
+(:class:`MPCacheStatic`: sinks, a recent window, one kept set per KV head, MPC cost counts) and MPCache's
+dynamic group selection runs on what is left (:func:`mpcache_ea`). ``vote_weight`` mixes the prompt's
+accumulated attention back in (each normalised to sum 1 per head). The expected attention costs
+exponentials (counted as ``exp_div``): unlike the votes it is not MPC-friendly.
+
+Defaults (``recent_frac=0.25``, no value-norm scaling, covariance on) were chosen on the perplexity benchmark's
+tuning windows only (``python -m benchmarks.perplexity --split tune``); the held-out windows report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from .mpcache import MPCacheDynamic, MPCacheStatic
+
+
+def rope_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """``cos``, ``sin`` ``[T, D]`` of the rotate-half rotary embedding (Llama) at ``positions``."""
+    inv = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    ang = positions.astype(np.float64)[:, None] * inv[None]
+    return np.concatenate([np.cos(ang)] * 2, axis=1), np.concatenate([np.sin(ang)] * 2, axis=1)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    h = x.shape[-1] // 2
+    return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+@dataclass
+class MPCacheEA(MPCacheStatic):
+    """MPCache's static eviction scored by expected attention (see the module docstring)."""
+
+    name: ClassVar[str] = "mpcache_ea_static"
+    n_future: int = 512        # future positions the query distribution is averaged over (kvpress's default)
+    covariance: bool = True    # the k^T Sigma k term (False: the mean query only)
+    value_norm: bool = False   # scale by ||v|| (kvpress's default; worse on the tuning windows)
+    vote_weight: float = 0.0   # share of the prompt's accumulated attention in the score
+    skip_first: int = 4        # the first queries (attention sinks' outliers) stay out of the statistics
+    recent_frac: float = 0.25  # a quarter of the kept tokens a recent window (chosen on the tuning windows)
+    qstats: dict = field(default_factory=dict, init=False, repr=False)
+
+    def begin(self, ctx):
+        super().begin(ctx)
+        self.qstats = {}
+
+    def queries(self, layer, q, positions, phase):
+        """Fold a prompt chunk's queries (``[1, H, T, D]`` after the rotary embedding) into the layer's statistics."""
+        if phase == "decode":
+            return
+        pos = np.asarray(positions)
+        use = pos >= self.skip_first
+        if not use.any():
+            return
+        qq = q[0][:, use].astype(np.float64)                                   # [H, T, D]
+        theta = self.ctx.rope_theta
+        if theta:  # undo the rotation: the statistics are of the query content, position-free
+            cos, sin = rope_tables(pos[use], qq.shape[-1], theta)
+            qq = qq * cos - rotate_half(qq) * sin
+        st = self.qstats.get(layer)
+        if st is None:
+            H, D = qq.shape[0], qq.shape[-1]
+            st = self.qstats[layer] = {"n": 0, "sum": np.zeros((H, D)), "outer": np.zeros((H, D, D)), "next": 0}
+        st["n"] += qq.shape[1]
+        st["sum"] += qq.sum(axis=1)
+        st["outer"] += np.einsum("htd,hte->hde", qq, qq)
+        st["next"] = max(st["next"], int(pos.max()) + 1)
+        self.count(multiplications=qq.size * (qq.shape[-1] + 4))
+
+    def _future_rotation(self, start: int, D: int) -> np.ndarray:
+        """The mean over the next ``n_future`` positions of the rotary matrix ``R_t`` (``R_t x = x cos_t + rotate_half(x) sin_t``)."""
+        cos, sin = rope_tables(np.arange(start, start + self.n_future), D, self.ctx.rope_theta)
+        c, s = cos.mean(axis=0), sin.mean(axis=0)
+        h = D // 2
+        P = np.zeros((D, D))
+        P[:h, h:], P[h:, :h] = -np.eye(h), np.eye(h)
+        return np.diag(c) + np.diag(s) @ P
+
+    def keep(self, layer, cache, target, phase):
+        self._values = cache.v[0, :, :cache.n]
+        try:
+            return super().keep(layer, cache, target, phase)
+        finally:
+            self._values = None
+            if phase == "final":  # look-once: the layer's statistics are done with (later evictions use the votes)
+                self.qstats.pop(layer, None)
+
+    def held_bytes(self):
+        """The query statistics alive now (one layer's during a look-once prefill), beside the cache slots."""
+        return sum(st["sum"].nbytes + st["outer"].nbytes for st in self.qstats.values())
+
+    def expected(self, layer, keys: np.ndarray) -> np.ndarray | None:
+        """Expected attention ``[kv, n]`` of ``keys`` ``[kv, n, D]`` (each row sums to 1), None without statistics."""
+        st = self.qstats.get(layer)
+        if st is None or st["n"] == 0:
+            return None
+        kv, n, D = keys.shape
+        H = st["sum"].shape[0]
+        g = H // kv
+        mu = st["sum"] / st["n"]
+        cov = st["outer"] / st["n"] - mu[:, :, None] * mu[:, None, :]
+        if self.ctx.rope_theta:
+            R = self._future_rotation(st["next"], D)
+            mu = mu @ R.T
+            cov = R @ cov @ R.T
+        K = keys.astype(np.float64)
+        out = np.zeros((kv, n))
+        for h in range(H):
+            k = K[h // g]
+            z = k @ mu[h] / np.sqrt(D)
+            if self.covariance:
+                z += np.einsum("nd,nd->n", k @ cov[h], k) / (2 * D)
+            z = np.exp(z - z.max())
+            out[h // g] += z / z.sum() / g
+        self.count(multiplications=H * n * D * ((D + 1) if self.covariance else 1), exp_div=H * n)
+        return out
+
+    def score(self, layer, keys, votes):
+        ea = self.expected(layer, keys)
+        if ea is None:
+            return super().score(layer, keys, votes)
+        if self.value_norm and getattr(self, "_values", None) is not None:
+            ea = ea * np.linalg.norm(self._values[:, :ea.shape[1]], axis=-1)
+            self.count(multiplications=self._values[:, :ea.shape[1]].size)
+        ea = ea / np.maximum(ea.sum(axis=-1, keepdims=True), 1e-30)
+        if self.vote_weight > 0:
+            v = votes.astype(np.float64)
+            ea = (1 - self.vote_weight) * ea + self.vote_weight * v / np.maximum(v.sum(axis=-1, keepdims=True), 1e-30)
+        return ea.astype(np.float32)
+
+
+def mpcache_ea(**kw):
+    """MPCache with the expected-attention static eviction (:class:`MPCacheEA`) and MPCache's dynamic selection."""
+    from .composite import Composite
+
+    static_kw = {k: v for k, v in kw.items() if k in MPCacheEA.__dataclass_fields__}
+    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}
+    return Composite(parts=(MPCacheEA(**static_kw), MPCacheDynamic(**dyn_kw)), title="mpcache_ea")
+
+
+def mpcache_ea_recall(**kw):
+    """``mpcache_ea`` + recall of evicted tokens from disk into a fetch area inside the budget (:class:`MPCacheRecall`)."""
+    from .composite import Composite
+    from .mpcache_recall import MPCacheRecall
+
+    own = set(MPCacheRecall.__dataclass_fields__) - {"alpha", "share"}  # recall's alone
+    static_kw = {k: v for k, v in kw.items() if k in MPCacheEA.__dataclass_fields__ and k not in own}
+    rec_kw = {k: v for k, v in kw.items() if k in MPCacheRecall.__dataclass_fields__}
+    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__ and k not in own}
+    return Composite(parts=(MPCacheEA(**static_kw), MPCacheRecall(**rec_kw), MPCacheDynamic(**dyn_kw)),
+                     title="mpcache_ea_recall")

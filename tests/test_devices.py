@@ -1,0 +1,81 @@
+"""Device profiles validate against the schema; probe writes a valid profile; plan predicts and refuses."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from edge_sel.cli import main
+from edge_sel.devices import profiles
+from edge_sel.devices.schema import validate
+
+REQUIRED = {"iphone-15-pro", "iphone-se-3", "pixel-8", "galaxy-a54", "macbook-air-m2-8gb", "macbook-pro-m3-pro-18gb",
+            "raspberry-pi-5-8gb", "jetson-orin-nano-8gb", "x86-laptop"}
+
+
+def test_packaged_profiles_validate_and_cite_sources():
+    files = sorted(profiles.PACKAGED.glob("*.json"))
+    assert REQUIRED <= {p.stem for p in files}
+    for p in files:
+        doc = json.loads(p.read_text())
+        validate(doc)
+        assert doc["name"] == p.stem and doc["sources"]
+        limit = doc["app_memory_limit_bytes"]
+        assert limit is None or limit < doc["ram_bytes"]
+        assert sum(c["cores"] for c in doc["cpu"]["clusters"]) == doc["cpu"]["cores"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d.pop("ram_bytes"),
+    lambda d: d.update(sources=[]),
+    lambda d: d.update(sources=["not a url"]),
+    lambda d: d.update(ram_bytes="8GB"),
+    lambda d: d["cpu"].update(cores=0),
+    lambda d: d.update(unknown_field=1),
+])
+def test_schema_rejects_damaged_profiles(damage):
+    doc = profiles.load("pixel-8")
+    damage(doc)
+    with pytest.raises(jsonschema.ValidationError):
+        validate(doc)
+
+
+def test_plan_rerank_and_generate(bert_bi_bundle, gen_llama_bundle, capsys):
+    assert main(["plan", str(bert_bi_bundle), "--device", "iphone-se-3", "--task", "rerank", "-n", "64",
+                 "--doc-tokens", "40", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["budget_bytes"] == int(0.75 * profiles.load("iphone-se-3")["app_memory_limit_bytes"])
+    assert out["peak_bytes"] > 0 and out["latency_s"] > 0 and out["window_layers"] == out["layers"]
+    assert main(["plan", str(gen_llama_bundle), "--device", "pixel-8", "--task", "generate", "--prompt-tokens", "500",
+                 "--new-tokens", "16", "--kv-budget", "0.25", "--policy", "streaming_llm", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["kv_resident_tokens"] < 500 and out["components"]["kv"] > 0
+
+
+def test_plan_refuses_with_reason_smallest_budget_and_device(bert_bi_bundle, capsys):
+    code = main(["plan", str(bert_bi_bundle), "--device", "raspberry-pi-5-8gb", "--task", "rerank", "-n", "64",
+                 "--doc-tokens", "40", "--budget", "2MB"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "below the minimum" in err and "smallest budget that works" in err and "smallest device that works: " in err
+    need = err.split("smallest budget that works: ")[1].split(";")[0]
+    # the named minimum works
+    assert main(["plan", str(bert_bi_bundle), "--device", "raspberry-pi-5-8gb", "--task", "rerank", "-n", "64",
+                 "--doc-tokens", "40", "--budget", need.replace(" ", ""), "--json"]) == 0
+
+
+def test_probe_writes_a_valid_profile_with_bundle_costs(bert_bi_bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_SEL_HOME", str(tmp_path))
+    assert main(["devices", "probe", "--bundle", str(bert_bi_bundle), "--storage-dir", str(tmp_path), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    saved = profiles.load("this-machine")
+    assert saved["kind"] == "measured" and saved["sustained_gflops"] > 0 and saved["memory_bandwidth_bytes_per_s"] > 0
+    (costs,) = saved["measured"]["bundles"].values()
+    assert costs["task"] == "rerank" and costs["layer_s_per_token"] > 0 and costs["layer_load_s"] > 0
+    assert doc["profile"].endswith("this-machine.json")
+    # the plan on the probed profile uses the probed costs
+    assert main(["plan", str(bert_bi_bundle), "--device", "this-machine", "--task", "rerank", "-n", "32",
+                 "--doc-tokens", "40", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["latency_basis"] == "probed layer costs"

@@ -1,0 +1,43 @@
+"""The Node.js binding (bindings/node, npm package ``edge-sel``) passes its own tests: the shared test vectors on the
+tiny bundles rebuilt here (ONNX and ORT-format graphs), and its bad-input cases. Installs its npm dependencies first (``npm ci``;
+``ONNXRUNTIME_NODE_INSTALL=skip`` because onnxruntime-node's install script otherwise downloads GPU binaries, while
+the CPU binaries ship in the package)."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "bindings" / "node"
+VECTORS = Path(__file__).resolve().parent / "vectors"
+
+pytestmark = pytest.mark.skipif(shutil.which("node") is None or shutil.which("npm") is None,
+                                reason="Node.js (node and npm) is not installed on this machine")
+
+
+def _installed(env) -> bool:
+    """node_modules matches package-lock.json (npm ls exits non-zero on a missing or mismatched dependency)."""
+    if not (PACKAGE / "node_modules").is_dir():
+        return False
+    return subprocess.run(["npm", "ls", "--depth=0"], cwd=PACKAGE, env=env, capture_output=True).returncode == 0
+
+
+def _root(bundles: dict) -> str:
+    roots = {Path(p).parent for p in bundles.values()}
+    assert len(roots) == 1
+    return str(roots.pop())
+
+
+def test_node_binding_passes_its_tests(vector_bundles, vector_bundles_ort):
+    env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip", "npm_config_fund": "false", "npm_config_audit": "false"}
+    if not _installed(env):
+        out = subprocess.run(["npm", "ci"], cwd=PACKAGE, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"npm ci failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    env.update(EDGE_SEL_VECTOR_BUNDLES=_root(vector_bundles), EDGE_SEL_VECTOR_BUNDLES_ORT=_root(vector_bundles_ort),
+               EDGE_SEL_VECTORS=str(VECTORS))
+    out = subprocess.run(["npm", "test", "--silent"], cwd=PACKAGE, env=env, capture_output=True, text=True, timeout=900)
+    summary = [line for line in out.stdout.splitlines() if line.startswith(("# pass", "# fail", "# skipped", "not ok"))]
+    assert out.returncode == 0, "node --test failed:\n" + "\n".join(summary) + "\n" + out.stdout[-6000:] + out.stderr[-2000:]
+    assert "# fail 0" in summary and "# skipped 0" in summary, summary
