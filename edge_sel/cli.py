@@ -72,15 +72,10 @@ def cmd_export(args, console) -> int:
     prog, cb = export_progress(console)
     with prog:
         out = export(args.model, args.out, task=args.task, scoring=args.scoring, max_length=args.max_length,
-<<<<<<< HEAD
                      verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb, weights=args.weights,
-                     **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}))
-=======
-                     verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb,
                      **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}),
                      **({"format": args.format} if args.format != "onnx" else {}),
                      **({"coreml_precision": args.coreml_precision} if args.format == "coreml" else {}))
->>>>>>> main
     from edge_sel.runtime.bundle import Bundle
     from edge_sel.runtime.manifest import ExportInfo, thaw
 

@@ -118,17 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-layers", metavar="N|auto", help="drop the N layers that matter least (block influence + measured "
                    "ranking effect on calibration text); auto: as many as keep top-10 agreement >= 0.9")
     e.add_argument("--calibrate", action="store_true", help="calibrate early-ranking pruning after export (see `edge-sel calibrate`)")
-<<<<<<< HEAD
     e.add_argument("--weights", default="fp32", metavar="{fp32,fp16,int8,int4}",  # checked by the command: one-line error
                    help="how matrices and the embedding table are stored: fp32 (default), fp16, int8 or int4 "
                         "(block-wise MatMulNBits; see docs/BUNDLE.md)")
-=======
     e.add_argument("--format", choices=["onnx", "ort", "coreml"], default="onnx",
                    help="ort: onnxruntime's ORT format graphs + the operator config for a reduced build (see `edge-sel convert`); "
                    "coreml: also a CoreML ML Program package per streamed stage (needs coremltools)")
     e.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
                    help="CoreML packages' weights and arithmetic (default fp16)")
->>>>>>> main
     e.add_argument("--json", action="store_true")
 
     r = cmd("rerank", "rank documents for a query with a bundle")

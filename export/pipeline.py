@@ -34,11 +34,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
            max_length: int | None = None, verify: bool = False, overwrite: bool = False, seed: int = 0,
            fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None,
            drop_layers: int | str | None = None, calibrate: bool = False, prefix_reuse: bool | None = None,
-<<<<<<< HEAD
-           weights: str = "fp32") -> Path:
-=======
-           format: str = "onnx", coreml_precision: str = "fp16") -> Path:
->>>>>>> main
+           format: str = "onnx", coreml_precision: str = "fp16", weights: str = "fp32") -> Path:
     """Export ``model`` to a bundle directory ``out`` and return its path.
 
     task: ``"rerank"`` or ``"generate"`` (decoders).
@@ -51,15 +47,12 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     :mod:`edge_sel.export.passes.calibrate`.
     prefix_reuse: yes/no (decoder) rerankers: split layer graphs so the instruction + query prefix is computed
     once per query (default True; see :mod:`edge_sel.export.prefix_layers`).
-<<<<<<< HEAD
-    weights: ``fp32`` (default), ``fp16``, ``int8`` or ``int4``: how the graphs' matrices and the embedding table are
-    stored (see :mod:`edge_sel.export.passes.weights`); ``verify`` checks the float32 graphs before conversion.
-=======
     format: ``"onnx"`` (default); ``"ort"``: the graphs converted to onnxruntime's ORT format last (for mobile and
     minimal builds, see :mod:`edge_sel.export.passes.ort_format`); ``"coreml"``: the ONNX bundle plus a CoreML ML
     Program package per layer, qkv graph and head, converted from torch (``coreml_precision`` ``"fp16"`` (default)
     or ``"fp32"``; see :mod:`edge_sel.export.coreml`).
->>>>>>> main
+    weights: ``fp32`` (default), ``fp16``, ``int8`` or ``int4``: how the graphs' matrices and the embedding table are
+    stored (see :mod:`edge_sel.export.passes.weights`); ``verify`` checks the float32 graphs before conversion.
     """
     from .passes.weights import check_format
 

@@ -53,15 +53,11 @@ POOLINGS = ("cls", "mean", "last")
 SCORE_RULES = ("logit", "cosine", "yes_minus_no_logit")
 FINAL_LAYER_OUTPUTS = ("all_tokens", "first_token")
 SCHEDULE_METHODS = ("probe", "head", "cosine")
-<<<<<<< HEAD
-SCHEDULE_RULES = ("margin", "rank")
+SCHEDULE_RULES = ("margin", "rank", "spread")
+GRAPH_FORMATS = ("onnx", "ort")  # ort: onnxruntime's flatbuffer format (mobile and minimal builds), weights inside
 WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")   # how a bundle stores its weights (``weights.format``)
 TABLE_BITS = (4, 8)                                   # an encoded raw array's value width
 SCALE_DTYPES = ("float16", "float32")                 # an encoded raw array's scales and mins
-=======
-SCHEDULE_RULES = ("margin", "rank", "spread")
-GRAPH_FORMATS = ("onnx", "ort")  # ort: onnxruntime's flatbuffer format (mobile and minimal builds), weights inside
->>>>>>> main
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -744,13 +740,10 @@ class Manifest(Node):
     schedule: ScheduleSpec | None = None
     export: ExportInfo | None = None
     quantization: Quantization | None = None
-<<<<<<< HEAD
     weights: WeightsSpec | None = None
-=======
     coreml: CoreMLPackages | None = None
     graph_format: str = "onnx"
     ort: OrtInfo | None = None
->>>>>>> main
     embedding: EmbeddingRule = field(default_factory=EmbeddingRule)
     pooling: str = "cls"
     score_rule: str | None = None
@@ -869,13 +862,10 @@ class Manifest(Node):
             schedule=opt("schedule", ScheduleSpec.read),
             export=opt("export", ExportInfo.read),
             quantization=opt("quantization", Quantization.read),
-<<<<<<< HEAD
             weights=opt("weights", WeightsSpec.read),
-=======
             coreml=opt("coreml", CoreMLPackages.read),
             graph_format=r.str(d.get("graph_format", "onnx"), "graph_format", choices=GRAPH_FORMATS),
             ort=opt("ort", OrtInfo.read),
->>>>>>> main
             embedding=EmbeddingRule.read(r, d.get("embedding", {}), "embedding"),
             pooling=r.str(d.get("pooling", "cls"), "pooling", choices=POOLINGS),
             score_rule=r.str(d.get("score_rule"), "score_rule", optional=True, choices=SCORE_RULES),
@@ -1041,10 +1031,6 @@ def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], pr
 
 __all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
            "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
-<<<<<<< HEAD
-           "ExportInfo", "FileEntry", "RawArray", "TableEncoding", "TensorFormat", "WeightsSpec", "WEIGHT_FORMATS",
-           "required_version", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
-=======
-           "ExportInfo", "CoreMLPackages", "CoreMLStage", "FileEntry", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
->>>>>>> main
+           "ExportInfo", "CoreMLPackages", "CoreMLStage", "FileEntry", "RawArray", "TableEncoding", "TensorFormat", "WeightsSpec",
+           "WEIGHT_FORMATS", "required_version", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
            "CREATED_BY", "DTYPES", "freeze", "thaw", "editable", "with_schedule", "without_layers"]

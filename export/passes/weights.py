@@ -250,6 +250,9 @@ def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, bl
     out = Path(out).expanduser().absolute()
     if out == src.root:
         raise InputError("--out must differ from the source bundle (the float bundle is kept for comparison)")
+    if spec.graph_format != "onnx" or spec.coreml is not None:
+        raise InputError(f"{src.root} holds {spec.graph_format} graphs{' and CoreML packages' if spec.coreml else ''}; "
+                         "convert the weights of the plain ONNX bundle, then convert its graphs")
     t0 = time.perf_counter()
     with BundleWriter(out, overwrite=force) as w:
         raw = editable(thaw(spec))

@@ -14,12 +14,8 @@ from edge_sel.runtime.bundle import Bundle
 
 from .. import trace
 from ..embedding import Embedder
-<<<<<<< HEAD
 from ..residency import WeightPages, snapshot
-=======
-from ..residency import WeightPages, release_array, snapshot
 from ..providers import Assignment
->>>>>>> main
 from ..sessions import load_session
 
 # Prompts longer than this release each layer's weights after its prefill pass and trim the heap after
