@@ -16,7 +16,6 @@ every position, the continuation's tokens scored (natural log, float64 log-sum-e
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 
@@ -42,12 +41,12 @@ def _model(cfg: dict, n_ctx: int, logits_all: bool):
                  use_mmap=True, logits_all=logits_all, verbose=False)
 
 
-def _argmax(row) -> int:
-    best, arg = -math.inf, 0
-    for i, v in enumerate(row):
-        if v > best:
-            best, arg = v, i
-    return arg
+def _last_logits(llm):
+    """The last evaluated token's logits (without ``logits_all`` llama-cpp-python keeps no score rows: read the
+    context's own logits buffer, which holds the last token's row)."""
+    import numpy as np
+
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
 def needle(cfg: dict) -> list[dict]:
@@ -66,10 +65,10 @@ def needle(cfg: dict) -> list[dict]:
         t0, w0 = time.perf_counter(), time.process_time()
         llm.eval(ids)
         t1, w1 = time.perf_counter(), time.process_time()
-        toks = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        toks = [int(np.argmax(_last_logits(llm)))]
         for _ in range(max_new - 1):
             llm.eval([toks[-1]])
-            toks.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            toks.append(int(np.argmax(_last_logits(llm))))
         t2, w2 = time.perf_counter(), time.process_time()
         out.append({"length": c["length"], "depth": c["depth"], "number": c["number"], "answer_ids": toks,
                     "prefill_s": t1 - t0, "decode_ms_per_token": 1000 * (t2 - t1) / (max_new - 1),

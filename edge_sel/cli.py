@@ -262,12 +262,16 @@ def _convert_weights(args, console) -> int:
         print(json.dumps({"bundle": str(out), "weights": thaw(wspec), "bytes": b.total_bytes()}))
         return 0
     console.print(f"[green]wrote[/] {out} ({wspec.format} weights, {b.total_bytes() / 1e6:.1f} MB, {wspec.seconds} s)")
-    a = wspec.agreement
+    _print_agreement(console, wspec.agreement)
+    return 0
+
+
+def _print_agreement(console, a) -> None:
+    """A converted bundle's measured agreement with its float source (nothing when it was not measured)."""
     if a is not None:
         console.print(f"  vs the float bundle on {a.queries} builtin queries x {a.candidates} candidates: "
                       f"max |score diff| {a.max_abs_score_diff:.2g}, top-10 overlap {a.top10_overlap:.3f}, "
                       f"top-10 identical on {100 * a.top10_identical:.0f}% of queries")
-    return 0
 
 
 def cmd_quantize(args, console) -> int:
@@ -294,11 +298,7 @@ def cmd_quantize(args, console) -> int:
         print(json.dumps({"bundle": str(out), "quantization": thaw(q)}))
         return 0
     console.print(f"[green]wrote[/] {out} ({q.weights} layer weights, {q.seconds} s)")
-    a = q.agreement
-    if a is not None:
-        console.print(f"  vs the float bundle on {a.queries} builtin queries x {a.candidates} candidates: "
-                      f"max |score diff| {a.max_abs_score_diff:.2g}, top-10 overlap {a.top10_overlap:.3f}, "
-                      f"top-10 identical on {100 * a.top10_identical:.0f}% of queries")
+    _print_agreement(console, q.agreement)
     return 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_sel.runtime.bundle import BundleWriter
 from edge_sel.runtime.errors import InputError
-from edge_sel.runtime.manifest import CREATED_BY
+from edge_sel.runtime.manifest import CREATED_BY, embed_files, graph_entries
 
 from .adapters import Adapter, BundleGraphs, adapter_for_model, model_config, model_type, model_types_for
 from .graphs import export_graph
@@ -207,12 +207,9 @@ def _convert_weights(w: BundleWriter, manifest: dict[str, Any], weights: str, ta
     blocks = table_blocks(gguf) if gguf is not None and weights in ("int8", "int4") else None
     new, replaced = convert_files(lambda rel: w.staging / rel, w, manifest, weights, task, table=graphs.embed,
                                   say=lambda msg: None, table_blocks=blocks)
-    kept = {a["file"] for a in (new["embed"], *(new["embed"].get("encoding") or {}).values()) if isinstance(a, dict) and "file" in a}
-    for rel in replaced - kept:
-        p = w.staging / rel
-        if p.exists() and not any(rel == g.get(k) for g in [*new["layers"], *new["extra_graphs"].values(), new["head"]]
-                                  for k in ("file", "weights")):
-            p.unlink()  # the float32 table the encoded one replaces
+    still = {f for g in graph_entries(new) for f in g[:2] if f} | set(embed_files(new))
+    for rel in replaced - still:
+        (w.staging / rel).unlink(missing_ok=True)  # the float32 table the encoded one replaces
     say("weights", 1, 1)
     return new
 

@@ -976,6 +976,41 @@ def required_version(m: "Manifest | dict[str, Any]") -> int:
     return 2 if encoded or fmt != "fp32" else 1
 
 
+def graph_entries(raw: dict[str, Any]) -> list[tuple[str, str | None, bool]]:
+    """``(file, weights, is_head)`` of every graph a manifest being written names: layers, extra graphs, head."""
+    graphs = [*raw["layers"], *raw.get("extra_graphs", {}).values()]
+    return [(g["file"], g.get("weights"), False) for g in graphs] + [(raw["head"]["file"], raw["head"].get("weights"), True)]
+
+
+def embed_entry(raw: dict[str, Any]) -> tuple[str, str, list[int]]:
+    """The stored embedding table of a manifest being written: ``(file, dtype, shape)``."""
+    e = raw["embed"]
+    return e["file"], e["dtype"], list(e["shape"])
+
+
+def embed_files(raw: dict[str, Any]) -> list[str]:
+    """Every file the embedding table of a manifest being written is stored in: values, an encoding's scales and mins."""
+    spec = raw["embed"]
+    enc = spec.get("encoding") or {}
+    return [spec["file"]] + [enc[k]["file"] for k in ("scales", "mins") if enc.get(k)]
+
+
+def with_weights(raw: dict[str, Any], data: dict[str, str | None], embed: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with the graphs' external-data paths ``data`` (graph file -> new weights path), the embedding table
+    spec ``embed`` and the ``weights`` record: what a weight-format conversion changes."""
+    def moved(g):
+        return {**g, "weights": data[g["file"]]} if g["file"] in data and g.get("weights") else g
+
+    return {**raw, "layers": [moved(g) for g in raw["layers"]],
+            "extra_graphs": {k: moved(g) for k, g in raw.get("extra_graphs", {}).items()},
+            "head": moved(raw["head"]), "embed": embed, "weights": weights}
+
+
+def with_weights_facts(raw: dict[str, Any], **facts) -> dict[str, Any]:
+    """``raw`` with ``facts`` (seconds, agreement) added to its ``weights`` record."""
+    return {**raw, "weights": {**raw["weights"], **facts}}
+
+
 # ---- the edits bundle passes make (they rewrite a stored manifest; the exporter writes whole new ones) ------------
 WRITER_KEYS = ("format", "format_version", "files")  # set by BundleWriter.commit
 
@@ -1032,5 +1067,6 @@ def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], pr
 __all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
            "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
            "ExportInfo", "CoreMLPackages", "CoreMLStage", "FileEntry", "RawArray", "TableEncoding", "TensorFormat", "WeightsSpec",
-           "WEIGHT_FORMATS", "required_version", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
+           "WEIGHT_FORMATS", "required_version", "graph_entries", "embed_entry", "embed_files", "with_weights",
+           "with_weights_facts", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
            "CREATED_BY", "DTYPES", "freeze", "thaw", "editable", "with_schedule", "without_layers"]

@@ -193,39 +193,37 @@ def convert_files(read: Callable[[str], Path], w, manifest: dict[str, Any], fmt:
     """Write every graph named by ``manifest`` (layers, qkv graphs, head) and the embedding table in ``fmt`` into the
     bundle writer ``w``, reading the float32 originals through ``read(rel)``. Returns the new manifest (``weights``
     recorded, the ``embed`` spec replaced) and the set of source files it replaced (the rest carry over)."""
+    from edge_sel.runtime.manifest import embed_entry, graph_entries, with_weights
+
     say = say or (lambda msg: None)
     level = accuracy_level if accuracy_level is not None else default_accuracy_level(fmt, task)
     block = block_size if bits_of(fmt) else None
-    graphs = [*manifest["layers"], *manifest.get("extra_graphs", {}).values(), manifest["head"]]
+    graphs = graph_entries(manifest)
     tensors: dict[str, dict[str, Any]] = {}
+    data_paths: dict[str, str | None] = {}
     replaced: set[str] = set()
-    for n, g in enumerate(graphs, 1):
-        say(f"{fmt} weights: {g['file']} ({n}/{len(graphs)})")
-        src_data = read(g["weights"]) if g.get("weights") else None
-        if g is manifest["head"] and sum(p.stat().st_size for p in (read(g["file"]), src_data) if p) < SMALL_HEAD:
-            tensors[g["file"]] = {"format": "fp32", "source": "export"}  # see SMALL_HEAD
+    for n, (rel, weights_rel, is_head) in enumerate(graphs, 1):
+        say(f"{fmt} weights: {rel} ({n}/{len(graphs)})")
+        src_data = read(weights_rel) if weights_rel else None
+        if is_head and sum(p.stat().st_size for p in (read(rel), src_data) if p) < SMALL_HEAD:
+            tensors[rel] = {"format": "fp32", "source": "export"}  # see SMALL_HEAD
             continue
-        data, count = convert_graph(read(g["file"]), src_data, w.file(g["file"]), fmt, block_size, level)
-        replaced.update(x for x in (g["file"], g.get("weights")) if x)
-        if g.get("weights"):
-            g["weights"] = Path(g["file"]).with_name(data).as_posix()
-        tensors[g["file"]] = {"format": fmt, "block_size": block, "accuracy_level": level if block else None,
-                              "count": count, "source": "requantized" if block else "export"}
-    embed = manifest["embed"]
+        data, count = convert_graph(read(rel), src_data, w.file(rel), fmt, block_size, level)
+        replaced.update(x for x in (rel, weights_rel) if x)
+        data_paths[rel] = Path(rel).with_name(data).as_posix() if data else None
+        tensors[rel] = {"format": fmt, "block_size": block, "accuracy_level": level if block else None,
+                        "count": count, "source": "requantized" if block else "export"}
+    table_rel, dtype, shape = embed_entry(manifest)
     if table is None:
-        table = np.fromfile(read(embed["file"]), dtype=np.dtype(embed["dtype"]).newbyteorder("<")).reshape(embed["shape"])
-    replaced.add(embed["file"])
-
-    def write_array(rel: str, arr: np.ndarray) -> dict:
-        return w.write_array(rel, arr)
-
-    spec = write_table(write_array, table, fmt, block_size, blocks=table_blocks if block else None)
+        table = np.fromfile(read(table_rel), dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    replaced.add(table_rel)
+    spec = write_table(w.write_array, table, fmt, block_size, blocks=table_blocks if block else None)
     enc = spec.get("encoding") or {}
     tensors[spec["file"]] = {"format": {8: "int8", 4: "int4"}.get(enc.get("bits"), fmt), "block_size": enc.get("block_size"),
                              "source": enc.get("source") or "export"}
     weights = {"format": fmt, "block_size": block, "accuracy_level": level if block else None, "tensors": tensors,
                "source": "requantized"}
-    return {**manifest, "embed": spec, "weights": weights}, replaced
+    return with_weights(manifest, data_paths, spec, weights), replaced
 
 
 def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, block_size: int = BLOCK_SIZE,
@@ -236,7 +234,7 @@ def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, bl
     import time
 
     from edge_sel.runtime.bundle import Bundle, BundleWriter
-    from edge_sel.runtime.manifest import editable, thaw
+    from edge_sel.runtime.manifest import editable, thaw, with_weights_facts
 
     from ..staging import link_files, stage_manifest
     from .quantize import agreement
@@ -259,9 +257,9 @@ def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, bl
         new, replaced = convert_files(src.path, w, raw, fmt, spec.task, block_size, accuracy_level,
                                       table=np.asarray(src.array("embed")), say=say)
         link_files(src, w, [rel for rel in spec.files if rel not in replaced])
-        new["weights"]["seconds"] = round(time.perf_counter() - t0, 2)
+        new = with_weights_facts(new, seconds=round(time.perf_counter() - t0, 2))
         if measure and spec.task == "rerank":
             say and say("measuring the converted bundle against the float one on the builtin calibration data")
-            new["weights"]["agreement"] = agreement(src, stage_manifest(w, new))
+            new = with_weights_facts(new, agreement=agreement(src, stage_manifest(w, new)))
         w.commit(new)
     return out
