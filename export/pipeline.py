@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_sel.runtime.bundle import BundleWriter
 from edge_sel.runtime.errors import InputError
-from edge_sel.runtime.manifest import CREATED_BY
+from edge_sel.runtime.manifest import CREATED_BY, embed_files, graph_entries
 
 from .adapters import Adapter, BundleGraphs, adapter_for_model, model_config, model_type, model_types_for
 from .graphs import export_graph
@@ -34,7 +34,7 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
            max_length: int | None = None, verify: bool = False, overwrite: bool = False, seed: int = 0,
            fetch_missing: bool = True, progress: Callable[[str, int, int], None] | None = None,
            drop_layers: int | str | None = None, calibrate: bool = False, prefix_reuse: bool | None = None,
-           format: str = "onnx", coreml_precision: str = "fp16") -> Path:
+           format: str = "onnx", coreml_precision: str = "fp16", weights: str = "fp32") -> Path:
     """Export ``model`` to a bundle directory ``out`` and return its path.
 
     task: ``"rerank"`` or ``"generate"`` (decoders).
@@ -51,7 +51,12 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
     minimal builds, see :mod:`edge_sel.export.passes.ort_format`); ``"coreml"``: the ONNX bundle plus a CoreML ML
     Program package per layer, qkv graph and head, converted from torch (``coreml_precision`` ``"fp16"`` (default)
     or ``"fp32"``; see :mod:`edge_sel.export.coreml`).
+    weights: ``fp32`` (default), ``fp16``, ``int8`` or ``int4``: how the graphs' matrices and the embedding table are
+    stored (see :mod:`edge_sel.export.passes.weights`); ``verify`` checks the float32 graphs before conversion.
     """
+    from .passes.weights import check_format
+
+    check_format(weights)
     if task not in TASKS:
         raise InputError(f"task {task!r} is not supported (supported: {', '.join(TASKS)})")
     if format not in FORMATS:
@@ -114,6 +119,9 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
             record["verified_max_abs_diff"] = diff
             check(diff, "logits" if task == "generate" else "scores")
             say("verify", 1, 1)
+        if weights != "fp32":
+            manifest = _convert_weights(w, manifest, weights, task, graphs, say,
+                                        resolved.path if resolved.kind == "gguf" else None)
         record["seconds"] = round(time.perf_counter() - t0, 2)
         path = w.commit(manifest)
     if task == "rerank":
@@ -186,6 +194,24 @@ def write_graphs(w: BundleWriter, graphs: BundleGraphs, say: Callable[[str, int,
     return {"embed": embed, "arrays": arrays, "layers": layers, "layer_io": layer_io, "extra_graphs": extra_graphs,
             "head": {"file": "head.onnx", **({"weights": hdata} if graphs.head_external else {}),
                      "inputs": head.input_names, "outputs": head.output_names}}
+
+
+def _convert_weights(w: BundleWriter, manifest: dict[str, Any], weights: str, task: str, graphs: BundleGraphs,
+                     say: Callable[[str, int, int], None], gguf: Path | None = None) -> dict[str, Any]:
+    """The staged float32 graphs and table rewritten in place in the ``weights`` format; from a GGUF whose token
+    embedding is Q8_0 / Q4_0 / Q4_1, the table keeps the file's own blocks (:mod:`edge_sel.export.gguf_blocks`)."""
+    from .gguf_blocks import table_blocks
+    from .passes.weights import convert_files
+
+    say("weights", 0, 1)
+    blocks = table_blocks(gguf) if gguf is not None and weights in ("int8", "int4") else None
+    new, replaced = convert_files(lambda rel: w.staging / rel, w, manifest, weights, task, table=graphs.embed,
+                                  say=lambda msg: None, table_blocks=blocks)
+    still = {f for g in graph_entries(new) for f in g[:2] if f} | set(embed_files(new))
+    for rel in replaced - still:
+        (w.staging / rel).unlink(missing_ok=True)  # the float32 table the encoded one replaces
+    say("weights", 1, 1)
+    return new
 
 
 def _verify(staged, adapter: Adapter, model, tokenizer, task: str, scoring: str) -> float:

@@ -12,7 +12,7 @@ import json
 from typing import Iterable
 
 from edge_sel.runtime.bundle import Bundle, BundleWriter, sha256_file
-from edge_sel.runtime.manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, Manifest
+from edge_sel.runtime.manifest import CREATED_BY, FORMAT, MANIFEST, Manifest, required_version
 
 
 def stage_manifest(w: BundleWriter, manifest: dict | Manifest) -> Bundle:
@@ -24,8 +24,9 @@ def stage_manifest(w: BundleWriter, manifest: dict | Manifest) -> Bundle:
     for p in sorted(w.staging.rglob("*")):
         if p.is_file() and p.name != MANIFEST:
             files[p.relative_to(w.staging).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    (w.staging / MANIFEST).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": CREATED_BY,
-                                                  **manifest, "files": files}))
+    staged = {"format": FORMAT, "created_by": CREATED_BY, **manifest, "files": files}
+    staged["format_version"] = required_version(staged)
+    (w.staging / MANIFEST).write_text(json.dumps(staged))
     return Bundle.open(w.staging)
 
 

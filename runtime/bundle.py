@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import BundleError, InputError
 from .home import home
-from .manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, SCORINGS, TASKS, Manifest
+from .manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, SCORINGS, TASKS, Manifest, RawArray, required_version
 from .siblings import backup_path, staging_dir, sweep
 
 __all__ = ["Bundle", "BundleWriter", "is_bundle", "sha256_file", "write_manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST", "DIGEST",
@@ -302,6 +302,10 @@ class Bundle:
         spec = self.spec.array_spec(name)
         if spec is None:
             raise BundleError(f"{self.root / MANIFEST}: no array named {name!r}")
+        return self.map_raw(spec)
+
+    def map_raw(self, spec: RawArray) -> np.ndarray:
+        """Memory-map one raw array file (an array, or an encoded array's scales or mins) read-only, as stored."""
         dtype = np.dtype(spec.dtype).newbyteorder("<")
         full = self.path(spec.file)
         if full.stat().st_size != spec.nbytes:
@@ -395,7 +399,8 @@ class BundleWriter:
             rel = p.relative_to(self.staging).as_posix()
             if p.is_file() and rel not in _RESERVED:
                 files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "created_by": CREATED_BY, **manifest, "files": files}
+        manifest = {"format": FORMAT, "created_by": CREATED_BY, **manifest, "files": files}
+        manifest["format_version"] = required_version(manifest)  # the oldest that holds it, whatever a pass carried
         (self.staging / STAMP).unlink(missing_ok=True)
         write_manifest(self.staging, manifest)
         staged = Bundle.open(self.staging, verify=False)  # structural self-check before it becomes visible

@@ -1,14 +1,18 @@
 """The embedding stage: gather rows from the memory-mapped table (only the rows used are touched).
 
 The table is mapped for the duration of one call and unmapped afterwards, so its touched pages
-leave the process's RSS again. BERT-family bundles add position / token-type rows and a LayerNorm.
+leave the process's RSS again. A table stored at 8 or 4 bits (``embed.encoding``) is dequantized
+only for the gathered rows (:class:`edge_sel.runtime.blocks.BlockTable`). BERT-family bundles add
+position / token-type rows and a LayerNorm.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from edge_sel.runtime.blocks import BlockTable
 from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.residency import release_array
 
 
 class Embedder:
@@ -17,8 +21,9 @@ class Embedder:
         rule = bundle.spec.embedding
         self.rule = rule.rule
         embed = bundle.spec.embed
-        self.rows, self.hidden = embed.shape
-        self.row_bytes = self.hidden * np.dtype(embed.dtype).itemsize
+        self.rows, self.hidden = embed.logical_shape
+        # bytes stored per row: the values and, for an encoded table, the row's scales and mins
+        self.row_bytes = sum(a.nbytes // max(a.shape[0], 1) for a in embed.parts())
         if self.rule == "bert":
             self.position = np.array(bundle.array("position"))
             self.token_type = np.array(bundle.array("token_type")) if bundle.has_array("token_type") else None
@@ -32,8 +37,18 @@ class Embedder:
         page = 4096
         return unique_ids * (-(-self.row_bytes // page) + 1) * page
 
-    def open_table(self) -> np.ndarray:
-        return self.bundle.array("embed")
+    def open_table(self) -> np.ndarray | BlockTable:
+        embed = self.bundle.spec.embed
+        e = embed.encoding
+        if e is None:
+            return self.bundle.array("embed")
+        return BlockTable(self.bundle.map_raw(embed), self.bundle.map_raw(e.scales),
+                          None if e.mins is None else self.bundle.map_raw(e.mins), e.bits, e.block_size, tuple(e.shape))
+
+    @staticmethod
+    def release(table: np.ndarray | BlockTable) -> int:
+        """Drop the table's mapped pages from the process (they stay in the page cache)."""
+        return sum(release_array(a) for a in (table.mapped() if isinstance(table, BlockTable) else [table]))
 
     def __call__(self, table: np.ndarray, ids: np.ndarray, types: np.ndarray | None = None,
                  positions: np.ndarray | None = None) -> np.ndarray:

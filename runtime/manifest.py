@@ -24,8 +24,10 @@ from typing import Any, Mapping
 from .errors import BundleError
 
 FORMAT = "edge-sel-bundle"
-FORMAT_VERSION = 1            # the newest version this runtime reads and the one it writes
+FORMAT_VERSION = 2            # the newest version this runtime reads (it writes the oldest that holds a bundle)
 MIN_FORMAT_VERSION = 1        # the oldest version this runtime still reads
+# Version 2 adds stored weight formats other than float32 (``weights``, an encoded ``embed``): a version-1 reader
+# would misread them, so such bundles say 2; float32 bundles keep writing 1 (see :func:`required_version`).
 MANIFEST = "manifest.json"
 EMPTY_POS = 2**40             # key position of an empty KV-cache slot: never <= any query position, so always masked
 
@@ -53,6 +55,9 @@ FINAL_LAYER_OUTPUTS = ("all_tokens", "first_token")
 SCHEDULE_METHODS = ("probe", "head", "cosine")
 SCHEDULE_RULES = ("margin", "rank", "spread")
 GRAPH_FORMATS = ("onnx", "ort")  # ort: onnxruntime's flatbuffer format (mobile and minimal builds), weights inside
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")   # how a bundle stores its weights (``weights.format``)
+TABLE_BITS = (4, 8)                                   # an encoded raw array's value width
+SCALE_DTYPES = ("float16", "float32")                 # an encoded raw array's scales and mins
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -295,7 +300,7 @@ class Dims(Node):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ArraySpec(Node):
+class RawArray(Node):
     """A raw little-endian C-order array file (memory-mapped by the runtime)."""
 
     file: str = _json("path")
@@ -307,6 +312,56 @@ class ArraySpec(Node):
         import numpy as np
 
         return int(math.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True, kw_only=True)
+class TableEncoding(Node):
+    """A 2-D array stored as block-quantized values (the embedding table at 8 or 4 bits). Row ``r``'s columns
+    ``[j*block_size, (j+1)*block_size)`` share ``scales[r, j]`` and, when present, ``mins[r, j]``:
+    ``x = q * scale + min``; without mins ``x = q * scale`` (8 bits, ``q`` int8) or ``x = (q - 8) * scale``
+    (4 bits, ``q`` in 0..15). 4-bit values are packed two per byte, the even column in the low nibble."""
+
+    bits: int = _json("int", lo=1)
+    block_size: int = _json("int", lo=1)
+    shape: tuple[int, ...] = _json("list", of="int", lo=1, nonempty=True)   # the decoded array's shape [rows, cols]
+    scales: RawArray = _json(RawArray)
+    mins: RawArray | None = _json(RawArray, None)
+    source: str | None = _json("str", None)   # where the blocks came from: "requantized", "gguf:Q8_0", ...
+
+    def check(self, r: "_Reader", p: str, stored: RawArray) -> None:
+        if self.bits not in TABLE_BITS:
+            r.fail(f"{p}.bits", f"{self.bits} is not one of {', '.join(map(str, TABLE_BITS))}")
+        if len(self.shape) != 2:
+            r.fail(f"{p}.shape", f"expected [rows, cols], got {list(self.shape)}")
+        rows, cols = self.shape
+        if cols % self.block_size or (self.bits == 4 and self.block_size % 2):
+            r.fail(f"{p}.block_size", f"{self.block_size} does not divide the {cols} columns into whole (even, at 4 bits) blocks")
+        want = ("int8", [rows, cols]) if self.bits == 8 else ("uint8", [rows, cols // 2])
+        if (stored.dtype, list(stored.shape)) != want:
+            r.fail(f"{p}", f"{self.bits}-bit values need a {want[0]} array of shape {want[1]}, got {stored.dtype} {list(stored.shape)}")
+        for name, a in (("scales", self.scales), ("mins", self.mins)):
+            if a is None:
+                continue
+            if a.dtype not in SCALE_DTYPES or list(a.shape) != [rows, cols // self.block_size]:
+                r.fail(f"{p}.{name}", f"expected {' or '.join(SCALE_DTYPES)} of shape {[rows, cols // self.block_size]}, "
+                                      f"got {a.dtype} {list(a.shape)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArraySpec(RawArray):
+    """A raw array; ``encoding`` (format version 2, ``embed`` only): stored block-quantized, see :class:`TableEncoding`."""
+
+    encoding: TableEncoding | None = _json(TableEncoding, None)
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        """The shape of the values a reader gets (the decoded shape of an encoded array)."""
+        return tuple(self.encoding.shape) if self.encoding is not None else tuple(self.shape)
+
+    def parts(self) -> list[RawArray]:
+        """Every raw file this array is stored in (values, then scales and mins)."""
+        e = self.encoding
+        return [self] + ([] if e is None else [a for a in (e.scales, e.mins) if a is not None])
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -612,6 +667,36 @@ class OrtInfo(Node):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TensorFormat(Node):
+    """How one file's weights are stored: ``format`` (fp32/fp16/int8/int4), ``block_size`` (int8/int4: values sharing
+    one scale), ``accuracy_level`` (``MatMulNBits``' compute precision: 0 = float activations, 4 = int8 activations),
+    ``count`` (matrices stored so), ``source`` (``export``, ``requantized``, ``gguf:Q4_0``/``gguf:Q4_1``/``gguf:Q8_0`` =
+    the GGUF's own blocks repacked, never dequantized)."""
+
+    format: str = _json("str", choices=WEIGHT_FORMATS)
+    block_size: int | None = _json("int", None, lo=1)
+    accuracy_level: int | None = _json("int", None, lo=0, hi=4)
+    count: int | None = _json("int", None, lo=0)
+    source: str | None = _json("str", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightsSpec(TensorFormat):
+    """The bundle's weight format (format version 2 when not fp32): the default ``format`` and, per file (a graph file
+    or the embedding table's file), the format its tensors are stored in (``tensors``)."""
+
+    tensors: Mapping[str, TensorFormat] = field(default_factory=lambda: MappingProxyType({}))
+    seconds: float | None = _json("float", None)
+    agreement: QuantAgreement | None = _json(QuantAgreement, None)   # rerank: scores against the float32 source
+
+    @classmethod
+    def _read_first(cls, r, d, p):
+        raw = r.obj(d.get("tensors", {}), f"{p}.tensors")
+        return {"tensors": MappingProxyType({r.path(k, f"{p}.tensors key"): TensorFormat.read(r, v, f"{p}.tensors[{k!r}]")
+                                             for k, v in raw.items()})}
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExportInfo(Node):
     seed: int | None = _json("int", None)
     seconds: float | None = _json("float", None)
@@ -655,6 +740,7 @@ class Manifest(Node):
     schedule: ScheduleSpec | None = None
     export: ExportInfo | None = None
     quantization: Quantization | None = None
+    weights: WeightsSpec | None = None
     coreml: CoreMLPackages | None = None
     graph_format: str = "onnx"
     ort: OrtInfo | None = None
@@ -692,7 +778,8 @@ class Manifest(Node):
 
     def referenced(self) -> list[tuple[str, str]]:
         """Every file the manifest points at, with what it is: ``[(path, description)]``."""
-        refs = [(self.tokenizer.file, "tokenizer"), (self.embed.file, "embed"), (self.head.file, "head")]
+        refs = [(self.tokenizer.file, "tokenizer"), (self.head.file, "head")]
+        refs += [(a.file, "embed" if i == 0 else "embed blocks") for i, a in enumerate(self.embed.parts())]
         if self.head.weights:
             refs.append((self.head.weights, "head weights"))
         refs += [(a.file, f"array {name}") for name, a in self.arrays.items()]
@@ -775,6 +862,7 @@ class Manifest(Node):
             schedule=opt("schedule", ScheduleSpec.read),
             export=opt("export", ExportInfo.read),
             quantization=opt("quantization", Quantization.read),
+            weights=opt("weights", WeightsSpec.read),
             coreml=opt("coreml", CoreMLPackages.read),
             graph_format=r.str(d.get("graph_format", "onnx"), "graph_format", choices=GRAPH_FORMATS),
             ort=opt("ort", OrtInfo.read),
@@ -801,8 +889,21 @@ class Manifest(Node):
 
     def _check(self, r: _Reader) -> None:
         """Cross-field rules: what each task and scoring needs, and that files and arrays agree."""
-        if len(self.embed.shape) != 2 or self.embed.shape[1] != self.dims.hidden:
-            r.fail("embed.shape", f"expected [rows, dims.hidden={self.dims.hidden}], got {list(self.embed.shape)}")
+        if self.embed.encoding is not None:
+            self.embed.encoding.check(r, "embed.encoding", self.embed)
+        shape = self.embed.logical_shape
+        if len(shape) != 2 or shape[1] != self.dims.hidden:
+            r.fail("embed.shape", f"expected [rows, dims.hidden={self.dims.hidden}], got {list(shape)}")
+        for name, a in self.arrays.items():
+            if a.encoding is not None:
+                r.fail(f"arrays.{name}.encoding", "only the embedding table may be stored encoded")
+        if self.weights is not None:
+            for rel in self.weights.tensors:
+                if rel not in self.files:
+                    r.fail("weights.tensors", f"names {rel!r}, which is not listed in 'files'")
+        if self.format_version < required_version(self):
+            r.fail("format_version", f"weights stored as {self.weights.format if self.weights else 'encoded arrays'} "
+                                     f"need format version {required_version(self)}, the bundle says {self.format_version}")
         split = [layer.qkv is not None for layer in self.layers]
         if any(split) and not all(split):
             r.fail(f"layers[{split.index(not split[0])}].qkv", "either every layer has a qkv graph or none has")
@@ -855,10 +956,59 @@ class Manifest(Node):
         for rel, what in self.referenced():
             if rel not in self.files:
                 r.fail("files", f"{what} file {rel!r} is not listed in 'files'")
-        for name, a in [("embed", self.embed), *((f"arrays.{k}", v) for k, v in self.arrays.items())]:
+        embed_parts = [(f"embed{'' if i == 0 else '.encoding.' + ('scales' if i == 1 else 'mins')}", a)
+                       for i, a in enumerate(self.embed.parts())]
+        for name, a in [*embed_parts, *((f"arrays.{k}", v) for k, v in self.arrays.items())]:
             if a.nbytes != self.files[a.file].size:
                 r.fail(f"{name}.shape", f"shape {list(a.shape)} {a.dtype} needs {a.nbytes} bytes, but files lists "
                                         f"{a.file!r} with {self.files[a.file].size}")
+
+
+def required_version(m: "Manifest | dict[str, Any]") -> int:
+    """The oldest format version that holds this manifest: 2 when weights are stored other than as float32 (an encoded
+    embedding table, a ``weights`` format other than fp32), else 1 -- so float32 bundles stay readable by every
+    version-1 reader, and a version-1 reader refuses the others instead of misreading them."""
+    if isinstance(m, dict):
+        w, embed = m.get("weights") or {}, m.get("embed") or {}
+        fmt, encoded = w.get("format", "fp32"), embed.get("encoding") is not None
+    else:
+        fmt, encoded = (m.weights.format if m.weights else "fp32"), m.embed.encoding is not None
+    return 2 if encoded or fmt != "fp32" else 1
+
+
+def graph_entries(raw: dict[str, Any]) -> list[tuple[str, str | None, bool]]:
+    """``(file, weights, is_head)`` of every graph a manifest being written names: layers, extra graphs, head."""
+    graphs = [*raw["layers"], *raw.get("extra_graphs", {}).values()]
+    return [(g["file"], g.get("weights"), False) for g in graphs] + [(raw["head"]["file"], raw["head"].get("weights"), True)]
+
+
+def embed_entry(raw: dict[str, Any]) -> tuple[str, str, list[int]]:
+    """The stored embedding table of a manifest being written: ``(file, dtype, shape)``."""
+    e = raw["embed"]
+    return e["file"], e["dtype"], list(e["shape"])
+
+
+def embed_files(raw: dict[str, Any]) -> list[str]:
+    """Every file the embedding table of a manifest being written is stored in: values, an encoding's scales and mins."""
+    spec = raw["embed"]
+    enc = spec.get("encoding") or {}
+    return [spec["file"]] + [enc[k]["file"] for k in ("scales", "mins") if enc.get(k)]
+
+
+def with_weights(raw: dict[str, Any], data: dict[str, str | None], embed: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with the graphs' external-data paths ``data`` (graph file -> new weights path), the embedding table
+    spec ``embed`` and the ``weights`` record: what a weight-format conversion changes."""
+    def moved(g):
+        return {**g, "weights": data[g["file"]]} if g["file"] in data and g.get("weights") else g
+
+    return {**raw, "layers": [moved(g) for g in raw["layers"]],
+            "extra_graphs": {k: moved(g) for k, g in raw.get("extra_graphs", {}).items()},
+            "head": moved(raw["head"]), "embed": embed, "weights": weights}
+
+
+def with_weights_facts(raw: dict[str, Any], **facts) -> dict[str, Any]:
+    """``raw`` with ``facts`` (seconds, agreement) added to its ``weights`` record."""
+    return {**raw, "weights": {**raw["weights"], **facts}}
 
 
 # ---- the edits bundle passes make (they rewrite a stored manifest; the exporter writes whole new ones) ------------
@@ -916,5 +1066,7 @@ def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], pr
 
 __all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
            "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
-           "ExportInfo", "CoreMLPackages", "CoreMLStage", "FileEntry", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
+           "ExportInfo", "CoreMLPackages", "CoreMLStage", "FileEntry", "RawArray", "TableEncoding", "TensorFormat", "WeightsSpec",
+           "WEIGHT_FORMATS", "required_version", "graph_entries", "embed_entry", "embed_files", "with_weights",
+           "with_weights_facts", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
            "CREATED_BY", "DTYPES", "freeze", "thaw", "editable", "with_schedule", "without_layers"]

@@ -19,11 +19,15 @@ from edge_sel.runtime.errors import BundleError
 from edge_sel.runtime.providers import Assignment
 
 
-def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True) -> ort.SessionOptions:
+def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
+                    prepack: bool = False) -> ort.SessionOptions:
     """``mem_pattern=False`` for sessions that live for one call (a streaming window): onnxruntime plans a
-    memory pattern on the first run of every input shape, and a fresh session never runs a shape twice."""
+    memory pattern on the first run of every input shape, and a fresh session never runs a shape twice.
+    ``prepack``: let kernels repack constant weights into their own (anonymous) buffers; off by default so float
+    weights stay file-backed, on for graphs with block-quantized weights (:func:`needs_prepacking`)."""
     so = ort.SessionOptions()
-    so.add_session_config_entry("session.disable_prepacking", "1")
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.enable_cpu_mem_arena = False
     so.enable_mem_pattern = mem_pattern  # arena off + memory pattern: the arena's speed without its retained peak
     # Every session owns an intra-op pool whose threads spin after each op; with W..L resident sessions (and
@@ -41,10 +45,20 @@ def session_options(threads: int | None = None, optimize: str = "all", mem_patte
     return so
 
 
+def needs_prepacking(path: Path) -> bool:
+    """Whether the graph multiplies block-quantized weights (``MatMulNBits``): onnxruntime's fast CPU kernels for them
+    run on prepacked weights only (unpacked, each call dequantizes the whole matrix first: ~10x slower). Their packed
+    copy is small (4/8-bit), so it is worth its anonymous memory. The graph files hold no weights, so this reads little."""
+    try:
+        return b"MatMulNBits" in Path(path).read_bytes()
+    except OSError:
+        return False
+
+
 def load_session(path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
                  providers: Assignment | None = None) -> ort.InferenceSession:
     """A session on the CPU provider, or on ``providers``' choice (its load time and node assignment recorded there)."""
-    so = session_options(threads, optimize, mem_pattern)
+    so = session_options(threads, optimize, mem_pattern, prepack=needs_prepacking(path))
     prefix = trace.op_profile_prefix()  # a profiler asked for onnxruntime's per-operator timings
     if prefix is not None:
         so.enable_profiling, so.profile_file_prefix = True, prefix

@@ -65,6 +65,10 @@ def test_quantize_cli(bert_bi_bundle, tmp_path):
     r = subprocess.run([sys.executable, "-m", "edge_sel.cli", "quantize", str(bert_bi_bundle), "--out", str(tmp_path / "q"),
                         "--no-measure", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["weights"]["format"] == "int8"  # weight-only (MatMulNBits) by default
+    r = subprocess.run([sys.executable, "-m", "edge_sel.cli", "quantize", str(bert_bi_bundle), "--out", str(tmp_path / "d"),
+                        "--method", "dynamic", "--no-measure", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["quantization"]["weights"] == "int8"
     r = subprocess.run([sys.executable, "-m", "edge_sel.cli", "quantize", str(bert_bi_bundle), "--out", str(tmp_path / "q"),
                         "--no-measure"], capture_output=True, text=True)

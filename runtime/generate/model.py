@@ -14,7 +14,7 @@ from edge_sel.runtime.bundle import Bundle
 
 from .. import trace
 from ..embedding import Embedder
-from ..residency import WeightPages, release_array, snapshot
+from ..residency import WeightPages, snapshot
 from ..providers import Assignment
 from ..sessions import load_session
 
@@ -49,7 +49,7 @@ class DecoderModel:
     def embed(self, ids: np.ndarray) -> np.ndarray:
         """Hidden states of ``ids`` ``[1, T]``; the gathered rows leave RSS again (the result is a copy)."""
         h = self.embedder(self.table, ids)
-        release_array(self.table)
+        self.embedder.release(self.table)
         return h
 
     def logits(self, h_last: np.ndarray) -> np.ndarray:
