@@ -35,7 +35,7 @@ def test_generate_json(gen_bundle, capsys):
     assert out["stats"]["policy"] == "mpcache"
     assert set(out["stats"]) == {"policy", "prefill_s", "decode_ms_per_token", "kv_bytes_peak", "peak_rss_bytes",
                                  "prompt_tokens", "new_tokens", "kv_capacity_tokens", "kv_bytes_allocated",
-                                 "kv_budget_bytes", "evictions", "cost_per_decode_step", "skipped_layers"}
+                                 "kv_budget_bytes", "evictions", "cost_per_decode_step", "skipped_layers", "provider"}
 
 
 def test_generate_help_lists_every_registered_policy(capsys):
