@@ -29,20 +29,7 @@ import math
 import sys
 import time
 
-
-def peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    from edge_sel.runtime.memory import maxrss_bytes
-
-    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+from worker_memory import peak_rss_bytes  # this folder: the workers run as scripts
 
 
 def kv_bytes(cache) -> int:

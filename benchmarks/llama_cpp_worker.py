@@ -19,18 +19,7 @@ import json
 import sys
 import time
 
-
-def peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from worker_memory import peak_rss_bytes  # this folder: the workers run as scripts
 
 
 def _model(cfg: dict, n_ctx: int, logits_all: bool):

@@ -36,36 +36,13 @@ class Window:
         return f"{self.book}@{self.start}"
 
 
-def _clean(data: bytes) -> str:
-    """The corpus file has DOS line ends and an end-of-file byte; the text is plain ASCII."""
-    return data.decode("latin-1").replace("\r\n", "\n").rstrip("\x1a")
-
-
 def alice() -> str:
-    """*Alice's Adventures in Wonderland* (public domain), ``tests/testdata/alice29.txt`` of Brotli's sdist (cached)."""
-    import subprocess
-    import sys
-    import tarfile
-    import tempfile
-    from pathlib import Path
+    """*Alice's Adventures in Wonderland* (public domain), ``tests/testdata/alice29.txt`` of Brotli's sdist (cached).
+    The corpus file has DOS line ends and an end-of-file byte; the text is plain ASCII."""
+    from edge_sel.export.textdata import text_from_sdist
 
-    from edge_sel.runtime.home import data_dir
-
-    path = data_dir() / "alice29.txt"
-    if path.is_file():
-        return _clean(path.read_bytes())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                        BROTLI_SDIST, "-d", tmp], check=True)
-        sdist = next(Path(tmp).glob("[Bb]rotli-*.tar.gz"))
-        with tarfile.open(sdist) as tf:
-            member = next(m for m in tf.getmembers() if m.name.endswith("tests/testdata/alice29.txt"))
-            data = tf.extractfile(member).read()
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_bytes(data)
-    tmp_path.replace(path)
-    return _clean(data)
+    text = text_from_sdist("alice29.txt", BROTLI_SDIST, ("tests/testdata/alice29.txt",))
+    return text.replace("\r\n", "\n").rstrip("\x1a")
 
 
 def book_text(book: str) -> str:

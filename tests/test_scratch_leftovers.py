@@ -92,15 +92,23 @@ def _start_recalling_generate(bundle, prompt_file, tmp):
     return None
 
 
-def test_a_killed_recalling_generate_leaves_nothing_the_next_run_does_not_remove(gen_llama_bundle, tmp_path):
+def _recalling_generate_with_cold_store(bundle, tmp_path):
+    """A recalling generate (in a subprocess, temp dir ``tmp_path/tmp``) caught once its cold store holds data."""
     from gen_tiny import long_text
 
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     prompt = tmp_path / "prompt.txt"
     prompt.write_text(long_text(12000))
-    proc = _start_recalling_generate(gen_llama_bundle, prompt, tmp)
+    proc = _start_recalling_generate(bundle, prompt, tmp)
     assert proc is not None, "the generate call ended before its cold store was seen"
+    return proc, tmp
+
+
+def test_a_killed_recalling_generate_leaves_nothing_the_next_run_does_not_remove(gen_llama_bundle, tmp_path):
+    from gen_tiny import long_text
+
+    proc, tmp = _recalling_generate_with_cold_store(gen_llama_bundle, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     left = _cold_dirs(tmp)
@@ -115,14 +123,7 @@ def test_a_killed_recalling_generate_leaves_nothing_the_next_run_does_not_remove
 
 
 def test_sigterm_during_a_recalling_generate_removes_its_cold_store(gen_llama_bundle, tmp_path):
-    from gen_tiny import long_text
-
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    prompt = tmp_path / "prompt.txt"
-    prompt.write_text(long_text(12000))
-    proc = _start_recalling_generate(gen_llama_bundle, prompt, tmp)
-    assert proc is not None, "the generate call ended before its cold store was seen"
+    proc, tmp = _recalling_generate_with_cold_store(gen_llama_bundle, tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
