@@ -38,7 +38,9 @@ class DocumentsFile:
                  max_file_bytes: int = MAX_FILE_BYTES, spool_dir: str | os.PathLike | None = None):
         p = self.path = Path(path)
         self.max_line_bytes, self.max_file_bytes = int(max_line_bytes), int(max_file_bytes)
-        if not p.exists() or p.is_dir():
+        if p.is_dir():
+            raise InputError(f"{p} is a folder; --documents takes a file (one document per line, or JSONL)")
+        if not p.exists():
             raise InputError(f"documents file not found: {p}")
         try:
             src = open(p, "rb")

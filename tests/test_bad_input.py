@@ -132,7 +132,7 @@ CASES = [
     ("rerank-top-k-zero", lambda c: RERANK(c, c.bi, "-k", 0), "top_k"),
     ("rerank-instruction-on-encoder", lambda c: RERANK(c, c.ce, "--instruction", "judge"), "--instruction"),
     ("rerank-empty-query", lambda c: ["rerank", c.bi, "-q", "", "-d", c.docs], "query"),
-    ("rerank-docs-folder", lambda c: ["rerank", c.bi, "-q", "x", "-d", c.tmp], "not found"),
+    ("rerank-docs-folder", lambda c: ["rerank", c.bi, "-q", "x", "-d", c.tmp], "is a folder"),
     ("rerank-docs-missing", lambda c: ["rerank", c.bi, "-q", "x", "-d", c.tmp / "none.txt"], "not found"),
     ("rerank-jsonl-empty-text", lambda c: ["rerank", c.bi, "-q", "x", "-d",
                                            write(c.tmp / "d.jsonl", '{"text": "a"}\n{"text": ""}\n')], "line 2"),
