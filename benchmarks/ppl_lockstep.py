@@ -9,16 +9,23 @@ policy is handed the chunks' attention with its own phase ("prefill" / "window")
 The continuation then runs through the engine's own ``prefill_suffix``, layer by layer, per configuration.
 One prefill instead of one per configuration: the perplexity benchmark's many policies x ratios x windows fit
 on a shared two-core machine.
+
+:func:`generate_lockstep` does the same for generation: the context compressed per configuration, the question run
+as a protected suffix over it, then greedy decoding through the engine's own ``decode_step`` per configuration
+(equal to ``Generator.generate(context + question, protect_suffix=len(question))``, tested); the decode steps of the
+configurations take turns, so their per-token times are measured under the same machine load.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from edge_sel.runtime.generate import Generator
 from edge_sel.runtime.generate.call import Call
+from edge_sel.runtime.generate.decode import decode_step
 from edge_sel.runtime.generate.prefill import chunk_size, final_target, plan_chunks, prefill_suffix
 from edge_sel.runtime.generate.sampling import log_softmax_nll
 from edge_sel.runtime.kvcache import LayerCache
@@ -34,17 +41,18 @@ class _Run:
     look_once: bool
     obs: int
     hidden: np.ndarray | None = None  # this configuration's continuation rows entering the current layer
+    step_ms: list = field(default_factory=list)  # generation: each decode step's wall time
 
 
-def _runs(gen: Generator, configs, n_prompt: int, n_sfx: int) -> list[_Run]:
+def _runs(gen: Generator, configs, n_prompt: int, n_sfx: int, max_new: int = 1, stream_suffix: bool = True) -> list[_Run]:
     out = []
     for name, spec, ratio in configs:
         planner = KVPlanner(gen.n_layers, gen.kv_heads, gen.head_dim, gen.context, ratio, "layer")
         policy = make_policy(spec() if callable(spec) else spec)
-        max_new = planner.clamp_new(n_prompt, 1)
+        max_new = planner.clamp_new(n_prompt, max_new)
         plan = planner.plan(policy, n_prompt, max_new, n_sfx)
         policy.begin(Context(gen.n_layers, gen.kv_heads, gen.heads, gen.head_dim, plan.resident, n_prompt, max_new,
-                             fetch=plan.fetch, stream_suffix=True, look_once=plan.scratch,
+                             fetch=plan.fetch, stream_suffix=stream_suffix, look_once=plan.scratch,
                              rope_theta=gen.bundle.spec.rope_theta))
         call = Call(list(range(n_prompt)), max_new, plan.resident, policy, suffix=n_sfx, fetch=plan.fetch,
                     keep_suffix_hidden=True)
@@ -55,54 +63,86 @@ def _runs(gen: Generator, configs, n_prompt: int, n_sfx: int) -> list[_Run]:
 
 def score_lockstep(gen: Generator, prefix: list[int], cont: list[int], configs) -> dict[str, dict]:
     """``{name: {"nll", "ppl", "n", "nll_tokens"}}`` for ``configs`` = ``[(name, policy spec or factory, kv_budget)]``."""
-    ids = [int(t) for t in prefix] + [int(t) for t in cont]
-    N, S = len(ids), len(cont)
-    n_ctx = N - S
-    model = gen.model
-    runs = _runs(gen, configs, N, S)
+    runs = _runs(gen, configs, len(prefix) + len(cont), len(cont))
     try:
-        chunk = chunk_size(gen.chunk_tokens, gen.heads, N)
-        starts = sorted({a for r in runs for a, _, _ in plan_chunks(n_ctx, chunk, r.obs)})
-        chunks = list(zip(starts, starts[1:] + [n_ctx]))
-        positions = np.arange(N, dtype=np.int64)
-        emb = model.embed(np.asarray(ids, dtype=np.int64)[None])
-        ctx = emb[:, :n_ctx]
-        for r in runs:
-            r.hidden = emb[:, n_ctx:]
-        scratch = LayerCache(gen.kv_heads, n_ctx, gen.head_dim)
-        for L, (qkv, attn) in enumerate(model.layers):
-            scratch.reset()
-            out_ctx = np.empty_like(ctx)
-            seen = []
-            for a, b in chunks:
-                p = positions[None, a:b]
-                q, k, v = qkv.run(None, {"hidden": ctx[:, a:b], "position_ids": p})
-                scratch.append(k, v, p[0])
-                kc, vc, kp = scratch.prefix()
-                ho, asum, amax = attn.run(None, {"hidden": ctx[:, a:b], "q": q, "k_cache": kc, "v_cache": vc,
-                                                 "key_pos": kp, "position_ids": p})
-                out_ctx[:, a:b] = ho
-                seen.append((a, q, asum, amax))
-            q_last = q
-            for r in runs:
-                _compress_layer(r, L, scratch, seen, plan_chunks(n_ctx, chunk, r.obs), n_ctx, S)
-                hid = np.concatenate([ctx, r.hidden], axis=1)
-                out = np.concatenate([out_ctx, np.empty_like(r.hidden)], axis=1)
-                qs = prefill_suffix(model, r.call, L, hid, positions, out, n_ctx, gen.chunk_tokens, q_last)
-                if r.policy.after_layer(L, hid, out, qs[0, :, -1], r.call.caches[L], positions) is not None:
-                    raise ValueError(f"{r.name}: a policy that drops prompt tokens from later layers is not scored in lockstep")
-                r.hidden = out[:, n_ctx:]
-            ctx = out_ctx
+        ctx = _prefill(gen, prefix, cont, runs)
         res = {}
+        n_ctx = len(prefix)
         for r in runs:
             h = np.concatenate([ctx[:, -1:], r.hidden[:, :-1]], axis=1)[0]
-            nll = log_softmax_nll(model.head_logits(h), cont)
-            res[r.name] = {"nll": float(nll.mean()), "ppl": float(np.exp(nll.mean())), "n": S, "nll_tokens": nll.tolist(),
+            nll = log_softmax_nll(gen.model.head_logits(h), cont)
+            res[r.name] = {"nll": float(nll.mean()), "ppl": float(np.exp(nll.mean())), "n": len(cont), "nll_tokens": nll.tolist(),
                            "kept": [int((c.pos[0, :c.n] < n_ctx).sum()) for c in r.call.caches]}
         return res
     finally:
         for r in runs:
             r.policy.end()
+
+
+def generate_lockstep(gen: Generator, context: list[int], question: list[int], configs, max_new: int) -> dict[str, dict]:
+    """``{name: {"tokens", "step_ms", "kept"}}``: greedy tokens after ``context`` + ``question`` (the question a protected
+    suffix) per configuration, and each decode step's milliseconds (the configurations' steps interleaved)."""
+    N = len(context) + len(question)
+    runs = _runs(gen, configs, N, len(question), max_new=max_new, stream_suffix=False)
+    try:
+        _prefill(gen, context, question, runs)
+        logits = {r.name: gen.model.logits(r.hidden[:, -1]) for r in runs}
+        toks: dict[str, list[int]] = {r.name: [] for r in runs}
+        for step in range(max_new):
+            for r in runs:  # one step of every configuration before the next step of any
+                tok = int(np.argmax(logits[r.name]))
+                toks[r.name].append(tok)
+                if step < r.call.max_new - 1 and step < max_new - 1:
+                    t0 = time.perf_counter()
+                    logits[r.name] = decode_step(gen.model, r.call, tok, N + step)
+                    r.step_ms.append(1000 * (time.perf_counter() - t0))
+        return {r.name: {"tokens": toks[r.name], "step_ms": r.step_ms, "capacity": r.call.capacity,
+                         "kept": int((r.call.caches[0].pos[0, :r.call.caches[0].n] < len(context)).sum())} for r in runs}
+    finally:
+        for r in runs:
+            r.policy.end()
+
+
+def _prefill(gen: Generator, prefix: list[int], cont: list[int], runs: list[_Run]) -> np.ndarray:
+    """The shared prefix once per layer, each run's compression and its suffix (``cont``) over its own cache; leaves
+    each run's last-layer suffix rows in ``run.hidden`` and returns the prefix's last-layer hidden states."""
+    ids = [int(t) for t in prefix] + [int(t) for t in cont]
+    N, S = len(ids), len(cont)
+    n_ctx = N - S
+    model = gen.model
+    chunk = chunk_size(gen.chunk_tokens, gen.heads, N)
+    starts = sorted({a for r in runs for a, _, _ in plan_chunks(n_ctx, chunk, r.obs)})
+    chunks = list(zip(starts, starts[1:] + [n_ctx]))
+    positions = np.arange(N, dtype=np.int64)
+    emb = model.embed(np.asarray(ids, dtype=np.int64)[None])
+    ctx = emb[:, :n_ctx]
+    for r in runs:
+        r.hidden = emb[:, n_ctx:]
+    scratch = LayerCache(gen.kv_heads, n_ctx, gen.head_dim)
+    for L, (qkv, attn) in enumerate(model.layers):
+        scratch.reset()
+        out_ctx = np.empty_like(ctx)
+        seen = []
+        for a, b in chunks:
+            p = positions[None, a:b]
+            q, k, v = qkv.run(None, {"hidden": ctx[:, a:b], "position_ids": p})
+            scratch.append(k, v, p[0])
+            kc, vc, kp = scratch.prefix()
+            ho, asum, amax = attn.run(None, {"hidden": ctx[:, a:b], "q": q, "k_cache": kc, "v_cache": vc,
+                                             "key_pos": kp, "position_ids": p})
+            out_ctx[:, a:b] = ho
+            seen.append((a, q, asum, amax))
+        q_last = q
+        for r in runs:
+            _compress_layer(r, L, scratch, seen, plan_chunks(n_ctx, chunk, r.obs), n_ctx, S)
+            hid = np.concatenate([ctx, r.hidden], axis=1)
+            out = np.concatenate([out_ctx, np.empty_like(r.hidden)], axis=1)
+            qs = prefill_suffix(model, r.call, L, hid, positions, out, n_ctx, gen.chunk_tokens, q_last)
+            if r.policy.after_layer(L, hid, out, qs[0, :, -1], r.call.caches[L], positions) is not None:
+                raise ValueError(f"{r.name}: a policy that drops prompt tokens from later layers is not scored in lockstep")
+            r.hidden = out[:, n_ctx:]
+        ctx = out_ctx
+    return ctx
 
 
 def _merged(seen, a0: int, b0: int):

@@ -49,7 +49,15 @@ class MPCacheEA(MPCacheStatic):
     vote_weight: float = 0.5   # share of the prompt's accumulated attention (MPCache's votes) in the score
     skip_first: int = 4        # the first queries (attention sinks' outliers) stay out of the statistics
     recent_frac: float = 0.25  # a quarter of the kept tokens a recent window (chosen on the tuning windows)
+    vote_mean: bool = False    # votes divided by how many prompt queries could see the token (mean, not summed, attention)
+    stat_halflife: int = 0     # > 0: a query's weight in the statistics halves every this many positions back
+    group_reduce: str = "mean"  # the KV head's score from its query heads' expected attention: "mean" or "max"
     qstats: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_reduce not in ("mean", "max"):
+            raise ValueError(f"group_reduce must be 'mean' or 'max', got {self.group_reduce!r}")
 
     def begin(self, ctx):
         super().begin(ctx)
@@ -71,11 +79,18 @@ class MPCacheEA(MPCacheStatic):
         st = self.qstats.get(layer)
         if st is None:
             H, D = qq.shape[0], qq.shape[-1]
-            st = self.qstats[layer] = {"n": 0, "sum": np.zeros((H, D)), "outer": np.zeros((H, D, D)), "next": 0}
-        st["n"] += qq.shape[1]
-        st["sum"] += qq.sum(axis=1)
-        st["outer"] += np.einsum("htd,hte->hde", qq, qq)
-        st["next"] = max(st["next"], int(pos.max()) + 1)
+            st = self.qstats[layer] = {"n": 0.0, "sum": np.zeros((H, D)), "outer": np.zeros((H, D, D)), "next": 0}
+        end = max(st["next"], int(pos.max()) + 1)
+        w = np.ones(qq.shape[1])
+        if self.stat_halflife > 0:  # decayed sums: weight 2^-(age / halflife), the age counted from the newest query
+            decay = 0.5 ** ((end - st["next"]) / self.stat_halflife)
+            for k in ("n", "sum", "outer"):
+                st[k] = st[k] * decay
+            w = 0.5 ** ((end - 1 - pos[use]) / self.stat_halflife)
+        st["n"] += float(w.sum())
+        st["sum"] += np.einsum("t,htd->hd", w, qq)
+        st["outer"] += np.einsum("t,htd,hte->hde", w, qq, qq)
+        st["next"] = end
         self.count(multiplications=qq.size * (qq.shape[-1] + 4))
 
     def _future_rotation(self, start: int, D: int) -> np.ndarray:
@@ -89,10 +104,11 @@ class MPCacheEA(MPCacheStatic):
 
     def keep(self, layer, cache, target, phase):
         self._values = cache.v[0, :, :cache.n]
+        self._pos = cache.pos[:, :cache.n]
         try:
             return super().keep(layer, cache, target, phase)
         finally:
-            self._values = None
+            self._values = self._pos = None
             if phase == "final":  # look-once: the layer's statistics are done with (later evictions use the votes)
                 self.qstats.pop(layer, None)
 
@@ -122,7 +138,10 @@ class MPCacheEA(MPCacheStatic):
             if self.covariance:
                 z += np.einsum("nd,nd->n", k @ cov[h], k) / (2 * D)
             z = np.exp(z - z.max())
-            out[h // g] += z / z.sum() / g
+            if self.group_reduce == "max":
+                np.maximum(out[h // g], z / z.sum(), out=out[h // g])
+            else:
+                out[h // g] += z / z.sum() / g
         self.count(multiplications=H * n * D * ((D + 1) if self.covariance else 1), exp_div=H * n)
         return out
 
@@ -136,6 +155,10 @@ class MPCacheEA(MPCacheStatic):
         ea = ea / np.maximum(ea.sum(axis=-1, keepdims=True), 1e-30)
         if self.vote_weight > 0:
             v = votes.astype(np.float64)
+            pos = getattr(self, "_pos", None)
+            if self.vote_mean and pos is not None:  # the sum favours early tokens: more queries saw them
+                v = v / np.maximum(1, pos.max() + 1 - pos[:, :v.shape[1]])
+                self.count(multiplications=v.size)
             ea = (1 - self.vote_weight) * ea + self.vote_weight * v / np.maximum(v.sum(axis=-1, keepdims=True), 1e-30)
         return ea.astype(np.float32)
 
