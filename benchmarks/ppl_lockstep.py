@@ -47,7 +47,7 @@ class _Run:
 def _runs(gen: Generator, configs, n_prompt: int, n_sfx: int, max_new: int = 1, stream_suffix: bool = True) -> list[_Run]:
     out = []
     for name, spec, ratio in configs:
-        planner = KVPlanner(gen.n_layers, gen.kv_heads, gen.head_dim, gen.context, ratio, "layer")
+        planner = KVPlanner(gen.n_layers, gen.kv_heads, gen.head_dim, gen.context, ratio, "layer", heads=gen.heads)
         policy = make_policy(spec() if callable(spec) else spec)
         max_new = planner.clamp_new(n_prompt, max_new)
         plan = planner.plan(policy, n_prompt, max_new, n_sfx)

@@ -76,3 +76,24 @@ def test_query_statistics_leave_with_the_layers_compression(gen_llama_bundle):
     ids = g.encode(long_text(4000))[:600]
     g.generate(ids, max_new_tokens=2, stop=False)
     assert pol.parts[0].qstats == {} and pol.held_bytes() == 0  # look-once: no layer's statistics outlive its compression
+
+
+@pytest.mark.parametrize("prefill", ["layer", "rolling"])
+def test_a_byte_budget_bounds_the_cache_the_scratch_and_the_query_statistics(gen_llama_bundle, prefill):
+    from edge_sel.runtime.policies import mpcache_ea
+
+    probe = Generator(gen_llama_bundle, kv_budget="1MB", prefill=prefill)
+    ids = probe.encode(long_text(4000))[:600]
+    step = probe.planner.bytes_per_token(mpcache_ea())  # budgets a few bytes apart around capacity boundaries
+    base = probe.planner.minimum_bytes(mpcache_ea(), len(ids), 4) + (probe.planner.scratch_bytes(len(ids)) if prefill == "layer" else 0)
+    checked = 0
+    for extra in range(0, 160 * step, 23 * step + 997):
+        budget = base + extra
+        pol = mpcache_ea()
+        r = Generator(gen_llama_bundle, kv_budget=f"{budget}B", policy=pol, prefill=prefill).generate(ids, max_new_tokens=4, stop=False)
+        st = r.stats
+        stats_peak = pol.parts[0].stats_peak
+        assert stats_peak > 0 and st["kv_bytes_peak"] <= st["kv_bytes_allocated"] + st["prefill_scratch_bytes"]
+        assert st["kv_bytes_allocated"] + st["prefill_scratch_bytes"] + stats_peak <= budget, (budget, st["prefill_mode"])
+        checked += st["prefill_mode"] == prefill
+    assert checked >= 3

@@ -97,7 +97,7 @@ class Generator:
         self.n_layers, self.H = len(spec.layers), d.hidden
         self.heads, self.kv_heads, self.head_dim = d.heads, d.kv_heads, d.head_dim
         self.context = self.bundle.max_length
-        self.planner = KVPlanner(self.n_layers, self.kv_heads, self.head_dim, self.context, kv_budget, prefill)
+        self.planner = KVPlanner(self.n_layers, self.kv_heads, self.head_dim, self.context, kv_budget, prefill, heads=self.heads)
         self.budget = self.planner.budget
         self.stop_ids = set(int(i) for i in spec.stop_ids)
         self.tokenizer = Tokenizer(self.bundle)

@@ -71,8 +71,10 @@ class KVPlan:
 class KVPlanner:
     """Capacity planning for one model geometry, one budget and one prefill mode."""
 
-    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, context: int, kv_budget, prefill: str = "layer"):
+    def __init__(self, n_layers: int, kv_heads: int, head_dim: int, context: int, kv_budget, prefill: str = "layer",
+                 heads: int | None = None):
         self.n_layers, self.kv_heads, self.head_dim, self.context = n_layers, kv_heads, head_dim, context
+        self.heads = heads or kv_heads  # query heads (a policy may keep statistics of the queries while a layer runs)
         self.budget = parse_budget(kv_budget)
         self.prefill = prefill
 
@@ -105,7 +107,8 @@ class KVPlanner:
         return -(-need // a) * a
 
     def fixed_bytes(self, policy: Policy, whole: int) -> int:
-        return policy.fixed_bytes(self.n_layers, self.kv_heads, self.head_dim, whole)
+        return (policy.fixed_bytes(self.n_layers, self.kv_heads, self.head_dim, whole)
+                + policy.prefill_bytes(self.heads, self.head_dim))
 
     def minimum_bytes(self, policy: Policy, n_prompt: int, max_new: int) -> int:
         """Smallest byte budget a prompt of ``n_prompt`` tokens and ``max_new`` new ones can run with."""

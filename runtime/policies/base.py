@@ -3,7 +3,7 @@
 The generate engine calls, per layer ``L`` (nothing else):
 
 * ``begin(ctx)`` / ``end()`` around a call (``end`` also after an exception: release files);
-* planning, before any allocation: ``bytes_per_token``, ``fixed_bytes``, ``fetch_tokens``, the class
+* planning, before any allocation: ``bytes_per_token``, ``fixed_bytes``, ``prefill_bytes``, ``fetch_tokens``, the class
   attributes ``min_tokens``, ``align``, ``evicts``, and ``observation_window(prompt_len)``;
 * ``observe(L, cache, attn_sum, attn_max, slots, phase)`` after an attention run (``phase``:
   ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks — or ``"decode"``;
@@ -123,6 +123,11 @@ class Policy:
 
     def fixed_bytes(self, n_layers: int, kv_heads: int, head_dim: int, n_tokens: int) -> int:
         """RAM the policy keeps whatever the capacity (counted against a byte budget), for ``n_tokens`` in all."""
+        return 0
+
+    def prefill_bytes(self, heads: int, head_dim: int) -> int:
+        """RAM the policy holds only while one layer's prompt runs (e.g. statistics of its ``heads`` query heads),
+        counted against a byte budget beside the scratch."""
         return 0
 
     def fetch_tokens(self, cap: int, suffix: int, whole: int, room: int) -> int:

@@ -62,6 +62,14 @@ class MPCacheEA(MPCacheStatic):
     def begin(self, ctx):
         super().begin(ctx)
         self.qstats = {}
+        self.stats_peak = 0  # most bytes of query statistics held at once
+
+    def prefill_bytes(self, heads, head_dim):
+        return heads * (head_dim * head_dim + head_dim) * 8  # one layer's query sums and outer products (float64)
+
+    def after_layer(self, layer, h_in, h_out, q_last, cache, positions):
+        self.qstats.pop(layer, None)  # the layer's prompt has run: its statistics are done with (also when rolling)
+        return None
 
     def queries(self, layer, q, positions, phase):
         """Fold a prompt chunk's queries (``[1, H, T, D]`` after the rotary embedding) into the layer's statistics."""
@@ -91,6 +99,7 @@ class MPCacheEA(MPCacheStatic):
         st["sum"] += np.einsum("t,htd->hd", w, qq)
         st["outer"] += np.einsum("t,htd,hte->hde", w, qq, qq)
         st["next"] = end
+        self.stats_peak = max(self.stats_peak, self.held_bytes())
         self.count(multiplications=qq.size * (qq.shape[-1] + 4))
 
     def _future_rotation(self, start: int, D: int) -> np.ndarray:
