@@ -52,6 +52,8 @@ class MPCacheEA(MPCacheStatic):
     vote_mean: bool = False    # votes divided by how many prompt queries could see the token (mean, not summed, attention)
     stat_halflife: int = 0     # > 0: a query's weight in the statistics halves every this many positions back
     group_reduce: str = "mean"  # the KV head's score from its query heads' expected attention: "mean" or "max"
+    future_samples: int = 0    # > 0: the mean query's term averaged over this many future positions (exp of each), not
+                               # taken at the average rotation (which smears the fast-turning channels to zero)
     qstats: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -141,9 +143,20 @@ class MPCacheEA(MPCacheStatic):
             cov = R @ cov @ R.T
         K = keys.astype(np.float64)
         out = np.zeros((kv, n))
+        mu_t = None
+        if self.future_samples > 0 and self.ctx.rope_theta:  # the mean query turned to each sampled future position
+            m0 = st["sum"] / st["n"]
+            t = st["next"] + (np.arange(self.future_samples) + 0.5) * self.n_future / self.future_samples
+            cos, sin = rope_tables(t, D, self.ctx.rope_theta)                      # [S, D]
+            mu_t = m0[:, None] * cos[None] + rotate_half(m0)[:, None] * sin[None]  # [H, S, D]
         for h in range(H):
             k = K[h // g]
-            z = k @ mu[h] / np.sqrt(D)
+            if mu_t is None:
+                z = k @ mu[h] / np.sqrt(D)
+            else:
+                zs = k @ mu_t[h].T / np.sqrt(D)                                   # [n, S]
+                top = zs.max(axis=1, keepdims=True)
+                z = (top + np.log(np.exp(zs - top).mean(axis=1, keepdims=True)))[:, 0]
             if self.covariance:
                 z += np.einsum("nd,nd->n", k @ cov[h], k) / (2 * D)
             z = np.exp(z - z.max())
