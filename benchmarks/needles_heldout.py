@@ -59,8 +59,8 @@ def cases(encode, decode, haystack: list[int], lengths, per_length: int, seed: i
     configuration cuts the prompt at the same token."""
     rng = random.Random(seed)
     out = []
-    for L in lengths:
-        for i in range(per_length):
+    for i in range(per_length):  # lengths take turns: a run cut short has cases of every length
+        for L in lengths:
             needle, question = TEMPLATES[i % len(TEMPLATES)]
             key, depth = KEYS[(i + L) % len(KEYS)], DEPTHS[(i + i // len(TEMPLATES)) % len(DEPTHS)]
             number = str(rng.randrange(10**6, 10**7))
