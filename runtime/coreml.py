@@ -227,7 +227,8 @@ class CoreMLBackend:
         t = time.perf_counter()
         compiled = self._compile(ct, stage.package)
         try:
-            model = ct.models.CompiledMLModel(str(compiled), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[self.compute_units]))
+            units = getattr(ct.ComputeUnit, COMPUTE_UNITS[self.compute_units])
+            model = ct.models.CompiledMLModel(str(compiled), compute_units=units)
         except Exception as e:  # Core ML's own errors: name the package
             raise BundleError(f"Core ML cannot load {stage.package}: {e}") from None
         if self.providers is not None:

@@ -193,7 +193,8 @@ class Assignment:
                         self.fallback_ops[op] = self.fallback_ops.get(op, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
-        return {"provider": short_name(self.choice.name), "backend": self.choice.backend, "providers": [short_name(p) for p in self.choice.providers],
+        return {"provider": short_name(self.choice.name), "backend": self.choice.backend,
+                "providers": [short_name(p) for p in self.choice.providers],
                 "provider_options": {short_name(p): o for p, o in zip(self.choice.providers, self.choice.options) if o},
                 "graphs": len(self.graphs), "sessions_loaded": self.sessions, "session_load_s": round(self.load_s, 4),
                 "nodes_by_provider": {short_name(k): v for k, v in sorted(self.nodes.items())},

@@ -99,6 +99,21 @@ def test_the_backend_refuses_to_open_a_stage_off_macos_and_a_bundle_without_pack
         CoreMLBackend(b, compute_units="GPUOnly")
 
 
+def test_the_coremltools_calls_the_backend_makes_exist_with_those_parameters():
+    """What the backend calls on macOS, checked against the installed coremltools (it cannot run here)."""
+    import inspect
+
+    from edge_sel.runtime.coreml import COMPUTE_UNITS, import_coremltools
+    from edge_sel.runtime.providers import COREML_COMPUTE_UNITS
+
+    ct = import_coremltools()
+    assert set(COMPUTE_UNITS) == set(COREML_COMPUTE_UNITS)  # every value of the provider option maps
+    assert all(isinstance(getattr(ct.ComputeUnit, v), ct.ComputeUnit) for v in COMPUTE_UNITS.values())
+    assert {"path", "compute_units"} <= set(inspect.signature(ct.models.CompiledMLModel).parameters)
+    assert callable(ct.models.CompiledMLModel.predict)
+    assert list(inspect.signature(ct.models.utils.compile_model).parameters)[:2] == ["model", "destination_path"]
+
+
 # ---- the engines' feeds against each package's contract ------------------------------------------------------------
 class Recording(OnnxRuntimeBackend):
     """onnxruntime sessions that keep a copy of every feed the engine hands them, per graph."""
