@@ -75,7 +75,8 @@ class Generator:
     inside the context. ``prefill``: ``"layer"`` (look-once, exact) or ``"rolling"`` (strict bound).
     ``provider``: the onnxruntime execution provider (``"cpu"`` default, ``"auto"``, ``"coreml"``, ...; see
     :mod:`edge_sel.runtime.providers`); ``last_stats["provider"]`` reports the choice, the nodes that fell back to
-    the CPU and the sessions' load time (every session is made once, in the constructor).
+    the CPU and the sessions' load time (every session is made once, in the constructor). ``"coreml"`` on a bundle
+    with CoreML packages runs them with Core ML (macOS only; :mod:`edge_sel.runtime.coreml`).
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, kv_budget: int | float | str | None = None,

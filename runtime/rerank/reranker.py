@@ -76,7 +76,8 @@ class Reranker:
     :class:`edge_sel.runtime.providers.ProviderChoice`; a provider the build lacks is refused (InputError).
     ``last_stats["provider"]`` reports the choice, how many graph nodes each provider took (those another provider
     could not take fall back to the CPU: ``cpu_fallback_ops``) and the sessions' load time (a provider that compiles
-    a graph on load, as CoreML does, pays it on every streamed layer load).
+    a graph on load, as CoreML does, pays it on every streamed layer load). ``"coreml"`` on a bundle exported with
+    ``--format coreml`` runs its CoreML packages with Core ML instead (macOS only; :mod:`edge_sel.runtime.coreml`).
 
     last_token_final_layer: split decoder bundles whose head reads the last token compute only that token in
     the final layer (same scores within float rounding); False runs the full final layer.
