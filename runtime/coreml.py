@@ -37,7 +37,6 @@ COMPUTE_UNITS = {"CPUOnly": "CPU_ONLY", "CPUAndNeuralEngine": "CPU_AND_NE", "CPU
 INT32_MAX = 2**31 - 1
 # what coremltools' import probes for (coremltools._deps) and the runtime must not load
 HIDDEN_DURING_IMPORT = ("torch", "torchvision", "torchaudio", "torchao", "executorch", "transformers", "tensorflow")
-_FLOAT32, _INT32 = 65568, 131104  # CoreML.Specification.ArrayFeatureType.ArrayDataType
 _import_lock = threading.Lock()
 _torch_hidden = False  # this process's coremltools was imported with torch hidden (its torch frontend off)
 
@@ -107,18 +106,20 @@ class StageContract:
 
     @classmethod
     def read(cls, package: Path) -> "StageContract":
-        spec = import_coremltools().utils.load_spec(str(package))
+        ct = import_coremltools()
+        spec = ct.utils.load_spec(str(package))
+        array = ct.proto.FeatureTypes_pb2.ArrayFeatureType
         ports = []
         for f in spec.description.input:
             a = f.type.multiArrayType
-            if a.dataType not in (_FLOAT32, _INT32):
+            if a.dataType not in (array.FLOAT32, array.INT32):
                 raise BundleError(f"CoreML package {package}: input {f.name!r} has element type {a.dataType}, "
                                   f"expected float32 or int32")
             if a.HasField("shapeRange"):
                 bounds = tuple((int(r.lowerBound), int(r.upperBound)) for r in a.shapeRange.sizeRanges)
             else:
                 bounds = tuple((int(n), int(n)) for n in a.shape)
-            ports.append(Port(f.name, "int32" if a.dataType == _INT32 else "float32", bounds))
+            ports.append(Port(f.name, "int32" if a.dataType == array.INT32 else "float32", bounds))
         return cls(str(package), tuple(ports), tuple(f.name for f in spec.description.output))
 
     def feeds(self, feeds: Mapping[str, Any], empty_pos: int = INT32_MAX) -> dict[str, np.ndarray]:
