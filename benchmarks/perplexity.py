@@ -115,6 +115,16 @@ def summarize(doc: dict) -> dict:
     return out
 
 
+def merge_runs(doc: dict, other: dict, systems: list[str], path: str) -> None:
+    """Put ``other``'s results of the systems not run now into ``doc``; several earlier runs of one system combine
+    window by window (a configuration measured on some windows in one run and on others in another)."""
+    for sy in ("edge_sel", "kvpress"):
+        if sy in other and sy not in systems:
+            for name, per in other[sy].items():
+                doc.setdefault(sy, {}).setdefault(name, {}).update(per)
+            doc.setdefault("merged", {}).setdefault(sy, []).append({"from": path, "commit": other.get("commit")})
+
+
 def _ratio_of(name: str) -> float | None:
     return float(name.rsplit("@", 1)[1]) if "@" in name else None
 
@@ -228,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         if other.get("ids_sha256") != doc["ids_sha256"]:
             print(f"--merge {path}: measured on other token ids; refusing to put it beside this run", file=sys.stderr)
             return 2
-        for sy in ("edge_sel", "kvpress"):
-            if sy in other and sy not in systems:
-                doc.setdefault(sy, {}).update(other[sy])  # several earlier runs of one system combine
-                doc.setdefault("merged", {})[sy] = {"from": path, "commit": other.get("commit")}
+        merge_runs(doc, other, systems, path)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edge_sel-bench-ppl-") as tmp:
         keep = (lambda sy: f"{a.out}.{sy}.json") if a.out else (lambda sy: os.path.join(tmp, f"{sy}.json"))

@@ -80,3 +80,14 @@ def test_policy_options_parse_to_a_fresh_policy_each_time():
     assert label == "mpcache_ea:recent_frac=0.25:value_norm=false" and a is not b
     assert a.parts[0].recent_frac == 0.25 and a.parts[0].value_norm is False
     assert bp.parse_policy("snapkv") == ("snapkv", "snapkv")
+
+
+def test_runs_of_one_system_merge_window_by_window():
+    from benchmarks import perplexity as bp
+
+    doc = {}
+    bp.merge_runs(doc, {"edge_sel": {"edge_sel p @0.2": {"a@1": {"nll": 1.0}}}, "commit": "x"}, ["kvpress"], "one.json")
+    bp.merge_runs(doc, {"edge_sel": {"edge_sel p @0.2": {"b@2": {"nll": 2.0}}}, "commit": "y"}, ["kvpress"], "two.json")
+    bp.merge_runs(doc, {"kvpress": {"kvpress full": {"a@1": {"nll": 3.0}}}}, ["kvpress"], "three.json")  # being run now
+    assert doc["edge_sel"] == {"edge_sel p @0.2": {"a@1": {"nll": 1.0}, "b@2": {"nll": 2.0}}} and "kvpress" not in doc
+    assert [m["commit"] for m in doc["merged"]["edge_sel"]] == ["x", "y"]
