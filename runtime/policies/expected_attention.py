@@ -5,8 +5,9 @@ Distribution" (2025; kvpress's ``ExpectedAttentionPress``): the queries still to
 with the prompt's own query mean and covariance (taken before the rotary embedding, then turned by the average
 rotation of the next ``n_future`` positions); a key's expected attention is
 ``softmax_j(mu . k_j / sqrt(d) + k_j^T Sigma k_j / (2 d))``, averaged over the query heads of its KV head and
-scaled by ``||v_j||``. The statistics are ``H x D x D`` per layer while its prompt runs; a look-once prefill
-drops them once the layer is compressed (``held_bytes``), and later evictions fall back to the votes. Here that score replaces the accumulated votes of MPCache's static eviction
+scaled by ``||v_j||``. The statistics are ``H x D x D`` per layer while its prompt runs (counted against a byte
+budget: ``prefill_bytes``); they are dropped when the layer is compressed or its prompt has run, whichever comes
+first (``held_bytes``), and later evictions fall back to the votes. Here that score replaces the accumulated votes of MPCache's static eviction
 (:class:`MPCacheStatic`: sinks, a recent window, one kept set per KV head, MPC cost counts) and MPCache's
 dynamic group selection runs on what is left (:func:`mpcache_ea`). ``vote_weight`` mixes the prompt's
 accumulated attention back in (each normalised to sum 1 per head). The expected attention costs
@@ -14,6 +15,8 @@ exponentials (counted as ``exp_div``): unlike the votes it is not MPC-friendly.
 
 Defaults (half expected attention, half the prompt's accumulated votes; ``recent_frac=0.25``; no value-norm
 scaling; covariance on) were chosen on the perplexity benchmark's tuning windows only (``python -m benchmarks.perplexity --split tune``); the held-out windows report them.
+The options ``vote_mean``, ``stat_halflife``, ``group_reduce``, ``future_samples``, ``pool`` and a smaller recent window
+did not beat these defaults on the tuning windows measured and stay off.
 """
 
 from __future__ import annotations
