@@ -207,6 +207,11 @@ CASES = [
     ("convert-missing", lambda c: ["convert", c.tmp / "none"], "not found"),
     ("convert-out-is-user-folder", lambda c: ["convert", c.bi, "-o", write(c.tmp / "mine" / "notes.txt", "keep").parent], "mine"),
     ("convert-out-under-a-file", lambda c: ["convert", c.bi, "-o", c.docs / "o"], "docs.txt"),
+    ("fuse-missing", lambda c: ["fuse", c.tmp / "none"], "not found"),
+    ("fuse-generate-bundle", lambda c: ["fuse", c.gen], "'generate' bundle"),
+    ("fuse-out-is-user-folder", lambda c: ["fuse", c.bi, "-o", write(c.tmp / "mine" / "notes.txt", "keep").parent], "mine"),
+    ("export-fused-generate", lambda c: ["export", c.hf, "-o", c.tmp / "o", "--task", "generate", "--fused"], "--fused"),
+    ("export-fused-ort", lambda c: ["export", c.hf, "-o", c.tmp / "o", "--format", "ort", "--fused"], "--format ort"),
     ("export-generate-out-under-a-file", lambda c: ["export", c.hf, "--task", "generate", "-o", c.docs / "b"], "docs.txt"),
     # bench
     ("bench-rerank-bundle-generate-options", lambda c: ["bench", c.bi, "--policy", "mpcache"], "--policy"),
