@@ -330,9 +330,10 @@ def fused_feeds(spec, doc_ids, prefix_len: int = 0, type_ids=None, query_ids=Non
     return feeds
 
 
-def text_feeds(bundle, query: str, documents: list[str], instruction: str | None = None) -> dict[str, Any]:
-    """:func:`fused_feeds` for a query and documents, tokenized as the Python runtime tokenizes them."""
+def text_feeds(bundle, query: str, documents: list[str], instruction: str | None = None, encoder=None) -> dict[str, Any]:
+    """:func:`fused_feeds` for a query and documents, tokenized as the Python runtime tokenizes them (``encoder``: a
+    :class:`edge_sel.runtime.rerank.text.TextEncoder` of the bundle, to reuse across calls)."""
     from edge_sel.runtime.rerank.text import TextEncoder
 
-    enc = TextEncoder(bundle).encode(query, list(documents), instruction)
+    enc = (encoder or TextEncoder(bundle)).encode(query, list(documents), instruction)
     return fused_feeds(bundle.spec, enc.doc_ids, enc.prefix_len, enc.doc_types, enc.query_ids)

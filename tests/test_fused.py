@@ -86,6 +86,9 @@ def test_fuse_pass_in_place_and_copy(vector_bundles, tmp_path):
     f = bundle.spec.fused
     assert f.file == FUSED_FILE and info["inputs"] == ["input_ids", "attention_mask", "query_ids"]
     assert set(f.reads) >= {bundle.spec.embed.file, *(x.weights for x in bundle.spec.layers)}
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "BUNDLE.md").read_text()
+    for name in f.inputs + f.outputs:  # the format spec names every input and output, with its shape
+        assert f"`{name} [" in doc, name
     import onnx
 
     g = onnx.load(str(b / f.file), load_external_data=False).graph
