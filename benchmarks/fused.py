@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {"bundle": args.bundle, "n_docs": args.n_docs, "top_k": args.top_k, "queries": args.queries, "runs": args.runs,
               "schedule": sched, "rows": rows, "commit": _commit(), "machine_note": "shared machine: compare ratios within this run"}
     text = json.dumps(report, indent=1)
+    for row in rows:  # one line each on stderr, for a reader
+        print({k: v for k, v in row.items() if k != "survivors_per_query"}, file=sys.stderr)
     if args.out:
         Path(args.out).write_text(text)
     print(text)

@@ -199,6 +199,10 @@ class _Builder:
         keep_rows = self.op("Concat", keep, self.c([True], "bool"), axis=0) if self.query_row else keep
         new = {k: self.op("Compress", v, keep_rows, axis=0) for k, v in rows.items() if k != "live"}
         new["live"] = self.op("Compress", live, keep, axis=0)
+        # the survivors' longest row bounds the width: drop the columns that are padding for every survivor
+        width = self.op("Reshape", self.op("ReduceMax", new["lengths"], axes=[0], keepdims=0), self.c([1]))
+        for k in ("hidden", "maskf", "maskb", "pos"):
+            new[k] = self.op("Slice", new[k], self.c([0]), width, self.c([1]))
         return new
 
     # ---- layers ------------------------------------------------------------------------------------
