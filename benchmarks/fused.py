@@ -7,7 +7,9 @@ Three configurations, each in its own fresh process (so each peak RSS is its own
 
 * ``runtime`` — the Python streaming runtime, every layer resident (no memory budget), pruning with the schedule;
 * ``fused``   — the bundle's fused graph with the same schedule compiled in, one stock ``InferenceSession``;
-* ``whole``   — the same composition without a schedule: the bare whole model in one session (no pruning).
+* ``whole``   — the same composition without a schedule: the bare whole model in one session (no pruning);
+* ``peer``    — with ``--peer-onnx``: optimum's whole-model export in a bare session, default options, length-sorted
+  batches of 16 (``benchmarks.rerank_worker.OrtPeer``, configuration (b) of ``RESULTS.md``; full prompts, no prefix reuse).
 
 Each scores every query once as a warm-up (its results are the ones compared), then ``--runs`` timed passes. Both
 graph configurations use the runtime's session options (file-backed weights: prepacking off; CPU arena off) and
@@ -31,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ("runtime", "fused", "whole")
+CONFIGS = ("runtime", "fused", "whole", "peer")
 
 
 def _prepare(bundle_path: Path, schedule_arg: str, work: Path) -> tuple[Path, dict | None]:
@@ -88,6 +90,21 @@ def _worker(config: str, spec_path: Path) -> dict:
         def call(q, docs):
             res = rr.rank(q, docs, top_k=k)
             return [r["corpus_id"] for r in res], [r["score"] for r in res], 0.0, len(docs) - rr.last_stats["n_pruned"]
+    elif config == "peer":
+        from .rerank_worker import OrtPeer
+
+        s = bundle.spec
+        peer = OrtPeer({"scoring": s.scoring, "pad_id": s.pad_id, "peer_onnx": spec["peer_onnx"], "batch_size": 16,
+                        "yes_id": s.token_ids.yes if s.token_ids else None, "no_id": s.token_ids.no if s.token_ids else None})
+        enc = TextEncoder(bundle)
+
+        def call(q, docs):
+            e = enc.encode(q, docs)
+            scores = peer.score({"doc_ids": [list(map(int, x)) for x in e.doc_ids],
+                                 "doc_types": None if e.doc_types is None else [list(map(int, x)) for x in e.doc_types],
+                                 "query_ids": None if e.query_ids is None else list(map(int, e.query_ids))})
+            top = [int(i) for i in np.argsort(-scores, kind="stable")[:k]]
+            return top, [float(scores[i]) for i in top], 0.0, len(docs)
     else:
         import onnxruntime as ort
 
@@ -122,8 +139,8 @@ def _worker(config: str, spec_path: Path) -> dict:
                 cpu.append(c)
                 run_only.append(run_s)
     return {"config": config, "results": results, "wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
-            "session_run_s": statistics.median(run_only) if config != "runtime" else None, "load_s": round(load_s, 3),
-            "base_rss": base, "idle_rss": idle, "peak_rss": peak[0], "wall_all": wall, "np": np.__version__}
+            "session_run_s": statistics.median(run_only) if config in ("fused", "whole") else None, "load_s": round(load_s, 3),
+            "base_rss": base, "idle_rss": idle, "peak_rss": peak[0], "wall_all": wall}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-k", "--top-k", type=int, default=10)
     p.add_argument("--queries", type=int, default=4)
     p.add_argument("--runs", type=int, default=1, help="timed passes over all queries after the warm-up pass")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default="runtime,fused,whole", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    p.add_argument("--peer-onnx", help="the optimum-exported whole model, for the 'peer' configuration")
     p.add_argument("--work", default=None, help="where the fused copy of the bundle goes (default: a temp dir)")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -156,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     copy, sched = _prepare(Path(args.bundle), args.schedule, work)
     enc = TextEncoder(Bundle.open(copy))
     queries = build_queries(enc.tok, args.queries, args.n_docs)
-    spec = {"bundle": str(copy), "schedule": sched, "top_k": args.top_k, "runs": args.runs,
+    spec = {"bundle": str(copy), "schedule": sched, "peer_onnx": args.peer_onnx, "top_k": args.top_k, "runs": args.runs,
             "queries": [{"query": q.text, "docs": q.docs} for q in queries]}
     spec_path = work / "spec.json"
     spec_path.write_text(json.dumps(spec))
