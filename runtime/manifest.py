@@ -936,6 +936,9 @@ class Manifest(Node):
             r.fail("layers[0].qkv", "generate bundles need split layers (a qkv graph per layer)")
         if self.fused is not None and (self.task != "rerank" or not self.fused.file.endswith(".onnx")):
             r.fail("fused.file", "a fused graph is an .onnx file of a rerank bundle")
+        if self.fused is not None and self.graph_format != "onnx":
+            r.fail("fused", "an ORT-format bundle cannot hold a fused graph (it reads the ONNX graphs' weight files, which "
+                            "conversion removes); convert a bundle exported without --fused")
         if (self.graph_format == "ort") != (self.ort is not None):
             r.fail("ort", "graph_format 'ort' and the 'ort' object come together")
         if self.scoring == "yes_no" and self.prompt is None:

@@ -99,6 +99,8 @@ def test_fuse_pass_in_place_and_copy(vector_bundles, tmp_path):
     assert copy.spec.fused.schedule is None and sorted(copy.spec.files) == sorted(bundle.spec.files)
     res = _cli("rerank", b, "-q", "open a file", "-d", Path(__file__), "-k", 3, "--json")  # the runtime ignores it
     assert res.returncode == 0 and len(json.loads(res.stdout)["results"]) == 3
+    ort_copy = _cli("convert", b, "-o", tmp_path / "ort")  # conversion drops the weight files the graph reads: refused
+    assert ort_copy.returncode == 2 and "cannot hold a fused graph" in ort_copy.stderr and not (tmp_path / "ort").exists()
 
 
 def test_passes_that_change_what_it_compiled_drop_it():
