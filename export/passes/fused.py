@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_sel.runtime.bundle import Bundle, BundleWriter
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.bundle_writer import BundleWriter
 from edge_sel.runtime.errors import InputError
 from edge_sel.runtime.manifest import thaw
 from edge_sel.runtime.rerank.schedule import Schedule
