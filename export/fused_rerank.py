@@ -69,13 +69,14 @@ def check_fusable(bundle, schedule: Schedule | None) -> None:
 class _Builder:
     """State of one graph under construction: the live rows' tensors and the per-document outputs."""
 
-    def __init__(self, bundle, schedule: Schedule | None):
+    def __init__(self, bundle, schedule: Schedule | None, groups: int = 1):
         self.bundle, self.spec, self.schedule = bundle, bundle.spec, schedule
         self.net = Net()
         self.inline = Inliner(bundle, self.net)
         self.kind = self.spec.scoring
         self.split = self.spec.layer_io.split
         self.query_row = self.kind == "bi_encoder"   # the query runs as one more row, the last
+        self.groups = max(1, int(groups))
 
     # ---- small helpers ---------------------------------------------------------------------------
     def op(self, *a, **kw):
@@ -206,14 +207,38 @@ class _Builder:
         return new
 
     # ---- layers ------------------------------------------------------------------------------------
-    def layer(self, i: int, rows: dict[str, str], last: bool) -> tuple[str, bool]:
-        """Layer ``i`` on the live rows: its output and whether it holds one token per row."""
-        spec = self.spec
-        if not self.split:
-            feeds = {"hidden": rows["hidden"], "mask": rows["maskf"], "position_ids": rows["pos"]}
-            h = self.inline(spec.layers[i].file, f"layer{i}", feeds)["hidden_out"]
-            return h, last and spec.final_layer_output == "first_token"
-        qkv, attn = spec.qkv_graph(i).file, spec.layers[i].file
+    def grouped(self, i: int, rows: dict[str, str], last: bool) -> tuple[str, bool]:
+        """Layer ``i`` on the live rows in ``self.groups`` groups of consecutive rows, each cut to its own longest
+        row (rows are kept sorted by length, so a group's padding is small — the runtime's chunks by length); the
+        outputs padded back to the batch's width and joined. Group ``g`` covers rows ``floor(g n / G) ..
+        ceil((g + 1) n / G)``: never empty (a layer graph cannot run zero rows), overlapping by a row where ``G``
+        does not divide ``n`` (that row's second result is not used)."""
+        pq = self.prefix_layer(i, last) if self.split else None
+        G = self.groups
+        if G == 1:
+            return self.layer(i, rows, last, pq, "")
+        n, T = self.dim(rows["hidden"], 0), self.dim(rows["hidden"], 1)
+        pieces, one = [], False
+        for g in range(G):
+            lo = self.op("Div", self.op("Mul", n, self.c(g)), self.c(G))
+            hi = self.op("Div", self.op("Add", self.op("Mul", n, self.c(g + 1)), self.c(G - 1)), self.c(G))
+            end = self.op("Div", self.op("Mul", n, self.c(g + 1)), self.c(G))  # rows this group's output gives
+            lo1, hi1 = self.op("Reshape", lo, self.c([1])), self.op("Reshape", hi, self.c([1]))
+            part = {k: self.op("Slice", v, lo1, hi1, self.c([0])) for k, v in rows.items() if k != "live"}
+            width = self.op("Reshape", self.op("ReduceMax", part["lengths"], axes=[0], keepdims=0), self.c([1]))
+            for k in ("hidden", "maskf", "maskb", "pos"):
+                part[k] = self.op("Slice", part[k], self.c([0]), width, self.c([1]))
+            h, one = self.layer(i, part, last, pq, f"/g{g}")
+            h = self.op("Slice", h, self.c([0]), self.op("Reshape", self.op("Sub", end, lo), self.c([1])), self.c([0]))
+            if not one:
+                grow = self.op("Sub", T, self.op("Reshape", width, self.c([])))
+                h = self.op("Pad", h, self.vec(self.c(0), self.c(0), self.c(0), self.c(0), grow, self.c(0)))
+            pieces.append(h)
+        return self.op("Concat", *pieces, axis=0), one
+
+    def prefix_layer(self, i: int, last: bool) -> dict[str, str]:
+        """Split decoders: layer ``i`` on the shared prefix (once per call); its K/V for the documents."""
+        qkv, attn = self.spec.qkv_graph(i).file, self.spec.layers[i].file
         p = self.prefix
         pq = self.inline(qkv, f"layer{i}/prefix/qkv", {"hidden": p["hidden"], "position_ids": p["pos"]})
         if not last:  # the last layer's prefix output is read by nothing
@@ -221,8 +246,19 @@ class _Builder:
             p["next"] = self.inline(attn, f"layer{i}/prefix/attn", {"hidden": p["hidden"], "q": pq["q"], "k_cache": pq["k"],
                                                                      "v_cache": pq["v"], "key_pos": key_pos,
                                                                      "position_ids": p["pos"]})["hidden_out"]
+        return pq
+
+    def layer(self, i: int, rows: dict[str, str], last: bool, pq: dict[str, str] | None, tag: str) -> tuple[str, bool]:
+        """Layer ``i`` on ``rows``: its output and whether it holds one token per row (``pq``: the prefix's K/V)."""
+        spec = self.spec
+        if not self.split:
+            feeds = {"hidden": rows["hidden"], "mask": rows["maskf"], "position_ids": rows["pos"]}
+            h = self.inline(spec.layers[i].file, f"layer{i}{tag}", feeds)["hidden_out"]
+            return h, last and spec.final_layer_output == "first_token"
+        qkv, attn = spec.qkv_graph(i).file, spec.layers[i].file
+        p = self.prefix
         h, pos = rows["hidden"], rows["pos"]
-        d = self.inline(qkv, f"layer{i}/docs/qkv", {"hidden": h, "position_ids": pos})
+        d = self.inline(qkv, f"layer{i}{tag}/docs/qkv", {"hidden": h, "position_ids": pos})
         own = self.op("Where", rows["maskb"], pos, self.c(int(spec.layer_io.empty_pos)))
         B = self.op("Reshape", self.dim(h, 0), self.c([1]))
         kv_shape = self.op("Concat", B, self.op("Slice", self.op("Shape", pq["k"]), self.c([1]), self.c([4]), self.c([0])), axis=0)
@@ -236,7 +272,7 @@ class _Builder:
             h = self.op("Unsqueeze", self.op("GatherND", h, idx, batch_dims=1), self.c([1]))
             q = self.op("Unsqueeze", self.op("GatherND", self.op("Transpose", q, perm=[0, 2, 1, 3]), idx, batch_dims=1), self.c([2]))
             pos = self.op("Unsqueeze", self.op("GatherND", pos, idx, batch_dims=1), self.c([1]))
-        out = self.inline(attn, f"layer{i}/docs/attn", {"hidden": h, "q": q, "k_cache": k, "v_cache": v, "key_pos": key_pos,
+        out = self.inline(attn, f"layer{i}{tag}/docs/attn", {"hidden": h, "q": q, "k_cache": k, "v_cache": v, "key_pos": key_pos,
                                                          "position_ids": pos})["hidden_out"]
         return out, last and spec.pooling == "last"
 
@@ -268,13 +304,19 @@ class _Builder:
                 "lengths": self.op("ReduceSum", mask, self.c([1]), keepdims=0),
                 "live": self.arange(n_call)}
         n_vec = self.op("Reshape", n_call, self.c([1]))
+        if self.groups > 1:  # documents by length (ties: input order), so that consecutive rows make tight groups
+            doc_len = self.op("Slice", rows["lengths"], self.c([0]), n_vec, self.c([0]))
+            perm = self.op("TopK", doc_len, n_vec, outputs=2, axis=0, largest=0, sorted=1)[1]
+            rows_perm = self.op("Concat", perm, n_vec, axis=0) if self.query_row else perm  # the query stays last
+            rows = {k: self.op("Gather", v, rows_perm, axis=0) for k, v in rows.items() if k != "live"}
+            rows["live"] = perm
         out = {"pruned": self.op("ConstantOfShape", n_vec, value=net.helper.make_tensor("v", INT64, [1], [-1])),
                "last": self.op("ConstantOfShape", n_vec, value=net.helper.make_tensor("v", FLOAT, [1], [0.0]))}
         at = set(self.schedule.layers) if self.schedule is not None else set()
         L = len(spec.layers)
         one_token = False
         for i in range(L):
-            rows["hidden"], one_token = self.layer(i, rows, i == L - 1)
+            rows["hidden"], one_token = self.grouped(i, rows, i == L - 1)
             if self.split and i < L - 1:
                 self.prefix["hidden"] = self.prefix.pop("next")
             if i in at and i < L - 1:
@@ -296,14 +338,17 @@ class _Builder:
         return net.model(ins, outs, doc="edge_sel fused early-ranking reranker (docs/BUNDLE.md, 'Fused graph')")
 
 
-def build_fused(bundle, schedule: Schedule | None) -> tuple[Any, dict[str, Any]]:
+GROUPS = 4   # row groups per layer: padding saved against nodes added (each layer's nodes appear once per group)
+
+
+def build_fused(bundle, schedule: Schedule | None, groups: int = GROUPS) -> tuple[Any, dict[str, Any]]:
     """The fused graph of ``bundle`` with ``schedule`` compiled in (None: no pruning, the whole model for every
     document) and what the manifest records of it: ``(ModelProto, {"inputs", "outputs", "reads"})``. The graph's
     external data locations are relative to the bundle's root, where its file must be written."""
     check_fusable(bundle, schedule)
-    b = _Builder(bundle, schedule)
+    b = _Builder(bundle, schedule, groups)
     model = b.build()
-    return model, {"inputs": inputs_for(bundle.spec), "outputs": list(OUTPUTS), "reads": sorted(b.net.reads)}
+    return model, {"inputs": inputs_for(bundle.spec), "outputs": list(OUTPUTS), "reads": sorted(b.net.reads), "groups": b.groups}
 
 
 def fused_feeds(spec, doc_ids, prefix_len: int = 0, type_ids=None, query_ids=None) -> dict[str, Any]:

@@ -678,6 +678,7 @@ class FusedGraph(Node):
     reads: tuple[str, ...] = _json("list", (), of="path")
     top_k: int | None = _json("int", None, lo=1)
     schedule: Mapping[str, Any] | None = _json("free", None)
+    groups: int | None = _json("int", None, lo=1)
     onnxruntime: str | None = _json("str", None)
     seconds: float | None = _json("float", None)
 

@@ -33,7 +33,7 @@ def fused_entry(bundle: Bundle, schedule: Schedule | None, info: dict[str, Any],
     import onnxruntime
 
     return {"file": FUSED_FILE, "inputs": info["inputs"], "outputs": info["outputs"], "reads": info["reads"],
-            "top_k": int(schedule.top_k) if schedule is not None else None,
+            "top_k": int(schedule.top_k) if schedule is not None else None, "groups": info["groups"],
             "schedule": schedule.to_manifest() if schedule is not None else None,
             "onnxruntime": onnxruntime.__version__, "seconds": round(seconds, 2)}
 
