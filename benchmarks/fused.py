@@ -108,7 +108,7 @@ def _worker(config: str, spec_path: Path) -> dict:
     else:
         import onnxruntime as ort
 
-        from edge_sel.export.fused_rerank import text_feeds
+        from edge_sel.export.fused_feeds import text_feeds
         from edge_sel.runtime.sessions import session_options
 
         sess = ort.InferenceSession(str(bundle.root / f"fused-{'pruned' if config == 'fused' else 'whole'}.onnx"),

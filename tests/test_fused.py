@@ -18,7 +18,8 @@ import onnxruntime as ort
 import pytest
 
 from edge_sel import Reranker
-from edge_sel.export.fused_rerank import build_fused, check_fusable, text_feeds
+from edge_sel.export.fused_feeds import text_feeds
+from edge_sel.export.fused_rerank import build_fused, check_fusable
 from edge_sel.export.passes.fused import FUSED_FILE, fuse_bundle
 from edge_sel.runtime import Bundle
 from edge_sel.runtime.errors import InputError
