@@ -210,6 +210,8 @@ def cmd_info(args, console) -> int:
             "layers": len(s.layers), "bytes": b.total_bytes(), "dropped_layers": list(s.dropped_layers),
             "drop_cost": thaw(s.drop_cost), "quantization": thaw(s.quantization),
             "schedule": thaw(s.schedule), "export": thaw(s.export)}
+    if s.fused is not None:
+        info["fused"] = thaw(s.fused)
     if args.json:
         print(json.dumps(info, indent=1))
     else:
