@@ -56,13 +56,29 @@ function makeChunks(ids, types, packing) {
   });
 }
 
+/** Give every chunk its hidden states [B, T, H] as a view of one buffer for the whole call: the states live as long
+ * as the call, so one allocation made before the layers run keeps them out of the C heap regions that each layer
+ * run's short-lived activations reuse (many separate buffers there would fragment it). Returns the buffer. */
+function allocateHidden(chunks, H) {
+  const slab = new Float32Array(chunks.reduce((a, c) => a + c.B * c.T * H, 0));
+  let o = 0;
+  for (const c of chunks) {
+    c.hidden = slab.subarray(o, o + c.B * c.T * H);
+    c.width = c.T;
+    o += c.B * c.T * H;
+  }
+  return slab;
+}
+
 /** Rebuild the chunks from the rows whose item `keep[item]` is true, with their hidden states. */
 function compact(chunks, keep, packing, H) {
   const entries = [];
   chunks.forEach((c, ci) => c.items.forEach((it, r) => { if (keep[it]) entries.push({ item: it, length: c.lengths[r], ci, r }); }));
-  return groupByLength(entries, packing).map((g) => {
-    const c = newChunk(g.map((e) => e.item), g.map((e) => e.length), packing, chunks[g[0].ci].types !== null);
-    c.hidden = new Float32Array(c.B * c.T * H);
+  const groups = groupByLength(entries, packing);
+  const packed = groups.map((g) => newChunk(g.map((e) => e.item), g.map((e) => e.length), packing, chunks[g[0].ci].types !== null));
+  allocateHidden(packed, H);
+  return groups.map((g, gi) => {
+    const c = packed[gi];
     g.forEach((e, r) => {
       const s = chunks[e.ci];
       for (let t = 0; t < e.length; t++) {
@@ -77,4 +93,4 @@ function compact(chunks, keep, packing, H) {
   });
 }
 
-module.exports = { Packing, makeChunks, compact };
+module.exports = { Packing, makeChunks, compact, allocateHidden };
