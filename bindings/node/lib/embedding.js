@@ -61,22 +61,22 @@ class Embedder {
     return { index, data };
   }
 
-  /** Hidden states [B, T, H] of a chunk (ids, positions: BigInt64Array B*T; types: BigInt64Array or null), written
-   * into `out` when given. */
-  embed(rows, B, T, ids, positions, types, out = null) {
+  /** Hidden states [B, T, H] of a chunk (ids: B*T token ids, position of token t: `posOffset + t`; types: B*T or
+   * null), written into `out` when given. */
+  embed(rows, B, T, ids, posOffset, types, out = null) {
     const H = this.hidden;
     out = out || new Float32Array(B * T * H);
     const x = this.rule === "bert" ? new Float64Array(H) : null;  // one scratch row for the whole chunk
     for (let i = 0; i < B * T; i++) {
-      const r = rows.index.get(Number(ids[i])) * H;
+      const r = rows.index.get(ids[i]) * H;
       const o = i * H;
       if (this.rule !== "bert") {
         out.set(rows.data.subarray(r, r + H), o);
         continue;
       }
-      const p = (Number(positions[i]) + this.offset) * H;
+      const p = (posOffset + (i % T) + this.offset) * H;
       let t = -1;
-      if (this.tokenType) t = types === null || this.typeRows === 1 ? 0 : Number(types[i]) * H;
+      if (this.tokenType) t = types === null || this.typeRows === 1 ? 0 : types[i] * H;
       let mean = 0;
       for (let k = 0; k < H; k++) {
         x[k] = rows.data[r + k] + this.position[p + k] + (t >= 0 ? this.tokenType[t + k] : 0);

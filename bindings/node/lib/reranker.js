@@ -11,7 +11,7 @@ const { Bundle } = require("./bundle");
 const { Embedder } = require("./embedding");
 const { TextEncoder } = require("./text");
 const { Planner } = require("./planner");
-const { Packing, makeChunks, compact, allocateHidden } = require("./chunks");
+const { Packing, makeChunks, compact, allocateHidden, maskOf, positionsOf } = require("./chunks");
 const { Scratch } = require("./scratch");
 const { PeakRss, Collector } = require("./memory");
 const { Pruner, checkSchedule } = require("./pruning");
@@ -161,21 +161,23 @@ class Reranker {
     const peak = new PeakRss();
     this.collector = new Collector(this.memoryBudget);
     const spec = this.spec, H = spec.dims.hidden;
-    const enc = await this.encoder.encode(query, documents, instruction);
+    let enc = await this.encoder.encode(query, documents, instruction);
     const tTok = performance.now() - t0;
-    const nDocs = documents.length;
+    const nDocs = documents.length, nTruncated = enc.nTruncated;
     const P = this.split ? enc.prefixLen : 0;
     const ids = enc.docIds.map((x) => (P ? x.slice(P) : x));
     if (enc.queryIds) ids.push(enc.queryIds);
-    const types = enc.docTypes;
     const lengths = ids.map((x) => x.length);
-        const prefixIds = P ? enc.docIds[0].slice(0, P) : [];
-    const unique = new Set(ids.flat()).size;
-    const plan = this.planner.plan(this.memoryBudget, this.planner.callSize(lengths, this.embedder.touchedBytes(unique)));
+    const prefixIds = Int32Array.from(P ? enc.docIds[0].slice(0, P) : []);
+    const distinct = new Set();
+    for (const x of ids) for (const id of x) distinct.add(id);
+    const plan = this.planner.plan(this.memoryBudget, this.planner.callSize(lengths, this.embedder.touchedBytes(distinct.size)));
     this.stream.setWindow(plan.window);
     await this.stream.preload();
     const packing = new Packing(spec.padId, P, plan.chunkTokens, plan.maxBatch);
-    let chunks = makeChunks(ids, types, packing);
+    let chunks = makeChunks(ids, enc.docTypes, packing);
+    enc = null;  // from here on the chunks hold the token ids, compactly
+    ids.length = 0;
     const nChunks = chunks.length, chunkSize = Math.max(...chunks.map((c) => c.B));
 
     let pruner = null, note = this.schedule ? `${this.schedule.method} at layers [${this.schedule.layers.map((l) => l.layer)}] (top-${this.schedule.topK})` : "off";
@@ -185,12 +187,12 @@ class Reranker {
 
     // embedding: the rows this call uses, read once; then released
     const t1 = performance.now();
-    let rows = this.embedder.gatherRows([...ids, prefixIds, [spec.padId]]); // padding positions read the pad row
+    let rows = this.embedder.gatherRows([...chunks.map((c) => c.ids), prefixIds]);
     allocateHidden(chunks, H);
-    for (const c of chunks) this.embedder.embed(rows, c.B, c.T, c.ids, c.positions, c.types, c.hidden);
+    for (const c of chunks) this.embedder.embed(rows, c.B, c.T, c.ids, c.posOffset, c.types, c.hidden);
     let prefixH = null;
     const prefixPos = new BigInt64Array(P).map((_, t) => BigInt(t));
-    if (P) prefixH = this.embedder.embed(rows, 1, P, BigInt64Array.from(prefixIds, BigInt), prefixPos, null);
+    if (P) prefixH = this.embedder.embed(rows, 1, P, prefixIds, 0, null);
     rows = null;
     this.collector.release();  // the rows read
     const tEmbed = performance.now() - t1;
@@ -225,7 +227,7 @@ class Reranker {
 
     const t3 = performance.now();
     const scores = new Float32Array(nDocs);
-    const emb = this.scoring.bi ? new Array(ids.length) : null;
+    const emb = this.scoring.bi ? new Array(nDocs + 1) : null;
     for (const c of chunks) {
       const out = await this.scoring.runHead(pool(spec.pooling, c, H));
       c.items.forEach((it, r) => { if (emb) emb[it] = out[r]; else scores[it] = out[r]; });
@@ -239,7 +241,7 @@ class Reranker {
     this.lastStats = {
       latencyS: (performance.now() - t0) / 1e3, tokenizeS: tTok / 1e3, embedS: tEmbed / 1e3, layersS: tLayers / 1e3, headS: tHead / 1e3,
       peakRssBytes: peak.finish(), startRssBytes: peak.start, windowLayers: this.stream.window, chunkSize, chunkTokens: plan.chunkTokens,
-      nChunks, memoryBudgetBytes: plan.budget, livePerLayer: live, nLayers, nDocuments: nDocs, nTruncated: enc.nTruncated,
+      nChunks, memoryBudgetBytes: plan.budget, livePerLayer: live, nLayers, nDocuments: nDocs, nTruncated,
       layerLoads: this.stream.loads, pruning: note, nPruned: pruner ? pruner.nPruned : 0,
       collections: this.collector.collections, collectS: this.collector.seconds,
       layerWorkSaved: 1 - live.reduce((a, b) => a + b, 0) / Math.max(1, nDocs * nLayers), prefixReuseTokens: P,
@@ -249,8 +251,8 @@ class Reranker {
 
   async runLayer(sess, c) {
     const H = this.spec.dims.hidden;
-    const feeds = { hidden: f32(c.hidden, [c.B, c.width, H]), mask: f32(c.mask, [c.B, c.T]) };
-    if (this.spec.layerIO.inputs.includes("position_ids")) feeds.position_ids = i64(c.positions, [c.B, c.T]);
+    const feeds = { hidden: f32(c.hidden, [c.B, c.width, H]), mask: f32(maskOf(c), [c.B, c.T]) };
+    if (this.spec.layerIO.inputs.includes("position_ids")) feeds.position_ids = i64(positionsOf(c), [c.B, c.T]);
     return (await sess.run(feeds)).hidden_out.data;
   }
 
@@ -270,15 +272,16 @@ class Reranker {
     const { hidden: H, heads, kvHeads: KV, headDim: D } = this.spec.dims;
     const { B, T } = c;
     const [qn, kn, vn] = this.spec.layerIO.qkv.outputs;
-    const o = await qkv.run({ hidden: f32(c.hidden, [B, T, H]), position_ids: i64(c.positions, [B, T]) });
-    let q = o[qn], hidden = f32(c.hidden, [B, T, H]), positions = i64(c.positions, [B, T]);
+    const pos = positionsOf(c);
+    const o = await qkv.run({ hidden: f32(c.hidden, [B, T, H]), position_ids: i64(pos, [B, T]) });
+    let q = o[qn], hidden = f32(c.hidden, [B, T, H]), positions = i64(pos, [B, T]);
     if (last) {
       const qd = new Float32Array(B * heads * D), hd = new Float32Array(B * H), pd = new BigInt64Array(B);
       for (let b = 0; b < B; b++) {
         const t = c.lengths[b] - 1;
         for (let n = 0; n < heads; n++) qd.set(q.data.subarray(((b * heads + n) * T + t) * D, ((b * heads + n) * T + t + 1) * D), (b * heads + n) * D);
         hd.set(c.hidden.subarray((b * T + t) * H, (b * T + t + 1) * H), b * H);
-        pd[b] = c.positions[b * T + t];
+        pd[b] = pos[b * T + t];
       }
       q = f32(qd, [B, heads, 1, D]);
       hidden = f32(hd, [B, 1, H]);
@@ -297,7 +300,7 @@ class Reranker {
         v.set(o[vn].data.subarray((b * KV + g) * T * D, (b * KV + g + 1) * T * D), dst + P * D);
       }
       for (let t = 0; t < P; t++) keyPos[b * S + t] = BigInt(t);
-      for (let t = 0; t < T; t++) keyPos[b * S + P + t] = c.mask[b * T + t] > 0.5 ? c.positions[b * T + t] : empty;
+      for (let t = 0; t < T; t++) keyPos[b * S + P + t] = t < c.lengths[b] ? pos[b * T + t] : empty;
     }
     const out = await attn.run({ hidden, q, k_cache: f32(k, [B, KV, S, D]), v_cache: f32(v, [B, KV, S, D]),
       key_pos: i64(keyPos, [B, 1, S]), position_ids: positions }, ["hidden_out"]);
