@@ -1,9 +1,8 @@
 "use strict";
 /**
- * Reusable float buffers of one call. Layer outputs are written by onnxruntime into a preallocated buffer from here
- * and copied over the chunk's own hidden states, so a layer never holds a second copy of every chunk's states:
- * replaced outputs would otherwise stay in the process as garbage until V8 collects them, and the C heap they leave
- * behind fragmented is not returned to the system.
+ * Reusable float buffers of one call: inputs rebuilt for every chunk (a split decoder layer's keys and values, the
+ * shared prefix's followed by the chunk's own) are written into one buffer per name instead of a fresh one per chunk,
+ * so they leave no garbage behind between layer runs.
  */
 class Scratch {
   constructor() {
