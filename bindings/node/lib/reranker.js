@@ -214,13 +214,10 @@ class Reranker {
         c.width = c.hidden.length / (c.B * H);
         if (this.observer) this.observer({ layer: i, items: c.items, pooled: pool(spec.pooling, c, H) });
         peak.sample();
-        this.collector.release();  // the run's output buffers
+        this.collector.release(true);  // the run's output buffers
       }
-      if (pruner) {
-        const before = chunks;
-        chunks = await this.pruneAfter(i, chunks, pruner, nDocs, packing, H);
-        if (chunks !== before) this.collector.release();  // the chunks before re-packing, with their states
-      }
+      if (pruner) chunks = await this.pruneAfter(i, chunks, pruner, nDocs, packing, H);
+      this.collector.release();  // what outlived the scavenges: the chunks before re-packing, the prefix's states
     }
     this.scratch.clear();
     const tLayers = performance.now() - t2;
