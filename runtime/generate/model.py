@@ -40,8 +40,9 @@ class DecoderModel:
         # each layer's weight files (qkv graph, attention+MLP graph)
         self.layer_weights = [(bundle.path(spec.extra_graphs[layer.qkv].weights), bundle.path(layer.weights))
                               for layer in spec.layers]
-        self.head_weights = bundle.path(spec.head.weights)
-        self.pages = WeightPages(self.weight_files() + [self.head_weights], before)
+        # None: the head's weights are inline, or (an LM head tied to an 8-bit table) the table's own files
+        self.head_weights = bundle.path(spec.head.weights) if spec.head.weights else None
+        self.pages = WeightPages(self.weight_files() + [p for p in [self.head_weights] if p], before)
 
     def weight_files(self) -> list:
         return [p for pair in self.layer_weights for p in pair]
@@ -64,7 +65,7 @@ class DecoderModel:
         return n_prompt > TRIM_AFTER_TOKENS and self.pages.releasable
 
     def release_weights(self) -> None:
-        self.pages.release(*self.weight_files(), self.head_weights)
+        self.pages.release(*self.weight_files(), *[p for p in [self.head_weights] if p])
 
     def release_layer(self, layer: int) -> None:
         self.pages.release(*self.layer_weights[layer])
