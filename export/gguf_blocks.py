@@ -158,6 +158,14 @@ class RowIndex:
                 out.rows.setdefault(_digest(x[r]), (i, r))
         return out
 
+    def warning(self) -> str | None:
+        """One line naming the file's quantized tensors whose blocks cannot be kept (None when every one can)."""
+        if not self.skipped:
+            return None
+        kinds = sorted(set(self.skipped.values()))
+        return (f"{len(self.skipped)} tensors of {self.path.name} are {'/'.join(kinds)}, a block type with no "
+                f"MatMulNBits layout: those weights are requantized from their dequantized values, not kept")
+
     def find(self, w: np.ndarray, bits: int) -> NBitsWeight | None:
         """The file's blocks for the float ``[K, N]`` weight ``w``, when every one of its ``N`` columns is a row of one
         kept tensor type with ``bits``-bit values; else None."""
@@ -182,6 +190,14 @@ class Kept:
     kinds: set[str] = field(default_factory=set)
     max_abs_diff: float = 0.0           # largest |dequantized bundle weight - gguf's dequantization| over them
     helpers: list[str] = field(default_factory=list)   # the block-sum MatMuls: float32, never to be quantized
+
+
+def warn(message: str | None) -> None:
+    """A warning line on stderr (the conversion goes on)."""
+    if message:
+        import sys
+
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def keep_blocks(model, index: RowIndex, bits: int, accuracy_level: int) -> Kept:

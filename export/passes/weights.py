@@ -241,11 +241,12 @@ def convert_files(read: Callable[[str], Path], w, manifest: dict[str, Any], fmt:
 
             enc = table_spec["encoding"]
             diff = tie_head(read(rel), src_data, w.file(rel), w.file(table_spec["file"]), w.file(enc["scales"]["file"]),
-                            table_blocks[0], table_blocks[1], gguf, 4 if level is None else level)
+                            table_blocks[0], table_blocks[1], gguf, default_accuracy_level("int8", task))
             if diff is not None:
                 replaced.update(x for x in (rel, weights_rel) if x)
                 data_paths[rel] = None
-                tensors[rel] = {"format": "int8", "block_size": BLOCK_SIZE, "accuracy_level": level, "count": 1,
+                tensors[rel] = {"format": "int8", "block_size": BLOCK_SIZE, "count": 1,
+                                "accuracy_level": default_accuracy_level("int8", task),
                                 "source": "gguf:Q8_0 (the embedding table's files)", "max_abs_diff": diff}
                 kept_kinds.add("Q8_0")
                 worst = max(worst or 0.0, diff)
@@ -306,10 +307,11 @@ def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, bl
     index, blocks = None, None
     gguf = gguf if gguf is not None else source_gguf(spec.model.source)
     if gguf is not None and bits_of(fmt):
-        from ..gguf_blocks import RowIndex, table_blocks
+        from ..gguf_blocks import RowIndex, table_blocks, warn
 
         say and say(f"indexing the blocks of {gguf}")
         index, blocks = RowIndex.build(gguf), table_blocks(gguf)
+        warn(index.warning())
         if blocks is not None and not _same_table(blocks, np.asarray(src.array("embed"))):
             blocks = None  # not this bundle's table (another file, or a table the exporter changed)
     with BundleWriter(out, overwrite=force) as w:
