@@ -14,8 +14,9 @@ Weight-only quantization, so activations stay float32 between graphs:
 
 ``accuracy_level`` is ``MatMulNBits``' compute precision: 0 keeps float activations (weight-only arithmetic),
 4 quantizes each activation block to int8 inside the kernel (what llama.cpp does), the fast path for one token
-at a time. Default: 4 for generate bundles and for 8-bit weights (onnxruntime has no fast 8-bit float path), 0
-for 4-bit rerank bundles. The manifest's ``weights`` records the format of every file it changed.
+at a time. Default: 0 at 4 bits (a GGUF's own blocks then compute exactly what the float weights do: SmolLM2's
+perplexity moves by < 0.5 %, against +2.3 % at level 4), 4 at 8 bits (onnxruntime has no fast 8-bit float path;
+its error is small). The manifest's ``weights`` records the format of every file it changed.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def default_accuracy_level(fmt: str, task: str) -> int | None:
     bits = bits_of(fmt)
     if bits is None:
         return None
-    return 4 if bits == 8 or task == "generate" else 0
+    return 4 if bits == 8 else 0
 
 
 def check_format(fmt: str) -> str:
@@ -305,6 +306,10 @@ def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, bl
                          "convert the weights of the plain ONNX bundle, then convert its graphs")
     t0 = time.perf_counter()
     index, blocks = None, None
+    if gguf is not None:
+        gguf = Path(gguf).expanduser()
+        if not gguf.is_file() or _magic(gguf) != b"GGUF":
+            raise InputError(f"--gguf {gguf}: not a GGUF file (expected a file starting with the GGUF magic bytes)")
     gguf = gguf if gguf is not None else source_gguf(spec.model.source)
     if gguf is not None and bits_of(fmt):
         from ..gguf_blocks import RowIndex, table_blocks, warn
@@ -345,3 +350,8 @@ def _same_table(blocks, table: np.ndarray) -> bool:
 
     values, scales, mins, bits, block, _ = blocks
     return values.shape[0] == table.shape[0] and np.array_equal(decode(values, scales, mins, bits, block), table)
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4)
