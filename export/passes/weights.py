@@ -286,7 +286,8 @@ def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, bl
     at int8/int4 its Q8_0 / Q4_0 / Q4_1 blocks are kept (:mod:`edge_sel.export.gguf_blocks`)."""
     import time
 
-    from edge_sel.runtime.bundle import Bundle, BundleWriter
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.bundle_writer import BundleWriter
     from edge_sel.runtime.manifest import editable, thaw, with_weights_facts
 
     from ..staging import link_files, stage_manifest
