@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--method", default="weight-only", choices=["weight-only", "dynamic"],
                     help="weight-only (default: MatMulNBits blocks, float activations) or dynamic (MatMulInteger)")
     qz.add_argument("--block-size", type=int, default=32, help="int8/int4: values sharing one scale (default 32)")
+    qz.add_argument("--accuracy-level", type=int, choices=[0, 4], default=None,
+                    help="int8/int4: MatMulNBits' compute precision, 0 = float activations, 4 = int8 activations (faster "
+                         "one token at a time); default 0 at 4 bits, 4 at 8 bits")
+    qz.add_argument("--gguf", default=None, metavar="FILE",
+                    help="int8/int4: the GGUF file the bundle was exported from, whose Q4_0/Q4_1/Q8_0 blocks are kept "
+                         "(default: the bundle's recorded source, when it is a GGUF file here)")
     qz.add_argument("--no-measure", action="store_true", help="skip the agreement measurement on the builtin calibration data")
     qz.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     qz.add_argument("--json", action="store_true")

@@ -67,7 +67,8 @@ def _convert_weights(args, console) -> int:
             if status is not None:
                 status.update(msg)
         out = convert_bundle(args.bundle, args.out, args.weights, block_size=args.block_size,
-                             measure=not args.no_measure, force=args.force, say=say)
+                             accuracy_level=args.accuracy_level, measure=not args.no_measure, force=args.force,
+                             say=say, gguf=args.gguf)
     b = Bundle.open(out)
     wspec = b.spec.weights
     if args.json:

@@ -318,8 +318,9 @@ class RawArray(Node):
 class TableEncoding(Node):
     """A 2-D array stored as block-quantized values (the embedding table at 8 or 4 bits). Row ``r``'s columns
     ``[j*block_size, (j+1)*block_size)`` share ``scales[r, j]`` and, when present, ``mins[r, j]``:
-    ``x = q * scale + min``; without mins ``x = q * scale`` (8 bits, ``q`` int8) or ``x = (q - 8) * scale``
-    (4 bits, ``q`` in 0..15). 4-bit values are packed two per byte, the even column in the low nibble."""
+    ``x = q * scale + min``; without mins ``x = q * scale`` (8 bits, ``q`` int8), ``x = (q - 128) * scale`` (8 bits
+    stored as uint8) or ``x = (q - 8) * scale`` (4 bits, ``q`` in 0..15). 4-bit values are packed two per byte, the
+    even column in the low nibble."""
 
     bits: int = _json("int", lo=1)
     block_size: int = _json("int", lo=1)
@@ -337,6 +338,8 @@ class TableEncoding(Node):
         if cols % self.block_size or (self.bits == 4 and self.block_size % 2):
             r.fail(f"{p}.block_size", f"{self.block_size} does not divide the {cols} columns into whole (even, at 4 bits) blocks")
         want = ("int8", [rows, cols]) if self.bits == 8 else ("uint8", [rows, cols // 2])
+        if self.bits == 8 and (stored.dtype, list(stored.shape)) == ("uint8", [rows, cols]):
+            want = ("uint8", [rows, cols])  # 8-bit codes with zero point 128 (MatMulNBits' layout)
         if (stored.dtype, list(stored.shape)) != want:
             r.fail(f"{p}", f"{self.bits}-bit values need a {want[0]} array of shape {want[1]}, got {stored.dtype} {list(stored.shape)}")
         for name, a in (("scales", self.scales), ("mins", self.mins)):
@@ -688,13 +691,15 @@ class TensorFormat(Node):
     """How one file's weights are stored: ``format`` (fp32/fp16/int8/int4), ``block_size`` (int8/int4: values sharing
     one scale), ``accuracy_level`` (``MatMulNBits``' compute precision: 0 = float activations, 4 = int8 activations),
     ``count`` (matrices stored so), ``source`` (``export``, ``requantized``, ``gguf:Q4_0``/``gguf:Q4_1``/``gguf:Q8_0`` =
-    the GGUF's own blocks repacked, never dequantized)."""
+    the GGUF's own blocks repacked, never dequantized; ``+requantized`` when some matrices of the file were not found
+    in it), ``max_abs_diff`` (GGUF blocks: largest |stored weight - the ``gguf`` package's dequantization|)."""
 
     format: str = _json("str", choices=WEIGHT_FORMATS)
     block_size: int | None = _json("int", None, lo=1)
     accuracy_level: int | None = _json("int", None, lo=0, hi=4)
     count: int | None = _json("int", None, lo=0)
     source: str | None = _json("str", None)
+    max_abs_diff: float | None = _json("float", None)
 
 
 @dataclass(frozen=True, kw_only=True)
