@@ -289,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-onnx", help="latency: the whole-model ONNX graph (benchmarks.prepare's peer_onnx)")
     ap.add_argument("--latency-queries", type=int, default=5, help="run: real-call queries per domain and N")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="latency / run: configurations timed side by side")
     ap.add_argument("--record", action="store_true", help="run: first record the missing traces (else: the cached ones)")
     args = ap.parse_args(argv)
     bundle = Path(args.bundle).resolve()
@@ -311,13 +312,19 @@ def main(argv: list[str] | None = None) -> int:
                     "domains": list(held), "top_k": args.top_k, **res})
         print(render(doc))
     if args.command in ("latency", "run"):
-        rows = {}
-        for d in domains:
-            for n in sizes:
-                rows[f"{d} N={n}"] = r = latency(bundle, Path(args.calibrated).resolve(), d, n,
-                                                 args.latency_queries if args.command == "run" else args.queries, args.seed,
-                                                 args.top_k, args.runs, args.peer_onnx, log)
-                log(f"{d} N={n}: {json.dumps(r)}")
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(d, n):
+            r = latency(bundle, Path(args.calibrated).resolve(), d, n, args.latency_queries if args.command == "run" else args.queries,
+                        args.seed, args.top_k, args.runs, args.peer_onnx, log)
+            log(f"{d} N={n}: {json.dumps(r)}")
+            return r
+
+        # each configuration's two sessions run one after the other (their ratio is what counts); --jobs runs
+        # configurations side by side on a machine that is shared anyway
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {f"{d} N={n}": pool.submit(one, d, n) for d in domains for n in sizes}
+            rows = {name: f.result() for name, f in futures.items()}
         doc["latency"] = rows
         print(render_latency(rows))
     if args.out:
