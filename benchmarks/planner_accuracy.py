@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                 print(json.dumps(row), flush=True)
     ok = [r for r in rows if "peak_err" in r]
     if ok:
-        print(f"| config | window | spill | predicted peak | measured peak | error | predicted latency | measured latency | error |")
+        print("| config | window | spill | predicted peak | measured peak | error | predicted latency | measured latency | error |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in ok:
             print(f"| {r['config']} | {r['window']} | {'yes' if r['spill'] else 'no'} | {r['pred_peak_mib']:.0f} | "

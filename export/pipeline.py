@@ -3,7 +3,7 @@
 ``export(model, out, task=...)`` resolves the model (packaged name, local directory, GGUF file or local HF-cache id),
 asks the family's adapter (:mod:`edge_sel.export.adapters`) for the task's graphs and manifest fields, writes the
 tokenizer, embedding arrays, per-layer ONNX graphs with external weights and the head into a staging directory
-(:class:`edge_sel.runtime.bundle.BundleWriter`), checks the staged bundle against the torch model when
+(:class:`edge_sel.runtime.bundle_writer.BundleWriter`), checks the staged bundle against the torch model when
 ``verify=True``, and renames it into place. Rerank bundles may then go through the drop-layers and calibrate passes.
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_sel.runtime.bundle import BundleWriter
+from edge_sel.runtime.bundle_writer import BundleWriter
 from edge_sel.runtime.errors import InputError
 from edge_sel.runtime.manifest import CREATED_BY, embed_files, graph_entries
 

@@ -1,6 +1,6 @@
 """Staged bundles on the export side: open a bundle before it is committed, and carry unchanged files into a new one.
 
-Everything that writes a bundle goes through :class:`edge_sel.runtime.bundle.BundleWriter` (a staging directory
+Everything that writes a bundle goes through :class:`edge_sel.runtime.bundle_writer.BundleWriter` (a staging directory
 renamed into place by ``commit``), so a reader sees the old bundle or the new one, never a mixture. A pass that
 rewrites a bundle in place stages the whole new bundle — unchanged files hard-linked, changed ones written anew —
 and commits it over the old path.
@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Iterable
 
-from edge_sel.runtime.bundle import Bundle, BundleWriter, sha256_file
+from edge_sel.runtime.bundle import Bundle, sha256_file
+from edge_sel.runtime.bundle_writer import BundleWriter
 from edge_sel.runtime.manifest import CREATED_BY, FORMAT, MANIFEST, Manifest, required_version
 
 

@@ -1,6 +1,4 @@
 """The bundle: the one thing that crosses from export to runtime.
-Long because reading (with verification) and the atomic writer share the format's file rules.
-
 A directory holding ``manifest.json`` plus the files it lists (each with size and sha256):
 the embedding table as a raw little-endian array (memory-mapped at run time), one ONNX graph per
 kept layer with external weights, a small scoring head graph, ``tokenizer.json``. Nothing in a
@@ -13,8 +11,8 @@ first open also verifies every hash and that each graph's external data is a lis
 stamp (the manifest's digest and every listed file's size, mtime, ctime and inode), so later opens only
 compare ``stat`` results and a changed file is caught before anything runs (``verify=False`` opts out).
 
-This module is torch-free: the runtime opens bundles with it and the exporter writes them with
-:class:`BundleWriter` (staged in a temporary directory, renamed into place when complete).
+This module is torch-free: the runtime opens bundles with it; :mod:`edge_sel.runtime.bundle_writer` writes them
+(staged in a temporary directory, renamed into place when complete).
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import hashlib
 import json
 import os
 import posixpath
-import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -31,15 +28,14 @@ import numpy as np
 
 from .errors import BundleError, InputError
 from .home import home
-from .manifest import CREATED_BY, FORMAT, FORMAT_VERSION, MANIFEST, SCORINGS, TASKS, Manifest, RawArray, required_version
-from .siblings import backup_path, staging_dir, sweep
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, SCORINGS, TASKS, Manifest, RawArray
 
-__all__ = ["Bundle", "BundleWriter", "is_bundle", "sha256_file", "write_manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST", "DIGEST",
+__all__ = ["Bundle", "is_bundle", "sha256_file", "write_manifest", "FORMAT", "FORMAT_VERSION", "MANIFEST", "DIGEST",
            "STAMP", "SCORINGS", "TASKS"]
 
 DIGEST = MANIFEST + ".sha256"   # "<sha256 of manifest.json's bytes>  manifest.json\n"
 STAMP = ".verified"             # this machine's record of the last full verification (not part of the bundle)
-_RESERVED = (MANIFEST, DIGEST, STAMP)
+RESERVED = (MANIFEST, DIGEST, STAMP)  # written by the writer itself, never listed in ``files``
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -62,7 +58,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def write_manifest(root: str | os.PathLike, manifest: dict[str, Any] | Manifest) -> None:
     """Write ``manifest.json`` and its digest into the bundle directory ``root`` (each file replaced atomically).
-    :meth:`BundleWriter.commit` uses it in its staging directory, so a committed bundle appears complete or not at
+    :meth:`edge_sel.runtime.bundle_writer.BundleWriter.commit` uses it in its staging directory, so a committed bundle appears complete or not at
     all; a rewrite in place that is interrupted between the two files leaves a bundle that refuses to open."""
     root = Path(root)
     raw = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
@@ -172,7 +168,7 @@ class Bundle:
         """Every listed file exists inside the bundle with its listed size (the manifest already checked that every
         referenced file is listed and that the arrays' shapes match their sizes)."""
         for rel, info in self.spec.files.items():
-            if rel in _RESERVED:
+            if rel in RESERVED:
                 raise BundleError(f"{self.root / MANIFEST}: 'files' lists {rel!r}, a name the format reserves")
             full = _inside(self.root, rel, "file")
             if not full.is_file():
@@ -208,6 +204,16 @@ class Bundle:
             if progress:
                 progress(rel)
         self._write_stamp(data)
+
+    def check_graph_data(self) -> None:
+        """Check, without hashing, that every graph's external data is a file the manifest lists (the writer runs it
+        on a staged bundle before it becomes visible)."""
+        for rel, _ in self._graph_files():
+            self._check_graph_refs(rel, (self.root / rel).read_bytes())
+
+    def mark_verified(self) -> None:
+        """Record the verification stamp for the files as they are now (for a writer that hashed every file itself)."""
+        self._write_stamp(self._current_manifest_bytes())
 
     def _graph_files(self) -> list[tuple[str, str]]:
         s = self.spec
@@ -321,101 +327,3 @@ class Bundle:
     def __repr__(self) -> str:
         m = self.spec.model
         return f"Bundle({str(self.root)!r}, {m.name}, {m.scoring}, {len(self.spec.layers)} layers)"
-
-
-class BundleWriter:
-    """Stage a bundle in a sibling directory; :meth:`commit` writes the manifest (sizes and hashes of every staged
-    file) and renames it into place, replacing only an existing bundle. On error or interruption the target is left as
-    it was; siblings of writers that died are tidied by the next writer (:mod:`edge_sel.runtime.siblings`).
-
-    >>> with BundleWriter(out, overwrite=True) as w:
-    ...     write files under w.staging ...
-    ...     w.commit(manifest)
-    """
-
-    def __init__(self, target: str | os.PathLike, overwrite: bool = False):
-        self.target = Path(target).expanduser().absolute()
-        self.overwrite = overwrite
-        try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BundleError(f"cannot create {self.target.parent}: {e.strerror}") from None
-        sweep(self.target.parent, is_bundle)  # siblings left by dead writers; may restore a stranded target
-        self.check_target(self.target, overwrite)
-        self.staging = staging_dir(self.target)
-        self.committed = False
-        self.backup: Path | None = None
-
-    @staticmethod
-    def check_target(target: str | os.PathLike, overwrite: bool) -> None:
-        """Refuse a target that exists, unless ``overwrite`` and it is an edge_sel bundle: anything else there (a
-        folder of the user's files, a file) is never replaced."""
-        target = Path(target).expanduser()
-        if not os.path.lexists(target):
-            return
-        if not overwrite:
-            raise BundleError(f"{target} already exists; pass overwrite=True / --force to replace it")
-        if not is_bundle(target):
-            raise BundleError(f"{target} exists and is not an edge_sel bundle (no valid {MANIFEST}); "
-                              "--force only replaces a bundle, so choose another output path")
-
-    def __enter__(self) -> "BundleWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if not self.committed:
-            if self.backup is not None and not os.path.lexists(self.target):
-                os.replace(self.backup, self.target)  # interrupted between the two renames: put the old one back
-            shutil.rmtree(self.staging, ignore_errors=True)
-
-    def file(self, rel: str) -> Path:
-        p = self.staging / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        return p
-
-    def link_from(self, src: "Bundle", rels) -> None:
-        """Hard-link the files ``rels`` of ``src`` into the staged bundle (copied where linking is impossible). A file
-        rewritten later in staging must be replaced (a new inode, ``os.replace``), never written through the link."""
-        for rel in rels:
-            dst = self.file(rel)
-            try:
-                os.link(src.path(rel), dst)
-            except OSError:
-                shutil.copy2(src.path(rel), dst)
-
-    def write_array(self, rel: str, array: np.ndarray) -> dict[str, Any]:
-        arr = np.ascontiguousarray(array)
-        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        arr.tofile(self.file(rel))
-        return {"file": rel, "dtype": arr.dtype.name, "shape": list(arr.shape)}
-
-    def commit(self, manifest: dict[str, Any] | Manifest) -> Path:
-        """Hash every staged file, write the manifest (``format``, ``format_version``, ``created_by`` and ``files`` are
-        filled in) and its digest, check the staged bundle, rename it into place and stamp it as verified."""
-        if isinstance(manifest, Manifest):
-            manifest = manifest.to_dict()
-        files: dict[str, dict[str, Any]] = {}
-        for p in sorted(self.staging.rglob("*")):
-            rel = p.relative_to(self.staging).as_posix()
-            if p.is_file() and rel not in _RESERVED:
-                files[rel] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        manifest = {"format": FORMAT, "created_by": CREATED_BY, **manifest, "files": files}
-        manifest["format_version"] = required_version(manifest)  # the oldest that holds it, whatever a pass carried
-        (self.staging / STAMP).unlink(missing_ok=True)
-        write_manifest(self.staging, manifest)
-        staged = Bundle.open(self.staging, verify=False)  # structural self-check before it becomes visible
-        for rel, _ in staged._graph_files():
-            staged._check_graph_refs(rel, (self.staging / rel).read_bytes())
-        if os.path.lexists(self.target):
-            self.check_target(self.target, self.overwrite)  # it may have changed since the writer started
-            self.backup = backup_path(self.target)
-            os.replace(self.target, self.backup)
-        os.replace(self.staging, self.target)
-        self.committed = True
-        if self.backup is not None:
-            shutil.rmtree(self.backup, ignore_errors=True)
-        # this writer hashed every file itself: stamp the bundle as verified (after the old bundle is gone, since
-        # removing it changes the ctime of files the new one shares through hard links)
-        done = Bundle.open(self.target, verify=False)
-        done._write_stamp(done._current_manifest_bytes())
-        return self.target

@@ -132,7 +132,7 @@ class ColdStore:
                     pos_out: np.ndarray) -> int:
         """Read groups ``[kv, m]`` (per head) into ``k_out``/``v_out`` ``[kv, >= m*G, D]`` and ``pos_out``
         ``[kv, >= m*G]`` (views of the cache's fetch area; rows must be contiguous). Returns bytes read."""
-        G, D = self.G, self.D
+        G = self.G
         fd = self._fd(layer)
         total = 0
         for h in range(groups.shape[0]):

@@ -17,7 +17,7 @@ API; uses everything). The rules:
 (d) no reference to anything outside the repository in code or docs (tracked ``.py``/``.md``/``.toml``/
     ``.txt`` files): a section of a design document that is not here, a sibling checkout's shared folder, an
     issue tracker's issue or item by number — state the fact itself instead (the patterns are ``OUTSIDE``);
-(e) no module outside ``runtime/manifest.py`` and ``runtime/bundle.py`` indexes the bundle manifest by
+(e) no module outside ``runtime/manifest.py``, ``runtime/bundle.py`` and ``runtime/bundle_writer.py`` indexes the bundle manifest by
     string. A *manifest expression* is an attribute ``.manifest``, a name ``manifest`` or ``*_manifest``,
     or a local name assigned from a manifest expression or from an indexing of one (``m = b.manifest``,
     ``p = m["prompt"]``); indexing one (``m["model"]``, in any context) or calling ``.get``/
@@ -41,7 +41,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = {"edge_sel": "edge_sel", "export": "edge_sel.export", "runtime": "edge_sel.runtime", "devices": "edge_sel.devices"}
-FORMAT_MODULES = ("runtime/manifest.py", "runtime/bundle.py")
+FORMAT_MODULES = ("runtime/manifest.py", "runtime/bundle.py", "runtime/bundle_writer.py")
 MAX_LINES = 400
 LONG_REASON = re.compile(r"(long|over\s+~?\d+\s+lines)\s+because\b", re.IGNORECASE)
 NAMEDTUPLE_API = {"_replace", "_asdict", "_fields", "_make", "_field_defaults"}

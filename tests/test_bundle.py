@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from edge_sel.runtime.bundle import FORMAT_VERSION, Bundle, BundleWriter
+from edge_sel.runtime.bundle import FORMAT_VERSION, Bundle
+from edge_sel.runtime.bundle_writer import BundleWriter
 from edge_sel.runtime.errors import BundleError
 
 

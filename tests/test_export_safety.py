@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from edge_sel.cli import main
-from edge_sel.runtime.bundle import Bundle, BundleWriter, is_bundle
+from edge_sel.runtime.bundle import Bundle, is_bundle
+from edge_sel.runtime.bundle_writer import BundleWriter
 from edge_sel.runtime.errors import BundleError
 
 

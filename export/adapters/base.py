@@ -6,7 +6,7 @@ The export pipeline (:mod:`edge_sel.export.pipeline`) knows no family. It calls,
 2. ``load(resolved, scoring, seed)`` -> ``(torch_model, hf_tokenizer)`` in float32 eval mode;
 3. ``rerank_graphs(...)`` or ``generate_graphs(...)`` -> :class:`BundleGraphs`: the embedding table and arrays, one
    :class:`LayerGraphs` per layer (torch modules with the bundle's fixed I/O names), the head, dims and ``layer_io``;
-   the pipeline writes them as ONNX through :class:`edge_sel.runtime.bundle.BundleWriter`;
+   the pipeline writes them as ONNX through :class:`edge_sel.runtime.bundle_writer.BundleWriter`;
 4. ``manifest_extras(model, tokenizer, task, scoring)`` -> the family's manifest fields (embedding rule, pooling,
    prompt, token ids, chat template, stop ids, ...);
 5. with ``verify=True``: ``reference_scores(...)`` (rerank) or ``reference_logits(...)`` (generate), the torch

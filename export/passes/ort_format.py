@@ -22,7 +22,8 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
-from edge_sel.runtime.bundle import Bundle, BundleWriter
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.bundle_writer import BundleWriter
 from edge_sel.runtime.errors import InputError
 
 from ..staging import link_files

@@ -12,7 +12,7 @@ quantized bundle, and the manifest's ``quantization.agreement`` records the max 
 mean top-10 overlap and the fraction of queries whose top-10 set is identical. A calibrated early-ranking
 schedule is kept (its margins were measured on the float model; re-run ``edge-sel calibrate`` on the
 quantized bundle to re-measure them). Embedding table, head and tokenizer are hard-linked unchanged.
-The output is written atomically (:class:`edge_sel.runtime.bundle.BundleWriter`).
+The output is written atomically (:class:`edge_sel.runtime.bundle_writer.BundleWriter`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from edge_sel.runtime.bundle import Bundle, BundleWriter
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.bundle_writer import BundleWriter
 from edge_sel.runtime.errors import InputError
 
 from ..staging import link_files, stage_manifest

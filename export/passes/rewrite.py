@@ -1,4 +1,4 @@
-"""Rewriting a bundle in place through the staged writer (:class:`edge_sel.runtime.bundle.BundleWriter`).
+"""Rewriting a bundle in place through the staged writer (:class:`edge_sel.runtime.bundle_writer.BundleWriter`).
 
 The new bundle is staged in a sibling directory — unchanged files hard-linked (copied where linking is
 impossible), new files written — and renamed into place by the writer's commit, which hashes every file and
@@ -11,7 +11,8 @@ import contextlib
 import json
 from typing import Iterable, Iterator
 
-from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.runtime.bundle import MANIFEST, Bundle
+from edge_sel.runtime.bundle_writer import BundleWriter
 from edge_sel.runtime.manifest import editable
 
 from ..staging import link_files

@@ -3,7 +3,7 @@
 :func:`fuse_bundle_attention` rewrites a prefix-reuse rerank bundle's split layer graphs into the current rerank form
 (:mod:`edge_sel.export.prefix_layers`; same weights, same scores within float rounding). The new bundle is staged
 beside the old one — unchanged files hard-linked, rewritten graphs as new files, the new manifest — and committed
-over it (:class:`edge_sel.runtime.bundle.BundleWriter`): a reader sees the old bundle or the upgraded one, never a
+over it (:class:`edge_sel.runtime.bundle_writer.BundleWriter`): a reader sees the old bundle or the upgraded one, never a
 half-upgraded mixture, and hard-linked copies of the old bundle keep their graphs.
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 
-from edge_sel.runtime.bundle import Bundle, BundleWriter
+from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.bundle_writer import BundleWriter
 
 from .. import prefix_layers as pl
 from ..staging import link_files

@@ -233,7 +233,8 @@ def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, bl
     bundles are measured against the source on the builtin calibration data (``weights.agreement``)."""
     import time
 
-    from edge_sel.runtime.bundle import Bundle, BundleWriter
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.bundle_writer import BundleWriter
     from edge_sel.runtime.manifest import editable, thaw, with_weights_facts
 
     from ..staging import link_files, stage_manifest

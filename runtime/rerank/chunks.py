@@ -18,7 +18,6 @@ import contextlib
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_sel.runtime.bundle import MANIFEST, Bundle, BundleWriter
+from edge_sel.runtime.bundle import MANIFEST, Bundle
+from edge_sel.runtime.bundle_writer import BundleWriter
 from edge_sel.runtime.errors import InputError
 from edge_sel.runtime.manifest import editable
 
