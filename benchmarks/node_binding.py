@@ -1,9 +1,11 @@
 """The Node package (bindings/node) against the Python runtime on the benchmark queries, side by side in one run.
 
 Each side runs in its own process (so RSS is its own): the same bundle, queries, candidates, top-K and memory budget;
-a warm-up pass, then ``--runs`` timed passes, the two sides alternating for ``--rounds`` rounds. Reported: top-K identical per query, max |score difference| over the
-returned results, median latency per query of each side and their ratio, peak RSS growth of each side against the
-budget.
+a warm-up call (the first query: the process's first call, which loads the sessions), then ``--runs`` timed passes
+over the queries, the two sides alternating for ``--rounds`` rounds. Reported: top-K identical per query, max |score
+difference| over the returned results, median latency per query of each side and their ratio, the largest peak RSS
+growth of any call (the warm-up included; the kernel's high-water mark over the call minus RSS at its start) of
+each side against the budget.
 
     python -m benchmarks.node_binding BUNDLE [--n-docs 128] [--queries 5] [--top-k 10] [--memory-budget 128MB]
 """
@@ -29,22 +31,26 @@ const { Reranker } = require(process.argv[2]);
   const w = JSON.parse(fs.readFileSync(process.argv[3], "utf8"));
   const rr = await Reranker.open(w.bundle, { memoryBudget: w.budget, pruning: w.pruning });
   const base = process.memoryUsage.rss();
-  const times = [], results = [];
-  let peak = 0;
-  for (let run = 0; run <= w.runs; run++) {
+  const times = [], results = [], growth = [];
+  const rank = async (q) => {
+    const res = await rr.rank(q.query, q.documents, { topK: w.top_k });
+    growth.push(rr.lastStats.peakRssBytes - rr.lastStats.startRssBytes);
+    return res;
+  };
+  await rank(w.queries[0]);  // warm-up: the first call in the process (loads the sessions)
+  for (let run = 0; run < w.runs; run++) {
     let t = 0;
-    for (const [qi, q] of w.queries.entries()) {
+    for (const q of w.queries) {
       const t0 = performance.now();
-      const res = await rr.rank(q.query, q.documents, { topK: w.top_k });
+      const res = await rank(q);
       t += performance.now() - t0;
-      peak = Math.max(peak, rr.lastStats.peakRssBytes - rr.lastStats.startRssBytes);
       if (run === 0) results.push(res.map((r) => [r.corpusId, r.score]));
     }
-    if (run > 0) times.push(t / w.queries.length / 1e3);  // run 0 is the warm-up
+    times.push(t / w.queries.length / 1e3);
   }
   const s = rr.lastStats;
-  console.log(JSON.stringify({ results, times, peak_growth: peak, base_rss: base, window: s.windowLayers, chunk_tokens: s.chunkTokens,
-    live_per_layer: s.livePerLayer, pruning: s.pruning }));
+  console.log(JSON.stringify({ results, times, peak_growth: Math.max(...growth), growth, base_rss: base, window: s.windowLayers,
+    chunk_tokens: s.chunkTokens, live_per_layer: s.livePerLayer, pruning: s.pruning, collections: s.collections, collect_s: s.collectS }));
 })().catch((e) => { console.error(e.message); process.exit(1); });
 """
 
@@ -53,21 +59,25 @@ def python_side(w: dict) -> dict:
     from edge_sel.runtime.rerank import Reranker
 
     rr = Reranker(w["bundle"], memory_budget=w["budget"], pruning=w["pruning"])
-    times, results, peak = [], [], 0
-    for run in range(w["runs"] + 1):
+    times, results, growth = [], [], []
+
+    def rank(q):
+        res = rr.rank(q["query"], q["documents"], top_k=w["top_k"])
+        growth.append(rr.last_stats["peak_rss_bytes"] - rr.last_stats["start_rss_bytes"])
+        return res
+
+    rank(w["queries"][0])  # warm-up: the first call in the process (loads the sessions)
+    for run in range(w["runs"]):
         t = 0.0
         for q in w["queries"]:
             t0 = time.perf_counter()
-            res = rr.rank(q["query"], q["documents"], top_k=w["top_k"])
+            res = rank(q)
             t += time.perf_counter() - t0
-            st = rr.last_stats
-            peak = max(peak, st["peak_rss_bytes"] - st["start_rss_bytes"])
             if run == 0:
                 results.append([[r["corpus_id"], r["score"]] for r in res])
-        if run > 0:
-            times.append(t / len(w["queries"]))
+        times.append(t / len(w["queries"]))
     st = rr.last_stats
-    return {"results": results, "times": times, "peak_growth": peak, "window": st["window_layers"],
+    return {"results": results, "times": times, "peak_growth": max(growth), "growth": growth, "window": st["window_layers"],
             "chunk_tokens": st["chunk_tokens"], "live_per_layer": st["live_per_layer"], "pruning": st["pruning"]}
 
 
@@ -77,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-docs", type=int, default=128)
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--top-k", type=int, default=10)
-    ap.add_argument("--runs", type=int, default=1, help="timed passes per process (after a warm-up pass)")
+    ap.add_argument("--runs", type=int, default=1, help="timed passes per process (after a warm-up call)")
     ap.add_argument("--rounds", type=int, default=3, help="alternations python, node (a shared machine's load drifts)")
     ap.add_argument("--memory-budget", default=None)
     ap.add_argument("--pruning", default="auto", choices=["auto", "off"])
@@ -130,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
               "latency_s": {"python": round(lp, 4), "node": round(ln, 4), "node_over_python": round(ln / lp, 3),
                             "per_round_ratio": [round(b / a, 3) for a, b in zip(p["times"], n["times"])]},
               "peak_rss_growth_bytes": {"python": p["peak_growth"], "node": n["peak_growth"]},
+              "peak_rss_growth_mib": {"python": round(p["peak_growth"] / 2**20, 1), "node": round(n["peak_growth"] / 2**20, 1),
+                                      "budget": round(w["budget"] / 2**20, 1) if w["budget"] else None},
+              "within_budget": None if not w["budget"] else {"python": p["peak_growth"] <= w["budget"],
+                                                              "node": n["peak_growth"] <= w["budget"]},
+              "node_collections_per_call": n.get("collections"), "node_collect_s_per_call": n.get("collect_s"),
               "window": {"python": p["window"], "node": n["window"]}, "chunk_tokens": {"python": p["chunk_tokens"], "node": n["chunk_tokens"]},
               "live_per_layer": {"python": p["live_per_layer"], "node": n["live_per_layer"]}}
     text = json.dumps(report, indent=1)

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--spill-dir", help="folder for hidden states spilled under a tight budget (default: the system temp "
                    "directory; choose a disk-backed one when /tmp is in RAM)")
     r.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
-                   "this onnxruntime build has it, else cpu), coreml, or another provider name")
+                   "this onnxruntime build has it, else cpu), coreml (on a bundle with CoreML packages: Core ML "
+                   "runs them, macOS only), or another provider name")
     r.add_argument("--json", action="store_true", help="print {results, stats} as JSON")
 
     d = cmd("demo", "select from real text (CPython docstrings) with a packaged model")
@@ -193,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     g.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
-                   "this onnxruntime build has it, else cpu), coreml, or another provider name")
+                   "this onnxruntime build has it, else cpu), coreml (on a bundle with CoreML packages: Core ML "
+                   "runs them, macOS only), or another provider name")
     g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
 
     qz = cmd("quantize", "write a copy of a bundle with int8 layer weights (onnxruntime dynamic quantization) and measure "

@@ -39,6 +39,9 @@ def coremltools():
     predictor, which exists on macOS only."""
     import logging
 
+    from edge_sel.runtime.coreml import forget_torchless_import
+
+    forget_torchless_import()  # the runtime's Core ML backend may have imported it without its torch frontend
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("coremltools").setLevel(logging.ERROR)

@@ -10,6 +10,11 @@ CoreML (onnxruntime's CoreML execution provider) compiles its share of a graph i
 session is created; the options below are the ones onnxruntime documents for it (``ModelFormat``,
 ``MLComputeUnits``, ...). Compiling happens per session, so a streamed layer pays it on every load: the
 sessions' load time is counted and reported with the provider.
+
+A bundle exported with ``--format coreml`` carries its own ML Program packages. For such a bundle the short name
+``"coreml"`` selects the Core ML backend (:mod:`edge_sel.runtime.coreml`: the packages run by Core ML itself, macOS
+only) instead of onnxruntime's CoreML provider; onnxruntime's full name ``"CoreMLExecutionProvider"`` still asks for
+the provider. :attr:`ProviderChoice.backend` says which.
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ class ProviderChoice:
     requested: str
     providers: tuple[str, ...]
     options: tuple[dict[str, str], ...]
+    backend: str = "onnxruntime"  # or "coreml": the bundle's CoreML packages run by Core ML (edge_sel.runtime.coreml)
 
     @property
     def name(self) -> str:
@@ -89,14 +95,22 @@ class ProviderChoice:
         return [(p, dict(o)) for p, o in zip(self.providers, self.options)]
 
 
-def choose(request: str | None, available: Iterable[str], options: Mapping[str, Mapping[str, str]] | None = None) -> ProviderChoice:
+def choose(request: str | None, available: Iterable[str], options: Mapping[str, Mapping[str, str]] | None = None,
+           packages: bool = False, system: str | None = None) -> ProviderChoice:
     """The providers for ``request`` given the ``available`` ones (``onnxruntime.get_available_providers()``).
 
     A named provider this build lacks is refused (InputError, one line naming what is available); ``"auto"`` never
-    fails. ``options``: per provider name, replacing :data:`DEFAULT_OPTIONS` for it."""
+    fails. ``options``: per provider name, replacing :data:`DEFAULT_OPTIONS` for it. ``packages``: the bundle has
+    CoreML packages, so ``"coreml"`` means the Core ML backend, which needs ``system`` (``platform.system()``) to be
+    ``"Darwin"``. ``"auto"`` stays with onnxruntime: the packages' results are not yet checked against it on a Mac."""
     available = list(available)
     req = "auto" if request is None else str(request).strip()
     opts = {**DEFAULT_OPTIONS, **{k: dict(v) for k, v in (options or {}).items()}}
+    if packages and req.lower() == "coreml":
+        if system != "Darwin":
+            raise InputError(f"provider {req!r}: this bundle's CoreML packages run on macOS only (this machine: "
+                             f"{system or 'unknown'}); use --provider cpu")
+        return ProviderChoice(req, (COREML,), (dict(opts[COREML]),), backend="coreml")
     if req == "auto":
         first = next((p for p in AUTO_ORDER if p in available), CPU)
     else:
@@ -106,8 +120,9 @@ def choose(request: str | None, available: Iterable[str], options: Mapping[str, 
             raise InputError(f"provider {req!r} is not known: use one of {known}, or an onnxruntime provider name")
         if first not in available:
             have = ", ".join(short_name(p) for p in available if p != "AzureExecutionProvider") or "none"
+            packaged = " and the bundle has no CoreML packages (export --format coreml)" if first == COREML else ""
             raise InputError(f"provider {req!r} ({first}) is not available in this onnxruntime build "
-                             f"(available: {have}); use --provider cpu or auto")
+                             f"(available: {have}){packaged}; use --provider cpu or auto")
     chain = (first,) if first == CPU else (first, CPU)
     return ProviderChoice(req, chain, tuple(dict(opts.get(p, {})) for p in chain))
 
@@ -118,11 +133,22 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def resolve(provider: "str | ProviderChoice | None") -> ProviderChoice:
-    """A :class:`ProviderChoice` for this machine (a choice passes through)."""
+def resolve(provider: "str | ProviderChoice | None", packages: bool = False) -> ProviderChoice:
+    """A :class:`ProviderChoice` for this machine (a choice passes through); ``packages``: see :func:`choose`."""
     if isinstance(provider, ProviderChoice):
         return provider
-    return choose(provider, available_providers())
+    import platform
+
+    return choose(provider, available_providers(), packages=packages, system=platform.system())
+
+
+def check_name(provider: "str | ProviderChoice | None") -> None:
+    """Refuse an unknown provider name before anything is opened (whether it is available depends on the bundle)."""
+    if isinstance(provider, ProviderChoice) or provider is None:
+        return
+    req = str(provider).strip()
+    if req != "auto" and req.lower() not in SHORT_NAMES and req not in SHORT_NAMES.values():
+        choose(req, available_providers())  # raises "not known" unless this build has a provider of that name
 
 
 @dataclass
@@ -136,6 +162,13 @@ class Assignment:
     fallback_ops: dict[str, int] = field(default_factory=dict)  # op type -> nodes the CPU ran instead
     graphs: set = field(default_factory=set)                    # graphs counted in nodes (a reloaded layer once)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def record_load(self, seconds: float, graph: str) -> None:
+        """Count one load of ``graph`` by a backend that assigns no nodes (the Core ML backend: the whole package)."""
+        with self._lock:
+            self.sessions += 1
+            self.load_s += seconds
+            self.graphs.add(graph)
 
     def record(self, session, seconds: float, graph: str) -> None:
         """Count one session's load and, the first time ``graph`` loads, its node assignment (onnxruntime's
@@ -160,7 +193,8 @@ class Assignment:
                         self.fallback_ops[op] = self.fallback_ops.get(op, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
-        return {"provider": short_name(self.choice.name), "providers": [short_name(p) for p in self.choice.providers],
+        return {"provider": short_name(self.choice.name), "backend": self.choice.backend,
+                "providers": [short_name(p) for p in self.choice.providers],
                 "provider_options": {short_name(p): o for p, o in zip(self.choice.providers, self.choice.options) if o},
                 "graphs": len(self.graphs), "sessions_loaded": self.sessions, "session_load_s": round(self.load_s, 4),
                 "nodes_by_provider": {short_name(k): v for k, v in sorted(self.nodes.items())},

@@ -76,3 +76,34 @@ def load_session(path: Path, threads: int | None = None, optimize: str = "all", 
     if prefix is not None:
         trace.register_session(sess, prefix)
     return sess
+
+
+class OnnxRuntimeBackend:
+    """How the engines open a stage by default: an onnxruntime session per graph, on the providers' choice.
+
+    A backend's ``open(path, threads, optimize, mem_pattern)`` returns something called like an onnxruntime session
+    (``run(output_names, feeds) -> [arrays]``); :class:`edge_sel.runtime.coreml.CoreMLBackend` is the other one."""
+
+    name = "onnxruntime"
+
+    def __init__(self, providers: Assignment | None = None):
+        self.providers = providers
+
+    def open(self, path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True):
+        return load_session(path, threads, optimize, mem_pattern, providers=self.providers)
+
+    def plan_sizes(self) -> None:
+        """None: the planner counts the bundle's ONNX files itself."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def backend_for(bundle, providers: Assignment):
+    """The backend ``providers``' choice asks for: the bundle's CoreML packages, or onnxruntime."""
+    if providers.choice.backend == "coreml":
+        from .coreml import CoreMLBackend  # only on this path: nothing of Core ML is imported otherwise
+
+        return CoreMLBackend(bundle, providers)
+    return OnnxRuntimeBackend(providers)

@@ -3,6 +3,7 @@ tiny bundles rebuilt here (ONNX and ORT-format graphs), and its bad-input cases.
 ``ONNXRUNTIME_NODE_INSTALL=skip`` because onnxruntime-node's install script otherwise downloads GPU binaries, while
 the CPU binaries ship in the package)."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -30,14 +31,42 @@ def _root(bundles: dict) -> str:
     return str(roots.pop())
 
 
-def test_node_binding_passes_its_tests(vector_bundles, vector_bundles_ort):
+@pytest.fixture(scope="module")
+def node_env() -> dict:
+    """The environment to run the package in, its npm dependencies installed."""
     env = {**os.environ, "ONNXRUNTIME_NODE_INSTALL": "skip", "npm_config_fund": "false", "npm_config_audit": "false"}
     if not _installed(env):
         out = subprocess.run(["npm", "ci"], cwd=PACKAGE, env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, f"npm ci failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return env
+
+
+def test_node_binding_passes_its_tests(node_env, vector_bundles, vector_bundles_ort):
+    env = dict(node_env)
     env.update(EDGE_SEL_VECTOR_BUNDLES=_root(vector_bundles), EDGE_SEL_VECTOR_BUNDLES_ORT=_root(vector_bundles_ort),
                EDGE_SEL_VECTORS=str(VECTORS))
     out = subprocess.run(["npm", "test", "--silent"], cwd=PACKAGE, env=env, capture_output=True, text=True, timeout=900)
     summary = [line for line in out.stdout.splitlines() if line.startswith(("# pass", "# fail", "# skipped", "not ok"))]
     assert out.returncode == 0, "node --test failed:\n" + "\n".join(summary) + "\n" + out.stdout[-6000:] + out.stderr[-2000:]
     assert "# fail 0" in summary and "# skipped 0" in summary, summary
+
+
+OPEN_MINIMUM = r"""
+const { Reranker } = require(process.argv[1]);
+Reranker.open(process.argv[2], { memoryBudget: 1 }).then(() => process.exit(3), (e) => console.log(JSON.stringify(
+  { name: e.name, minimum: e.minimumBytes })));
+"""
+
+
+def test_node_refuses_a_budget_below_what_it_can_run_with_pythons_numbers(node_env, vector_bundles):
+    """The package keeps hidden states in memory, so the least budget it opens with is the Python planner's minimum
+    without spilling (a single 64-token candidate); the per-call minimums are pinned by the vectors' plans."""
+    from edge_sel.runtime.rerank import Reranker
+
+    for name, bundle in vector_bundles.items():
+        planner = Reranker(bundle, pruning="off", spill=False).planner
+        expected = planner.minimum(64, 64, allow_spill=False, n_items=1)
+        out = subprocess.run(["node", "-e", OPEN_MINIMUM, str(PACKAGE), str(bundle)], env=node_env, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout) == {"name": "BudgetError", "minimum": expected}, name

@@ -34,7 +34,9 @@ from ..kvcache import LayerCache
 from ..planning import KVPlanner
 from ..policies import Context, Policy, make_policy
 from ..providers import Assignment, ProviderChoice
+from ..providers import check_name as check_provider_name
 from ..providers import resolve as resolve_provider
+from ..sessions import backend_for
 from ..tokenizer import Tokenizer
 from .call import Call
 from .decode import decode_step
@@ -73,14 +75,17 @@ class Generator:
     inside the context. ``prefill``: ``"layer"`` (look-once, exact) or ``"rolling"`` (strict bound).
     ``provider``: the onnxruntime execution provider (``"cpu"`` default, ``"auto"``, ``"coreml"``, ...; see
     :mod:`edge_sel.runtime.providers`); ``last_stats["provider"]`` reports the choice, the nodes that fell back to
-    the CPU and the sessions' load time (every session is made once, in the constructor).
+    the CPU and the sessions' load time (every session is made once, in the constructor). ``"coreml"`` on a bundle
+    with CoreML packages runs them with Core ML (macOS only; :mod:`edge_sel.runtime.coreml`).
     """
 
     def __init__(self, bundle: Bundle | str | os.PathLike, kv_budget: int | float | str | None = None,
                  policy: str | Policy | None = "full", threads: int | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
                  prefill: str = "layer", provider: str | ProviderChoice | None = "cpu"):
-        self.providers = Assignment(resolve_provider(provider))  # a provider this build lacks fails before any load
+        check_provider_name(provider)  # an unknown name fails before the bundle opens
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        # "coreml" on a bundle with CoreML packages: the Core ML backend (edge_sel.runtime.coreml); else onnxruntime
+        self.providers = Assignment(resolve_provider(provider, packages=self.bundle.spec.coreml is not None))
         if self.bundle.task != "generate":
             raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; generation needs a bundle exported "
                              f"with `edge-sel export MODEL -o OUT --task generate`")
@@ -101,7 +106,7 @@ class Generator:
         self.budget = self.planner.budget
         self.stop_ids = set(int(i) for i in spec.stop_ids)
         self.tokenizer = Tokenizer(self.bundle)
-        self.model = DecoderModel(self.bundle, threads, self.providers)
+        self.model = DecoderModel(self.bundle, threads, self.providers, backend_for(self.bundle, self.providers))
         self.stats: GenerationStats | None = None
 
     @property

@@ -16,7 +16,7 @@ from .. import trace
 from ..embedding import Embedder
 from ..residency import WeightPages, snapshot
 from ..providers import Assignment
-from ..sessions import load_session
+from ..sessions import OnnxRuntimeBackend
 
 # Prompts longer than this release each layer's weights after its prefill pass and trim the heap after
 # every layer: their prefill's activations are large enough for the overlap to matter.
@@ -24,9 +24,11 @@ TRIM_AFTER_TOKENS = 1024
 
 
 class DecoderModel:
-    def __init__(self, bundle: Bundle, threads: int | None = None, providers: Assignment | None = None):
+    def __init__(self, bundle: Bundle, threads: int | None = None, providers: Assignment | None = None, backend=None):
         spec = bundle.spec
         self.providers = providers
+        # opens each graph (onnxruntime sessions by default; edge_sel.runtime.sessions.backend_for)
+        self.backend = backend if backend is not None else OnnxRuntimeBackend(providers)
         self.embedder = Embedder(bundle)
         self.table = self.embedder.open_table()
         before = snapshot()  # the mappings the sessions below add are this model's (see WeightPages)
@@ -34,9 +36,9 @@ class DecoderModel:
         self.layers = []
         for i, layer in enumerate(spec.layers):
             qkv = bundle.path(spec.extra_graphs[layer.qkv].file)
-            self.layers.append((load_session(qkv, threads, mem_pattern=False, providers=providers),
-                                load_session(bundle.layer_path(i), threads, mem_pattern=False, providers=providers)))
-        self.head = load_session(bundle.path(spec.head.file), threads, mem_pattern=False, providers=providers)
+            self.layers.append((self.backend.open(qkv, threads, mem_pattern=False),
+                                self.backend.open(bundle.layer_path(i), threads, mem_pattern=False)))
+        self.head = self.backend.open(bundle.path(spec.head.file), threads, mem_pattern=False)
         # each layer's weight files (qkv graph, attention+MLP graph)
         self.layer_weights = [(bundle.path(spec.extra_graphs[layer.qkv].weights), bundle.path(layer.weights))
                               for layer in spec.layers]
@@ -79,3 +81,4 @@ class DecoderModel:
         self.layers = []
         self.head = None
         self.table = None
+        self.backend.close()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 
 from edge_sel.runtime import trace
-from edge_sel.runtime.sessions import load_session
 from .stream import LayerStream
 
 def is_split(bundle) -> bool:
@@ -34,9 +33,9 @@ class PairStream(LayerStream):
     def load_layer(self, i: int):
         """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
         tk = trace.begin("layer.load", layer=i)
-        kw = dict(mem_pattern=self.keep_all, providers=self.providers)
-        qkv = load_session(self.bundle.path(self.bundle.spec.qkv_graph(i).file), self.threads, self.optimize, **kw)
-        attn = load_session(self.bundle.layer_path(i), self.threads, self.optimize, **kw)
+        qkv = self.backend.open(self.bundle.path(self.bundle.spec.qkv_graph(i).file), self.threads, self.optimize,
+                                mem_pattern=self.keep_all)
+        attn = self.backend.open(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
         trace.end(tk)
         self.loads += 1
         return qkv, attn

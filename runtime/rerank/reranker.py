@@ -25,8 +25,10 @@ from edge_sel.runtime.memory import HeapGuard, PeakTracker, ReleaseLog, release_
 from edge_sel.runtime.planning import CallSize, Planner
 from edge_sel.runtime.planning.rerank import ChunkCount
 from edge_sel.runtime.providers import Assignment, ProviderChoice
+from edge_sel.runtime.providers import check_name as check_provider_name
 from edge_sel.runtime.providers import resolve as resolve_provider
-from edge_sel.runtime.sessions import load_session
+from edge_sel.runtime.planning.rerank import SESSION_OVERHEAD
+from edge_sel.runtime.sessions import backend_for
 from edge_sel.runtime.units import format_size, parse_size
 
 from .chunks import ChunkStore, HiddenSpill, Packing, make_chunks
@@ -74,7 +76,8 @@ class Reranker:
     :class:`edge_sel.runtime.providers.ProviderChoice`; a provider the build lacks is refused (InputError).
     ``last_stats["provider"]`` reports the choice, how many graph nodes each provider took (those another provider
     could not take fall back to the CPU: ``cpu_fallback_ops``) and the sessions' load time (a provider that compiles
-    a graph on load, as CoreML does, pays it on every streamed layer load).
+    a graph on load, as CoreML does, pays it on every streamed layer load). ``"coreml"`` on a bundle exported with
+    ``--format coreml`` runs its CoreML packages with Core ML instead (macOS only; :mod:`edge_sel.runtime.coreml`).
 
     last_token_final_layer: split decoder bundles whose head reads the last token compute only that token in
     the final layer (same scores within float rounding); False runs the full final layer.
@@ -88,17 +91,18 @@ class Reranker:
                  pruning: str | dict | Schedule | None = "auto", threads: int | None = None, optimize: str = "all",
                  spill: bool = True, spill_dir: str | os.PathLike | None = None, last_token_final_layer: bool = True,
                  provider: str | ProviderChoice | None = "cpu", shadow: float = 0.0):
-        self.providers = Assignment(resolve_provider(provider))  # before the bundle opens: a bad name fails fast
+        check_provider_name(provider)  # before the bundle opens: a bad name fails fast
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        # "coreml" on a bundle with CoreML packages: the Core ML backend (edge_sel.runtime.coreml)
+        self.providers = Assignment(resolve_provider(provider, packages=self.bundle.spec.coreml is not None))
+        self.backend = backend_for(self.bundle, self.providers)
         if self.bundle.task != "rerank":
             raise InputError(f"{self.bundle.root} is a {self.bundle.task!r} bundle; ranking needs a bundle exported with --task rerank")
         self.memory_budget = parse_size(memory_budget) if memory_budget is not None else None
         if self.memory_budget is not None:
             tune_allocator()  # under a budget, freed activations must leave the process (glibc; see edge_sel.runtime.memory)
-        self.planner = Planner(self.bundle)
         self.split = is_split(self.bundle)  # qkv + attn layer graphs: the shared prompt prefix is computed once
-        if self.split:
-            self.planner.layer_bytes += max(qkv_weight_bytes(self.bundle, i) for i in range(len(self.bundle.spec.layers)))
+        self.planner = planner_for(self.bundle, self.backend)
         if self.memory_budget is not None and self.memory_budget < self.planner.static_minimum():
             need = self.planner.static_minimum()
             raise BudgetError(
@@ -106,13 +110,13 @@ class Reranker:
                 f"{format_size(need)} (two layers of {format_size(self.planner.layer_bytes)} + fixed costs)", minimum_bytes=need)
         self.encoder = TextEncoder(self.bundle)
         self.embedder = Embedder(self.bundle)
-        head = load_session(self.bundle.path(self.bundle.spec.head.file), threads, providers=self.providers)
+        head = self.backend.open(self.bundle.path(self.bundle.spec.head.file), threads)
         self.scoring = scoring_for(self.bundle, head)  # the scoring mode's strategy, chosen once
         self.pruning = "off" if pruning is None else pruning
         self.schedule, self.pruning_note = self._resolve_schedule(self.pruning)
         self.layer_scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
         self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), threads, optimize,
-                                                                   self.providers)
+                                                                   self.providers, backend=self.backend)
         self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer))
         self.pad_id = self.bundle.spec.pad_id
         self.stats = RerankStats()
@@ -233,6 +237,7 @@ class Reranker:
 
     def close(self) -> None:
         self.stream.close()
+        self.backend.close()
 
     def score_encoded(self, enc: Encoded, top_k: int | None = None, prune: bool = False) -> np.ndarray:
         """Scores for the encoded documents. With ``prune`` and a schedule, prune early for ``top_k``
@@ -354,6 +359,20 @@ class Reranker:
             prefix_reuse_tokens=int(text.prefix_len) if self.split else 0, spill=plan.spill,
             final_layer_last_token_only=bool(work.last_token_only), order="depth-first" if depth_first else "monolithic")
         return out
+
+
+def planner_for(bundle: Bundle, backend) -> Planner:
+    """The memory planner of ``bundle``'s layers as ``backend`` opens them: a layer is its graph files (with its qkv
+    graph, for split layers), or the backend's own stage files (CoreML packages) when it has them."""
+    planner = Planner(bundle)
+    if is_split(bundle):
+        planner.layer_bytes += max(qkv_weight_bytes(bundle, i) for i in range(len(bundle.spec.layers)))
+    sizes = backend.plan_sizes()
+    if sizes is not None:
+        layer, head = sizes
+        planner.fixed += head - bundle.spec.files[bundle.spec.head.file].size
+        planner.layer_bytes = layer + SESSION_OVERHEAD
+    return planner
 
 
 def _texts(documents, indices) -> dict[int, str]:

@@ -14,14 +14,16 @@ from typing import Iterator
 from edge_sel.runtime import trace
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.providers import Assignment
-from edge_sel.runtime.sessions import load_session
+from edge_sel.runtime.sessions import OnnxRuntimeBackend
 
 
 class LayerStream:
     def __init__(self, bundle: Bundle, window: int, threads: int | None = None, optimize: str = "all",
-                 providers: Assignment | None = None):
+                 providers: Assignment | None = None, backend=None):
         self.bundle = bundle
         self.providers = providers  # the execution providers' choice; counts every session's load time
+        # opens each graph: onnxruntime sessions, or another backend's stages (edge_sel.runtime.coreml)
+        self.backend = backend if backend is not None else OnnxRuntimeBackend(providers)
         self.n = len(bundle.spec.layers)
         self.threads = threads
         self.optimize = optimize
@@ -40,8 +42,7 @@ class LayerStream:
     def load_layer(self, i: int):
         """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
         tk = trace.begin("layer.load", layer=i)
-        sess = load_session(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all,
-                            providers=self.providers)
+        sess = self.backend.open(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
         trace.end(tk)
         self.loads += 1
         return sess

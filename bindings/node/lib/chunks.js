@@ -3,6 +3,10 @@
  * Candidates sorted by length (stable) and cut into chunks of at most `chunkTokens` padded tokens and `maxBatch`
  * rows, each padded to its longest row; after pruning the survivors are re-packed the same way (`compact`), so
  * dropped candidates cost nothing in later layers. The packing is the Python reference's (runtime/rerank/chunks.py).
+ *
+ * A chunk keeps its token ids compactly (4 bytes a padded token, 1 more for token types), as the planner counts
+ * them; the attention mask and position ids a layer run needs are made for that run (`maskOf`, `positionsOf`): a
+ * row's positions are `posOffset + t` and its mask is 1 over its length.
  */
 
 class Packing {
@@ -14,14 +18,27 @@ class Packing {
   }
 }
 
-/** A chunk: item indices, lengths, ids/positions (BigInt64Array B*T), mask (Float32Array B*T), types or null,
- * and its hidden state (Float32Array B*T'*H with `width` T' = T, or 1 after a one-token final layer). */
+/** A chunk: item indices, lengths, token ids (Int32Array B*T, padded), types (Uint8Array B*T) or null, its
+ * positions' offset, and its hidden state (Float32Array B*T'*H with `width` T' = T, or 1 after a one-token final
+ * layer). */
 function newChunk(items, lengths, packing, hasTypes) {
   const B = items.length, T = Math.max(...lengths);
-  const c = { items, lengths, B, T, ids: new BigInt64Array(B * T).fill(BigInt(packing.padId)), mask: new Float32Array(B * T),
-    positions: new BigInt64Array(B * T), types: hasTypes ? new BigInt64Array(B * T) : null, hidden: null, width: T };
-  for (let r = 0; r < B; r++) for (let t = 0; t < T; t++) c.positions[r * T + t] = BigInt(packing.posOffset + t);
-  return c;
+  return { items, lengths, B, T, ids: new Int32Array(B * T).fill(packing.padId), types: hasTypes ? new Uint8Array(B * T) : null,
+    posOffset: packing.posOffset, hidden: null, width: T };
+}
+
+/** Attention mask [B, T] of a chunk: 1 over each row's tokens, 0 over its padding. */
+function maskOf(c) {
+  const m = new Float32Array(c.B * c.T);
+  for (let r = 0; r < c.B; r++) m.fill(1, r * c.T, r * c.T + c.lengths[r]);
+  return m;
+}
+
+/** Position ids [B, T] of a chunk (int64). */
+function positionsOf(c) {
+  const p = new BigInt64Array(c.B * c.T);
+  for (let i = 0; i < p.length; i++) p[i] = BigInt(c.posOffset + (i % c.T));
+  return p;
 }
 
 function groupByLength(entries, packing) {
@@ -45,36 +62,44 @@ function makeChunks(ids, types, packing) {
   return groupByLength(entries, packing).map((g) => {
     const c = newChunk(g.map((e) => e.item), g.map((e) => e.length), packing, types !== null);
     g.forEach((e, r) => {
-      const src = ids[e.item];
-      for (let t = 0; t < e.length; t++) {
-        c.ids[r * c.T + t] = BigInt(src[t]);
-        c.mask[r * c.T + t] = 1;
-        if (c.types) c.types[r * c.T + t] = BigInt(types[e.item][t]);
-      }
+      c.ids.set(ids[e.item], r * c.T);
+      if (c.types) c.types.set(types[e.item], r * c.T);
     });
     return c;
   });
+}
+
+/** Give every chunk its hidden states [B, T, H] as a view of one buffer for the whole call: the states live as long
+ * as the call, so one allocation made before the layers run keeps them out of the C heap regions that each layer
+ * run's short-lived activations reuse (many separate buffers there would fragment it). Returns the buffer. */
+function allocateHidden(chunks, H) {
+  const slab = new Float32Array(chunks.reduce((a, c) => a + c.B * c.T * H, 0));
+  let o = 0;
+  for (const c of chunks) {
+    c.hidden = slab.subarray(o, o + c.B * c.T * H);
+    c.width = c.T;
+    o += c.B * c.T * H;
+  }
+  return slab;
 }
 
 /** Rebuild the chunks from the rows whose item `keep[item]` is true, with their hidden states. */
 function compact(chunks, keep, packing, H) {
   const entries = [];
   chunks.forEach((c, ci) => c.items.forEach((it, r) => { if (keep[it]) entries.push({ item: it, length: c.lengths[r], ci, r }); }));
-  return groupByLength(entries, packing).map((g) => {
-    const c = newChunk(g.map((e) => e.item), g.map((e) => e.length), packing, chunks[g[0].ci].types !== null);
-    c.hidden = new Float32Array(c.B * c.T * H);
+  const groups = groupByLength(entries, packing);
+  const packed = groups.map((g) => newChunk(g.map((e) => e.item), g.map((e) => e.length), packing, chunks[g[0].ci].types !== null));
+  allocateHidden(packed, H);
+  return groups.map((g, gi) => {
+    const c = packed[gi];
     g.forEach((e, r) => {
       const s = chunks[e.ci];
-      for (let t = 0; t < e.length; t++) {
-        c.ids[r * c.T + t] = s.ids[e.r * s.T + t];
-        c.mask[r * c.T + t] = 1;
-        c.positions[r * c.T + t] = s.positions[e.r * s.T + t];
-        if (c.types) c.types[r * c.T + t] = s.types[e.r * s.T + t];
-      }
+      c.ids.set(s.ids.subarray(e.r * s.T, e.r * s.T + e.length), r * c.T);
+      if (c.types) c.types.set(s.types.subarray(e.r * s.T, e.r * s.T + e.length), r * c.T);
       c.hidden.set(s.hidden.subarray(e.r * s.width * H, (e.r * s.width + e.length) * H), r * c.T * H);
     });
     return c;
   });
 }
 
-module.exports = { Packing, makeChunks, compact };
+module.exports = { Packing, makeChunks, compact, allocateHidden, maskOf, positionsOf };

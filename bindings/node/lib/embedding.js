@@ -1,7 +1,7 @@
 "use strict";
 /**
  * The embedding stage (docs/BUNDLE.md, "Running a rerank bundle", step 2): the rows a call uses are read from the
- * raw table at their offsets (one positioned read per distinct token id), so the table never enters memory whole.
+ * raw table at their offsets (one positioned read per run of consecutive distinct token ids), so the table never enters memory whole.
  * BERT-family bundles add position and token-type rows and a LayerNorm.
  */
 const fs = require("node:fs");
@@ -33,46 +33,53 @@ class Embedder {
     return unique * (Math.ceil(this.rowBytes / page) + 1) * page;
   }
 
-  /** Read the rows of the distinct ids in `ids` (iterables of token ids): a Map id -> Float32Array row. */
+  /** Read the rows of the distinct ids in `ids` (iterables of token ids) into one buffer: `{ index, data }`, row of
+   * id `i` at `data[index.get(i) * H ...]`. Runs of consecutive ids are read with one positioned read each. */
   gatherRows(idLists) {
     const unique = new Set();
     for (const ids of idLists) for (const id of ids) unique.add(Number(id));
-    const sorted = [...unique].sort((a, b) => a - b);
+    const sorted = Int32Array.from(unique).sort();
     if (sorted.length && (sorted[0] < 0 || sorted[sorted.length - 1] >= this.rows))
       throw new BundleError(`token id out of range for the embedding table of ${this.rows} rows (tokenizer and bundle do not match)`);
-    const rows = new Map();
+    const index = new Map();
+    const data = new Float32Array(sorted.length * this.hidden);
+    const bytes = new Uint8Array(data.buffer);
     const fd = fs.openSync(this.bundle.path(this.bundle.spec.embed.file), "r");
     try {
-      for (const id of sorted) {
-        const buf = Buffer.allocUnsafe(this.rowBytes);
-        const n = fs.readSync(fd, buf, 0, this.rowBytes, id * this.rowBytes);
-        if (n !== this.rowBytes) throw new BundleError(`embedding table ${this.bundle.spec.embed.file}: short read at row ${id}`);
-        rows.set(id, new Float32Array(buf.buffer, buf.byteOffset, this.hidden));
+      for (let i = 0; i < sorted.length;) {
+        let j = i + 1;
+        while (j < sorted.length && sorted[j] === sorted[j - 1] + 1) j++;
+        const want = (j - i) * this.rowBytes;
+        const n = fs.readSync(fd, bytes, i * this.rowBytes, want, sorted[i] * this.rowBytes);
+        if (n !== want) throw new BundleError(`embedding table ${this.bundle.spec.embed.file}: short read at row ${sorted[i]}`);
+        for (let k = i; k < j; k++) index.set(sorted[k], k);
+        i = j;
       }
     } finally {
       fs.closeSync(fd);
     }
-    return rows;
+    return { index, data };
   }
 
-  /** Hidden states [B, T, H] of a chunk (ids, positions: BigInt64Array B*T; types: BigInt64Array or null). */
-  embed(rows, B, T, ids, positions, types) {
+  /** Hidden states [B, T, H] of a chunk (ids: B*T token ids, position of token t: `posOffset + t`; types: B*T or
+   * null), written into `out` when given. */
+  embed(rows, B, T, ids, posOffset, types, out = null) {
     const H = this.hidden;
-    const out = new Float32Array(B * T * H);
+    out = out || new Float32Array(B * T * H);
+    const x = this.rule === "bert" ? new Float64Array(H) : null;  // one scratch row for the whole chunk
     for (let i = 0; i < B * T; i++) {
-      const row = rows.get(Number(ids[i]));
+      const r = rows.index.get(ids[i]) * H;
       const o = i * H;
       if (this.rule !== "bert") {
-        out.set(row, o);
+        out.set(rows.data.subarray(r, r + H), o);
         continue;
       }
-      const p = (Number(positions[i]) + this.offset) * H;
+      const p = (posOffset + (i % T) + this.offset) * H;
       let t = -1;
-      if (this.tokenType) t = types === null || this.typeRows === 1 ? 0 : Number(types[i]) * H;
+      if (this.tokenType) t = types === null || this.typeRows === 1 ? 0 : types[i] * H;
       let mean = 0;
-      const x = new Float64Array(H);
       for (let k = 0; k < H; k++) {
-        x[k] = row[k] + this.position[p + k] + (t >= 0 ? this.tokenType[t + k] : 0);
+        x[k] = rows.data[r + k] + this.position[p + k] + (t >= 0 ? this.tokenType[t + k] : 0);
         mean += x[k];
       }
       mean /= H;

@@ -68,10 +68,6 @@ class Planner {
     return Math.trunc(4 * this.H * (totalTokens * 1.1 + 2 * maxLen));
   }
 
-  spillHiddenBytes(chunk) {
-    return 4 * this.H * 3 * chunk;
-  }
-
   /** Bytes of the call's token ids (kept in memory by this binding). */
   tokenBytes(totalTokens) {
     return totalTokens * (BYTES_PER_TOKEN + (this.withTypes ? BYTES_PER_TYPE : 0));
@@ -81,9 +77,8 @@ class Planner {
     return c.nItems * (ITEM_BYTES + this.itemExtra) + 2 * c.count(chunk) * CHUNK_BYTES;
   }
 
-  /** Peak share of a call with `chunk`-token chunks and `window` resident layers (`hidden` null: spilled). */
-  need(chunk, window, hidden, c) {
-    const kept = hidden === null ? this.spillHiddenBytes(chunk) : hidden;
+  /** Peak share of a call with `chunk`-token chunks, `window` resident layers and `kept` bytes of hidden states. */
+  need(chunk, window, kept, c) {
     const tokenize = c.tokenRam + TOKENIZE_BATCH_BYTES;
     const embedding = kept + c.tokenRam + c.embedBytes;
     const layers = kept + window * this.layerBytes + this.actBytesPerToken(c.maxLen) * chunk;
@@ -116,10 +111,11 @@ class Planner {
     return this.smallestNeed(this.hiddenBytes(c.total, c.maxLen), c)[0];
   }
 
-  /** Smallest budget that could run a single short candidate (the reference's, spilling allowed). */
+  /** Smallest budget that could run a single short candidate with its hidden states in memory (the reference's
+   * `static_minimum` without spilling: this binding does not spill, so a budget below it could run nothing). */
   staticMinimum() {
     const c = { total: 64, maxLen: 64, embedBytes: 0, nItems: 1, tokenRam: 0, count: (chunk) => Math.floor(1 / Math.max(1, Math.min(DEFAULT_MAX_BATCH, Math.floor(chunk / 64)))) + 1 };
-    return Math.min(this.minimum(c), this.smallestNeed(null, c)[0]);
+    return this.minimum(c);
   }
 
   plan(budget, c) {
@@ -129,7 +125,8 @@ class Planner {
     if (budget < need)
       throw new BudgetError(`memory budget ${formatSize(budget)} is below the minimum for this input: ${formatSize(need)} `
         + `(2 layers x ${formatSize(this.layerBytes)} + kept hidden states for ${c.total} tokens + bookkeeping for ${c.nItems} candidates `
-        + `+ one ${c.maxLen}-token candidate's activations + fixed costs). Use memoryBudget ${Math.ceil(need / 1024 ** 2)}MiB or more, or rank shorter documents.`, need);
+        + `+ one ${c.maxLen}-token candidate's activations + fixed costs). Use memoryBudget ${Math.ceil(need / 1024 ** 2)}MiB or more, or rank fewer or shorter documents `
+        + `(this package keeps hidden states in memory; the Python runtime can spill them to files under a smaller budget).`, need);
     const free = budget - this.fixed - hidden - this.bookkeeping(c, Math.max(c.maxLen, DEFAULT_CHUNK_TOKENS));
     const perTok = this.actBytesPerToken(c.maxLen);
     let window = Math.trunc(Math.min(this.nLayers, Math.max(2, Math.floor((free - perTok * c.maxLen) / this.layerBytes))));

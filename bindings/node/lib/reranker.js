@@ -7,14 +7,13 @@
  * layers), prunes at the schedule's layers and scores with the head. Yes/no decoder bundles with split layers run
  * the prompt prefix shared by every document once per layer and each document against its keys and values.
  */
-const fs = require("node:fs");
-const v8 = require("node:v8");
-const vm = require("node:vm");
 const { Bundle } = require("./bundle");
 const { Embedder } = require("./embedding");
 const { TextEncoder } = require("./text");
 const { Planner } = require("./planner");
-const { Packing, makeChunks, compact } = require("./chunks");
+const { Packing, makeChunks, compact, allocateHidden, maskOf, positionsOf } = require("./chunks");
+const { Scratch } = require("./scratch");
+const { PeakRss, Collector } = require("./memory");
 const { Pruner, checkSchedule } = require("./pruning");
 const { Scoring, pool, dot } = require("./scoring");
 const { loadSession, LayerStream, ort } = require("./sessions");
@@ -24,42 +23,6 @@ const { parseSize, formatSize } = require("./units");
 
 const f32 = (data, dims) => new ort.Tensor("float32", data, dims);
 const i64 = (data, dims) => new ort.Tensor("int64", data, dims);
-
-/** Peak RSS over a call: the kernel's high-water mark, reset at the start (Linux), else samples. */
-class PeakRss {
-  constructor() {
-    this.start = process.memoryUsage.rss();
-    this.peak = this.start;
-    try {
-      fs.writeFileSync("/proc/self/clear_refs", "5");
-      this.kernel = true;
-    } catch {
-      this.kernel = false;
-    }
-  }
-  sample() {
-    this.peak = Math.max(this.peak, process.memoryUsage.rss());
-  }
-  finish() {
-    this.sample();
-    if (this.kernel) {
-      const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync("/proc/self/status", "utf8"));
-      if (m) this.peak = Math.max(this.peak, Number(m[1]) * 1024);
-    }
-    return this.peak;
-  }
-}
-
-/** A full garbage collection, when the process allows one: under a budget, each layer's replaced hidden states (and
- * onnxruntime's output buffers) are returned before the next layer allocates, instead of when V8 would get to them. */
-const collectGarbage = (() => {
-  try {
-    v8.setFlagsFromString("--expose-gc");
-    return vm.runInNewContext("gc");
-  } catch {
-    return () => {};
-  }
-})();
 
 function checkDocuments(documents) {
   if (typeof documents === "string") throw new InputError("documents must be an array of strings, not a single string");
@@ -104,6 +67,7 @@ class Reranker {
     this.stream = new LayerStream(spec.layers.length, (i) => this.loadLayer(i), (s) => this.releaseLayer(s));
     this.lastStats = null;
     this.observer = null;
+    this.scratch = new Scratch();
   }
 
   resolveSchedule(pruning) {
@@ -134,7 +98,9 @@ class Reranker {
 
   async loadLayer(i) {
     const l = this.spec.layers[i];
-    const memPattern = this.stream.keepAll;
+    // a memory pattern (one block per run, planned per input shape) pays off for sessions that stay resident; under a
+    // budget it is off, since those blocks, freed after each run, fragment the C heap this process cannot trim
+    const memPattern = this.stream.keepAll && this.memoryBudget === null;
     const attn = await loadSession(this.bundle.path(l.file), this.threads, memPattern);
     if (!this.split) return attn;
     return [await loadSession(this.bundle.path(this.spec.extraGraphs[l.qkv].file), this.threads, memPattern), attn];
@@ -193,21 +159,25 @@ class Reranker {
   async run(query, documents, instruction, topK, prune = true) {
     const t0 = performance.now();
     const peak = new PeakRss();
+    this.collector = new Collector(this.memoryBudget);
     const spec = this.spec, H = spec.dims.hidden;
-    const enc = await this.encoder.encode(query, documents, instruction);
+    let enc = await this.encoder.encode(query, documents, instruction);
     const tTok = performance.now() - t0;
-    const nDocs = documents.length;
+    const nDocs = documents.length, nTruncated = enc.nTruncated;
     const P = this.split ? enc.prefixLen : 0;
     const ids = enc.docIds.map((x) => (P ? x.slice(P) : x));
     if (enc.queryIds) ids.push(enc.queryIds);
-    const types = enc.docTypes;
     const lengths = ids.map((x) => x.length);
-        const prefixIds = P ? enc.docIds[0].slice(0, P) : [];
-    const unique = new Set(ids.flat()).size;
-    const plan = this.planner.plan(this.memoryBudget, this.planner.callSize(lengths, this.embedder.touchedBytes(unique)));
+    const prefixIds = Int32Array.from(P ? enc.docIds[0].slice(0, P) : []);
+    const distinct = new Set();
+    for (const x of ids) for (const id of x) distinct.add(id);
+    const plan = this.planner.plan(this.memoryBudget, this.planner.callSize(lengths, this.embedder.touchedBytes(distinct.size)));
     this.stream.setWindow(plan.window);
+    await this.stream.preload();
     const packing = new Packing(spec.padId, P, plan.chunkTokens, plan.maxBatch);
-    let chunks = makeChunks(ids, types, packing);
+    let chunks = makeChunks(ids, enc.docTypes, packing);
+    enc = null;  // from here on the chunks hold the token ids, compactly
+    ids.length = 0;
     const nChunks = chunks.length, chunkSize = Math.max(...chunks.map((c) => c.B));
 
     let pruner = null, note = this.schedule ? `${this.schedule.method} at layers [${this.schedule.layers.map((l) => l.layer)}] (top-${this.schedule.topK})` : "off";
@@ -217,13 +187,14 @@ class Reranker {
 
     // embedding: the rows this call uses, read once; then released
     const t1 = performance.now();
-    let rows = this.embedder.gatherRows([...ids, prefixIds, [spec.padId]]); // padding positions read the pad row
-    for (const c of chunks) c.hidden = this.embedder.embed(rows, c.B, c.T, c.ids, c.positions, c.types);
+    let rows = this.embedder.gatherRows([...chunks.map((c) => c.ids), prefixIds]);
+    allocateHidden(chunks, H);
+    for (const c of chunks) this.embedder.embed(rows, c.B, c.T, c.ids, c.posOffset, c.types, c.hidden);
     let prefixH = null;
     const prefixPos = new BigInt64Array(P).map((_, t) => BigInt(t));
-    if (P) prefixH = this.embedder.embed(rows, 1, P, BigInt64Array.from(prefixIds, BigInt), prefixPos, null);
+    if (P) prefixH = this.embedder.embed(rows, 1, P, prefixIds, 0, null);
     rows = null;
-    if (this.memoryBudget !== null) collectGarbage();
+    this.collector.release();  // the rows read
     const tEmbed = performance.now() - t1;
     peak.sample();
 
@@ -236,19 +207,24 @@ class Reranker {
       let kp = null, vp = null;
       if (P) [prefixH, kp, vp] = await this.runPrefix(sess, prefixH, prefixPos, final && lastOnly);
       for (const c of chunks) {
-        c.hidden = this.split ? await this.runCandidates(sess, c, kp, vp, P, final && lastOnly) : await this.runLayer(sess, c);
+        const out = this.split ? await this.runCandidates(sess, c, kp, vp, P, final && lastOnly) : await this.runLayer(sess, c);
+        // the output replaces the states in place (same shape), or, one token a row, takes their place
+        if (out.length === c.hidden.length) c.hidden.set(out);
+        else c.hidden = out;
         c.width = c.hidden.length / (c.B * H);
         if (this.observer) this.observer({ layer: i, items: c.items, pooled: pool(spec.pooling, c, H) });
         peak.sample();
+        this.collector.release(true);  // the run's output buffers
       }
       if (pruner) chunks = await this.pruneAfter(i, chunks, pruner, nDocs, packing, H);
-      if (this.memoryBudget !== null) collectGarbage();
+      this.collector.release();  // what outlived the scavenges: the chunks before re-packing, the prefix's states
     }
+    this.scratch.clear();
     const tLayers = performance.now() - t2;
 
     const t3 = performance.now();
     const scores = new Float32Array(nDocs);
-    const emb = this.scoring.bi ? new Array(ids.length) : null;
+    const emb = this.scoring.bi ? new Array(nDocs + 1) : null;
     for (const c of chunks) {
       const out = await this.scoring.runHead(pool(spec.pooling, c, H));
       c.items.forEach((it, r) => { if (emb) emb[it] = out[r]; else scores[it] = out[r]; });
@@ -262,8 +238,9 @@ class Reranker {
     this.lastStats = {
       latencyS: (performance.now() - t0) / 1e3, tokenizeS: tTok / 1e3, embedS: tEmbed / 1e3, layersS: tLayers / 1e3, headS: tHead / 1e3,
       peakRssBytes: peak.finish(), startRssBytes: peak.start, windowLayers: this.stream.window, chunkSize, chunkTokens: plan.chunkTokens,
-      nChunks, memoryBudgetBytes: plan.budget, livePerLayer: live, nLayers, nDocuments: nDocs, nTruncated: enc.nTruncated,
+      nChunks, memoryBudgetBytes: plan.budget, livePerLayer: live, nLayers, nDocuments: nDocs, nTruncated,
       layerLoads: this.stream.loads, pruning: note, nPruned: pruner ? pruner.nPruned : 0,
+      collections: this.collector.collections, collectS: this.collector.seconds,
       layerWorkSaved: 1 - live.reduce((a, b) => a + b, 0) / Math.max(1, nDocs * nLayers), prefixReuseTokens: P,
     };
     return { scores, droppedAt };
@@ -271,8 +248,8 @@ class Reranker {
 
   async runLayer(sess, c) {
     const H = this.spec.dims.hidden;
-    const feeds = { hidden: f32(c.hidden, [c.B, c.width, H]), mask: f32(c.mask, [c.B, c.T]) };
-    if (this.spec.layerIO.inputs.includes("position_ids")) feeds.position_ids = i64(c.positions, [c.B, c.T]);
+    const feeds = { hidden: f32(c.hidden, [c.B, c.width, H]), mask: f32(maskOf(c), [c.B, c.T]) };
+    if (this.spec.layerIO.inputs.includes("position_ids")) feeds.position_ids = i64(positionsOf(c), [c.B, c.T]);
     return (await sess.run(feeds)).hidden_out.data;
   }
 
@@ -292,22 +269,23 @@ class Reranker {
     const { hidden: H, heads, kvHeads: KV, headDim: D } = this.spec.dims;
     const { B, T } = c;
     const [qn, kn, vn] = this.spec.layerIO.qkv.outputs;
-    const o = await qkv.run({ hidden: f32(c.hidden, [B, T, H]), position_ids: i64(c.positions, [B, T]) });
-    let q = o[qn], hidden = f32(c.hidden, [B, T, H]), positions = i64(c.positions, [B, T]);
+    const pos = positionsOf(c);
+    const o = await qkv.run({ hidden: f32(c.hidden, [B, T, H]), position_ids: i64(pos, [B, T]) });
+    let q = o[qn], hidden = f32(c.hidden, [B, T, H]), positions = i64(pos, [B, T]);
     if (last) {
       const qd = new Float32Array(B * heads * D), hd = new Float32Array(B * H), pd = new BigInt64Array(B);
       for (let b = 0; b < B; b++) {
         const t = c.lengths[b] - 1;
         for (let n = 0; n < heads; n++) qd.set(q.data.subarray(((b * heads + n) * T + t) * D, ((b * heads + n) * T + t + 1) * D), (b * heads + n) * D);
         hd.set(c.hidden.subarray((b * T + t) * H, (b * T + t + 1) * H), b * H);
-        pd[b] = c.positions[b * T + t];
+        pd[b] = pos[b * T + t];
       }
       q = f32(qd, [B, heads, 1, D]);
       hidden = f32(hd, [B, 1, H]);
       positions = i64(pd, [B, 1]);
     }
     const S = P + T, empty = BigInt(this.spec.layerIO.emptyPos);
-    const k = new Float32Array(B * KV * S * D), v = new Float32Array(B * KV * S * D), keyPos = new BigInt64Array(B * S);
+    const k = this.scratch.take("kCache", B * KV * S * D), v = this.scratch.take("vCache", B * KV * S * D), keyPos = new BigInt64Array(B * S);
     for (let b = 0; b < B; b++) {
       for (let g = 0; g < KV; g++) {
         const dst = (b * KV + g) * S * D;
@@ -319,7 +297,7 @@ class Reranker {
         v.set(o[vn].data.subarray((b * KV + g) * T * D, (b * KV + g + 1) * T * D), dst + P * D);
       }
       for (let t = 0; t < P; t++) keyPos[b * S + t] = BigInt(t);
-      for (let t = 0; t < T; t++) keyPos[b * S + P + t] = c.mask[b * T + t] > 0.5 ? c.positions[b * T + t] : empty;
+      for (let t = 0; t < T; t++) keyPos[b * S + P + t] = t < c.lengths[b] ? pos[b * T + t] : empty;
     }
     const out = await attn.run({ hidden, q, k_cache: f32(k, [B, KV, S, D]), v_cache: f32(v, [B, KV, S, D]),
       key_pos: i64(keyPos, [B, 1, S]), position_ids: positions }, ["hidden_out"]);

@@ -7,16 +7,18 @@
  * bi-encoders), the head itself, or the cosine with the query pooled at that layer.
  */
 const { ort } = require("./sessions");
+const { maskOf } = require("./chunks");
 
 /** Pooled rows (Float32Array of H each) of a chunk's hidden state. */
 function pool(pooling, c, H) {
   const out = [];
+  const mask = pooling === "mean" ? maskOf(c) : null;
   for (let r = 0; r < c.B; r++) {
     if (pooling === "mean") {
       const acc = new Float64Array(H);
       let m = 0;
       for (let t = 0; t < c.T; t++) {
-        const w = c.mask[r * c.T + t];
+        const w = mask[r * c.T + t];
         if (!w) continue;
         m += w;
         const o = (r * c.width + t) * H;

@@ -44,6 +44,18 @@ class LayerStream {
     this.resident.clear();
   }
 
+  /** When every layer stays resident, load the ones not loaded yet now, one after the other, before a call allocates
+   * its states: sessions live for the process, and loaded in the middle of a call their allocations would sit between
+   * its short-lived ones in the C heap and keep it from being reused. */
+  async preload() {
+    if (!this.keepAll) return;
+    for (let i = 0; i < this.n; i++) {
+      if (this.resident.has(i)) continue;
+      this.loads++;
+      this.resident.set(i, await this.load(i));
+    }
+  }
+
   /** Yields [i, session] for every layer; at most `window` loaded at once. */
   async *run() {
     const pending = new Map();

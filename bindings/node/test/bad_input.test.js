@@ -124,10 +124,17 @@ test("empty documents, empty query, bad topK", { skip }, async () => {
 
 test("infeasible budgets", { skip }, async () => {
   await rejects(Reranker.open(SOURCE, { memoryBudget: "1MB" }), BudgetError, /below the minimum this bundle can run in/);
+  // the minimum an open refusal names is a budget this package runs in (it does not spill: no smaller one would do)
+  const minimum = await Reranker.open(SOURCE, { memoryBudget: "1MB" }).catch((e) => e.minimumBytes);
+  await rejects(Reranker.open(SOURCE, { memoryBudget: minimum - 1 }), BudgetError, /below the minimum this bundle can run in/);
+  const least = await Reranker.open(SOURCE, { memoryBudget: minimum });
+  assert.equal((await least.rank("how to copy a file", ["copy a file with shutil", "sockets"])).length, 2);
+  await least.close();
   await rejects(Reranker.open(SOURCE, { memoryBudget: "lots" }), InputError, /cannot read memory size/);
   const rr = await Reranker.open(SOURCE, { memoryBudget: "26MB" });
   const long = Array.from({ length: 1000 }, (_, i) => `document number ${i} about files and sockets and processes`);
-  await assert.rejects(rr.rank("q", long), (e) => e instanceof BudgetError && e.minimumBytes > 26e6 && /Use memoryBudget \d+MiB/.test(e.message));
+  await assert.rejects(rr.rank("q", long), (e) => e instanceof BudgetError && e.minimumBytes > 26e6 && /Use memoryBudget \d+MiB/.test(e.message)
+    && /keeps hidden states in memory/.test(e.message));
 });
 
 test("a generate bundle is not a rerank bundle", { skip }, async () => {
