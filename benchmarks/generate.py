@@ -234,7 +234,7 @@ def _worker_edge_sel(cfg: dict) -> dict:
     from edge_sel.runtime.memory import peak_rss_bytes
     from edge_sel.runtime import Generator
 
-    gen = Generator(cfg["bundle"], policy=cfg["policy"], kv_budget=cfg["ratio"])
+    gen = Generator(cfg["bundle"], policy=cfg["policy"], kv_budget=cfg["ratio"], threads=int(cfg.get("threads") or 0) or None)
     out = {"config": cfg["name"], "needle": [], "ppl": None}
     for c in cfg["cases"]:
         rec = {"length": c["length"], "depth": c["depth"], "number": c["number"]}
@@ -502,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens generated per needle prompt (the answer is read from them; more steps steady the decode ms/token)")
     ap.add_argument("--ppl-prefix", type=int, default=1792)
     ap.add_argument("--ppl-cont", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads in the peers (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads of every configuration: torch and llama.cpp peers, edge_sel sessions (0: each one's default)")
     ap.add_argument("--quick", action="store_true", help="1k tokens, depth 0.5, 3 needles, ratio 0.2, short perplexity")
     ap.add_argument("--configs", help="run only configurations whose name contains one of these comma-separated substrings")
     ap.add_argument("--resume", action="store_true", help="skip configurations already measured in --out")

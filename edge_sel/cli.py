@@ -22,7 +22,7 @@ from edge_sel.runtime.units import format_size
 from .crash import report_crash
 from .paths import creatable_path, writable_dir
 from .parser import build_parser
-from .pass_commands import cmd_calibrate, cmd_convert, cmd_quantize
+from .pass_commands import cmd_calibrate, cmd_convert, cmd_fuse, cmd_quantize
 from .progress import export_progress
 from .summaries import dropped_line, schedule_line
 
@@ -66,6 +66,9 @@ def cmd_export(args, console) -> int:
     if args.weights not in ("fp32", "fp16", "int8", "int4"):
         raise EdgeSelError(f"--weights {args.weights!r} is not a weight format; choose fp32, fp16, int8 or int4")
     creatable_path(args.out, "-o")
+    if args.fused and (args.task != "rerank" or args.format == "ort"):
+        raise EdgeSelError("--fused composes a rerank bundle's ONNX graphs: it needs --task rerank and cannot be combined "
+                           "with --format ort")
     drop = None
     if args.drop_layers is not None:
         if args.drop_layers != "auto" and not args.drop_layers.isdigit():
@@ -78,6 +81,10 @@ def cmd_export(args, console) -> int:
                      **({"drop_layers": drop} if drop is not None else {}), **({"calibrate": True} if args.calibrate else {}),
                      **({"format": args.format} if args.format != "onnx" else {}),
                      **({"coreml_precision": args.coreml_precision} if args.format == "coreml" else {}))
+    if args.fused:
+        from edge_sel.export.passes.fused import fuse_bundle
+
+        fuse_bundle(out)
     from edge_sel.runtime.bundle import Bundle
     from edge_sel.runtime.manifest import ExportInfo, thaw
 
@@ -89,6 +96,8 @@ def cmd_export(args, console) -> int:
             "dropped_layers": list(s.dropped_layers), "schedule": thaw(s.schedule)}
     if s.coreml is not None:
         info["coreml"] = s.coreml_summary()
+    if s.fused is not None:
+        info["fused"] = thaw(s.fused)
     if args.json:
         print(json.dumps(info))
     else:
@@ -99,6 +108,8 @@ def cmd_export(args, console) -> int:
             msg += "\n" + dropped_line(s)
         if s.schedule is not None:
             msg += "\n" + schedule_line(s.schedule)
+        if s.fused is not None:
+            msg += f"\nfused graph: {s.fused.file} (inputs {', '.join(s.fused.inputs)})"
         if s.coreml is not None:
             c = info["coreml"]
             msg += (f"\nCoreML: {c['packages']} {c['precision']} ML Program packages, {format_size(c['bytes'])} "
@@ -199,6 +210,8 @@ def cmd_info(args, console) -> int:
             "layers": len(s.layers), "bytes": b.total_bytes(), "dropped_layers": list(s.dropped_layers),
             "drop_cost": thaw(s.drop_cost), "quantization": thaw(s.quantization),
             "schedule": thaw(s.schedule), "export": thaw(s.export)}
+    if s.fused is not None:
+        info["fused"] = thaw(s.fused)
     if args.json:
         print(json.dumps(info, indent=1))
     else:
@@ -287,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     console = _console()
     handlers = {"models": cmd_models, "export": cmd_export, "rerank": cmd_rerank, "verify": cmd_verify,
                 "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate,
-                "quantize": cmd_quantize, "convert": cmd_convert, "profile": cmd_profile, "devices": cmd_devices,
+                "quantize": cmd_quantize, "convert": cmd_convert, "fuse": cmd_fuse, "profile": cmd_profile, "devices": cmd_devices,
                 "plan": cmd_plan}
     signals: list[int] = []
     previous = _raise_on_sigterm(signals)

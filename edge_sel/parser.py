@@ -22,7 +22,14 @@ EXAMPLES = {
   edge-sel export all-minilm-l6-v2 -o bundles/minilm-ce --scoring cross_encoder --seed 0
   edge-sel export smollm2-135m-instruct -o bundles/smollm2 --task rerank --verify
   edge-sel export ~/models/my-cross-encoder -o bundles/ce
-  edge-sel export all-minilm-l6-v2 -o bundles/minilm-coreml --format coreml          # + CoreML packages (fp16)""",
+  edge-sel export all-minilm-l6-v2 -o bundles/minilm-coreml --format coreml          # + CoreML packages (fp16)
+  edge-sel export all-minilm-l6-v2 -o bundles/minilm --calibrate --fused             # + one fused early-ranking graph""",
+    "fuse": """examples:
+  edge-sel fuse bundles/minilm                     # adds fused.onnx (the calibrated schedule compiled in), in place
+  edge-sel fuse bundles/smollm2 -o bundles/smollm2-fused --json
+  edge-sel fuse bundles/minilm --no-pruning        # the whole model in one graph, no early ranking
+the graph takes token ids and returns every document's score, where it was pruned, and the ranking
+(docs/BUNDLE.md, "Fused graph"); its weights stay in the bundle's files.""",
     "rerank": """examples:
   edge-sel rerank bundles/minilm --query "copy a file" --documents docs.txt --top-k 5
   edge-sel rerank bundles/smollm2 --query "..." --documents docs.jsonl --memory-budget 128MB --json
@@ -124,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--format", choices=["onnx", "ort", "coreml"], default="onnx",
                    help="ort: onnxruntime's ORT format graphs + the operator config for a reduced build (see `edge-sel convert`); "
                    "coreml: also a CoreML ML Program package per streamed stage (needs coremltools)")
+    e.add_argument("--fused", action="store_true", help="also write one ONNX graph running the whole early-ranking call "
+                   "(see `edge-sel fuse`; after --calibrate when given)")
     e.add_argument("--coreml-precision", default="fp16", choices=["fp16", "fp32"],
                    help="CoreML packages' weights and arithmetic (default fp16)")
     e.add_argument("--json", action="store_true")
@@ -208,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--method", default="weight-only", choices=["weight-only", "dynamic"],
                     help="weight-only (default: MatMulNBits blocks, float activations) or dynamic (MatMulInteger)")
     qz.add_argument("--block-size", type=int, default=32, help="int8/int4: values sharing one scale (default 32)")
+    qz.add_argument("--accuracy-level", type=int, choices=[0, 4], default=None,
+                    help="int8/int4: MatMulNBits' compute precision, 0 = float activations, 4 = int8 activations (faster "
+                         "one token at a time); default 0 at 4 bits, 4 at 8 bits")
+    qz.add_argument("--gguf", default=None, metavar="FILE",
+                    help="int8/int4: the GGUF file the bundle was exported from, whose Q4_0/Q4_1/Q8_0 blocks are kept "
+                         "(default: the bundle's recorded source, when it is a GGUF file here)")
     qz.add_argument("--no-measure", action="store_true", help="skip the agreement measurement on the builtin calibration data")
     qz.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     qz.add_argument("--json", action="store_true")
@@ -221,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnxruntime graph optimizations applied before saving (all: fastest, needs contrib ops)")
     cv.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     cv.add_argument("--json", action="store_true")
+
+    fu = cmd("fuse", "add one ONNX graph that runs a rerank bundle's whole early-ranking call (embedding, every layer, "
+             "in-graph pruning at the schedule's layers, scores) for apps with stock onnxruntime")
+    fu.add_argument("bundle")
+    fu.add_argument("-o", "--out", help="write a copy with the fused graph here (default: add it in place, atomically)")
+    fu.add_argument("--no-pruning", action="store_true", help="compile no schedule in: the whole model for every document")
+    fu.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    fu.add_argument("--json", action="store_true")
 
     v = cmd("verify", "check a bundle's files against its manifest (sizes and sha256)")
     v.add_argument("bundle")

@@ -1,5 +1,5 @@
 """The ``edge-sel`` commands that rewrite an existing bundle: ``calibrate``, ``quantize`` (weight formats or
-dynamic int8) and ``convert`` (ORT format). Each is a few lines over its pass in :mod:`edge_sel.export.passes`."""
+dynamic int8), ``convert`` (ORT format) and ``fuse`` (one fused early-ranking graph). Each is a few lines over its pass in :mod:`edge_sel.export.passes`."""
 
 from __future__ import annotations
 
@@ -69,7 +69,8 @@ def _convert_weights(args, console) -> int:
             if status is not None:
                 status.update(msg)
         out = convert_bundle(args.bundle, args.out, args.weights, block_size=args.block_size,
-                             measure=not args.no_measure, force=args.force, say=say)
+                             accuracy_level=args.accuracy_level, measure=not args.no_measure, force=args.force,
+                             say=say, gguf=args.gguf)
     b = Bundle.open(out)
     wspec = b.spec.weights
     if args.json:
@@ -135,3 +136,31 @@ def cmd_convert(args, console) -> int:
         console.print(f"  {domain}: {', '.join(names)}")
     return 0
 
+
+
+def cmd_fuse(args, console) -> int:
+    from edge_sel.export.passes.fused import fuse_bundle
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.manifest import thaw
+
+    if args.out is not None:
+        creatable_path(args.out, "-o")
+    out = fuse_bundle(args.bundle, args.out, force=args.force, pruning=not args.no_pruning)
+    b = Bundle.open(out)
+    f = b.spec.fused
+    if args.json:
+        print(json.dumps({"bundle": str(out), "fused": thaw(f), "bytes": b.spec.files[f.file].size}))
+        return 0
+    console.print(f"[green]wrote[/] {b.root / f.file} ({format_size(b.spec.files[f.file].size)}; weights read from "
+                  f"{len(f.reads)} bundle files)")
+    console.print(f"  inputs {', '.join(f.inputs)} -> outputs {', '.join(f.outputs)}")
+    console.print(fused_schedule_line(f))
+    return 0
+
+
+def fused_schedule_line(f) -> str:
+    """What pruning a fused graph holds, in one line."""
+    s = f.schedule
+    if s is None:
+        return "  no pruning compiled in: every document through every layer"
+    return f"  prunes with the {s['rule']} rule ({s['method']} scores) at layers {[e['layer'] for e in s['layers']]}, protecting the top-{f.top_k}"

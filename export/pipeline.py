@@ -198,15 +198,19 @@ def write_graphs(w: BundleWriter, graphs: BundleGraphs, say: Callable[[str, int,
 
 def _convert_weights(w: BundleWriter, manifest: dict[str, Any], weights: str, task: str, graphs: BundleGraphs,
                      say: Callable[[str, int, int], None], gguf: Path | None = None) -> dict[str, Any]:
-    """The staged float32 graphs and table rewritten in place in the ``weights`` format; from a GGUF whose token
-    embedding is Q8_0 / Q4_0 / Q4_1, the table keeps the file's own blocks (:mod:`edge_sel.export.gguf_blocks`)."""
-    from .gguf_blocks import table_blocks
+    """The staged float32 graphs and table rewritten in place in the ``weights`` format; from a GGUF, the table and
+    every MatMul weight stored there as Q8_0 / Q4_0 / Q4_1 keep the file's own blocks
+    (:mod:`edge_sel.export.gguf_blocks`)."""
+    from .gguf_blocks import RowIndex, table_blocks, warn
     from .passes.weights import convert_files
 
     say("weights", 0, 1)
-    blocks = table_blocks(gguf) if gguf is not None and weights in ("int8", "int4") else None
+    quantized = gguf is not None and weights in ("int8", "int4")
+    blocks = table_blocks(gguf) if quantized else None
+    index = RowIndex.build(gguf) if quantized else None
+    warn(index.warning() if index else None)
     new, replaced = convert_files(lambda rel: w.staging / rel, w, manifest, weights, task, table=graphs.embed,
-                                  say=lambda msg: None, table_blocks=blocks)
+                                  say=lambda msg: None, table_blocks=blocks, gguf=index)
     still = {f for g in graph_entries(new) for f in g[:2] if f} | set(embed_files(new))
     for rel in replaced - still:
         (w.staging / rel).unlink(missing_ok=True)  # the float32 table the encoded one replaces

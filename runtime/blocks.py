@@ -2,7 +2,8 @@
 
 A row is cut into blocks of ``block_size`` columns; each block has a scale and, optionally, a min
 (``x = q * scale + min``, else ``x = q * scale`` at 8 bits / ``x = (q - 8) * scale`` at 4 bits, the layout of
-GGUF's Q8_0, Q4_1 and Q4_0 blocks, so those keep their exact values). 4-bit values are packed two per byte,
+GGUF's Q8_0, Q4_1 and Q4_0 blocks, so those keep their exact values; 8-bit values stored as uint8 are
+``x = (q - 128) * scale``, ``MatMulNBits``' layout, so an LM head tied to the table can read the same file). 4-bit values are packed two per byte,
 the even column in the low nibble. ``docs/BUNDLE.md`` (raw arrays, encoding) specifies the layout.
 
 :class:`BlockTable` maps the three files and dequantizes only the rows a call gathers, so a call touches
@@ -36,8 +37,8 @@ def decode(q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, bits: int
     vals = unpack4(q) if bits == 4 else q
     rows, cols = vals.shape[0], vals.shape[1]
     v = vals.reshape(rows, cols // block_size, block_size).astype(np.float32)
-    if bits == 4 and mins is None:
-        v -= 8.0
+    if mins is None and (bits == 4 or vals.dtype == np.uint8):
+        v -= 8.0 if bits == 4 else 128.0  # zero point: 4-bit codes, or 8-bit codes stored unsigned
     v *= scales.astype(np.float32)[:, :, None]
     if mins is not None:
         v += mins.astype(np.float32)[:, :, None]

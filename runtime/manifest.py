@@ -318,8 +318,9 @@ class RawArray(Node):
 class TableEncoding(Node):
     """A 2-D array stored as block-quantized values (the embedding table at 8 or 4 bits). Row ``r``'s columns
     ``[j*block_size, (j+1)*block_size)`` share ``scales[r, j]`` and, when present, ``mins[r, j]``:
-    ``x = q * scale + min``; without mins ``x = q * scale`` (8 bits, ``q`` int8) or ``x = (q - 8) * scale``
-    (4 bits, ``q`` in 0..15). 4-bit values are packed two per byte, the even column in the low nibble."""
+    ``x = q * scale + min``; without mins ``x = q * scale`` (8 bits, ``q`` int8), ``x = (q - 128) * scale`` (8 bits
+    stored as uint8) or ``x = (q - 8) * scale`` (4 bits, ``q`` in 0..15). 4-bit values are packed two per byte, the
+    even column in the low nibble."""
 
     bits: int = _json("int", lo=1)
     block_size: int = _json("int", lo=1)
@@ -337,6 +338,8 @@ class TableEncoding(Node):
         if cols % self.block_size or (self.bits == 4 and self.block_size % 2):
             r.fail(f"{p}.block_size", f"{self.block_size} does not divide the {cols} columns into whole (even, at 4 bits) blocks")
         want = ("int8", [rows, cols]) if self.bits == 8 else ("uint8", [rows, cols // 2])
+        if self.bits == 8 and (stored.dtype, list(stored.shape)) == ("uint8", [rows, cols]):
+            want = ("uint8", [rows, cols])  # 8-bit codes with zero point 128 (MatMulNBits' layout)
         if (stored.dtype, list(stored.shape)) != want:
             r.fail(f"{p}", f"{self.bits}-bit values need a {want[0]} array of shape {want[1]}, got {stored.dtype} {list(stored.shape)}")
         for name, a in (("scales", self.scales), ("mins", self.mins)):
@@ -667,17 +670,36 @@ class OrtInfo(Node):
 
 
 @dataclass(frozen=True, kw_only=True)
+class FusedGraph(Node):
+    """A fused rerank graph (``edge-sel fuse``): the whole early-ranking call in one ONNX file, composed from the
+    bundle's graphs, reading its weights as external data from the bundle files ``reads``; ``schedule`` is the
+    schedule compiled into it (null: no pruning) and ``top_k`` the K it protects."""
+
+    file: str = _json("path")
+    inputs: tuple[str, ...] = _json("list", of="str", nonempty=True)
+    outputs: tuple[str, ...] = _json("list", of="str", nonempty=True)
+    reads: tuple[str, ...] = _json("list", (), of="path")
+    top_k: int | None = _json("int", None, lo=1)
+    schedule: Mapping[str, Any] | None = _json("free", None)
+    groups: int | None = _json("int", None, lo=1)
+    onnxruntime: str | None = _json("str", None)
+    seconds: float | None = _json("float", None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class TensorFormat(Node):
     """How one file's weights are stored: ``format`` (fp32/fp16/int8/int4), ``block_size`` (int8/int4: values sharing
     one scale), ``accuracy_level`` (``MatMulNBits``' compute precision: 0 = float activations, 4 = int8 activations),
     ``count`` (matrices stored so), ``source`` (``export``, ``requantized``, ``gguf:Q4_0``/``gguf:Q4_1``/``gguf:Q8_0`` =
-    the GGUF's own blocks repacked, never dequantized)."""
+    the GGUF's own blocks repacked, never dequantized; ``+requantized`` when some matrices of the file were not found
+    in it), ``max_abs_diff`` (GGUF blocks: largest |stored weight - the ``gguf`` package's dequantization|)."""
 
     format: str = _json("str", choices=WEIGHT_FORMATS)
     block_size: int | None = _json("int", None, lo=1)
     accuracy_level: int | None = _json("int", None, lo=0, hi=4)
     count: int | None = _json("int", None, lo=0)
     source: str | None = _json("str", None)
+    max_abs_diff: float | None = _json("float", None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -744,6 +766,7 @@ class Manifest(Node):
     coreml: CoreMLPackages | None = None
     graph_format: str = "onnx"
     ort: OrtInfo | None = None
+    fused: FusedGraph | None = None
     embedding: EmbeddingRule = field(default_factory=EmbeddingRule)
     pooling: str = "cls"
     score_rule: str | None = None
@@ -795,6 +818,8 @@ class Manifest(Node):
             refs += [(f"{s.package}/Manifest.json", f"CoreML package {k}") for k, s in self.coreml.stages.items()]
         if self.ort is not None:
             refs.append((self.ort.required_operators, "ORT operator configuration"))
+        if self.fused is not None:  # its external data must be listed files, as every graph's
+            refs += [(self.fused.file, "fused graph")] + [(rel, "fused graph data") for rel in self.fused.reads]
         return refs
 
     def layer_weight_bytes(self, i: int) -> int:
@@ -866,6 +891,7 @@ class Manifest(Node):
             coreml=opt("coreml", CoreMLPackages.read),
             graph_format=r.str(d.get("graph_format", "onnx"), "graph_format", choices=GRAPH_FORMATS),
             ort=opt("ort", OrtInfo.read),
+            fused=opt("fused", FusedGraph.read),
             embedding=EmbeddingRule.read(r, d.get("embedding", {}), "embedding"),
             pooling=r.str(d.get("pooling", "cls"), "pooling", choices=POOLINGS),
             score_rule=r.str(d.get("score_rule"), "score_rule", optional=True, choices=SCORE_RULES),
@@ -914,6 +940,11 @@ class Manifest(Node):
             r.fail("layer_io", "split layers (qkv graphs) need layer_io.qkv and layer_io.attn, and only they have them")
         if self.task == "generate" and not all(split):
             r.fail("layers[0].qkv", "generate bundles need split layers (a qkv graph per layer)")
+        if self.fused is not None and (self.task != "rerank" or not self.fused.file.endswith(".onnx")):
+            r.fail("fused.file", "a fused graph is an .onnx file of a rerank bundle")
+        if self.fused is not None and self.graph_format != "onnx":
+            r.fail("fused", "an ORT-format bundle cannot hold a fused graph (it reads the ONNX graphs' weight files, which "
+                            "conversion removes); convert a bundle exported without --fused")
         if (self.graph_format == "ort") != (self.ort is not None):
             r.fail("ort", "graph_format 'ort' and the 'ort' object come together")
         if self.scoring == "yes_no" and self.prompt is None:
@@ -1003,7 +1034,8 @@ def with_weights(raw: dict[str, Any], data: dict[str, str | None], embed: dict[s
 
     return {**raw, "layers": [moved(g) for g in raw["layers"]],
             "extra_graphs": {k: moved(g) for k, g in raw.get("extra_graphs", {}).items()},
-            "head": moved(raw["head"]), "embed": embed, "weights": weights}
+            "head": moved(raw["head"]), "embed": embed, "weights": weights,
+            **({"fused": None} if raw.get("fused") else {})}  # a fused graph reads the old weights
 
 
 def with_weights_facts(raw: dict[str, Any], **facts) -> dict[str, Any]:
@@ -1026,7 +1058,8 @@ def with_schedule(raw: dict[str, Any], schedule: dict[str, Any] | None, probe_na
     arrays = {k: v for k, v in raw.get("arrays", {}).items() if k != probe_name}
     if probe is not None:
         arrays[probe_name] = probe
-    return {**raw, "arrays": arrays, "schedule": schedule}
+    stale = {"fused": None} if raw.get("fused") else {}  # a fused graph holds the schedule it was built with
+    return {**raw, "arrays": arrays, "schedule": schedule, **stale}
 
 
 def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], probe_name: str,
@@ -1057,6 +1090,9 @@ def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], pr
         pkgs = [s["package"] + "/" for s in raw["coreml"]["stages"].values()]
         gone.update(f for f in files if any(f.startswith(pk) for pk in pkgs))
         out["coreml"] = None
+    if raw.get("fused"):  # compiled from the old layers
+        gone.add(raw["fused"]["file"])
+        out["fused"] = None
     probe = raw.get("arrays", {}).get(probe_name)
     if probe:
         gone.add(probe["file"])
@@ -1066,7 +1102,7 @@ def without_layers(raw: dict[str, Any], drop: set[int], cost: dict[str, Any], pr
 
 __all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
            "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
-           "ExportInfo", "CoreMLPackages", "CoreMLStage", "FileEntry", "RawArray", "TableEncoding", "TensorFormat", "WeightsSpec",
+           "ExportInfo", "CoreMLPackages", "FusedGraph", "CoreMLStage", "FileEntry", "RawArray", "TableEncoding", "TensorFormat", "WeightsSpec",
            "WEIGHT_FORMATS", "required_version", "graph_entries", "embed_entry", "embed_files", "with_weights",
            "with_weights_facts", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
            "CREATED_BY", "DTYPES", "freeze", "thaw", "editable", "with_schedule", "without_layers"]

@@ -16,7 +16,7 @@ from .. import trace
 from ..embedding import Embedder
 from ..residency import WeightPages, snapshot
 from ..providers import Assignment
-from ..sessions import OnnxRuntimeBackend
+from ..sessions import OnnxRuntimeBackend, needs_prepacking
 
 # Prompts longer than this release each layer's weights after its prefill pass and trim the heap after
 # every layer: their prefill's activations are large enough for the overlap to matter.
@@ -42,8 +42,18 @@ class DecoderModel:
         # each layer's weight files (qkv graph, attention+MLP graph)
         self.layer_weights = [(bundle.path(spec.extra_graphs[layer.qkv].weights), bundle.path(layer.weights))
                               for layer in spec.layers]
-        self.head_weights = bundle.path(spec.head.weights)
-        self.pages = WeightPages(self.weight_files() + [self.head_weights], before)
+        # none: the head's weights are inline, or (an LM head tied to an 8-bit table) the table's own files
+        enc = spec.embed.encoding
+        tied = [bundle.path(a.file) for a in (spec.embed, enc.scales) if a is not None] if enc is not None else []
+        self.head_files = [bundle.path(spec.head.weights)] if spec.head.weights else tied
+        self.pages = WeightPages(self.weight_files() + self.head_files, before)
+        # Block-quantized graphs run on the packed copies their kernels made at load: the weight files' pages are
+        # not read again, so they leave RSS now and are never mapped back.
+        graphs = [p for i, layer in enumerate(spec.layers)
+                  for p in (bundle.path(spec.extra_graphs[layer.qkv].file), bundle.layer_path(i))]
+        self.prepacked = isinstance(self.backend, OnnxRuntimeBackend) and all(needs_prepacking(p) for p in graphs)
+        if self.prepacked:
+            self.pages.release(*self.weight_files(), *self.head_files)
 
     def weight_files(self) -> list:
         return [p for pair in self.layer_weights for p in pair]
@@ -66,13 +76,15 @@ class DecoderModel:
         return n_prompt > TRIM_AFTER_TOKENS and self.pages.releasable
 
     def release_weights(self) -> None:
-        self.pages.release(*self.weight_files(), self.head_weights)
+        self.pages.release(*self.weight_files(), *self.head_files)
 
     def release_layer(self, layer: int) -> None:
         self.pages.release(*self.layer_weights[layer])
         trace.instant("weights.release", layer=layer)
 
     def map_layers(self) -> None:
+        if self.prepacked:
+            return
         tk = trace.begin("weights.map")
         self.pages.populate(*self.weight_files())
         trace.end(tk)
