@@ -14,6 +14,7 @@ candidates also yields the one of its first N' < N. The latency columns are real
     python -m benchmarks.cross_domain record BUNDLE --domains botchan,wordnet --queries 20 --candidates 64
     python -m benchmarks.cross_domain evaluate BUNDLE --domains botchan,wordnet --queries 20 --candidates 64 --out r.json
     python -m benchmarks.cross_domain latency BUNDLE --domains botchan,wordnet --queries 3 --candidates 64,128
+    python -m benchmarks.cross_domain run BUNDLE --candidates 64,128 --compare new=CAL --calibrated CAL --peer-onnx ONNX
 """
 
 from __future__ import annotations
@@ -103,10 +104,11 @@ def probe_scores(W: np.ndarray, scoring, traces) -> list[np.ndarray]:
 
 
 def evaluate(bundle: Path, cal: list, held: dict[str, list], k: int, rules: list[str], safeties: list[float] | None = None,
-             stored: dict | None = None) -> dict:
+             stored: dict[str, Path] | None = None) -> dict:
     """Calibrate each rule on the traces ``cal`` (probe, split-half validated, as ``edge-sel calibrate``), replay it
     on every held-out trace set of ``held`` (name -> traces); ``safeties``: also each rule unvalidated at these safety
-    factors (the trade-off); ``stored``: a schedule dict (e.g. the bundle's) replayed as well."""
+    factors (the trade-off); ``stored``: label -> a calibrated copy of the bundle whose stored schedule (and probe) is
+    replayed as well."""
     from edge_sel.export.passes.schedule_search import choose_schedule, simulate, validated_schedule
     from edge_sel.export.passes.traces import probe_fits
     from edge_sel.runtime.bundle import Bundle
@@ -134,18 +136,35 @@ def evaluate(bundle: Path, cal: list, held: dict[str, list], k: int, rules: list
         for sf in safeties or []:
             layers, params, _ = choose_schedule(cal_scores, cal, k, sf, rule=rule)
             add(f"{rule} x{sf:g}", rule, sf, layers, params, {})
-    if stored and stored.get("layers"):
-        from edge_sel.runtime.rerank.schedule import Schedule
-
-        sch = Schedule.from_manifest(stored)
-        Wb = np.array(b.array(sch.probe)) if sch.method == "probe" else None
-        if Wb is not None:
-            row = {"schedule": "stored in the bundle", "rule": sch.rule, "safety": sch.safety, "layers": sch.layers,
-                   "params": [round(float(x), 4) for x in sch.params]}
-            for name, tr in held.items():
-                row[name] = simulate(probe_scores(Wb, scoring, tr), tr, k, sch.layers, sch.params, rule=sch.rule)
-            rows.append(row)
+    for label, path in (stored or {}).items():
+        rows.append(stored_row(label, path, cal, held, k, scoring))
     return {"rows": rows, "probe_fit_cpu_s": fit_cpu}
+
+
+def stored_row(label: str, path: Path, cal: list, held: dict[str, list], k: int, scoring) -> dict:
+    """The schedule stored in the bundle at ``path`` (with its own probe array), replayed on every trace set."""
+    from edge_sel.export.passes.schedule_search import simulate
+    from edge_sel.runtime.bundle import Bundle
+    from edge_sel.runtime.rerank.schedule import Schedule
+
+    b = Bundle.open(path)
+    row = {"schedule": label, "bundle": str(path), "rule": None, "layers": [], "params": []}
+    if b.spec.schedule is None or not b.spec.schedule.layers:  # nothing to replay: every call is the full model's
+        return {**row, **{name: simulate([t.pooled[:, :, 0] for t in tr], tr, k, [], []) for name, tr in [("calibration", cal), *held.items()]}}
+    sch = Schedule.from_manifest(b.spec.schedule.to_dict())
+    W = np.array(b.array(sch.probe)) if sch.method == "probe" else None
+    row.update(rule=sch.rule, safety=sch.safety, layers=sch.layers, params=[round(float(x), 4) for x in sch.params],
+               calibration_source=sch.info.get("calibration"))
+
+    def scores(traces):
+        if W is not None:
+            return probe_scores(W, scoring, traces)
+        from edge_sel.export.passes.traces import head_scores
+        return [np.stack([head_scores(scoring, t, l) for l in range(t.pooled.shape[0])]) for t in traces]
+
+    for name, tr in [("calibration", cal), *held.items()]:
+        row[name] = simulate(scores(tr), tr, k, sch.layers, sch.params, rule=sch.rule)
+    return row
 
 
 def render(doc: dict) -> str:
@@ -216,14 +235,44 @@ def latency(bundle: Path, calibrated: Path, domain: str, n: int, n_queries: int,
             "pruning": stats[0].get("pruning") if stats else None, "loadavg": os.getloadavg()}
 
 
+def held_traces(cache: Path, bundle: Path, domains: list[str], sizes: list[int], n_queries: int, seed: int) -> dict[str, list]:
+    """Per domain and N: recorded traces of some N' >= N (the one with most queries, then the largest), cut to their
+    first N candidates (a call with those N candidates computes exactly these states)."""
+    held = {}
+    for d in domains:
+        recorded = {m: [p for p in (trace_path(cache, bundle, d, m, qi, seed) for qi in range(n_queries)) if p.is_file()]
+                    for m in sorted(set(sizes))}
+        for n in sizes:
+            options = [(len(paths), m) for m, paths in recorded.items() if m >= n and paths]
+            if options:
+                _, m = max(options)
+                held[f"{d} N={n} ({len(recorded[m])}q)"] = load_traces(recorded[m], n)
+    return held
+
+
+def render_latency(rows: dict) -> str:
+    lines = ["| domain | queries | bare ort s/query | edge_sel full s | pruned s | pruned x ort (wall / CPU) | full x ort | "
+             "top-K same | overlap | work saved | load average |", "|" + "---|" * 11]
+    for name, r in rows.items():
+        if r.get("ok"):
+            cpu = f"{r['cpu_ratio']:.3f}" if r.get("cpu_ratio") else "-"
+            lines.append(f"| {name} | {r['queries']} | {r['ort_s']:.2f} | {r['full_s']:.2f} | {r['pruned_s']:.2f} | {r['ratio']:.3f} / {cpu} | "
+                         f"{r['full_ratio']:.3f} | {100 * r['topk_identical']:.0f}% | {r['overlap']:.3f} | "
+                         f"{100 * (r['layer_work_saved'] or 0):.1f}% | {r['loadavg'][0]:.1f} |")
+        else:
+            lines.append(f"| {name} | failed: {r.get('errors')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.cross_domain", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("command", choices=["record", "evaluate", "latency"])
+    ap.add_argument("command", choices=["record", "evaluate", "latency", "run"],
+                    help="run = record (cached) + evaluate + latency in one go")
     ap.add_argument("bundle")
     ap.add_argument("--domains", default="botchan,wordnet")
     ap.add_argument("--queries", type=int, default=20)
-    ap.add_argument("--candidates", default="64")
+    ap.add_argument("--candidates", default="64", help="comma-separated N; traces are recorded at the largest and cut")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
     ap.add_argument("--cal-domain", default="builtin", help="evaluate: the domain calibration sees (default: %(default)s)")
@@ -233,51 +282,57 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--rules", default="margin,rank,spread")
     ap.add_argument("--safeties", default="", help="evaluate: also each rule unvalidated at these safety factors")
-    ap.add_argument("--out", help="evaluate / latency: write the JSON here")
+    ap.add_argument("--compare", default="", help="evaluate: LABEL=BUNDLE,... calibrated copies of BUNDLE whose stored "
+                    "schedules are replayed too (e.g. the default calibration and an older one)")
+    ap.add_argument("--out", help="evaluate / latency / run: write the JSON here (run: and a .md beside it)")
     ap.add_argument("--calibrated", help="latency: the calibrated copy of BUNDLE whose stored schedule is timed")
     ap.add_argument("--peer-onnx", help="latency: the whole-model ONNX graph (benchmarks.prepare's peer_onnx)")
+    ap.add_argument("--latency-queries", type=int, default=5, help="run: real-call queries per domain and N")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="latency / run: configurations timed side by side")
+    ap.add_argument("--record", action="store_true", help="run: first record the missing traces (else: the cached ones)")
     args = ap.parse_args(argv)
     bundle = Path(args.bundle).resolve()
+    cache = Path(args.cache)
+    domains = args.domains.split(",")
+    sizes = [int(x) for x in args.candidates.split(",")]
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
-    if args.command == "record":
-        for d in args.domains.split(","):
-            for n in [int(x) for x in args.candidates.split(",")]:
-                record(bundle, d, args.queries, n, args.seed, Path(args.cache), log)
-    if args.command == "evaluate":
-        from edge_sel.runtime.bundle import Bundle
-
-        cal = load_traces(sorted((Path(args.cache) / _bundle_key(bundle) / f"{args.cal_domain}-n48-s0").glob("q*.npz"))[:args.cal_queries],
+    doc: dict = {"bundle": str(bundle), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_start": os.getloadavg()}
+    if args.command == "record" or (args.command == "run" and args.record):
+        for d in domains:
+            record(bundle, d, args.queries, max(sizes), args.seed, cache, log)
+    if args.command in ("evaluate", "run"):
+        cal = load_traces(sorted((cache / _bundle_key(bundle) / f"{args.cal_domain}-n48-s0").glob("q*.npz"))[:args.cal_queries],
                           args.cal_candidates)
-        held = {}
-        for d in args.domains.split(","):
-            for n in [int(x) for x in args.candidates.split(",")]:
-                paths = [p for p in (trace_path(Path(args.cache), bundle, d, n, qi, args.seed) for qi in range(args.queries)) if p.is_file()]
-                if paths:
-                    held[f"{d} N={n} ({len(paths)}q)"] = load_traces(paths)
-        stored = Bundle.open(bundle).spec.schedule
+        held = held_traces(cache, bundle, domains, sizes, args.queries, args.seed)
+        compare = {kv.split("=", 1)[0]: Path(kv.split("=", 1)[1]).resolve() for kv in args.compare.split(",") if kv}
         res = evaluate(bundle, cal, held, args.top_k, args.rules.split(","),
-                       [float(x) for x in args.safeties.split(",") if x], stored.to_dict() if stored else None)
-        doc = {"bundle": str(bundle), "cal_domain": args.cal_domain, "cal_queries": len(cal), "cal_candidates": args.cal_candidates,
-               "domains": list(held), "top_k": args.top_k, **res}
+                       [float(x) for x in args.safeties.split(",") if x], compare)
+        doc.update({"cal_domain": args.cal_domain, "cal_queries": len(cal), "cal_candidates": args.cal_candidates,
+                    "domains": list(held), "top_k": args.top_k, **res})
         print(render(doc))
-        if args.out:
-            Path(args.out).write_text(json.dumps(doc, indent=1))
-    if args.command == "latency":
-        rows = {}
-        for d in args.domains.split(","):
-            for n in [int(x) for x in args.candidates.split(",")]:
-                rows[f"{d} N={n}"] = r = latency(bundle, Path(args.calibrated).resolve(), d, n, args.queries, args.seed,
-                                                 args.top_k, args.runs, args.peer_onnx, log)
-                log(f"{d} N={n}: {json.dumps(r)}")
-        print("| domain | queries | bare ort s/query | edge_sel full s | pruned s | pruned x ort | full x ort | top-K same | overlap | work saved |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for name, r in rows.items():
-            if r.get("ok"):
-                print(f"| {name} | {r['queries']} | {r['ort_s']:.2f} | {r['full_s']:.2f} | {r['pruned_s']:.2f} | {r['ratio']:.3f} | "
-                      f"{r['full_ratio']:.3f} | {100 * r['topk_identical']:.0f}% | {r['overlap']:.3f} | {100 * (r['layer_work_saved'] or 0):.0f}% |")
-        if args.out:
-            Path(args.out).write_text(json.dumps(rows, indent=1))
+    if args.command in ("latency", "run"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(d, n):
+            r = latency(bundle, Path(args.calibrated).resolve(), d, n, args.latency_queries if args.command == "run" else args.queries,
+                        args.seed, args.top_k, args.runs, args.peer_onnx, log)
+            log(f"{d} N={n}: {json.dumps(r)}")
+            return r
+
+        # each configuration's two sessions run one after the other (their ratio is what counts); --jobs runs
+        # configurations side by side on a machine that is shared anyway
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {f"{d} N={n}": pool.submit(one, d, n) for d in domains for n in sizes}
+            rows = {name: f.result() for name, f in futures.items()}
+        doc["latency"] = rows
+        print(render_latency(rows))
+    if args.out:
+        doc["finished"], doc["loadavg_end"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), os.getloadavg()
+        out = Path(args.out)
+        out.write_text(json.dumps(doc.get("latency") if args.command == "latency" else doc, indent=1))
+        if args.command == "run":
+            out.with_suffix(".md").write_text(render(doc) + "\n" + render_latency(doc["latency"]))
     return 0
 
 

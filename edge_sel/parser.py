@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiplier over the calibration worst case (default: 3 for margins, 1.0 for rank fractions, "
                         "1.25 for spread margins; "
                         "split-half validation raises it when needed)")
-    c.add_argument("--queries", type=int, default=None, help="builtin data: number of queries (default 32)")
-    c.add_argument("--candidates", type=int, default=None, help="builtin data: candidates per query (default 48)")
+    c.add_argument("--queries", type=int, default=None, help="builtin data: number of queries (default 16)")
+    c.add_argument("--candidates", type=int, default=None, help="builtin data: candidates per query (default 32)")
     c.add_argument("--check", default="", help="comma-separated text domains calibration never sees (botchan, wordnet, "
                    "docstrings): trace a few queries of each and report every candidate schedule on them")
     c.add_argument("--check-queries", type=int, default=8, help="queries per --check domain (default 8)")

@@ -30,9 +30,11 @@ def cmd_calibrate(args, console) -> int:
             if i == 0 and not args.json:
                 console.print(f"calibrating on {n} queries ({total:,} tokens through every layer)"
                               + (f", then {args.check_queries} queries of each of {', '.join(check)}" if check else ""))
+                console.print(f"estimated time for the traces: {info['estimate_s']:.0f} s "
+                              f"(measured on a few candidates first: {info['tokens_per_s']:.0f} tokens/s)")
             if i == 1 and not args.json:
-                console.print(f"estimated time for the traces: {sec * total / max(done, 1):.0f} s "
-                              f"(from the first query: {done / max(sec, 1e-9):.0f} tokens/s)")
+                console.print(f"after the first query: {sec * total / max(done, 1):.0f} s in all "
+                              f"({done / max(sec, 1e-9):.0f} tokens/s)")
             prog.update(task, completed=i, total=n, tokens=f"{done:,}/{total:,} tokens")
 
         rep = calibrate(args.bundle, args.data, top_k=args.top_k, method=args.method, safety=args.safety, rule=args.rule,

@@ -236,6 +236,22 @@ def test_calibrate_rank_rule_round_trips(bert_ce_bundle, tmp_path):
         calibrate(b, "builtin", top_k=3, n_queries=4, n_candidates=16, rule="sideways")
 
 
+def test_calibrate_estimates_before_tracing_and_counts_every_token(bert_ce_bundle, tmp_path):
+    """The first progress report (before any query is traced) carries an estimate timed on a few real candidates;
+    the tokens reported done at the end are the total announced up front. Builtin passages are capped."""
+    from edge_sel.export.domains import MAX_WORDS, domain_queries
+
+    b = tmp_path / "b"
+    shutil.copytree(bert_ce_bundle, b)
+    calls = []
+    calibrate(b, "builtin", top_k=3, n_queries=4, n_candidates=12, method="head", progress=lambda i, n, info: calls.append((i, n, info)))
+    first, last = calls[0], calls[-1]
+    assert first[0] == 0 and first[1] == 4 and first[2]["estimate_s"] > 0 and first[2]["tokens_per_s"] > 0
+    assert last[0] == 4 and last[2]["tokens_done"] == first[2]["tokens_total"] > 0
+    assert [c[0] for c in calls] == list(range(5))
+    assert all(len(d.split()) <= MAX_WORDS for _, docs in domain_queries("builtin", 4, 12, 0) for d in docs)
+
+
 def test_pruned_candidates_rank_below_survivors(bert_ce_bundle, docs):
     """rank(top_k=None) lists every document: survivors by final score, then dropped ones (later drops first)."""
     documents, queries = docs

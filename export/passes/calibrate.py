@@ -54,8 +54,10 @@ CALIBRATION_MODULES = [
     "symtable", "token", "tomllib", "rlcompleter", "fileinput", "smtpd", "asynchat", "socketserver",
 ]
 
-DEFAULT_QUERIES = 32          # with the margin rule at its default safety, 24 queries already transfer as well as 64
-DEFAULT_CANDIDATES = 48
+# The fast default: the margin rule's off-domain identity and layer choice from 16 queries x 32 candidates match
+# those from 24 x 48 and 64 x 48 (benchmarks/EARLY_RANK.md, "Calibration cost"), at a sixth of the 64 x 48 tokens.
+DEFAULT_QUERIES = 16
+DEFAULT_CANDIDATES = 32
 # The rules ``--rule auto`` chooses from: only those whose validated schedule from builtin text kept the full top-10
 # on text calibration never saw (benchmarks/EARLY_RANK.md, "Off-domain"); rank and spread stay available by name.
 AUTO_RULES = ("margin",)
@@ -147,7 +149,8 @@ def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", 
         raise InputError(f"rule {rule!r} is not known (choose from auto, {', '.join(RULES)})")
     if isinstance(data, str):
         label = data
-        pairs = builtin_data(n_queries, n_candidates, seed) if data == "builtin" else load_data(data)
+        # builtin: passages capped at the domains' length (a long docstring's tail adds tokens, not ranking signal)
+        pairs = domain_queries("builtin", n_queries, n_candidates, seed) if data == "builtin" else load_data(data)
     else:
         label, pairs = "python", list(data)
     if len(pairs) < 2:
@@ -188,18 +191,35 @@ def calibrate(bundle: str | os.PathLike | Bundle, data: str | list = "builtin", 
     return report
 
 
+WARMUP_CANDIDATES = 8  # the timed slice behind the up-front estimate (under 2% of the default run's tokens)
+
+
 def _token_progress(rr: Reranker, pairs: list, progress):
-    """``progress(done, total)`` -> ``progress(done, total, info)`` with tokens done / in total and seconds so far."""
+    """``progress(done, total)`` -> ``progress(done, total, info)`` with tokens done / in total and seconds so far.
+    Before the first call, the first query's first :data:`WARMUP_CANDIDATES` candidates are traced and timed (this
+    also loads every layer): ``info["estimate_s"]`` is the whole run's trace time at that rate, given up front."""
     if progress is None:
         return None
-    tokens = [sum(len(x) for x in rr.scoring.items(rr.encoder.encode(q, d))[0]) for q, d in pairs]
-    total, started = sum(tokens), time.perf_counter()
-    progress(0, len(pairs), {"tokens_done": 0, "tokens_total": total, "seconds": 0.0})
+    tokens = [_tokens(rr, q, d) for q, d in pairs]
+    total = sum(tokens)
+    q, docs = pairs[0]
+    warm = docs[:WARMUP_CANDIDATES]
+    t = time.perf_counter()
+    rr.trace(q, warm, lambda obs: None)
+    rate = _tokens(rr, q, warm) / max(time.perf_counter() - t, 1e-9)
+    started = time.perf_counter()
+    progress(0, len(pairs), {"tokens_done": 0, "tokens_total": total, "seconds": 0.0, "estimate_s": total / rate,
+                             "tokens_per_s": rate})
 
     def cb(done: int, n: int) -> None:
         progress(done, n, {"tokens_done": sum(tokens[:done]), "tokens_total": total, "seconds": time.perf_counter() - started})
 
     return cb
+
+
+def _tokens(rr: Reranker, query: str, docs: list[str]) -> int:
+    """Tokens a call runs through every layer (a shared prompt prefix, computed once, not counted)."""
+    return int(sum(len(x) for x in rr.scoring.items(rr.encoder.encode(query, docs))[0]))
 
 
 def off_domain(b: Bundle, report: dict, traces: list[Trace], held: dict[str, list[Trace]], k: int) -> dict:
