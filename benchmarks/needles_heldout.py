@@ -21,7 +21,6 @@ are measured side by side under the same load; that is the speed table (``--leng
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import statistics
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 from .generate import is_correct
-from .perplexity import parse_policy
+from .perplexity import kv_parser, parse_policy
 
 # (needle sentence, question, answer prefix); {key} and {number} are filled in
 TEMPLATES = (
@@ -121,9 +120,7 @@ def markdown(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.needles_heldout", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", required=True, help="a generate bundle (edge-sel export MODEL --task generate)")
+    ap = kv_parser("needles_heldout", __doc__, bundle_required=True)
     ap.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens")
     ap.add_argument("--per-length", type=int, default=8, help="needles per length")
     ap.add_argument("--ratios", default="0.05", help="fractions of the context kept")

@@ -175,10 +175,16 @@ def markdown(doc: dict, split: str, chosen: str | None = None) -> str:
 
 
 # ---- driver ---------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.perplexity", description=__doc__,
+def kv_parser(prog: str, doc: str | None, bundle_required: bool) -> argparse.ArgumentParser:
+    """The options the KV-quality benchmarks share (this one and ``benchmarks.needles_heldout``)."""
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{prog}", description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", required=False, help="a generate bundle (edge-sel export MODEL --task generate)")
+    ap.add_argument("--bundle", required=bundle_required, help="a generate bundle (edge-sel export MODEL --task generate)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = kv_parser("perplexity", __doc__, bundle_required=False)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the same model for kvpress")
     ap.add_argument("--split", default="held", choices=["tune", "held", "all"])
     ap.add_argument("--fast", action="store_true", help="the split's first window of each book only (development)")

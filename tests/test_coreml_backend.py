@@ -20,7 +20,7 @@ pytest.importorskip("coremltools", reason="CoreML packages need the coreml extra
 from edge_sel import cli  # noqa: E402
 from edge_sel.runtime import Generator, Reranker  # noqa: E402
 from edge_sel.runtime.bundle import Bundle  # noqa: E402
-from edge_sel.runtime.coreml import INT32_MAX, CoreMLBackend, StageContract  # noqa: E402
+from edge_sel.runtime.coreml import INT32_MAX, CoreMLBackend  # noqa: E402
 from edge_sel.runtime.errors import BundleError, InputError  # noqa: E402
 from edge_sel.runtime.planning.rerank import SESSION_OVERHEAD  # noqa: E402
 from edge_sel.runtime.providers import COREML, CPU, choose, coreml_options  # noqa: E402
@@ -35,25 +35,11 @@ MACOS_WHEEL = [COREML, "AzureExecutionProvider", CPU]
 QUERY = "Return the number of items in a container."
 
 
-def export_coreml(tmp_path_factory, name, make, precision="fp16", task="rerank", **kw):
-    from edge_sel.export import export
-
-    root = tmp_path_factory.mktemp(f"cmlb_{name}_{precision}")
-    return Bundle.open(export(make(root / "hf", **kw), root / "bundle", task=task, format="coreml", coreml_precision=precision))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from gen_tiny import make_gen_decoder
-    from tiny_models import make_bert, make_decoder
+    from tiny_models import tiny_coreml_bundles
 
-    return {
-        "bert_bi": export_coreml(tmp_path_factory, "bert_bi", make_bert, layers=3),
-        "bert_ce": export_coreml(tmp_path_factory, "bert_ce", make_bert, cross_encoder=True, layers=3),
-        "llama_rerank": export_coreml(tmp_path_factory, "llama", make_decoder, layers=3),
-        "llama_generate": export_coreml(tmp_path_factory, "llama_gen", make_gen_decoder, task="generate", layers=2,
-                                        context=256),
-    }
+    return tiny_coreml_bundles(tmp_path_factory, layers=3, context=256)
 
 
 # ---- choosing the backend ------------------------------------------------------------------------------------------

@@ -22,27 +22,13 @@ def ct():
     return coremltools()
 
 
-def export_coreml(tmp_path_factory, name, make, precision="fp16", task="rerank", **kw):
-    from edge_sel.export import export
-
-    root = tmp_path_factory.mktemp(f"coreml_{name}_{precision}")
-    return Bundle.open(export(make(root / "hf", **kw), root / "bundle", task=task, format="coreml", coreml_precision=precision))
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The four tiny models exported with CoreML packages (2 layers each), and the cross-encoder at fp32 too."""
-    from gen_tiny import make_gen_decoder
-    from tiny_models import make_bert, make_decoder
+    from tiny_models import export_coreml, make_bert, tiny_coreml_bundles
 
-    return {
-        "bert_bi": export_coreml(tmp_path_factory, "bert_bi", make_bert, layers=2),
-        "bert_ce": export_coreml(tmp_path_factory, "bert_ce", make_bert, cross_encoder=True, layers=2),
-        "bert_ce_fp32": export_coreml(tmp_path_factory, "bert_ce", make_bert, "fp32", cross_encoder=True, layers=2),
-        "llama_rerank": export_coreml(tmp_path_factory, "llama", make_decoder, layers=2),
-        "llama_generate": export_coreml(tmp_path_factory, "llama_gen", make_gen_decoder, task="generate", layers=2,
-                                        context=512),
-    }
+    return {**tiny_coreml_bundles(tmp_path_factory, layers=2),
+            "bert_ce_fp32": export_coreml(tmp_path_factory, "bert_ce", make_bert, "fp32", cross_encoder=True, layers=2)}
 
 
 def onnx_io(path: Path):

@@ -120,3 +120,26 @@ def save_widened(model, tok, path: Path) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def export_coreml(tmp_path_factory, name: str, make, precision: str = "fp16", task: str = "rerank", **kw):
+    """A tiny model made by ``make`` and exported with Core ML packages (``--format coreml``), opened as a Bundle."""
+    from edge_sel.export import export
+    from edge_sel.runtime.bundle import Bundle
+
+    root = tmp_path_factory.mktemp(f"coreml_{name}_{precision}")
+    return Bundle.open(export(make(root / "hf", **kw), root / "bundle", task=task, format="coreml", coreml_precision=precision))
+
+
+def tiny_coreml_bundles(tmp_path_factory, layers: int, generate_layers: int = 2, context: int = 512) -> dict:
+    """The four tiny kinds (bi-encoder, cross-encoder, yes/no Llama, generating Llama) with Core ML packages."""
+    from gen_tiny import make_gen_decoder
+
+    return {
+        "bert_bi": export_coreml(tmp_path_factory, "bert_bi", make_bert, layers=layers),
+        "bert_ce": export_coreml(tmp_path_factory, "bert_ce", make_bert, cross_encoder=True, layers=layers),
+        "llama_rerank": export_coreml(tmp_path_factory, "llama", make_decoder, layers=layers),
+        "llama_generate": export_coreml(tmp_path_factory, "llama_gen", make_gen_decoder, task="generate",
+                                        layers=generate_layers, context=context),
+    }
+
