@@ -191,9 +191,10 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, group
             raise ValueError(f"attn graph: expected one {what}, found {len(xs)}")
         return xs[0]
 
-    # P·V: the MatMul whose second input is Unsqueeze(v_cache)
-    pv = only([n for n in g.node if n.op_type == "MatMul" and n.input[1] in producer
-               and producer[n.input[1]].op_type == "Unsqueeze" and producer[n.input[1]].input[0] == "v_cache"], "P·V MatMul")
+    # P·V: the MatMul whose second input is v_cache (grouped rows) or Unsqueeze(v_cache) (broadcast over the group)
+    pv = only([n for n in g.node if n.op_type == "MatMul" and (n.input[1] == "v_cache" or (
+               n.input[1] in producer and producer[n.input[1]].op_type == "Unsqueeze"
+               and producer[n.input[1]].input[0] == "v_cache"))], "P·V MatMul")
     # follow the (Reshape, Transpose, Reshape) chain to the tensor o_proj multiplies: [B, T, heads*D]
     t, chain = pv.output[0], []
     while True:

@@ -115,12 +115,15 @@ def split_layer_graphs(model, family) -> list[tuple[GraphSpec, GraphSpec]]:
 
         def forward(self, hidden, q, k_cache, v_cache, key_pos, position_ids):
             B, T = hidden.shape[0], hidden.shape[1]
-            qg = q.reshape(B, kvh, G, T, D)                       # query heads grouped by their kv head
-            scores = torch.matmul(qg, k_cache[:, :, None].transpose(-1, -2)) * self.scaling   # [B,kv,G,T,S]
+            S = k_cache.shape[2]
+            # a kv head's G query heads as G*T rows of one product: each cached key and value is read once per
+            # kv head (a [B,kv,G,T,D] x [B,kv,1,D,S] broadcast reads the whole cache G times, most of a long decode step)
+            qg = q.reshape(B, kvh, G * T, D)                      # query heads grouped by their kv head
+            scores = (torch.matmul(qg, k_cache.transpose(-1, -2)) * self.scaling).reshape(B, kvh, G, T, S)
             allowed = key_pos[:, :, None, None, :] <= position_ids[:, None, None, :, None]
             scores = torch.where(allowed, scores, torch.full((), minf, dtype=scores.dtype))
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out = torch.matmul(probs, v_cache[:, :, None])        # [B,kv,G,T,D]
+            out = torch.matmul(probs.reshape(B, kvh, G * T, S), v_cache)   # [B,kv,G*T,D]
             out = out.reshape(B, heads, T, D).transpose(1, 2).reshape(B, T, heads * D)
             h = hidden + self.o_proj(out)
             h = h + self.mlp(self.post_norm(h))
