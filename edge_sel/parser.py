@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     qz.add_argument("--block-size", type=int, default=32, help="int8/int4: values sharing one scale (default 32)")
     qz.add_argument("--accuracy-level", type=int, choices=[0, 4], default=None,
                     help="int8/int4: MatMulNBits' compute precision, 0 = float activations, 4 = int8 activations (faster "
-                         "one token at a time); default 0 at 4 bits, 4 at 8 bits")
+                         "one token at a time) for every matrix; default 4 at 8 bits, at 4 bits 0 for reranking and 4 for "
+                         "generation except the MLP down projection (0)")
     qz.add_argument("--gguf", default=None, metavar="FILE",
                     help="int8/int4: the GGUF file the bundle was exported from, whose Q4_0/Q4_1/Q8_0 blocks are kept "
                          "(default: the bundle's recorded source, when it is a GGUF file here)")

@@ -153,3 +153,24 @@ def test_convert_refuses_bad_input(converted, bert_bi_bundle, tmp_path):
     with pytest.raises(InputError, match="already stores int4"):
         convert_bundle(converted["bert", "int4"], tmp_path / "y", "int8")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_generate_int4_levels(converted, gen_llama_bundle, tmp_path):
+    """4-bit generation: int8 activations (level 4) except the MLP down projection (input wider than the hidden state),
+    which keeps float activations; a level chosen on the command line applies to every matrix."""
+    q = Bundle.open(converted["gen", "int4"], verify=True)
+    hidden = q.spec.dims.hidden
+
+    def levels(bundle):
+        out = {}
+        for i, layer in enumerate(bundle.spec.layers):
+            for rel in (bundle.spec.qkv_graph(i).file, layer.file):
+                for n in onnx.load(str(bundle.path(rel)), load_external_data=False).graph.node:
+                    if n.op_type == "MatMulNBits":
+                        a = {x.name: x.i for x in n.attribute}
+                        out.setdefault("wide" if a["K"] > hidden else "hidden", set()).add(a.get("accuracy_level", 0))  # absent: the default, 0
+        return out
+
+    assert levels(q) == {"wide": {0}, "hidden": {4}}
+    flat = Bundle.open(convert_bundle(gen_llama_bundle, tmp_path / "l0", "int4", accuracy_level=0, measure=False))
+    assert levels(flat) == {"wide": {0}, "hidden": {0}}

@@ -14,9 +14,12 @@ Weight-only quantization, so activations stay float32 between graphs:
 
 ``accuracy_level`` is ``MatMulNBits``' compute precision: 0 keeps float activations (weight-only arithmetic),
 4 quantizes each activation block to int8 inside the kernel (what llama.cpp does), the fast path for one token
-at a time. Default: 0 at 4 bits (a GGUF's own blocks then compute exactly what the float weights do: SmolLM2's
-perplexity moves by < 0.5 %, against +2.3 % at level 4), 4 at 8 bits (onnxruntime has no fast 8-bit float path;
-its error is small). The manifest's ``weights`` records the format of every file it changed.
+at a time. Defaults (:func:`default_accuracy_level`): 4 at 8 bits (onnxruntime has no fast 8-bit float path; its
+error is small); at 4 bits 0 for reranking (batched rows gain nothing from int8 activations on the CPU, and a GGUF's
+own blocks then compute exactly what the float weights do) and 4 for generation, except the matrices whose input
+is wider than the hidden state — the MLP's down projection, whose input (the gated activation) carries the outlier
+features that per-block int8 rounding hurts most (Dettmers et al., LLM.int8(), 2022) — which keep 0
+(:func:`keep_float_wide_inputs`). The manifest's ``weights`` records the format of every file it changed.
 """
 
 from __future__ import annotations
@@ -48,7 +51,24 @@ def default_accuracy_level(fmt: str, task: str) -> int | None:
     bits = bits_of(fmt)
     if bits is None:
         return None
-    return 4 if bits == 8 else 0
+    return 4 if bits == 8 or task == "generate" else 0
+
+
+def float_wide_inputs(fmt: str, task: str, accuracy_level: int | None) -> bool:
+    """Whether the default level applies with :func:`keep_float_wide_inputs` (4-bit generation, no level chosen)."""
+    return accuracy_level is None and bits_of(fmt) == 4 and task == "generate"
+
+
+def keep_float_wide_inputs(model, hidden: int) -> int:
+    """Set ``accuracy_level`` 0 on every ``MatMulNBits`` of ``model`` whose input is wider than ``hidden`` (the MLP's
+    down projection); returns how many."""
+    count = 0
+    for n in model.graph.node:
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type == "MatMulNBits" and attrs["K"].i > hidden and "accuracy_level" in attrs:
+            attrs["accuracy_level"].i = 0
+            count += 1
+    return count
 
 
 def check_format(fmt: str) -> str:
@@ -126,10 +146,10 @@ def _fp16_weights(model) -> int:
 
 
 def convert_graph(src: Path, src_data: Path | None, dst: Path, fmt: str, block_size: int = BLOCK_SIZE,
-                  accuracy_level: int | None = None, gguf=None):
+                  accuracy_level: int | None = None, gguf=None, float_inputs_wider_than: int | None = None):
     """Write ``src`` (weights in ``src_data``) with its MatMul weights in ``fmt`` to ``dst`` (weights in
     ``<dst name>.data``). ``gguf`` (a :class:`edge_sel.export.gguf_blocks.RowIndex`): weights found in that file keep
-    its blocks. Returns the data file's name (None when the graph has no external weights), the number of matrices
+    its blocks. ``float_inputs_wider_than``: :func:`keep_float_wide_inputs` with that hidden size. Returns the data file's name (None when the graph has no external weights), the number of matrices
     converted and what was kept from the GGUF (:class:`edge_sel.export.gguf_blocks.Kept`, or None)."""
     import onnx
 
@@ -153,6 +173,8 @@ def convert_graph(src: Path, src_data: Path | None, dst: Path, fmt: str, block_s
             q.process()
             model = q.model.model
             count = sum(n.op_type == "MatMulNBits" for n in model.graph.node) - before
+            if float_inputs_wider_than:
+                keep_float_wide_inputs(model, float_inputs_wider_than)
         out = Path(tmp) / "out"
         out.mkdir()
         data = dst.name + ".data" if src_data is not None else None
@@ -214,6 +236,8 @@ def convert_files(read: Callable[[str], Path], w, manifest: dict[str, Any], fmt:
 
     say = say or (lambda msg: None)
     level = accuracy_level if accuracy_level is not None else default_accuracy_level(fmt, task)
+    table_rel, dtype, shape = embed_entry(manifest)
+    wide = shape[1] if float_wide_inputs(fmt, task, accuracy_level) else None  # the table's width: the hidden size
     block = block_size if bits_of(fmt) else None
     graphs = graph_entries(manifest)
     tensors: dict[str, dict[str, Any]] = {}
@@ -252,7 +276,8 @@ def convert_files(read: Callable[[str], Path], w, manifest: dict[str, Any], fmt:
                 kept_kinds.add("Q8_0")
                 worst = max(worst or 0.0, diff)
                 continue
-        data, count, kept = convert_graph(read(rel), src_data, w.file(rel), fmt, block_size, level, gguf=gguf)
+        data, count, kept = convert_graph(read(rel), src_data, w.file(rel), fmt, block_size, level, gguf=gguf,
+                                          float_inputs_wider_than=None if is_head else wide)
         replaced.update(x for x in (rel, weights_rel) if x)
         data_paths[rel] = Path(rel).with_name(data).as_posix() if data else None
         source = "requantized" if block else "export"
@@ -264,7 +289,6 @@ def convert_files(read: Callable[[str], Path], w, manifest: dict[str, Any], fmt:
         tensors[rel] = {"format": fmt, "block_size": block, "accuracy_level": level if block else None,
                         "count": count + (kept.count if kept else 0), "source": source,
                         "max_abs_diff": kept.max_abs_diff if kept and kept.count else None}
-    table_rel, dtype, shape = embed_entry(manifest)
     if table is None:
         table = np.fromfile(read(table_rel), dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
     replaced.add(table_rel)
