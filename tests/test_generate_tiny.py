@@ -404,3 +404,14 @@ def test_knorm_keeps_exactly_the_lowest_norm_keys_and_generates(llama):
             lowest = pos_all[h, np.argsort(norms[h], kind="stable")[:n]]
             assert len(set(pos[h].tolist()) ^ set(lowest.tolist())) <= 2  # the same set but for a tie at the edge
         assert len({tuple(sorted(p.tolist())) for p in pos}) > 1  # per KV head: the heads keep different tokens
+
+
+def test_prefill_chunks_bound_the_score_tensor():
+    """A prefill chunk's [heads, chunk, keys] f32 scores stay under PREFILL_SCORES_BYTES (down to 32-token chunks)."""
+    from edge_sel.runtime.generate.prefill import PREFILL_SCORES_BYTES, chunk_size
+
+    for keys in (16, 300, 1024, 2048, 4096, 16384):
+        c = chunk_size(256, 9, keys)
+        assert c <= 256 and c % 32 == 0 and c >= 32
+        assert 4 * 9 * c * keys <= PREFILL_SCORES_BYTES or c == 32
+    assert chunk_size(256, 9, 16) == 256
