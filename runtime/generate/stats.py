@@ -93,7 +93,7 @@ class StatsRecorder:
             kv_resident_tokens=call.capacity,
             kv_fetch_tokens=call.fetch,
             kv_budget_bytes=planner.budget_bytes,
-            kv_bytes_allocated=(call.capacity + call.fetch) * per_slot * planner.n_layers + held,
+            kv_bytes_allocated=sum(c.capacity + c.fetch for c in call.caches) * per_slot + held,
             kv_bytes_peak=sum(c.peak for c in call.caches) * per_slot + scratch + held,
             prefill_mode="layer" if call.scratch is not None else "rolling",
             prefill_scratch_bytes=scratch,

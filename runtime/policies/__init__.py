@@ -16,6 +16,7 @@ from .expected_attention import MPCacheEA, mpcache_ea, mpcache_ea_recall
 from .full import Full
 from .h2o import H2O
 from .knorm import Knorm
+from .layer_budget import MPCacheEALayers, mpcache_ea_layers
 from .layer_skip import LayerSkip
 from .mpcache import MPCacheDynamic, MPCacheStatic, mpcache
 from .mpcache_recall import MPCacheRecall, mpcache_recall
@@ -38,6 +39,8 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "mpcache_ea": mpcache_ea,
     "mpcache_ea_static": MPCacheEA,
     "mpcache_ea_recall": mpcache_ea_recall,
+    "mpcache_ea_layers": mpcache_ea_layers,
+    "mpcache_ea_layers_static": MPCacheEALayers,
     "windowkv": WindowKV,
     "prompt_distill": PromptDistill,
     "layer_skip": LayerSkip,
@@ -73,4 +76,4 @@ def make_policy(spec: "str | Policy | None") -> Policy:
 
 __all__ = ["Policy", "ScorePolicy", "RecallPolicy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label",
            "Full", "StreamingLLM", "H2O", "SnapKV", "Knorm", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall",
-           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "WindowKV", "PromptDistill", "LayerSkip"]
+           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "MPCacheEALayers", "mpcache_ea_layers", "WindowKV", "PromptDistill", "LayerSkip"]
