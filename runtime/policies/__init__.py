@@ -10,6 +10,7 @@ from typing import Callable
 
 from edge_sel.runtime.errors import InputError
 
+from .adaptive_mix import MPCacheEAMix, mpcache_ea_mix
 from .base import Context, Policy, ScorePolicy
 from .composite import Composite
 from .expected_attention import MPCacheEA, mpcache_ea, mpcache_ea_recall
@@ -40,6 +41,8 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "mpcache_ea_static": MPCacheEA,
     "mpcache_ea_recall": mpcache_ea_recall,
     "mpcache_ea_layers": mpcache_ea_layers,
+    "mpcache_ea_mix": mpcache_ea_mix,
+    "mpcache_ea_mix_static": MPCacheEAMix,
     "mpcache_ea_layers_static": MPCacheEALayers,
     "windowkv": WindowKV,
     "prompt_distill": PromptDistill,
@@ -76,4 +79,4 @@ def make_policy(spec: "str | Policy | None") -> Policy:
 
 __all__ = ["Policy", "ScorePolicy", "RecallPolicy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label",
            "Full", "StreamingLLM", "H2O", "SnapKV", "Knorm", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall",
-           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "MPCacheEALayers", "mpcache_ea_layers", "WindowKV", "PromptDistill", "LayerSkip"]
+           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "MPCacheEALayers", "mpcache_ea_layers", "MPCacheEAMix", "mpcache_ea_mix", "WindowKV", "PromptDistill", "LayerSkip"]

@@ -1,0 +1,152 @@
+"""``mpcache_ea`` whose mix of expected attention and accumulated votes is chosen per head by the prompt itself
+(``mpcache_ea_mix``).
+
+Expected attention (Devoto et al. 2025, :mod:`.expected_attention`) and the prompt's accumulated attention (H2O's
+votes, Zhang et al. 2023; MPCache's static score) each predict the attention of the queries still to come, and which
+predicts it better depends on the text and the head. The prompt holds its own test: its last queries (the
+observation window) come after the rest. So, per KV head, every candidate weight of the mix (``mix_weights``) scores
+the keys *before* the window from what was known there (the query statistics and the votes of the queries before
+the window), keeps as many of them as the final eviction will keep by score, and is judged by the window's attention
+mass on what it kept; the weight that kept the most is used for the final eviction, with every query's statistics and
+votes. The window's attention row (``[kv, prompt]`` f32) and a copy of the query statistics at the window's start are
+the extra RAM, both counted against a byte budget and dropped with the layer's compression. Everything else is
+``mpcache_ea``'s (sinks, recent window, one kept set per KV head, MPCache's dynamic group selection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from .base import log2c, topk_sorted
+from .expected_attention import MPCacheEA
+from .mpcache import MPCacheDynamic
+
+
+@dataclass
+class MPCacheEAMix(MPCacheEA):
+    """:class:`MPCacheEA` with the vote weight chosen per head by the observation window (module docstring)."""
+
+    name: ClassVar[str] = "mpcache_ea_mix_static"
+    mix_weights: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidate shares of the votes in the score
+    mix_per: str = "head"  # "head": one weight per KV head; "layer": one per layer (the heads' masses summed)
+    pre: dict = field(default_factory=dict, init=False, repr=False)
+    chosen: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.mix_weights = tuple(float(w) for w in self.mix_weights)
+        if not self.mix_weights or any(not 0.0 <= w <= 1.0 for w in self.mix_weights) or self.mix_per not in ("head", "layer"):
+            raise ValueError(f"mix_weights must be in [0, 1] and mix_per 'head' or 'layer', got {self.mix_weights}, {self.mix_per!r}")
+
+    def begin(self, ctx):
+        super().begin(ctx)
+        self.pre, self.chosen = {}, {}
+        self.win = None  # the observation window's attention per key, one layer at a time
+
+    def prefill_bytes(self, heads, head_dim):
+        return 2 * super().prefill_bytes(heads, head_dim)  # the statistics and their copy at the window's start
+
+    def fixed_bytes(self, n_layers, kv_heads, head_dim, n_tokens):
+        return super().fixed_bytes(n_layers, kv_heads, head_dim, n_tokens) + kv_heads * int(n_tokens) * 4
+
+    def held_bytes(self):
+        own = sum(st["sum"].nbytes + st["outer"].nbytes for st, _ in self.pre.values())
+        return super().held_bytes() + own + (0 if self.win is None else self.win.nbytes)
+
+    def queries(self, layer, q, positions, phase):
+        if phase == "window" and layer not in self.pre and layer in self.qstats:
+            st = self.qstats[layer]
+            self.pre[layer] = ({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}, int(positions[0]))
+        super().queries(layer, q, positions, phase)
+
+    def accumulate(self, layer, cache, attn_sum, attn_max, slots, phase):
+        super().accumulate(layer, cache, attn_sum, attn_max, slots, phase)
+        if phase == "window" and slots is None and layer in self.pre:
+            a = attn_sum[0]
+            if self.win is None or self.win.shape[1] < a.shape[1]:
+                n = self.ctx.prompt_len + self.ctx.max_new_tokens
+                self.win = np.zeros((a.shape[0], max(n, a.shape[1])), np.float32)
+            if getattr(self, "_win_layer", None) != layer:
+                self.win[:] = 0.0
+                self._win_layer = layer
+            self.win[:, :a.shape[1]] += a
+            self.stats_peak = max(self.stats_peak, self.held_bytes())
+
+    def after_layer(self, layer, h_in, h_out, q_last, cache, positions):
+        self._drop(layer)
+        return super().after_layer(layer, h_in, h_out, q_last, cache, positions)
+
+    def _drop(self, layer):
+        self.pre.pop(layer, None)
+        if getattr(self, "_win_layer", None) == layer:
+            self.win, self._win_layer = None, None
+
+    def keep(self, layer, cache, target, phase):
+        try:
+            self._weights = self._choose(layer, cache, target) if phase == "final" else None
+            return super().keep(layer, cache, target, phase)
+        finally:
+            self._weights = None
+            if phase == "final":
+                self._drop(layer)
+
+    @staticmethod
+    def _normalized(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        return x / np.maximum(x.sum(axis=-1, keepdims=True), 1e-30)
+
+    def _choose(self, layer, cache, target) -> np.ndarray | None:
+        """Per KV head, the vote weight whose kept set of the keys before the window holds most of the window's attention."""
+        got = self.pre.get(layer)
+        if got is None or getattr(self, "_win_layer", None) != layer or not self.ctx.look_once:
+            return None
+        stats, start = got
+        first, recent = self.sinks_kept(target), self.recent_kept(target)
+        k = target - first - recent
+        cand = slice(first, start - recent)  # what the score would choose from, had the prompt ended at the window
+        if k <= 0 or cand.stop - cand.start <= k or stats["n"] == 0:
+            return None
+        keys = cache.k[0, :, :start]
+        full_stats = self.qstats.get(layer)
+        self.qstats[layer] = stats
+        try:
+            ea = self.expected(layer, keys)
+        finally:
+            self.qstats[layer] = full_stats
+        ea = self._normalized(ea)[:, cand]
+        votes = self._normalized(cache.score[:, :start] - self.win[:, :start])[:, cand]
+        win = self.win[:, cand]
+        mass = np.stack([np.take_along_axis(win, topk_sorted((1 - w) * ea + w * votes, k), axis=1).sum(axis=1)
+                         for w in self.mix_weights])                                   # [weights, kv]
+        self.count(comparisons=len(self.mix_weights) * ea.size * log2c(k), multiplications=2 * len(self.mix_weights) * ea.size)
+        if self.mix_per == "layer":
+            mass = np.broadcast_to(mass.sum(axis=1, keepdims=True), mass.shape)
+        # ties go to the weight nearest the middle of the candidates (no evidence: no extreme)
+        mid = np.mean(self.mix_weights)
+        order = sorted(range(len(self.mix_weights)), key=lambda i: abs(self.mix_weights[i] - mid))
+        best = np.array([max(order, key=lambda i: mass[i, h]) for h in range(mass.shape[1])])
+        w = np.array(self.mix_weights)[best]
+        self.chosen[layer] = w
+        return w
+
+    def score(self, layer, keys, votes):
+        w = getattr(self, "_weights", None)
+        if w is None:
+            return super().score(layer, keys, votes)
+        ea = self.expected(layer, keys)
+        if ea is None:
+            return super().score(layer, keys, votes)
+        mixed = (1 - w[:, None]) * self._normalized(ea) + w[:, None] * self._normalized(votes)
+        return mixed.astype(np.float32)
+
+
+def mpcache_ea_mix(**kw):
+    """``mpcache_ea`` with the vote weight chosen per head by the window (:class:`MPCacheEAMix`) + MPCache's dynamic selection."""
+    from .composite import Composite
+
+    static_kw = {k: v for k, v in kw.items() if k in MPCacheEAMix.__dataclass_fields__}
+    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}
+    return Composite(parts=(MPCacheEAMix(**static_kw), MPCacheDynamic(**dyn_kw)), title="mpcache_ea_mix")
