@@ -9,8 +9,9 @@ seeing the question; the question runs uncompressed over the compressed cache (`
 greedy, exact match on the digits in ``--max-new`` tokens (:func:`benchmarks.generate.is_correct`).
 
 ``--split tune`` is where this benchmark's defaults are chosen: four more needle sentences (:data:`TUNE_TEMPLATES`),
-their own keys and depths (:data:`TUNE_KEYS`, :data:`TUNE_DEPTHS`), *Botchan* as the haystack and their own seed;
-nothing of it appears in the held-out split (``--split held``, the default), which reports.
+their own keys and depths (:data:`TUNE_KEYS`, :data:`TUNE_DEPTHS`) and their own seed, in *Botchan* (or, with
+``--haystack alice``, in the held-out book at other offsets); no sentence, key, depth or needle of it appears in
+the held-out split (``--split held``, the default), which reports.
 
 Every configuration (``edge_sel full`` and every ``--policies`` policy at every ``--ratios`` kept fraction) sees the
 same token ids in one process: the context's prefill runs once per case and each configuration compresses, answers
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = kv_parser("needles_heldout", __doc__, bundle_required=True)
     ap.add_argument("--split", default="held", choices=["held", "tune"],
                     help="held: the reported needles (Alice); tune: where defaults are chosen (Botchan, other wording)")
+    ap.add_argument("--haystack", choices=["alice", "botchan"],
+                    help="the book the needles hide in (default: alice for held, botchan for tune; the tune split's "
+                         "sentences, keys, depths and seed stay its own with either)")
     ap.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens")
     ap.add_argument("--per-length", type=int, default=8, help="needles per length")
     ap.add_argument("--ratios", default="0.05", help="fractions of the context kept")
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         configs += [(f"edge_sel {label} @{r:g}", factory, r) for r in ratios]
     doc = {"args": vars(a), "cases": [], "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                                   text=True, cwd=Path(__file__).parent).stdout.strip()}
-    if a.split == "held":
+    if (a.haystack or ("alice" if a.split == "held" else "botchan")) == "alice":
         haystack = alice()
     else:
         from edge_sel.export.textdata import botchan

@@ -31,19 +31,26 @@ class MPCacheEAMix(MPCacheEA):
 
     name: ClassVar[str] = "mpcache_ea_mix_static"
     mix_weights: tuple = (0.0, 0.25, 0.5, 0.75, 1.0)  # candidate shares of the votes in the score
-    mix_per: str = "head"  # "head": one weight per KV head; "layer": one per layer (the heads' masses summed)
+    mix_value_norm: tuple = (False,)  # candidate value-norm scalings of the expected attention (kvpress's ||v||)
+    mix_recent: tuple = ()  # candidate recent fractions (empty: ``recent_frac`` only)
+    mix_per: str = "head"  # "head": one choice per KV head; "layer": one per layer (the heads' masses summed)
     pre: dict = field(default_factory=dict, init=False, repr=False)
-    chosen: dict = field(default_factory=dict, init=False, repr=False)
+    chosen: dict = field(default_factory=dict, init=False, repr=False)      # layer -> each head's vote weight
+    chosen_full: dict = field(default_factory=dict, init=False, repr=False)  # layer -> each head's whole candidate
 
     def __post_init__(self):
         super().__post_init__()
         self.mix_weights = tuple(float(w) for w in self.mix_weights)
+        self.mix_value_norm = tuple(bool(v) for v in self.mix_value_norm) or (self.value_norm,)
+        self.mix_recent = tuple(float(r) for r in self.mix_recent)
+        if any(not 0.0 <= r <= 1.0 for r in self.mix_recent):
+            raise ValueError(f"mix_recent must be fractions in [0, 1], got {self.mix_recent}")
         if not self.mix_weights or any(not 0.0 <= w <= 1.0 for w in self.mix_weights) or self.mix_per not in ("head", "layer"):
             raise ValueError(f"mix_weights must be in [0, 1] and mix_per 'head' or 'layer', got {self.mix_weights}, {self.mix_per!r}")
 
     def begin(self, ctx):
         super().begin(ctx)
-        self.pre, self.chosen = {}, {}
+        self.pre, self.chosen, self.chosen_full = {}, {}, {}
         self.win = None  # the observation window's attention per key, one layer at a time
 
     def prefill_bytes(self, heads, head_dim):
@@ -98,16 +105,26 @@ class MPCacheEAMix(MPCacheEA):
         x = x.astype(np.float64)
         return x / np.maximum(x.sum(axis=-1, keepdims=True), 1e-30)
 
-    def _choose(self, layer, cache, target) -> np.ndarray | None:
-        """Per KV head, the vote weight whose kept set of the keys before the window holds most of the window's attention."""
+    def _recent_for(self, target: int, frac: float) -> int:
+        first = self.sinks_kept(target)
+        return min(max(min(self.recent, target // 4), int(frac * target)), target - first)
+
+    def candidates(self) -> list[tuple[float, bool, float]]:
+        """(vote weight, value-norm scaling, recent fraction) of every candidate score."""
+        return [(w, bool(vn), rf) for w in self.mix_weights for vn in self.mix_value_norm
+                for rf in (self.mix_recent or (self.recent_frac,))]
+
+    def _choose(self, layer, cache, target):
+        """Per KV head (or per layer), the candidate whose kept set, built from what was known before the window,
+        holds most of the window's attention; None when the prompt gives no such test."""
         got = self.pre.get(layer)
         if got is None or getattr(self, "_win_layer", None) != layer or not self.ctx.look_once:
             return None
         stats, start = got
-        first, recent = self.sinks_kept(target), self.recent_kept(target)
-        k = target - first - recent
-        cand = slice(first, start - recent)  # what the score would choose from, had the prompt ended at the window
-        if k <= 0 or cand.stop - cand.start <= k or stats["n"] == 0:
+        first = self.sinks_kept(target)
+        cands = self.candidates()
+        if stats["n"] == 0 or any(start - self._recent_for(target, rf) - first <= target - first - self._recent_for(target, rf)
+                                  for _, _, rf in cands):
             return None
         keys = cache.k[0, :, :start]
         full_stats = self.qstats.get(layer)
@@ -116,31 +133,53 @@ class MPCacheEAMix(MPCacheEA):
             ea = self.expected(layer, keys)
         finally:
             self.qstats[layer] = full_stats
-        ea = self._normalized(ea)[:, cand]
-        votes = self._normalized(cache.score[:, :start] - self.win[:, :start])[:, cand]
-        win = self.win[:, cand]
-        mass = np.stack([np.take_along_axis(win, topk_sorted((1 - w) * ea + w * votes, k), axis=1).sum(axis=1)
-                         for w in self.mix_weights])                                   # [weights, kv]
-        self.count(comparisons=len(self.mix_weights) * ea.size * log2c(k), multiplications=2 * len(self.mix_weights) * ea.size)
+        vnorm = np.linalg.norm(cache.v[0, :, :start], axis=-1)
+        eas = {False: self._normalized(ea), True: self._normalized(ea * vnorm)}
+        votes = self._normalized(cache.score[:, :start] - self.win[:, :start])
+        win = self.win[:, :start]
+        mass = np.zeros((len(cands), cache.kv_heads))
+        for i, (w, vn, rf) in enumerate(cands):
+            rc = self._recent_for(target, rf)
+            k, stop = target - first - rc, start - rc  # scored slots, and where the recent window begins
+            mix = ((1 - w) * eas[vn] + w * votes)[:, first:stop]
+            top = topk_sorted(mix, k) + first
+            mass[i] = np.take_along_axis(win, top, axis=1).sum(axis=1) + win[:, stop:start].sum(axis=1)
+            self.count(comparisons=mix.size * log2c(k), multiplications=2 * mix.size)
         if self.mix_per == "layer":
             mass = np.broadcast_to(mass.sum(axis=1, keepdims=True), mass.shape)
-        # ties go to the weight nearest the middle of the candidates (no evidence: no extreme)
-        mid = np.mean(self.mix_weights)
-        order = sorted(range(len(self.mix_weights)), key=lambda i: abs(self.mix_weights[i] - mid))
-        best = np.array([max(order, key=lambda i: mass[i, h]) for h in range(mass.shape[1])])
-        w = np.array(self.mix_weights)[best]
-        self.chosen[layer] = w
-        return w
+        # ties go to the candidate listed first among the best (the order puts the plain mpcache_ea choice first)
+        plain = (self.vote_weight, self.value_norm, self.recent_frac)
+        order = sorted(range(len(cands)), key=lambda i: cands[i] != plain)
+        best = [max(order, key=lambda i: mass[i, h]) for h in range(cache.kv_heads)]
+        chosen = [cands[i] for i in best]
+        self.chosen[layer] = np.array([c[0] for c in chosen])
+        self.chosen_full[layer] = chosen
+        return chosen
 
     def score(self, layer, keys, votes):
-        w = getattr(self, "_weights", None)
-        if w is None:
+        chosen = getattr(self, "_weights", None)
+        if chosen is None:
             return super().score(layer, keys, votes)
         ea = self.expected(layer, keys)
         if ea is None:
             return super().score(layer, keys, votes)
-        mixed = (1 - w[:, None]) * self._normalized(ea) + w[:, None] * self._normalized(votes)
-        return mixed.astype(np.float32)
+        w = np.array([c[0] for c in chosen])[:, None]
+        vn = np.array([c[1] for c in chosen])[:, None]
+        vals = getattr(self, "_values", None)
+        scaled = ea * np.linalg.norm(vals[:, :ea.shape[1]], axis=-1) if vals is not None else ea
+        ea = np.where(vn, self._normalized(scaled), self._normalized(ea))
+        return ((1 - w) * ea + w * self._normalized(votes)).astype(np.float32)
+
+    def choose(self, n, kv_heads, score, target):
+        chosen = getattr(self, "_weights", None)
+        if chosen is None:
+            return super().choose(n, kv_heads, score, target)
+        s = np.array(score[..., :n], dtype=np.float32, copy=True)
+        s[:, :self.sinks_kept(target)] = np.inf
+        for h, (_, _, rf) in enumerate(chosen):  # each head its own recent window
+            s[h, n - self._recent_for(target, rf):] = np.inf
+        self.count(comparisons=s.size * log2c(target), gathers=s.shape[0] * target)
+        return topk_sorted(s, target)
 
 
 def mpcache_ea_mix(**kw):
