@@ -7,7 +7,8 @@ what the context keeps falls linearly with depth, ``1 + slope * (1 - 2 L / (n - 
 the planner turns the shares into per-layer capacities with the same total as equal layers, so the KV bytes are the
 same and the budget stays a hard bound (:func:`edge_sel.runtime.planning.kv.split_layers`). Inside each layer
 everything is ``mpcache_ea``'s: the expected-attention static eviction (:class:`.expected_attention.MPCacheEA`) and
-MPCache's dynamic group selection.
+MPCache's dynamic group selection. On two tuning windows of the perplexity benchmark no slope (-0.3, 0.3, 0.6) moved
+the ratio beyond the windows' noise (1.038-1.042 vs 1.039 at 20 % kept), so equal layers stay the default.
 """
 
 from __future__ import annotations
