@@ -18,20 +18,19 @@ from .edits import (WRITER_KEYS, editable, embed_entry, embed_files, graph_entri
                     with_weights_facts, without_layers)
 from .files import ExportInfo, FileEntry
 from .graphs import EMPTY_POS, GraphFile, GraphIO, HeadSpec, LayerIO, LayerSpec
-from .model import (EMBEDDING_RULES, FINAL_LAYER_OUTPUTS, POOLINGS, SCORE_RULES, SCORINGS, TASK_SCORINGS, TASKS, ChatSpec,
-                    Dims, EmbeddingRule, ModelInfo, PromptSpec, TokenIds)
+from .model import (EMBEDDING_RULES, FINAL_LAYER_OUTPUTS, POOLINGS, SCORE_RULES, SCORINGS, TASK_SCORINGS, TASKS,
+                    ChatSpec, Dims, EmbeddingRule, ModelInfo, PromptSpec, TokenIds)
 from .node import MANIFEST, Node, freeze, thaw
 from .schedule import SCHEDULE_METHODS, SCHEDULE_RULES, Agreement, DropCost, ScheduleLayer, ScheduleSpec
-from .weights import (DTYPES, SCALE_DTYPES, TABLE_BITS, WEIGHT_FORMATS, ArraySpec, QuantAgreement, Quantization, RawArray,
-                      TableEncoding, TensorFormat, WeightsSpec)
+from .weights import (DTYPES, SCALE_DTYPES, TABLE_BITS, WEIGHT_FORMATS, ArraySpec, QuantAgreement, Quantization,
+                      RawArray, TableEncoding, TensorFormat, WeightsSpec)
 
 __all__ = ["Manifest", "ModelInfo", "Dims", "ArraySpec", "LayerSpec", "GraphFile", "GraphIO", "HeadSpec", "LayerIO",
            "EmbeddingRule", "PromptSpec", "TokenIds", "ChatSpec", "ScheduleSpec", "ScheduleLayer", "Quantization",
-           "ExportInfo", "CoreMLPackages", "FusedGraph", "CoreMLStage", "FileEntry", "RawArray", "TableEncoding", "TensorFormat", "WeightsSpec",
-           "WEIGHT_FORMATS", "required_version", "graph_entries", "embed_entry", "embed_files", "with_weights",
-           "with_weights_facts", "DropCost", "Agreement", "QuantAgreement", "FORMAT", "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS",
-           "CREATED_BY", "DTYPES", "freeze", "thaw", "editable", "with_schedule", "without_layers",
-           # also importable from the single module this package replaced
-           "Node", "OrtInfo", "COREML_PRECISIONS", "GRAPH_FORMATS", "WRITER_KEYS", "EMBEDDING_RULES", "FINAL_LAYER_OUTPUTS",
-           "POOLINGS", "SCORE_RULES", "SCORINGS", "TASK_SCORINGS", "TASKS", "SCHEDULE_METHODS", "SCHEDULE_RULES",
-           "SCALE_DTYPES", "TABLE_BITS"]
+           "ExportInfo", "CoreMLPackages", "FusedGraph", "CoreMLStage", "FileEntry", "RawArray", "TableEncoding",
+           "TensorFormat", "WeightsSpec", "WEIGHT_FORMATS", "required_version", "graph_entries", "embed_entry",
+           "embed_files", "with_weights", "with_weights_facts", "DropCost", "Agreement", "QuantAgreement", "FORMAT",
+           "FORMAT_VERSION", "MIN_FORMAT_VERSION", "MANIFEST", "EMPTY_POS", "CREATED_BY", "DTYPES", "freeze", "thaw",
+           "editable", "with_schedule", "without_layers", "Node", "OrtInfo", "COREML_PRECISIONS", "GRAPH_FORMATS",
+           "WRITER_KEYS", "EMBEDDING_RULES", "FINAL_LAYER_OUTPUTS", "POOLINGS", "SCORE_RULES", "SCORINGS",
+           "TASK_SCORINGS", "TASKS", "SCHEDULE_METHODS", "SCHEDULE_RULES", "SCALE_DTYPES", "TABLE_BITS"]

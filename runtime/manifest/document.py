@@ -10,7 +10,8 @@ from typing import Any, Mapping
 from .compiled import GRAPH_FORMATS, CoreMLPackages, FusedGraph, OrtInfo
 from .files import ExportInfo, FileEntry
 from .graphs import GraphFile, HeadSpec, LayerIO, LayerSpec
-from .model import FINAL_LAYER_OUTPUTS, POOLINGS, SCORE_RULES, ChatSpec, Dims, EmbeddingRule, ModelInfo, PromptSpec, TokenIds
+from .model import (FINAL_LAYER_OUTPUTS, POOLINGS, SCORE_RULES, ChatSpec, Dims, EmbeddingRule, ModelInfo, PromptSpec,
+                    TokenIds)
 from .node import MANIFEST, Node, Reader as _Reader, show as _show
 from .schedule import DropCost, ScheduleSpec
 from .weights import DTYPES, ArraySpec, Quantization, WeightsSpec

@@ -1,4 +1,4 @@
-"""What model a bundle holds: task and scoring, dimensions, embedding rule, pooling, prompt, chat template, token ids."""
+"""What model a bundle holds: task, scoring, dimensions, embedding rule, pooling, prompt, chat template, token ids."""
 
 from __future__ import annotations
 

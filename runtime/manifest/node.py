@@ -150,8 +150,8 @@ class Node:
     """A manifest object. ``unknown``: keys this version does not know (kept and written back); ``_keys``: keys the
     parsed JSON held, so that defaults filled in at parse time are not written back where the JSON had none.
 
-    A field declared with :func:`json_field` is read by the generic :meth:`read`; the others (values checked against
-    each other) by the class's :meth:`_read_first`, before the declared ones."""
+    A field declared with :func:`json_field` is read by the generic :meth:`read`; the others (values checked
+    against each other) by the class's :meth:`_read_first`, before the declared ones."""
 
     unknown: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
     _keys: frozenset = field(default=frozenset(), compare=False, repr=False)

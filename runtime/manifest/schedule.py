@@ -1,4 +1,4 @@
-"""Early-ranking pruning: the calibrated schedule, how it agreed on its calibration data, and what dropped layers cost."""
+"""Early-ranking pruning: the calibrated schedule, how it did on its calibration data, and what dropped layers cost."""
 
 from __future__ import annotations
 
