@@ -158,7 +158,8 @@ class KVPlanner:
         if shares is not None:
             base = suffix + max_new if suffix else 0  # the suffix and the new tokens: every layer holds them
             lo = max(need, base + 8) if suffix else need
-            layers = split_layers(res, base, np.asarray(shares, dtype=np.float64), lo, -(-whole // a) * a, 1 if suffix else a)
+            hi = -(-whole // a) * a  # no layer needs more than the whole call
+            layers = split_layers(res, base, np.asarray(shares, dtype=np.float64), lo, hi, 1 if suffix else a)
         return KVPlan(res, fetch, scratch and min(layers or (res,)) < whole, layers)
 
     def _refusal(self, policy, cap, need, per_tok, fixed, n_prompt, max_new, suffix) -> BudgetError:

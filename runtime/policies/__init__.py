@@ -79,4 +79,5 @@ def make_policy(spec: "str | Policy | None") -> Policy:
 
 __all__ = ["Policy", "ScorePolicy", "RecallPolicy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label",
            "Full", "StreamingLLM", "H2O", "SnapKV", "Knorm", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall",
-           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "MPCacheEALayers", "mpcache_ea_layers", "MPCacheEAMix", "mpcache_ea_mix", "WindowKV", "PromptDistill", "LayerSkip"]
+           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "MPCacheEALayers", "mpcache_ea_layers",
+           "MPCacheEAMix", "mpcache_ea_mix", "WindowKV", "PromptDistill", "LayerSkip"]

@@ -50,8 +50,10 @@ class MPCacheEAMix(MPCacheEA):
         self.mix_recent = tuple(float(r) for r in self.mix_recent)
         if any(not 0.0 <= r <= 1.0 for r in self.mix_recent):
             raise ValueError(f"mix_recent must be fractions in [0, 1], got {self.mix_recent}")
-        if not self.mix_weights or any(not 0.0 <= w <= 1.0 for w in self.mix_weights) or self.mix_per not in ("head", "layer"):
-            raise ValueError(f"mix_weights must be in [0, 1] and mix_per 'head' or 'layer', got {self.mix_weights}, {self.mix_per!r}")
+        if not self.mix_weights or any(not 0.0 <= w <= 1.0 for w in self.mix_weights):
+            raise ValueError(f"mix_weights must be in [0, 1], got {self.mix_weights}")
+        if self.mix_per not in ("head", "layer"):
+            raise ValueError(f"mix_per must be 'head' or 'layer', got {self.mix_per!r}")
 
     def begin(self, ctx):
         super().begin(ctx)
@@ -71,7 +73,8 @@ class MPCacheEAMix(MPCacheEA):
     def queries(self, layer, q, positions, phase):
         if phase == "window" and layer not in self.pre and layer in self.qstats:
             st = self.qstats[layer]
-            self.pre[layer] = ({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}, int(positions[0]))
+            copy = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+            self.pre[layer] = (copy, int(positions[0]))
         super().queries(layer, q, positions, phase)
 
     def accumulate(self, layer, cache, attn_sum, attn_max, slots, phase):
@@ -128,8 +131,7 @@ class MPCacheEAMix(MPCacheEA):
         stats, start = got
         first = self.sinks_kept(target)
         cands = self.candidates()
-        if stats["n"] == 0 or any(start - self._recent_for(target, rf) - first <= target - first - self._recent_for(target, rf)
-                                  for _, _, rf in cands):
+        if stats["n"] == 0 or start <= target:  # the keys before the window would all fit: nothing to choose between
             return None
         keys = cache.k[0, :, :start]
         full_stats = self.qstats.get(layer)
