@@ -73,7 +73,11 @@ def test_probe_writes_a_valid_profile_with_bundle_costs(bert_bi_bundle, tmp_path
     saved = profiles.load("this-machine")
     assert saved["kind"] == "measured" and saved["sustained_gflops"] > 0 and saved["memory_bandwidth_bytes_per_s"] > 0
     (costs,) = saved["measured"]["bundles"].values()
-    assert costs["task"] == "rerank" and costs["layer_s_per_token"] > 0 and costs["layer_load_s"] > 0
+    # the per-token cost is a line in the padded length fitted through two timed points; under load the intercept
+    # can clamp to 0, so the check is that the line is non-negative and positive where it was measured
+    assert costs["task"] == "rerank" and costs["layer_load_s"] > 0
+    assert costs["layer_s_per_token"] >= 0 and costs["layer_s_per_token_per_len"] >= 0
+    assert all(costs["layer_s_per_token"] + costs["layer_s_per_token_per_len"] * p["max_len"] > 0 for p in costs["points"])
     assert doc["profile"].endswith("this-machine.json")
     # the plan on the probed profile uses the probed costs
     assert main(["plan", str(bert_bi_bundle), "--device", "this-machine", "--task", "rerank", "-n", "32",
