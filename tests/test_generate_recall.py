@@ -412,18 +412,23 @@ def _brute_force_votes(q, k, keep_from, pool, vote="sum", follow=0):
     return np.stack(out)
 
 
-@pytest.mark.parametrize("vote,pool,follow,fetch,stream", [("sum", 7, 0, 48, False), ("max", 1, 0, 48, False),
-                                                           ("sum", 3, 0, 48, False), ("sum", 7, 12, 48, False),
-                                                           ("max", 7, 12, 12, False), ("max", 7, 12, 48, True)])
-def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote, pool, follow, fetch, stream):
+@pytest.mark.parametrize("vote,pool,follow,fetch,stream,tail", [
+    ("sum", 7, 0, 48, False, 0), ("max", 1, 0, 48, False, 0), ("sum", 3, 0, 48, False, 0), ("sum", 7, 12, 48, False, 0),
+    ("max", 7, 12, 12, False, 0), ("max", 7, 12, 48, True, 0), ("max", 7, 12, 48, False, 2), ("max", 7, 12, 48, True, 2)])
+def test_exact_selection_fetches_the_top_tokens_by_softmax_votes(tmp_path, vote, pool, follow, fetch, stream, tail):
     """The fetched cold tokens are the top ones by the question's softmax votes over the whole context
     (resident + cold keys), max-pooled: brute force in float64. Blocks of the cold store are smaller
     than the cold set (fetch 48 < 320), so the two-pass block scoring is exercised. Text being scored
-    (``stream``: score()'s causal blocks) votes with ``stream_pool``/``stream_follow`` (1/0) instead."""
-    rec = MPCacheRecall(share=1, group=16, vote=vote, vote_pool=pool, vote_follow=follow)
+    (``stream``: score()'s causal blocks) votes with ``stream_pool``/``stream_follow`` (1/0) instead.
+    ``question_tail`` (``tail``) votes with the question's last queries only; text being scored ignores it."""
+    rec = MPCacheRecall(share=1, group=16, vote=vote, vote_pool=pool, vote_follow=follow, question_tail=tail)
     k, v, (c,), rng = _synthetic(tmp_path, rec, fetch=fetch, stream=stream)  # fetch 12 < a group: blocks of 12 tokens
     q = rng.standard_normal((1, 4, 5, 8)).astype(np.float32) * 2  # a 5-token question
     rec.recall(0, q, c, "suffix")
+    if tail and not stream:
+        everyone = _brute_force_votes(q, k, 320, pool, vote, follow)  # all five queries would pick other tokens
+        assert not np.array_equal(np.sort(c.pos[0, 384:384 + fetch]), np.sort(np.argsort(-everyone[0])[:fetch]))
+        q = q[:, :, -tail:]
     assert c.nf == fetch
     if stream:
         pool, follow = rec.stream_pool, rec.stream_follow
