@@ -284,7 +284,7 @@ def _worker_transformers(cfg: dict) -> dict:
     for c in cfg["cases"]:
         ids = torch.as_tensor(c["context_ids"] + c["question_ids"])[None]
         with torch.no_grad():
-            t0, w0 = time.perf_counter(), time.process_time()
+            t0 = time.perf_counter()
             o = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             t1, w1 = time.perf_counter(), time.process_time()
             past, toks = o.past_key_values, [int(o.logits[0, -1].argmax())]

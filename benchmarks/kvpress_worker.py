@@ -89,7 +89,7 @@ def main(path: str) -> int:
         ctx, q = list(case["context_ids"]), list(case["question_ids"])
         rec = {"length": case["length"], "depth": case["depth"], "number": case["number"]}
         try:
-            c0, w0 = time.perf_counter(), time.process_time()
+            c0 = time.perf_counter()
             cache, logits = prefill(ctx)
             kept_ctx = cache_len(cache)
             pos = len(ctx)

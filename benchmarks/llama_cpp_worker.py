@@ -51,7 +51,7 @@ def needle(cfg: dict) -> list[dict]:
     for c in cases:
         ids = c["context_ids"] + c["question_ids"]
         llm.reset()
-        t0, w0 = time.perf_counter(), time.process_time()
+        t0 = time.perf_counter()
         llm.eval(ids)
         t1, w1 = time.perf_counter(), time.process_time()
         toks = [int(np.argmax(_last_logits(llm)))]

@@ -104,8 +104,6 @@ def probe_rerank(bundle, lengths=(48, 192), n_docs: int = 32) -> dict:
     from edge_sel.runtime.rerank import Reranker
     from edge_sel.runtime.sessions import load_session
 
-    from edge_sel.runtime.profiler import Profiler
-
     query = "how do I copy a file"
     # a fresh process's engine construction and first call, every layer resident, at each length: its anonymous
     # growth (sessions, activations, onnxruntime's one-time set-up and memory patterns) is what an unbudgeted call

@@ -2,7 +2,6 @@
 user owns changed or left behind. Runs the CLI in-process (``edge_sel.cli.main``) on the shared tiny bundles."""
 
 import json
-import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace

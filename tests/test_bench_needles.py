@@ -4,8 +4,6 @@ configuration (a tiny random-weight Llama generate bundle)."""
 
 from __future__ import annotations
 
-import pytest
-
 from benchmarks import generate as tuning
 from benchmarks import needles_heldout as nh
 from benchmarks.ppl_lockstep import generate_lockstep

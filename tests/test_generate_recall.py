@@ -12,7 +12,7 @@ import pytest
 from edge_sel.runtime.errors import BudgetError
 from edge_sel.runtime.generate import Generator
 from edge_sel.runtime.manifest import EMPTY_POS
-from edge_sel.runtime.policies import MPCacheRecall, make_policy, mpcache_recall
+from edge_sel.runtime.policies import MPCacheRecall, mpcache_recall
 
 from gen_tiny import long_text
 
@@ -398,7 +398,7 @@ def _synthetic(tmp_path, rec, n=384, keep_from=320, fetch=64, kv=2, heads=4, D=8
 def _brute_force_votes(q, k, keep_from, pool, vote="sum", follow=0):
     """softmax(q.k/sqrt(d)) of every query over all keys of its KV head, voted per cold key, max-pooled."""
     kv, D = k.shape[1], k.shape[3]
-    H, T = q.shape[1], q.shape[2]
+    H = q.shape[1]
     out = []
     for h in range(kv):
         Q = q[0, h * (H // kv):(h + 1) * (H // kv)].reshape(-1, D).astype(np.float64)

@@ -8,7 +8,6 @@ import pytest
 
 from edge_sel.runtime.errors import BudgetError, InputError
 from edge_sel.runtime.generate import Generator
-from edge_sel.runtime.manifest import EMPTY_POS
 from edge_sel.runtime.policies import REGISTRY, LayerSkip, MPCacheDynamic, MPCacheStatic, make_policy, mpcache
 
 from gen_tiny import long_text, make_gen_decoder

@@ -13,7 +13,7 @@ from edge_sel import Bundle
 from edge_sel.export.passes import weights as weights_mod
 from edge_sel.export.passes.weights import convert_bundle
 from edge_sel.runtime import Reranker
-from edge_sel.runtime import manifest as manifest_mod
+from edge_sel.runtime.manifest import document as manifest_mod  # the module whose Manifest.parse reads FORMAT_VERSION
 from edge_sel.runtime.blocks import BlockTable, decode, encode
 from edge_sel.runtime.errors import BundleError, InputError
 from edge_sel.runtime.manifest import Manifest

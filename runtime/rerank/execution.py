@@ -111,7 +111,7 @@ class Execution:
                 t_embed += time.perf_counter() - t
                 for sess in sessions:
                     h = sess.run(None, self._feeds(c, h))[0]
-                trace.counter("engine", lambda: {"hidden_bytes": h.nbytes})
+                trace.counter("engine", lambda h=h: {"hidden_bytes": h.nbytes})
                 t = time.perf_counter()
                 self._head(c, h, scores)
                 t_head += time.perf_counter() - t
