@@ -8,6 +8,11 @@ Adventures in Wonderland*, :func:`benchmarks.ppl_texts.alice`) and another seed.
 seeing the question; the question runs uncompressed over the compressed cache (``protect_suffix``) and the answer is
 greedy, exact match on the digits in ``--max-new`` tokens (:func:`benchmarks.generate.is_correct`).
 
+``--split tune`` is where this benchmark's defaults are chosen: four more needle sentences (:data:`TUNE_TEMPLATES`),
+their own keys and depths (:data:`TUNE_KEYS`, :data:`TUNE_DEPTHS`) and their own seed, in *Botchan* (or, with
+``--haystack alice``, in the held-out book at other offsets); no sentence, key, depth or needle of it appears in
+the held-out split (``--split held``, the default), which reports.
+
 Every configuration (``edge_sel full`` and every ``--policies`` policy at every ``--ratios`` kept fraction) sees the
 same token ids in one process: the context's prefill runs once per case and each configuration compresses, answers
 and decodes over its own cache (:func:`benchmarks.ppl_lockstep.generate_lockstep`, equal to ``Generator.generate``
@@ -15,6 +20,7 @@ per configuration, tested). The configurations' decode steps take turns, so the 
 are measured side by side under the same load; that is the speed table (``--lengths 8000`` for decode at 8k).
 
     python -m benchmarks.needles_heldout --bundle B --lengths 2048,4096 --ratios 0.05 --out needles.json
+    python -m benchmarks.needles_heldout --bundle B --split tune --lengths 2048 --policies mpcache_recall:fetch_min=64
     python -m benchmarks.needles_heldout --bundle B --lengths 8000 --per-length 1 --max-new 33 --ratios 0.05 \\
         --policies mpcache_ea,mpcache_recall --out decode8k.json          # decode speed at 8k
 """
@@ -47,21 +53,38 @@ KEYS = ("walnut", "indigo", "sparrow", "lagoon", "bramble", "cobalt", "tundra", 
         "harpoon", "sequoia")
 DEPTHS = (0.2, 0.4, 0.6, 0.8)
 SEED = 2026
+# the tuning split: its own sentences, keys, depths, haystack (Botchan) and seed
+TUNE_TEMPLATES = (
+    (" The locker at the {key} station opens with {number}. ",
+     "\n\nQuestion: What opens the locker at the {key} station?\nAnswer: The locker at the {key} station opens with"),
+    (" Remember that the {key} account number is {number}. ",
+     "\n\nWhat is the {key} account number mentioned in the text?\nThe {key} account number is"),
+    (" The parcel for {key} carried the tracking code {number}. ",
+     "\n\nQuestion: Which tracking code did the parcel for {key} carry?\nAnswer: The parcel for {key} carried the tracking code"),
+    (" On the {key} door someone had painted the number {number}. ",
+     "\n\nWhat number had someone painted on the {key} door?\nOn the {key} door someone had painted the number"),
+)
+TUNE_KEYS = ("meadow", "copper", "heron", "thistle", "granite", "saffron", "willow", "ember", "quartz", "lantern",
+             "orchid", "glacier")
+TUNE_DEPTHS = (0.15, 0.35, 0.65, 0.85)
+TUNE_SEED = 77
 POLICIES = ("mpcache_recall", "mpcache_ea_recall", "mpcache_ea", "snapkv", "streaming_llm")
 QUESTION_AWARE = ("mpcache_recall", "mpcache_ea_recall")  # read evicted tokens back for the question
 MAX_NEW = 12
 
 
-def cases(encode, decode, haystack: list[int], lengths, per_length: int, seed: int = SEED) -> list[dict]:
+def cases(encode, decode, haystack: list[int], lengths, per_length: int, split: str = "held") -> list[dict]:
     """``per_length`` needles per prompt length: templates, keys and depths taken in turn, haystack offsets at random.
     ``encode(text, bos)`` -> ids, ``decode(ids)`` -> text; context and question are tokenized apart, so every
-    configuration cuts the prompt at the same token."""
+    configuration cuts the prompt at the same token. ``split``: "held" (reported) or "tune" (defaults chosen)."""
+    templates, keys, depths, seed = ((TEMPLATES, KEYS, DEPTHS, SEED) if split == "held"
+                                     else (TUNE_TEMPLATES, TUNE_KEYS, TUNE_DEPTHS, TUNE_SEED))
     rng = random.Random(seed)
     out = []
     for i in range(per_length):  # lengths take turns: a run cut short has cases of every length
         for L in lengths:
-            needle, question = TEMPLATES[i % len(TEMPLATES)]
-            key, depth = KEYS[(i + L) % len(KEYS)], DEPTHS[(i + i // len(TEMPLATES)) % len(DEPTHS)]
+            needle, question = templates[i % len(templates)]
+            key, depth = keys[(i + L) % len(keys)], depths[(i + i // len(templates)) % len(depths)]
             number = str(rng.randrange(10**6, 10**7))
             q_ids = encode(question.format(key=key), False)
             nd = needle.format(key=key, number=number)
@@ -70,7 +93,7 @@ def cases(encode, decode, haystack: list[int], lengths, per_length: int, seed: i
             hay = haystack[start:start + room]
             cut = int(depth * len(hay))
             ctx = encode(decode(hay[:cut]) + nd + decode(hay[cut:]), True)
-            out.append({"length": L, "depth": depth, "template": i % len(TEMPLATES), "key": key, "number": number,
+            out.append({"length": L, "depth": depth, "template": i % len(templates), "key": key, "number": number,
                         "context_ids": ctx, "question_ids": q_ids})
     return out
 
@@ -121,6 +144,11 @@ def markdown(doc: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = kv_parser("needles_heldout", __doc__, bundle_required=True)
+    ap.add_argument("--split", default="held", choices=["held", "tune"],
+                    help="held: the reported needles (Alice); tune: where defaults are chosen (Botchan, other wording)")
+    ap.add_argument("--haystack", choices=["alice", "botchan"],
+                    help="the book the needles hide in (default: alice for held, botchan for tune; the tune split's "
+                         "sentences, keys, depths and seed stay its own with either)")
     ap.add_argument("--lengths", default="2048,4096", help="prompt lengths in tokens")
     ap.add_argument("--per-length", type=int, default=8, help="needles per length")
     ap.add_argument("--ratios", default="0.05", help="fractions of the context kept")
@@ -154,7 +182,13 @@ def main(argv: list[str] | None = None) -> int:
         configs += [(f"edge_sel {label} @{r:g}", factory, r) for r in ratios]
     doc = {"args": vars(a), "cases": [], "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                                   text=True, cwd=Path(__file__).parent).stdout.strip()}
-    for c in cases(encode, decode, encode(alice(), False), lengths, a.per_length):
+    if (a.haystack or ("alice" if a.split == "held" else "botchan")) == "alice":
+        haystack = alice()
+    else:
+        from edge_sel.export.textdata import botchan
+
+        haystack = botchan()
+    for c in cases(encode, decode, encode(haystack, False), lengths, a.per_length, a.split):
         t0 = time.perf_counter()
         got = generate_lockstep(gen, c["context_ids"], c["question_ids"], configs, a.max_new)
         res = {}

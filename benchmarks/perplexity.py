@@ -10,7 +10,8 @@ Configurations, side by side in one run: ``edge_sel full`` and every ``--policie
 kept fraction (all in one process, scored in lockstep: :mod:`benchmarks.ppl_lockstep`), and ``kvpress full``
 and every ``--presses`` press at the same kept fractions (``compression_ratio = 1 - ratio``), run in kvpress
 0.5.5's own venv (:mod:`benchmarks.peer_env`) on the same weights as the bundle (:mod:`benchmarks.prepare`).
-A policy may carry options: ``mpcache_ea:recent_frac=0.3:per_head_budget=0`` builds ``REGISTRY[name](**options)``.
+A policy may carry options: ``mpcache_ea:recent_frac=0.3:per_head_budget=0`` builds ``REGISTRY[name](**options)``
+(``a|b`` is a list: ``mpcache_ea_mix:mix_recent=0.125|0.25``).
 
     python -m benchmarks.perplexity --bundle B --fast                      # 2 tuning windows, for development
     python -m benchmarks.perplexity --bundle B --split tune --presses none # choose defaults
@@ -44,12 +45,16 @@ def parse_policy(spec: str):
     if not opts:
         return spec, name
     kw = {}
+
+    def value(v):
+        try:
+            return json.loads(v)  # numbers, true/false, null
+        except json.JSONDecodeError:
+            return v
+
     for o in opts:
         k, _, v = o.partition("=")
-        try:
-            kw[k] = json.loads(v)  # numbers, true/false, null
-        except json.JSONDecodeError:
-            kw[k] = v
+        kw[k] = [value(x) for x in v.split("|")] if "|" in v else value(v)  # a|b: a list (commas split --policies)
 
     def make():
         from edge_sel.runtime.policies import REGISTRY

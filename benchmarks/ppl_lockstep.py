@@ -53,10 +53,10 @@ def _runs(gen: Generator, configs, n_prompt: int, n_sfx: int, max_new: int = 1, 
         plan = planner.plan(policy, n_prompt, max_new, n_sfx)
         policy.begin(Context(gen.n_layers, gen.kv_heads, gen.heads, gen.head_dim, plan.resident, n_prompt, max_new,
                              fetch=plan.fetch, stream_suffix=stream_suffix, look_once=plan.scratch,
-                             rope_theta=gen.bundle.spec.rope_theta))
+                             rope_theta=gen.bundle.spec.rope_theta, capacities=plan.layers))
         call = Call(list(range(n_prompt)), max_new, plan.resident, policy, suffix=n_sfx, fetch=plan.fetch,
                     keep_suffix_hidden=True)
-        call.caches = [LayerCache(gen.kv_heads, plan.resident, gen.head_dim, fetch=plan.fetch) for _ in range(gen.n_layers)]
+        call.caches = [LayerCache(gen.kv_heads, plan.layer(L), gen.head_dim, fetch=plan.fetch) for L in range(gen.n_layers)]
         out.append(_Run(name, policy, call, plan.scratch, policy.observation_window(n_prompt - n_sfx)))
     return out
 
@@ -177,7 +177,7 @@ def _compress_layer(r: _Run, L: int, scratch: LayerCache, seen, own_chunks, n_ct
         policy.observe(L, work, asum, amax, None, phase)
     if r.look_once:
         target = None
-        if n_ctx + n_sfx + call.max_new > call.capacity:
-            target = final_target(call.capacity, n_sfx, call.max_new, policy.align)
+        if n_ctx + n_sfx + call.max_new > c.capacity:
+            target = final_target(c.capacity, n_sfx, call.max_new, policy.align)
             call.evictions += 1
         policy.compress(L, scratch, target, "final", into=c)

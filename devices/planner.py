@@ -128,14 +128,16 @@ def generate_prediction(bundle: Bundle, n_prompt: int, kv_bytes: int, scratch_by
 
 
 def kv_plan(bundle: Bundle, n_prompt: int, max_new: int, kv_budget, policy: str = "full"):
-    """The generator's KV plan and the bytes its caches allocate (raises BudgetError like the engine)."""
+    """The generator's KV plan and the bytes its caches and the policy's own RAM take (raises BudgetError like the engine)."""
     spec = bundle.spec
     d = spec.dims
     pol = make_policy(policy)
-    kp = KVPlanner(len(spec.layers), d.kv_heads, d.head_dim, bundle.max_length, kv_budget)
+    # the query heads size a policy's per-layer query statistics (GQA models have more of them than KV heads)
+    kp = KVPlanner(len(spec.layers), d.kv_heads, d.head_dim, bundle.max_length, kv_budget, heads=d.heads)
     max_new = kp.clamp_new(n_prompt, max_new)
     plan = kp.plan(pol, n_prompt, max_new)
-    kv = (plan.resident + plan.fetch) * kp.slot_bytes(pol) * len(spec.layers)
+    fixed = kp.fixed_bytes(pol, n_prompt + max_new) if kp.budget is not None else 0
+    kv = (plan.resident + plan.fetch) * kp.slot_bytes(pol) * len(spec.layers) + fixed
     scratch = n_prompt * LayerCache.bytes_per_slot(d.kv_heads, d.head_dim) if plan.scratch else 0
     return plan, int(kv), int(scratch)
 

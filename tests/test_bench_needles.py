@@ -35,6 +35,19 @@ def test_cases_are_held_out_from_the_tuning_needles_and_hide_the_needle_at_its_d
         assert c["key"] in decode(c["question_ids"])
 
 
+def test_the_tuning_split_shares_nothing_with_the_held_out_needles():
+    encode, decode = _char_codec()
+    hay = encode(long_text(20000), False)
+    tune = nh.cases(encode, decode, hay, [600], 8, split="tune")
+    held = nh.cases(encode, decode, hay, [600], 8)
+    assert not set(nh.TUNE_KEYS) & set(nh.KEYS) and not set(nh.TUNE_DEPTHS) & set(nh.DEPTHS)
+    assert not {w for t in nh.TUNE_TEMPLATES for w in t} & {w for t in nh.TEMPLATES for w in t}
+    assert {c["key"] for c in tune} <= set(nh.TUNE_KEYS) and {c["depth"] for c in tune} == set(nh.TUNE_DEPTHS)
+    assert not {c["number"] for c in tune} & {c["number"] for c in held}
+    for c in tune:
+        assert c["number"] in decode(c["context_ids"]) and c["key"] in decode(c["question_ids"])
+
+
 POLICIES = ["full", "mpcache_ea", "mpcache_recall", "mpcache_ea_recall", "snapkv"]
 
 

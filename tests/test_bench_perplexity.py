@@ -80,6 +80,8 @@ def test_policy_options_parse_to_a_fresh_policy_each_time():
     assert label == "mpcache_ea:recent_frac=0.25:value_norm=false" and a is not b
     assert a.parts[0].recent_frac == 0.25 and a.parts[0].value_norm is False
     assert bp.parse_policy("snapkv") == ("snapkv", "snapkv")
+    mix = bp.parse_policy("mpcache_ea_mix:mix_value_norm=false|true:mix_recent=0.125|0.5")[1]().parts[0]
+    assert mix.mix_value_norm == (False, True) and mix.mix_recent == (0.125, 0.5)
 
 
 def test_runs_of_one_system_merge_window_by_window():

@@ -241,11 +241,11 @@ class Generator:
         try:
             policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, plan.resident, N, max_new,
                                  fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch,
-                                 rope_theta=self.bundle.spec.rope_theta))
+                                 rope_theta=self.bundle.spec.rope_theta, capacities=plan.layers))
             call = Call(ids, max_new, plan.resident, policy, suffix=int(suffix), fetch=plan.fetch,
                         keep_suffix_hidden=bool(suffix_hidden))
-            call.caches = [LayerCache(self.kv_heads, plan.resident, self.head_dim, fetch=plan.fetch)
-                           for _ in range(self.n_layers)]
+            call.caches = [LayerCache(self.kv_heads, plan.layer(L), self.head_dim, fetch=plan.fetch)
+                           for L in range(self.n_layers)]
             if plan.scratch:
                 call.scratch = LayerCache(self.kv_heads, N, self.head_dim)
             trace.counter("engine", lambda: {"kv_bytes": sum(c.nbytes for c in call.caches) + (call.scratch.nbytes if call.scratch else 0)})

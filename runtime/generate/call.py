@@ -15,7 +15,7 @@ from ..policies import Policy
 class Call:
     prompt_ids: list[int]
     max_new: int
-    capacity: int   # resident tokens per layer
+    capacity: int   # resident tokens per layer (each cache's own ``capacity`` when a policy shares them unequally)
     policy: Policy
     caches: list[LayerCache] = field(default_factory=list)
     scratch: LayerCache | None = None  # look-once prefill: one layer's whole-prompt KV, reused layer after layer
@@ -33,9 +33,9 @@ class Call:
         a = policy.align
         block = need
         if phase == "decode":
-            block = max(need, min(32, max(1, self.capacity // 8)))
+            block = max(need, min(32, max(1, c.capacity // 8)))
         block = -(-block // a) * a
-        target = max(0, (self.capacity - block) // a * a)
+        target = max(0, (c.capacity - block) // a * a)
         policy.compress(layer, c, target, phase)
         trace.instant("evict", layer=layer, phase=phase, kept=int(c.n))
         self.evictions += 1

@@ -11,7 +11,7 @@ from .model import DecoderModel
 def decode_step(model: DecoderModel, call: Call, tok: int, pos: int) -> np.ndarray:
     """Append token ``tok`` at position ``pos`` to every layer's cache (evicting a block when full) and
     return the next token's logits. The policy chooses what each attention reads (``attend``)."""
-    policy, cap = call.policy, call.capacity
+    policy = call.policy
     h = model.embed(np.array([[tok]], dtype=np.int64))
     p = np.array([[pos]], dtype=np.int64)
     observe = policy.needs_decode_attention
@@ -20,7 +20,7 @@ def decode_step(model: DecoderModel, call: Call, tok: int, pos: int) -> np.ndarr
             continue
         c = call.caches[L]
         q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
-        if c.n + 1 > cap:
+        if c.n + 1 > c.capacity:
             call.make_room(L, 1, "decode")
         s = c.append(k, v, p[0])
         policy.appended(L, c, s)

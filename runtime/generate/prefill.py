@@ -61,7 +61,8 @@ def final_target(cap: int, n_sfx: int, max_new: int, align: int) -> int:
 
 def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> np.ndarray:
     """Run the prompt through every layer, filling (and compressing) the caches; the last token's logits."""
-    policy, cap = call.policy, call.capacity
+    policy = call.policy
+    cap = min(c.capacity for c in call.caches)  # the smallest layer decides whether the prompt must be evicted
     ids = np.asarray(call.prompt_ids, dtype=np.int64)[None]
     N, max_new = ids.shape[1], call.max_new
     release_weights = model.releases_weights(N)  # the engine already dropped the last call's mappings
@@ -103,8 +104,8 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
             out[:, a:b] = ho
         if scratch is not None:
             target = None
-            if scratch.n + n_sfx + max_new > cap:
-                target = final_target(cap, n_sfx, max_new, policy.align)
+            if scratch.n + n_sfx + max_new > c.capacity:
+                target = final_target(c.capacity, n_sfx, max_new, policy.align)
                 call.evictions += 1
                 trace.instant("evict", layer=L, phase="final", tokens=int(scratch.n), kept=int(target))
             policy.compress(L, scratch, target, "final", into=c)

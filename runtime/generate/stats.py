@@ -25,7 +25,8 @@ class GenerationStats:
     decode_s: float = 0.0
     decode_ms_per_token: float | None = _public(default=None)
     decode_cpu_ms_per_token: float | None = None  # all threads; robust to a busy machine
-    kv_capacity_tokens: int = _public(default=0)  # resident + fetch area: what attention may read
+    kv_capacity_tokens: int = _public(default=0)  # resident + fetch area: what attention may read (the mean layer's)
+    kv_capacity_tokens_per_layer: list = field(default_factory=list)  # each layer's (unequal with ``layer_shares``)
     kv_resident_tokens: int = 0
     kv_fetch_tokens: int = 0
     kv_budget_bytes: int | None = _public(default=None)
@@ -93,11 +94,12 @@ class StatsRecorder:
             kv_resident_tokens=call.capacity,
             kv_fetch_tokens=call.fetch,
             kv_budget_bytes=planner.budget_bytes,
-            kv_bytes_allocated=(call.capacity + call.fetch) * per_slot * planner.n_layers + held,
+            kv_bytes_allocated=sum(c.capacity + c.fetch for c in call.caches) * per_slot + held,
             kv_bytes_peak=sum(c.peak for c in call.caches) * per_slot + scratch + held,
             prefill_mode="layer" if call.scratch is not None else "rolling",
             prefill_scratch_bytes=scratch,
             kv_tokens_peak_per_layer=max(c.peak for c in call.caches),
+            kv_capacity_tokens_per_layer=[c.capacity + c.fetch for c in call.caches],
             kv_tokens_kept=[c.n for c in call.caches],
             selection_scratch_bytes_peak=call.scratch_peak,
             evictions=call.evictions,

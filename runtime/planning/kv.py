@@ -9,7 +9,8 @@ refused before any work with the minimum that would work (:class:`BudgetError.mi
 
 The plan: the resident tokens per layer, the policy's fetch area on top of them (both inside the
 budget; a policy that reads evicted tokens back sizes it), and whether prefill uses a one-layer
-whole-prompt scratch (look-once prefill), which a byte budget must also pay for.
+whole-prompt scratch (look-once prefill), which a byte budget must also pay for. A policy with
+``layer_shares`` gets unequal layers: the same total (so the same bytes), each layer at least the minimum.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class KVPlan:
     resident: int   # tokens per layer the cache holds
     fetch: int      # fetch-area slots per layer on top of ``resident`` (inside the budget)
     scratch: bool   # prefill builds each layer's whole prompt K/V in one shared scratch, then compresses it
+    layers: tuple = ()  # resident tokens of each layer when they differ (sum <= n_layers * resident); empty: equal
+
+    def layer(self, i: int) -> int:
+        return self.layers[i] if self.layers else self.resident
 
 
 class KVPlanner:
@@ -148,7 +153,14 @@ class KVPlanner:
         res = cap - fetch
         if (res < need or (suffix and res - suffix < 8)) and res < whole:
             raise self._refusal(policy, cap, need, per_tok, fixed, n_prompt, max_new, suffix)
-        return KVPlan(res, fetch, scratch and res < whole)
+        layers = ()
+        shares = policy.layer_shares(self.n_layers) if res < whole else None
+        if shares is not None:
+            base = suffix + max_new if suffix else 0  # the suffix and the new tokens: every layer holds them
+            lo = max(need, base + 8) if suffix else need
+            hi = -(-whole // a) * a  # no layer needs more than the whole call
+            layers = split_layers(res, base, np.asarray(shares, dtype=np.float64), lo, hi, 1 if suffix else a)
+        return KVPlan(res, fetch, scratch and min(layers or (res,)) < whole, layers)
 
     def _refusal(self, policy, cap, need, per_tok, fixed, n_prompt, max_new, suffix) -> BudgetError:
         what = {"tokens": "tokens", "fraction": "of the prompt", "bytes": "bytes"}[self.budget[0]] if self.budget else ""
@@ -161,3 +173,25 @@ class KVPlanner:
             f"kv_budget {self.budget[1] if self.budget else None} {what} gives {cap} cached tokens per layer, below the "
             f"minimum {need} ({extra}); minimum budget: {need} tokens = {format_size(need * per_tok + fixed)} "
             f"(--kv-budget {need} or {-(-(need * per_tok + fixed) // 1024**2)}MiB)", minimum_bytes=need * per_tok + fixed)
+
+
+def split_layers(res: int, base: int, shares: np.ndarray, lo: int, hi: int, step: int) -> tuple[int, ...]:
+    """Per-layer capacities: ``base`` each plus the context's share ``(res - base) * shares / mean(shares)``, in
+    multiples of ``step``, each in ``[lo, hi]``, summing to at most ``n * res`` (the budget of ``n`` equal layers)."""
+    n = len(shares)
+    if n == 0 or not np.all(np.isfinite(shares)) or shares.min() < 0 or shares.sum() <= 0:
+        raise ValueError(f"layer shares must be finite, non-negative and not all zero, got {shares}")
+    total = n * res
+    ideal = base + (res - base) * shares / shares.mean()
+    caps = np.clip(np.floor(ideal / step) * step, lo, hi).astype(np.int64)
+    while caps.sum() > total:  # the minimum pushed some layers up: take it back from the most over-served
+        ok = caps - step >= lo
+        if not ok.any():
+            return tuple([res] * n)
+        caps[np.argmax(np.where(ok, caps - ideal, -np.inf))] -= step
+    while total - caps.sum() >= step:  # rounding left room: give it to the most under-served
+        ok = caps + step <= hi
+        if not ok.any():
+            break
+        caps[np.argmax(np.where(ok, ideal - caps, -np.inf))] += step
+    return tuple(int(c) for c in caps)

@@ -10,12 +10,14 @@ from typing import Callable
 
 from edge_sel.runtime.errors import InputError
 
+from .adaptive_mix import MPCacheEAMix, mpcache_ea_mix
 from .base import Context, Policy, ScorePolicy
 from .composite import Composite
 from .expected_attention import MPCacheEA, mpcache_ea, mpcache_ea_recall
 from .full import Full
 from .h2o import H2O
 from .knorm import Knorm
+from .layer_budget import MPCacheEALayers, mpcache_ea_layers
 from .layer_skip import LayerSkip
 from .mpcache import MPCacheDynamic, MPCacheStatic, mpcache
 from .mpcache_recall import MPCacheRecall, mpcache_recall
@@ -38,6 +40,10 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "mpcache_ea": mpcache_ea,
     "mpcache_ea_static": MPCacheEA,
     "mpcache_ea_recall": mpcache_ea_recall,
+    "mpcache_ea_layers": mpcache_ea_layers,
+    "mpcache_ea_mix": mpcache_ea_mix,
+    "mpcache_ea_mix_static": MPCacheEAMix,
+    "mpcache_ea_layers_static": MPCacheEALayers,
     "windowkv": WindowKV,
     "prompt_distill": PromptDistill,
     "layer_skip": LayerSkip,
@@ -73,4 +79,5 @@ def make_policy(spec: "str | Policy | None") -> Policy:
 
 __all__ = ["Policy", "ScorePolicy", "RecallPolicy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label",
            "Full", "StreamingLLM", "H2O", "SnapKV", "Knorm", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall",
-           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "WindowKV", "PromptDistill", "LayerSkip"]
+           "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "MPCacheEALayers", "mpcache_ea_layers",
+           "MPCacheEAMix", "mpcache_ea_mix", "WindowKV", "PromptDistill", "LayerSkip"]

@@ -3,7 +3,8 @@
 The generate engine calls, per layer ``L`` (nothing else):
 
 * ``begin(ctx)`` / ``end()`` around a call (``end`` also after an exception: release files);
-* planning, before any allocation: ``bytes_per_token``, ``fixed_bytes``, ``prefill_bytes``, ``fetch_tokens``, the class
+* planning, before any allocation: ``bytes_per_token``, ``fixed_bytes``, ``prefill_bytes``, ``fetch_tokens``,
+  ``layer_shares``, the class
   attributes ``min_tokens``, ``align``, ``evicts``, and ``observation_window(prompt_len)``;
 * ``observe(L, cache, attn_sum, attn_max, slots, phase)`` after an attention run (``phase``:
   ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks — or ``"decode"``;
@@ -89,6 +90,10 @@ class Context:
     stream_suffix: bool = False   # the protected suffix is text being scored (score()): recalls come causally
     look_once: bool = False       # "layer" prefill: each layer's whole prompt is scored once, from a scratch
     rope_theta: float | None = None  # the model's rotary base (a policy modelling future queries rotates with it)
+    capacities: tuple = ()        # resident slots per layer when they differ (``layer_shares``); empty: ``capacity`` each
+
+    def layer_capacity(self, layer: int) -> int:
+        return self.capacities[layer] if self.capacities else self.capacity
 
 
 @dataclass
@@ -133,6 +138,11 @@ class Policy:
     def fetch_tokens(self, cap: int, suffix: int, whole: int, room: int) -> int:
         """Slots of each layer's fetch area, carved out of ``cap`` (the budget's tokens per layer), ``<= room``."""
         return 0
+
+    def layer_shares(self, n_layers: int) -> np.ndarray | None:
+        """Relative share of each layer in what the context keeps (mean 1; the planner keeps the total and each
+        layer's minimum); None: every layer keeps the same number of tokens."""
+        return None
 
     # ---- the engine's calls -------------------------------------------------------------
     def observe(self, layer, cache, attn_sum, attn_max, slots, phase) -> None:

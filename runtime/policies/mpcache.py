@@ -142,13 +142,13 @@ class MPCacheDynamic(Policy):
         self.sharing = LayerSharing(self.share, ctx.n_layers)
         self.stats = {}
         self.last: dict[int, np.ndarray] = {}
-        self.active = ctx.capacity >= self.min_tokens_to_select
+        self.active = max(ctx.layer_capacity(L) for L in range(ctx.n_layers)) >= self.min_tokens_to_select
         if not self.active:  # the cache can never hold enough tokens to select from: no statistics to keep
             return
-        g16 = -(-ctx.capacity // self.sub)
-        g32 = -(-ctx.capacity // self.group)
         D, kv = ctx.head_dim, ctx.kv_heads
-        for L in range(ctx.n_layers):
+        for L in range(ctx.n_layers):  # sized by each layer's own capacity (what bytes_per_token counted)
+            g16 = -(-ctx.layer_capacity(L) // self.sub)
+            g32 = -(-ctx.layer_capacity(L) // self.group)
             self.stats[L] = {
                 "max16": np.full((kv, g16, D), -np.inf, np.float32), "min16": np.full((kv, g16, D), np.inf, np.float32),
                 "mix16": np.zeros((kv, g16, D), np.float32), "max32": np.full((kv, g32, D), -np.inf, np.float32),

@@ -80,6 +80,7 @@ class MPCacheRecall(RecallPolicy):
     selection: str = "exact"  # "exact" (question-time softmax voting, fixed) or "linear" (MPCache, every step)
     vote_pool: int = 7        # exact: max-pool kernel over neighbouring cold tokens (SnapKV's 7)
     vote_follow: int = 12     # exact: tokens after a hit that inherit its vote (a key brings the value after it)
+    question_tail: int = 0    # exact: > 0 votes with the question's last this many tokens only (the answer's lead-in)
     # score()'s causal re-selection every 32 continuation tokens (text streaming in, no question): the continuation
     # brings its own next tokens, so a hit needs no followers and no pooling (lower perplexity than the question's)
     stream_follow: int = 0
@@ -102,6 +103,8 @@ class MPCacheRecall(RecallPolicy):
             raise ValueError(f"selection must be 'exact' or 'linear' (MPCache's similarity), got {self.selection!r}")
         if self.vote not in ("sum", "max"):
             raise ValueError(f"vote must be 'sum' or 'max', got {self.vote!r}")
+        if self.question_tail < 0 or self.fetch_min < 0:
+            raise ValueError(f"question_tail and fetch_min must be >= 0, got {self.question_tail}, {self.fetch_min}")
         if (self.vote_pool < 1 or self.vote_follow < 0 or self.stream_pool < 1 or self.stream_follow < 0 or self.select_share < 1 or self.refresh < 0
                 or not 0.0 < self.refresh_frac < 1.0):
             raise ValueError("vote_pool and select_share must be >= 1, refresh >= 0, refresh_frac in (0, 1)")
@@ -241,6 +244,8 @@ class MPCacheRecall(RecallPolicy):
         kv, D = cache.kv_heads, cache.head_dim
         if m >= n:
             return np.broadcast_to(np.arange(n), (kv, n)).copy()
+        if self.question_tail and not (phase == "suffix" and self.ctx.stream_suffix):
+            q = q[:, :, -self.question_tail:]
         H, T = q.shape[1], q.shape[2]
         R = (H // kv) * T                                                           # queries per KV head
         Q = np.ascontiguousarray(q[0].reshape(kv, R, D), dtype=np.float32) * np.float32(1.0 / np.sqrt(D))
@@ -352,7 +357,7 @@ def mpcache_recall(**kw) -> "Policy":
     from .composite import Composite
     from .mpcache import MPCacheDynamic, MPCacheStatic
 
-    own = ("group", "fetch_frac", "fetch", "suffix_query", "head_reduce", "score", "expand", "selection", "vote_pool", "vote_follow", "vote",
+    own = ("group", "fetch_frac", "fetch", "fetch_min", "question_tail", "suffix_query", "head_reduce", "score", "expand", "selection", "vote_pool", "vote_follow", "vote",
            "select_share", "refresh", "refresh_frac", "stream_follow", "stream_pool")  # recall's alone
     static_kw = {k: v for k, v in kw.items() if k in MPCacheStatic.__dataclass_fields__ and k not in own}
     rec_kw = {k: v for k, v in kw.items() if k in MPCacheRecall.__dataclass_fields__}

@@ -3,8 +3,8 @@
 :class:`RecallPolicy` owns the mechanics every recalling policy shares: a cold store (one file per
 layer in a temporary directory the call owns, removed when it ends, also on an exception; see
 :mod:`edge_sel.runtime.coldstore`), writing what the cache evicts to it, the size of the fetch area
-carved out of the budget (``fetch_frac`` of the context's share in whole ``group`` s, or ``fetch``
-tokens), the RAM it keeps beside the cache (``fixed_bytes``, ``held_bytes``), the bytes read back, the
+carved out of the budget (``fetch_frac`` of the context's share in whole ``group`` s, at least ``fetch_min``
+tokens when the resident minimum leaves the room, or ``fetch`` tokens), the RAM it keeps beside the cache (``fixed_bytes``, ``held_bytes``), the bytes read back, the
 causal schedule of a scored suffix (a new selection every ``SUFFIX_BLOCK`` tokens, each made by the
 queries of the tokens before it) and the ``"cold"`` stats section.
 
@@ -34,6 +34,7 @@ class RecallPolicy(Policy):
     group: int = 16          # cold tokens per group (the unit of the store's records and statistics)
     fetch_frac: float = 0.5  # of the context's share of the budget
     fetch: int | None = None  # fetch-area tokens, fixed (carved out even when the budget holds everything)
+    fetch_min: int = 0       # the area holds at least this many tokens when the budget has the room (small budgets)
     alpha: float = 0.6       # group statistic: alpha * kmax + (1 - alpha) * kmin
     bytes_read: dict = field(default_factory=dict, init=False, repr=False)
 
@@ -64,7 +65,7 @@ class RecallPolicy(Policy):
         elif cap >= whole:
             return 0  # everything fits: nothing is evicted, nothing to recall
         else:
-            want = max(G, int(self.fetch_frac * (cap - suffix)) // G * G)
+            want = max(G, int(self.fetch_frac * (cap - suffix)) // G * G, -(-self.fetch_min // G) * G)
         got = min(want, room // G * G)  # never below the resident minimum: a small budget runs without recall
         if got == 0 and self.token_granular and self.fetch is None and room >= 8:
             got = min(int(self.fetch_frac * (cap - suffix)), room)
