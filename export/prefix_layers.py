@@ -55,14 +55,15 @@ class RerankForm:
 # ``fuse_rerank_attention`` rewrites an exported attn graph in place: the two policy outputs (and the reductions that
 # feed them) go, and the attention core becomes one com.microsoft MultiHeadAttention node (multi-threaded, fused
 # QK^T + bias + softmax + V) fed with an additive bias built from the same visibility rule (grouped-query attention:
-# K/V copied per query head; a core over the KV heads exists, ``grouped=True``, but is not used — see _attention_core).
+# the node runs over the KV heads with each group's query heads stacked as rows, so K/V are not copied per query head;
+# ``grouped=False`` builds the older core over copied K/V, kept for the upgrade tests).
 # ``fuse_rerank_qkv`` replaces the qkv graphs' op-by-op rotary embedding (Slice/Neg/Concat/Mul/Add over q and k) by
 # com.microsoft RotaryEmbedding nodes (rotate-half form, ``interleaved=0``, as Llama's rotate_half).
 # Inputs and outputs are unchanged, so the runtime is the same for old and new bundles.
 RERANK_ATTN_OUTPUTS = ["hidden_out"]
 MS_DOMAIN = "com.microsoft"
-RERANK_FORM = 3  # 1: attn core as MultiHeadAttention over K/V copied per query head; 2: core over the KV heads (grouped)
-# + qkv RotaryEmbedding; 3: form 1's core + qkv RotaryEmbedding (the grouped core raises a streamed call's peak memory)
+RERANK_FORM = 4  # 1: attn core as MultiHeadAttention over K/V copied per query head; 2: core over the KV heads (grouped)
+# + qkv RotaryEmbedding; 3: form 1's core + qkv RotaryEmbedding; 4: form 2's grouped core again (K/V read as stored)
 
 
 def _prune_dead(graph, keep: list[str]) -> None:
@@ -92,9 +93,9 @@ def _ms_opset(model) -> None:
 
 def _attention_core(out: str, heads: int, kv_heads: int, head_dim: int, scale: float, grouped: bool = False):
     """Nodes + initializers computing the attention core of an attn graph from its inputs into ``out`` ([B,T,heads*D]).
-    ``grouped=False`` (the default): K/V copied per query head, the node over all heads. ``grouped=True``: the node over
-    the KV heads, each group's G query heads stacked as G*T rows (form 2); barely faster, but it raises the peak memory
-    of a streamed call, so the exporter does not write it; kept to build form-2 graphs for the upgrade tests."""
+    ``grouped=True`` (what the exporter writes, forms 2 and 4): the node over the KV heads, each group's G query heads
+    stacked as G*T rows, K/V read as stored. ``grouped=False`` (forms 1 and 3): K/V copied per query head, the node
+    over all heads; kept to build older graphs for the upgrade tests."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -391,7 +392,7 @@ def heads_of(dims: dict) -> tuple[int, int, int]:
 
 def fuse_attn_file(path: Path, dims: dict) -> bool:
     """Rewrite one attn graph file into the rerank form in place. False if the pattern was not found."""
-    return rewrite_file(path, "attn", lambda m: fuse_rerank_attention(m, *heads_of(dims)), dims)
+    return rewrite_file(path, "attn", lambda m: fuse_rerank_attention(m, *heads_of(dims), grouped=True), dims)
 
 
 def fuse_qkv_file(path: Path, dims: dict) -> bool:

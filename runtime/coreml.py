@@ -220,8 +220,9 @@ class CoreMLBackend:
             return self._contracts[stage.package]
 
     # ---- loading ---------------------------------------------------------------------------------
-    def open(self, path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True) -> CoreMLSession:
-        """Load the package standing for graph ``path`` (``threads``/``optimize``/``mem_pattern`` are onnxruntime's)."""
+    def open(self, path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
+             prepack: bool = False) -> CoreMLSession:
+        """Load the package standing for graph ``path`` (``threads``/``optimize``/``mem_pattern``/``prepack`` are onnxruntime's)."""
         require_macos()
         ct = import_coremltools()
         stage, contract = self.stage_for(path), self.contract(path)

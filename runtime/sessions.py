@@ -56,9 +56,11 @@ def needs_prepacking(path: Path) -> bool:
 
 
 def load_session(path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
-                 providers: Assignment | None = None) -> ort.InferenceSession:
-    """A session on the CPU provider, or on ``providers``' choice (its load time and node assignment recorded there)."""
-    so = session_options(threads, optimize, mem_pattern, prepack=needs_prepacking(path))
+                 providers: Assignment | None = None, prepack: bool = False) -> ort.InferenceSession:
+    """A session on the CPU provider, or on ``providers``' choice (its load time and node assignment recorded there).
+    ``prepack``: let the kernels pack the float weights too (a session kept for the engine's life with no memory
+    budget: the packed copy costs anonymous memory once and spares repacking the weights on every run)."""
+    so = session_options(threads, optimize, mem_pattern, prepack=prepack or needs_prepacking(path))
     prefix = trace.op_profile_prefix()  # a profiler asked for onnxruntime's per-operator timings
     if prefix is not None:
         so.enable_profiling, so.profile_file_prefix = True, prefix
@@ -81,7 +83,7 @@ def load_session(path: Path, threads: int | None = None, optimize: str = "all", 
 class OnnxRuntimeBackend:
     """How the engines open a stage by default: an onnxruntime session per graph, on the providers' choice.
 
-    A backend's ``open(path, threads, optimize, mem_pattern)`` returns something called like an onnxruntime session
+    A backend's ``open(path, threads, optimize, mem_pattern, prepack)`` returns something called like an onnxruntime session
     (``run(output_names, feeds) -> [arrays]``); :class:`edge_sel.runtime.coreml.CoreMLBackend` is the other one."""
 
     name = "onnxruntime"
@@ -89,8 +91,9 @@ class OnnxRuntimeBackend:
     def __init__(self, providers: Assignment | None = None):
         self.providers = providers
 
-    def open(self, path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True):
-        return load_session(path, threads, optimize, mem_pattern, providers=self.providers)
+    def open(self, path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
+             prepack: bool = False):
+        return load_session(path, threads, optimize, mem_pattern, providers=self.providers, prepack=prepack)
 
     def plan_sizes(self) -> None:
         """None: the planner counts the bundle's ONNX files itself."""

@@ -42,7 +42,7 @@ def test_registry_and_manifest(phi3):
     assert b.manifest["export"]["verified_max_abs_diff"] < 1e-3
     assert b.manifest["prompt"]["suffix"] == "<|end|>\n<|assistant|>\n"
     io = b.manifest["layer_io"]  # split layers in the current rerank form: the fused qkv_proj does not hide the rotary
-    assert io["prefix_reuse"] and io["rerank_form"] == 3 and io["qkv_rotary"] == "RotaryEmbedding"
+    assert io["prefix_reuse"] and io["rerank_form"] == 4 and io["qkv_rotary"] == "RotaryEmbedding"
     g = onnx.load(str(b.path(b.manifest["extra_graphs"][b.layers[0]["qkv"]]["file"])), load_external_data=False).graph
     weights = {i.name for i in g.initializer}
     assert sum(n.op_type == "MatMul" and any(i in weights for i in n.input) for n in g.node) == 1  # fused q/k/v

@@ -12,28 +12,28 @@ from edge_sel.runtime.bundle import Bundle
 
 def _rerank_form_checks(b: Bundle) -> None:
     """The current rerank form: attn graphs keep only hidden_out and run their attention core as one MultiHeadAttention
-    node (over K/V copied per query head); qkv graphs rotate q and k with RotaryEmbedding nodes."""
+    node over the KV heads (each group's query heads stacked as rows); qkv graphs rotate q and k with RotaryEmbedding."""
     import onnx
 
     io = b.manifest["layer_io"]
     assert io["attn"]["outputs"] == ["hidden_out"] and io["attn_core"] == "MultiHeadAttention"
-    assert io["qkv_rotary"] == "RotaryEmbedding" and io["rerank_form"] == 3
-    heads = b.manifest["dims"]["heads"]
+    assert io["qkv_rotary"] == "RotaryEmbedding" and io["rerank_form"] == 4
+    kv_heads = b.manifest["dims"]["kv_heads"]
     for i, entry in enumerate(b.layers):
         g = onnx.load(str(b.layer_path(i)), load_external_data=False).graph
         ops = [n.op_type for n in g.node]
         assert [o.name for o in g.output] == ["hidden_out"]
         assert ops.count("MultiHeadAttention") == 1 and "Softmax" not in ops
         mha = next(n for n in g.node if n.op_type == "MultiHeadAttention")
-        assert next(a.i for a in mha.attribute if a.name == "num_heads") == heads
+        assert next(a.i for a in mha.attribute if a.name == "num_heads") == kv_heads
         q = onnx.load(str(b.path(b.manifest["extra_graphs"][entry["qkv"]]["file"])), load_external_data=False).graph
         qops = [n.op_type for n in q.node]
         assert qops.count("RotaryEmbedding") == 2 and "Neg" not in qops and "Slice" not in qops
 
 
 def _old_forms(hf, tmp_path, monkeypatch, which=("gen", "first", "second")) -> dict:
-    """Bundles as earlier exporters wrote them: the generation form, the first rerank form (op-by-op rotary) and
-    form 2 (attention core over the KV heads)."""
+    """Bundles as earlier exporters wrote them: the generation form, the first rerank form (op-by-op rotary),
+    form 2 (attention core over the KV heads) and form 3 (core over K/V copied per query head, RotaryEmbedding)."""
     import edge_sel.export.prefix_layers as pl
     from edge_sel.export import export
 
@@ -59,12 +59,18 @@ def _old_forms(hf, tmp_path, monkeypatch, which=("gen", "first", "second")) -> d
         m.setattr(pl, "RERANK_FORM", 2)
         out["second"] = export(hf, tmp_path / "second", verify=True)
     assert Bundle.open(out["second"]).manifest["layer_io"]["rerank_form"] == 2
+    with monkeypatch.context() as m:
+        m.setattr(pl, "fuse_attn_file", lambda path, dims: pl.rewrite_file(
+            path, "attn", lambda g: pl.fuse_rerank_attention(g, *pl.heads_of(dims), grouped=False), dims))
+        m.setattr(pl, "RERANK_FORM", 3)
+        out["third"] = export(hf, tmp_path / "third", verify=True)
+    assert Bundle.open(out["third"]).manifest["layer_io"]["rerank_form"] == 3
     return out
 
 
 def test_rerank_graphs_are_fused_and_old_bundles_upgrade(llama_bundle, tmp_path, docs, monkeypatch):
     """Rerank bundles are exported in the current rerank form (GQA: 6 query heads over 2 KV heads here); bundles in the
-    generation form, in the first rerank form and in form 2 upgrade in place to the same scores (within 1e-4, same
+    generation form, in the first rerank form and in forms 2 and 3 upgrade in place to the same scores (within 1e-4, same
     top-3), verify, and a second upgrade is a no-op."""
     from edge_sel.export.passes.upgrade import fuse_bundle_attention
     from tiny_models import make_decoder

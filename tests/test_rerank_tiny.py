@@ -20,7 +20,8 @@ def test_budget_streaming_matches_all_resident(fixture, request, docs):
         b = tight.predict(q, documents)
         np.testing.assert_allclose(a, b, atol=1e-5)
         assert tight.last_stats["window_layers"] == 2
-        assert tight.last_stats["n_chunks"] > full.last_stats["n_chunks"]
+        assert tight.last_stats["chunk_tokens"] < full.last_stats["chunk_tokens"]
+        assert tight.last_stats["n_chunks"] >= full.last_stats["n_chunks"]
         # all resident, nothing to prune: encoders run chunk by chunk through every layer (depth-first); streamed
         # layers and prefix-reuse decoders keep every candidate at the same layer (monolithic)
         assert full.last_stats["order"] == ("monolithic" if fixture == "llama_bundle" else "depth-first")

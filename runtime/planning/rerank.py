@@ -31,6 +31,8 @@ FIXED_OVERHEAD = 14 * 1024**2    # head session, tokenizer state, numpy scratch,
 SAFETY = 1.0                     # the formula already sits above onnxruntime's real per-layer peak
 DEFAULT_CHUNK_TOKENS = 1024  # cache-friendly, no huge attention buffers: faster than longer chunks
 DEFAULT_MAX_BATCH = 64
+SPLIT_PADDING_TOKENS = 8    # a new chunk rather than padding the open one's rows by more tokens than this in all (one
+# more chunk costs each layer two session runs and a prefix K/V copy, about the work of 15-20 tokens)
 ITEM_BYTES = 112                 # per candidate: token lengths + offsets (12), chunk rows (16), chunk counting (8),
 # scores (4), pruning state (13), re-packing after pruning (~45) and the final ordering (transient) -- all numpy
 # arrays, no per-candidate Python objects
@@ -71,10 +73,39 @@ class CallSize:
     count: ChunkCount | None = None  # their lengths, for the number of chunks each chunk size makes
 
 
+def chunk_runs(sorted_lengths: np.ndarray, chunk_tokens: int, max_batch: int = DEFAULT_MAX_BATCH,
+               split_tokens: int = SPLIT_PADDING_TOKENS) -> list[tuple[int, int]]:
+    """``(start, end)`` of each chunk over candidates sorted by length (ascending). A chunk takes the next row while
+    its rows x the newest (longest) row stay within ``chunk_tokens`` and its rows within ``max_batch``, unless that row
+    would pad the rows already taken by more than ``split_tokens`` tokens in all: then a new chunk starts (one more
+    chunk costs less than that much padding). Walks the distinct lengths, not the rows."""
+    s = np.asarray(sorted_lengths, dtype=np.int64)
+    runs: list[tuple[int, int]] = []
+    if not len(s):
+        return runs
+    values, counts = np.unique(s, return_counts=True)
+    start = rows = width = 0  # the open chunk: first row, rows taken, width
+    pos = 0
+    for w, c in zip(values.tolist(), counts.tolist()):
+        if rows and ((rows + 1) * w > chunk_tokens or rows + 1 > max_batch or rows * (w - width) > split_tokens):
+            runs.append((start, pos))
+            start, rows = pos, 0
+        width = w
+        cap = max(1, min(max_batch, chunk_tokens // w))  # rows of width w in one chunk (a longer row goes alone)
+        while c:
+            take = min(c, cap - rows)
+            if take <= 0:
+                runs.append((start, pos))
+                start, rows = pos, 0
+                continue
+            rows, c, pos = rows + take, c - take, pos + take
+    runs.append((start, pos))
+    return runs
+
+
 class ChunkCount:
-    """How many chunks ``chunk_tokens`` makes of candidates of these lengths: the greedy packing of
-    :func:`edge_sel.runtime.rerank.chunks.make_chunks` (sorted by length, a chunk grows while its rows x its longest
-    row stay within ``chunk_tokens`` and its rows within ``max_batch``), counted without building them."""
+    """How many chunks ``chunk_tokens`` makes of candidates of these lengths: the packing of
+    :func:`edge_sel.runtime.rerank.chunks.make_chunks` (:func:`chunk_runs`), counted without building the chunks."""
 
     def __init__(self, lengths: np.ndarray, max_batch: int = DEFAULT_MAX_BATCH):
         self.sorted = np.sort(np.asarray(lengths, dtype=np.int64), kind="stable")
@@ -83,17 +114,7 @@ class ChunkCount:
 
     def __call__(self, chunk_tokens: int) -> int:
         if chunk_tokens not in self._memo:
-            s, n, i, k = self.sorted, len(self.sorted), 0, 0
-            while i < n:
-                lo, hi = 1, min(self.max_batch, n - i)  # the longest run from i that fits (binary search)
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    if mid * s[i + mid - 1] <= chunk_tokens:
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                i, k = i + lo, k + 1
-            self._memo[chunk_tokens] = k
+            self._memo[chunk_tokens] = len(chunk_runs(self.sorted, chunk_tokens, self.max_batch))
         return self._memo[chunk_tokens]
 
 

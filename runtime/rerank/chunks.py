@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_sel.runtime import trace
+from edge_sel.runtime.planning.rerank import chunk_runs
 from edge_sel.runtime.scratch import owned_tempdir
 
 
@@ -62,22 +63,11 @@ class Packing:
     chunk_tokens: int
     max_batch: int
 
-    def full(self, rows: int, width: int) -> bool:
-        """Would a chunk of ``rows`` rows padded to ``width`` tokens exceed the limits?"""
-        return rows * width > self.chunk_tokens or rows > self.max_batch
-
 
 def _runs(sorted_lengths: np.ndarray, packing: Packing) -> list[tuple[int, int]]:
     """``(start, end)`` of each chunk over rows sorted by length: a chunk takes rows while they fit the packing's
-    limits (the newest row sets the chunk's padded length)."""
-    runs, start = [], 0
-    for pos in range(1, len(sorted_lengths)):
-        if packing.full(pos - start + 1, int(sorted_lengths[pos])):
-            runs.append((start, pos))
-            start = pos
-    if len(sorted_lengths):
-        runs.append((start, len(sorted_lengths)))
-    return runs
+    limits (the newest row sets the chunk's padded length) and do not pad it much (:func:`chunk_runs`)."""
+    return chunk_runs(sorted_lengths, packing.chunk_tokens, packing.max_batch)
 
 
 def make_chunks(lengths: np.ndarray, packing: Packing) -> list[Chunk]:

@@ -34,8 +34,9 @@ class PairStream(LayerStream):
         """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
         tk = trace.begin("layer.load", layer=i)
         qkv = self.backend.open(self.bundle.path(self.bundle.spec.qkv_graph(i).file), self.threads, self.optimize,
-                                mem_pattern=self.keep_all)
-        attn = self.backend.open(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
+                                mem_pattern=self.keep_all, prepack=self.packs)
+        attn = self.backend.open(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all,
+                                 prepack=self.packs)
         trace.end(tk)
         self.loads += 1
         return qkv, attn

@@ -53,7 +53,8 @@ class Reranker:
     >>> rr.rank("how do I copy a file?", docs, top_k=5)
     [{'corpus_id': 3, 'score': 0.71}, ...]
 
-    memory_budget: bytes or a size string ("128MB", "1.5GiB"); None keeps every layer resident. When the
+    memory_budget: bytes or a size string ("128MB", "1.5GiB"); None keeps every layer resident (with its weights
+    pre-packed by onnxruntime's kernels: faster, at the cost of a packed copy of the weights in memory). When the
     kept hidden states of all candidates do not fit the budget they are spilled to files under
     ``spill_dir`` (default: the system temp directory) — only the chunk in flight stays in RAM;
     ``spill=False`` refuses such budgets instead.
@@ -115,8 +116,11 @@ class Reranker:
         self.pruning = "off" if pruning is None else pruning
         self.schedule, self.pruning_note = self._resolve_schedule(self.pruning)
         self.layer_scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
+        # no budget: every layer session stays resident for the reranker's life, so its kernels pack the weights once
+        # (as a plain onnxruntime session does); under a budget the weights stay file-backed
         self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), threads, optimize,
-                                                                   self.providers, backend=self.backend)
+                                                                   self.providers, backend=self.backend,
+                                                                   prepack=self.memory_budget is None)
         self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer))
         self.pad_id = self.bundle.spec.pad_id
         self.stats = RerankStats()

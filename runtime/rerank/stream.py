@@ -18,9 +18,13 @@ from edge_sel.runtime.sessions import OnnxRuntimeBackend
 
 
 class LayerStream:
+    """``prepack``: sessions kept resident (a window covering every layer) let their kernels pack the weights once
+    (faster runs, a packed copy in anonymous memory); streamed sessions never do (their weights stay file-backed)."""
+
     def __init__(self, bundle: Bundle, window: int, threads: int | None = None, optimize: str = "all",
-                 providers: Assignment | None = None, backend=None):
+                 providers: Assignment | None = None, backend=None, prepack: bool = False):
         self.bundle = bundle
+        self.prepack = prepack
         self.providers = providers  # the execution providers' choice; counts every session's load time
         # opens each graph: onnxruntime sessions, or another backend's stages (edge_sel.runtime.coreml)
         self.backend = backend if backend is not None else OnnxRuntimeBackend(providers)
@@ -39,10 +43,16 @@ class LayerStream:
         if not self.keep_all:
             self._resident.clear()
 
+    @property
+    def packs(self) -> bool:
+        """Whether the sessions loaded now pre-pack their weights: only resident ones, when asked for."""
+        return self.prepack and self.keep_all
+
     def load_layer(self, i: int):
         """Load the session(s) of layer ``i`` (a subclass may load more than one graph per layer)."""
         tk = trace.begin("layer.load", layer=i)
-        sess = self.backend.open(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all)
+        sess = self.backend.open(self.bundle.layer_path(i), self.threads, self.optimize, mem_pattern=self.keep_all,
+                                 prepack=self.packs)
         trace.end(tk)
         self.loads += 1
         return sess

@@ -1,13 +1,18 @@
 "use strict";
 /**
  * Candidates sorted by length (stable) and cut into chunks of at most `chunkTokens` padded tokens and `maxBatch`
- * rows, each padded to its longest row; after pruning the survivors are re-packed the same way (`compact`), so
+ * rows, each padded to its longest row, and ended where the next row would pad the rows already in it by more than
+ * `SPLIT_PADDING_TOKENS` in all; after pruning the survivors are re-packed the same way (`compact`), so
  * dropped candidates cost nothing in later layers. The packing is the Python reference's (runtime/rerank/chunks.py).
  *
  * A chunk keeps its token ids compactly (4 bytes a padded token, 1 more for token types), as the planner counts
  * them; the attention mask and position ids a layer run needs are made for that run (`maskOf`, `positionsOf`): a
  * row's positions are `posOffset + t` and its mask is 1 over its length.
  */
+
+// A new chunk rather than padding the open one's rows by more tokens than this in all (the reference's
+// SPLIT_PADDING_TOKENS, runtime/planning/rerank.py).
+const SPLIT_PADDING_TOKENS = 8;
 
 class Packing {
   constructor(padId, posOffset, chunkTokens, maxBatch) {
@@ -46,7 +51,8 @@ function groupByLength(entries, packing) {
   const groups = [];
   let cur = [];
   for (const e of entries) {
-    if (cur.length && packing.full(cur.length + 1, e.length)) {
+    if (cur.length && (packing.full(cur.length + 1, e.length)
+        || cur.length * (e.length - cur[cur.length - 1].length) > SPLIT_PADDING_TOKENS)) {
       groups.push(cur);
       cur = [];
     }
@@ -102,4 +108,4 @@ function compact(chunks, keep, packing, H) {
   });
 }
 
-module.exports = { Packing, makeChunks, compact, allocateHidden, maskOf, positionsOf };
+module.exports = { Packing, makeChunks, compact, allocateHidden, maskOf, positionsOf, SPLIT_PADDING_TOKENS };

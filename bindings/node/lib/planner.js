@@ -9,6 +9,7 @@
  */
 const { BudgetError } = require("./errors");
 const { formatSize } = require("./units");
+const { SPLIT_PADDING_TOKENS } = require("./chunks");
 
 const SESSION_OVERHEAD = 3 * 1024 ** 2;
 const FIXED_OVERHEAD = 14 * 1024 ** 2;
@@ -21,22 +22,19 @@ const BYTES_PER_TOKEN = 4;
 const BYTES_PER_TYPE = 1;
 const STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024];
 
-/** How many chunks a chunk size makes of candidates of these lengths (the greedy packing of chunks.js). */
+/** How many chunks a chunk size makes of candidates of these lengths (the packing of chunks.js). */
 function chunkCounter(lengths, maxBatch = DEFAULT_MAX_BATCH) {
   const s = [...lengths].sort((a, b) => a - b);
   const memo = new Map();
   return (chunkTokens) => {
     if (!memo.has(chunkTokens)) {
-      let i = 0, k = 0;
-      while (i < s.length) {
-        let lo = 1, hi = Math.min(maxBatch, s.length - i);
-        while (lo < hi) {
-          const mid = (lo + hi + 1) >> 1;
-          if (mid * s[i + mid - 1] <= chunkTokens) lo = mid;
-          else hi = mid - 1;
+      let start = 0, k = s.length ? 1 : 0;
+      for (let pos = 1; pos < s.length; pos++) {
+        const rows = pos - start;
+        if ((rows + 1) * s[pos] > chunkTokens || rows + 1 > maxBatch || rows * (s[pos] - s[pos - 1]) > SPLIT_PADDING_TOKENS) {
+          start = pos;
+          k += 1;
         }
-        i += lo;
-        k += 1;
       }
       memo.set(chunkTokens, k);
     }
