@@ -46,22 +46,23 @@ def _old_forms(hf, tmp_path, monkeypatch, which=("gen", "first", "second")) -> d
     assert io["attn"]["outputs"] == ["hidden_out", "attn_sum", "attn_max"] and "attn_core" not in io and "rerank_form" not in io
     if "first" not in which:
         return out
+    def attn_core(grouped: bool):  # the attn rewrite of an older exporter: the core over copied or grouped K/V
+        return lambda path, dims: pl.rewrite_file(
+            path, "attn", lambda g: pl.fuse_rerank_attention(g, *pl.heads_of(dims), grouped=grouped), dims)
+
     with monkeypatch.context() as m:
-        m.setattr(pl, "fuse_attn_file", lambda path, dims: pl.rewrite_file(
-            path, "attn", lambda g: pl.fuse_rerank_attention(g, *pl.heads_of(dims), grouped=False), dims))
+        m.setattr(pl, "fuse_attn_file", attn_core(False))
         m.setattr(pl, "fuse_qkv_file", lambda path, dims: False)
         out["first"] = export(hf, tmp_path / "first", verify=True)
     io = Bundle.open(out["first"]).manifest["layer_io"]
     assert io["attn_core"] == "MultiHeadAttention" and "rerank_form" not in io and "qkv_rotary" not in io
     with monkeypatch.context() as m:
-        m.setattr(pl, "fuse_attn_file", lambda path, dims: pl.rewrite_file(
-            path, "attn", lambda g: pl.fuse_rerank_attention(g, *pl.heads_of(dims), grouped=True), dims))
+        m.setattr(pl, "fuse_attn_file", attn_core(True))
         m.setattr(pl, "RERANK_FORM", 2)
         out["second"] = export(hf, tmp_path / "second", verify=True)
     assert Bundle.open(out["second"]).manifest["layer_io"]["rerank_form"] == 2
     with monkeypatch.context() as m:
-        m.setattr(pl, "fuse_attn_file", lambda path, dims: pl.rewrite_file(
-            path, "attn", lambda g: pl.fuse_rerank_attention(g, *pl.heads_of(dims), grouped=False), dims))
+        m.setattr(pl, "fuse_attn_file", attn_core(False))
         m.setattr(pl, "RERANK_FORM", 3)
         out["third"] = export(hf, tmp_path / "third", verify=True)
     assert Bundle.open(out["third"]).manifest["layer_io"]["rerank_form"] == 3
