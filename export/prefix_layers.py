@@ -66,7 +66,7 @@ RERANK_FORM = 4  # 1: attn core as MultiHeadAttention over K/V copied per query 
 # + qkv RotaryEmbedding; 3: form 1's core + qkv RotaryEmbedding; 4: form 2's grouped core again (K/V read as stored)
 
 
-def _prune_dead(graph, keep: list[str]) -> None:
+def prune_dead(graph, keep: list[str]) -> None:
     """Drop the nodes (and the inline/external initializer entries) nothing in ``keep`` depends on."""
     need, nodes = set(keep), []
     for n in reversed(graph.node):
@@ -141,7 +141,7 @@ def _attention_core(out: str, heads: int, kv_heads: int, head_dim: int, scale: f
     return nodes, inits
 
 
-def _insert(graph, pos: int, nodes, inits) -> None:
+def insert_nodes(graph, pos: int, nodes, inits) -> None:
     for k, n in enumerate(nodes):
         graph.node.insert(pos + k, n)
     graph.initializer.extend(inits)
@@ -162,7 +162,7 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, group
         if len(mha) != 1 or nh not in (heads, kv_heads):
             raise ValueError("attn graph: unexpected MultiHeadAttention node(s)")
         if heads == kv_heads or nh == (kv_heads if grouped else heads):
-            _prune_dead(g, RERANK_ATTN_OUTPUTS)
+            prune_dead(g, RERANK_ATTN_OUTPUTS)
             return False
         scale = next(a.f for a in n.attribute if a.name == "scale")
         pos = list(g.node).index(n)
@@ -174,8 +174,8 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, group
                 raise ValueError("attn graph: the grouped attention core's output reshape is missing")
             out = last.output[0]
             g.node.remove(last)
-        _insert(g, pos, *_attention_core(out, heads, kv_heads, head_dim, scale, grouped))
-        _prune_dead(g, RERANK_ATTN_OUTPUTS)
+        insert_nodes(g, pos, *_attention_core(out, heads, kv_heads, head_dim, scale, grouped))
+        prune_dead(g, RERANK_ATTN_OUTPUTS)
         return True
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
@@ -224,8 +224,8 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, group
             if i == attn_flat:
                 n.input[j] = attn_flat + "_mha"
     # insert before o_proj's MatMul (topological order: every input of the new nodes is a graph input)
-    _insert(g, list(g.node).index(nxt), *_attention_core(attn_flat + "_mha", heads, kv_heads, head_dim, scale, grouped))
-    _prune_dead(g, RERANK_ATTN_OUTPUTS)
+    insert_nodes(g, list(g.node).index(nxt), *_attention_core(attn_flat + "_mha", heads, kv_heads, head_dim, scale, grouped))
+    prune_dead(g, RERANK_ATTN_OUTPUTS)
     _ms_opset(model)
     return True
 
@@ -317,8 +317,8 @@ def fuse_rerank_qkv(model, head_dim: int) -> bool:
         del add.input[:]
         add.input.extend([x, "rq_tokpos", "rq_cos_cache", "rq_sin_cache"])
         add.attribute.extend([helper.make_attribute("interleaved", 0)])
-    _insert(g, first, nodes, inits)
-    _prune_dead(g, [o.name for o in g.output])
+    insert_nodes(g, first, nodes, inits)
+    prune_dead(g, [o.name for o in g.output])
     _ms_opset(model)
     return True
 
@@ -398,3 +398,4 @@ def fuse_attn_file(path: Path, dims: dict) -> bool:
 def fuse_qkv_file(path: Path, dims: dict) -> bool:
     """Rewrite one qkv graph file's rotary embedding in place. False if the pattern was not found."""
     return rewrite_file(path, "qkv", lambda m: fuse_rerank_qkv(m, heads_of(dims)[2]), dims)
+

@@ -30,6 +30,10 @@ from edge_sel.runtime.manifest import EMPTY_POS
 
 from .base import GraphSpec
 
+# The attention core as exporters before the grouped form wrote it (queries [B,kv,G,T,D] against the cache broadcast
+# over the group: every cached key and value read G times). Only tests set it, to build bundles for the upgrade pass.
+BROADCAST_ATTENTION = False
+
 
 def dims(config, n_layers: int) -> dict[str, int]:
     H = config.hidden_size
@@ -118,12 +122,18 @@ def split_layer_graphs(model, family) -> list[tuple[GraphSpec, GraphSpec]]:
             S = k_cache.shape[2]
             # a kv head's G query heads as G*T rows of one product: each cached key and value is read once per
             # kv head (a [B,kv,G,T,D] x [B,kv,1,D,S] broadcast reads the whole cache G times, most of a long decode step)
-            qg = q.reshape(B, kvh, G * T, D)                      # query heads grouped by their kv head
-            scores = (torch.matmul(qg, k_cache.transpose(-1, -2)) * self.scaling).reshape(B, kvh, G, T, S)
+            if BROADCAST_ATTENTION:  # the form exporters wrote before; kept to build old bundles for the upgrade tests
+                scores = torch.matmul(q.reshape(B, kvh, G, T, D), k_cache[:, :, None].transpose(-1, -2)) * self.scaling
+            else:
+                qg = q.reshape(B, kvh, G * T, D)                  # query heads grouped by their kv head
+                scores = (torch.matmul(qg, k_cache.transpose(-1, -2)) * self.scaling).reshape(B, kvh, G, T, S)
             allowed = key_pos[:, :, None, None, :] <= position_ids[:, None, None, :, None]
             scores = torch.where(allowed, scores, torch.full((), minf, dtype=scores.dtype))
             probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-            out = torch.matmul(probs.reshape(B, kvh, G * T, S), v_cache)   # [B,kv,G*T,D]
+            if BROADCAST_ATTENTION:
+                out = torch.matmul(probs, v_cache[:, :, None])    # [B,kv,G,T,D]
+            else:
+                out = torch.matmul(probs.reshape(B, kvh, G * T, S), v_cache)   # [B,kv,G*T,D]
             out = out.reshape(B, heads, T, D).transpose(1, 2).reshape(B, T, heads * D)
             h = hidden + self.o_proj(out)
             h = h + self.mlp(self.post_norm(h))

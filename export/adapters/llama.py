@@ -119,11 +119,14 @@ class LlamaAdapter(Adapter):
                             {**dg.split_layer_io(pairs), "prefix_reuse": True}, rewrite=RerankForm(d))
 
     def generate_graphs(self, model, tokenizer, max_length) -> BundleGraphs:
+        from edge_sel.export.generate_layers import GenerateForm
+
         pairs = dg.split_layer_graphs(model, self)
         limit = self._context(model.config)
-        return BundleGraphs(dg.dims(model.config, len(pairs)), min(int(max_length or limit), limit), self.embed_table(model),
+        d = dg.dims(model.config, len(pairs))
+        return BundleGraphs(d, min(int(max_length or limit), limit), self.embed_table(model),
                             {}, [LayerGraphs(attn, qkv) for qkv, attn in pairs], dg.lm_head(model),
-                            dg.split_layer_io(pairs), head_external=True)
+                            dg.split_layer_io(pairs), head_external=True, rewrite=GenerateForm(d))
 
     def manifest_extras(self, model, tokenizer, task, scoring) -> dict[str, Any]:
         config = model.config

@@ -14,6 +14,7 @@ import os
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.bundle_writer import BundleWriter
 
+from .. import generate_layers as gl
 from .. import prefix_layers as pl
 from ..staging import link_files
 
@@ -41,5 +42,35 @@ def fuse_bundle_attention(path: str | os.PathLike) -> bool:
             rotary = pl.fuse_qkv_file(w.file(spec.qkv_graph(i).file), dims) and rotary
         io = io.replace(attn=io.attn.replace(outputs=list(pl.RERANK_ATTN_OUTPUTS)), attn_core="MultiHeadAttention",
                         qkv_rotary="RotaryEmbedding" if rotary else io.qkv_rotary, rerank_form=pl.RERANK_FORM)
+        w.commit(spec.replace(layer_io=io))
+    return True
+
+
+def upgrade_generate_bundle(path: str | os.PathLike) -> bool:
+    """Upgrade a generate bundle exported in an older graph form to the exporter's current one, in place: attn graphs
+    in the broadcast form (queries ``[B,kv,G,T,D]`` against keys broadcast over the group, which reads the cache G
+    times) become the grouped form (:func:`~edge_sel.export.generate_layers.group_generate_attention`), and qkv graphs
+    rotate q and k with RotaryEmbedding nodes (:func:`~edge_sel.export.prefix_layers.fuse_rerank_qkv`). Same inputs,
+    outputs and weights; every rewritten graph is checked against the old one on sample inputs and a graph whose
+    pattern is not recognised stays as it was (correct, only slower). Returns True when the bundle changed."""
+    b = Bundle.open(path)
+    spec = b.spec
+    io = spec.layer_io
+    if spec.task != "generate" or not io.split:
+        return False
+    dims = spec.dims.to_dict()
+    changed = False
+    with BundleWriter(b.root, overwrite=True) as w:
+        link_files(b, w, spec.files)
+        rotary = io.qkv_rotary != "RotaryEmbedding"
+        for i, layer in enumerate(spec.layers):
+            changed = gl.group_attn_file(w.file(layer.file), dims) or changed
+            if rotary:
+                rotary = pl.fuse_qkv_file(w.file(spec.qkv_graph(i).file), dims)
+                changed = changed or rotary
+        if rotary:
+            io = io.replace(qkv_rotary="RotaryEmbedding")
+        if not changed:
+            return False
         w.commit(spec.replace(layer_io=io))
     return True

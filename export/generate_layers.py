@@ -1,0 +1,98 @@
+"""The generate form of split decoder layers: ONNX rewrites of the ``qkv`` + ``attn`` graphs a generate bundle runs.
+
+The exporter writes the attn graphs in the grouped form (a kv head's G query heads are the G*T rows of one product
+with its cached keys and values, so a decode step reads the cache once) and :class:`GenerateForm` rotates q and k in
+the qkv graphs with com.microsoft RotaryEmbedding nodes (:func:`edge_sel.export.prefix_layers.fuse_rerank_qkv`: one
+node per tensor instead of ~20 slicing and elementwise nodes, run once per layer per decoded token). Inputs, outputs
+and weights are those of :mod:`edge_sel.export.adapters.decoder_graphs`, so the runtime is the same for every form.
+Bundles exported before (the broadcast attention form, the op-by-op rotary) are brought to this form by
+:func:`edge_sel.export.passes.upgrade.upgrade_generate_bundle`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import prefix_layers as pl
+
+
+class GenerateForm:
+    """Rewrites each written layer's qkv graph; after the first graph whose pattern is not recognised, the remaining
+    ones stay as exported (correct, only slower) and ``layer_io`` does not claim the RotaryEmbedding form."""
+
+    def __init__(self, dims: dict):
+        self.dims = dims
+        self.rotary = True
+
+    def rewrite(self, attn_path: Path, qkv_path: Path | None) -> None:
+        if self.rotary and qkv_path is not None:
+            self.rotary = pl.fuse_qkv_file(qkv_path, self.dims)
+
+    def layer_io(self, io: dict) -> dict:
+        return {**io, "qkv_rotary": "RotaryEmbedding"} if self.rotary else io
+
+
+def group_generate_attention(model, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Rewrite a generate attn graph exported in the broadcast form into the grouped form, in place. The broadcast
+    form multiplies queries ``[B,kv,G,T,D]`` by ``Unsqueeze(k_cache)`` / ``Unsqueeze(v_cache)`` broadcast over the G
+    query heads of a kv head, so onnxruntime reads every cached key and value G times per call; the grouped form
+    multiplies a kv head's G*T query rows by its keys and values in one product each. Both products keep their
+    output shapes (``[B,kv,G,T,S]`` and ``[B,kv,G,T,D]``), so the mask, softmax, policy outputs and o_proj are
+    untouched. Returns True when the graph changed (False: already grouped, or no grouping: ``heads == kv_heads``)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    G, D = heads // kv_heads, head_dim
+    producer = {o: n for n in g.node for o in n.output}
+
+    def broadcast_of(name: str, cache: str) -> bool:
+        """``name`` is ``Unsqueeze(cache)`` or ``Transpose(Unsqueeze(cache))``."""
+        n = producer.get(name)
+        if n is not None and n.op_type == "Transpose":
+            n = producer.get(n.input[0])
+        return n is not None and n.op_type == "Unsqueeze" and n.input[0] == cache
+
+    qk = [n for n in g.node if n.op_type == "MatMul" and broadcast_of(n.input[1], "k_cache")]
+    pv = [n for n in g.node if n.op_type == "MatMul" and broadcast_of(n.input[1], "v_cache")]
+    if not qk and not pv:
+        return False
+    if len(qk) != 1 or len(pv) != 1:
+        raise ValueError("attn graph: expected one broadcast Q·K and one broadcast P·V MatMul")
+    qk, pv = qk[0], pv[0]
+    q_in = producer.get(qk.input[0])
+    if q_in is None or q_in.op_type != "Reshape" or q_in.input[0] != "q":
+        raise ValueError("attn graph: the broadcast Q·K does not read Reshape(q)")
+    mk = helper.make_node
+    c = lambda name, arr: numpy_helper.from_array(np.asarray(arr, dtype=np.int64), name)  # noqa: E731
+    inits = [c("gg_q4", [0, kv_heads, -1, D]), c("gg_s5", [0, kv_heads, G, -1]), c("gg_p4", [0, kv_heads, -1]),
+             c("gg_o5", [0, kv_heads, G, -1, D]), c("gg_two", [2]), c("gg_three", [3])]
+    core = [mk("Shape", ["k_cache"], ["gg_kshape"]),
+            mk("Slice", ["gg_kshape", "gg_two", "gg_three"], ["gg_S"]),                   # [S]
+            mk("Concat", ["gg_s5", "gg_S"], ["gg_s5_shape"], axis=0),                     # [B,kv,G,T,S]
+            mk("Concat", ["gg_p4", "gg_S"], ["gg_p4_shape"], axis=0),                     # [B,kv,G*T,S]
+            mk("Reshape", ["q", "gg_q4"], ["gg_q"]),                                      # [B,kv,G*T,D]: head h = kv*G + g
+            mk("Transpose", ["k_cache"], ["gg_kt"], perm=[0, 1, 3, 2]),
+            mk("MatMul", ["gg_q", "gg_kt"], ["gg_scores"]),
+            mk("Reshape", ["gg_scores", "gg_s5_shape"], [qk.output[0]])]
+    pv_nodes = [mk("Reshape", [pv.input[0], "gg_p4_shape"], ["gg_p"]),
+                mk("MatMul", ["gg_p", "v_cache"], ["gg_o"]),
+                mk("Reshape", ["gg_o", "gg_o5"], [pv.output[0]])]
+    i = list(g.node).index(qk)
+    g.node.remove(qk)
+    pl.insert_nodes(g, i, core, inits)
+    j = list(g.node).index(pv)
+    g.node.remove(pv)
+    pl.insert_nodes(g, j, pv_nodes, [])
+    pl.prune_dead(g, [o.name for o in g.output])
+    return True
+
+
+def group_attn_file(path: Path, dims: dict) -> bool:
+    """Rewrite one generate attn graph from the broadcast form into the grouped form in place. True when it changed."""
+    changed = []
+
+    def rewrite(m):
+        changed.append(group_generate_attention(m, *pl.heads_of(dims)))
+        return changed[-1]
+    return pl.rewrite_file(path, "attn", rewrite, dims) and bool(changed and changed[-1])
