@@ -96,3 +96,38 @@ def group_attn_file(path: Path, dims: dict) -> bool:
         changed.append(group_generate_attention(m, *pl.heads_of(dims)))
         return changed[-1]
     return pl.rewrite_file(path, "attn", rewrite, dims) and bool(changed and changed[-1])
+
+
+def merge_graph_file(src: Path, src_data: Path | None, dst: Path, kind: str, dims: dict) -> bool:
+    """Write the ``kind`` (``qkv`` / ``attn``) graph ``src`` to ``dst`` (weights beside it under ``src_data``'s name) with its block-quantized matrices that read
+    the same activation merged (:func:`edge_sel.export.merge_nbits.merge_shared_input`), checked against ``src`` on
+    sample inputs. False (nothing written) when there is nothing to merge or the check fails."""
+    import os
+    import tempfile
+
+    import onnx
+
+    from .merge_nbits import merge_shared_input
+    from .passes.weights import load_graph
+
+    if b"MatMulNBits" not in src.read_bytes():
+        return False
+    with tempfile.TemporaryDirectory(prefix="edge_sel_merge_") as tmp:
+        model = load_graph(src, src_data, Path(tmp))
+        if not merge_shared_input(model):
+            return False
+        out = Path(tmp) / "out"
+        out.mkdir()
+        data = src_data.name if src_data is not None else None
+        if data:
+            onnx.save_model(model, str(out / src.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data, size_threshold=1024, convert_attribute=False)
+        else:
+            onnx.save_model(model, str(out / src.name))
+        diff = pl.check_same(src, out / src.name, pl.sample_feeds(kind, dims))
+        if not diff <= pl.CHECK_TOL:
+            return False
+        os.replace(out / src.name, dst)  # new inodes: hard-linked copies keep the old files
+        if data:
+            os.replace(out / data, dst.with_name(data))
+    return True

@@ -398,4 +398,3 @@ def fuse_attn_file(path: Path, dims: dict) -> bool:
 def fuse_qkv_file(path: Path, dims: dict) -> bool:
     """Rewrite one qkv graph file's rotary embedding in place. False if the pattern was not found."""
     return rewrite_file(path, "qkv", lambda m: fuse_rerank_qkv(m, heads_of(dims)[2]), dims)
-

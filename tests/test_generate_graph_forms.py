@@ -78,3 +78,41 @@ def test_upgrade_brings_an_old_bundle_to_the_current_form(hf, tmp_path, monkeypa
     assert upgrade_generate_bundle(old) is False  # already current
     assert _forms(keep)["broadcast"] is True
     Bundle.open(keep)  # still a valid bundle (sizes and hashes as its manifest says)
+
+
+def _nbits(path) -> list[list[int]]:
+    """Per layer: the output widths N of the MatMulNBits nodes of its qkv graph and of its attn graph."""
+    import onnx
+
+    b = Bundle.open(path)
+    out = []
+    for i, layer in enumerate(b.spec.layers):
+        for rel in (b.spec.qkv_graph(i).file, layer.file):
+            g = onnx.load(str(b.path(rel)), load_external_data=False).graph
+            out.append(sorted(next(a.i for a in n.attribute if a.name == "N") for n in g.node if n.op_type == "MatMulNBits"))
+    return out
+
+
+def test_quantized_matrices_reading_one_activation_are_merged(hf, tmp_path, monkeypatch):
+    """q/k/v and gate/up become one block-quantized product each (the exporter's weights pass); an int4 bundle written
+    before is merged by the upgrade, and generates exactly what it generated."""
+    import edge_sel.export.merge_nbits as mn
+    from edge_sel.export import export
+    from edge_sel.export.passes.upgrade import upgrade_generate_bundle
+    from edge_sel.export.passes.weights import convert_bundle
+
+    src = export(hf, tmp_path / "fp32", task="generate", verify=True)
+    b = Bundle.open(src)
+    d = b.spec.dims
+    qkv_n, mlp_n = d.heads * d.head_dim + 2 * d.kv_heads * d.head_dim, 2 * d.intermediate
+    new = convert_bundle(src, tmp_path / "int4", "int4", measure=False)
+    assert _nbits(new) == [[qkv_n], sorted([d.hidden, mlp_n, d.hidden])] * d.num_layers
+    with monkeypatch.context() as m:
+        m.setattr(mn, "merge_shared_input", lambda model: 0)
+        old = convert_bundle(src, tmp_path / "int4-old", "int4", measure=False)
+    assert len(_nbits(old)[0]) == 3  # q, k, v apart
+    tokens, logits = _run(old)
+    assert upgrade_generate_bundle(old) is True
+    assert _nbits(old) == _nbits(new)
+    new_tokens, new_logits = _run(old)
+    assert new_tokens == tokens and np.max(np.abs(new_logits - logits)) < 1e-5

@@ -49,8 +49,9 @@ def fuse_bundle_attention(path: str | os.PathLike) -> bool:
 def upgrade_generate_bundle(path: str | os.PathLike) -> bool:
     """Upgrade a generate bundle exported in an older graph form to the exporter's current one, in place: attn graphs
     in the broadcast form (queries ``[B,kv,G,T,D]`` against keys broadcast over the group, which reads the cache G
-    times) become the grouped form (:func:`~edge_sel.export.generate_layers.group_generate_attention`), and qkv graphs
-    rotate q and k with RotaryEmbedding nodes (:func:`~edge_sel.export.prefix_layers.fuse_rerank_qkv`). Same inputs,
+    times) become the grouped form (:func:`~edge_sel.export.generate_layers.group_generate_attention`), qkv graphs
+    rotate q and k with RotaryEmbedding nodes (:func:`~edge_sel.export.prefix_layers.fuse_rerank_qkv`), and
+    block-quantized matrices reading the same activation are merged (:func:`~edge_sel.export.merge_nbits.merge_shared_input`). Same inputs,
     outputs and weights; every rewritten graph is checked against the old one on sample inputs and a graph whose
     pattern is not recognised stays as it was (correct, only slower). Returns True when the bundle changed."""
     b = Bundle.open(path)
@@ -64,9 +65,12 @@ def upgrade_generate_bundle(path: str | os.PathLike) -> bool:
         link_files(b, w, spec.files)
         rotary = io.qkv_rotary != "RotaryEmbedding"
         for i, layer in enumerate(spec.layers):
+            qkv = spec.qkv_graph(i)
+            for rel, data, kind in ((layer.file, layer.weights, "attn"), (qkv.file, qkv.weights, "qkv")):
+                changed = gl.merge_graph_file(b.path(rel), b.path(data) if data else None, w.file(rel), kind, dims) or changed
             changed = gl.group_attn_file(w.file(layer.file), dims) or changed
             if rotary:
-                rotary = pl.fuse_qkv_file(w.file(spec.qkv_graph(i).file), dims)
+                rotary = pl.fuse_qkv_file(w.file(qkv.file), dims)
                 changed = changed or rotary
         if rotary:
             io = io.replace(qkv_rotary="RotaryEmbedding")

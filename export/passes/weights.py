@@ -175,6 +175,9 @@ def convert_graph(src: Path, src_data: Path | None, dst: Path, fmt: str, block_s
             count = sum(n.op_type == "MatMulNBits" for n in model.graph.node) - before
             if float_inputs_wider_than:
                 keep_float_wide_inputs(model, float_inputs_wider_than)
+            from ..merge_nbits import merge_shared_input
+
+            merge_shared_input(model)  # after the levels are set: only matrices at the same level merge
         out = Path(tmp) / "out"
         out.mkdir()
         data = dst.name + ".data" if src_data is not None else None
