@@ -1,9 +1,10 @@
 """The generate form of split decoder layers: ONNX rewrites of the ``qkv`` + ``attn`` graphs a generate bundle runs.
 
 The exporter writes the attn graphs in the grouped form (a kv head's G query heads are the G*T rows of one product
-with its cached keys and values, so a decode step reads the cache once) and :class:`GenerateForm` rotates q and k in
-the qkv graphs with com.microsoft RotaryEmbedding nodes (:func:`edge_sel.export.prefix_layers.fuse_rerank_qkv`: one
-node per tensor instead of ~20 slicing and elementwise nodes, run once per layer per decoded token). Inputs, outputs
+with its cached keys and values, so a decode step reads the cache once); :class:`GenerateForm` then replaces their
+attention core by one built from constant shapes (:func:`generate_attention_core`) and rotates q and k in the qkv
+graphs with com.microsoft RotaryEmbedding nodes (:func:`edge_sel.export.prefix_layers.fuse_rerank_qkv`): a decode
+step runs every layer's two graphs once per token, so each node dropped is dropped 60 times per token. Inputs, outputs
 and weights are those of :mod:`edge_sel.export.adapters.decoder_graphs`, so the runtime is the same for every form.
 Bundles exported before (the broadcast attention form, the op-by-op rotary) are brought to this form by
 :func:`edge_sel.export.passes.upgrade.upgrade_generate_bundle`.
@@ -22,9 +23,12 @@ class GenerateForm:
 
     def __init__(self, dims: dict):
         self.dims = dims
-        self.rotary = True
+        self.rotary = self.core = True
 
     def rewrite(self, attn_path: Path, qkv_path: Path | None) -> None:
+        if self.core:  # False after a graph whose pattern is not recognised: the rest stay as exported
+            self.core = pl.rewrite_file(attn_path, "attn", lambda m: generate_attention_core(m, *pl.heads_of(self.dims)),
+                                        self.dims)
         if self.rotary and qkv_path is not None:
             self.rotary = pl.fuse_qkv_file(qkv_path, self.dims)
 
@@ -131,3 +135,105 @@ def merge_graph_file(src: Path, src_data: Path | None, dst: Path, kind: str, dim
         if data:
             os.replace(out / data, dst.with_name(data))
     return True
+
+
+def generate_attention_core(model, heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Replace the exported attention core of a generate attn graph (either form) by one built from constant shapes,
+    in place: a kv head's G query heads as the G*T rows of one product with its keys and values, the visibility rule
+    ``key_pos <= position`` applied over the flattened ``T*S`` scores (broadcast over the group), softmax, the policy
+    outputs reduced over the rows, and the output laid back as ``[B,T,heads*D]`` for o_proj. The exported core reads
+    every reshape target from the tensors' shapes at run time (~30 small nodes per layer per decoded token); this one
+    has none of them. Inputs, outputs and numbers are the same. Returns False when the core is already this one;
+    ``ValueError`` when the pattern is not found (the caller keeps the graph: correct, only slower)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    if any(n.name == "ga_softmax" for n in g.node):
+        return False
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.data_location != TensorProto.EXTERNAL}
+    for n in g.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+
+    def reads(name: str, cache: str) -> bool:
+        n = producer.get(name)
+        return name == cache or (n is not None and n.op_type == "Unsqueeze" and n.input[0] == cache)
+
+    pv = [n for n in g.node if n.op_type == "MatMul" and reads(n.input[1], "v_cache")]
+    qk = [n for n in g.node if n.op_type == "MatMul" and producer.get(n.input[1]) is not None
+          and producer[n.input[1]].op_type == "Transpose" and reads(producer[n.input[1]].input[0], "k_cache")]
+    if len(pv) != 1 or len(qk) != 1:
+        raise ValueError("attn graph: expected one Q·K and one P·V MatMul over the cache")
+    t, chain = pv[0].output[0], []
+    while len(consumers.get(t, [])) == 1 and consumers[t][0].op_type in ("Reshape", "Transpose"):
+        chain.append(consumers[t][0])
+        t = chain[-1].output[0]
+    ops = [c.op_type for c in chain]
+    if ops.count("Transpose") != 1 or ops[-1] != "Reshape":  # exported: Reshape/Transpose/Reshape into o_proj
+        raise ValueError("attn graph: P·V is not followed by the heads' Reshape/Transpose/Reshape into o_proj")
+    attn_flat = t
+    scale, x = None, qk[0].output[0]
+    for _ in range(3):  # the scaling Mul, after the reshape back to [B,kv,G,T,S] in a regrouped graph
+        users = consumers.get(x, [])
+        mul = [n for n in users if n.op_type == "Mul" and any(i in consts and consts[i].size == 1 for i in n.input)]
+        if mul:
+            scale = float(next(consts[i] for i in mul[0].input if i in consts and consts[i].size == 1).reshape(()))
+            break
+        if len(users) != 1 or users[0].op_type != "Reshape":
+            break
+        x = users[0].output[0]
+    if scale is None:
+        raise ValueError("attn graph: no score scaling after Q·K")
+    G, D = heads // kv_heads, head_dim
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.int64), name)  # noqa: E731
+    inits = [i64("ga_q4", [0, kv_heads, -1, D]), i64("ga_rows", [0, 0, G, -1]), i64("ga_flat1", [0, 0, 1, -1]),
+             i64("ga_k_ax", [2, 3]), i64("ga_q_ax", [1, 2, 4]), i64("ga_ax2", [2]),
+             i64("ga_heads", [0, heads, -1, D]), i64("ga_out", [0, 0, heads * D]),
+             numpy_helper.from_array(np.array(scale, np.float32), "ga_scale"),
+             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "ga_minf")]
+    mk = helper.make_node
+    new = [mk("Reshape", ["q", "ga_q4"], ["ga_q"]),                                  # [B,kv,G*T,D]: head h = kv*G + g
+           mk("Transpose", ["k_cache"], ["ga_kt"], perm=[0, 1, 3, 2]),
+           mk("MatMul", ["ga_q", "ga_kt"], ["ga_qk"]),
+           mk("Mul", ["ga_qk", "ga_scale"], ["ga_s"]),                               # [B,kv,G*T,S]
+           mk("Unsqueeze", ["key_pos", "ga_k_ax"], ["ga_kpos"]),                     # [B,kv|1,1,1,S]
+           mk("Unsqueeze", ["position_ids", "ga_q_ax"], ["ga_qpos"]),                # [B,1,1,T,1]
+           mk("LessOrEqual", ["ga_kpos", "ga_qpos"], ["ga_vis5"]),                   # [B,kv|1,1,T,S]
+           mk("Reshape", ["ga_vis5", "ga_flat1"], ["ga_vis"]),                       # [B,kv|1,1,T*S]
+           mk("Reshape", ["ga_s", "ga_rows"], ["ga_s_rows"]),                        # [B,kv,G,T*S]
+           mk("Where", ["ga_vis", "ga_s_rows", "ga_minf"], ["ga_masked"]),
+           mk("Shape", ["ga_s"], ["ga_s_shape"]),
+           mk("Reshape", ["ga_masked", "ga_s_shape"], ["ga_scores"]),                # [B,kv,G*T,S]
+           mk("Softmax", ["ga_scores"], ["ga_p"], axis=-1, name="ga_softmax"),
+           mk("ReduceSum", ["ga_p", "ga_ax2"], ["attn_sum"], keepdims=0),            # [B,kv,S]
+           mk("ReduceMax", ["ga_p"], ["attn_max"], axes=[2], keepdims=0),               # (axes an attribute: opset 17)
+           mk("MatMul", ["ga_p", "v_cache"], ["ga_o"]),                              # [B,kv,G*T,D]
+           mk("Reshape", ["ga_o", "ga_heads"], ["ga_o_h"]),                          # [B,heads,T,D]
+           mk("Transpose", ["ga_o_h"], ["ga_o_t"], perm=[0, 2, 1, 3]),
+           mk("Reshape", ["ga_o_t", "ga_out"], [attn_flat + "_ga"])]                 # [B,T,heads*D]
+    for n in g.node:
+        for j, o in enumerate(n.output):
+            if o in ("attn_sum", "attn_max"):
+                n.output[j] = o + "_exported"
+        for j, i in enumerate(n.input):
+            if i == attn_flat:
+                n.input[j] = attn_flat + "_ga"
+    pl.insert_nodes(g, 0, new, inits)  # every input is a graph input or an initializer
+    pl.prune_dead(g, [o.name for o in g.output])
+    return True
+
+
+def core_attn_file(path: Path, dims: dict) -> bool:
+    """Give one generate attn graph file the constant-shape attention core in place. True when it changed."""
+    changed = []
+
+    def rewrite(m):
+        changed.append(generate_attention_core(m, *pl.heads_of(dims)))
+        return changed[-1]
+    return pl.rewrite_file(path, "attn", rewrite, dims) and bool(changed and changed[-1])

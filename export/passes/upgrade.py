@@ -69,6 +69,7 @@ def upgrade_generate_bundle(path: str | os.PathLike) -> bool:
             for rel, data, kind in ((layer.file, layer.weights, "attn"), (qkv.file, qkv.weights, "qkv")):
                 changed = gl.merge_graph_file(b.path(rel), b.path(data) if data else None, w.file(rel), kind, dims) or changed
             changed = gl.group_attn_file(w.file(layer.file), dims) or changed
+            changed = gl.core_attn_file(w.file(layer.file), dims) or changed
             if rotary:
                 rotary = pl.fuse_qkv_file(w.file(qkv.file), dims)
                 changed = changed or rotary
