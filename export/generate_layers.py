@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import prefix_layers as pl
+from .graph_index import graph_index
 
 
 class GenerateForm:
@@ -92,14 +93,20 @@ def group_generate_attention(model, heads: int, kv_heads: int, head_dim: int) ->
     return True
 
 
-def group_attn_file(path: Path, dims: dict) -> bool:
-    """Rewrite one generate attn graph from the broadcast form into the grouped form in place. True when it changed."""
+def _changed_attn_file(path: Path, dims: dict, rewrite) -> bool:
+    """Apply ``rewrite(model, heads, kv_heads, head_dim) -> changed`` to one attn graph file in place (checked,
+    :func:`edge_sel.export.prefix_layers.rewrite_file`). True when the file changed."""
     changed = []
 
-    def rewrite(m):
-        changed.append(group_generate_attention(m, *pl.heads_of(dims)))
+    def apply(m):
+        changed.append(rewrite(m, *pl.heads_of(dims)))
         return changed[-1]
-    return pl.rewrite_file(path, "attn", rewrite, dims) and bool(changed and changed[-1])
+    return pl.rewrite_file(path, "attn", apply, dims) and bool(changed and changed[-1])
+
+
+def group_attn_file(path: Path, dims: dict) -> bool:
+    """Rewrite one generate attn graph from the broadcast form into the grouped form in place. True when it changed."""
+    return _changed_attn_file(path, dims, group_generate_attention)
 
 
 def merge_graph_file(src: Path, src_data: Path | None, dst: Path, kind: str, dims: dict) -> bool:
@@ -146,20 +153,12 @@ def generate_attention_core(model, heads: int, kv_heads: int, head_dim: int) -> 
     has none of them. Inputs, outputs and numbers are the same. Returns False when the core is already this one;
     ``ValueError`` when the pattern is not found (the caller keeps the graph: correct, only slower)."""
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     g = model.graph
     if any(n.name == "ga_softmax" for n in g.node):
         return False
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.data_location != TensorProto.EXTERNAL}
-    for n in g.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer, consumers, consts = graph_index(g)
 
     def reads(name: str, cache: str) -> bool:
         n = producer.get(name)
@@ -231,9 +230,4 @@ def generate_attention_core(model, heads: int, kv_heads: int, head_dim: int) -> 
 
 def core_attn_file(path: Path, dims: dict) -> bool:
     """Give one generate attn graph file the constant-shape attention core in place. True when it changed."""
-    changed = []
-
-    def rewrite(m):
-        changed.append(generate_attention_core(m, *pl.heads_of(dims)))
-        return changed[-1]
-    return pl.rewrite_file(path, "attn", rewrite, dims) and bool(changed and changed[-1])
+    return _changed_attn_file(path, dims, generate_attention_core)

@@ -20,6 +20,8 @@ import logging
 import os
 from pathlib import Path
 
+from .graph_index import graph_index
+
 log = logging.getLogger("edge_sel")
 
 
@@ -152,8 +154,6 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, group
     rerank form, in place. Returns True when the graph changed (False: already in that form).
     Raises ``ValueError`` when the graph does not have the expected attention pattern
     (then the caller keeps the graph as it is: correct, only slower)."""
-    from onnx import TensorProto, numpy_helper
-
     g = model.graph
     mha = [n for n in g.node if n.domain == MS_DOMAIN and n.op_type == "MultiHeadAttention"]
     if mha:  # fused before: over K/V copied per query head (num_heads = heads) or over the KV heads (grouped)
@@ -177,15 +177,7 @@ def fuse_rerank_attention(model, heads: int, kv_heads: int, head_dim: int, group
         insert_nodes(g, pos, *_attention_core(out, heads, kv_heads, head_dim, scale, grouped))
         prune_dead(g, RERANK_ATTN_OUTPUTS)
         return True
-    producer = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer if i.data_location != TensorProto.EXTERNAL}
-    for n in g.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    producer, consumers, consts = graph_index(g)
 
     def only(xs, what):
         if len(xs) != 1:
