@@ -19,9 +19,6 @@ from edge_sel.runtime.errors import BundleError
 from edge_sel.runtime.providers import Assignment
 
 
-SPIN_ENV = "EDGE_SEL_SPIN"
-
-
 def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
                     prepack: bool = False) -> ort.SessionOptions:
     """``mem_pattern=False`` for sessions that live for one call (a streaming window): onnxruntime plans a
@@ -35,14 +32,7 @@ def session_options(threads: int | None = None, optimize: str = "all", mem_patte
     so.enable_mem_pattern = mem_pattern  # arena off + memory pattern: the arena's speed without its retained peak
     # Every session owns an intra-op pool whose threads spin after each op; with W..L resident sessions (and
     # the layer loader thread) on 2 cores the spinning pools steal each other's CPU: spinning off costs less CPU and time.
-    # EDGE_SEL_SPIN=1 (cores the process has to itself): a pool spins between the ops of its own run only and stops
-    # when the run returns, so the next session's pool does not compete with it; each parallel op then starts
-    # without waking a sleeping thread (what llama.cpp's threads do). On a loaded machine spinning threads lose
-    # their time slices and a run waits for them: leave it off there.
-    spin = os.environ.get(SPIN_ENV, "0") == "1"
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    if spin:
-        so.add_session_config_entry("session.force_spinning_stop", "1")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = {
         "off": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
