@@ -60,7 +60,7 @@ def group_generate_attention(model, heads: int, kv_heads: int, head_dim: int) ->
 
     qk = [n for n in g.node if n.op_type == "MatMul" and broadcast_of(n.input[1], "k_cache")]
     pv = [n for n in g.node if n.op_type == "MatMul" and broadcast_of(n.input[1], "v_cache")]
-    if not qk and not pv:
+    if not qk:  # keys already grouped (the values may be a broadcast view: the current core's P·V)
         return False
     if len(qk) != 1 or len(pv) != 1:
         raise ValueError("attn graph: expected one broadcast Q·K and one broadcast P·V MatMul")
@@ -146,7 +146,9 @@ def merge_graph_file(src: Path, src_data: Path | None, dst: Path, kind: str, dim
 
 def generate_attention_core(model, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Replace the exported attention core of a generate attn graph (either form) by one built from constant shapes,
-    in place: a kv head's G query heads as the G*T rows of one product with its keys and values, the visibility rule
+    in place: a kv head's G query heads as the G*T rows of one product with its keys (read once per kv head), the
+    values multiplied per query head over the kv head's values broadcast (at decode one row per head, which onnxruntime
+    multiplies without first packing the values: faster than one product that packs them), the visibility rule
     ``key_pos <= position`` applied over the flattened ``T*S`` scores (broadcast over the group), softmax, the policy
     outputs reduced over the rows, and the output laid back as ``[B,T,heads*D]`` for o_proj. The exported core reads
     every reshape target from the tensors' shapes at run time (~30 small nodes per layer per decoded token); this one
@@ -156,7 +158,7 @@ def generate_attention_core(model, heads: int, kv_heads: int, head_dim: int) -> 
     from onnx import helper, numpy_helper
 
     g = model.graph
-    if any(n.name == "ga_softmax" for n in g.node):
+    if any(n.name == "gb_softmax" for n in g.node):  # this core; an earlier one ("ga_" names) is rewritten like the exported
         return False
     producer, consumers, consts = graph_index(g)
 
@@ -191,38 +193,45 @@ def generate_attention_core(model, heads: int, kv_heads: int, head_dim: int) -> 
         raise ValueError("attn graph: no score scaling after Q·K")
     G, D = heads // kv_heads, head_dim
     i64 = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.int64), name)  # noqa: E731
-    inits = [i64("ga_q4", [0, kv_heads, -1, D]), i64("ga_rows", [0, 0, G, -1]), i64("ga_flat1", [0, 0, 1, -1]),
-             i64("ga_k_ax", [2, 3]), i64("ga_q_ax", [1, 2, 4]), i64("ga_ax2", [2]),
-             i64("ga_heads", [0, heads, -1, D]), i64("ga_out", [0, 0, heads * D]),
-             numpy_helper.from_array(np.array(scale, np.float32), "ga_scale"),
-             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "ga_minf")]
+    inits = [i64("gb_q4", [0, kv_heads, -1, D]), i64("gb_rows", [0, 0, G, -1]), i64("gb_flat1", [0, 0, 1, -1]),
+             i64("gb_k_ax", [2, 3]), i64("gb_q_ax", [1, 2, 4]), i64("gb_ax2", [2]), i64("gb_two", [2]), i64("gb_three", [3]),
+             i64("gb_heads", [0, heads, -1, D]), i64("gb_out", [0, 0, heads * D]),
+             numpy_helper.from_array(np.array(scale, np.float32), "gb_scale"),
+             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "gb_minf")]
     mk = helper.make_node
-    new = [mk("Reshape", ["q", "ga_q4"], ["ga_q"]),                                  # [B,kv,G*T,D]: head h = kv*G + g
-           mk("Transpose", ["k_cache"], ["ga_kt"], perm=[0, 1, 3, 2]),
-           mk("MatMul", ["ga_q", "ga_kt"], ["ga_qk"]),
-           mk("Mul", ["ga_qk", "ga_scale"], ["ga_s"]),                               # [B,kv,G*T,S]
-           mk("Unsqueeze", ["key_pos", "ga_k_ax"], ["ga_kpos"]),                     # [B,kv|1,1,1,S]
-           mk("Unsqueeze", ["position_ids", "ga_q_ax"], ["ga_qpos"]),                # [B,1,1,T,1]
-           mk("LessOrEqual", ["ga_kpos", "ga_qpos"], ["ga_vis5"]),                   # [B,kv|1,1,T,S]
-           mk("Reshape", ["ga_vis5", "ga_flat1"], ["ga_vis"]),                       # [B,kv|1,1,T*S]
-           mk("Reshape", ["ga_s", "ga_rows"], ["ga_s_rows"]),                        # [B,kv,G,T*S]
-           mk("Where", ["ga_vis", "ga_s_rows", "ga_minf"], ["ga_masked"]),
-           mk("Shape", ["ga_s"], ["ga_s_shape"]),
-           mk("Reshape", ["ga_masked", "ga_s_shape"], ["ga_scores"]),                # [B,kv,G*T,S]
-           mk("Softmax", ["ga_scores"], ["ga_p"], axis=-1, name="ga_softmax"),
-           mk("ReduceSum", ["ga_p", "ga_ax2"], ["attn_sum"], keepdims=0),            # [B,kv,S]
-           mk("ReduceMax", ["ga_p"], ["attn_max"], axes=[2], keepdims=0),               # (axes an attribute: opset 17)
-           mk("MatMul", ["ga_p", "v_cache"], ["ga_o"]),                              # [B,kv,G*T,D]
-           mk("Reshape", ["ga_o", "ga_heads"], ["ga_o_h"]),                          # [B,heads,T,D]
-           mk("Transpose", ["ga_o_h"], ["ga_o_t"], perm=[0, 2, 1, 3]),
-           mk("Reshape", ["ga_o_t", "ga_out"], [attn_flat + "_ga"])]                 # [B,T,heads*D]
+    new = [mk("Reshape", ["q", "gb_q4"], ["gb_q"]),                                  # [B,kv,G*T,D]: head h = kv*G + g
+           mk("Transpose", ["k_cache"], ["gb_kt"], perm=[0, 1, 3, 2]),
+           mk("MatMul", ["gb_q", "gb_kt"], ["gb_qk"]),
+           mk("Mul", ["gb_qk", "gb_scale"], ["gb_s"]),                               # [B,kv,G*T,S]
+           mk("Unsqueeze", ["key_pos", "gb_k_ax"], ["gb_kpos"]),                     # [B,kv|1,1,1,S]
+           mk("Unsqueeze", ["position_ids", "gb_q_ax"], ["gb_qpos"]),                # [B,1,1,T,1]
+           mk("LessOrEqual", ["gb_kpos", "gb_qpos"], ["gb_vis5"]),                   # [B,kv|1,1,T,S]
+           mk("Reshape", ["gb_vis5", "gb_flat1"], ["gb_vis"]),                       # [B,kv|1,1,T*S]
+           mk("Reshape", ["gb_s", "gb_rows"], ["gb_s_rows"]),                        # [B,kv,G,T*S]
+           mk("Where", ["gb_vis", "gb_s_rows", "gb_minf"], ["gb_masked"]),
+           mk("Shape", ["gb_s"], ["gb_s_shape"]),
+           mk("Reshape", ["gb_masked", "gb_s_shape"], ["gb_scores"]),                # [B,kv,G*T,S]
+           mk("Softmax", ["gb_scores"], ["gb_p"], axis=-1, name="gb_softmax"),
+           mk("ReduceSum", ["gb_p", "gb_ax2"], ["attn_sum"], keepdims=0),            # [B,kv,S]
+           mk("ReduceMax", ["gb_p"], ["attn_max"], axes=[2], keepdims=0),               # (axes an attribute: opset 17)
+           # P·V per query head over the kv head's values broadcast (no copy): one row per head at decode, which
+           # onnxruntime multiplies without packing the values first (the packing costs more than the G reads)
+           mk("Shape", ["k_cache"], ["gb_kshape"]),
+           mk("Slice", ["gb_kshape", "gb_two", "gb_three"], ["gb_S"]),
+           mk("Concat", ["gb_rows", "gb_S"], ["gb_p5_shape"], axis=0),
+           mk("Reshape", ["gb_p", "gb_p5_shape"], ["gb_p5"]),                        # [B,kv,G,T,S]
+           mk("Unsqueeze", ["v_cache", "gb_ax2"], ["gb_v"]),                         # [B,kv,1,S,D]
+           mk("MatMul", ["gb_p5", "gb_v"], ["gb_o"]),                                # [B,kv,G,T,D]
+           mk("Reshape", ["gb_o", "gb_heads"], ["gb_o_h"]),                          # [B,heads,T,D]
+           mk("Transpose", ["gb_o_h"], ["gb_o_t"], perm=[0, 2, 1, 3]),
+           mk("Reshape", ["gb_o_t", "gb_out"], [attn_flat + "_gb"])]                 # [B,T,heads*D]
     for n in g.node:
         for j, o in enumerate(n.output):
             if o in ("attn_sum", "attn_max"):
                 n.output[j] = o + "_exported"
         for j, i in enumerate(n.input):
             if i == attn_flat:
-                n.input[j] = attn_flat + "_ga"
+                n.input[j] = attn_flat + "_gb"
     pl.insert_nodes(g, 0, new, inits)  # every input is a graph input or an initializer
     pl.prune_dead(g, [o.name for o in g.output])
     return True

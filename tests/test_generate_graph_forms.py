@@ -18,7 +18,8 @@ PROMPT = "Return the number of items in a container, and open a file and return 
 
 
 def _forms(path) -> dict:
-    """What the bundle's graphs look like: whether the attention broadcasts the cache over the query group, whether
+    """What the bundle's graphs look like: whether the attention broadcasts the keys over the query group, whether it
+    runs the constant-shape core (no shape read back per dimension), whether
     the qkv graphs rotate with RotaryEmbedding nodes, and what the manifest says about the rotary."""
     import onnx
 
@@ -26,8 +27,8 @@ def _forms(path) -> dict:
     broadcast, rotary, core = set(), set(), set()
     for i, layer in enumerate(b.spec.layers):
         g = onnx.load(str(b.layer_path(i)), load_external_data=False).graph
-        broadcast.add(any(n.op_type == "Unsqueeze" and n.input[0] in ("k_cache", "v_cache") for n in g.node))
-        core.add(any(n.name == "ga_softmax" for n in g.node) and not any(n.op_type in ("Gather", "Concat") for n in g.node))
+        broadcast.add(any(n.op_type == "Unsqueeze" and n.input[0] == "k_cache" for n in g.node))  # keys read G times
+        core.add(any(n.name == "gb_softmax" for n in g.node) and not any(n.op_type == "Gather" for n in g.node))
         q = onnx.load(str(b.path(b.spec.qkv_graph(i).file)), load_external_data=False).graph
         ops = [n.op_type for n in q.node]
         rotary.add(ops.count("RotaryEmbedding") == 2 and "Neg" not in ops)

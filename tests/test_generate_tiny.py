@@ -61,9 +61,10 @@ def test_full_policy_matches_transformers(tmp_path_factory, kind):
     gen.close()
 
 
-def test_attention_reads_the_cache_once_per_kv_head(llama):
-    """A kv head's query heads are the rows of one product with its cached keys and values (the tiny Llama groups 2
-    query heads per kv head): no node widens the cache over the group, so a decode step reads it once."""
+def test_attention_never_copies_the_cache_over_the_group(llama):
+    """A kv head's query heads are the rows of one product with its cached keys, and multiply its cached values as
+    a broadcast view (the tiny Llama groups 2 query heads per kv head): no node widens or copies the cache over the
+    group (no Expand / Tile / Concat of it), so a decode step reads each key once and each value from one buffer."""
     import onnx
 
     from edge_sel.runtime.bundle import Bundle
@@ -71,8 +72,12 @@ def test_attention_reads_the_cache_once_per_kv_head(llama):
     b = Bundle.open(llama)
     assert b.spec.dims.heads > b.spec.dims.kv_heads
     g = onnx.load(str(b.path(b.spec.layers[0].file)), load_external_data=False).graph
-    assert [n.op_type for n in g.node if "v_cache" in n.input] == ["MatMul"]
+    v = [n for n in g.node if "v_cache" in n.input]
+    assert [n.op_type for n in v] == ["Unsqueeze"]
+    assert [n.op_type for n in g.node if v[0].output[0] in n.input] == ["MatMul"]
     assert not [n for n in g.node if "k_cache" in n.input and n.op_type not in ("Transpose", "Shape")]
+    kt = [n for n in g.node if "k_cache" in n.input and n.op_type == "Transpose"]
+    assert len(kt) == 1 and [n.op_type for n in g.node if kt[0].output[0] in n.input] == ["MatMul"]
 
 
 def test_manifest_and_chat_template(llama, gen_full):
