@@ -14,6 +14,7 @@ layer computes only the token the head reads.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -74,8 +75,11 @@ class Work:
 class Execution:
     """Runs chunks through a bundle's layers with the engine's stream, embedder and scoring strategy."""
 
-    def __init__(self, bundle, stream, embedder: Embedder, scoring: Scoring, split: bool, last_token_final: bool = True):
+    def __init__(self, bundle, stream, embedder: Embedder, scoring: Scoring, split: bool, last_token_final: bool = True,
+                 workers: int = 1):
         self.n_layers = len(bundle.spec.layers)
+        self.workers = max(1, int(workers))  # > 1: chunks of one layer run side by side (single-threaded sessions)
+        self._pool: ThreadPoolExecutor | None = None
         self.layer_inputs = bundle.spec.layer_io.inputs or ()
         self.empty_pos = bundle.spec.layer_io.empty_pos  # key position of padding (split layers)
         self.stream = stream
@@ -156,6 +160,8 @@ class Execution:
         return work
 
     def _layers(self, work: Work, order: list[int] | None, call: Call, prefix_h, prefix_pos) -> None:
+        if self.workers > 1 and self.split and self.stream.keep_all and call.store.spill is None:
+            return self._layers_side_by_side(work, order, call, prefix_h, prefix_pos)
         t1 = time.perf_counter()
         store, n_docs, observer = call.store, call.n_docs, call.observer
         final = (order or list(range(self.n_layers)))[-1]
@@ -191,6 +197,66 @@ class Execution:
             trace.end(tk, live=work.live_per_layer[-1])
             del sess, kp, vp
             trace.instant("layer.release", layer=i)
+            if call.pruner is not None:
+                chunks = call.pruner.after_layer(i, chunks, store)
+        work.chunks = chunks
+        work.t_layers = time.perf_counter() - t1
+
+    # ---- chunks side by side -----------------------------------------------------------------
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="edge_sel-chunk")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _layers_side_by_side(self, work: Work, order: list[int] | None, call: Call, prefix_h, prefix_pos) -> None:
+        """:meth:`_layers` for resident split layers on single-threaded sessions: one layer's chunks run on
+        ``workers`` threads at once (largest first), and the shared prefix's next layer runs beside them (it
+        depends on the prefix alone), so no core waits on another's share of a small operator. Same kernels, same
+        scores; an observer sees every chunk after the layer, in chunk order, on the calling thread."""
+        t1 = time.perf_counter()
+        store, n_docs, observer = call.store, call.n_docs, call.observer
+        layers = list(self.stream.run(order))  # all resident: loaded once, kept
+        final = layers[-1][0]
+        last_only = self.last_token_final and self.scoring.reads_last_token and observer is None
+        pool = self.pool()
+        chunks = work.chunks
+
+        def prefix_at(pos: int, h):
+            i, sess = layers[pos]
+            return run_prefix(sess, h, prefix_pos, kv_only=last_only and i == final)
+
+        ahead: Future | None = pool.submit(prefix_at, 0, prefix_h) if prefix_h is not None else None
+        for pos, (i, sess) in enumerate(layers):
+            tk = trace.begin("layer", layer=i)
+            work.live_per_layer.append(int(sum(int((c.items < n_docs).sum()) for c in chunks)))
+            work.tokens_per_layer.append(int(sum(int(c.lengths[c.items < n_docs].sum()) for c in chunks)))
+            only = last_only and i == final
+            kp = vp = None
+            if ahead is not None:
+                h_next, kp, vp = ahead.result()
+                ahead = pool.submit(prefix_at, pos + 1, h_next) if pos + 1 < len(layers) else None
+            work.last_token_only |= only
+
+            def one(c: Chunk, sess=sess, kp=kp, vp=vp, only=only) -> None:
+                c.hidden = run_candidates(sess, c.hidden, c.mask, c.positions, kp, vp, prefix_pos, self.empty_pos,
+                                          last=c.lengths - 1 if only else None)
+
+            inputs = {id(c): c.hidden for c in chunks} if observer is not None else None
+            for f in [pool.submit(one, c) for c in sorted(chunks, key=lambda c: -len(c.items) * c.width)]:
+                f.result()
+            if observer is not None:  # in chunk order, on this thread
+                for c in chunks:
+                    observer(LayerObservation(i, c.items, c.mask, inputs[id(c)], c.hidden,
+                                              self.scoring.pool(c.hidden, c.lengths, c.mask)))
+                del inputs
+            call.guard.check()
+            trace.end(tk, live=work.live_per_layer[-1])
+            del kp, vp
             if call.pruner is not None:
                 chunks = call.pruner.after_layer(i, chunks, store)
         work.chunks = chunks

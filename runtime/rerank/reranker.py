@@ -118,10 +118,15 @@ class Reranker:
         self.layer_scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
         # no budget: every layer session stays resident for the reranker's life, so its kernels pack the weights once
         # (as a plain onnxruntime session does); under a budget the weights stay file-backed
-        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), threads, optimize,
+        # no budget, a split decoder on the CPU, threads left to us: each core runs a single-threaded session on its own
+        # chunk (no core waits on another's share of a small operator); otherwise each session uses every core
+        self.workers = chunk_workers(threads, self.memory_budget, self.split, self.providers.choice.cpu_only)
+        layer_threads = 1 if self.workers > 1 else threads
+        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), layer_threads, optimize,
                                                                    self.providers, backend=self.backend,
                                                                    prepack=self.memory_budget is None)
-        self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer))
+        self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer),
+                                   workers=self.workers)
         self.pad_id = self.bundle.spec.pad_id
         self.stats = RerankStats()
         self.allow_spill = bool(spill)
@@ -240,6 +245,7 @@ class Reranker:
             tokens.close()
 
     def close(self) -> None:
+        self.execution.close()
         self.stream.close()
         self.backend.close()
 
@@ -363,6 +369,15 @@ class Reranker:
             prefix_reuse_tokens=int(text.prefix_len) if self.split else 0, spill=plan.spill,
             final_layer_last_token_only=bool(work.last_token_only), order="depth-first" if depth_first else "monolithic")
         return out
+
+
+def chunk_workers(threads: int | None, memory_budget: int | None, split: bool, cpu_only: bool) -> int:
+    """How many chunks of one layer run at once: one per available core for resident split decoder layers on the CPU
+    when the caller left ``threads`` (and ``EDGE_SEL_THREADS``) unset; else 1 (each session multi-threaded)."""
+    if threads is not None or memory_budget is not None or not split or not cpu_only or os.environ.get("EDGE_SEL_THREADS"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores)
 
 
 def planner_for(bundle: Bundle, backend) -> Planner:
