@@ -8,11 +8,14 @@
 
 Split decoder bundles (qkv + attn graphs per layer, :mod:`.prefix`) run monolithically: the prompt prefix shared
 by every candidate is computed once per layer and each candidate attends to its keys and values; the final
-layer computes only the token the head reads.
+layer computes only the token the head reads. Resident split layers without a budget run on single-threaded
+sessions, one chunk per core at a time (:meth:`Execution._layers_side_by_side`): with small operators between the
+large matrix products, cores that each work on their own chunk waste less than cores that share every operator.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +32,15 @@ from .prefix import run_candidates, run_prefix
 from .pruning import Pruner
 from .scoring import Scores, Scoring
 from .tokens import TokenStore
+
+
+def chunk_workers(threads: int | None, memory_budget: int | None, split: bool, cpu_only: bool) -> int:
+    """How many chunks of one layer run at once: one per available core for resident split decoder layers on the CPU
+    when the caller left ``threads`` (and ``EDGE_SEL_THREADS``) unset; else 1 (each session multi-threaded)."""
+    if threads is not None or memory_budget is not None or not split or not cpu_only or os.environ.get("EDGE_SEL_THREADS"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores)
 
 
 @dataclass
@@ -214,50 +226,74 @@ class Execution:
             self._pool = None
 
     def _layers_side_by_side(self, work: Work, order: list[int] | None, call: Call, prefix_h, prefix_pos) -> None:
-        """:meth:`_layers` for resident split layers on single-threaded sessions: one layer's chunks run on
-        ``workers`` threads at once (largest first), and the shared prefix's next layer runs beside them (it
-        depends on the prefix alone), so no core waits on another's share of a small operator. Same kernels, same
-        scores; an observer sees every chunk after the layer, in chunk order, on the calling thread."""
+        """:meth:`_layers` for resident split layers on single-threaded sessions (one per core): every chunk moves
+        through the layers as a chain of (chunk, layer) tasks on ``workers`` threads, a chunk's next layer queued
+        behind the other chunks' current one, so no core waits for another's share of a small operator nor for the
+        slowest chunk of a layer; all chunks meet only where something compares them (a pruning layer; every layer
+        for an observer, called on this thread in chunk order). The shared prefix runs its own chain on this thread
+        meanwhile (it depends on nothing else). Same kernels, same scores."""
         t1 = time.perf_counter()
-        store, n_docs, observer = call.store, call.n_docs, call.observer
+        store, n_docs, observer, pruner = call.store, call.n_docs, call.observer, call.pruner
         layers = list(self.stream.run(order))  # all resident: loaded once, kept
         final = layers[-1][0]
         last_only = self.last_token_final and self.scoring.reads_last_token and observer is None
         pool = self.pool()
-        chunks = work.chunks
+        kv: list[Future] | None = [Future() for _ in layers] if prefix_h is not None else None
+        meet = [pos for pos, (i, _) in enumerate(layers)
+                if observer is not None or (pruner is not None and i in pruner.layers) or pos == len(layers) - 1]
+        inputs: dict[tuple[int, int], np.ndarray] = {}
 
-        def prefix_at(pos: int, h):
-            i, sess = layers[pos]
-            return run_prefix(sess, h, prefix_pos, kv_only=last_only and i == final)
-
-        ahead: Future | None = pool.submit(prefix_at, 0, prefix_h) if prefix_h is not None else None
-        for pos, (i, sess) in enumerate(layers):
-            tk = trace.begin("layer", layer=i)
-            work.live_per_layer.append(int(sum(int((c.items < n_docs).sum()) for c in chunks)))
-            work.tokens_per_layer.append(int(sum(int(c.lengths[c.items < n_docs].sum()) for c in chunks)))
-            only = last_only and i == final
-            kp = vp = None
-            if ahead is not None:
-                h_next, kp, vp = ahead.result()
-                ahead = pool.submit(prefix_at, pos + 1, h_next) if pos + 1 < len(layers) else None
-            work.last_token_only |= only
-
-            def one(c: Chunk, sess=sess, kp=kp, vp=vp, only=only) -> None:
+        def step(c: Chunk, pos: int, end: int, done: Future) -> None:
+            try:
+                i, sess = layers[pos]
+                kp, vp = kv[pos].result() if kv is not None else (None, None)
+                if observer is not None:
+                    inputs[id(c), pos] = c.hidden
                 c.hidden = run_candidates(sess, c.hidden, c.mask, c.positions, kp, vp, prefix_pos, self.empty_pos,
-                                          last=c.lengths - 1 if only else None)
+                                          last=c.lengths - 1 if last_only and i == final else None)
+                if pos < end:
+                    pool.submit(step, c, pos + 1, end, done)
+                else:
+                    done.set_result(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                done.set_exception(e)
 
-            inputs = {id(c): c.hidden for c in chunks} if observer is not None else None
-            for f in [pool.submit(one, c) for c in sorted(chunks, key=lambda c: -len(c.items) * c.width)]:
-                f.result()
-            if observer is not None:  # in chunk order, on this thread
+        chunks, start = work.chunks, 0
+        for end in meet:
+            for pos in range(start, end + 1):
+                work.live_per_layer.append(int(sum(int((c.items < n_docs).sum()) for c in chunks)))
+                work.tokens_per_layer.append(int(sum(int(c.lengths[c.items < n_docs].sum()) for c in chunks)))
+            tk = trace.begin("layer", layer=layers[start][0], through=layers[end][0], chunks=len(chunks))
+            done = [Future() for _ in chunks]
+            for c, d in sorted(zip(chunks, done), key=lambda cd: -len(cd[0].items) * cd[0].width):
+                pool.submit(step, c, start, end, d)
+            if kv is not None and not kv[-1].done():
+                self._prefix_chain(layers, prefix_h, prefix_pos, kv, last_only)
+            for d in done:
+                d.result()
+            trace.end(tk)
+            if observer is not None:
                 for c in chunks:
-                    observer(LayerObservation(i, c.items, c.mask, inputs[id(c)], c.hidden,
+                    observer(LayerObservation(layers[end][0], c.items, c.mask, inputs.pop((id(c), end)), c.hidden,
                                               self.scoring.pool(c.hidden, c.lengths, c.mask)))
-                del inputs
             call.guard.check()
-            trace.end(tk, live=work.live_per_layer[-1])
-            del kp, vp
-            if call.pruner is not None:
-                chunks = call.pruner.after_layer(i, chunks, store)
+            if pruner is not None:
+                chunks = pruner.after_layer(layers[end][0], chunks, store)
+            start = end + 1
+        work.last_token_only = last_only
         work.chunks = chunks
         work.t_layers = time.perf_counter() - t1
+
+    @staticmethod
+    def _prefix_chain(layers, h, positions, kv: list[Future], last_only: bool) -> None:
+        """The shared prefix through every layer, each layer's K/V handed over as soon as it is computed
+        (the final layer's output is not needed when only the head's token is)."""
+        try:
+            for pos, (_, sess) in enumerate(layers):
+                h, k, v = run_prefix(sess, h, positions, kv_only=last_only and pos == len(layers) - 1)
+                kv[pos].set_result((k, v))
+        except BaseException as e:  # noqa: BLE001 - the chunks waiting for it fail with it
+            for f in kv:
+                if not f.done():
+                    f.set_exception(e)
+            raise

@@ -32,7 +32,7 @@ from edge_sel.runtime.sessions import backend_for
 from edge_sel.runtime.units import format_size, parse_size
 
 from .chunks import ChunkStore, HiddenSpill, Packing, make_chunks
-from .execution import Call, Execution, Observer
+from .execution import Call, Execution, Observer, chunk_workers
 from .prefix import PairStream, is_split, qkv_weight_bytes
 from .pruning import Pruner
 from .schedule import Schedule
@@ -79,6 +79,10 @@ class Reranker:
     could not take fall back to the CPU: ``cpu_fallback_ops``) and the sessions' load time (a provider that compiles
     a graph on load, as CoreML does, pays it on every streamed layer load). ``"coreml"`` on a bundle exported with
     ``--format coreml`` runs its CoreML packages with Core ML instead (macOS only; :mod:`edge_sel.runtime.coreml`).
+
+    threads: onnxruntime intra-op threads per session. None (default): for a split decoder bundle without a budget,
+    single-threaded sessions with one chunk per core running at once (:func:`.execution.chunk_workers`); else
+    onnxruntime's default (every core).
 
     last_token_final_layer: split decoder bundles whose head reads the last token compute only that token in
     the final layer (same scores within float rounding); False runs the full final layer.
@@ -369,15 +373,6 @@ class Reranker:
             prefix_reuse_tokens=int(text.prefix_len) if self.split else 0, spill=plan.spill,
             final_layer_last_token_only=bool(work.last_token_only), order="depth-first" if depth_first else "monolithic")
         return out
-
-
-def chunk_workers(threads: int | None, memory_budget: int | None, split: bool, cpu_only: bool) -> int:
-    """How many chunks of one layer run at once: one per available core for resident split decoder layers on the CPU
-    when the caller left ``threads`` (and ``EDGE_SEL_THREADS``) unset; else 1 (each session multi-threaded)."""
-    if threads is not None or memory_budget is not None or not split or not cpu_only or os.environ.get("EDGE_SEL_THREADS"):
-        return 1
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores)
 
 
 def planner_for(bundle: Bundle, backend) -> Planner:
