@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -242,9 +243,12 @@ class Execution:
         meet = [pos for pos, (i, _) in enumerate(layers)
                 if observer is not None or (pruner is not None and i in pruner.layers) or pos == len(layers) - 1]
         inputs: dict[tuple[int, int], np.ndarray] = {}
+        stop = threading.Event()  # the calling thread gave up (an error, an interrupt): queued steps end at once
 
         def step(c: Chunk, pos: int, end: int, done: Future) -> None:
             try:
+                if stop.is_set():
+                    raise CancelledError()
                 i, sess = layers[pos]
                 kp, vp = kv[pos].result() if kv is not None else (None, None)
                 if observer is not None:
@@ -267,10 +271,14 @@ class Execution:
             done = [Future() for _ in chunks]
             for c, d in sorted(zip(chunks, done), key=lambda cd: -len(cd[0].items) * cd[0].width):
                 pool.submit(step, c, start, end, d)
-            if kv is not None and not kv[-1].done():
-                self._prefix_chain(layers, prefix_h, prefix_pos, kv, last_only)
-            for d in done:
-                d.result()
+            try:
+                if kv is not None and not kv[-1].done():
+                    self._prefix_chain(layers, prefix_h, prefix_pos, kv, last_only)
+                for d in done:
+                    d.result()
+            except BaseException:
+                stop.set()
+                raise
             trace.end(tk)
             if observer is not None:
                 for c in chunks:
