@@ -609,7 +609,7 @@ def test_carry_and_head_mix_stay_inside_a_byte_budget(llama, ids, question):
     """Their scratch (positions and per-position votes) is counted before allocation: the byte budget still
     bounds everything, and the same budget leaves fewer cache slots than without them."""
     caps = {}
-    for kw in ({}, {"carry": 1.0, "head_mix": 1.0}):
+    for kw in ({"carry": 0.0}, {"carry": 1.0, "head_mix": 1.0}):
         pol = mpcache_recall(**kw)
         g = Generator(llama, kv_budget="1MB", policy=pol)
         prompt = ids + question
@@ -617,8 +617,8 @@ def test_carry_and_head_mix_stay_inside_a_byte_budget(llama, ids, question):
         st = res.stats
         assert st["kv_fetch_tokens"] > 0
         assert st["kv_bytes_allocated"] <= 1_000_000 and st["kv_bytes_peak"] <= 1_000_000
-        caps[bool(kw)] = st["kv_capacity_tokens"]
+        caps[kw["carry"] > 0] = st["kv_capacity_tokens"]
         fixed = pol.fixed_bytes(g.n_layers, g.kv_heads, g.head_dim, len(prompt) + 8)
         assert st["kv_capacity_tokens"] * g.bytes_per_token(pol) + fixed <= 1_000_000
     assert caps[True] <= caps[False]
-    assert mpcache_recall(carry=1.0).fixed_bytes(2, 2, 8, 1000) > mpcache_recall().fixed_bytes(2, 2, 8, 1000)
+    assert mpcache_recall(carry=1.0).fixed_bytes(2, 2, 8, 1000) > mpcache_recall(carry=0.0).fixed_bytes(2, 2, 8, 1000)

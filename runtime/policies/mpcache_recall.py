@@ -57,6 +57,11 @@ class MPCacheRecall(RecallPolicy):
       ("... the code is"), whose queries point at the fact asked for, while its opening words also vote
       for passages that merely share them (on the needle benchmark's tuning split, 2k tokens at 5 % kept,
       both haystacks: 31/32 needles found with the last 16 queries, 29/32 with all, none lost).
+      ``head_mix`` adds the layer's best vote per position (over its KV heads) to each head's, so a passage one
+      head finds is fetched by all; ``carry`` adds the earlier layers' mean of that best vote, so a layer whose
+      own heads vote diffusely still fetches the passage the question found below it (positions, not slots:
+      every layer and head holds other cold tokens). Both cost a position row and two ``[tokens]`` vote rows
+      (counted in ``fixed_bytes``); a scored continuation re-selects per block and mixes neither.
       The cold keys are read in blocks into the fetch area itself (it is empty
       until the selection is made), so no more K/V than the budget ever sits in RAM; the extra scratch
       is the per-token vote and one block of logits (both ``[kv, tokens]`` f32, preallocated, counted in
@@ -404,13 +409,22 @@ class MPCacheRecall(RecallPolicy):
         return ids
 
 
+# mpcache_recall's own defaults, chosen on the needle benchmark's tuning split (2k tokens, 5 % and 3 % kept, both
+# haystacks): the question's recall fetches what the text holds for it, so the resident part is mostly the recent
+# window (heavy hitters scored without the question draw the answer elsewhere), and each layer's question votes
+# take in the earlier layers' (``carry``)
+RECALL_DEFAULTS = {"recent_frac": 0.9, "carry": 1.0}
+
+
 def mpcache_recall(**kw) -> "Policy":
-    """``mpcache`` (static eviction + dynamic selection over the resident cache) + recall from disk."""
+    """``mpcache`` (static eviction + dynamic selection over the resident cache) + recall from disk, with
+    :data:`RECALL_DEFAULTS` unless ``kw`` says otherwise."""
     from .composite import Composite
     from .mpcache import MPCacheDynamic, MPCacheStatic
 
     own = ("group", "fetch_frac", "fetch", "fetch_min", "question_tail", "suffix_query", "head_reduce", "score", "expand", "selection", "vote_pool", "vote_follow", "vote",
            "select_share", "refresh", "refresh_frac", "stream_follow", "stream_pool", "carry", "head_mix")  # recall's alone
+    kw = dict(RECALL_DEFAULTS) | kw
     static_kw = {k: v for k, v in kw.items() if k in MPCacheStatic.__dataclass_fields__ and k not in own}
     rec_kw = {k: v for k, v in kw.items() if k in MPCacheRecall.__dataclass_fields__}
     dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__ and k not in own}
