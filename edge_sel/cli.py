@@ -294,6 +294,18 @@ def cmd_bench(args, console) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    signals: list[int] = []
+    previous = _raise_on_sigterm(signals)
+    try:
+        return _run(argv, signals)
+    except KeyboardInterrupt:  # a second signal while the first was being cleaned up and reported
+        return 128 + signals[0] if signals else 130
+    finally:
+        if previous is not None and not signals:  # once signalled, stay in charge until exit: a repeat is ignored
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None, signals: list[int]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
@@ -302,8 +314,6 @@ def main(argv: list[str] | None = None) -> int:
                 "info": cmd_info, "bench": cmd_bench, "generate": cmd_generate, "calibrate": cmd_calibrate,
                 "quantize": cmd_quantize, "convert": cmd_convert, "fuse": cmd_fuse, "profile": cmd_profile, "devices": cmd_devices,
                 "plan": cmd_plan}
-    signals: list[int] = []
-    previous = _raise_on_sigterm(signals)
     try:
         if args.command == "demo":
             from .demo import run_demo
@@ -322,9 +332,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:  # a bug, not a user error: one line saying where the traceback went
         print(f"edge-sel: internal error: {report_crash()}", file=sys.stderr)
         return 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_on_sigterm(signals: list[int]):
@@ -332,7 +339,8 @@ def _raise_on_sigterm(signals: list[int]):
     the main thread, where handlers cannot be installed)."""
     def handler(signum, frame):
         signals.append(signum)
-        raise KeyboardInterrupt
+        if len(signals) == 1:  # a repeated SIGTERM must not interrupt the cleanup the first one started
+            raise KeyboardInterrupt
 
     try:
         return signal.signal(signal.SIGTERM, handler)

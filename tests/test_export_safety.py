@@ -131,6 +131,26 @@ def test_sigterm_during_export_keeps_the_previous_bundle(model, bundle):
     Bundle.open(bundle, verify=True)
 
 
+def test_a_second_sigterm_does_not_interrupt_the_cleanup(model, bundle):
+    before = snapshot(bundle)
+    parent = bundle.parent
+    proc = subprocess.Popen(_export_cmd(model, bundle), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(n.startswith(f".{bundle.name}.partial-{proc.pid}-") for n in os.listdir(parent)):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.01)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the export finished before it could be interrupted")
+    assert proc.returncode == 143, err
+    assert hidden(parent) == [] and snapshot(bundle) == before
+
+
 def test_sigkill_leftovers_are_swept_by_the_next_export(model, bundle):
     parent = bundle.parent
     proc = subprocess.Popen(_export_cmd(model, bundle), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
