@@ -1,3 +1,8 @@
+"""``mpcache_recall``: MPCache's query-aware selection adapted to a device, evicted K/V read back from disk.
+
+Long because the exact (question-time) and the linear (per-step) selections share one policy's fetch area and costs.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
