@@ -228,7 +228,7 @@ def windows_main(cfg: dict) -> int:
         shared = {}
         for run in cfg["runs"]:  # score-and-evict presses: one prefix pass for all (see shared_prefix_nll)
             if run["press"] != "none" and not run.get("own_prefill") and todo(run, name):
-                press = getattr(kvpress, run["press"])(compression_ratio=float(run["compression_ratio"]))
+                press = getattr(kvpress, run["press"])(compression_ratio=float(run["compression_ratio"]), **run.get("press_kw", {}))
                 if isinstance(press, ScorerPress):
                     shared[run["name"]] = press
         if shared:
@@ -239,7 +239,7 @@ def windows_main(cfg: dict) -> int:
         for run in cfg["runs"]:
             press = None
             if run["press"] != "none":
-                press = getattr(kvpress, run["press"])(compression_ratio=float(run["compression_ratio"]))
+                press = getattr(kvpress, run["press"])(compression_ratio=float(run["compression_ratio"]), **run.get("press_kw", {}))
             got = res["windows"].setdefault(run["name"], {})
             if "nll" in got.get(name, {}):
                 continue

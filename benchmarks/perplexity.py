@@ -180,6 +180,16 @@ def markdown(doc: dict, split: str, chosen: str | None = None) -> str:
 
 
 # ---- driver ---------------------------------------------------------------------------------------
+def press_run(spec: str, ratio: float) -> dict:
+    """The kvpress worker's run of ``spec`` (a press class, options as ``Class:key=value:...``, values JSON) at ``ratio`` kept."""
+    from .generate import compression_ratio, press_label
+
+    cls, *opts = spec.split(":")
+    kw = {k: json.loads(v) for k, _, v in (o.partition("=") for o in opts)}
+    label = press_label(cls) + "".join(f":{o}" for o in opts)
+    return {"name": f"kvpress {label} @{ratio:g}", "press": cls, "press_kw": kw, "compression_ratio": compression_ratio(ratio)}
+
+
 def kv_parser(prog: str, doc: str | None, bundle_required: bool) -> argparse.ArgumentParser:
     """The options the KV-quality benchmarks share (this one and ``benchmarks.needles_heldout``)."""
     ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{prog}", description=doc,
@@ -196,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", help="only these windows of the split (comma-separated names, e.g. botchan@28179)")
     ap.add_argument("--ratios", default="0.2,0.1,0.05", help="fractions of the context kept")
     ap.add_argument("--policies", default=",".join(POLICIES), help="edge_sel policies (name or name:key=value:...)")
-    ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (class names; 'none' = no kvpress)")
+    ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (class names, options as Class:key=value; 'none' = no kvpress)")
     ap.add_argument("--threads", type=int, default=1, help="threads per worker (1: the two workers run side by side)")
     ap.add_argument("--systems", default="edge_sel,kvpress", help="which workers to run now")
     ap.add_argument("--merge", action="append", default=[],
@@ -267,10 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             py = ensure_kvpress_env(log=print)
             doc["kvpress_env"] = env_info(py)
             runs = [{"name": "kvpress full", "press": "none", "compression_ratio": 0.0}]
-            from .generate import compression_ratio, press_label
-
-            runs += [{"name": f"kvpress {press_label(p)} @{r:g}", "press": p, "compression_ratio": compression_ratio(r)}
-                     for p in presses for r in ratios]
+            runs += [press_run(p, r) for p in presses for r in ratios]
             kcfg = {"hf_dir": ensure_peers(a.model, "yes_no", 0, need_onnx=False, log=print)["peer_hf"], "windows": payload,
                     "runs": runs, "threads": a.threads, "result": keep("kvpress"), "resume": a.resume}
             Path(tmp, "kvpress_cfg.json").write_text(json.dumps(kcfg))

@@ -93,3 +93,12 @@ def test_runs_of_one_system_merge_window_by_window():
     bp.merge_runs(doc, {"kvpress": {"kvpress full": {"a@1": {"nll": 3.0}}}}, ["kvpress"], "three.json")  # being run now
     assert doc["edge_sel"] == {"edge_sel p @0.2": {"a@1": {"nll": 1.0}, "b@2": {"nll": 2.0}}} and "kvpress" not in doc
     assert [m["commit"] for m in doc["merged"]["edge_sel"]] == ["x", "y"]
+
+
+def test_press_options_reach_the_worker_as_keyword_arguments():
+    from benchmarks import perplexity as bp
+
+    run = bp.press_run("KVzipPress:layerwise=true", 0.1)
+    assert run == {"name": "kvpress KVzip:layerwise=true @0.1", "press": "KVzipPress", "press_kw": {"layerwise": True},
+                   "compression_ratio": pytest.approx(0.9)}
+    assert bp.press_run("SnapKVPress", 0.2)["press_kw"] == {} and bp.press_run("SnapKVPress", 0.2)["name"] == "kvpress SnapKV @0.2"

@@ -550,3 +550,75 @@ def test_score_recall_is_causal_no_token_sees_a_later_one(llama, ids):
                 return call.suffix_hidden[0, 1:61].copy()
     assert np.array_equal(hidden(cont, True), hidden(other, True))
     assert np.max(np.abs(hidden(cont, False) - hidden(other, False))) > 1e-4  # look-ahead is detectable
+
+
+def _planted(rec, layers, plant, n=384, keep_from=320, fetch=16, seed=5):
+    """``layers`` layers of random keys (every token from ``keep_from`` on resident, the rest cold); ``plant``:
+    ``{(layer, kv head): position}`` keys set along the question's last query of that KV head's first head."""
+    from edge_sel.runtime.kvcache import LayerCache
+    from edge_sel.runtime.policies import Context
+
+    rng = np.random.default_rng(seed)
+    kv, heads, D = 2, 4, 8
+    q = rng.standard_normal((1, heads, 3, D)).astype(np.float32)
+    rec.begin(Context(layers, kv, heads, D, n - keep_from, n, 8, fetch=fetch))
+    caches = []
+    for L in range(layers):
+        k = rng.standard_normal((1, kv, n, D)).astype(np.float32) * 0.3
+        for (pl, h), p in plant.items():
+            if pl == L:
+                k[0, h, p] = 3.0 * q[0, h * 2, -1]
+        c = LayerCache(kv, n, D, fetch=fetch)
+        c.append(k, rng.standard_normal((1, kv, n, D)).astype(np.float32), np.arange(n))
+        keep = np.arange(keep_from, n)
+        rec.evicted(L, c, keep)
+        c.compact(keep)
+        caches.append(c)
+    return q, caches
+
+
+@pytest.mark.parametrize("head_mix", [0.0, 4.0])
+def test_exact_selection_head_mix_brings_one_heads_hit_to_every_head(tmp_path, head_mix):
+    """``head_mix``: a key only KV head 0 finds (planted at 96) is fetched by KV head 1 too, with its followers;
+    without it head 1 fetches its own (random) best."""
+    rec = MPCacheRecall(share=1, group=16, vote_pool=1, vote_follow=12, head_mix=head_mix)
+    q, (c,) = _planted(rec, 1, {(0, 0): 96})
+    rec.recall(0, q, c, "suffix")
+    assert set(range(96, 109)) <= set(c.pos[0, 384:400].tolist())
+    assert (set(range(96, 109)) <= set(c.pos[1, 384:400].tolist())) == (head_mix > 0)
+    assert rec.report(0)["cold"]["select_scratch_bytes_peak"] <= rec.fixed_bytes(1, 2, 8, 384 + 8)
+    rec.end()
+
+
+@pytest.mark.parametrize("carry", [0.0, 4.0])
+def test_exact_selection_carry_brings_an_earlier_layers_hit_to_later_layers(tmp_path, carry):
+    """``carry``: a passage the question found in layer 0 (planted at 96 in both KV heads) is fetched by layer 1,
+    whose own keys hold no hit; layer 0 itself is unchanged (no earlier layer)."""
+    rec = MPCacheRecall(share=1, group=16, vote_pool=1, vote_follow=12, carry=carry)
+    q, caches = _planted(rec, 2, {(0, 0): 96, (0, 1): 96})
+    for L in range(2):
+        rec.recall(L, q, caches[L], "suffix")
+    want = set(range(96, 109))
+    for h in range(2):
+        assert want <= set(caches[0].pos[h, 384:400].tolist())
+        assert (want <= set(caches[1].pos[h, 384:400].tolist())) == (carry > 0)
+    rec.end()
+
+
+def test_carry_and_head_mix_stay_inside_a_byte_budget(llama, ids, question):
+    """Their scratch (positions and per-position votes) is counted before allocation: the byte budget still
+    bounds everything, and the same budget leaves fewer cache slots than without them."""
+    caps = {}
+    for kw in ({"carry": 0.0}, {"carry": 1.0, "head_mix": 1.0}):
+        pol = mpcache_recall(**kw)
+        g = Generator(llama, kv_budget="1MB", policy=pol)
+        prompt = ids + question
+        res = g.generate(prompt, max_new_tokens=8, stop=False, protect_suffix=len(question))
+        st = res.stats
+        assert st["kv_fetch_tokens"] > 0
+        assert st["kv_bytes_allocated"] <= 1_000_000 and st["kv_bytes_peak"] <= 1_000_000
+        caps[kw["carry"] > 0] = st["kv_capacity_tokens"]
+        fixed = pol.fixed_bytes(g.n_layers, g.kv_heads, g.head_dim, len(prompt) + 8)
+        assert st["kv_capacity_tokens"] * g.bytes_per_token(pol) + fixed <= 1_000_000
+    assert caps[True] <= caps[False]
+    assert mpcache_recall(carry=1.0).fixed_bytes(2, 2, 8, 1000) > mpcache_recall(carry=0.0).fixed_bytes(2, 2, 8, 1000)

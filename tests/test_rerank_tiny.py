@@ -302,3 +302,35 @@ def test_trace_observes_every_layer_of_every_chunk(bert_bi_bundle, docs):
         assert list(items) == list(range(len(documents) + 1))  # every document and the query
         for o in obs:
             assert o.hidden_out.shape == o.hidden_in.shape and o.pooled.shape == (len(o.items), o.hidden_out.shape[2])
+
+
+def test_chunks_side_by_side_match_multithreaded_sessions(llama_bundle, docs, monkeypatch):
+    """Without a budget a split decoder runs single-threaded sessions on several chunks of a layer at once (one per
+    core); scores, a pruned ranking and the traced layers equal those of multi-threaded sessions run chunk by chunk."""
+    import os
+
+    documents, queries = docs
+    documents = documents * 3  # several chunks per layer
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.delenv("EDGE_SEL_THREADS", raising=False)
+    schedule = {"method": "head", "rule": "rank", "top_k": 5, "layers": [{"layer": 1, "keep": 0.5}]}
+    side = Reranker(llama_bundle, pruning=schedule)
+    serial = Reranker(llama_bundle, pruning=schedule, threads=2)
+    assert side.workers == 3 and serial.workers == 1
+    assert Reranker(llama_bundle, memory_budget="64MB").workers == 1  # streamed layers: one session at a time
+    for q in queries[:2]:
+        np.testing.assert_allclose(side.predict(q, documents), serial.predict(q, documents), atol=1e-5)
+        assert side.last_stats["n_chunks"] > 3 and side.last_stats["final_layer_last_token_only"]
+        a, b = side.rank(q, documents, top_k=5), serial.rank(q, documents, top_k=5)
+        assert side.last_stats["n_pruned"] == serial.last_stats["n_pruned"] > 0
+        assert [r["corpus_id"] for r in a] == [r["corpus_id"] for r in b]
+        np.testing.assert_allclose([r["score"] for r in a], [r["score"] for r in b], atol=1e-5)
+    seen: dict[str, list] = {"side": [], "serial": []}
+    side.trace(queries[0], documents, seen["side"].append)
+    serial.trace(queries[0], documents, seen["serial"].append)
+    key = lambda o: (o.layer, int(o.items[0]))  # noqa: E731
+    for x, y in zip(sorted(seen["side"], key=key), sorted(seen["serial"], key=key)):
+        assert x.layer == y.layer and list(x.items) == list(y.items)
+        np.testing.assert_allclose(x.hidden_out, y.hidden_out, atol=1e-5)
+    assert len(seen["side"]) == len(seen["serial"]) > 2 * len(side.bundle.layers)
+    side.close()

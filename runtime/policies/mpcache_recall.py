@@ -1,3 +1,8 @@
+"""``mpcache_recall``: MPCache's query-aware selection adapted to a device, evicted K/V read back from disk.
+
+Long because the exact (question-time) and the linear (per-step) selections share one policy's fetch area and costs.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,6 +62,11 @@ class MPCacheRecall(RecallPolicy):
       ("... the code is"), whose queries point at the fact asked for, while its opening words also vote
       for passages that merely share them (on the needle benchmark's tuning split, 2k tokens at 5 % kept,
       both haystacks: 31/32 needles found with the last 16 queries, 29/32 with all, none lost).
+      ``head_mix`` adds the layer's best vote per position (over its KV heads) to each head's, so a passage one
+      head finds is fetched by all; ``carry`` adds the earlier layers' mean of that best vote, so a layer whose
+      own heads vote diffusely still fetches the passage the question found below it (positions, not slots:
+      every layer and head holds other cold tokens). Both cost a position row and two ``[tokens]`` vote rows
+      (counted in ``fixed_bytes``); a scored continuation re-selects per block and mixes neither.
       The cold keys are read in blocks into the fetch area itself (it is empty
       until the selection is made), so no more K/V than the budget ever sits in RAM; the extra scratch
       is the per-token vote and one block of logits (both ``[kv, tokens]`` f32, preallocated, counted in
@@ -93,6 +103,8 @@ class MPCacheRecall(RecallPolicy):
     select_share: int = 1     # exact: layers per selection (1: every layer scores its own cold keys)
     refresh: int = 0          # exact: decode steps between linear refreshes of the area's tail (0: fixed)
     refresh_frac: float = 0.5  # exact + refresh: share of the area the linear refresh owns
+    carry: float = 0.0        # exact: weight of the earlier layers' mean vote per position added to a layer's own
+    head_mix: float = 0.0     # exact: weight of the layer's best vote per position (over its KV heads) added to each head's
 
     def __post_init__(self):
         if self.suffix_query not in ("last", "max"):
@@ -107,11 +119,18 @@ class MPCacheRecall(RecallPolicy):
             raise ValueError(f"selection must be 'exact' or 'linear' (MPCache's similarity), got {self.selection!r}")
         if self.vote not in ("sum", "max"):
             raise ValueError(f"vote must be 'sum' or 'max', got {self.vote!r}")
+        if self.carry < 0 or self.head_mix < 0:
+            raise ValueError(f"carry and head_mix must be >= 0, got {self.carry}, {self.head_mix}")
         if self.question_tail < 0 or self.fetch_min < 0:
             raise ValueError(f"question_tail and fetch_min must be >= 0, got {self.question_tail}, {self.fetch_min}")
         if (self.vote_pool < 1 or self.vote_follow < 0 or self.stream_pool < 1 or self.stream_follow < 0 or self.select_share < 1 or self.refresh < 0
                 or not 0.0 < self.refresh_frac < 1.0):
             raise ValueError("vote_pool and select_share must be >= 1, refresh >= 0, refresh_frac in (0, 1)")
+
+    @property
+    def _by_position(self) -> bool:
+        """The exact votes are mixed by position across layers (``carry``) or KV heads (``head_mix``)."""
+        return self.selection == "exact" and (self.carry > 0 or self.head_mix > 0)
 
     @property
     def _needs_stats(self) -> bool:
@@ -131,8 +150,12 @@ class MPCacheRecall(RecallPolicy):
         return self.selection == "exact" and not self.refresh
 
     def scratch_bytes(self, kv_heads, n_tokens):
-        # exact: one per-token vote row and one block of logits, [kv, tokens] f32 each, reused layer after layer
-        return 2 * kv_heads * (n_tokens + self.group) * 4 if self.selection == "exact" else 0
+        # exact: one per-token vote row and one block of logits, [kv, tokens] f32 each, reused layer after layer;
+        # carry: the cold tokens' positions [kv, tokens] i64, three [tokens] f32 rows (the votes per position)
+        if self.selection != "exact":
+            return 0
+        carry = (kv_heads * 8 + 3 * 4) * (n_tokens + self.group) if self._by_position else 0
+        return 2 * kv_heads * (n_tokens + self.group) * 4 + carry
 
     def begin(self, ctx):
         super().begin(ctx)
@@ -146,6 +169,12 @@ class MPCacheRecall(RecallPolicy):
             tokens = ctx.prompt_len + ctx.max_new_tokens
             self.vote_row = np.zeros((ctx.kv_heads, tokens + self.group), np.float32)
             self.logits_buf = np.zeros(ctx.kv_heads * (tokens + self.group), np.float32)
+            if self._by_position:
+                self.pos_row = np.zeros((ctx.kv_heads, tokens + self.group), np.int64)
+                self.consensus = np.zeros(tokens + self.group, np.float32)
+                self.layer_vote = np.zeros(tokens + self.group, np.float32)
+                self.mix_row = np.zeros(tokens + self.group, np.float32)
+                self.voted_layers = 0
 
     def report(self, decode_steps):
         out = super().report(decode_steps)
@@ -296,17 +325,23 @@ class MPCacheRecall(RecallPolicy):
             update(logits(K[:, :b - a]))
         lse = (mx + np.log(se)).astype(np.float32)
         vote = self.vote_row[:, :n]
+        stream = phase == "suffix" and self.ctx.stream_suffix
+        # a scored continuation re-selects per block: votes are not mixed across layers or heads there
+        carry = self._by_position and not stream
         for a, b, K in blocks():
             L = logits(K[:, :b - a])
             np.exp(np.subtract(L, lse[..., None], out=L), out=L)
             vote[:, a:b] = L.sum(axis=1) if self.vote == "sum" else L.max(axis=1)
-        stream = phase == "suffix" and self.ctx.stream_suffix
+            if carry:
+                self.pos_row[:, a:b] = p_out[:, :b - a]
         pool, follow = (self.stream_pool, self.stream_follow) if stream else (self.vote_pool, self.vote_follow)
         pooled = max_pool(vote, pool) if pool > 1 else vote
         if follow:  # one-sided: token i also takes the votes of the ``follow`` tokens before it
             src, pooled = pooled, pooled.copy()
             for d in range(1, min(follow, n - 1) + 1):
                 np.maximum(pooled[:, d:], src[:, :-d], out=pooled[:, d:])
+        if carry:
+            pooled = self._carried(pooled, self.pos_row[:, :n])
         idx = topk_sorted(pooled, m)
         keys = nres + 2 * n  # logits computed per query: resident once, cold twice
         self.count(multiplications=kv * R * (D * keys + D),
@@ -314,6 +349,29 @@ class MPCacheRecall(RecallPolicy):
                    comparisons=kv * R * (nres + n) + (kv * R * n if self.vote == "max" else 0)
                    + kv * n * (pool - 1 + follow) + kv * n * log2c(m))
         return idx
+
+    def _carried(self, own: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Each KV head's votes plus ``head_mix`` times the layer's best vote at the same position (over its KV heads:
+        a passage one head found is fetched by all) plus ``carry`` times the earlier layers' mean of that best vote
+        (a passage the question found in earlier layers is fetched by a layer whose own heads vote diffusely).
+        Heads and layers hold different cold tokens: a position none of them holds cold counts 0."""
+        P, mine = self.consensus, self.layer_vote
+        mine[:] = 0.0
+        np.maximum.at(mine, pos.ravel(), own.ravel())
+        mixed, hm = self.mix_row, np.float32(self.head_mix)
+        c = np.float32(self.carry / self.voted_layers) if self.carry and self.voted_layers else np.float32(0.0)
+        if hm:
+            np.multiply(P, c / hm, out=mixed)
+            mixed += mine
+            mixed *= hm
+        else:
+            np.multiply(P, c, out=mixed)
+        for h in range(own.shape[0]):  # in place (the votes are this call's scratch), one row at a time
+            own[h] += mixed[pos[h]]
+        P += mine
+        self.voted_layers += 1
+        self.count(multiplications=2 * own.size, comparisons=own.size, gathers=2 * own.size)
+        return own
 
     def _linear_ids(self, layer, q, phase, m):
         """MPCache's linear selection of ``m`` cold groups per KV head (leader layers; followers replay)."""
@@ -356,13 +414,22 @@ class MPCacheRecall(RecallPolicy):
         return ids
 
 
+# mpcache_recall's own defaults, chosen on the needle benchmark's tuning split (2k tokens, 5 % and 3 % kept, both
+# haystacks): the question's recall fetches what the text holds for it, so the resident part is mostly the recent
+# window (heavy hitters scored without the question draw the answer elsewhere), and each layer's question votes
+# take in the earlier layers' (``carry``)
+RECALL_DEFAULTS = {"recent_frac": 0.9, "carry": 1.0}
+
+
 def mpcache_recall(**kw) -> "Policy":
-    """``mpcache`` (static eviction + dynamic selection over the resident cache) + recall from disk."""
+    """``mpcache`` (static eviction + dynamic selection over the resident cache) + recall from disk, with
+    :data:`RECALL_DEFAULTS` unless ``kw`` says otherwise."""
     from .composite import Composite
     from .mpcache import MPCacheDynamic, MPCacheStatic
 
     own = ("group", "fetch_frac", "fetch", "fetch_min", "question_tail", "suffix_query", "head_reduce", "score", "expand", "selection", "vote_pool", "vote_follow", "vote",
-           "select_share", "refresh", "refresh_frac", "stream_follow", "stream_pool")  # recall's alone
+           "select_share", "refresh", "refresh_frac", "stream_follow", "stream_pool", "carry", "head_mix")  # recall's alone
+    kw = dict(RECALL_DEFAULTS) | kw
     static_kw = {k: v for k, v in kw.items() if k in MPCacheStatic.__dataclass_fields__ and k not in own}
     rec_kw = {k: v for k, v in kw.items() if k in MPCacheRecall.__dataclass_fields__}
     dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__ and k not in own}

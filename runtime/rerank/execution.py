@@ -8,12 +8,17 @@
 
 Split decoder bundles (qkv + attn graphs per layer, :mod:`.prefix`) run monolithically: the prompt prefix shared
 by every candidate is computed once per layer and each candidate attends to its keys and values; the final
-layer computes only the token the head reads.
+layer computes only the token the head reads. Resident split layers without a budget run on single-threaded
+sessions, one chunk per core at a time (:meth:`Execution._layers_side_by_side`): with small operators between the
+large matrix products, cores that each work on their own chunk waste less than cores that share every operator.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,6 +33,15 @@ from .prefix import run_candidates, run_prefix
 from .pruning import Pruner
 from .scoring import Scores, Scoring
 from .tokens import TokenStore
+
+
+def chunk_workers(threads: int | None, memory_budget: int | None, split: bool, cpu_only: bool) -> int:
+    """How many chunks of one layer run at once: one per available core for resident split decoder layers on the CPU
+    when the caller left ``threads`` (and ``EDGE_SEL_THREADS``) unset; else 1 (each session multi-threaded)."""
+    if threads is not None or memory_budget is not None or not split or not cpu_only or os.environ.get("EDGE_SEL_THREADS"):
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores)
 
 
 @dataclass
@@ -74,8 +88,11 @@ class Work:
 class Execution:
     """Runs chunks through a bundle's layers with the engine's stream, embedder and scoring strategy."""
 
-    def __init__(self, bundle, stream, embedder: Embedder, scoring: Scoring, split: bool, last_token_final: bool = True):
+    def __init__(self, bundle, stream, embedder: Embedder, scoring: Scoring, split: bool, last_token_final: bool = True,
+                 workers: int = 1):
         self.n_layers = len(bundle.spec.layers)
+        self.workers = max(1, int(workers))  # > 1: chunks of one layer run side by side (single-threaded sessions)
+        self._pool: ThreadPoolExecutor | None = None
         self.layer_inputs = bundle.spec.layer_io.inputs or ()
         self.empty_pos = bundle.spec.layer_io.empty_pos  # key position of padding (split layers)
         self.stream = stream
@@ -156,6 +173,8 @@ class Execution:
         return work
 
     def _layers(self, work: Work, order: list[int] | None, call: Call, prefix_h, prefix_pos) -> None:
+        if self.workers > 1 and self.split and self.stream.keep_all and call.store.spill is None:
+            return self._layers_side_by_side(work, order, call, prefix_h, prefix_pos)
         t1 = time.perf_counter()
         store, n_docs, observer = call.store, call.n_docs, call.observer
         final = (order or list(range(self.n_layers)))[-1]
@@ -195,3 +214,94 @@ class Execution:
                 chunks = call.pruner.after_layer(i, chunks, store)
         work.chunks = chunks
         work.t_layers = time.perf_counter() - t1
+
+    # ---- chunks side by side -----------------------------------------------------------------
+    def pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="edge_sel-chunk")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def _layers_side_by_side(self, work: Work, order: list[int] | None, call: Call, prefix_h, prefix_pos) -> None:
+        """:meth:`_layers` for resident split layers on single-threaded sessions (one per core): every chunk moves
+        through the layers as a chain of (chunk, layer) tasks on ``workers`` threads, a chunk's next layer queued
+        behind the other chunks' current one, so no core waits for another's share of a small operator nor for the
+        slowest chunk of a layer; all chunks meet only where something compares them (a pruning layer; every layer
+        for an observer, called on this thread in chunk order). The shared prefix runs its own chain on this thread
+        meanwhile (it depends on nothing else). Same kernels, same scores."""
+        t1 = time.perf_counter()
+        store, n_docs, observer, pruner = call.store, call.n_docs, call.observer, call.pruner
+        layers = list(self.stream.run(order))  # all resident: loaded once, kept
+        final = layers[-1][0]
+        last_only = self.last_token_final and self.scoring.reads_last_token and observer is None
+        pool = self.pool()
+        kv: list[Future] | None = [Future() for _ in layers] if prefix_h is not None else None
+        meet = [pos for pos, (i, _) in enumerate(layers)
+                if observer is not None or (pruner is not None and i in pruner.layers) or pos == len(layers) - 1]
+        inputs: dict[tuple[int, int], np.ndarray] = {}
+        stop = threading.Event()  # the calling thread gave up (an error, an interrupt): queued steps end at once
+
+        def step(c: Chunk, pos: int, end: int, done: Future) -> None:
+            try:
+                if stop.is_set():
+                    raise CancelledError()
+                i, sess = layers[pos]
+                kp, vp = kv[pos].result() if kv is not None else (None, None)
+                if observer is not None:
+                    inputs[id(c), pos] = c.hidden
+                c.hidden = run_candidates(sess, c.hidden, c.mask, c.positions, kp, vp, prefix_pos, self.empty_pos,
+                                          last=c.lengths - 1 if last_only and i == final else None)
+                if pos < end:
+                    pool.submit(step, c, pos + 1, end, done)
+                else:
+                    done.set_result(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                done.set_exception(e)
+
+        chunks, start = work.chunks, 0
+        for end in meet:
+            for pos in range(start, end + 1):
+                work.live_per_layer.append(int(sum(int((c.items < n_docs).sum()) for c in chunks)))
+                work.tokens_per_layer.append(int(sum(int(c.lengths[c.items < n_docs].sum()) for c in chunks)))
+            tk = trace.begin("layer", layer=layers[start][0], through=layers[end][0], chunks=len(chunks))
+            done = [Future() for _ in chunks]
+            for c, d in sorted(zip(chunks, done), key=lambda cd: -len(cd[0].items) * cd[0].width):
+                pool.submit(step, c, start, end, d)
+            try:
+                if kv is not None and not kv[-1].done():
+                    self._prefix_chain(layers, prefix_h, prefix_pos, kv, last_only)
+                for d in done:
+                    d.result()
+            except BaseException:
+                stop.set()
+                raise
+            trace.end(tk)
+            if observer is not None:
+                for c in chunks:
+                    observer(LayerObservation(layers[end][0], c.items, c.mask, inputs.pop((id(c), end)), c.hidden,
+                                              self.scoring.pool(c.hidden, c.lengths, c.mask)))
+            call.guard.check()
+            if pruner is not None:
+                chunks = pruner.after_layer(layers[end][0], chunks, store)
+            start = end + 1
+        work.last_token_only = last_only
+        work.chunks = chunks
+        work.t_layers = time.perf_counter() - t1
+
+    @staticmethod
+    def _prefix_chain(layers, h, positions, kv: list[Future], last_only: bool) -> None:
+        """The shared prefix through every layer, each layer's K/V handed over as soon as it is computed
+        (the final layer's output is not needed when only the head's token is)."""
+        try:
+            for pos, (_, sess) in enumerate(layers):
+                h, k, v = run_prefix(sess, h, positions, kv_only=last_only and pos == len(layers) - 1)
+                kv[pos].set_result((k, v))
+        except BaseException as e:  # noqa: BLE001 - the chunks waiting for it fail with it
+            for f in kv:
+                if not f.done():
+                    f.set_exception(e)
+            raise

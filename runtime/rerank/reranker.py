@@ -32,7 +32,7 @@ from edge_sel.runtime.sessions import backend_for
 from edge_sel.runtime.units import format_size, parse_size
 
 from .chunks import ChunkStore, HiddenSpill, Packing, make_chunks
-from .execution import Call, Execution, Observer
+from .execution import Call, Execution, Observer, chunk_workers
 from .prefix import PairStream, is_split, qkv_weight_bytes
 from .pruning import Pruner
 from .schedule import Schedule
@@ -80,6 +80,10 @@ class Reranker:
     a graph on load, as CoreML does, pays it on every streamed layer load). ``"coreml"`` on a bundle exported with
     ``--format coreml`` runs its CoreML packages with Core ML instead (macOS only; :mod:`edge_sel.runtime.coreml`).
 
+    threads: onnxruntime intra-op threads per session. None (default): for a split decoder bundle without a budget,
+    single-threaded sessions with one chunk per core running at once (:func:`.execution.chunk_workers`); else
+    onnxruntime's default (every core).
+
     last_token_final_layer: split decoder bundles whose head reads the last token compute only that token in
     the final layer (same scores within float rounding); False runs the full final layer.
 
@@ -118,10 +122,15 @@ class Reranker:
         self.layer_scorer = LayerScorer(self.bundle, self.schedule, self.scoring) if self.schedule else None
         # no budget: every layer session stays resident for the reranker's life, so its kernels pack the weights once
         # (as a plain onnxruntime session does); under a budget the weights stay file-backed
-        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), threads, optimize,
+        # no budget, a split decoder on the CPU, threads left to us: each core runs a single-threaded session on its own
+        # chunk (no core waits on another's share of a small operator); otherwise each session uses every core
+        self.workers = chunk_workers(threads, self.memory_budget, self.split, self.providers.choice.cpu_only)
+        layer_threads = 1 if self.workers > 1 else threads
+        self.stream = (PairStream if self.split else LayerStream)(self.bundle, len(self.bundle.spec.layers), layer_threads, optimize,
                                                                    self.providers, backend=self.backend,
                                                                    prepack=self.memory_budget is None)
-        self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer))
+        self.execution = Execution(self.bundle, self.stream, self.embedder, self.scoring, self.split, bool(last_token_final_layer),
+                                   workers=self.workers)
         self.pad_id = self.bundle.spec.pad_id
         self.stats = RerankStats()
         self.allow_spill = bool(spill)
@@ -240,6 +249,7 @@ class Reranker:
             tokens.close()
 
     def close(self) -> None:
+        self.execution.close()
         self.stream.close()
         self.backend.close()
 
