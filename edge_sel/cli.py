@@ -301,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second signal while the first was being cleaned up and reported
         return 128 + signals[0] if signals else 130
     finally:
-        if previous is not None and not signals:  # once signalled, stay in charge until exit: a repeat is ignored
+        if signals:  # about to exit: interpreter teardown would restore the default handler, and a repeated SIGTERM
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # would then kill the process instead of letting it exit 143
+        elif previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
