@@ -154,9 +154,11 @@ class KVPlanner:
         if (res < need or (suffix and res - suffix < 8)) and res < whole:
             raise self._refusal(policy, cap, need, per_tok, fixed, n_prompt, max_new, suffix)
         layers = ()
-        shares = policy.layer_shares(self.n_layers) if res < whole else None
+        base = suffix + max_new if suffix else 0  # the suffix and the new tokens: every layer holds them
+        kept = min(1.0, max(0, res - base) / max(1, n_prompt - suffix))  # the fraction of the context each layer keeps
+        geometry = (self.n_layers, self.heads, self.kv_heads, self.head_dim)
+        shares = policy.layer_shares(self.n_layers, kept, geometry) if res < whole else None
         if shares is not None:
-            base = suffix + max_new if suffix else 0  # the suffix and the new tokens: every layer holds them
             lo = max(need, base + 8) if suffix else need
             hi = -(-whole // a) * a  # no layer needs more than the whole call
             layers = split_layers(res, base, np.asarray(shares, dtype=np.float64), lo, hi, 1 if suffix else a)

@@ -17,6 +17,7 @@ from .expected_attention import MPCacheEA, mpcache_ea, mpcache_ea_recall
 from .full import Full
 from .h2o import H2O
 from .knorm import Knorm
+from .layer_allocation import MPCacheEAAlloc, mpcache_ea_alloc
 from .layer_budget import MPCacheEALayers, mpcache_ea_layers
 from .layer_skip import LayerSkip
 from .mpcache import MPCacheDynamic, MPCacheStatic, mpcache
@@ -41,9 +42,11 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "mpcache_ea_static": MPCacheEA,
     "mpcache_ea_recall": mpcache_ea_recall,
     "mpcache_ea_layers": mpcache_ea_layers,
+    "mpcache_ea_alloc": mpcache_ea_alloc,
     "mpcache_ea_mix": mpcache_ea_mix,
     "mpcache_ea_mix_static": MPCacheEAMix,
     "mpcache_ea_layers_static": MPCacheEALayers,
+    "mpcache_ea_alloc_static": MPCacheEAAlloc,
     "windowkv": WindowKV,
     "prompt_distill": PromptDistill,
     "layer_skip": LayerSkip,
@@ -80,4 +83,5 @@ def make_policy(spec: "str | Policy | None") -> Policy:
 __all__ = ["Policy", "ScorePolicy", "RecallPolicy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label",
            "Full", "StreamingLLM", "H2O", "SnapKV", "Knorm", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall",
            "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "MPCacheEALayers", "mpcache_ea_layers",
+           "MPCacheEAAlloc", "mpcache_ea_alloc",
            "MPCacheEAMix", "mpcache_ea_mix", "WindowKV", "PromptDistill", "LayerSkip"]

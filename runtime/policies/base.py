@@ -139,9 +139,10 @@ class Policy:
         """Slots of each layer's fetch area, carved out of ``cap`` (the budget's tokens per layer), ``<= room``."""
         return 0
 
-    def layer_shares(self, n_layers: int) -> np.ndarray | None:
+    def layer_shares(self, n_layers: int, kept: float = 1.0, model: tuple = ()) -> np.ndarray | None:
         """Relative share of each layer in what the context keeps (mean 1; the planner keeps the total and each
-        layer's minimum); None: every layer keeps the same number of tokens."""
+        layer's minimum); None: every layer keeps the same number of tokens. ``kept``: the fraction of the context
+        the budget keeps; ``model``: (layers, query heads, KV heads, head size)."""
         return None
 
     # ---- the engine's calls -------------------------------------------------------------

@@ -34,7 +34,7 @@ class MPCacheEALayers(MPCacheEA):
         if not -1.0 <= self.slope <= 1.0:
             raise ValueError(f"slope must be in [-1, 1], got {self.slope}")
 
-    def layer_shares(self, n_layers):
+    def layer_shares(self, n_layers, kept=1.0, model=()):
         if n_layers < 2 or self.slope == 0:
             return None
         return 1.0 + self.slope * (1.0 - 2.0 * np.arange(n_layers) / (n_layers - 1))

@@ -1,0 +1,151 @@
+"""``mpcache_ea_alloc``: ``mpcache_ea`` with the KV budget split across layers by a global top-k, calibrated once.
+
+Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation" (2024) let a layer's heads compete
+in one top-k over their scores instead of giving each the same share; KVzip (Kim et al., 2025) runs that top-k over
+every layer and head at once. A look-once, layer-by-layer prefill compresses layer ``L`` before layer ``L + 1`` has
+run, so no top-k over all layers can run at run time. Instead the allocation is measured once on calibration text:
+each prompt key is scored by the largest attention it gets from a prompt query at least ``distance`` positions after
+it (:class:`LongRangeAttention`: the attention a continuation past a compressed context would pay; a layer that
+mostly attends to its neighbours needs few context tokens), every layer's and KV head's scores go into one top-k at
+the kept fraction (:func:`global_shares`), and each layer's count over the mean is its share. The planner turns the
+shares into per-layer capacities with the same total as equal layers, so the KV bytes are the same and the budget
+stays a hard bound (:func:`edge_sel.runtime.planning.kv.split_layers`). Inside each layer everything is
+``mpcache_ea``'s: the expected-attention static eviction and MPCache's dynamic group selection (MPC costs counted).
+
+The shares depend on the model: :data:`CALIBRATED` holds them per model geometry (layers, query heads, KV heads,
+head size) at a few kept fractions, measured by ``python -m benchmarks.layer_shares`` on the perplexity benchmark's
+tuning windows only. A model without a calibration keeps equal layers unless ``shares`` is given.
+Per-head budgets (AdaKV's own split) are not offered: every KV head of a layer's cache holds the same number of slots,
+so unequal heads would keep the bytes of the largest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from edge_sel.runtime.errors import InputError
+
+from .base import SINKS
+from .expected_attention import MPCacheEA
+from .full import Full
+from .mpcache import MPCacheDynamic
+
+log = logging.getLogger("edge_sel")
+
+# (layers, query heads, KV heads, head size) -> {kept fraction: per-layer shares (mean 1)}
+CALIBRATED: dict[tuple, dict[float, tuple]] = {}
+
+
+def global_shares(scores: np.ndarray, kept: float, sinks: int = SINKS) -> np.ndarray:
+    """Per-layer shares (mean 1) of one top-k at ``kept`` over ``scores`` ``[layers, kv, n]`` (sinks always in)."""
+    s = np.array(scores, dtype=np.float64, copy=True)
+    if s.ndim != 3 or not 0 < kept <= 1:
+        raise ValueError(f"scores must be [layers, kv, n] and kept in (0, 1], got {s.shape} and {kept}")
+    s[..., :sinks] = np.inf
+    k = max(1, int(round(kept * s.size)))
+    flat = s.reshape(-1)
+    pick = np.argpartition(-flat, k - 1)[:k]  # exactly k kept, ties broken by position
+    counts = np.bincount(pick // (s.shape[1] * s.shape[2]), minlength=s.shape[0]).astype(np.float64)
+    return counts / counts.mean()
+
+
+def shares_at(table: dict[float, tuple], kept: float) -> np.ndarray:
+    """The shares for the fraction ``kept``: interpolated in log(fraction) between the calibrated ones, the smallest's
+    below them, and above the largest blended towards equal layers (at 1 everything is kept)."""
+    fr = sorted(table)
+    rows = [np.asarray(table[f], dtype=np.float64) for f in fr]
+    if kept <= fr[0]:
+        return rows[0]
+    if kept >= fr[-1]:
+        w = min(1.0, (kept - fr[-1]) / max(1e-9, 1.0 - fr[-1]))
+        return (1 - w) * rows[-1] + w
+    i = int(np.searchsorted(fr, kept))
+    t = (np.log(kept) - np.log(fr[i - 1])) / (np.log(fr[i]) - np.log(fr[i - 1]))
+    return (1 - t) * rows[i - 1] + t * rows[i]
+
+
+@dataclass
+class MPCacheEAAlloc(MPCacheEA):
+    """:class:`MPCacheEA` with the layers' shares of the budget from a calibrated global top-k (module docstring)."""
+
+    name: ClassVar[str] = "mpcache_ea_alloc_static"
+    shares: tuple | None = None   # one positive number per layer (any scale); None: the calibration for the model
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.shares is not None:
+            s = np.asarray(self.shares, dtype=np.float64) if _numbers(self.shares) else None
+            if s is None or s.ndim != 1 or s.size == 0 or not np.all(np.isfinite(s)) or s.min() <= 0:
+                raise ValueError(f"shares must be positive numbers, one per layer, got {self.shares!r}")
+
+    def layer_shares(self, n_layers, kept=1.0, model=()):
+        if self.shares is not None:
+            if len(self.shares) != n_layers:
+                raise InputError(f"mpcache_ea_alloc: shares has {len(self.shares)} values but the model has {n_layers} layers")
+            s = np.asarray(self.shares, dtype=np.float64)
+            return s / s.mean()
+        table = CALIBRATED.get(tuple(model))
+        if table is None:
+            log.info("mpcache_ea_alloc: no layer calibration for a model of geometry %s; equal layers", tuple(model))
+            return None
+        return shares_at(table, kept)
+
+
+def _numbers(x) -> bool:
+    try:
+        return all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) for v in x)
+    except TypeError:
+        return False
+
+
+def mpcache_ea_alloc(**kw):
+    """``mpcache_ea`` with calibrated per-layer budgets (:class:`MPCacheEAAlloc`) and MPCache's dynamic selection."""
+    from .composite import Composite
+
+    static_kw = {k: v for k, v in kw.items() if k in MPCacheEAAlloc.__dataclass_fields__}
+    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}
+    unknown = set(kw) - set(static_kw) - set(dyn_kw)
+    if unknown:
+        raise ValueError(f"mpcache_ea_alloc has no option {sorted(unknown)[0]!r}")
+    return Composite(parts=(MPCacheEAAlloc(**static_kw), MPCacheDynamic(**dyn_kw)), title="mpcache_ea_alloc")
+
+
+@dataclass
+class LongRangeAttention(Full):
+    """Calibration only (keeps the whole cache): per layer, each prompt key's largest attention from a query at least
+    ``distance`` positions after it, the max over its KV head's query heads (``scores[layer]``: ``[kv, n]``).
+    The engine's attention reports per chunk the max over the chunk's queries, so a key is scored by the chunks that
+    start ``distance`` or more after it."""
+
+    name: ClassVar[str] = "long_range_attention"
+    distance: int = 32
+
+    def begin(self, ctx):
+        super().begin(ctx)
+        self.scores: dict[int, np.ndarray] = {}
+        self._start: dict[int, int] = {}
+
+    def queries(self, layer, q, positions, phase):
+        self._start[layer] = int(np.min(positions))
+
+    def accumulate(self, layer, cache, attn_sum, attn_max, slots, phase):
+        if phase == "decode" or slots is not None:
+            return
+        end = self._start.get(layer, 0) - self.distance
+        if end <= 0:
+            return
+        s = self.scores.get(layer)
+        if s is None or s.shape[1] < end:
+            grown = np.zeros((attn_max.shape[1], max(end, self.ctx.prompt_len)), np.float32)
+            if s is not None:
+                grown[:, :s.shape[1]] = s
+            s = self.scores[layer] = grown
+        np.maximum(s[:, :end], attn_max[0][:, :end], out=s[:, :end])
+
+    def stacked(self, n: int) -> np.ndarray:
+        """``[layers, kv, n]`` the scores of the first ``n`` prompt keys."""
+        return np.stack([self.scores[L][:, :n] for L in range(self.ctx.n_layers)])
