@@ -39,6 +39,8 @@ def test_bad_options_are_refused_in_one_line(gen_llama_bundle):
         with pytest.raises(ValueError, match="shares must be positive numbers") as e:
             MPCacheEAAlloc(shares=bad)
         assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="temper must be in"):
+        MPCacheEAAlloc(temper=1.5)
     with pytest.raises(ValueError, match="no option 'slpoe'"):
         mpcache_ea_alloc(slpoe=1)
     g = Generator(gen_llama_bundle, kv_budget=0.3, policy=mpcache_ea_alloc(shares=(1.0, 2.0)))
