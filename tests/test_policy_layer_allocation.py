@@ -34,6 +34,14 @@ def test_shares_interpolate_between_calibrated_fractions_and_flatten_towards_all
     np.testing.assert_allclose(shares_at(table, 0.6), [0.5, 1.5])
 
 
+def test_the_temper_follows_the_budget():
+    assert layer_allocation.temper_at(0.01) == 0.5 and layer_allocation.temper_at(0.3) == 0.75
+    assert 0.5 < layer_allocation.temper_at(0.07) < 0.75
+    table = {0.05: (4.0, 1.0), 0.2: (4.0, 1.0)}
+    small, large = (np.asarray(shares_at(table, k)) ** layer_allocation.temper_at(k) for k in (0.05, 0.2))
+    assert small[0] / small[1] == pytest.approx(2.0) and large[0] / large[1] == pytest.approx(4.0 ** 0.75)
+
+
 def test_bad_options_are_refused_in_one_line(gen_llama_bundle):
     for bad in [(1.0, -1.0), (1.0, float("nan")), (), ("a", "b"), (True, False)]:
         with pytest.raises(ValueError, match="shares must be positive numbers") as e:
@@ -41,6 +49,8 @@ def test_bad_options_are_refused_in_one_line(gen_llama_bundle):
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="temper must be in"):
         MPCacheEAAlloc(temper=1.5)
+    with pytest.raises(ValueError, match="temper must be in"):
+        MPCacheEAAlloc(temper="high")
     with pytest.raises(ValueError, match="no option 'slpoe'"):
         mpcache_ea_alloc(slpoe=1)
     g = Generator(gen_llama_bundle, kv_budget=0.3, policy=mpcache_ea_alloc(shares=(1.0, 2.0)))

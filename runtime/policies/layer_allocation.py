@@ -15,9 +15,10 @@ stays a hard bound (:func:`edge_sel.runtime.planning.kv.split_layers`). Inside e
 The shares depend on the model: :data:`CALIBRATED` holds them per model geometry (layers, query heads, KV heads,
 head size) at a few kept fractions, measured by ``python -m benchmarks.layer_shares`` on the perplexity benchmark's
 tuning windows only. A model without a calibration keeps equal layers unless ``shares`` is given. The top-k's own
-split starves some layers at small budgets; ``temper=0.5`` (the shares' square root) was chosen on the tuning windows:
-it beat equal layers at 20 %, 10 % and 5 % kept, where the full split (``temper=1``) lost at 10 % and 5 %, as did a
-floor under each layer's share. Splits from the eviction's own scores (normalised per head) lost to equal layers.
+split starves some layers at small budgets, so the shares are tempered (raised to ``temper``): chosen on the tuning
+windows, 0.75 at 10 % kept or more (better than 0.5 on every tuning window at 10 %) and 0.5 at 5 % or less (0.75 and
+the full split lost there, as did a floor under each layer's share) (:data:`TEMPER`). Splits from the eviction's own
+scores (normalised per head) lost to equal layers.
 Per-head budgets (AdaKV's own split) are not offered: every KV head of a layer's cache holds the same number of slots,
 so unequal heads would keep the bytes of the largest.
 """
@@ -48,6 +49,15 @@ CALIBRATED: dict[tuple, dict[float, tuple]] = {
         0.05: (0.318, 0.288, 1.438, 0.181, 0.366, 1.093, 0.472, 1.775, 2.476, 0.991, 0.182, 0.102, 0.348, 0.212, 2.233, 1.137, 0.424, 2.972, 1.499, 0.251, 2.966, 1.305, 0.903, 1.714, 1.512, 0.291, 0.747, 0.391, 0.895, 0.516),
     },
 }
+
+
+# the exponent on the shares by kept fraction (log-linear between, the nearest outside), chosen on the tuning windows
+TEMPER: dict[float, float] = {0.05: 0.5, 0.1: 0.75}
+
+
+def temper_at(kept: float) -> float:
+    fr = sorted(TEMPER)
+    return float(np.interp(np.log(max(kept, 1e-9)), np.log(fr), [TEMPER[f] for f in fr]))
 
 
 def global_shares(scores: np.ndarray, kept: float, sinks: int = SINKS) -> np.ndarray:
@@ -84,12 +94,12 @@ class MPCacheEAAlloc(MPCacheEA):
 
     name: ClassVar[str] = "mpcache_ea_alloc_static"
     shares: tuple | None = None   # one positive number per layer (any scale); None: the calibration for the model
-    temper: float = 0.5           # shares ** temper (0: equal layers, 1: the top-k's own split)
+    temper: float | None = None   # shares ** temper (0: equal layers, 1: the top-k's own split); None: TEMPER's
 
     def __post_init__(self):
         super().__post_init__()
-        if not 0.0 <= self.temper <= 1.0:
-            raise ValueError(f"temper must be in [0, 1], got {self.temper}")
+        if self.temper is not None and not (_numbers((self.temper,)) and 0.0 <= self.temper <= 1.0):
+            raise ValueError(f"temper must be in [0, 1] or None, got {self.temper!r}")
         if self.shares is not None:
             s = np.asarray(self.shares, dtype=np.float64) if _numbers(self.shares) else None
             if s is None or s.ndim != 1 or s.size == 0 or not np.all(np.isfinite(s)) or s.min() <= 0:
@@ -106,7 +116,7 @@ class MPCacheEAAlloc(MPCacheEA):
                 log.info("mpcache_ea_alloc: no layer calibration for a model of geometry %s; equal layers", tuple(model))
                 return None
             s = shares_at(table, kept)
-        s = s ** self.temper
+        s = s ** (self.temper if self.temper is not None else temper_at(kept))
         return s / s.mean()
 
 
