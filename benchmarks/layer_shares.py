@@ -65,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"    {tuple(res['geometry'])}: {{")
     for r, s in res["shares"].items():
-        print(f"        {r}: ({', '.join(f'{x:.3f}' for x in s)}),")
+        print(f"        {r}: (")
+        for i in range(0, len(s), 10):
+            print("            " + ", ".join(f"{x:.3f}" for x in s[i:i + 10]) + ",")
+        print("        ),")
     print("    },")
     return 0
 
