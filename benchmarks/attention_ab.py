@@ -40,7 +40,7 @@ def _core_model(bundle: str):
     from edge_sel.runtime.bundle import Bundle
 
     b = Bundle.open(bundle)
-    m = onnx.load(str(b.layer_path(0)))
+    m = onnx.load(str(b.layer_path(0)), load_external_data=False)  # the core's constants are inline; the weights not needed
     out = [n.output[0] for n in m.graph.node if n.op_type == "Reshape" and n.input[0] == "gb_o_t"]
     if len(out) != 1:
         raise SystemExit("the bundle's attn graphs do not have the constant-shape attention core (upgrade the bundle)")
