@@ -6,7 +6,7 @@
 Per bundle, two generate calls on the same Botchan prompt (full cache, greedy):
 
 1. plain (``--repeats`` calls): each decode step's wall time (the engine's ``decode`` spans) and the wall time spent inside the sessions'
-   ``run`` calls (the sessions wrapped in a timer);
+   ``run`` calls (the sessions wrapped in a timer), in all and by graph kind (every layer's qkv graph, attn graph, the head);
 2. profiled (onnxruntime's per-operator profiler on): per step, the sum of the sessions' ``model_run`` events
    (onnxruntime's whole Run) and of their ``Node`` events (the kernels).
 
@@ -61,23 +61,32 @@ def _steps(sink: trace.Sink) -> list[tuple[float, float]]:
 def plain(bundle: str, n: int, steps: int, threads: int) -> dict:
     g = Generator(bundle, policy="full", threads=threads)
     clock = [0.0]
+    stages = {"qkv": [0.0], "attn": [0.0], "head": [0.0]}  # the same calls' wall time by graph kind
+
+    class Both:  # a session timed into the total and into its kind
+        def __init__(self, s, kind):
+            self._s = TimedSession(TimedSession(s, clock), stages[kind])
+
+        def __getattr__(self, name):
+            return getattr(self._s, name)
     m = g.model
-    m.layers = [(TimedSession(a, clock), TimedSession(b, clock)) for a, b in m.layers]
-    m.head = TimedSession(m.head, clock)
+    m.layers = [(Both(a, "qkv"), Both(b, "attn")) for a, b in m.layers]
+    m.head = Both(m.head, "head")
     ids = _prompt(g, n)
     sink = trace.Sink()
-    marks: list[float] = []
+    marks: list[tuple[float, ...]] = []
     prev = trace.install(sink)
     try:
         for i, _ in enumerate(g.run(ids, steps + 1, 0.0, 1.0, None, False, None, False)):
-            marks.append(clock[0])  # session time at each yield: a step's share is the difference
+            marks.append((clock[0],) + tuple(c[0] for c in stages.values()))  # at each yield: a step's share is the difference
     finally:
         trace.install(prev)
     spans = _steps(sink)
     walls = [b - a for a, b in spans]
-    in_sessions = [marks[i + 1] - marks[i] for i in range(len(spans))]
-    return {"step_ms": 1e3 * statistics.median(walls), "session_call_ms": 1e3 * statistics.median(in_sessions),
-            "steps": len(walls)}
+    per = [[marks[i + 1][j] - marks[i][j] for i in range(len(spans))] for j in range(len(stages) + 1)]
+    out = {"step_ms": 1e3 * statistics.median(walls), "session_call_ms": 1e3 * statistics.median(per[0]), "steps": len(walls)}
+    out.update({f"{k}_ms": 1e3 * statistics.median(per[j + 1]) for j, k in enumerate(stages)})
+    return out
 
 
 def profiled(bundle: str, n: int, steps: int, threads: int, prefix: str) -> dict:

@@ -3,8 +3,9 @@
 The exporter writes the attn graphs in the grouped form (a kv head's G query heads are the G*T rows of one product
 with its cached keys and values, so a decode step reads the cache once); :class:`GenerateForm` then replaces their
 attention core by one built from constant shapes (:func:`generate_attention_core`) and rotates q and k in the qkv
-graphs with com.microsoft RotaryEmbedding nodes (:func:`edge_sel.export.prefix_layers.fuse_rerank_qkv`): a decode
-step runs every layer's two graphs once per token, so each node dropped is dropped 60 times per token. Inputs, outputs
+graphs with com.microsoft RotaryEmbedding nodes (:func:`edge_sel.export.prefix_layers.fuse_rerank_qkv`) fed by
+rotary tables and reshapes built from constant shapes (:func:`compact_generate_qkv`): a decode step runs every layer's
+two graphs once per token, so each node dropped is dropped 60 times per token. Inputs, outputs
 and weights are those of :mod:`edge_sel.export.adapters.decoder_graphs`, so the runtime is the same for every form.
 Bundles exported before (the broadcast attention form, the op-by-op rotary) are brought to this form by
 :func:`edge_sel.export.passes.upgrade.upgrade_generate_bundle`.
@@ -24,7 +25,7 @@ class GenerateForm:
 
     def __init__(self, dims: dict):
         self.dims = dims
-        self.rotary = self.core = True
+        self.rotary = self.core = self.compact = True
 
     def rewrite(self, attn_path: Path, qkv_path: Path | None) -> None:
         if self.core:  # False after a graph whose pattern is not recognised: the rest stay as exported
@@ -32,6 +33,8 @@ class GenerateForm:
                                         self.dims)
         if self.rotary and qkv_path is not None:
             self.rotary = pl.fuse_qkv_file(qkv_path, self.dims)
+        if self.rotary and self.compact and qkv_path is not None:
+            self.compact = pl.rewrite_file(qkv_path, "qkv", compact_generate_qkv, self.dims)
 
     def layer_io(self, io: dict) -> dict:
         return {**io, "qkv_rotary": "RotaryEmbedding"} if self.rotary else io
@@ -240,3 +243,115 @@ def generate_attention_core(model, heads: int, kv_heads: int, head_dim: int) -> 
 def core_attn_file(path: Path, dims: dict) -> bool:
     """Give one generate attn graph file the constant-shape attention core in place. True when it changed."""
     return _changed_attn_file(path, dims, generate_attention_core)
+
+
+def compact_generate_qkv(model) -> bool:
+    """Give a qkv graph in the RotaryEmbedding form constant shapes, in place: the rotary tables, which the exported graph
+    builds from ``position_ids`` through transformers' ~25-node expansion (shapes, ``Expand``, a one-column ``MatMul``,
+    ``Transpose``), become ``cos/sin(position * inv_freq) * scaling`` for the call's tokens (the same float32 products,
+    so the same values), and the q/k/v reshapes read constant targets (``[0, 0, heads, D]``) instead of the hidden
+    state's shape at run time. A decode step runs every layer's qkv graph once per token, and these small nodes cost
+    more than the projection itself there. Returns False when the graph already has this form; ``ValueError`` when the
+    pattern is not found (the caller keeps the graph: correct, only slower)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    if any(n.name == "cq_angles" for n in g.node):
+        return False
+    producer, consumers, consts = graph_index(g)
+    rot = [n for n in g.node if n.op_type == "RotaryEmbedding"]
+    if not rot or any(list(n.input[1:]) != ["rq_tokpos", "rq_cos_cache", "rq_sin_cache"] for n in rot):
+        raise ValueError("qkv graph: no RotaryEmbedding over the per-token tables")
+
+    def table(name: str, op: str):
+        """``name`` = Reshape(op(freqs) [* scalar constants, Casts]) -> (freqs, scaling)."""
+        n, scale = producer.get(producer[name].input[0]), 1.0
+        for _ in range(8):
+            if n is None:
+                break
+            if n.op_type == op:
+                return n.input[0], scale
+            if n.op_type == "Mul":
+                c = [consts[i] for i in n.input if i in consts and consts[i].size == 1]
+                if len(c) != 1:
+                    break
+                scale *= float(c[0].reshape(()))
+                n = producer.get(next(i for i in n.input if i not in consts))
+            elif n.op_type == "Cast":
+                n = producer.get(n.input[0])
+            else:
+                break
+        raise ValueError(f"qkv graph: {name} is not {op}(freqs) times constants")
+
+    (freqs, cos_scale), (freqs_s, sin_scale) = table("rq_cos_cache", "Cos"), table("rq_sin_cache", "Sin")
+    if freqs != freqs_s:
+        raise ValueError("qkv graph: cos and sin read different angles")
+
+    def source(name: str):
+        """Follow Cast/Expand/Unsqueeze/Transpose back from ``name``: a constant's value, or a graph input's name."""
+        for _ in range(8):
+            if name in consts:
+                return consts[name]
+            n = producer.get(name)
+            if n is None:
+                return name
+            if n.op_type not in ("Cast", "Expand", "Unsqueeze", "Transpose"):
+                return None
+            name = n.input[0]
+        return None
+
+    t = producer.get(freqs)
+    mm = producer.get(t.input[0]) if t is not None and t.op_type == "Transpose" else None
+    if mm is None or mm.op_type != "MatMul" or list(t.attribute[0].ints) != [0, 2, 1]:
+        raise ValueError("qkv graph: the rotary angles are not Transpose(MatMul(inv_freq, positions))")
+    inv = source(mm.input[0])
+    if not isinstance(inv, np.ndarray) or source(mm.input[1]) != "position_ids":
+        raise ValueError("qkv graph: the rotary angles are not inv_freq times position_ids")
+    inv = inv.astype(np.float32).reshape(1, -1)                                  # [1, D/2]
+    mk = helper.make_node
+    inits = [numpy_helper.from_array(inv, "cq_inv_freq"), numpy_helper.from_array(np.array([-1, 1], np.int64), "cq_col")]
+    nodes = [mk("Cast", ["position_ids"], ["cq_pos"], to=TensorProto.FLOAT),      # [B,T]
+             mk("Reshape", ["cq_pos", "cq_col"], ["cq_pos_col"]),                # [B*T,1]: row b*T + t, as rq_tokpos
+             mk("Mul", ["cq_pos_col", "cq_inv_freq"], ["cq_angles"], name="cq_angles")]
+    for fn, scale, old in (("Cos", cos_scale, "rq_cos_cache"), ("Sin", sin_scale, "rq_sin_cache")):
+        out = "cq_" + fn.lower()
+        nodes.append(mk(fn, ["cq_angles"], [out if scale == 1.0 else out + "0"]))
+        if scale != 1.0:
+            inits.append(numpy_helper.from_array(np.array(scale, np.float32), out + "_scale"))
+            nodes.append(mk("Mul", [out + "0", out + "_scale"], [out]))
+        for n in rot:
+            n.input[list(n.input).index(old)] = out
+
+    def dim_of_hidden(name: str):
+        """``name`` = Unsqueeze(Gather(Shape(hidden), i)) -> i."""
+        u = producer.get(name)
+        ga = producer.get(u.input[0]) if u is not None and u.op_type == "Unsqueeze" else None
+        sh = producer.get(ga.input[0]) if ga is not None and ga.op_type == "Gather" else None
+        if sh is None or sh.op_type != "Shape" or sh.input[0] != "hidden" or ga.input[1] not in consts:
+            return None
+        return int(consts[ga.input[1]].reshape(()))
+
+    for n in g.node:  # [B,T,heads*D] -> [B,T,heads,D] with B and T read from the hidden state at run time
+        cat = producer.get(n.input[1]) if n.op_type == "Reshape" else None
+        if cat is None or cat.op_type != "Concat" or len(cat.input) != 4:
+            continue
+        if [dim_of_hidden(i) for i in cat.input[:2]] != [0, 1] or any(i not in consts for i in cat.input[2:]):
+            continue
+        target = [0, 0] + [int(consts[i].reshape(())) for i in cat.input[2:]]
+        name = f"cq_shape_{len(inits)}"
+        inits.append(numpy_helper.from_array(np.array(target, np.int64), name))
+        n.input[1] = name
+    pl.insert_nodes(g, 0, nodes, inits)  # every input is a graph input or an initializer
+    pl.prune_dead(g, [o.name for o in g.output])
+    return True
+
+
+def compact_qkv_file(path: Path, dims: dict) -> bool:
+    """Give one generate qkv graph file (RotaryEmbedding form) constant shapes in place, checked. True when it changed."""
+    changed = []
+
+    def apply(m):
+        changed.append(compact_generate_qkv(m))
+        return changed[-1]
+    return pl.rewrite_file(path, "qkv", apply, dims) and bool(changed and changed[-1])

@@ -24,7 +24,7 @@ def _forms(path) -> dict:
     import onnx
 
     b = Bundle.open(path)
-    broadcast, rotary, core = set(), set(), set()
+    broadcast, rotary, core, compact = set(), set(), set(), set()
     for i, layer in enumerate(b.spec.layers):
         g = onnx.load(str(b.layer_path(i)), load_external_data=False).graph
         broadcast.add(any(n.op_type == "Unsqueeze" and n.input[0] == "k_cache" for n in g.node))  # keys read G times
@@ -32,8 +32,11 @@ def _forms(path) -> dict:
         q = onnx.load(str(b.path(b.spec.qkv_graph(i).file)), load_external_data=False).graph
         ops = [n.op_type for n in q.node]
         rotary.add(ops.count("RotaryEmbedding") == 2 and "Neg" not in ops)
-    assert len(broadcast) == 1 and len(rotary) == 1 and len(core) == 1, "every layer in the same form"
-    return {"broadcast": broadcast.pop(), "rotary": rotary.pop(), "core": core.pop(),
+        compact.add("cq_angles" in [n.name for n in q.node]  # rotary tables and reshapes from constant shapes
+                    and not any(op in ops for op in ("Gather", "Expand", "ConstantOfShape"))
+                    and all(n.input[0] == "position_ids" for n in q.node if n.op_type == "Shape"))
+    assert len(broadcast) == 1 and len(rotary) == 1 and len(core) == 1 and len(compact) == 1, "every layer in the same form"
+    return {"broadcast": broadcast.pop(), "rotary": rotary.pop(), "core": core.pop(), "compact": compact.pop(),
             "manifest_rotary": b.spec.layer_io.qkv_rotary}
 
 
@@ -55,7 +58,7 @@ def test_export_writes_the_current_form(hf, tmp_path):
     from edge_sel.export import export
 
     b = export(hf, tmp_path / "new", task="generate", verify=True)
-    assert _forms(b) == {"broadcast": False, "rotary": True, "core": True, "manifest_rotary": "RotaryEmbedding"}
+    assert _forms(b) == {"broadcast": False, "rotary": True, "core": True, "compact": True, "manifest_rotary": "RotaryEmbedding"}
 
 
 def test_upgrade_brings_an_old_bundle_to_the_current_form(hf, tmp_path, monkeypatch):
@@ -71,13 +74,13 @@ def test_upgrade_brings_an_old_bundle_to_the_current_form(hf, tmp_path, monkeypa
         m.setattr(pl, "fuse_qkv_file", lambda path, dims: False)
         m.setattr(gl, "generate_attention_core", lambda *a: False)
         old = export(hf, tmp_path / "old", task="generate", verify=True)
-    assert _forms(old) == {"broadcast": True, "rotary": False, "core": False, "manifest_rotary": None}
+    assert _forms(old) == {"broadcast": True, "rotary": False, "core": False, "compact": False, "manifest_rotary": None}
     tokens, logits = _run(old)
     keep = tmp_path / "linked"  # a hard-linked copy of the old bundle keeps its graphs (the upgrade writes new files)
     shutil.copytree(old, keep, copy_function=os.link)
 
     assert upgrade_generate_bundle(old) is True
-    assert _forms(old) == {"broadcast": False, "rotary": True, "core": True, "manifest_rotary": "RotaryEmbedding"}
+    assert _forms(old) == {"broadcast": False, "rotary": True, "core": True, "compact": True, "manifest_rotary": "RotaryEmbedding"}
     new_tokens, new_logits = _run(old)
     assert new_tokens == tokens
     assert np.max(np.abs(new_logits - logits)) < 1e-4

@@ -50,7 +50,8 @@ def upgrade_generate_bundle(path: str | os.PathLike) -> bool:
     """Upgrade a generate bundle exported in an older graph form to the exporter's current one, in place: attn graphs
     in the broadcast form (queries ``[B,kv,G,T,D]`` against keys broadcast over the group, which reads the cache G
     times) become the grouped form (:func:`~edge_sel.export.generate_layers.group_generate_attention`), qkv graphs
-    rotate q and k with RotaryEmbedding nodes (:func:`~edge_sel.export.prefix_layers.fuse_rerank_qkv`), and
+    rotate q and k with RotaryEmbedding nodes (:func:`~edge_sel.export.prefix_layers.fuse_rerank_qkv`) from tables
+and reshapes of constant shapes (:func:`~edge_sel.export.generate_layers.compact_generate_qkv`), and
     block-quantized matrices reading the same activation are merged (:func:`~edge_sel.export.merge_nbits.merge_shared_input`). Same inputs,
     outputs and weights; every rewritten graph is checked against the old one on sample inputs and a graph whose
     pattern is not recognised stays as it was (correct, only slower). Returns True when the bundle changed."""
@@ -73,6 +74,8 @@ def upgrade_generate_bundle(path: str | os.PathLike) -> bool:
             if rotary:
                 rotary = pl.fuse_qkv_file(w.file(qkv.file), dims)
                 changed = changed or rotary
+            if rotary or io.qkv_rotary == "RotaryEmbedding":
+                changed = gl.compact_qkv_file(w.file(qkv.file), dims) or changed
         if rotary:
             io = io.replace(qkv_rotary="RotaryEmbedding")
         if not changed:
