@@ -51,7 +51,7 @@ def upgrade_generate_bundle(path: str | os.PathLike) -> bool:
     in the broadcast form (queries ``[B,kv,G,T,D]`` against keys broadcast over the group, which reads the cache G
     times) become the grouped form (:func:`~edge_sel.export.generate_layers.group_generate_attention`), qkv graphs
     rotate q and k with RotaryEmbedding nodes (:func:`~edge_sel.export.prefix_layers.fuse_rerank_qkv`) from tables
-and reshapes of constant shapes (:func:`~edge_sel.export.generate_layers.compact_generate_qkv`), and
+    and reshapes of constant shapes (:func:`~edge_sel.export.generate_layers.compact_generate_qkv`), and
     block-quantized matrices reading the same activation are merged (:func:`~edge_sel.export.merge_nbits.merge_shared_input`). Same inputs,
     outputs and weights; every rewritten graph is checked against the old one on sample inputs and a graph whose
     pattern is not recognised stays as it was (correct, only slower). Returns True when the bundle changed."""
