@@ -421,3 +421,10 @@ def test_prefill_chunks_bound_the_score_tensor():
         assert c <= 256 and c % 32 == 0 and c >= 32
         assert 4 * 9 * c * keys <= PREFILL_SCORES_BYTES or c == 32
     assert chunk_size(256, 9, 16) == 256
+
+
+@pytest.mark.parametrize("name", ["mpcache", "mpcache_ea", "mpcache_ea_layers", "mpcache_ea_mix", "mpcache_ea_alloc"])
+def test_static_plus_dynamic_policies_refuse_an_unknown_option(name):
+    REGISTRY[name](min_tokens_to_select=8)  # a dynamic-selection option is accepted
+    with pytest.raises(ValueError, match="no option 'recnet_frac'"):
+        REGISTRY[name](recnet_frac=0.5)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .base import log2c, topk_sorted
 from .expected_attention import MPCacheEA
-from .mpcache import MPCacheDynamic
+from .mpcache import with_dynamic_selection
 
 
 @dataclass
@@ -191,8 +191,4 @@ class MPCacheEAMix(MPCacheEA):
 
 def mpcache_ea_mix(**kw):
     """``mpcache_ea`` with the vote weight chosen per head by the window (:class:`MPCacheEAMix`) + MPCache's dynamic selection."""
-    from .composite import Composite
-
-    static_kw = {k: v for k, v in kw.items() if k in MPCacheEAMix.__dataclass_fields__}
-    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}
-    return Composite(parts=(MPCacheEAMix(**static_kw), MPCacheDynamic(**dyn_kw)), title="mpcache_ea_mix")
+    return with_dynamic_selection(MPCacheEAMix, kw, "mpcache_ea_mix")

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .mpcache import MPCacheDynamic, MPCacheStatic
+from .mpcache import MPCacheDynamic, MPCacheStatic, with_dynamic_selection
 
 
 def rope_tables(positions: np.ndarray, head_dim: int, theta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -191,11 +191,7 @@ class MPCacheEA(MPCacheStatic):
 
 def mpcache_ea(**kw):
     """MPCache with the expected-attention static eviction (:class:`MPCacheEA`) and MPCache's dynamic selection."""
-    from .composite import Composite
-
-    static_kw = {k: v for k, v in kw.items() if k in MPCacheEA.__dataclass_fields__}
-    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}
-    return Composite(parts=(MPCacheEA(**static_kw), MPCacheDynamic(**dyn_kw)), title="mpcache_ea")
+    return with_dynamic_selection(MPCacheEA, kw, "mpcache_ea")
 
 
 def mpcache_ea_recall(**kw):

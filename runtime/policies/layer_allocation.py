@@ -36,7 +36,7 @@ from edge_sel.runtime.errors import InputError
 from .base import SINKS
 from .expected_attention import MPCacheEA
 from .full import Full
-from .mpcache import MPCacheDynamic
+from .mpcache import with_dynamic_selection
 
 log = logging.getLogger("edge_sel")
 
@@ -141,14 +141,7 @@ def _numbers(x) -> bool:
 
 def mpcache_ea_alloc(**kw):
     """``mpcache_ea`` with calibrated per-layer budgets (:class:`MPCacheEAAlloc`) and MPCache's dynamic selection."""
-    from .composite import Composite
-
-    static_kw = {k: v for k, v in kw.items() if k in MPCacheEAAlloc.__dataclass_fields__}
-    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}
-    unknown = set(kw) - set(static_kw) - set(dyn_kw)
-    if unknown:
-        raise ValueError(f"mpcache_ea_alloc has no option {sorted(unknown)[0]!r}")
-    return Composite(parts=(MPCacheEAAlloc(**static_kw), MPCacheDynamic(**dyn_kw)), title="mpcache_ea_alloc")
+    return with_dynamic_selection(MPCacheEAAlloc, kw, "mpcache_ea_alloc")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from .expected_attention import MPCacheEA
-from .mpcache import MPCacheDynamic
+from .mpcache import with_dynamic_selection
 
 
 @dataclass
@@ -42,8 +42,4 @@ class MPCacheEALayers(MPCacheEA):
 
 def mpcache_ea_layers(**kw):
     """``mpcache_ea`` with per-layer budgets (:class:`MPCacheEALayers`) and MPCache's dynamic selection."""
-    from .composite import Composite
-
-    static_kw = {k: v for k, v in kw.items() if k in MPCacheEALayers.__dataclass_fields__}
-    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}
-    return Composite(parts=(MPCacheEALayers(**static_kw), MPCacheDynamic(**dyn_kw)), title="mpcache_ea_layers")
+    return with_dynamic_selection(MPCacheEALayers, kw, "mpcache_ea_layers")

@@ -254,9 +254,18 @@ class MPCacheDynamic(Policy):
         return slots
 
 
-def mpcache(**kw) -> "Policy":
+def with_dynamic_selection(static_cls: type, kw: dict, title: str) -> "Policy":
+    """``static_cls + MPCacheDynamic`` as one policy: each part takes the options that are its fields (an option both
+    have goes to both); an option neither has is refused, so a misspelt knob is not silently ignored."""
     from .composite import Composite
 
-    static_kw = {k: v for k, v in kw.items() if k in MPCacheStatic.__dataclass_fields__}
+    static_kw = {k: v for k, v in kw.items() if k in static_cls.__dataclass_fields__}
     dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__}
-    return Composite(parts=(MPCacheStatic(**static_kw), MPCacheDynamic(**dyn_kw)), title="mpcache")
+    unknown = sorted(set(kw) - set(static_kw) - set(dyn_kw))
+    if unknown:
+        raise ValueError(f"{title} has no option {unknown[0]!r}")
+    return Composite(parts=(static_cls(**static_kw), MPCacheDynamic(**dyn_kw)), title=title)
+
+
+def mpcache(**kw) -> "Policy":
+    return with_dynamic_selection(MPCacheStatic, kw, "mpcache")
