@@ -13,10 +13,13 @@ Bundles exported before (the broadcast attention form, the op-by-op rotary) are 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from . import prefix_layers as pl
 from .graph_index import graph_index
+
+log = logging.getLogger("edge_sel")
 
 
 class GenerateForm:
@@ -144,6 +147,47 @@ def merge_graph_file(src: Path, src_data: Path | None, dst: Path, kind: str, dim
         os.replace(out / src.name, dst)  # new inodes: hard-linked copies keep the old files
         if data:
             os.replace(out / data, dst.with_name(data))
+    return True
+
+
+def forms_graph_file(path: Path, data: Path | None, kind: str, dims: dict) -> bool:
+    """Rewrite the ``kind`` graph ``path`` (weights in ``data``) in place into the one-row ``MatMulNBits`` forms
+    (:func:`edge_sel.export.nbits_forms.decode_forms`), checked against the old graph on sample inputs with every
+    product at float activations (the rewrite is exact there; at int8 activations both round differently). False
+    (nothing written) when there is nothing to rewrite or the check fails."""
+    import copy
+    import os
+    import tempfile
+
+    import onnx
+
+    from .nbits_forms import decode_forms, with_float_activations
+    from .passes.weights import load_graph
+
+    if b"MatMulNBits" not in path.read_bytes():
+        return False
+    with tempfile.TemporaryDirectory(prefix="edge_sel_forms_") as tmp:
+        old = load_graph(path, data, Path(tmp))
+        model = copy.deepcopy(old)
+        if not decode_forms(model):
+            return False
+        saved = {}
+        for name, m in (("out", model), ("old_float", with_float_activations(old)), ("new_float", with_float_activations(model))):
+            d = Path(tmp) / name
+            d.mkdir()
+            if data is not None:
+                onnx.save_model(m, str(d / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data.name, size_threshold=1024, convert_attribute=False)
+            else:
+                onnx.save_model(m, str(d / path.name))
+            saved[name] = d / path.name
+        diff = pl.check_same(saved["old_float"], saved["new_float"], pl.sample_feeds(kind, dims))
+        if not diff <= pl.CHECK_TOL:
+            log.warning("%s: the one-row forms differ by %.2e at float activations; keeping the graph as it is", path, diff)
+            return False
+        os.replace(saved["out"], path)  # new inodes: hard-linked copies keep the old files
+        if data is not None:
+            os.replace(saved["out"].with_name(data.name), data)
     return True
 
 
