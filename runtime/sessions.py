@@ -33,9 +33,9 @@ def _shared_threads() -> int:
     except ValueError:
         return 0
     if n > 0:
-        from onnxruntime.capi import _pybind_state
+        from onnxruntime.capi import onnxruntime_pybind11_state as binding  # the only place onnxruntime exposes it
 
-        _pybind_state.set_global_thread_pool_sizes(n, 1)
+        binding.set_global_thread_pool_sizes(n, 1)
     return max(n, 0)
 
 
