@@ -89,12 +89,11 @@ def symmetric_offsets(model) -> int:
         del n.input[3]
         count += 1
     if count:
+        from .prefix_layers import prune_dead
+
         del g.node[:]
         g.node.extend(nodes)
-        used = {i for x in g.node for i in x.input}
-        keep = [t for t in g.initializer if t.name in used]
-        del g.initializer[:]
-        g.initializer.extend(keep)
+        prune_dead(g, [o.name for o in g.output])  # the zero points are no longer read
     return count
 
 
