@@ -102,6 +102,20 @@ def priority(cfg: dict) -> int:
     return 5 if abs(r - 0.5) < 1e-9 else 6
 
 
+def weight_bundle_configs(spec: str, threads: int) -> list[dict]:
+    """``--weight-bundles`` (``label=PATH,...``) -> full-cache edge_sel configurations; a label ending in ``+shared`` runs
+    its worker on one process-wide spinning pool of ``threads`` (``EDGE_SEL_SHARED_THREADS``, runtime/sessions.py)."""
+    out = []
+    for item in (x for x in spec.split(",") if x.strip()):
+        label, _, path = item.partition("=")
+        cfg = {"name": f"edge_sel full {label.strip()}", "kind": "edge_sel", "policy": "full", "ratio": None,
+               "bundle": str(Path(path.strip()).absolute())}
+        if label.strip().endswith("+shared"):
+            cfg["env"] = {"EDGE_SEL_SHARED_THREADS": str(threads or os.cpu_count() or 1)}
+        out.append(cfg)
+    return out
+
+
 def select_configs(cfgs: list[dict], filters: str | None) -> list[dict]:
     """Keep configurations whose name contains any of the comma-separated substrings."""
     if not filters:
@@ -525,12 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.max_new < 2:
         ap.error(f"--max-new must be at least 2 (one prefill token + one timed decode step), got {a.max_new}")
     cfgs = build_configs([p for p in a.policies.split(",") if p], [float(x) for x in a.ratios.split(",")], peers, presses)
-    for item in (x for x in a.weight_bundles.split(",") if x.strip()):
-        label, _, path = item.partition("=")
-        cfg = {"name": f"edge_sel full {label.strip()}", "kind": "edge_sel", "policy": "full", "ratio": None,
-               "bundle": str(Path(path.strip()).absolute())}
-        if label.strip().endswith("+shared"):  # one process-wide spinning pool (runtime/sessions.py)
-            cfg["env"] = {"EDGE_SEL_SHARED_THREADS": str(a.threads)}
+    for cfg in weight_bundle_configs(a.weight_bundles, a.threads):
         cfgs.insert(1, cfg)
     cfgs = select_configs(cfgs, a.configs)
     doc = load_doc(a.out) if a.resume else {"results": []}
