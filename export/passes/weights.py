@@ -19,7 +19,8 @@ error is small); at 4 bits 0 for reranking (batched rows gain nothing from int8 
 own blocks then compute exactly what the float weights do) and 4 for generation, except the matrices whose input
 is wider than the hidden state — the MLP's down projection, whose input (the gated activation) carries the outlier
 features that per-block int8 rounding hurts most (Dettmers et al., LLM.int8(), 2022) — which keep 0
-(:func:`keep_float_wide_inputs`). The manifest's ``weights`` records the format of every file it changed.
+(:func:`keep_float_wide_inputs`; kept GGUF Q4_1 matrices then run it as two int8-activation rows,
+:mod:`edge_sel.export.nbits_forms`). The manifest's ``weights`` records the format of every file it changed.
 """
 
 from __future__ import annotations
