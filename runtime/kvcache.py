@@ -76,6 +76,13 @@ class LayerCache:
             else:  # k/v rows are [kv, slots, D]: the per-head indices broadcast over D
                 dst[:, :m] = np.take_along_axis(a, keep if a.ndim == 2 else keep[..., None], axis=1)
 
+    def truncate(self, n: int) -> None:
+        """Forget every slot from ``n`` on (the keys a context-reconstruction pass appended for a while)."""
+        if n < self.n:
+            self.pos[:, n:self.n] = EMPTY_POS
+            self.score[:, n:self.n] = 0.0
+            self.n = n
+
     def reset(self) -> None:
         self.pos[:, : self.n] = EMPTY_POS
         self.score[:, : self.n] = 0.0

@@ -42,6 +42,7 @@ from .call import Call
 from .decode import decode_step
 from .model import DecoderModel
 from .prefill import prefill
+from .reconstruct import INSTRUCTION, repeat_passes
 from .sampling import log_softmax_nll, sample
 from .stats import GenerationStats, StatsRecorder
 
@@ -195,6 +196,16 @@ class Generator:
     def close(self) -> None:
         self.model.close()
 
+    def reconstruction_passes(self, policy: Policy, context: list[int]) -> list:
+        """The context-reconstruction passes ``policy`` asks of a look-once prefill over ``context`` (KVzip)."""
+        n = len(context)
+        length = int(policy.reconstruction(n, max(0, self.context - n)))
+        if length <= 0:
+            return []
+        bos = self.bundle.spec.bos_id
+        return repeat_passes(self.tokenizer.encode(INSTRUCTION, add_special_tokens=False), context, length,
+                             first=1 if bos is not None and context and context[0] == bos else 0)
+
     # ---- one call ---------------------------------------------------------------------------
     def _prompt_ids(self, prompt, chat, system) -> list[int]:
         if isinstance(prompt, (list, tuple, np.ndarray)):
@@ -247,7 +258,8 @@ class Generator:
             call.caches = [LayerCache(self.kv_heads, plan.layer(L), self.head_dim, fetch=plan.fetch)
                            for L in range(self.n_layers)]
             if plan.scratch:
-                call.scratch = LayerCache(self.kv_heads, N, self.head_dim)
+                call.scratch = LayerCache(self.kv_heads, plan.scratch_tokens, self.head_dim)
+                call.passes = self.reconstruction_passes(policy, ids[:N - int(suffix)])
             trace.counter("engine", lambda: {"kv_bytes": sum(c.nbytes for c in call.caches) + (call.scratch.nbytes if call.scratch else 0)})
             rng = np.random.default_rng(seed)
             logits = prefill(self.model, call, self.chunk_tokens, self.heads)

@@ -4,10 +4,11 @@ The generate engine calls, per layer ``L`` (nothing else):
 
 * ``begin(ctx)`` / ``end()`` around a call (``end`` also after an exception: release files);
 * planning, before any allocation: ``bytes_per_token``, ``fixed_bytes``, ``prefill_bytes``, ``fetch_tokens``,
-  ``layer_shares``, the class
+  ``layer_shares``, ``reconstruction``, the class
   attributes ``min_tokens``, ``align``, ``evicts``, and ``observation_window(prompt_len)``;
 * ``observe(L, cache, attn_sum, attn_max, slots, phase)`` after an attention run (``phase``:
-  ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks — or ``"decode"``;
+  ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks —, ``"reconstruct"`` — a
+  context-reconstruction pass's attention over the context's keys (``reconstruction``) — or ``"decode"``;
   ``slots`` None when the whole cache was read, else the ``[kv, m]`` selection). At decode steps only
   when ``needs_decode_attention``;
 * ``queries(L, q, positions, phase)`` with each prompt chunk's queries (``[1, H, T, D]``, after the rotary
@@ -137,6 +138,13 @@ class Policy:
 
     def fetch_tokens(self, cap: int, suffix: int, whole: int, room: int) -> int:
         """Slots of each layer's fetch area, carved out of ``cap`` (the budget's tokens per layer), ``<= room``."""
+        return 0
+
+    def reconstruction(self, n_ctx: int, room: int) -> int:
+        """Tokens of each context-reconstruction pass a look-once prefill runs after a layer's context (KVzip: an
+        instruction to repeat the context, then the context again; its attention is handed over as phase
+        ``"reconstruct"`` and its keys dropped), at most ``room`` (the positions the model has left); 0: none.
+        The scratch holds the context and one pass, so a byte budget pays for it."""
         return 0
 
     def layer_shares(self, n_layers: int, kept: float = 1.0, model: tuple = ()) -> np.ndarray | None:
