@@ -28,6 +28,7 @@ from edge_sel.runtime.generate.call import Call
 from edge_sel.runtime.generate.decode import decode_step
 from edge_sel.runtime.generate.prefill import chunk_size, final_target, plan_chunks, prefill_suffix
 from edge_sel.runtime.generate.reconstruct import run_passes
+from edge_sel.runtime.generate.survey import survey
 from edge_sel.runtime.generate.sampling import log_softmax_nll
 from edge_sel.runtime.kvcache import LayerCache
 from edge_sel.runtime.planning import KVPlanner
@@ -48,11 +49,21 @@ class _Run:
 def _runs(gen: Generator, configs, prompt: list[int], n_sfx: int, max_new: int = 1, stream_suffix: bool = True) -> list[_Run]:
     n_prompt = len(prompt)
     out = []
+    surveys: dict[str, object] = {}  # one survey pass per kind of recorder, shared by the configurations asking for it
     for name, spec, ratio in configs:
         planner = KVPlanner(gen.n_layers, gen.kv_heads, gen.head_dim, gen.context, ratio, "layer", heads=gen.heads)
         policy = make_policy(spec() if callable(spec) else spec)
         max_new = planner.clamp_new(n_prompt, max_new)
         plan = planner.plan(policy, n_prompt, max_new, n_sfx)
+        rec = policy.surveyor() if plan.scratch else None
+        if rec is not None:
+            key = repr(rec)
+            if key not in surveys:
+                n = n_prompt - n_sfx
+                surveys[key] = survey(gen.model, prompt[:n], rec, Context(gen.n_layers, gen.kv_heads, gen.heads,
+                                      gen.head_dim, n, n, 1, rope_theta=gen.bundle.spec.rope_theta), gen.chunk_tokens)
+            policy.surveyed(surveys[key])
+            plan = planner.plan(policy, n_prompt, max_new, n_sfx)
         policy.begin(Context(gen.n_layers, gen.kv_heads, gen.heads, gen.head_dim, plan.resident, n_prompt, max_new,
                              fetch=plan.fetch, stream_suffix=stream_suffix, look_once=plan.scratch,
                              rope_theta=gen.bundle.spec.rope_theta, capacities=plan.layers))

@@ -43,6 +43,7 @@ from .decode import decode_step
 from .model import DecoderModel
 from .prefill import prefill
 from .reconstruct import INSTRUCTION, repeat_passes
+from .survey import survey
 from .sampling import log_softmax_nll, sample
 from .stats import GenerationStats, StatsRecorder
 
@@ -196,6 +197,20 @@ class Generator:
     def close(self) -> None:
         self.model.close()
 
+    def survey(self, policy: Policy, context: list[int]) -> bool:
+        """Run ``policy``'s survey of ``context`` (:mod:`.survey`) if it asks for one; whether it ran."""
+        rec = policy.surveyor()
+        if rec is None:
+            return False
+        n = len(context)
+        ctx = Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, n, n, 1,
+                      rope_theta=self.bundle.spec.rope_theta)
+        tk = trace.begin("survey", tokens=n)
+        survey(self.model, context, rec, ctx, self.chunk_tokens, release=self.model.releases_weights(n))
+        trace.end(tk)
+        policy.surveyed(rec)
+        return True
+
     def reconstruction_passes(self, policy: Policy, context: list[int]) -> list:
         """The context-reconstruction passes ``policy`` asks of a look-once prefill over ``context`` (KVzip)."""
         n = len(context)
@@ -244,6 +259,8 @@ class Generator:
             self.model.release_weights()
         policy = make_policy(self.policy_spec)
         plan = self.planner.plan(policy, N, max_new, int(suffix))
+        if plan.scratch and self.survey(policy, ids[:N - int(suffix)]):
+            plan = self.planner.plan(policy, N, max_new, int(suffix))  # the layers' shares measured on this prompt
         trace.instant("plan", resident=plan.resident, fetch=plan.fetch, scratch=plan.scratch, prompt_tokens=N, max_new=max_new)
         t0 = time.perf_counter()
         tracker = PeakTracker()

@@ -141,7 +141,7 @@ class KVPlanner:
             cap = {"tokens": lambda: int(value), "bytes": lambda: int(value) // per_tok,
                    "fraction": lambda: (int(np.ceil(value * (n_prompt - suffix))) + suffix + max_new if suffix
                                         else int(np.ceil(value * n_prompt)))}[kind]()
-            if kind == "bytes" and scratch and cap < whole:
+            if kind == "bytes" and scratch and (cap if suffix else cap // a * a) < whole:  # after the alignment
                 # the scratch counts against a byte budget; without room for it, prefill rolls instead
                 with_scratch = (int(value) - self.scratch_bytes(scratch_tokens)) // per_tok
                 if with_scratch // a * a >= need:

@@ -4,7 +4,7 @@ The generate engine calls, per layer ``L`` (nothing else):
 
 * ``begin(ctx)`` / ``end()`` around a call (``end`` also after an exception: release files);
 * planning, before any allocation: ``bytes_per_token``, ``fixed_bytes``, ``prefill_bytes``, ``fetch_tokens``,
-  ``layer_shares``, ``reconstruction``, the class
+  ``layer_shares``, ``reconstruction``, ``surveyor`` / ``surveyed`` (a recording pass over the context first), the class
   attributes ``min_tokens``, ``align``, ``evicts``, and ``observation_window(prompt_len)``;
 * ``observe(L, cache, attn_sum, attn_max, slots, phase)`` after an attention run (``phase``:
   ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks —, ``"reconstruct"`` — a
@@ -146,6 +146,15 @@ class Policy:
         ``"reconstruct"`` and its keys dropped), at most ``room`` (the positions the model has left); 0: none.
         The scratch holds the context and one pass, so a byte budget pays for it."""
         return 0
+
+    def surveyor(self) -> "Policy | None":
+        """A recording policy the engine runs over the prompt's context before planning the cache (one plain
+        layer-by-layer pass, :mod:`edge_sel.runtime.generate.survey`), only when the prefill is look-once and
+        evicts; None: no survey."""
+        return None
+
+    def surveyed(self, recorder: "Policy") -> None:
+        """The survey's recorder, after its pass (before ``layer_shares`` is asked and before ``begin``)."""
 
     def layer_shares(self, n_layers: int, kept: float = 1.0, model: tuple = ()) -> np.ndarray | None:
         """Relative share of each layer in what the context keeps (mean 1; the planner keeps the total and each

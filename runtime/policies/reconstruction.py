@@ -92,3 +92,27 @@ class MPCacheZip(MPCacheEAAlloc):
 def mpcache_zip(**kw):
     """MPCache with the context-reconstruction static eviction (:class:`MPCacheZip`) and MPCache's dynamic selection."""
     return with_dynamic_selection(MPCacheZip, kw, "mpcache_zip")
+
+
+@dataclass
+class ReconstructionScores(MPCacheZip):
+    """Calibration only: records each layer's reconstruction score (``scores[layer]``: ``[kv, n]``, the raw maxima, as
+    KVzip's top-k over all layers compares them) while evicting like :class:`MPCacheZip` (the context's hidden states,
+    so the scores, do not depend on the budget in a look-once prefill)."""
+
+    name: ClassVar[str] = "reconstruction_scores"
+
+    def begin(self, ctx):
+        super().begin(ctx)
+        self.scores: dict[int, np.ndarray] = {}
+
+    def score(self, layer, keys, votes):
+        if layer in self.zip:
+            self.scores[layer] = self.zip[layer][:, :keys.shape[1]].copy()
+        return super().score(layer, keys, votes)
+
+    def stacked(self, n: int) -> np.ndarray:
+        """``[layers, kv, n]`` the scores of the first ``n`` prompt keys (zeros for a layer that was not compressed)."""
+        empty = np.zeros((self.ctx.kv_heads, n), np.float32)
+        return np.stack([self.scores[L][:, :n] if L in self.scores else empty for L in range(self.ctx.n_layers)])
+
