@@ -3,38 +3,61 @@ the KV budget a hard bound."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
 from edge_sel.runtime.generate import Generator
 from edge_sel.runtime.policies.layer_allocation import LongRangeAttention, global_shares, temper_at
-from edge_sel.runtime.policies.prompt_allocation import MPCacheEASurvey, mpcache_ea_survey
+from edge_sel.runtime.policies.prompt_allocation import ZIP_TEMPER, MPCacheEASurvey, mpcache_ea_survey
+from edge_sel.runtime.policies.reconstruction import MPCacheZip
 from edge_sel.runtime.planning.kv import split_layers
 
 from gen_tiny import long_text
 
 
-def _own_split(bundle, ids, n_ctx, kept, res, base, lo, hi):
-    """Reference: the context's long-range attention from a plain full-cache run, one top-k over all layers."""
-    rec = LongRangeAttention(distance=32)
-    Generator(bundle, policy=rec).generate(ids[:n_ctx], max_new_tokens=1, stop=False)
-    s = global_shares(rec.stacked(n_ctx), kept) ** temper_at(kept)
+@dataclass
+class _SeenZip(MPCacheZip):
+    """The reconstruction scores the prefill's own passes give (tested against one causal forward pass elsewhere)."""
+
+    def begin(self, ctx):
+        super().begin(ctx)
+        self.seen = {}
+
+    def score(self, layer, keys, votes):
+        self.seen[layer] = self.zip[layer][:, :keys.shape[1]].copy()
+        return super().score(layer, keys, votes)
+
+
+def _own_split(bundle, ids, n_ctx, kept, res, base, lo, hi, statistic):
+    """Reference: the context's statistic from a run without a survey, one top-k over all layers."""
+    if statistic == "long_range":
+        rec = LongRangeAttention(distance=32)
+        Generator(bundle, policy=rec).generate(ids[:n_ctx], max_new_tokens=1, stop=False)
+        scores, temper = rec.stacked(n_ctx), temper_at(kept)
+    else:  # every layer compressed (equal shares), so each one's scores are read
+        rec = _SeenZip(shares=(1.0,) * 4)
+        Generator(bundle, policy=rec, kv_budget=0.5).generate(ids[:n_ctx], max_new_tokens=1, stop=False)
+        scores, temper = np.stack([rec.seen[L] for L in range(4)]), float(np.interp(np.log(kept), *ZIP_TEMPER))
+    s = global_shares(scores, kept) ** temper
     return split_layers(res, base, s / s.mean(), lo, hi, 1)
 
 
-def test_the_layers_follow_the_prompts_own_survey(gen_llama_bundle):
+@pytest.mark.parametrize("statistic", ["reconstruction", "long_range"])
+def test_the_layers_follow_the_prompts_own_survey(gen_llama_bundle, statistic):
     g0 = Generator(gen_llama_bundle)
     caps = {}
     for text in (long_text(4000), " ".join(reversed(long_text(4000).split()))):
         ids = g0.encode(text)[:420]
-        pol = mpcache_ea_survey()
+        pol = mpcache_ea_survey(statistic=statistic)
         g = Generator(gen_llama_bundle, kv_budget=0.2, policy=pol)
         g.score(ids[:380], ids[380:], compress_continuation=False)
         got = pol.parts[0].ctx.capacities
         res = pol.parts[0].ctx.capacity
         kept = (res - 40 - 1) / 380
         assert got and sum(got) <= 4 * res and len(set(got)) > 1
-        assert got == _own_split(gen_llama_bundle, ids, 380, kept, res, 41, 49, -(-421 // 32) * 32)
+        assert got == _own_split(gen_llama_bundle, ids, 380, kept, res, 41, 49, -(-421 // 32) * 32, statistic)
         assert pol.parts[0].measured is None  # the call is over: a reused instance starts afresh
         caps[text[:10]] = got
     assert len(set(caps.values())) == 2  # another prompt, another split
@@ -62,9 +85,9 @@ def test_the_survey_stays_inside_a_byte_budget(gen_llama_bundle, prefill):
 
 
 def test_bad_options_are_refused_in_one_line():
-    for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="distance must be a positive integer") as e:
-            MPCacheEASurvey(distance=bad)
+    for kw in ({"distance": 0}, {"distance": 2.5}, {"repeat_tokens": True}, {"statistic": "votes"}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be") as e:
+            MPCacheEASurvey(**kw)
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="no option 'distnace'"):
         mpcache_ea_survey(distnace=3)

@@ -4,9 +4,11 @@ A look-once prefill compresses layer ``L`` before layer ``L + 1`` has run, so a 
 measured on the prompt itself (KVzip's and Ada-KV's top-k over every layer's scores at once) cannot be taken during
 it. A policy that wants one names a recorder (:meth:`Policy.surveyor`); the engine runs the context through every
 layer once with that recorder (one scratch of the context's K/V, nothing cached, the hidden states moving on), hands
-the recording back (:meth:`Policy.surveyed`) and only then plans the caches (``layer_shares`` may now use it). The
-survey costs one more prefill of the context (the prefill takes ~2x as long); its scratch is no larger than the
-look-once prefill's, which the budget already pays for, and the caches do not exist yet while it runs.
+the recording back (:meth:`Policy.surveyed`) and only then plans the caches (``layer_shares`` may now use it). A
+policy that also asks for context-reconstruction passes (KVzip's score, :mod:`.reconstruct`) gets them in the survey,
+not in the prefill. The survey costs one more prefill of the context (the prefill takes ~2x as long; with the passes
+~3-4x); its scratch is no larger than the look-once prefill's (planned with the passes), which the budget already
+pays for, and the caches do not exist yet while it runs.
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ from ..kvcache import LayerCache
 from ..policies import Context, Policy
 from .model import DecoderModel
 from .prefill import chunk_size, plan_chunks
+from .reconstruct import run_passes
 
 
 def survey(model: DecoderModel, ids: list[int], recorder: Policy, ctx: Context, chunk_tokens: int,
-           release: bool = False) -> Policy:
+           release: bool = False, passes: list | None = None) -> Policy:
     """Run ``ids`` through every layer of ``model`` in chunks, ``recorder`` seeing each chunk's queries and attention
-    (phase ``"prefill"``); ``release``: each layer's weights leave RSS after its pass, as in the prefill. Returns the
-    recorder."""
+    (phase ``"prefill"``), then the context-reconstruction ``passes`` (phase ``"reconstruct"``, :mod:`.reconstruct`);
+    ``release``: each layer's weights leave RSS after its pass, as in the prefill. Returns the recorder."""
     n = len(ids)
+    passes = passes or []
     recorder.begin(ctx)
     hidden = model.embed(np.asarray(ids, dtype=np.int64)[None])
+    for rp in passes:
+        rp.hidden = model.embed(rp.ids[None])
     positions = np.arange(n, dtype=np.int64)
-    scratch = LayerCache(ctx.kv_heads, n, ctx.head_dim)
+    scratch = LayerCache(ctx.kv_heads, n + max((len(rp.ids) for rp in passes), default=0), ctx.head_dim)
     chunk = chunk_size(chunk_tokens, ctx.heads, n)
     try:
         for L, (qkv, attn) in enumerate(model.layers):
@@ -44,6 +50,9 @@ def survey(model: DecoderModel, ids: list[int], recorder: Policy, ctx: Context, 
                                                  "key_pos": kp, "position_ids": p})
                 recorder.observe(L, scratch, asum, amax, None, phase)
                 out[:, a:b] = ho
+            if passes:
+                run_passes(qkv, attn, passes, scratch, chunk_size(chunk_tokens, ctx.heads, scratch.capacity),
+                           lambda asum, amax: recorder.observe(L, scratch, asum, amax, None, "reconstruct"))
             hidden = out
             if release:
                 model.release_layer(L)

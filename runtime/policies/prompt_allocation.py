@@ -3,14 +3,17 @@
 KVzip (Kim et al., 2025) and Ada-KV (Feng et al., 2024) split the budget by one top-k over every layer's scores of
 the prompt at hand; ``mpcache_ea_alloc`` can only use a split calibrated once per model, because a look-once prefill
 compresses each layer before the next has run. Here the engine first runs the context through every layer once,
-recording (:mod:`edge_sel.runtime.generate.survey`; nothing is cached, one more prefill of the context, so the
-prefill takes ~2x as long), with :class:`LongRangeAttention`: each key's largest attention from a prompt query at
-least ``distance`` positions after it, the statistic whose calibrated split already won. One top-k over all layers
-at the kept fraction (:func:`global_shares`) gives this prompt's shares, tempered like the calibrated ones
-(``temper``); the planner turns them into per-layer capacities with the same total (the bytes of equal layers), so
-the budget stays a hard bound. Inside each layer everything is ``mpcache_ea``'s (expected-attention static
-eviction, MPCache's dynamic group selection, MPC costs counted). The recorded scores (``[layers, kv, n]`` float32)
-are counted against the budget (``fixed_bytes``); without a survey (a rolling prefill) the calibrated shares apply.
+recording (:mod:`edge_sel.runtime.generate.survey`, nothing cached) each key's score, by default KVzip's
+(``statistic="reconstruction"``, :class:`ReconstructionAttention`: the largest attention from a pass that repeats the
+context, run inside the survey; the prefill then takes ~3-4x as long) or the long-range attention of
+``mpcache_ea_alloc``'s calibration (``"long_range"``: no pass, ~2x). One top-k over all layers at the kept fraction
+(:func:`global_shares`) gives this prompt's shares, tempered (raised to ``temper``: the top-k's own split starves
+layers at small budgets; :data:`ZIP_TEMPER` for the reconstruction statistic, chosen on the perplexity benchmark's
+tuning windows); the planner turns them into per-layer capacities with the same total (the bytes of equal layers), so
+the budget stays a hard bound. Inside each layer everything is ``mpcache_ea``'s (expected-attention static eviction:
+KVzip's score itself evicts worse there, ``mpcache_zip``; MPCache's dynamic group selection; MPC costs counted). The
+recorded scores (``[layers, kv, n]`` float32) are counted against the budget (``fixed_bytes``), the passes in the
+scratch (``reconstruction``); without a survey (a rolling prefill) the calibrated shares apply.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ import numpy as np
 
 from .layer_allocation import LongRangeAttention, MPCacheEAAlloc, global_shares, temper_at
 from .mpcache import with_dynamic_selection
+from .reconstruction import ReconstructionAttention
+
+# the exponent on the reconstruction statistic's shares: (log kept fractions, tempers), interpolated, the nearest outside
+ZIP_TEMPER = (np.log([0.05, 0.1, 0.2]), [0.5, 0.5, 0.75])
 
 
 @dataclass
@@ -29,16 +36,27 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     """:class:`MPCacheEAAlloc` with this prompt's own layer split (module docstring)."""
 
     name: ClassVar[str] = "mpcache_ea_survey_static"
-    distance: int = 32  # a query this many positions after a key or more scores it in the survey
+    statistic: str = "reconstruction"  # the survey's score: KVzip's "reconstruction" or "long_range" attention
+    distance: int = 32  # long_range: a query this many positions after a key or more scores it
+    repeat_tokens: int = 2048  # reconstruction: tokens of one pass (instruction + a piece of the context)
     measured: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.distance, bool) or not isinstance(self.distance, int) or self.distance < 1:
-            raise ValueError(f"distance must be a positive integer, got {self.distance!r}")
+        if self.statistic not in ("reconstruction", "long_range"):
+            raise ValueError(f"statistic must be 'reconstruction' or 'long_range', got {self.statistic!r}")
+        for k in ("distance", "repeat_tokens"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a positive integer, got {v!r}")
 
     def surveyor(self):
+        if self.statistic == "reconstruction":
+            return ReconstructionAttention(repeat_tokens=self.repeat_tokens)
         return LongRangeAttention(distance=self.distance)
+
+    def reconstruction(self, n_ctx, room):  # the survey's passes (the engine runs them there, not in the prefill)
+        return self.surveyor().reconstruction(n_ctx, room) if self.statistic == "reconstruction" else 0
 
     def surveyed(self, recorder):
         self.measured = recorder.stacked(recorder.ctx.prompt_len)
@@ -54,7 +72,9 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     def layer_shares(self, n_layers, kept=1.0, model=()):
         if self.measured is None or self.shares is not None or len(self.measured) != n_layers or kept >= 1:
             return super().layer_shares(n_layers, kept, model)
-        s = global_shares(self.measured, kept) ** (self.temper if self.temper is not None else temper_at(kept))
+        temper = self.temper if self.temper is not None else (
+            temper_at(kept) if self.statistic == "long_range" else float(np.interp(np.log(kept), *ZIP_TEMPER)))
+        s = global_shares(self.measured, kept) ** temper
         return s / s.mean() if s.sum() > 0 else None
 
 

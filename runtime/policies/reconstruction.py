@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .layer_allocation import MPCacheEAAlloc
+from .layer_allocation import LongRangeAttention, MPCacheEAAlloc
 from .mpcache import with_dynamic_selection
 
 
@@ -95,24 +95,20 @@ def mpcache_zip(**kw):
 
 
 @dataclass
-class ReconstructionScores(MPCacheZip):
-    """Calibration only: records each layer's reconstruction score (``scores[layer]``: ``[kv, n]``, the raw maxima, as
-    KVzip's top-k over all layers compares them) while evicting like :class:`MPCacheZip` (the context's hidden states,
-    so the scores, do not depend on the budget in a look-once prefill)."""
+class ReconstructionAttention(LongRangeAttention):
+    """A recorder (keeps the whole cache): per layer, each context key's largest attention from the
+    context-reconstruction passes (phase ``"reconstruct"``), max over its KV head's query heads (``scores[layer]``:
+    ``[kv, n]``, :meth:`stacked`); its ``reconstruction`` asks for the passes as :class:`MPCacheZip` does."""
 
-    name: ClassVar[str] = "reconstruction_scores"
+    name: ClassVar[str] = "reconstruction_attention"
+    repeat_tokens: int = 2048
 
-    def begin(self, ctx):
-        super().begin(ctx)
-        self.scores: dict[int, np.ndarray] = {}
+    def reconstruction(self, n_ctx, room):
+        return min(self.repeat_tokens, room, n_ctx + 32)
 
-    def score(self, layer, keys, votes):
-        if layer in self.zip:
-            self.scores[layer] = self.zip[layer][:, :keys.shape[1]].copy()
-        return super().score(layer, keys, votes)
-
-    def stacked(self, n: int) -> np.ndarray:
-        """``[layers, kv, n]`` the scores of the first ``n`` prompt keys (zeros for a layer that was not compressed)."""
-        empty = np.zeros((self.ctx.kv_heads, n), np.float32)
-        return np.stack([self.scores[L][:, :n] if L in self.scores else empty for L in range(self.ctx.n_layers)])
-
+    def accumulate(self, layer, cache, attn_sum, attn_max, slots, phase):
+        if phase != "reconstruct":
+            return
+        a = attn_max[0]
+        z = self.scores.setdefault(layer, np.zeros((a.shape[0], self.ctx.prompt_len), np.float32))
+        np.maximum(z[:, :a.shape[1]], a, out=z[:, :a.shape[1]])
