@@ -26,7 +26,7 @@ def calibrate(bundle: str, split: str, ratios: list[float], distance: int, threa
               statistic: str = "long_range") -> dict:
     from edge_sel.runtime.generate import Generator
     from edge_sel.runtime.policies.layer_allocation import LongRangeAttention, global_shares
-    from edge_sel.runtime.policies.reconstruction import ReconstructionScores
+    from edge_sel.runtime.policies.prompt_allocation import MPCacheEASurvey
 
     gen = Generator(bundle, threads=threads)
     tok = gen.tokenizer
@@ -34,13 +34,14 @@ def calibrate(bundle: str, split: str, ratios: list[float], distance: int, threa
     per: dict[float, list] = {r: [] for r in ratios}
     for name, w in ids.items():
         t0 = time.perf_counter()
-        if statistic == "reconstruction":  # KVzip's score; the passes run only in an evicting look-once prefill
-            rec = ReconstructionScores(shares=(1.0,) * gen.n_layers)
-            Generator(bundle, policy=rec, threads=threads, kv_budget=0.5).generate(w["prefix"], max_new_tokens=1, stop=False)
+        if statistic == "reconstruction":  # KVzip's score: mpcache_ea_survey's survey, passes and all
+            pol = MPCacheEASurvey(statistic="reconstruction")
+            gen.survey(pol, w["prefix"], gen.reconstruction_passes(pol, w["prefix"]))
+            scores = pol.measured
         else:
             rec = LongRangeAttention(distance=distance)
             Generator(bundle, policy=rec, threads=threads).generate(w["prefix"], max_new_tokens=1, stop=False)
-        scores = rec.stacked(len(w["prefix"]))
+            scores = rec.stacked(len(w["prefix"]))
         for r in ratios:
             per[r].append(global_shares(scores, r))
         log(f"{name}: {time.perf_counter() - t0:.0f}s")

@@ -28,8 +28,8 @@ from edge_sel.runtime.generate.call import Call
 from edge_sel.runtime.generate.decode import decode_step
 from edge_sel.runtime.generate.prefill import chunk_size, final_target, plan_chunks, prefill_suffix
 from edge_sel.runtime.generate.reconstruct import run_passes
-from edge_sel.runtime.generate.survey import survey
 from edge_sel.runtime.generate.sampling import log_softmax_nll
+from edge_sel.runtime.generate.survey import survey
 from edge_sel.runtime.kvcache import LayerCache
 from edge_sel.runtime.planning import KVPlanner
 from edge_sel.runtime.policies import Context, make_policy

@@ -113,7 +113,7 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
             out[:, a:b] = ho
         if passes:  # KVzip's scoring: the context rebuilt over this layer's K/V, its keys then dropped
             run_passes(qkv, attn, passes, scratch, pass_chunk,
-                       lambda asum, amax: policy.observe(L, scratch, asum, amax, None, "reconstruct"))
+                       lambda asum, amax, L=L: policy.observe(L, scratch, asum, amax, None, "reconstruct"))
         if scratch is not None:
             target = None
             if scratch.n + n_sfx + max_new > c.capacity:

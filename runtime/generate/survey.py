@@ -52,7 +52,7 @@ def survey(model: DecoderModel, ids: list[int], recorder: Policy, ctx: Context, 
                 out[:, a:b] = ho
             if passes:
                 run_passes(qkv, attn, passes, scratch, chunk_size(chunk_tokens, ctx.heads, scratch.capacity),
-                           lambda asum, amax: recorder.observe(L, scratch, asum, amax, None, "reconstruct"))
+                           lambda asum, amax, L=L: recorder.observe(L, scratch, asum, amax, None, "reconstruct"))
             hidden = out
             if release:
                 model.release_layer(L)
