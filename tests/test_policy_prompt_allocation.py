@@ -91,3 +91,25 @@ def test_bad_options_are_refused_in_one_line():
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="no option 'distnace'"):
         mpcache_ea_survey(distnace=3)
+
+
+def test_blend_mixes_the_prompts_split_with_the_calibrated_one(gen_llama_bundle, monkeypatch):
+    from edge_sel.runtime.policies import layer_allocation
+
+    g = Generator(gen_llama_bundle)
+    geometry = (g.n_layers, g.heads, g.kv_heads, g.head_dim)
+    monkeypatch.setitem(layer_allocation.CALIBRATED, geometry, {0.2: (3.0, 0.25, 1.5, 0.5)})
+    measured = np.zeros((4, 2, 100), np.float32)
+    measured[1] = np.linspace(0, 1, 100)  # this prompt: layer 1 holds every key above the sinks
+    got = {}
+    for blend in (0.0, 0.5, 1.0):
+        pol = MPCacheEASurvey(blend=blend, temper=1.0)
+        pol.measured = measured
+        got[blend] = pol.layer_shares(4, 0.2, geometry)
+    cal = np.asarray((3.0, 0.25, 1.5, 0.5)) ** temper_at(0.2)
+    np.testing.assert_allclose(got[0.0], cal / cal.mean(), rtol=1e-6)
+    assert np.argmax(got[1.0]) == 1 and np.argmax(got[0.0]) == 0
+    np.testing.assert_allclose(got[0.5] / got[0.5].mean(), np.sqrt(got[0.0] * np.maximum(got[1.0], 1e-3))
+                               / np.sqrt(got[0.0] * np.maximum(got[1.0], 1e-3)).mean(), rtol=1e-6)
+    with pytest.raises(ValueError, match="blend must be in"):
+        MPCacheEASurvey(blend=1.5)

@@ -23,7 +23,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .layer_allocation import LongRangeAttention, MPCacheEAAlloc, global_shares, temper_at
+from .layer_allocation import CALIBRATED, LongRangeAttention, MPCacheEAAlloc, global_shares, shares_at, temper_at
 from .mpcache import with_dynamic_selection
 from .reconstruction import ReconstructionAttention
 
@@ -39,12 +39,15 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     statistic: str = "reconstruction"  # the survey's score: KVzip's "reconstruction" or "long_range" attention
     distance: int = 32  # long_range: a query this many positions after a key or more scores it
     repeat_tokens: int = 2048  # reconstruction: tokens of one pass (instruction + a piece of the context)
+    blend: float = 1.0  # weight of this prompt's split against the calibrated one (a geometric mix; 1: this prompt's)
     measured: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
         if self.statistic not in ("reconstruction", "long_range"):
             raise ValueError(f"statistic must be 'reconstruction' or 'long_range', got {self.statistic!r}")
+        if isinstance(self.blend, bool) or not isinstance(self.blend, (int, float)) or not 0 <= self.blend <= 1:
+            raise ValueError(f"blend must be in [0, 1], got {self.blend!r}")
         for k in ("distance", "repeat_tokens"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -75,6 +78,10 @@ class MPCacheEASurvey(MPCacheEAAlloc):
         temper = self.temper if self.temper is not None else (
             temper_at(kept) if self.statistic == "long_range" else float(np.interp(np.log(kept), *ZIP_TEMPER)))
         s = global_shares(self.measured, kept) ** temper
+        table = CALIBRATED.get(tuple(model))
+        if self.blend < 1 and table is not None:  # a geometric mix with the calibrated split (as mpcache_ea_alloc's)
+            cal = shares_at(table, kept) ** temper_at(kept)
+            s = np.exp(self.blend * np.log(np.maximum(s / max(s.mean(), 1e-30), 1e-3)) + (1 - self.blend) * np.log(cal))
         return s / s.mean() if s.sum() > 0 else None
 
 
