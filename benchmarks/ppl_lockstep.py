@@ -57,7 +57,7 @@ def _runs(gen: Generator, configs, prompt: list[int], n_sfx: int, max_new: int =
         plan = planner.plan(policy, n_prompt, max_new, n_sfx)
         n = n_prompt - n_sfx
         passes = gen.reconstruction_passes(policy, prompt[:n]) if plan.scratch else []
-        rec = policy.surveyor() if plan.scratch else None
+        rec = policy.surveyor(plan.kept) if plan.scratch else None
         if rec is not None:  # as Generator.run: the survey (with any reconstruction passes), then the plan again
             key = f"{rec!r} {[len(p.ids) for p in passes]}"
             if key not in surveys:

@@ -113,3 +113,13 @@ def test_blend_mixes_the_prompts_split_with_the_calibrated_one(gen_llama_bundle,
                                / np.sqrt(got[0.0] * np.maximum(got[1.0], 1e-3)).mean(), rtol=1e-6)
     with pytest.raises(ValueError, match="blend must be in"):
         MPCacheEASurvey(blend=1.5)
+
+
+def test_no_survey_below_min_kept(gen_llama_bundle):
+    ids = Generator(gen_llama_bundle).encode(long_text(8000))[:1300]
+    caps = {}
+    for min_kept in (0.075, 0.01):
+        pol = mpcache_ea_survey(min_kept=min_kept)
+        Generator(gen_llama_bundle, kv_budget=0.05, policy=pol).score(ids[:1200], ids[1200:], compress_continuation=False)
+        caps[min_kept] = pol.parts[0].ctx.capacities
+    assert caps[0.075] == () and len(set(caps[0.01])) > 1  # the tiny model has no calibration: equal layers unless surveyed

@@ -197,10 +197,10 @@ class Generator:
     def close(self) -> None:
         self.model.close()
 
-    def survey(self, policy: Policy, context: list[int], passes: list | None = None) -> bool:
+    def survey(self, policy: Policy, context: list[int], passes: list | None = None, kept: float = 1.0) -> bool:
         """Run ``policy``'s survey of ``context`` (:mod:`.survey`; with its reconstruction ``passes``) if it asks for
-        one; whether it ran."""
-        rec = policy.surveyor()
+        one at the kept fraction ``kept``; whether it ran."""
+        rec = policy.surveyor(kept)
         if rec is None:
             return False
         n = len(context)
@@ -261,7 +261,7 @@ class Generator:
         policy = make_policy(self.policy_spec)
         plan = self.planner.plan(policy, N, max_new, int(suffix))
         passes = self.reconstruction_passes(policy, ids[:N - int(suffix)]) if plan.scratch else []
-        if plan.scratch and self.survey(policy, ids[:N - int(suffix)], passes):
+        if plan.scratch and self.survey(policy, ids[:N - int(suffix)], passes, plan.kept):
             plan = self.planner.plan(policy, N, max_new, int(suffix))  # the layers' shares measured on this prompt
             passes = []  # a surveying policy's reconstruction ran in the survey
         trace.instant("plan", resident=plan.resident, fetch=plan.fetch, scratch=plan.scratch, prompt_tokens=N, max_new=max_new)

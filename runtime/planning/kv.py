@@ -70,6 +70,7 @@ class KVPlan:
     scratch: bool   # prefill builds each layer's whole prompt K/V in one shared scratch, then compresses it
     layers: tuple = ()  # resident tokens of each layer when they differ (sum <= n_layers * resident); empty: equal
     scratch_tokens: int = 0  # the scratch's slots: the prompt, or the context and a reconstruction pass if longer
+    kept: float = 1.0  # the fraction of the context a layer keeps, on average
 
     def layer(self, i: int) -> int:
         return self.layers[i] if self.layers else self.resident
@@ -168,7 +169,7 @@ class KVPlanner:
             hi = -(-whole // a) * a  # no layer needs more than the whole call
             layers = split_layers(res, base, np.asarray(shares, dtype=np.float64), lo, hi, 1 if suffix else a)
         scratch = scratch and min(layers or (res,)) < whole
-        return KVPlan(res, fetch, scratch, layers, scratch_tokens if scratch else 0)
+        return KVPlan(res, fetch, scratch, layers, scratch_tokens if scratch else 0, kept)
 
     def _refusal(self, policy, cap, need, per_tok, fixed, n_prompt, max_new, suffix) -> BudgetError:
         what = {"tokens": "tokens", "fraction": "of the prompt", "bytes": "bytes"}[self.budget[0]] if self.budget else ""

@@ -147,10 +147,10 @@ class Policy:
         The scratch holds the context and one pass, so a byte budget pays for it."""
         return 0
 
-    def surveyor(self) -> "Policy | None":
+    def surveyor(self, kept: float = 1.0) -> "Policy | None":
         """A recording policy the engine runs over the prompt's context before planning the cache (one plain
         layer-by-layer pass, :mod:`edge_sel.runtime.generate.survey`), only when the prefill is look-once and
-        evicts; None: no survey."""
+        evicts; ``kept``: the fraction of the context the first plan keeps; None: no survey."""
         return None
 
     def surveyed(self, recorder: "Policy") -> None:

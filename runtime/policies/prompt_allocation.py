@@ -40,26 +40,33 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     distance: int = 32  # long_range: a query this many positions after a key or more scores it
     repeat_tokens: int = 2048  # reconstruction: tokens of one pass (instruction + a piece of the context)
     blend: float = 1.0  # weight of this prompt's split against the calibrated one (a geometric mix; 1: this prompt's)
+    min_kept: float = 0.075  # below this kept fraction no survey: the calibrated split (chosen on the tuning windows)
     measured: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
         if self.statistic not in ("reconstruction", "long_range"):
             raise ValueError(f"statistic must be 'reconstruction' or 'long_range', got {self.statistic!r}")
-        if isinstance(self.blend, bool) or not isinstance(self.blend, (int, float)) or not 0 <= self.blend <= 1:
-            raise ValueError(f"blend must be in [0, 1], got {self.blend!r}")
+        for k in ("blend", "min_kept"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{k} must be in [0, 1], got {v!r}")
         for k in ("distance", "repeat_tokens"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
 
-    def surveyor(self):
+    def surveyor(self, kept=1.0):
+        if kept < self.min_kept:
+            return None  # the calibrated split (mpcache_ea_alloc's) does better at small budgets: no survey
         if self.statistic == "reconstruction":
             return ReconstructionAttention(repeat_tokens=self.repeat_tokens)
         return LongRangeAttention(distance=self.distance)
 
     def reconstruction(self, n_ctx, room):  # the survey's passes (the engine runs them there, not in the prefill)
-        return self.surveyor().reconstruction(n_ctx, room) if self.statistic == "reconstruction" else 0
+        if self.statistic != "reconstruction":
+            return 0
+        return ReconstructionAttention(repeat_tokens=self.repeat_tokens).reconstruction(n_ctx, room)
 
     def surveyed(self, recorder):
         self.measured = recorder.stacked(recorder.ctx.prompt_len)
