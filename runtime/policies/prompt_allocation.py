@@ -28,7 +28,7 @@ from .mpcache import with_dynamic_selection
 from .reconstruction import ReconstructionAttention
 
 # the exponent on the reconstruction statistic's shares: (log kept fractions, tempers), interpolated, the nearest outside
-ZIP_TEMPER = (np.log([0.05, 0.1, 0.2]), [0.5, 0.5, 0.75])
+ZIP_TEMPER = (np.log([0.1, 0.2]), [0.5, 1.0])
 
 
 @dataclass
