@@ -56,24 +56,21 @@ def _runs(gen: Generator, configs, prompt: list[int], n_sfx: int, max_new: int =
         max_new = planner.clamp_new(n_prompt, max_new)
         plan = planner.plan(policy, n_prompt, max_new, n_sfx)
         n = n_prompt - n_sfx
-        passes = gen.reconstruction_passes(policy, prompt[:n]) if plan.scratch else []
         rec = policy.surveyor(plan.kept) if plan.scratch else None
-        if rec is not None:  # as Generator.run: the survey (with any reconstruction passes), then the plan again
-            key = f"{rec!r} {[len(p.ids) for p in passes]}"
-            if key not in surveys:
-                surveys[key] = survey(gen.model, prompt[:n], rec, Context(gen.n_layers, gen.kv_heads, gen.heads,
-                                      gen.head_dim, n, n, 1, rope_theta=gen.bundle.spec.rope_theta), gen.chunk_tokens,
-                                      passes=passes)
-            policy.surveyed(surveys[key])
+        if rec is not None:  # as Generator.run: the survey (with its recorder's passes), then the plan again
+            if repr(rec) not in surveys:
+                surveys[repr(rec)] = survey(gen.model, prompt[:n], rec, Context(
+                    gen.n_layers, gen.kv_heads, gen.heads, gen.head_dim, n, n, 1, rope_theta=gen.bundle.spec.rope_theta),
+                    gen.chunk_tokens, passes=gen.reconstruction_passes(rec, prompt[:n]))
+            policy.surveyed(surveys[repr(rec)])
             plan = planner.plan(policy, n_prompt, max_new, n_sfx)
-            passes = []
         policy.begin(Context(gen.n_layers, gen.kv_heads, gen.heads, gen.head_dim, plan.resident, n_prompt, max_new,
                              fetch=plan.fetch, stream_suffix=stream_suffix, look_once=plan.scratch,
                              rope_theta=gen.bundle.spec.rope_theta, capacities=plan.layers))
         call = Call(list(range(n_prompt)), max_new, plan.resident, policy, suffix=n_sfx, fetch=plan.fetch,
                     keep_suffix_hidden=True)
         call.caches = [LayerCache(gen.kv_heads, plan.layer(L), gen.head_dim, fetch=plan.fetch) for L in range(gen.n_layers)]
-        call.passes = passes if plan.scratch else []
+        call.passes = gen.reconstruction_passes(policy, prompt[:n]) if plan.scratch else []
         out.append(_Run(name, policy, call, plan.scratch, policy.observation_window(n_prompt - n_sfx)))
     return out
 

@@ -125,3 +125,19 @@ def test_no_survey_below_min_kept(gen_llama_bundle):
         Generator(gen_llama_bundle, kv_budget=0.05, policy=pol).score(ids[:1200], ids[1200:], compress_continuation=False)
         caps[min_kept] = pol.parts[0].ctx.capacities
     assert caps[0.075] == () and len(set(caps[0.01])) > 1  # the tiny model has no calibration: equal layers unless surveyed
+
+
+def test_below_min_kept_it_is_mpcache_ea_alloc(gen_llama_bundle, monkeypatch):
+    """No survey and no reconstruction pass reach the prefill: the same losses as the calibrated policy."""
+    from edge_sel.runtime.policies import layer_allocation
+
+    g0 = Generator(gen_llama_bundle)
+    monkeypatch.setitem(layer_allocation.CALIBRATED, (g0.n_layers, g0.heads, g0.kv_heads, g0.head_dim),
+                        {0.05: (3.0, 0.25, 1.5, 0.5)})
+    ids = g0.encode(long_text(8000))[:1300]
+    nll = {}
+    for name in ("mpcache_ea_survey", "mpcache_ea_alloc", "mpcache_ea"):
+        g = Generator(gen_llama_bundle, kv_budget=0.05, policy=name)
+        nll[name] = g.score(ids[:1200], ids[1200:], compress_continuation=False)["nll_tokens"]
+    np.testing.assert_array_equal(nll["mpcache_ea_survey"], nll["mpcache_ea_alloc"])
+    assert not np.allclose(nll["mpcache_ea_alloc"], nll["mpcache_ea"], rtol=1e-4)  # the calibrated split is in use

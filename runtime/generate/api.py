@@ -197,9 +197,9 @@ class Generator:
     def close(self) -> None:
         self.model.close()
 
-    def survey(self, policy: Policy, context: list[int], passes: list | None = None, kept: float = 1.0) -> bool:
-        """Run ``policy``'s survey of ``context`` (:mod:`.survey`; with its reconstruction ``passes``) if it asks for
-        one at the kept fraction ``kept``; whether it ran."""
+    def survey(self, policy: Policy, context: list[int], kept: float = 1.0) -> bool:
+        """Run ``policy``'s survey of ``context`` (:mod:`.survey`; with the passes its recorder asks for) if it asks
+        for one at the kept fraction ``kept``; whether it ran."""
         rec = policy.surveyor(kept)
         if rec is None:
             return False
@@ -207,7 +207,8 @@ class Generator:
         ctx = Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, n, n, 1,
                       rope_theta=self.bundle.spec.rope_theta)
         tk = trace.begin("survey", tokens=n)
-        survey(self.model, context, rec, ctx, self.chunk_tokens, release=self.model.releases_weights(n), passes=passes)
+        survey(self.model, context, rec, ctx, self.chunk_tokens, release=self.model.releases_weights(n),
+               passes=self.reconstruction_passes(rec, context))
         trace.end(tk)
         policy.surveyed(rec)
         return True
@@ -260,10 +261,8 @@ class Generator:
             self.model.release_weights()
         policy = make_policy(self.policy_spec)
         plan = self.planner.plan(policy, N, max_new, int(suffix))
-        passes = self.reconstruction_passes(policy, ids[:N - int(suffix)]) if plan.scratch else []
-        if plan.scratch and self.survey(policy, ids[:N - int(suffix)], passes, plan.kept):
+        if plan.scratch and self.survey(policy, ids[:N - int(suffix)], plan.kept):
             plan = self.planner.plan(policy, N, max_new, int(suffix))  # the layers' shares measured on this prompt
-            passes = []  # a surveying policy's reconstruction ran in the survey
         trace.instant("plan", resident=plan.resident, fetch=plan.fetch, scratch=plan.scratch, prompt_tokens=N, max_new=max_new)
         t0 = time.perf_counter()
         tracker = PeakTracker()
@@ -279,7 +278,7 @@ class Generator:
                            for L in range(self.n_layers)]
             if plan.scratch:
                 call.scratch = LayerCache(self.kv_heads, plan.scratch_tokens, self.head_dim)
-                call.passes = passes
+                call.passes = self.reconstruction_passes(policy, ids[:N - int(suffix)])
             trace.counter("engine", lambda: {"kv_bytes": sum(c.nbytes for c in call.caches) + (call.scratch.nbytes if call.scratch else 0)})
             rng = np.random.default_rng(seed)
             logits = prefill(self.model, call, self.chunk_tokens, self.heads)

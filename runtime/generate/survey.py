@@ -5,8 +5,8 @@ measured on the prompt itself (KVzip's and Ada-KV's top-k over every layer's sco
 it. A policy that wants one names a recorder (:meth:`Policy.surveyor`); the engine runs the context through every
 layer once with that recorder (one scratch of the context's K/V, nothing cached, the hidden states moving on), hands
 the recording back (:meth:`Policy.surveyed`) and only then plans the caches (``layer_shares`` may now use it). A
-policy that also asks for context-reconstruction passes (KVzip's score, :mod:`.reconstruct`) gets them in the survey,
-not in the prefill. The survey costs one more prefill of the context (the prefill takes ~2x as long; with the passes
+recorder that asks for context-reconstruction passes (its ``reconstruction``: KVzip's score, :mod:`.reconstruct`)
+gets them in the survey (the policy's ``survey_tokens`` has the planner size the scratch for them). The survey costs one more prefill of the context (the prefill takes ~2x as long; with the passes
 ~3-4x); its scratch is no larger than the look-once prefill's (planned with the passes), which the budget already
 pays for, and the caches do not exist yet while it runs.
 """

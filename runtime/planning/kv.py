@@ -130,7 +130,9 @@ class KVPlanner:
         scratch = self.prefill == "layer"
         n_ctx = n_prompt - suffix
         # a look-once prefill may run context-reconstruction passes (KVzip) whose keys the scratch holds for a while
-        scratch_tokens = max(n_prompt, n_ctx + max(0, int(policy.reconstruction(n_ctx, max(0, self.context - n_ctx)))))
+        room = max(0, self.context - n_ctx)
+        scratch_tokens = max(n_prompt, n_ctx + max(0, int(policy.reconstruction(n_ctx, room)),
+                                                   int(policy.survey_tokens(n_ctx, room))))
         fixed = self.fixed_bytes(policy, whole) if self.budget is not None else 0
         a = policy.align
         if self.budget is None:

@@ -153,6 +153,11 @@ class Policy:
         evicts; ``kept``: the fraction of the context the first plan keeps; None: no survey."""
         return None
 
+    def survey_tokens(self, n_ctx: int, room: int) -> int:
+        """Tokens of the context-reconstruction pass the survey's recorder may run (its ``reconstruction``), so the
+        planner sizes the scratch for it; 0: none."""
+        return 0
+
     def surveyed(self, recorder: "Policy") -> None:
         """The survey's recorder, after its pass (before ``layer_shares`` is asked and before ``begin``)."""
 

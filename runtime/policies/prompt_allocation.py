@@ -63,7 +63,7 @@ class MPCacheEASurvey(MPCacheEAAlloc):
             return ReconstructionAttention(repeat_tokens=self.repeat_tokens)
         return LongRangeAttention(distance=self.distance)
 
-    def reconstruction(self, n_ctx, room):  # the survey's passes (the engine runs them there, not in the prefill)
+    def survey_tokens(self, n_ctx, room):  # the survey's passes share the scratch the budget pays for
         if self.statistic != "reconstruction":
             return 0
         return ReconstructionAttention(repeat_tokens=self.repeat_tokens).reconstruction(n_ctx, room)
