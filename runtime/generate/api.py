@@ -261,14 +261,16 @@ class Generator:
             self.model.release_weights()
         policy = make_policy(self.policy_spec)
         plan = self.planner.plan(policy, N, max_new, int(suffix))
-        if plan.scratch and self.survey(policy, ids[:N - int(suffix)], plan.kept):
-            plan = self.planner.plan(policy, N, max_new, int(suffix))  # the layers' shares measured on this prompt
-        trace.instant("plan", resident=plan.resident, fetch=plan.fetch, scratch=plan.scratch, prompt_tokens=N, max_new=max_new)
         t0 = time.perf_counter()
         tracker = PeakTracker()
         tracker.__enter__()
         rec = None
         try:
+            # a survey is part of the prefill (its time and memory counted with it)
+            if plan.scratch and self.survey(policy, ids[:N - int(suffix)], plan.kept):
+                plan = self.planner.plan(policy, N, max_new, int(suffix))  # the layers' shares measured on this prompt
+            trace.instant("plan", resident=plan.resident, fetch=plan.fetch, scratch=plan.scratch, prompt_tokens=N,
+                          max_new=max_new)
             policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, plan.resident, N, max_new,
                                  fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch,
                                  rope_theta=self.bundle.spec.rope_theta, capacities=plan.layers))
