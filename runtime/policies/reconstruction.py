@@ -11,7 +11,9 @@ per KV head by the score (``zip_weight`` of it the reconstruction score, the res
 attention and votes, each normalised to sum 1 per head), then MPCache's dynamic group selection (MPC costs
 counted; the score is a max over attention probabilities the prefill computes anyway, one comparison each).
 
-The price is the passes: about one more prefill of the context with longer attention (the prefill takes ~2-3x as
+On the perplexity benchmark's tuning windows this score evicted worse than ``mpcache_ea``'s inside the same layer
+split (``mpcache_ea_alloc``: 1.070 vs 1.031 at 20 % kept, 5 windows; half and half 1.040); KVzip's strength there is
+its split across layers, which ``mpcache_ea_survey`` takes from the same passes. The price is the passes: about one more prefill of the context with longer attention (the prefill takes ~2-3x as
 long), and a scratch that holds the context and one pass (counted against a byte budget). A rolling prefill (no
 scratch) runs no pass: the eviction falls back to ``mpcache_ea``'s score.
 """
