@@ -12,7 +12,7 @@ attention and votes, each normalised to sum 1 per head), then MPCache's dynamic 
 counted; the score is a max over attention probabilities the prefill computes anyway, one comparison each).
 
 On the perplexity benchmark's tuning windows this score evicted worse than ``mpcache_ea``'s inside the same layer
-split (``mpcache_ea_alloc``: 1.070 vs 1.031 at 20 % kept, 5 windows; half and half 1.040); KVzip's strength there is
+split (``mpcache_ea_alloc``: 1.071 vs 1.028 at 20 % kept; half and half 1.038); KVzip's strength there is
 its split across layers, which ``mpcache_ea_survey`` takes from the same passes. The price is the passes: about one more prefill of the context with longer attention (the prefill takes ~2-3x as
 long), and a scratch that holds the context and one pass (counted against a byte budget). A rolling prefill (no
 scratch) runs no pass: the eviction falls back to ``mpcache_ea``'s score.
