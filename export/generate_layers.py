@@ -13,10 +13,13 @@ Bundles exported before (the broadcast attention form, the op-by-op rotary) are 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from . import prefix_layers as pl
 from .graph_index import graph_index
+
+log = logging.getLogger("edge_sel")
 
 
 class GenerateForm:
@@ -51,6 +54,8 @@ def group_generate_attention(model, heads: int, kv_heads: int, head_dim: int) ->
     from onnx import helper, numpy_helper
 
     g = model.graph
+    if any(n.name == "gm_softmax" for n in g.node):  # the constant-shape core: broadcast on purpose (one-row products)
+        return False
     G, D = heads // kv_heads, head_dim
     producer = {o: n for n in g.node for o in n.output}
 
@@ -147,21 +152,62 @@ def merge_graph_file(src: Path, src_data: Path | None, dst: Path, kind: str, dim
     return True
 
 
+def forms_graph_file(path: Path, data: Path | None, kind: str, dims: dict) -> bool:
+    """Rewrite the ``kind`` graph ``path`` (weights in ``data``) in place into the one-row ``MatMulNBits`` forms
+    (:func:`edge_sel.export.nbits_forms.decode_forms`), checked against the old graph on sample inputs with every
+    product at float activations (the rewrite is exact there; at int8 activations both round differently). False
+    (nothing written) when there is nothing to rewrite or the check fails."""
+    import copy
+    import os
+    import tempfile
+
+    import onnx
+
+    from .nbits_forms import decode_forms, with_float_activations
+    from .passes.weights import load_graph
+
+    if b"MatMulNBits" not in path.read_bytes():
+        return False
+    with tempfile.TemporaryDirectory(prefix="edge_sel_forms_") as tmp:
+        old = load_graph(path, data, Path(tmp))
+        model = copy.deepcopy(old)
+        if not decode_forms(model):
+            return False
+        saved = {}
+        for name, m in (("out", model), ("old_float", with_float_activations(old)), ("new_float", with_float_activations(model))):
+            d = Path(tmp) / name
+            d.mkdir()
+            if data is not None:
+                onnx.save_model(m, str(d / path.name), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data.name, size_threshold=1024, convert_attribute=False)
+            else:
+                onnx.save_model(m, str(d / path.name))
+            saved[name] = d / path.name
+        diff = pl.check_same(saved["old_float"], saved["new_float"], pl.sample_feeds(kind, dims))
+        if not diff <= pl.CHECK_TOL:
+            log.warning("%s: the one-row forms differ by %.2e at float activations; keeping the graph as it is", path, diff)
+            return False
+        os.replace(saved["out"], path)  # new inodes: hard-linked copies keep the old files
+        if data is not None:
+            os.replace(saved["out"].with_name(data.name), data)
+    return True
+
+
 def generate_attention_core(model, heads: int, kv_heads: int, head_dim: int) -> bool:
     """Replace the exported attention core of a generate attn graph (either form) by one built from constant shapes,
-    in place: a kv head's G query heads as the G*T rows of one product with its keys (read once per kv head), the
-    values multiplied per query head over the kv head's values broadcast (at decode one row per head, which onnxruntime
-    multiplies without first packing the values: faster than one product that packs them), the visibility rule
-    ``key_pos <= position`` applied over the flattened ``T*S`` scores (broadcast over the group), softmax, the policy
-    outputs reduced over the rows, and the output laid back as ``[B,T,heads*D]`` for o_proj. The exported core reads
-    every reshape target from the tensors' shapes at run time (~30 small nodes per layer per decoded token); this one
-    has none of them. Inputs, outputs and numbers are the same. Returns False when the core is already this one;
-    ``ValueError`` when the pattern is not found (the caller keeps the graph: correct, only slower)."""
+    in place: each query head's T rows (scaled) times its kv head's keys broadcast over the group, and the softmax times
+    the kv head's values likewise — at decode one row per product, which onnxruntime multiplies row by row over the
+    cache without first packing the keys or values into a panel (the cache is read from memory once per kv head, the
+    group's other rows find it in cache) — the visibility rule ``key_pos <= position`` broadcast over the scores,
+    softmax, the policy outputs reduced over the group and the rows, and the output laid back as ``[B,T,heads*D]`` for
+    o_proj. The exported core reads every reshape target from the tensors' shapes at run time (~30 small nodes per
+    layer per decoded token); this one has none of them. Inputs, outputs and numbers are the same. Returns False when
+    the core is already this one; ``ValueError`` when the pattern is not found (the caller keeps the graph: correct, only slower)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     g = model.graph
-    if any(n.name == "gb_softmax" for n in g.node):  # this core; an earlier one ("ga_" names) is rewritten like the exported
+    if any(n.name == "gm_softmax" for n in g.node):  # this core; earlier ones ("ga_", "gb_" names) are rewritten like the exported
         return False
     producer, consumers, consts = graph_index(g)
 
@@ -196,45 +242,37 @@ def generate_attention_core(model, heads: int, kv_heads: int, head_dim: int) -> 
         raise ValueError("attn graph: no score scaling after Q·K")
     G, D = heads // kv_heads, head_dim
     i64 = lambda name, v: numpy_helper.from_array(np.array(v, dtype=np.int64), name)  # noqa: E731
-    inits = [i64("gb_q4", [0, kv_heads, -1, D]), i64("gb_rows", [0, 0, G, -1]), i64("gb_flat1", [0, 0, 1, -1]),
-             i64("gb_k_ax", [2, 3]), i64("gb_q_ax", [1, 2, 4]), i64("gb_ax2", [2]), i64("gb_two", [2]), i64("gb_three", [3]),
-             i64("gb_heads", [0, heads, -1, D]), i64("gb_out", [0, 0, heads * D]),
-             numpy_helper.from_array(np.array(scale, np.float32), "gb_scale"),
-             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "gb_minf")]
+    # the scaling as a [D] vector on q, not a scalar: onnxruntime would fold a scalar into the product's alpha, and
+    # its one-row kernels (no packing of the keys) need alpha 1
+    inits = [i64("gm_q5", [0, kv_heads, G, -1, D]), i64("gm_k_ax", [2, 3]), i64("gm_q_ax", [1, 2, 4]), i64("gm_ax2", [2]),
+             i64("gm_rows", [2, 3]), i64("gm_heads", [0, heads, -1, D]), i64("gm_out", [0, 0, heads * D]),
+             numpy_helper.from_array(np.full([D], scale, np.float32), "gm_scale"),
+             numpy_helper.from_array(np.array(np.finfo(np.float32).min, np.float32), "gm_minf")]
     mk = helper.make_node
-    new = [mk("Reshape", ["q", "gb_q4"], ["gb_q"]),                                  # [B,kv,G*T,D]: head h = kv*G + g
-           mk("Transpose", ["k_cache"], ["gb_kt"], perm=[0, 1, 3, 2]),
-           mk("MatMul", ["gb_q", "gb_kt"], ["gb_qk"]),
-           mk("Mul", ["gb_qk", "gb_scale"], ["gb_s"]),                               # [B,kv,G*T,S]
-           mk("Unsqueeze", ["key_pos", "gb_k_ax"], ["gb_kpos"]),                     # [B,kv|1,1,1,S]
-           mk("Unsqueeze", ["position_ids", "gb_q_ax"], ["gb_qpos"]),                # [B,1,1,T,1]
-           mk("LessOrEqual", ["gb_kpos", "gb_qpos"], ["gb_vis5"]),                   # [B,kv|1,1,T,S]
-           mk("Reshape", ["gb_vis5", "gb_flat1"], ["gb_vis"]),                       # [B,kv|1,1,T*S]
-           mk("Reshape", ["gb_s", "gb_rows"], ["gb_s_rows"]),                        # [B,kv,G,T*S]
-           mk("Where", ["gb_vis", "gb_s_rows", "gb_minf"], ["gb_masked"]),
-           mk("Shape", ["gb_s"], ["gb_s_shape"]),
-           mk("Reshape", ["gb_masked", "gb_s_shape"], ["gb_scores"]),                # [B,kv,G*T,S]
-           mk("Softmax", ["gb_scores"], ["gb_p"], axis=-1, name="gb_softmax"),
-           mk("ReduceSum", ["gb_p", "gb_ax2"], ["attn_sum"], keepdims=0),            # [B,kv,S]
-           mk("ReduceMax", ["gb_p"], ["attn_max"], axes=[2], keepdims=0),               # (axes an attribute: opset 17)
-           # P·V per query head over the kv head's values broadcast (no copy): one row per head at decode, which
-           # onnxruntime multiplies without packing the values first (the packing costs more than the G reads)
-           mk("Shape", ["k_cache"], ["gb_kshape"]),
-           mk("Slice", ["gb_kshape", "gb_two", "gb_three"], ["gb_S"]),
-           mk("Concat", ["gb_rows", "gb_S"], ["gb_p5_shape"], axis=0),
-           mk("Reshape", ["gb_p", "gb_p5_shape"], ["gb_p5"]),                        # [B,kv,G,T,S]
-           mk("Unsqueeze", ["v_cache", "gb_ax2"], ["gb_v"]),                         # [B,kv,1,S,D]
-           mk("MatMul", ["gb_p5", "gb_v"], ["gb_o"]),                                # [B,kv,G,T,D]
-           mk("Reshape", ["gb_o", "gb_heads"], ["gb_o_h"]),                          # [B,heads,T,D]
-           mk("Transpose", ["gb_o_h"], ["gb_o_t"], perm=[0, 2, 1, 3]),
-           mk("Reshape", ["gb_o_t", "gb_out"], [attn_flat + "_gb"])]                 # [B,T,heads*D]
+    new = [mk("Reshape", ["q", "gm_q5"], ["gm_q"]),                                  # [B,kv,G,T,D]: head h = kv*G + g
+           mk("Mul", ["gm_q", "gm_scale"], ["gm_qs"]),
+           mk("Unsqueeze", ["k_cache", "gm_ax2"], ["gm_k"]),                         # [B,kv,1,S,D]
+           mk("Transpose", ["gm_k"], ["gm_kt"], perm=[0, 1, 2, 4, 3]),
+           mk("MatMul", ["gm_qs", "gm_kt"], ["gm_s"]),                               # [B,kv,G,T,S]
+           mk("Unsqueeze", ["key_pos", "gm_k_ax"], ["gm_kpos"]),                     # [B,kv|1,1,1,S]
+           mk("Unsqueeze", ["position_ids", "gm_q_ax"], ["gm_qpos"]),                # [B,1,1,T,1]
+           mk("LessOrEqual", ["gm_kpos", "gm_qpos"], ["gm_vis"]),                    # [B,kv|1,1,T,S]
+           mk("Where", ["gm_vis", "gm_s", "gm_minf"], ["gm_scores"]),
+           mk("Softmax", ["gm_scores"], ["gm_p"], axis=-1, name="gm_softmax"),
+           mk("ReduceSum", ["gm_p", "gm_rows"], ["attn_sum"], keepdims=0),           # [B,kv,S]
+           mk("ReduceMax", ["gm_p"], ["attn_max"], axes=[2, 3], keepdims=0),            # (axes an attribute: opset 17)
+           mk("Unsqueeze", ["v_cache", "gm_ax2"], ["gm_v"]),                         # [B,kv,1,S,D]
+           mk("MatMul", ["gm_p", "gm_v"], ["gm_o"]),                                 # [B,kv,G,T,D]
+           mk("Reshape", ["gm_o", "gm_heads"], ["gm_o_h"]),                          # [B,heads,T,D]
+           mk("Transpose", ["gm_o_h"], ["gm_o_t"], perm=[0, 2, 1, 3]),
+           mk("Reshape", ["gm_o_t", "gm_out"], [attn_flat + "_gm"])]                 # [B,T,heads*D]
     for n in g.node:
         for j, o in enumerate(n.output):
             if o in ("attn_sum", "attn_max"):
                 n.output[j] = o + "_exported"
         for j, i in enumerate(n.input):
             if i == attn_flat:
-                n.input[j] = attn_flat + "_gb"
+                n.input[j] = attn_flat + "_gm"
     pl.insert_nodes(g, 0, new, inits)  # every input is a graph input or an initializer
     pl.prune_dead(g, [o.name for o in g.output])
     return True

@@ -18,6 +18,29 @@ from edge_sel.runtime import trace
 from edge_sel.runtime.errors import BundleError
 from edge_sel.runtime.providers import Assignment
 
+# EDGE_SEL_SHARED_THREADS=N: every session of the process runs its ops on one process-wide pool of N threads whose
+# workers spin between ops and between runs, as llama.cpp's threads do, instead of each session waking its own
+# sleeping worker for every parallel op (a decode step runs 61 sessions, each op a few microseconds to a few
+# hundred). Faster when the process has its cores to itself; on a loaded machine spinning threads lose their time
+# slices and every op waits for them, so it is off by default. onnxruntime takes the pool's size once, before the
+# first session: read when this module is imported.
+SHARED_THREADS_ENV = "EDGE_SEL_SHARED_THREADS"
+
+
+def _shared_threads() -> int:
+    try:
+        n = int(os.environ.get(SHARED_THREADS_ENV, "0") or 0)
+    except ValueError:
+        return 0
+    if n > 0:
+        from onnxruntime.capi import onnxruntime_pybind11_state as binding  # the only place onnxruntime exposes it
+
+        binding.set_global_thread_pool_sizes(n, 1)
+    return max(n, 0)
+
+
+SHARED_THREADS = _shared_threads()
+
 
 def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
                     prepack: bool = False) -> ort.SessionOptions:
@@ -39,8 +62,11 @@ def session_options(threads: int | None = None, optimize: str = "all", mem_patte
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimize]
-    so.intra_op_num_threads = threads or int(os.environ.get("EDGE_SEL_THREADS", "0")) or 0
-    so.inter_op_num_threads = 1
+    if SHARED_THREADS:  # the process-wide pool (its size set at import) runs every session
+        so.use_per_session_threads = False
+    else:
+        so.intra_op_num_threads = threads or int(os.environ.get("EDGE_SEL_THREADS", "0")) or 0
+        so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return so
 

@@ -189,3 +189,11 @@ def test_max_new_reaches_the_workers_and_is_validated(tmp_path, monkeypatch):
     assert bg.main(args + ["--max-new", "40"]) == 0 and seen == [40, 40]
     with pytest.raises(SystemExit):
         bg.main(args + ["--max-new", "1"])
+
+
+def test_weight_bundles_and_the_shared_pool_label(tmp_path):
+    cfgs = bg.weight_bundle_configs(f"int4={tmp_path}/a, int4+shared={tmp_path}/a,", 2)
+    assert [c["name"] for c in cfgs] == ["edge_sel full int4", "edge_sel full int4+shared"]
+    assert {c["bundle"] for c in cfgs} == {str(tmp_path / "a")}
+    assert "env" not in cfgs[0] and cfgs[1]["env"] == {"EDGE_SEL_SHARED_THREADS": "2"}
+    assert bg.weight_bundle_configs("x+shared=b", 0)[0]["env"]["EDGE_SEL_SHARED_THREADS"] != "0"  # 0 = every core

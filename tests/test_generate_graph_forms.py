@@ -27,8 +27,11 @@ def _forms(path) -> dict:
     broadcast, rotary, core, compact = set(), set(), set(), set()
     for i, layer in enumerate(b.spec.layers):
         g = onnx.load(str(b.layer_path(i)), load_external_data=False).graph
-        broadcast.add(any(n.op_type == "Unsqueeze" and n.input[0] == "k_cache" for n in g.node))  # keys read G times
-        core.add(any(n.name == "gb_softmax" for n in g.node) and not any(n.op_type == "Gather" for n in g.node))
+        core.add(any(n.name == "gm_softmax" for n in g.node) and not any(n.op_type == "Gather" for n in g.node))
+        # the exported broadcast form: keys broadcast over the group into scaled products (packed G times); the
+        # constant-shape core broadcasts them into unscaled one-row products (read in place)
+        broadcast.add(any(n.op_type == "Unsqueeze" and n.input[0] == "k_cache" for n in g.node)
+                      and not any(n.name == "gm_softmax" for n in g.node))
         q = onnx.load(str(b.path(b.spec.qkv_graph(i).file)), load_external_data=False).graph
         ops = [n.op_type for n in q.node]
         rotary.add(ops.count("RotaryEmbedding") == 2 and "Neg" not in ops)

@@ -62,9 +62,9 @@ def test_full_policy_matches_transformers(tmp_path_factory, kind):
 
 
 def test_attention_never_copies_the_cache_over_the_group(llama):
-    """A kv head's query heads are the rows of one product with its cached keys, and multiply its cached values as
-    a broadcast view (the tiny Llama groups 2 query heads per kv head): no node widens or copies the cache over the
-    group (no Expand / Tile / Concat of it), so a decode step reads each key once and each value from one buffer."""
+    """A kv head's query heads multiply its cached keys and values as broadcast views (the tiny Llama groups 2 query
+    heads per kv head): no node widens or copies the cache over the group (no Expand / Tile / Concat of it), and the
+    key product is unscaled (the scaling is on q), so onnxruntime reads the keys in place one row at a time."""
     import onnx
 
     from edge_sel.runtime.bundle import Bundle
@@ -72,12 +72,17 @@ def test_attention_never_copies_the_cache_over_the_group(llama):
     b = Bundle.open(llama)
     assert b.spec.dims.heads > b.spec.dims.kv_heads
     g = onnx.load(str(b.path(b.spec.layers[0].file)), load_external_data=False).graph
-    v = [n for n in g.node if "v_cache" in n.input]
-    assert [n.op_type for n in v] == ["Unsqueeze"]
-    assert [n.op_type for n in g.node if v[0].output[0] in n.input] == ["MatMul"]
-    assert not [n for n in g.node if "k_cache" in n.input and n.op_type not in ("Transpose", "Shape")]
-    kt = [n for n in g.node if "k_cache" in n.input and n.op_type == "Transpose"]
-    assert len(kt) == 1 and [n.op_type for n in g.node if kt[0].output[0] in n.input] == ["MatMul"]
+    users = lambda name: [n for n in g.node if name in n.input]  # noqa: E731
+    for cache, path in (("v_cache", ["MatMul"]), ("k_cache", ["Transpose", "MatMul"])):
+        views = users(cache)
+        assert [n.op_type for n in views] == ["Unsqueeze"], cache
+        n = views[0]
+        for op in path:
+            nxt = users(n.output[0])
+            assert [x.op_type for x in nxt] == [op], cache
+            n = nxt[0]
+    qk = users(users(users("k_cache")[0].output[0])[0].output[0])[0]
+    assert not [x for x in users(qk.output[0]) if x.op_type == "Mul"]  # no scalar scaling to fold into the product
 
 
 def test_manifest_and_chat_template(llama, gen_full):

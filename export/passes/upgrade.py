@@ -52,7 +52,8 @@ def upgrade_generate_bundle(path: str | os.PathLike) -> bool:
     times) become the grouped form (:func:`~edge_sel.export.generate_layers.group_generate_attention`), qkv graphs
     rotate q and k with RotaryEmbedding nodes (:func:`~edge_sel.export.prefix_layers.fuse_rerank_qkv`) from tables
     and reshapes of constant shapes (:func:`~edge_sel.export.generate_layers.compact_generate_qkv`), and
-    block-quantized matrices reading the same activation are merged (:func:`~edge_sel.export.merge_nbits.merge_shared_input`). Same inputs,
+    block-quantized matrices reading the same activation are merged (:func:`~edge_sel.export.merge_nbits.merge_shared_input`)
+    and kept GGUF Q4_1 matrices take the one-row forms (:func:`~edge_sel.export.nbits_forms.decode_forms`). Same inputs,
     outputs and weights; every rewritten graph is checked against the old one on sample inputs and a graph whose
     pattern is not recognised stays as it was (correct, only slower). Returns True when the bundle changed."""
     b = Bundle.open(path)
@@ -76,6 +77,8 @@ def upgrade_generate_bundle(path: str | os.PathLike) -> bool:
                 changed = changed or rotary
             if rotary or io.qkv_rotary == "RotaryEmbedding":
                 changed = gl.compact_qkv_file(w.file(qkv.file), dims) or changed
+            for rel, data, kind in ((layer.file, layer.weights, "attn"), (qkv.file, qkv.weights, "qkv")):
+                changed = gl.forms_graph_file(w.file(rel), w.file(data) if data else None, kind, dims) or changed
         if rotary:
             io = io.replace(qkv_rotary="RotaryEmbedding")
         if not changed:

@@ -19,7 +19,8 @@ error is small); at 4 bits 0 for reranking (batched rows gain nothing from int8 
 own blocks then compute exactly what the float weights do) and 4 for generation, except the matrices whose input
 is wider than the hidden state — the MLP's down projection, whose input (the gated activation) carries the outlier
 features that per-block int8 rounding hurts most (Dettmers et al., LLM.int8(), 2022) — which keep 0
-(:func:`keep_float_wide_inputs`). The manifest's ``weights`` records the format of every file it changed.
+(:func:`keep_float_wide_inputs`; kept GGUF Q4_1 matrices then run it as two int8-activation rows,
+:mod:`edge_sel.export.nbits_forms`). The manifest's ``weights`` records the format of every file it changed.
 """
 
 from __future__ import annotations
@@ -146,10 +147,12 @@ def _fp16_weights(model) -> int:
 
 
 def convert_graph(src: Path, src_data: Path | None, dst: Path, fmt: str, block_size: int = BLOCK_SIZE,
-                  accuracy_level: int | None = None, gguf=None, float_inputs_wider_than: int | None = None):
+                  accuracy_level: int | None = None, gguf=None, float_inputs_wider_than: int | None = None,
+                  decode_forms: bool = False):
     """Write ``src`` (weights in ``src_data``) with its MatMul weights in ``fmt`` to ``dst`` (weights in
     ``<dst name>.data``). ``gguf`` (a :class:`edge_sel.export.gguf_blocks.RowIndex`): weights found in that file keep
-    its blocks. ``float_inputs_wider_than``: :func:`keep_float_wide_inputs` with that hidden size. Returns the data file's name (None when the graph has no external weights), the number of matrices
+    its blocks. ``float_inputs_wider_than``: :func:`keep_float_wide_inputs` with that hidden size. ``decode_forms``: the
+    kept Q4_1 matrices in the one-row forms of :mod:`edge_sel.export.nbits_forms` (generate bundles). Returns the data file's name (None when the graph has no external weights), the number of matrices
     converted and what was kept from the GGUF (:class:`edge_sel.export.gguf_blocks.Kept`, or None)."""
     import onnx
 
@@ -178,6 +181,10 @@ def convert_graph(src: Path, src_data: Path | None, dst: Path, fmt: str, block_s
             from ..merge_nbits import merge_shared_input
 
             merge_shared_input(model)  # after the levels are set: only matrices at the same level merge
+            if decode_forms:
+                from ..nbits_forms import decode_forms as one_row_forms
+
+                one_row_forms(model)  # after the merge: it rewrites the merged products' minimum terms
         out = Path(tmp) / "out"
         out.mkdir()
         data = dst.name + ".data" if src_data is not None else None
@@ -280,7 +287,8 @@ def convert_files(read: Callable[[str], Path], w, manifest: dict[str, Any], fmt:
                 worst = max(worst or 0.0, diff)
                 continue
         data, count, kept = convert_graph(read(rel), src_data, w.file(rel), fmt, block_size, level, gguf=gguf,
-                                          float_inputs_wider_than=None if is_head else wide)
+                                          float_inputs_wider_than=None if is_head else wide,
+                                          decode_forms=wide is not None and not is_head)
         replaced.update(x for x in (rel, weights_rel) if x)
         data_paths[rel] = Path(rel).with_name(data).as_posix() if data else None
         source = "requantized" if block else "export"
