@@ -6,9 +6,10 @@ it. A policy that wants one names a recorder (:meth:`Policy.surveyor`); the engi
 layer once with that recorder (one scratch of the context's K/V, nothing cached, the hidden states moving on), hands
 the recording back (:meth:`Policy.surveyed`) and only then plans the caches (``layer_shares`` may now use it). A
 recorder that asks for context-reconstruction passes (its ``reconstruction``: KVzip's score, :mod:`.reconstruct`)
-gets them in the survey (the policy's ``survey_tokens`` has the planner size the scratch for them). The survey costs one more prefill of the context (the prefill takes ~2x as long; with the passes
-~3-4x); its scratch is no larger than the look-once prefill's (planned with the passes), which the budget already
-pays for, and the caches do not exist yet while it runs.
+gets them in the survey (the policy's ``survey_tokens`` has the planner size the scratch for them). The survey costs
+one more prefill of the context (on a 1792-token context the prefill took ~1.5x as long, ~2.4x with the passes); its
+scratch is no larger than the look-once prefill's (planned with the passes), which the budget already pays for, and
+the caches do not exist yet while it runs.
 """
 
 from __future__ import annotations

@@ -4,16 +4,18 @@ KVzip (Kim et al., 2025) and Ada-KV (Feng et al., 2024) split the budget by one 
 the prompt at hand; ``mpcache_ea_alloc`` can only use a split calibrated once per model, because a look-once prefill
 compresses each layer before the next has run. Here the engine first runs the context through every layer once,
 recording (:mod:`edge_sel.runtime.generate.survey`, nothing cached) each key's score, by default KVzip's
-(``statistic="reconstruction"``, :class:`ReconstructionAttention`: the largest attention from a pass that repeats the
-context, run inside the survey; the prefill then takes ~3-4x as long) or the long-range attention of
-``mpcache_ea_alloc``'s calibration (``"long_range"``: no pass, ~2x). One top-k over all layers at the kept fraction
-(:func:`global_shares`) gives this prompt's shares, tempered (raised to ``temper``: the top-k's own split starves
-layers at small budgets; :data:`ZIP_TEMPER` for the reconstruction statistic, chosen on the perplexity benchmark's
-tuning windows); the planner turns them into per-layer capacities with the same total (the bytes of equal layers), so
-the budget stays a hard bound. Inside each layer everything is ``mpcache_ea``'s (expected-attention static eviction:
-KVzip's score itself evicts worse there, ``mpcache_zip``; MPCache's dynamic group selection; MPC costs counted). The
-recorded scores (``[layers, kv, n]`` float32) are counted against the budget (``fixed_bytes``), the passes in the
-scratch (``reconstruction``); without a survey (a rolling prefill) the calibrated shares apply.
+(``statistic="reconstruction"``, :class:`ReconstructionAttention`: the largest attention from a pass that repeats
+the context, run inside the survey; the prefill took ~2.4x as long on a 1792-token context) or the long-range
+attention of ``mpcache_ea_alloc``'s calibration (``"long_range"``: no pass, ~1.5x). One top-k over all layers at the
+kept fraction (:func:`global_shares`) gives this prompt's shares, tempered (raised to ``temper``: the top-k's own
+split starves layers at small budgets; :data:`ZIP_TEMPER` for the reconstruction statistic, chosen on the perplexity
+benchmark's tuning windows); the planner turns them into per-layer capacities with the same total (the bytes of
+equal layers), so the budget stays a hard bound. Inside each layer everything is ``mpcache_ea``'s
+(expected-attention static eviction: KVzip's score itself evicts worse there, ``mpcache_zip``; MPCache's dynamic
+group selection; MPC costs counted). The recorded scores (``[layers, kv, n]`` float32) are counted against the
+budget (``fixed_bytes``), the passes in the scratch (``survey_tokens``). Without a survey (a rolling prefill, or
+below ``min_kept``, 7.5 % kept, where the calibrated split did better on the tuning windows) the calibrated shares
+apply, exactly as ``mpcache_ea_alloc``.
 """
 
 from __future__ import annotations
@@ -93,5 +95,6 @@ class MPCacheEASurvey(MPCacheEAAlloc):
 
 
 def mpcache_ea_survey(**kw):
-    """``mpcache_ea`` with per-layer budgets measured on the prompt (:class:`MPCacheEASurvey`) and MPCache's dynamic selection."""
+    """``mpcache_ea`` with per-layer budgets measured on the prompt (:class:`MPCacheEASurvey`) and MPCache's dynamic
+    selection."""
     return with_dynamic_selection(MPCacheEASurvey, kw, "mpcache_ea_survey")

@@ -8,14 +8,15 @@ over the query heads of its KV head). The look-once prefill runs the passes insi
 KVzip's own top-k over all layers cannot run there, so the layers' shares of the budget stay the calibrated ones of
 :class:`MPCacheEAAlloc`. Inside a layer: sinks, a recent window (``recent_frac`` of the kept tokens), one kept set
 per KV head by the score (``zip_weight`` of it the reconstruction score, the rest ``mpcache_ea``'s expected
-attention and votes, each normalised to sum 1 per head), then MPCache's dynamic group selection (MPC costs
-counted; the score is a max over attention probabilities the prefill computes anyway, one comparison each).
+attention and votes, each normalised to sum 1 per head), then MPCache's dynamic group selection (MPC costs counted;
+the score is a max over attention probabilities the prefill computes anyway, one comparison each).
 
 On the perplexity benchmark's tuning windows this score evicted worse than ``mpcache_ea``'s inside the same layer
-split (``mpcache_ea_alloc``: 1.071 vs 1.028 at 20 % kept; half and half 1.038); KVzip's strength there is
-its split across layers, which ``mpcache_ea_survey`` takes from the same passes. The price is the passes: about one more prefill of the context with longer attention (the prefill takes ~2-3x as
-long), and a scratch that holds the context and one pass (counted against a byte budget). A rolling prefill (no
-scratch) runs no pass: the eviction falls back to ``mpcache_ea``'s score.
+split (``mpcache_ea_alloc``: 1.071 vs 1.028 at 20 % kept; half and half 1.038); KVzip's strength there is its split
+across layers, which ``mpcache_ea_survey`` takes from the same passes. The price is the passes: about one more
+prefill of the context with longer attention (the prefill took ~1.5x as long on a 1792-token context), and a scratch
+that holds the context and one pass (counted against a byte budget). A rolling prefill (no scratch) runs no pass:
+the eviction falls back to ``mpcache_ea``'s score.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .mpcache import with_dynamic_selection
 
 @dataclass
 class MPCacheZip(MPCacheEAAlloc):
-    """:class:`MPCacheEAAlloc` whose eviction score is (mostly) the context-reconstruction attention (module docstring)."""
+    """:class:`MPCacheEAAlloc` whose eviction score is (mostly) the context-reconstruction attention (module doc)."""
 
     name: ClassVar[str] = "mpcache_zip_static"
     zip_weight: float = 1.0     # share of the reconstruction score in the eviction score (the rest: mpcache_ea's)
