@@ -451,3 +451,15 @@ def test_the_scratch_is_paid_for_when_the_alignment_forces_an_eviction(llama):
         plan = planner.plan(pol, n, new)
         assert plan.resident < n + new and plan.scratch
         assert plan.resident * per_tok + fixed + planner.scratch_bytes(plan.scratch_tokens) <= budget, cap
+
+
+@pytest.mark.parametrize("policy", ["mpcache_ea", "mpcache"])
+def test_decode_selection_with_a_capacity_no_multiple_of_16(llama, policy):
+    """A protected suffix makes each layer's capacity exact (no alignment); when the cache fills up, MPCache's last
+    16-group runs past the capacity: those entries are no slot (masked), not an index out of range."""
+    g = Generator(llama, kv_budget=0.5, policy=policy)
+    ids = g.encode(_long_prompt())[:1300]
+    res = g.generate(ids, max_new_tokens=8, protect_suffix=20, stop=False)
+    st = res.stats
+    assert len(res.tokens) == 8 and st["kv_capacity_tokens"] % 16 != 0 and st["kv_capacity_tokens"] >= 512
+    assert max(st["kv_tokens_kept"]) > st["kv_capacity_tokens"] // 16 * 16  # filled into the last, partial group

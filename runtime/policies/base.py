@@ -317,8 +317,10 @@ class ScorePolicy(Policy):
                 cache.score[:, :n] = np.maximum(cache.score[:, :n], row[None]) if maxed else cache.score[:, :n] + row[None]
             else:
                 for h in range(slots.shape[0]):  # per-head selections; the score row is shared by the heads
-                    cur = cache.score[:, slots[h]]
-                    cache.score[:, slots[h]] = np.maximum(cur, a[h][None]) if maxed else cur + a[h][None]
+                    ok = slots[h] >= 0  # -1: no slot (a selection's group past the capacity)
+                    s, ah = slots[h][ok], a[h][ok]
+                    cur = cache.score[:, s]
+                    cache.score[:, s] = np.maximum(cur, ah[None]) if maxed else cur + ah[None]
             return
         if self.vote_pool > 1 and slots is None:
             a = max_pool(a, self.vote_pool)
@@ -331,10 +333,12 @@ class ScorePolicy(Policy):
                 cache.score[:, :m] += a
         else:  # additions only (free in MPC); the probabilities come from attention itself
             for h in range(slots.shape[0]):
+                ok = slots[h] >= 0
+                s, ah = slots[h][ok], a[h][ok]
                 if maxed:
-                    cache.score[h, slots[h]] = np.maximum(cache.score[h, slots[h]], a[h])
+                    cache.score[h, s] = np.maximum(cache.score[h, s], ah)
                 else:
-                    cache.score[h, slots[h]] += a[h]
+                    cache.score[h, s] += ah
 
     def keep(self, layer, cache, target, phase):
         n = cache.n
