@@ -201,7 +201,8 @@ def kv_parser(prog: str, doc: str | None, bundle_required: bool) -> argparse.Arg
 def main(argv: list[str] | None = None) -> int:
     ap = kv_parser("perplexity", __doc__, bundle_required=False)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the same model for kvpress")
-    ap.add_argument("--split", default="held", choices=["tune", "held", "all"])
+    ap.add_argument("--split", default="held", choices=["tune", "held", "all", "extra"],
+                    help="extra: a robustness check on windows neither half used (midpoints between them)")
     ap.add_argument("--fast", action="store_true", help="the split's first window of each book only (development)")
     ap.add_argument("--windows", help="only these windows of the split (comma-separated names, e.g. botchan@28179)")
     ap.add_argument("--ratios", default="0.2,0.1,0.05", help="fractions of the context kept")

@@ -27,7 +27,9 @@ from edge_sel.runtime.generate import Generator
 from edge_sel.runtime.generate.call import Call
 from edge_sel.runtime.generate.decode import decode_step
 from edge_sel.runtime.generate.prefill import chunk_size, final_target, plan_chunks, prefill_suffix
+from edge_sel.runtime.generate.reconstruct import run_passes
 from edge_sel.runtime.generate.sampling import log_softmax_nll
+from edge_sel.runtime.generate.survey import survey
 from edge_sel.runtime.kvcache import LayerCache
 from edge_sel.runtime.planning import KVPlanner
 from edge_sel.runtime.policies import Context, make_policy
@@ -44,26 +46,38 @@ class _Run:
     step_ms: list = field(default_factory=list)  # generation: each decode step's wall time
 
 
-def _runs(gen: Generator, configs, n_prompt: int, n_sfx: int, max_new: int = 1, stream_suffix: bool = True) -> list[_Run]:
+def _runs(gen: Generator, configs, prompt: list[int], n_sfx: int, max_new: int = 1, stream_suffix: bool = True) -> list[_Run]:
+    n_prompt = len(prompt)
     out = []
+    surveys: dict[str, object] = {}  # one survey pass per kind of recorder, shared by the configurations asking for it
     for name, spec, ratio in configs:
         planner = KVPlanner(gen.n_layers, gen.kv_heads, gen.head_dim, gen.context, ratio, "layer", heads=gen.heads)
         policy = make_policy(spec() if callable(spec) else spec)
         max_new = planner.clamp_new(n_prompt, max_new)
         plan = planner.plan(policy, n_prompt, max_new, n_sfx)
+        n = n_prompt - n_sfx
+        rec = policy.surveyor(plan.kept) if plan.scratch else None
+        if rec is not None:  # as Generator.run: the survey (with its recorder's passes), then the plan again
+            if repr(rec) not in surveys:
+                surveys[repr(rec)] = survey(gen.model, prompt[:n], rec, Context(
+                    gen.n_layers, gen.kv_heads, gen.heads, gen.head_dim, n, n, 1, rope_theta=gen.bundle.spec.rope_theta),
+                    gen.chunk_tokens, passes=gen.reconstruction_passes(rec, prompt[:n]))
+            policy.surveyed(surveys[repr(rec)])
+            plan = planner.plan(policy, n_prompt, max_new, n_sfx)
         policy.begin(Context(gen.n_layers, gen.kv_heads, gen.heads, gen.head_dim, plan.resident, n_prompt, max_new,
                              fetch=plan.fetch, stream_suffix=stream_suffix, look_once=plan.scratch,
                              rope_theta=gen.bundle.spec.rope_theta, capacities=plan.layers))
         call = Call(list(range(n_prompt)), max_new, plan.resident, policy, suffix=n_sfx, fetch=plan.fetch,
                     keep_suffix_hidden=True)
         call.caches = [LayerCache(gen.kv_heads, plan.layer(L), gen.head_dim, fetch=plan.fetch) for L in range(gen.n_layers)]
+        call.passes = gen.reconstruction_passes(policy, prompt[:n]) if plan.scratch else []
         out.append(_Run(name, policy, call, plan.scratch, policy.observation_window(n_prompt - n_sfx)))
     return out
 
 
 def score_lockstep(gen: Generator, prefix: list[int], cont: list[int], configs) -> dict[str, dict]:
     """``{name: {"nll", "ppl", "n", "nll_tokens"}}`` for ``configs`` = ``[(name, policy spec or factory, kv_budget)]``."""
-    runs = _runs(gen, configs, len(prefix) + len(cont), len(cont))
+    runs = _runs(gen, configs, [int(t) for t in prefix] + [int(t) for t in cont], len(cont))
     try:
         ctx = _prefill(gen, prefix, cont, runs)
         res = {}
@@ -83,7 +97,8 @@ def generate_lockstep(gen: Generator, context: list[int], question: list[int], c
     """``{name: {"tokens", "step_ms", "kept"}}``: greedy tokens after ``context`` + ``question`` (the question a protected
     suffix) per configuration, and each decode step's milliseconds (the configurations' steps interleaved)."""
     N = len(context) + len(question)
-    runs = _runs(gen, configs, N, len(question), max_new=max_new, stream_suffix=False)
+    runs = _runs(gen, configs, [int(t) for t in context] + [int(t) for t in question], len(question), max_new=max_new,
+                 stream_suffix=False)
     try:
         _prefill(gen, context, question, runs)
         logits = {r.name: gen.model.logits(r.hidden[:, -1]) for r in runs}
@@ -118,7 +133,17 @@ def _prefill(gen: Generator, prefix: list[int], cont: list[int], runs: list[_Run
     ctx = emb[:, :n_ctx]
     for r in runs:
         r.hidden = emb[:, n_ctx:]
-    scratch = LayerCache(gen.kv_heads, n_ctx, gen.head_dim)
+    # context-reconstruction passes (KVzip), run once per pass length and handed to every run that asked for them
+    passes: dict[int, list] = {}
+    for r in runs:
+        if r.look_once and r.call.passes:
+            passes.setdefault(len(r.call.passes[0].ids), r.call.passes)
+    for ps in passes.values():
+        for p in ps:
+            p.hidden = model.embed(p.ids[None])
+    extra = max((len(p.ids) for ps in passes.values() for p in ps), default=0)
+    scratch = LayerCache(gen.kv_heads, n_ctx + extra, gen.head_dim)
+    pass_chunk = chunk_size(gen.chunk_tokens, gen.heads, n_ctx + extra)
     for L, (qkv, attn) in enumerate(model.layers):
         scratch.reset()
         out_ctx = np.empty_like(ctx)
@@ -133,8 +158,13 @@ def _prefill(gen: Generator, prefix: list[int], cont: list[int], runs: list[_Run
             out_ctx[:, a:b] = ho
             seen.append((a, q, asum, amax))
         q_last = q
+        rebuilt: dict[int, list] = {}
+        for length, ps in passes.items():
+            got = rebuilt[length] = []
+            run_passes(qkv, attn, ps, scratch, pass_chunk, lambda asum, amax, got=got: got.append((asum, amax)))
         for r in runs:
-            _compress_layer(r, L, scratch, seen, plan_chunks(n_ctx, chunk, r.obs), n_ctx, S)
+            rec = rebuilt.get(len(r.call.passes[0].ids), []) if r.look_once and r.call.passes else []
+            _compress_layer(r, L, scratch, seen, plan_chunks(n_ctx, chunk, r.obs), n_ctx, S, rec)
             hid = np.concatenate([ctx, r.hidden], axis=1)
             out = np.concatenate([out_ctx, np.empty_like(r.hidden)], axis=1)
             qs = prefill_suffix(model, r.call, L, hid, positions, out, n_ctx, gen.chunk_tokens, q_last)
@@ -160,7 +190,7 @@ def _merged(seen, a0: int, b0: int):
     return tot, top
 
 
-def _compress_layer(r: _Run, L: int, scratch: LayerCache, seen, own_chunks, n_ctx: int, n_sfx: int) -> None:
+def _compress_layer(r: _Run, L: int, scratch: LayerCache, seen, own_chunks, n_ctx: int, n_sfx: int, rebuilt=()) -> None:
     """Hand the shared prefix's attention to ``r``'s policy in its own chunks and phases, then compress into its cache."""
     policy, call = r.policy, r.call
     c = call.caches[L]
@@ -175,6 +205,8 @@ def _compress_layer(r: _Run, L: int, scratch: LayerCache, seen, own_chunks, n_ct
         policy.queries(L, q, np.arange(a0, b0, dtype=np.int64), phase)
         asum, amax = _merged(seen, a0, b0)
         policy.observe(L, work, asum, amax, None, phase)
+    for asum, amax in rebuilt:  # the reconstruction passes' attention over the context, as the engine hands it over
+        policy.observe(L, work, asum, amax, None, "reconstruct")
     if r.look_once:
         target = None
         if n_ctx + n_sfx + call.max_new > c.capacity:

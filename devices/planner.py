@@ -13,7 +13,6 @@ import numpy as np
 
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.generate.prefill import PREFILL_SCORES_BYTES, chunk_size
-from edge_sel.runtime.kvcache import LayerCache
 from edge_sel.runtime.planning import KVPlanner, Planner
 from edge_sel.runtime.planning.rerank import ChunkCount
 from edge_sel.runtime.rerank.tokens import BYTES_PER_ITEM, BYTES_PER_TOKEN, BYTES_PER_TYPE
@@ -138,7 +137,7 @@ def kv_plan(bundle: Bundle, n_prompt: int, max_new: int, kv_budget, policy: str 
     plan = kp.plan(pol, n_prompt, max_new)
     fixed = kp.fixed_bytes(pol, n_prompt + max_new) if kp.budget is not None else 0
     kv = (plan.resident + plan.fetch) * kp.slot_bytes(pol) * len(spec.layers) + fixed
-    scratch = n_prompt * LayerCache.bytes_per_slot(d.kv_heads, d.head_dim) if plan.scratch else 0
+    scratch = kp.scratch_bytes(plan.scratch_tokens) if plan.scratch else 0
     return plan, int(kv), int(scratch)
 
 

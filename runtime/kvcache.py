@@ -76,6 +76,13 @@ class LayerCache:
             else:  # k/v rows are [kv, slots, D]: the per-head indices broadcast over D
                 dst[:, :m] = np.take_along_axis(a, keep if a.ndim == 2 else keep[..., None], axis=1)
 
+    def truncate(self, n: int) -> None:
+        """Forget every slot from ``n`` on (the keys a context-reconstruction pass appended for a while)."""
+        if n < self.n:
+            self.pos[:, n:self.n] = EMPTY_POS
+            self.score[:, n:self.n] = 0.0
+            self.n = n
+
     def reset(self) -> None:
         self.pos[:, : self.n] = EMPTY_POS
         self.score[:, : self.n] = 0.0
@@ -138,8 +145,13 @@ class LayerCache:
         return k, v, np.take_along_axis(self.pos, slots, axis=1)
 
     def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Keys/values/positions of ``slots`` ``[kv, m]`` (a per-head selection) as new contiguous arrays."""
-        k = np.take_along_axis(self.k[0], slots[..., None], axis=1)[None]
-        v = np.take_along_axis(self.v[0], slots[..., None], axis=1)[None]
-        p = np.take_along_axis(self.pos, slots, axis=1)[None]
+        """Keys/values/positions of ``slots`` ``[kv, m]`` (a per-head selection) as new contiguous arrays; a slot of
+        -1 is none (its position ``EMPTY_POS``, which the attention masks)."""
+        none = slots < 0
+        idx = np.where(none, 0, slots) if none.any() else slots
+        k = np.take_along_axis(self.k[0], idx[..., None], axis=1)[None]
+        v = np.take_along_axis(self.v[0], idx[..., None], axis=1)[None]
+        p = np.take_along_axis(self.pos, idx, axis=1)[None]
+        if idx is not slots:
+            p[0][none] = EMPTY_POS
         return k, v, p

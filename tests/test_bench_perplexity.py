@@ -22,6 +22,10 @@ def test_windows_are_fixed_spread_and_split_in_halves():
         assert books.count("botchan") >= 4 and books.count("alice") >= 2
     starts = [w.start for w in ppl_texts.windows("all") if w.book == "botchan"]
     assert starts == sorted(starts) and all(b - a >= ppl_texts.PREFIX + ppl_texts.CONT for a, b in zip(starts, starts[1:]))
+    extra = ppl_texts.windows("extra")
+    assert [w.book for w in extra].count("botchan") == 3 and [w.book for w in extra].count("alice") == 2
+    for e in extra:  # a robustness check: no token shared with a window either half used
+        assert all(abs(e.start - w.start) >= ppl_texts.PREFIX + ppl_texts.CONT for w in ppl_texts.windows("all") if w.book == e.book)
 
 
 def test_window_ids_cut_the_same_tokens_and_refuse_a_window_past_the_end(monkeypatch):

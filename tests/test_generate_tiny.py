@@ -433,3 +433,33 @@ def test_static_plus_dynamic_policies_refuse_an_unknown_option(name):
     REGISTRY[name](min_tokens_to_select=8)  # a dynamic-selection option is accepted
     with pytest.raises(ValueError, match="no option 'recnet_frac'"):
         REGISTRY[name](recnet_frac=0.5)
+
+
+def test_the_scratch_is_paid_for_when_the_alignment_forces_an_eviction(llama):
+    """A byte budget just above the whole call rounds down to the policy's alignment, below it: the prompt is then
+    evicted through the look-once scratch, which the budget must pay for too."""
+    from edge_sel.runtime.planning import KVPlanner
+
+    g = Generator(llama)
+    pol = make_policy("mpcache")  # align 32
+    n, new = 500, 4
+    probe = KVPlanner(g.n_layers, g.kv_heads, g.head_dim, g.context, "1MB", heads=g.heads)
+    per_tok, fixed = probe.bytes_per_token(pol), probe.fixed_bytes(pol, n + new)
+    for cap in range(n + new, n + new + 8):
+        budget = cap * per_tok + fixed
+        planner = KVPlanner(g.n_layers, g.kv_heads, g.head_dim, g.context, f"{budget}B", heads=g.heads)
+        plan = planner.plan(pol, n, new)
+        assert plan.resident < n + new and plan.scratch
+        assert plan.resident * per_tok + fixed + planner.scratch_bytes(plan.scratch_tokens) <= budget, cap
+
+
+@pytest.mark.parametrize("policy", ["mpcache_ea", "mpcache"])
+def test_decode_selection_with_a_capacity_no_multiple_of_16(llama, policy):
+    """A protected suffix makes each layer's capacity exact (no alignment); when the cache fills up, MPCache's last
+    16-group runs past the capacity: those entries are no slot (masked), not an index out of range."""
+    g = Generator(llama, kv_budget=0.5, policy=policy)
+    ids = g.encode(_long_prompt())[:1300]
+    res = g.generate(ids, max_new_tokens=8, protect_suffix=20, stop=False)
+    st = res.stats
+    assert len(res.tokens) == 8 and st["kv_capacity_tokens"] % 16 != 0 and st["kv_capacity_tokens"] >= 512
+    assert max(st["kv_tokens_kept"]) > st["kv_capacity_tokens"] // 16 * 16  # filled into the last, partial group

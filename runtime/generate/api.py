@@ -42,6 +42,8 @@ from .call import Call
 from .decode import decode_step
 from .model import DecoderModel
 from .prefill import prefill
+from .reconstruct import INSTRUCTION, repeat_passes
+from .survey import survey
 from .sampling import log_softmax_nll, sample
 from .stats import GenerationStats, StatsRecorder
 
@@ -195,6 +197,32 @@ class Generator:
     def close(self) -> None:
         self.model.close()
 
+    def survey(self, policy: Policy, context: list[int], kept: float = 1.0) -> bool:
+        """Run ``policy``'s survey of ``context`` (:mod:`.survey`; with the passes its recorder asks for) if it asks
+        for one at the kept fraction ``kept``; whether it ran."""
+        rec = policy.surveyor(kept)
+        if rec is None:
+            return False
+        n = len(context)
+        ctx = Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, n, n, 1,
+                      rope_theta=self.bundle.spec.rope_theta)
+        tk = trace.begin("survey", tokens=n)
+        survey(self.model, context, rec, ctx, self.chunk_tokens, release=self.model.releases_weights(n),
+               passes=self.reconstruction_passes(rec, context))
+        trace.end(tk)
+        policy.surveyed(rec)
+        return True
+
+    def reconstruction_passes(self, policy: Policy, context: list[int]) -> list:
+        """The context-reconstruction passes ``policy`` asks of a look-once prefill over ``context`` (KVzip)."""
+        n = len(context)
+        length = int(policy.reconstruction(n, max(0, self.context - n)))
+        if length <= 0:
+            return []
+        bos = self.bundle.spec.bos_id
+        return repeat_passes(self.tokenizer.encode(INSTRUCTION, add_special_tokens=False), context, length,
+                             first=1 if bos is not None and context and context[0] == bos else 0)
+
     # ---- one call ---------------------------------------------------------------------------
     def _prompt_ids(self, prompt, chat, system) -> list[int]:
         if isinstance(prompt, (list, tuple, np.ndarray)):
@@ -233,12 +261,16 @@ class Generator:
             self.model.release_weights()
         policy = make_policy(self.policy_spec)
         plan = self.planner.plan(policy, N, max_new, int(suffix))
-        trace.instant("plan", resident=plan.resident, fetch=plan.fetch, scratch=plan.scratch, prompt_tokens=N, max_new=max_new)
         t0 = time.perf_counter()
         tracker = PeakTracker()
         tracker.__enter__()
         rec = None
         try:
+            # a survey is part of the prefill (its time and memory counted with it)
+            if plan.scratch and self.survey(policy, ids[:N - int(suffix)], plan.kept):
+                plan = self.planner.plan(policy, N, max_new, int(suffix))  # the layers' shares measured on this prompt
+            trace.instant("plan", resident=plan.resident, fetch=plan.fetch, scratch=plan.scratch, prompt_tokens=N,
+                          max_new=max_new)
             policy.begin(Context(self.n_layers, self.kv_heads, self.heads, self.head_dim, plan.resident, N, max_new,
                                  fetch=plan.fetch, stream_suffix=bool(causal_suffix), look_once=plan.scratch,
                                  rope_theta=self.bundle.spec.rope_theta, capacities=plan.layers))
@@ -247,7 +279,8 @@ class Generator:
             call.caches = [LayerCache(self.kv_heads, plan.layer(L), self.head_dim, fetch=plan.fetch)
                            for L in range(self.n_layers)]
             if plan.scratch:
-                call.scratch = LayerCache(self.kv_heads, N, self.head_dim)
+                call.scratch = LayerCache(self.kv_heads, plan.scratch_tokens, self.head_dim)
+                call.passes = self.reconstruction_passes(policy, ids[:N - int(suffix)])
             trace.counter("engine", lambda: {"kv_bytes": sum(c.nbytes for c in call.caches) + (call.scratch.nbytes if call.scratch else 0)})
             rng = np.random.default_rng(seed)
             logits = prefill(self.model, call, self.chunk_tokens, self.heads)

@@ -25,6 +25,7 @@ class Call:
     keep_suffix_hidden: bool = False  # score(): keep the last layer's hidden states of the suffix
     suffix_hidden: np.ndarray | None = None  # ... from the last compressed token to the end
     fetch: int = 0  # fetch-area slots per layer on top of ``capacity``, inside the budget
+    passes: list = field(default_factory=list)  # context-reconstruction passes (:mod:`.reconstruct`) a look-once prefill runs
 
     def make_room(self, layer: int, need: int, phase: str) -> None:
         """Evict from layer ``layer``'s cache so ``need`` more tokens fit; at decode, a block at once (a

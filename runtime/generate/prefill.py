@@ -7,6 +7,9 @@ the layer's budgeted cache, scored by the observation window's attention over ev
 / MPCache). "rolling" mode: the layer's own cache is the only buffer and the policy evicts as chunks
 arrive (strict bound, no scratch; the window sees only what survived).
 
+A policy may ask for context-reconstruction passes (KVzip, :mod:`.reconstruct`): in "layer" mode they run at each
+layer after its context, over the scratch, before it is compressed.
+
 A protected suffix (the last prompt tokens, e.g. a question after a long context) is run per layer
 after its context was compressed (the policy never sees it while compressing) over the compressed
 cache, and its keys/values are appended uncompressed — kvpress's "context compressed, question not".
@@ -20,6 +23,7 @@ from .. import trace
 from ..memory import trim_heap
 from .call import Call
 from .model import DecoderModel
+from .reconstruct import run_passes
 
 # Prompts longer than this trim the heap after every layer's pass: each pass frees its activations, and without
 # a trim the allocator keeps them (measured: ~150 MiB of freed heap left in RSS after a 1k-token prompt at 4 bits).
@@ -79,6 +83,10 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
     obs = policy.observation_window(sfx_from)
     if rolling:
         obs = min(obs, max(1, cap // 2))
+    passes = call.passes if scratch is not None else []
+    for p in passes:
+        p.hidden = model.embed(p.ids[None])
+    pass_chunk = chunk_size(chunk_tokens, heads, scratch.capacity) if passes else 0
     for L, (qkv, attn) in enumerate(model.layers):
         tk = trace.begin("prefill.layer", layer=L)
         c = call.caches[L]
@@ -103,6 +111,9 @@ def prefill(model: DecoderModel, call: Call, chunk_tokens: int, heads: int) -> n
                                              "position_ids": p})
             policy.observe(L, work, asum, amax, None, phase)
             out[:, a:b] = ho
+        if passes:  # KVzip's scoring: the context rebuilt over this layer's K/V, its keys then dropped
+            run_passes(qkv, attn, passes, scratch, pass_chunk,
+                       lambda asum, amax, L=L: policy.observe(L, scratch, asum, amax, None, "reconstruct"))
         if scratch is not None:
             target = None
             if scratch.n + n_sfx + max_new > c.capacity:

@@ -9,7 +9,8 @@ refused before any work with the minimum that would work (:class:`BudgetError.mi
 
 The plan: the resident tokens per layer, the policy's fetch area on top of them (both inside the
 budget; a policy that reads evicted tokens back sizes it), and whether prefill uses a one-layer
-whole-prompt scratch (look-once prefill), which a byte budget must also pay for. A policy with
+whole-prompt scratch (look-once prefill), which a byte budget must also pay for (with a policy that reconstructs
+the context, KVzip's way, the scratch holds the context and one reconstruction pass). A policy with
 ``layer_shares`` gets unequal layers: the same total (so the same bytes), each layer at least the minimum.
 """
 
@@ -68,6 +69,8 @@ class KVPlan:
     fetch: int      # fetch-area slots per layer on top of ``resident`` (inside the budget)
     scratch: bool   # prefill builds each layer's whole prompt K/V in one shared scratch, then compresses it
     layers: tuple = ()  # resident tokens of each layer when they differ (sum <= n_layers * resident); empty: equal
+    scratch_tokens: int = 0  # the scratch's slots: the prompt, or the context and a reconstruction pass if longer
+    kept: float = 1.0  # the fraction of the context a layer keeps, on average
 
     def layer(self, i: int) -> int:
         return self.layers[i] if self.layers else self.resident
@@ -125,6 +128,11 @@ class KVPlanner:
         per_tok = self.bytes_per_token(policy)
         need = self.min_tokens(policy, n_prompt, max_new)
         scratch = self.prefill == "layer"
+        n_ctx = n_prompt - suffix
+        # a look-once prefill may run context-reconstruction passes (KVzip) whose keys the scratch holds for a while
+        room = max(0, self.context - n_ctx)
+        scratch_tokens = max(n_prompt, n_ctx + max(0, int(policy.reconstruction(n_ctx, room)),
+                                                   int(policy.survey_tokens(n_ctx, room))))
         fixed = self.fixed_bytes(policy, whole) if self.budget is not None else 0
         a = policy.align
         if self.budget is None:
@@ -136,9 +144,9 @@ class KVPlanner:
             cap = {"tokens": lambda: int(value), "bytes": lambda: int(value) // per_tok,
                    "fraction": lambda: (int(np.ceil(value * (n_prompt - suffix))) + suffix + max_new if suffix
                                         else int(np.ceil(value * n_prompt)))}[kind]()
-            if kind == "bytes" and scratch and cap < whole:
+            if kind == "bytes" and scratch and (cap if suffix else cap // a * a) < whole:  # after the alignment
                 # the scratch counts against a byte budget; without room for it, prefill rolls instead
-                with_scratch = (int(value) - self.scratch_bytes(n_prompt)) // per_tok
+                with_scratch = (int(value) - self.scratch_bytes(scratch_tokens)) // per_tok
                 if with_scratch // a * a >= need:
                     cap = with_scratch
                 else:
@@ -162,7 +170,8 @@ class KVPlanner:
             lo = max(need, base + 8) if suffix else need
             hi = -(-whole // a) * a  # no layer needs more than the whole call
             layers = split_layers(res, base, np.asarray(shares, dtype=np.float64), lo, hi, 1 if suffix else a)
-        return KVPlan(res, fetch, scratch and min(layers or (res,)) < whole, layers)
+        scratch = scratch and min(layers or (res,)) < whole
+        return KVPlan(res, fetch, scratch, layers, scratch_tokens if scratch else 0, kept)
 
     def _refusal(self, policy, cap, need, per_tok, fixed, n_prompt, max_new, suffix) -> BudgetError:
         what = {"tokens": "tokens", "fraction": "of the prompt", "bytes": "bytes"}[self.budget[0]] if self.budget else ""

@@ -4,10 +4,11 @@ The generate engine calls, per layer ``L`` (nothing else):
 
 * ``begin(ctx)`` / ``end()`` around a call (``end`` also after an exception: release files);
 * planning, before any allocation: ``bytes_per_token``, ``fixed_bytes``, ``prefill_bytes``, ``fetch_tokens``,
-  ``layer_shares``, the class
+  ``layer_shares``, ``reconstruction``, ``surveyor`` / ``surveyed`` (a recording pass over the context first), the class
   attributes ``min_tokens``, ``align``, ``evicts``, and ``observation_window(prompt_len)``;
 * ``observe(L, cache, attn_sum, attn_max, slots, phase)`` after an attention run (``phase``:
-  ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks — or ``"decode"``;
+  ``"prefill"``, ``"window"`` — the prompt's observation window, its last chunks —, ``"reconstruct"`` — a
+  context-reconstruction pass's attention over the context's keys (``reconstruction``) — or ``"decode"``;
   ``slots`` None when the whole cache was read, else the ``[kv, m]`` selection). At decode steps only
   when ``needs_decode_attention``;
 * ``queries(L, q, positions, phase)`` with each prompt chunk's queries (``[1, H, T, D]``, after the rotary
@@ -138,6 +139,27 @@ class Policy:
     def fetch_tokens(self, cap: int, suffix: int, whole: int, room: int) -> int:
         """Slots of each layer's fetch area, carved out of ``cap`` (the budget's tokens per layer), ``<= room``."""
         return 0
+
+    def reconstruction(self, n_ctx: int, room: int) -> int:
+        """Tokens of each context-reconstruction pass a look-once prefill runs after a layer's context (KVzip: an
+        instruction to repeat the context, then the context again; its attention is handed over as phase
+        ``"reconstruct"`` and its keys dropped), at most ``room`` (the positions the model has left); 0: none.
+        The scratch holds the context and one pass, so a byte budget pays for it."""
+        return 0
+
+    def surveyor(self, kept: float = 1.0) -> "Policy | None":
+        """A recording policy the engine runs over the prompt's context before planning the cache (one plain
+        layer-by-layer pass, :mod:`edge_sel.runtime.generate.survey`), only when the prefill is look-once and
+        evicts; ``kept``: the fraction of the context the first plan keeps; None: no survey."""
+        return None
+
+    def survey_tokens(self, n_ctx: int, room: int) -> int:
+        """Tokens of the context-reconstruction pass the survey's recorder may run (its ``reconstruction``), so the
+        planner sizes the scratch for it; 0: none."""
+        return 0
+
+    def surveyed(self, recorder: "Policy") -> None:
+        """The survey's recorder, after its pass (before ``layer_shares`` is asked and before ``begin``)."""
 
     def layer_shares(self, n_layers: int, kept: float = 1.0, model: tuple = ()) -> np.ndarray | None:
         """Relative share of each layer in what the context keeps (mean 1; the planner keeps the total and each
@@ -295,8 +317,10 @@ class ScorePolicy(Policy):
                 cache.score[:, :n] = np.maximum(cache.score[:, :n], row[None]) if maxed else cache.score[:, :n] + row[None]
             else:
                 for h in range(slots.shape[0]):  # per-head selections; the score row is shared by the heads
-                    cur = cache.score[:, slots[h]]
-                    cache.score[:, slots[h]] = np.maximum(cur, a[h][None]) if maxed else cur + a[h][None]
+                    ok = slots[h] >= 0  # -1: no slot (a selection's group past the capacity)
+                    s, ah = slots[h][ok], a[h][ok]
+                    cur = cache.score[:, s]
+                    cache.score[:, s] = np.maximum(cur, ah[None]) if maxed else cur + ah[None]
             return
         if self.vote_pool > 1 and slots is None:
             a = max_pool(a, self.vote_pool)
@@ -309,10 +333,12 @@ class ScorePolicy(Policy):
                 cache.score[:, :m] += a
         else:  # additions only (free in MPC); the probabilities come from attention itself
             for h in range(slots.shape[0]):
+                ok = slots[h] >= 0
+                s, ah = slots[h][ok], a[h][ok]
                 if maxed:
-                    cache.score[h, slots[h]] = np.maximum(cache.score[h, slots[h]], a[h])
+                    cache.score[h, s] = np.maximum(cache.score[h, s], ah)
                 else:
-                    cache.score[h, slots[h]] += a[h]
+                    cache.score[h, s] += ah
 
     def keep(self, layer, cache, target, phase):
         n = cache.n

@@ -67,7 +67,8 @@ class Composite(Policy):
 # extension points (the first part with an opinion decides a choice; every part sees every event).
 _ATTRIBUTES = {"needs_decode_attention": any, "window_reset": any, "min_tokens": max, "evicts": all}
 _HOOKS = {
-    "observation_window": max, "fetch_tokens": max, "layer_shares": _first_opinion, "suffix_step": min, "skip_layer": any,
+    "observation_window": max, "fetch_tokens": max, "reconstruction": max, "layer_shares": _first_opinion,
+    "surveyor": _first_opinion, "surveyed": _every, "survey_tokens": max, "suffix_step": min, "skip_layer": any,
     "bytes_per_token": sum, "fixed_bytes": sum, "prefill_bytes": sum, "held_bytes": sum, "report": _merged,
     "keep": _first_opinion, "select": _first_opinion, "after_layer": _first_opinion,
     "end": _every, "accumulate": _every, "appended": _every, "evicted": _every, "compacted": _every,

@@ -247,6 +247,8 @@ class MPCacheDynamic(Policy):
         pick = topk_sorted(s16, k2)
         groups = np.take_along_axis(cand_c, pick, axis=1)                          # [kv, k2] 16-groups
         slots = (groups[..., None] * self.sub + np.arange(self.sub)).reshape(kv, -1)
+        if slots.max() >= cache.capacity:  # the last 16-group of a capacity that is no multiple of 16 runs past it:
+            slots = np.where(slots < cache.capacity, slots, -1)  # -1 is no slot (masked by the attention, never scored)
         self.count(multiplications=kv * D * (g32 + cand.shape[1]),
                    comparisons=kv * (g32 * log2c(k1) + cand.shape[1] * log2c(k2)),
                    gathers=slots.size)

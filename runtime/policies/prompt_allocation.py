@@ -1,0 +1,100 @@
+"""``mpcache_ea_survey``: ``mpcache_ea_alloc`` with the layers' shares measured on the prompt itself, by a survey pass.
+
+KVzip (Kim et al., 2025) and Ada-KV (Feng et al., 2024) split the budget by one top-k over every layer's scores of
+the prompt at hand; ``mpcache_ea_alloc`` can only use a split calibrated once per model, because a look-once prefill
+compresses each layer before the next has run. Here the engine first runs the context through every layer once,
+recording (:mod:`edge_sel.runtime.generate.survey`, nothing cached) each key's score, by default KVzip's
+(``statistic="reconstruction"``, :class:`ReconstructionAttention`: the largest attention from a pass that repeats
+the context, run inside the survey; the prefill took ~2.4x as long on a 1792-token context) or the long-range
+attention of ``mpcache_ea_alloc``'s calibration (``"long_range"``: no pass, ~1.5x). One top-k over all layers at the
+kept fraction (:func:`global_shares`) gives this prompt's shares, tempered (raised to ``temper``: the top-k's own
+split starves layers at small budgets; :data:`ZIP_TEMPER` for the reconstruction statistic, chosen on the perplexity
+benchmark's tuning windows); the planner turns them into per-layer capacities with the same total (the bytes of
+equal layers), so the budget stays a hard bound. Inside each layer everything is ``mpcache_ea``'s
+(expected-attention static eviction: KVzip's score itself evicts worse there, ``mpcache_zip``; MPCache's dynamic
+group selection; MPC costs counted). The recorded scores (``[layers, kv, n]`` float32) are counted against the
+budget (``fixed_bytes``), the passes in the scratch (``survey_tokens``). Without a survey (a rolling prefill, or
+below ``min_kept``, 7.5 % kept, where the calibrated split did better on the tuning windows) the calibrated shares
+apply, exactly as ``mpcache_ea_alloc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from .layer_allocation import CALIBRATED, LongRangeAttention, MPCacheEAAlloc, global_shares, shares_at, temper_at
+from .mpcache import with_dynamic_selection
+from .reconstruction import ReconstructionAttention
+
+# the exponent on the reconstruction statistic's shares: (log kept fractions, tempers), interpolated, the nearest outside
+ZIP_TEMPER = (np.log([0.1, 0.2]), [0.5, 1.0])
+
+
+@dataclass
+class MPCacheEASurvey(MPCacheEAAlloc):
+    """:class:`MPCacheEAAlloc` with this prompt's own layer split (module docstring)."""
+
+    name: ClassVar[str] = "mpcache_ea_survey_static"
+    statistic: str = "reconstruction"  # the survey's score: KVzip's "reconstruction" or "long_range" attention
+    distance: int = 32  # long_range: a query this many positions after a key or more scores it
+    repeat_tokens: int = 2048  # reconstruction: tokens of one pass (instruction + a piece of the context)
+    blend: float = 1.0  # weight of this prompt's split against the calibrated one (a geometric mix; 1: this prompt's)
+    min_kept: float = 0.075  # below this kept fraction no survey: the calibrated split (chosen on the tuning windows)
+    measured: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.statistic not in ("reconstruction", "long_range"):
+            raise ValueError(f"statistic must be 'reconstruction' or 'long_range', got {self.statistic!r}")
+        for k in ("blend", "min_kept"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"{k} must be in [0, 1], got {v!r}")
+        for k in ("distance", "repeat_tokens"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a positive integer, got {v!r}")
+
+    def surveyor(self, kept=1.0):
+        if kept < self.min_kept:
+            return None  # the calibrated split (mpcache_ea_alloc's) does better at small budgets: no survey
+        if self.statistic == "reconstruction":
+            return ReconstructionAttention(repeat_tokens=self.repeat_tokens)
+        return LongRangeAttention(distance=self.distance)
+
+    def survey_tokens(self, n_ctx, room):  # the survey's passes share the scratch the budget pays for
+        if self.statistic != "reconstruction":
+            return 0
+        return ReconstructionAttention(repeat_tokens=self.repeat_tokens).reconstruction(n_ctx, room)
+
+    def surveyed(self, recorder):
+        self.measured = recorder.stacked(recorder.ctx.prompt_len)
+
+    def end(self):
+        super().end()
+        self.measured = None  # one call's survey: a reused instance must not plan the next prompt with it
+
+    def fixed_bytes(self, n_layers, kv_heads, head_dim, n_tokens):
+        # the survey's scores of every layer, alive from the survey until the cache is planned
+        return super().fixed_bytes(n_layers, kv_heads, head_dim, n_tokens) + n_layers * kv_heads * n_tokens * 4
+
+    def layer_shares(self, n_layers, kept=1.0, model=()):
+        if self.measured is None or self.shares is not None or len(self.measured) != n_layers or kept >= 1:
+            return super().layer_shares(n_layers, kept, model)
+        temper = self.temper if self.temper is not None else (
+            temper_at(kept) if self.statistic == "long_range" else float(np.interp(np.log(kept), *ZIP_TEMPER)))
+        s = global_shares(self.measured, kept) ** temper
+        table = CALIBRATED.get(tuple(model))
+        if self.blend < 1 and table is not None:  # a geometric mix with the calibrated split (as mpcache_ea_alloc's)
+            cal = shares_at(table, kept) ** temper_at(kept)
+            s = np.exp(self.blend * np.log(np.maximum(s / max(s.mean(), 1e-30), 1e-3)) + (1 - self.blend) * np.log(cal))
+        return s / s.mean() if s.sum() > 0 else None
+
+
+def mpcache_ea_survey(**kw):
+    """``mpcache_ea`` with per-layer budgets measured on the prompt (:class:`MPCacheEASurvey`) and MPCache's dynamic
+    selection."""
+    return with_dynamic_selection(MPCacheEASurvey, kw, "mpcache_ea_survey")
