@@ -3,31 +3,16 @@ the KV budget a hard bound."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
 from edge_sel.runtime.generate import Generator
 from edge_sel.runtime.policies.layer_allocation import LongRangeAttention, global_shares, temper_at
 from edge_sel.runtime.policies.prompt_allocation import ZIP_TEMPER, MPCacheEASurvey, mpcache_ea_survey
-from edge_sel.runtime.policies.reconstruction import MPCacheZip
 from edge_sel.runtime.planning.kv import split_layers
 
 from gen_tiny import long_text
-
-
-@dataclass
-class _SeenZip(MPCacheZip):
-    """The reconstruction scores the prefill's own passes give (tested against one causal forward pass elsewhere)."""
-
-    def begin(self, ctx):
-        super().begin(ctx)
-        self.seen = {}
-
-    def score(self, layer, keys, votes):
-        self.seen[layer] = self.zip[layer][:, :keys.shape[1]].copy()
-        return super().score(layer, keys, votes)
+from test_policy_reconstruction import SeenZip
 
 
 def _own_split(bundle, ids, n_ctx, kept, res, base, lo, hi, statistic):
@@ -37,7 +22,7 @@ def _own_split(bundle, ids, n_ctx, kept, res, base, lo, hi, statistic):
         Generator(bundle, policy=rec).generate(ids[:n_ctx], max_new_tokens=1, stop=False)
         scores, temper = rec.stacked(n_ctx), temper_at(kept)
     else:  # every layer compressed (equal shares), so each one's scores are read
-        rec = _SeenZip(shares=(1.0,) * 4)
+        rec = SeenZip(shares=(1.0,) * 4)
         Generator(bundle, policy=rec, kv_budget=0.5).generate(ids[:n_ctx], max_new_tokens=1, stop=False)
         scores, temper = np.stack([rec.seen[L] for L in range(4)]), float(np.interp(np.log(kept), *ZIP_TEMPER))
     s = global_shares(scores, kept) ** temper

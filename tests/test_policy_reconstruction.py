@@ -20,7 +20,7 @@ UNEQUAL = (3.0, 0.25, 1.5, 0.5)  # the tiny model's 4 layers
 
 
 @dataclass
-class _SeenZip(MPCacheZip):
+class SeenZip(MPCacheZip):
     """Keeps a copy of each layer's reconstruction score as the eviction reads it."""
 
     def begin(self, ctx):
@@ -65,7 +65,7 @@ def test_passes_split_the_context_after_the_instruction_and_sit_after_it():
 def test_the_score_is_the_attention_of_the_context_repeated_after_it(gen_llama_bundle):
     """The passes carried through the layer loop (their keys dropped after each layer) see exactly what one causal
     forward pass over context + instruction + context would: the same per-key maxima, layer by layer."""
-    g = Generator(gen_llama_bundle, kv_budget=0.5, policy=_SeenZip(), chunk_tokens=32)
+    g = Generator(gen_llama_bundle, kv_budget=0.5, policy=SeenZip(), chunk_tokens=32)
     ctx = g.encode(long_text(3000))[:224]
     pol = g.policy_spec
     g.generate(ctx, max_new_tokens=1, stop=False)
