@@ -84,9 +84,7 @@ class LayerCache:
             self.n = n
 
     def reset(self) -> None:
-        self.pos[:, : self.n] = EMPTY_POS
-        self.score[:, : self.n] = 0.0
-        self.n = 0
+        self.truncate(0)
 
     def load_from(self, src: "LayerCache", keep: np.ndarray | None) -> None:
         """Fill this (empty) cache with ``src``'s slots ``keep`` (``[m]`` or ``[kv, m]``, ascending; None = all)."""
