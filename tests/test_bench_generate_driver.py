@@ -197,3 +197,4 @@ def test_weight_bundles_and_the_shared_pool_label(tmp_path):
     assert {c["bundle"] for c in cfgs} == {str(tmp_path / "a")}
     assert "env" not in cfgs[0] and cfgs[1]["env"] == {"EDGE_SEL_SHARED_THREADS": "2"}
     assert bg.weight_bundle_configs("x+shared=b", 0)[0]["env"]["EDGE_SEL_SHARED_THREADS"] != "0"  # 0 = every core
+    assert bg.weight_bundle_configs("x+own=b", 2)[0]["env"] == {"EDGE_SEL_SHARED_THREADS": "0"}

@@ -108,7 +108,8 @@ class Generator:
         self.budget = self.planner.budget
         self.stop_ids = set(int(i) for i in spec.stop_ids)
         self.tokenizer = Tokenizer(self.bundle)
-        self.model = DecoderModel(self.bundle, threads, self.providers, backend_for(self.bundle, self.providers))
+        self.model = DecoderModel(self.bundle, threads, self.providers,
+                                  backend_for(self.bundle, self.providers, small_ops=True))
         self.stats: GenerationStats | None = None
 
     @property
@@ -290,6 +291,7 @@ class Generator:
             for step in range(max_new):
                 tok = forced[step] if forced is not None else sample(logits, temperature, top_p, rng)
                 self.stats = rec.stats(n_decode, step + 1)
+                self.stats.shared_pool_threads = self.model.shared_pool
                 self.stats.provider = self.providers.as_dict()
                 self.stats.memory_release = released.report()
                 yield tok, logits, call

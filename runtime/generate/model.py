@@ -16,7 +16,7 @@ from .. import trace
 from ..embedding import Embedder
 from ..residency import WeightPages, snapshot
 from ..providers import Assignment
-from ..sessions import OnnxRuntimeBackend, needs_prepacking
+from ..sessions import OnnxRuntimeBackend, needs_prepacking, shared_pool_threads
 
 # Prompts longer than this release each layer's weights after its prefill pass and trim the heap after
 # every layer: their prefill's activations are large enough for the overlap to matter.
@@ -28,7 +28,7 @@ class DecoderModel:
         spec = bundle.spec
         self.providers = providers
         # opens each graph (onnxruntime sessions by default; edge_sel.runtime.sessions.backend_for)
-        self.backend = backend if backend is not None else OnnxRuntimeBackend(providers)
+        self.backend = backend if backend is not None else OnnxRuntimeBackend(providers, small_ops=True)
         self.embedder = Embedder(bundle)
         self.table = self.embedder.open_table()
         before = snapshot()  # the mappings the sessions below add are this model's (see WeightPages)
@@ -39,6 +39,8 @@ class DecoderModel:
             self.layers.append((self.backend.open(qkv, threads, mem_pattern=False),
                                 self.backend.open(bundle.layer_path(i), threads, mem_pattern=False)))
         self.head = self.backend.open(bundle.path(spec.head.file), threads, mem_pattern=False)
+        # the process-wide spinning pool these sessions run on (0: their own pools; sessions.shared_pool_threads)
+        self.shared_pool = shared_pool_threads(threads, small_ops=True) if isinstance(self.backend, OnnxRuntimeBackend) else 0
         # each layer's weight files (qkv graph, attention+MLP graph)
         self.layer_weights = [(bundle.path(spec.extra_graphs[layer.qkv].weights), bundle.path(layer.weights))
                               for layer in spec.layers]

@@ -25,6 +25,7 @@ class GenerationStats:
     decode_s: float = 0.0
     decode_ms_per_token: float | None = _public(default=None)
     decode_cpu_ms_per_token: float | None = None  # all threads; robust to a busy machine
+    shared_pool_threads: int = 0  # the process-wide spinning pool the decoder's sessions run on (0: their own pools)
     kv_capacity_tokens: int = _public(default=0)  # resident + fetch area: what attention may read (the mean layer's)
     kv_capacity_tokens_per_layer: list = field(default_factory=list)  # each layer's (unequal with ``layer_shares``)
     kv_resident_tokens: int = 0
