@@ -54,7 +54,7 @@ def free_cores(sample_s: float = FREE_SAMPLE_S) -> float:
         return getattr(b, field, 0.0) - getattr(a, field, 0.0)
 
     fields = ["user", "system", "irq", "softirq", "steal"]
-    if os.getpriority(os.PRIO_PROCESS, 0) > 0:  # niced ourselves: other niced tasks compete at our level
+    if hasattr(os, "getpriority") and os.getpriority(os.PRIO_PROCESS, 0) > 0:  # niced: other niced tasks compete
         fields.append("nice")
     busy = sum(spent(f) for f in fields) - ((mb.user + mb.system) - (ma.user + ma.system))
     total = sum(spent(f) for f in ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"))
@@ -63,7 +63,8 @@ def free_cores(sample_s: float = FREE_SAMPLE_S) -> float:
 
 
 def _requested_threads(threads: int | None) -> int:
-    return threads or int(os.environ.get("EDGE_SEL_THREADS", "0") or 0) or len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # not on macOS
+    return threads or int(os.environ.get("EDGE_SEL_THREADS", "0") or 0) or cores
 
 
 def shared_pool_threads(threads: int | None = None, small_ops: bool = False) -> int:
