@@ -3,6 +3,7 @@ values stored as int8 with one scale per token (kv head), multiplied in integers
 
     python -m benchmarks.kv_int8_ab layer BUNDLE --slots 2048 --threads 1     # one attn layer graph, float vs int8 cores
     python -m benchmarks.kv_int8_ab errors BUNDLE --prompt-tokens 2048        # which quantization costs what, real K/V/q
+    python -m benchmarks.kv_int8_ab step BUNDLE --prompt-tokens 2048 --threads 2   # whole decode steps, float vs int8 cache
     python -m benchmarks.kv_int8_ab bundle BUNDLE OUT [--q-rows] [--p-two-level]   # a copy whose cores quantize in-graph
     python -m benchmarks.kv_int8_ab ppl BUNDLE [BUNDLE ...]                   # Generator.score on a Botchan window
 
@@ -305,6 +306,81 @@ def errors(path: str, prompt_tokens: int, threads: int) -> None:
         print(f"{name:24s} relative error of the attention output: mean {e.mean():.4f}, max {e.max():.4f} (layer {e.argmax()})")
 
 
+class _Int8Cache:
+    """One layer's cache as the int8 core reads it, made from a filled float cache (codes + scales per token)."""
+
+    def __init__(self, c):
+        (k8, ks), (v8, vs) = quantize_tokens(c.k[0]), quantize_tokens(c.v[0])
+        self.kt, self.ks = np.ascontiguousarray(k8.transpose(0, 2, 1))[None], ks[None].copy()
+        self.v8, self.vs = v8[None].copy(), vs[None].copy()
+        self.pos, self.n = c.pos.copy(), c.n
+
+    def append(self, k: np.ndarray, v: np.ndarray, positions: np.ndarray) -> None:
+        (k8, ks), (v8, vs) = quantize_tokens(k[0]), quantize_tokens(v[0])
+        s = self.n
+        self.kt[0, :, :, s], self.ks[0, :, s], self.v8[0, :, s], self.vs[0, :, s] = k8[:, 0], ks[:, 0], v8[:, 0], vs[:, 0]
+        self.pos[:, s] = positions[0]
+        self.n += 1
+
+    def feeds(self) -> dict:
+        return {"k_cache": self.kt, "k_scale": self.ks, "v_cache": self.v8, "v_scale": self.vs, "key_pos": self.pos[None]}
+
+
+def step_ab(path: str, prompt_tokens: int, threads: int, q_rows: bool, rounds: int = 6, steps: int = 8) -> None:
+    """Whole decode steps in one process: the engine's step over its float cache against a step over an int8 cache
+    (the float caches of the same prefilled call quantized per token; int8-core attn graphs over the same weights;
+    the full-cache step, so no policy calls), interleaved in rounds of ``steps``; median ms per step."""
+    import onnx
+
+    from edge_sel.runtime.generate import Generator
+    from edge_sel.runtime.generate.decode import decode_step
+    from edge_sel.runtime.sessions import load_session
+
+    g = Generator(path, policy="full", threads=threads)
+    ids = _botchan_ids(g)[:prompt_tokens]
+    it = g.run(ids, rounds * steps + 2, 0.0, 1.0, None, False, None, False)
+    tok, logits, call = next(it)
+    m, heads, kv, D = g.model, *_dims(g.bundle)
+    attn8 = []
+    for i in range(len(m.layers)):
+        src = g.bundle.layer_path(i)
+        model = onnx.load(str(src), load_external_data=False)
+        int8_kv_core(model, heads, kv, D, q_rows=q_rows)
+        tmp = src.with_name(f".kv_int8_ab_step_{i}.onnx")
+        try:
+            onnx.save_model(model, str(tmp))
+            attn8.append(load_session(tmp, threads, mem_pattern=False))
+        finally:
+            tmp.unlink(missing_ok=True)
+    caches = [_Int8Cache(c) for c in call.caches]
+
+    def step8(t: int, at: int) -> np.ndarray:
+        h, p = m.embed(np.array([[t]], dtype=np.int64)), np.array([[at]], dtype=np.int64)
+        for L, (qkv, _) in enumerate(m.layers):
+            q, k, v = qkv.run(None, {"hidden": h, "position_ids": p})
+            caches[L].append(k, v, p[0])
+            h = attn8[L].run(None, {"hidden": h, "q": q, **caches[L].feeds(), "position_ids": p})[0]
+        return m.logits(h[:, -1])
+
+    first, pos = int(np.argmax(logits)), len(ids)
+    state = {"float": (first, pos), "int8": (first, pos)}
+    times = {"float": [], "int8": []}
+    run = {"float": lambda t, at: decode_step(m, call, t, at), "int8": step8}
+    for r in range(rounds):
+        for k in (("float", "int8") if r % 2 == 0 else ("int8", "float")):
+            t, at = state[k]
+            for _ in range(steps):
+                a = time.perf_counter()
+                lg = run[k](t, at)
+                times[k].append(time.perf_counter() - a)
+                t, at = int(np.argmax(lg)), at + 1
+            state[k] = (t, at)
+    it.close()
+    f, q = statistics.median(times["float"]), statistics.median(times["int8"])
+    print(f"prompt {prompt_tokens}, threads {threads}, queries {'per row' if q_rows else 'per call'}: float step "
+          f"{1e3 * f:.2f} ms, int8-cache step {1e3 * q:.2f} ms ({q / f:.2f}x); shared pool {m.shared_pool}", flush=True)
+
+
 def write_bundle(src: str, dst: str, q_rows: bool, p_two_level: bool) -> None:
     import onnx
 
@@ -349,6 +425,11 @@ def main(argv=None) -> int:
     e.add_argument("bundle")
     e.add_argument("--prompt-tokens", type=int, default=2048)
     e.add_argument("--threads", type=int, default=2)
+    st = sub.add_parser("step")
+    st.add_argument("bundle")
+    st.add_argument("--prompt-tokens", type=int, default=2048)
+    st.add_argument("--threads", type=int, default=2)
+    st.add_argument("--queries", choices=("row", "call"), default="row")
     w = sub.add_parser("bundle")
     w.add_argument("bundle")
     w.add_argument("out")
@@ -365,6 +446,8 @@ def main(argv=None) -> int:
         layer_ab(args.bundle, args.slots, args.threads, args.layer, args.rounds)
     elif args.cmd == "errors":
         errors(args.bundle, args.prompt_tokens, args.threads)
+    elif args.cmd == "step":
+        step_ab(args.bundle, args.prompt_tokens, args.threads, args.queries == "row")
     elif args.cmd == "bundle":
         write_bundle(args.bundle, args.out, args.q_rows, args.p_two_level)
     else:
