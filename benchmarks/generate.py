@@ -175,6 +175,8 @@ def merge_parts(name: str, parts: dict) -> dict:
                 raw.setdefault(k, r[k])
         if r.get("cold_by_length"):
             raw.setdefault("cold_by_length", {}).update(r["cold_by_length"])
+        if r.get("shared_pool_threads") is not None:  # each part's process made its own thread-pool choice
+            raw.setdefault("shared_pool_by_part", {})[part] = r["shared_pool_threads"]
     return raw
 
 
@@ -242,7 +244,8 @@ def summarize(raw: dict, decode) -> dict:
             "ppl": raw.get("ppl"), "speed": {L: {k: median(v) for k, v in s.items()} for L, s in speed.items()},
             "peak_rss_bytes": raw.get("peak_rss_bytes"), "errors": sum(1 for r in raw["needle"] if "error" in r),
             "peak_rss_by_part": raw.get("peak_rss_by_part"),
-            "extra": {k: raw[k] for k in ("cost_per_decode_step", "load_s", "versions", "ppl_kept_tokens", "cold_by_length") if k in raw},
+            "extra": {k: raw[k] for k in ("cost_per_decode_step", "load_s", "versions", "ppl_kept_tokens", "cold_by_length",
+                                                "shared_pool_by_part") if k in raw},
             "cases": records}
 
 
