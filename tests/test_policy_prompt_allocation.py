@@ -3,6 +3,8 @@ the KV budget a hard bound."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,46 @@ def test_below_min_kept_it_is_mpcache_ea_alloc(gen_llama_bundle, monkeypatch):
         nll[name] = g.score(ids[:1200], ids[1200:], compress_continuation=False)["nll_tokens"]
     np.testing.assert_array_equal(nll["mpcache_ea_survey"], nll["mpcache_ea_alloc"])
     assert not np.allclose(nll["mpcache_ea_alloc"], nll["mpcache_ea"], rtol=1e-4)  # the calibrated split is in use
+
+
+@dataclass
+class SeenScore(MPCacheEASurvey):
+    """Keeps each layer's eviction score, the slots' positions and the survey's scores as the eviction reads them."""
+
+    def begin(self, ctx):
+        super().begin(ctx)
+        self.seen = {}
+
+    def score(self, layer, keys, votes):
+        out = super().score(layer, keys, votes)
+        self.seen[layer] = (np.array(out), self._pos[:, :keys.shape[1]].copy(), self.measured[layer].copy())
+        return out
+
+
+def test_zip_weight_mixes_the_surveys_reconstruction_score_into_the_eviction(gen_llama_bundle):
+    g0 = Generator(gen_llama_bundle)
+    ids = g0.encode(long_text(4000))[:420]
+    runs = {}
+    for w in (0.0, 1.0):
+        pol = SeenScore(zip_weight=w)
+        res = Generator(gen_llama_bundle, kv_budget=0.2, policy=pol).score(ids[:380], ids[380:],
+                                                                           compress_continuation=False)
+        runs[w] = (pol, res["nll_tokens"])
+    pol1 = runs[1.0][0]
+    assert len(pol1.seen) == 4
+    for L, (out, pos, m) in pol1.seen.items():  # weight 1: the reconstruction score of each slot's position alone
+        z = np.take_along_axis(m, pos, axis=1).astype(np.float64)
+        np.testing.assert_allclose(out, z / z.sum(axis=-1, keepdims=True), rtol=1e-5, atol=1e-9)
+    for L, (out, pos, m) in runs[0.0][0].seen.items():  # weight 0: mpcache_ea's score, not normalised per head
+        assert not np.allclose(out / out.sum(axis=-1, keepdims=True), np.take_along_axis(m, pos, axis=1)
+                               / np.take_along_axis(m, pos, axis=1).sum(axis=-1, keepdims=True))
+    assert runs[0.0][0].ctx.capacities == pol1.ctx.capacities  # the same split: the same bytes
+    assert not np.allclose(runs[0.0][1], runs[1.0][1])
+
+
+def test_head_reduce_and_zip_weight_refuse_bad_values():
+    for kw, msg in (({"head_reduce": "min"}, "head_reduce must be"), ({"zip_weight": 1.5}, "zip_weight must be in"),
+                    ({"zip_weight": True}, "zip_weight must be in")):
+        with pytest.raises(ValueError, match=msg) as e:
+            MPCacheEASurvey(**kw)
+        assert "\n" not in str(e.value)

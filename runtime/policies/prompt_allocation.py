@@ -16,6 +16,12 @@ group selection; MPC costs counted). The recorded scores (``[layers, kv, n]`` fl
 budget (``fixed_bytes``), the passes in the scratch (``survey_tokens``). Without a survey (a rolling prefill, or
 below ``min_kept``, 7.5 % kept, where the calibrated split did better on the tuning windows) the calibrated shares
 apply, exactly as ``mpcache_ea_alloc``.
+
+KVzip's own top-k also splits each layer's budget between its KV heads (kvpress masks the evicted keys of a
+full-size cache); here every KV head of a layer holds the same number of slots (the bytes of the largest head
+otherwise), so the split is per layer. Options measured on the tuning windows and left off: ``head_reduce`` (a
+layer's count from its hungriest head, or a top-k over layer slots worth the heads' summed scores) and
+``zip_weight`` (the survey's reconstruction score mixed into the eviction score; it is held anyway).
 """
 
 from __future__ import annotations
@@ -43,13 +49,17 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     repeat_tokens: int = 2048  # reconstruction: tokens of one pass (instruction + a piece of the context)
     blend: float = 1.0  # weight of this prompt's split against the calibrated one (a geometric mix; 1: this prompt's)
     min_kept: float = 0.075  # below this kept fraction no survey: the calibrated split (chosen on the tuning windows)
+    head_reduce: str = "sum"  # a layer's count in the top-k: :func:`global_shares`' "sum", "max" or "rank"
+    zip_weight: float = 0.0  # share of the survey's reconstruction score in the eviction score (the rest mpcache_ea's)
     measured: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.head_reduce not in ("sum", "max", "rank"):
+            raise ValueError(f"head_reduce must be 'sum', 'max' or 'rank', got {self.head_reduce!r}")
         if self.statistic not in ("reconstruction", "long_range"):
             raise ValueError(f"statistic must be 'reconstruction' or 'long_range', got {self.statistic!r}")
-        for k in ("blend", "min_kept"):
+        for k in ("blend", "min_kept", "zip_weight"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{k} must be in [0, 1], got {v!r}")
@@ -77,8 +87,30 @@ class MPCacheEASurvey(MPCacheEAAlloc):
         super().end()
         self.measured = None  # one call's survey: a reused instance must not plan the next prompt with it
 
+    def _zip(self, layer, n):
+        """The survey's reconstruction score of the ``n`` slots (``[kv, n]``, per head summing to 1), or None."""
+        m, pos = self.measured, getattr(self, "_pos", None)
+        if self.statistic != "reconstruction" or m is None or pos is None or len(m) != self.ctx.n_layers:
+            return None
+        p = pos[:, :n]
+        if p.max() >= m.shape[2] or p.min() < 0:
+            return None  # slots that are not the surveyed context (a later eviction): mpcache_ea's score alone
+        z = np.take_along_axis(m[layer].astype(np.float64), p, axis=1)  # by each slot's position
+        return z / np.maximum(z.sum(axis=-1, keepdims=True), 1e-30)
+
+    def score(self, layer, keys, votes):
+        base = super().score(layer, keys, votes)
+        z = self._zip(layer, keys.shape[1]) if self.zip_weight > 0 else None
+        if z is None:
+            return base
+        b = np.asarray(base, np.float64)
+        b = b / np.maximum(b.sum(axis=-1, keepdims=True), 1e-30)
+        self.count(multiplications=2 * z.size)
+        return ((1 - self.zip_weight) * b + self.zip_weight * z).astype(np.float32)
+
     def fixed_bytes(self, n_layers, kv_heads, head_dim, n_tokens):
-        # the survey's scores of every layer, alive from the survey until the cache is planned
+        # the survey's scores of every layer, alive from the survey until the cache is planned (with zip_weight, until
+        # the prefill is over)
         return super().fixed_bytes(n_layers, kv_heads, head_dim, n_tokens) + n_layers * kv_heads * n_tokens * 4
 
     def layer_shares(self, n_layers, kept=1.0, model=()):
@@ -86,7 +118,7 @@ class MPCacheEASurvey(MPCacheEAAlloc):
             return super().layer_shares(n_layers, kept, model)
         temper = self.temper if self.temper is not None else (
             temper_at(kept) if self.statistic == "long_range" else float(np.interp(np.log(kept), *ZIP_TEMPER)))
-        s = global_shares(self.measured, kept) ** temper
+        s = global_shares(self.measured, kept, head_reduce=self.head_reduce) ** temper
         table = CALIBRATED.get(tuple(model))
         if self.blend < 1 and table is not None:  # a geometric mix with the calibrated split (as mpcache_ea_alloc's)
             cal = shares_at(table, kept) ** temper_at(kept)
