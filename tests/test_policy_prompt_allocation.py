@@ -171,3 +171,28 @@ def test_head_reduce_and_zip_weight_refuse_bad_values():
         with pytest.raises(ValueError, match=msg) as e:
             MPCacheEASurvey(**kw)
         assert "\n" not in str(e.value)
+
+
+def test_with_a_survey_the_recent_window_and_vote_share_follow_the_kept_fraction(gen_llama_bundle):
+    from edge_sel.runtime.policies.prompt_allocation import SURVEY_RECENT_FRAC, SURVEY_VOTE_WEIGHT
+
+    ids = Generator(gen_llama_bundle).encode(long_text(4000))[:420]
+    seen = {}
+
+    @dataclass
+    class Knobs(MPCacheEASurvey):
+        def score(self, layer, keys, votes):
+            seen.setdefault(self.kept_seen, set()).add((self.recent_frac, self.vote_weight))
+            return super().score(layer, keys, votes)
+
+    for min_kept, label in ((0.075, "surveyed"), (0.9, "calibrated")):
+        pol = Knobs(min_kept=min_kept)
+        pol.kept_seen = label
+        Generator(gen_llama_bundle, kv_budget=0.2, policy=pol).score(ids[:380], ids[380:], compress_continuation=False)
+        assert (pol.recent_frac, pol.vote_weight) == (0.25, 0.5)  # the call is over: mpcache_ea's knobs again
+    (rf, vw), = seen["surveyed"]
+    assert rf < 0.25 and vw < 0.5 and min(SURVEY_RECENT_FRAC[1]) <= rf and min(SURVEY_VOTE_WEIGHT[1]) <= vw
+    assert seen["calibrated"] == {(0.25, 0.5)}  # no survey: exactly mpcache_ea_alloc's eviction
+    pinned = MPCacheEASurvey(recent_frac=0.4)
+    pinned.surveyor(0.2)
+    assert (pinned.recent_frac, pinned.vote_weight) == (0.4, 0.25)  # a knob given by the caller stays

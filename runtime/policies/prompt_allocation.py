@@ -15,7 +15,9 @@ equal layers), so the budget stays a hard bound. Inside each layer everything is
 group selection; MPC costs counted). The recorded scores (``[layers, kv, n]`` float32) are counted against the
 budget (``fixed_bytes``), the passes in the scratch (``survey_tokens``). Without a survey (a rolling prefill, or
 below ``min_kept``, 7.5 % kept, where the calibrated split did better on the tuning windows) the calibrated shares
-apply, exactly as ``mpcache_ea_alloc``.
+apply, exactly as ``mpcache_ea_alloc``. With a survey the recent window and the votes' share follow the kept
+fraction (:data:`SURVEY_RECENT_FRAC`, :data:`SURVEY_VOTE_WEIGHT`: 15 % and 0.25 at 20 % kept, ``mpcache_ea``'s 25 %
+and 0.5 at 10 %; chosen on the tuning windows).
 
 KVzip's own top-k also splits each layer's budget between its KV heads (kvpress masks the evicted keys of a
 full-size cache); here every KV head of a layer holds the same number of slots (the bytes of the largest head
@@ -31,12 +33,18 @@ from typing import ClassVar
 
 import numpy as np
 
+from .expected_attention import MPCacheEA
 from .layer_allocation import CALIBRATED, LongRangeAttention, MPCacheEAAlloc, global_shares, shares_at, temper_at
 from .mpcache import with_dynamic_selection
 from .reconstruction import ReconstructionAttention
 
 # the exponent on the reconstruction statistic's shares: (log kept fractions, tempers), interpolated, the nearest outside
 ZIP_TEMPER = (np.log([0.1, 0.2]), [0.5, 1.0])
+# with a survey, mpcache_ea's recent window and vote share by kept fraction (same interpolation; at 10 % and below
+# mpcache_ea's own defaults), chosen on the tuning windows at 20 % kept
+SURVEY_RECENT_FRAC = (np.log([0.1, 0.2]), [0.25, 0.15])
+SURVEY_VOTE_WEIGHT = (np.log([0.1, 0.2]), [0.5, 0.25])
+EA_DEFAULTS = {k: MPCacheEA.__dataclass_fields__[k].default for k in ("recent_frac", "vote_weight")}  # no survey
 
 
 @dataclass
@@ -51,9 +59,15 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     min_kept: float = 0.075  # below this kept fraction no survey: the calibrated split (chosen on the tuning windows)
     head_reduce: str = "sum"  # a layer's count in the top-k: :func:`global_shares`' "sum", "max" or "rank"
     zip_weight: float = 0.0  # share of the survey's reconstruction score in the eviction score (the rest mpcache_ea's)
+    recent_frac: float | None = None  # None: with a survey SURVEY_RECENT_FRAC's at the kept fraction, else mpcache_ea's
+    vote_weight: float | None = None  # None: with a survey SURVEY_VOTE_WEIGHT's at the kept fraction, else mpcache_ea's
     measured: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        self.by_kept = {k: getattr(self, k) is None for k in EA_DEFAULTS}  # which knobs follow the kept fraction
+        for k, v in EA_DEFAULTS.items():
+            if self.by_kept[k]:
+                setattr(self, k, v)
         super().__post_init__()
         if self.head_reduce not in ("sum", "max", "rank"):
             raise ValueError(f"head_reduce must be 'sum', 'max' or 'rank', got {self.head_reduce!r}")
@@ -71,6 +85,9 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     def surveyor(self, kept=1.0):
         if kept < self.min_kept:
             return None  # the calibrated split (mpcache_ea_alloc's) does better at small budgets: no survey
+        for k, table in (("recent_frac", SURVEY_RECENT_FRAC), ("vote_weight", SURVEY_VOTE_WEIGHT)):
+            if self.by_kept[k]:
+                setattr(self, k, float(np.interp(np.log(max(kept, 1e-9)), *table)))
         if self.statistic == "reconstruction":
             return ReconstructionAttention(repeat_tokens=self.repeat_tokens)
         return LongRangeAttention(distance=self.distance)
@@ -86,6 +103,9 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     def end(self):
         super().end()
         self.measured = None  # one call's survey: a reused instance must not plan the next prompt with it
+        for k, v in EA_DEFAULTS.items():  # nor evict with its knobs
+            if self.by_kept[k]:
+                setattr(self, k, v)
 
     def _zip(self, layer, n):
         """The survey's reconstruction score of the ``n`` slots (``[kv, n]``, per head summing to 1), or None."""
