@@ -196,3 +196,4 @@ def test_with_a_survey_the_recent_window_and_vote_share_follow_the_kept_fraction
     pinned = MPCacheEASurvey(recent_frac=0.4)
     pinned.surveyor(0.2)
     assert (pinned.recent_frac, pinned.vote_weight) == (0.4, 0.25)  # a knob given by the caller stays
+    assert pinned.surveyor(0.05) is None and (pinned.recent_frac, pinned.vote_weight) == (0.4, 0.5)  # no survey

@@ -83,11 +83,12 @@ class MPCacheEASurvey(MPCacheEAAlloc):
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
 
     def surveyor(self, kept=1.0):
-        if kept < self.min_kept:
-            return None  # the calibrated split (mpcache_ea_alloc's) does better at small budgets: no survey
+        surveys = kept >= self.min_kept  # below: the calibrated split (mpcache_ea_alloc's) does better, no survey
         for k, table in (("recent_frac", SURVEY_RECENT_FRAC), ("vote_weight", SURVEY_VOTE_WEIGHT)):
             if self.by_kept[k]:
-                setattr(self, k, float(np.interp(np.log(max(kept, 1e-9)), *table)))
+                setattr(self, k, float(np.interp(np.log(max(kept, 1e-9)), *table)) if surveys else EA_DEFAULTS[k])
+        if not surveys:
+            return None
         if self.statistic == "reconstruction":
             return ReconstructionAttention(repeat_tokens=self.repeat_tokens)
         return LongRangeAttention(distance=self.distance)
