@@ -26,6 +26,19 @@ def test_global_topk_counts_each_layers_winners():
     assert np.isclose(got.mean(), 1.0)
 
 
+def test_a_layers_count_by_its_heads_sum_its_hungriest_head_or_its_ranked_slots():
+    s = np.zeros((2, 2, 10))
+    s[0, 0, 4:] = 0.9           # layer 0: one KV head holds the 6 best keys
+    s[1, :, 4:7] = 0.5          # layer 1: both heads hold 3 good keys
+    kept = (2 * 2 * 4 + 6) / s.size  # the sinks (4 per head) + 6 more
+    np.testing.assert_allclose(global_shares(s, kept) * (16 + 6) / 2, [8 + 6, 8])  # the 6 best all in layer 0
+    np.testing.assert_allclose(global_shares(s, kept, head_reduce="max") * (10 + 4) / 2, [4 + 6, 4])  # layer 0's head 0
+    # ranked slots: slot j of layer 0 is worth 0.9 (one head), of layer 1 1.0 (0.5 + 0.5): layer 1's 3 slots first
+    counts = global_shares(s, (2 * 4 + 3) / 20, head_reduce="rank") * (8 + 3) / 2
+    np.testing.assert_allclose(counts, [4, 4 + 3])
+    assert np.isclose(global_shares(s, 0.5, head_reduce="rank").mean(), 1.0)
+
+
 def test_shares_interpolate_between_calibrated_fractions_and_flatten_towards_all_kept():
     table = {0.05: (2.0, 0.0), 0.2: (0.0, 2.0)}
     np.testing.assert_allclose(shares_at(table, 0.01), [2.0, 0.0])

@@ -3,6 +3,8 @@ the KV budget a hard bound."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 
@@ -126,3 +128,72 @@ def test_below_min_kept_it_is_mpcache_ea_alloc(gen_llama_bundle, monkeypatch):
         nll[name] = g.score(ids[:1200], ids[1200:], compress_continuation=False)["nll_tokens"]
     np.testing.assert_array_equal(nll["mpcache_ea_survey"], nll["mpcache_ea_alloc"])
     assert not np.allclose(nll["mpcache_ea_alloc"], nll["mpcache_ea"], rtol=1e-4)  # the calibrated split is in use
+
+
+@dataclass
+class SeenScore(MPCacheEASurvey):
+    """Keeps each layer's eviction score, the slots' positions and the survey's scores as the eviction reads them."""
+
+    def begin(self, ctx):
+        super().begin(ctx)
+        self.seen = {}
+
+    def score(self, layer, keys, votes):
+        out = super().score(layer, keys, votes)
+        self.seen[layer] = (np.array(out), self._pos[:, :keys.shape[1]].copy(), self.measured[layer].copy())
+        return out
+
+
+def test_zip_weight_mixes_the_surveys_reconstruction_score_into_the_eviction(gen_llama_bundle):
+    g0 = Generator(gen_llama_bundle)
+    ids = g0.encode(long_text(4000))[:420]
+    runs = {}
+    for w in (0.0, 1.0):
+        pol = SeenScore(zip_weight=w)
+        res = Generator(gen_llama_bundle, kv_budget=0.2, policy=pol).score(ids[:380], ids[380:],
+                                                                           compress_continuation=False)
+        runs[w] = (pol, res["nll_tokens"])
+    pol1 = runs[1.0][0]
+    assert len(pol1.seen) == 4
+    for L, (out, pos, m) in pol1.seen.items():  # weight 1: the reconstruction score of each slot's position alone
+        z = np.take_along_axis(m, pos, axis=1).astype(np.float64)
+        np.testing.assert_allclose(out, z / z.sum(axis=-1, keepdims=True), rtol=1e-5, atol=1e-9)
+    for L, (out, pos, m) in runs[0.0][0].seen.items():  # weight 0: mpcache_ea's score, not normalised per head
+        assert not np.allclose(out / out.sum(axis=-1, keepdims=True), np.take_along_axis(m, pos, axis=1)
+                               / np.take_along_axis(m, pos, axis=1).sum(axis=-1, keepdims=True))
+    assert runs[0.0][0].ctx.capacities == pol1.ctx.capacities  # the same split: the same bytes
+    assert not np.allclose(runs[0.0][1], runs[1.0][1])
+
+
+def test_head_reduce_and_zip_weight_refuse_bad_values():
+    for kw, msg in (({"head_reduce": "min"}, "head_reduce must be"), ({"zip_weight": 1.5}, "zip_weight must be in"),
+                    ({"zip_weight": True}, "zip_weight must be in")):
+        with pytest.raises(ValueError, match=msg) as e:
+            MPCacheEASurvey(**kw)
+        assert "\n" not in str(e.value)
+
+
+def test_with_a_survey_the_recent_window_and_vote_share_follow_the_kept_fraction(gen_llama_bundle):
+    from edge_sel.runtime.policies.prompt_allocation import SURVEY_RECENT_FRAC, SURVEY_VOTE_WEIGHT
+
+    ids = Generator(gen_llama_bundle).encode(long_text(4000))[:420]
+    seen = {}
+
+    @dataclass
+    class Knobs(MPCacheEASurvey):
+        def score(self, layer, keys, votes):
+            seen.setdefault(self.kept_seen, set()).add((self.recent_frac, self.vote_weight))
+            return super().score(layer, keys, votes)
+
+    for min_kept, label in ((0.075, "surveyed"), (0.9, "calibrated")):
+        pol = Knobs(min_kept=min_kept)
+        pol.kept_seen = label
+        Generator(gen_llama_bundle, kv_budget=0.2, policy=pol).score(ids[:380], ids[380:], compress_continuation=False)
+        assert (pol.recent_frac, pol.vote_weight) == (0.25, 0.5)  # the call is over: mpcache_ea's knobs again
+    (rf, vw), = seen["surveyed"]
+    assert rf < 0.25 and vw < 0.5 and min(SURVEY_RECENT_FRAC[1]) <= rf and min(SURVEY_VOTE_WEIGHT[1]) <= vw
+    assert seen["calibrated"] == {(0.25, 0.5)}  # no survey: exactly mpcache_ea_alloc's eviction
+    pinned = MPCacheEASurvey(recent_frac=0.4)
+    pinned.surveyor(0.2)
+    assert (pinned.recent_frac, pinned.vote_weight) == (0.4, 0.25)  # a knob given by the caller stays
+    assert pinned.surveyor(0.05) is None and (pinned.recent_frac, pinned.vote_weight) == (0.4, 0.5)  # no survey

@@ -72,8 +72,12 @@ def temper_at(kept: float) -> float:
     return float(np.interp(np.log(max(kept, 1e-9)), np.log(fr), [TEMPER[f] for f in fr]))
 
 
-def global_shares(scores: np.ndarray, kept: float, sinks: int = SINKS) -> np.ndarray:
-    """Per-layer shares (mean 1) of one top-k at ``kept`` over ``scores`` ``[layers, kv, n]`` (sinks always in)."""
+def global_shares(scores: np.ndarray, kept: float, sinks: int = SINKS, head_reduce: str = "sum") -> np.ndarray:
+    """Per-layer shares (mean 1) of one top-k at ``kept`` over ``scores`` ``[layers, kv, n]`` (sinks always in): a
+    layer's count is its KV heads' total (``head_reduce="sum"``) or its hungriest head's (``"max"``: every KV head of a
+    layer holds the same number of slots, so the top-k's per-head split costs the bytes of its largest head); ``"rank"``:
+    the top-k runs over layer slots instead, slot ``j`` of a layer worth the sum of its heads' ``j``-th best scores
+    (the split that maximises the kept score when every head of a layer keeps as many keys)."""
     s = np.array(scores, dtype=np.float64, copy=True)
     if s.ndim != 3 or not 0 < kept <= 1:
         raise ValueError(f"scores must be [layers, kv, n] and kept in (0, 1], got {s.shape} and {kept}")
@@ -81,6 +85,17 @@ def global_shares(scores: np.ndarray, kept: float, sinks: int = SINKS) -> np.nda
     k = max(1, int(round(kept * s.size)))
     flat = s.reshape(-1)
     pick = np.argpartition(-flat, k - 1)[:k]  # exactly k kept, ties broken by position
+    if head_reduce == "rank":  # a layer slot holds one key per KV head: its worth is the heads' j-th best scores summed
+        ranked = -np.sort(-s, axis=-1).sum(axis=1)                            # [layers, n], descending in j
+        ranked[~np.isfinite(ranked)] = np.inf
+        k = max(1, int(round(kept * ranked.size)))
+        pick = np.argpartition(-ranked.reshape(-1), k - 1)[:k]
+        counts = np.bincount(pick // ranked.shape[1], minlength=s.shape[0]).astype(np.float64)
+        return counts / counts.mean()
+    if head_reduce == "max":
+        per_head = np.bincount(pick // s.shape[2], minlength=s.shape[0] * s.shape[1]).reshape(s.shape[:2])
+        counts = per_head.max(axis=1).astype(np.float64)
+        return counts / counts.mean()
     counts = np.bincount(pick // (s.shape[1] * s.shape[2]), minlength=s.shape[0]).astype(np.float64)
     return counts / counts.mean()
 

@@ -15,7 +15,15 @@ equal layers), so the budget stays a hard bound. Inside each layer everything is
 group selection; MPC costs counted). The recorded scores (``[layers, kv, n]`` float32) are counted against the
 budget (``fixed_bytes``), the passes in the scratch (``survey_tokens``). Without a survey (a rolling prefill, or
 below ``min_kept``, 7.5 % kept, where the calibrated split did better on the tuning windows) the calibrated shares
-apply, exactly as ``mpcache_ea_alloc``.
+apply, exactly as ``mpcache_ea_alloc``. With a survey the recent window and the votes' share follow the kept
+fraction (:data:`SURVEY_RECENT_FRAC`, :data:`SURVEY_VOTE_WEIGHT`: 15 % and 0.25 at 20 % kept, ``mpcache_ea``'s 25 %
+and 0.5 at 10 %; chosen on the tuning windows).
+
+KVzip's own top-k also splits each layer's budget between its KV heads (kvpress masks the evicted keys of a
+full-size cache); here every KV head of a layer holds the same number of slots (the bytes of the largest head
+otherwise), so the split is per layer. Options measured on the tuning windows and left off: ``head_reduce`` (a
+layer's count from its hungriest head, or a top-k over layer slots worth the heads' summed scores) and
+``zip_weight`` (the survey's reconstruction score mixed into the eviction score; it is held anyway).
 """
 
 from __future__ import annotations
@@ -25,12 +33,18 @@ from typing import ClassVar
 
 import numpy as np
 
+from .expected_attention import MPCacheEA
 from .layer_allocation import CALIBRATED, LongRangeAttention, MPCacheEAAlloc, global_shares, shares_at, temper_at
 from .mpcache import with_dynamic_selection
 from .reconstruction import ReconstructionAttention
 
 # the exponent on the reconstruction statistic's shares: (log kept fractions, tempers), interpolated, the nearest outside
 ZIP_TEMPER = (np.log([0.1, 0.2]), [0.5, 1.0])
+# with a survey, mpcache_ea's recent window and vote share by kept fraction (same interpolation; at 10 % and below
+# mpcache_ea's own defaults), chosen on the tuning windows at 20 % kept
+SURVEY_RECENT_FRAC = (np.log([0.1, 0.2]), [0.25, 0.15])
+SURVEY_VOTE_WEIGHT = (np.log([0.1, 0.2]), [0.5, 0.25])
+EA_DEFAULTS = {k: MPCacheEA.__dataclass_fields__[k].default for k in ("recent_frac", "vote_weight")}  # no survey
 
 
 @dataclass
@@ -43,13 +57,23 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     repeat_tokens: int = 2048  # reconstruction: tokens of one pass (instruction + a piece of the context)
     blend: float = 1.0  # weight of this prompt's split against the calibrated one (a geometric mix; 1: this prompt's)
     min_kept: float = 0.075  # below this kept fraction no survey: the calibrated split (chosen on the tuning windows)
+    head_reduce: str = "sum"  # a layer's count in the top-k: :func:`global_shares`' "sum", "max" or "rank"
+    zip_weight: float = 0.0  # share of the survey's reconstruction score in the eviction score (the rest mpcache_ea's)
+    recent_frac: float | None = None  # None: with a survey SURVEY_RECENT_FRAC's at the kept fraction, else mpcache_ea's
+    vote_weight: float | None = None  # None: with a survey SURVEY_VOTE_WEIGHT's at the kept fraction, else mpcache_ea's
     measured: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
+        self.by_kept = {k: getattr(self, k) is None for k in EA_DEFAULTS}  # which knobs follow the kept fraction
+        for k, v in EA_DEFAULTS.items():
+            if self.by_kept[k]:
+                setattr(self, k, v)
         super().__post_init__()
+        if self.head_reduce not in ("sum", "max", "rank"):
+            raise ValueError(f"head_reduce must be 'sum', 'max' or 'rank', got {self.head_reduce!r}")
         if self.statistic not in ("reconstruction", "long_range"):
             raise ValueError(f"statistic must be 'reconstruction' or 'long_range', got {self.statistic!r}")
-        for k in ("blend", "min_kept"):
+        for k in ("blend", "min_kept", "zip_weight"):
             v = getattr(self, k)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
                 raise ValueError(f"{k} must be in [0, 1], got {v!r}")
@@ -59,8 +83,12 @@ class MPCacheEASurvey(MPCacheEAAlloc):
                 raise ValueError(f"{k} must be a positive integer, got {v!r}")
 
     def surveyor(self, kept=1.0):
-        if kept < self.min_kept:
-            return None  # the calibrated split (mpcache_ea_alloc's) does better at small budgets: no survey
+        surveys = kept >= self.min_kept  # below: the calibrated split (mpcache_ea_alloc's) does better, no survey
+        for k, table in (("recent_frac", SURVEY_RECENT_FRAC), ("vote_weight", SURVEY_VOTE_WEIGHT)):
+            if self.by_kept[k]:
+                setattr(self, k, float(np.interp(np.log(max(kept, 1e-9)), *table)) if surveys else EA_DEFAULTS[k])
+        if not surveys:
+            return None
         if self.statistic == "reconstruction":
             return ReconstructionAttention(repeat_tokens=self.repeat_tokens)
         return LongRangeAttention(distance=self.distance)
@@ -76,9 +104,34 @@ class MPCacheEASurvey(MPCacheEAAlloc):
     def end(self):
         super().end()
         self.measured = None  # one call's survey: a reused instance must not plan the next prompt with it
+        for k, v in EA_DEFAULTS.items():  # nor evict with its knobs
+            if self.by_kept[k]:
+                setattr(self, k, v)
+
+    def _zip(self, layer, n):
+        """The survey's reconstruction score of the ``n`` slots (``[kv, n]``, per head summing to 1), or None."""
+        m, pos = self.measured, getattr(self, "_pos", None)
+        if self.statistic != "reconstruction" or m is None or pos is None or len(m) != self.ctx.n_layers:
+            return None
+        p = pos[:, :n]
+        if p.max() >= m.shape[2] or p.min() < 0:
+            return None  # slots that are not the surveyed context (a later eviction): mpcache_ea's score alone
+        z = np.take_along_axis(m[layer].astype(np.float64), p, axis=1)  # by each slot's position
+        return z / np.maximum(z.sum(axis=-1, keepdims=True), 1e-30)
+
+    def score(self, layer, keys, votes):
+        base = super().score(layer, keys, votes)
+        z = self._zip(layer, keys.shape[1]) if self.zip_weight > 0 else None
+        if z is None:
+            return base
+        b = np.asarray(base, np.float64)
+        b = b / np.maximum(b.sum(axis=-1, keepdims=True), 1e-30)
+        self.count(multiplications=2 * z.size)
+        return ((1 - self.zip_weight) * b + self.zip_weight * z).astype(np.float32)
 
     def fixed_bytes(self, n_layers, kv_heads, head_dim, n_tokens):
-        # the survey's scores of every layer, alive from the survey until the cache is planned
+        # the survey's scores of every layer, alive from the survey until the cache is planned (with zip_weight, until
+        # the prefill is over)
         return super().fixed_bytes(n_layers, kv_heads, head_dim, n_tokens) + n_layers * kv_heads * n_tokens * 4
 
     def layer_shares(self, n_layers, kept=1.0, model=()):
@@ -86,7 +139,7 @@ class MPCacheEASurvey(MPCacheEAAlloc):
             return super().layer_shares(n_layers, kept, model)
         temper = self.temper if self.temper is not None else (
             temper_at(kept) if self.statistic == "long_range" else float(np.interp(np.log(kept), *ZIP_TEMPER)))
-        s = global_shares(self.measured, kept) ** temper
+        s = global_shares(self.measured, kept, head_reduce=self.head_reduce) ** temper
         table = CALIBRATED.get(tuple(model))
         if self.blend < 1 and table is not None:  # a geometric mix with the calibrated split (as mpcache_ea_alloc's)
             cal = shares_at(table, kept) ** temper_at(kept)
