@@ -153,4 +153,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from edge_sel.runtime.sessions import own_process
+
+    own_process()  # measured as the edge-sel command runs: the thread-pool rule applies
     raise SystemExit(main())

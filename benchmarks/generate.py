@@ -253,6 +253,9 @@ def summarize(raw: dict, decode) -> dict:
 def _worker_edge_sel(cfg: dict) -> dict:
     from edge_sel.runtime.memory import peak_rss_bytes
     from edge_sel.runtime import Generator
+    from edge_sel.runtime.sessions import own_process
+
+    own_process()  # one process per configuration, as the edge-sel command: the thread-pool rule applies
 
     gen = Generator(cfg["bundle"], policy=cfg["policy"], kv_budget=cfg["ratio"], threads=int(cfg.get("threads") or 0) or None)
     out = {"config": cfg["name"], "needle": [], "ppl": None}

@@ -22,6 +22,8 @@ import json, sys
 from tokenizers import Tokenizer
 from edge_sel.export.textdata import botchan
 from edge_sel.runtime.generate import Generator
+from edge_sel.runtime.sessions import own_process
+own_process()
 g = Generator(sys.argv[1], policy="full", threads=int(sys.argv[3]))
 t = Tokenizer.from_file(str(g.bundle.path(g.bundle.spec.tokenizer.file)))
 t.no_padding(); t.no_truncation()

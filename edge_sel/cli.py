@@ -293,6 +293,15 @@ def cmd_bench(args, console) -> int:
     return command(args, console)
 
 
+def console_main() -> int:
+    """The ``edge-sel`` command: a process of its own, so the generate engine may use the shared thread pool
+    (``edge_sel.runtime.sessions.own_process``); ``main`` called from a program leaves that program's pools alone."""
+    from edge_sel.runtime.sessions import own_process
+
+    own_process()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     signals: list[int] = []
     previous = _raise_on_sigterm(signals)
@@ -351,4 +360,4 @@ def _raise_on_sigterm(signals: list[int]):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

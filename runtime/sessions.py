@@ -28,17 +28,27 @@ log = logging.getLogger("edge_sel")
 # threads lose their time slices and every op waits for them. onnxruntime's Python binding sets only the global
 # pool's sizes (its threads always spin; stopping the spin between runs works for per-session pools only), so the
 # choice is between the two kinds of pool. EDGE_SEL_SHARED_THREADS:
-#   unset / "auto": sessions of many small ops (``small_ops``: the generate engine's, run once per token) use the
+#   "auto" (the default in a process that ``own_process()`` declared its own: the CLI, the benchmark workers):
+#                   sessions of many small ops (``small_ops``: the generate engine's, run once per token) use the
 #                   shared pool of the first such session's thread count if, when it is opened, the machine has that
 #                   many cores free of work at our priority or higher (sampled over FREE_SAMPLE_S from the kernel's
 #                   CPU times; tasks of a lower priority -- a higher nice value -- do not count: they yield);
 #                   sessions opened before that keep their own pools, every session opened after it runs on the
 #                   shared one (onnxruntime refuses per-session pools once the global pool exists);
-#   "0": per-session pools that never spin;   "N": the shared pool of N threads for every session.
+#   "0": per-session pools that never spin (the default in any other process: a library inside someone else's
+#        program must not make onnxruntime refuse that program's own sessions);   "N": the shared pool of N threads.
 # Decided once per process (onnxruntime sizes its global pool once): a machine that gets busy later keeps the choice.
 SHARED_THREADS_ENV = "EDGE_SEL_SHARED_THREADS"
 FREE_SAMPLE_S = 0.2
 _shared_pool: dict = {}  # "threads": the global pool's size once decided (0: none); set once per process
+_owned = {"process": False}  # own_process() was called: EDGE_SEL_SHARED_THREADS unset means auto
+
+
+def own_process() -> None:
+    """Declare that this process runs edge_sel alone (the CLI, a benchmark worker), so an unset
+    ``EDGE_SEL_SHARED_THREADS`` means ``auto``. Elsewhere it means ``0``: once the shared pool exists onnxruntime refuses
+    every session asking for its own pool, the embedding program's and other libraries' (ORT-format conversion) included."""
+    _owned["process"] = True
 
 
 def free_cores(sample_s: float = FREE_SAMPLE_S) -> float:
@@ -69,7 +79,8 @@ def _requested_threads(threads: int | None) -> int:
 
 def shared_pool_threads(threads: int | None = None, small_ops: bool = False) -> int:
     """The size of the process-wide pool a session asking for ``threads`` runs on, or 0 for a pool of its own."""
-    value = os.environ.get(SHARED_THREADS_ENV, "auto").strip().lower() or "auto"
+    default = "auto" if _owned["process"] else "0"
+    value = os.environ.get(SHARED_THREADS_ENV, default).strip().lower() or default
     if "threads" not in _shared_pool and (small_ops or value != "auto"):
         want = _requested_threads(threads)
         if value == "auto":

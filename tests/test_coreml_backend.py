@@ -130,7 +130,7 @@ def recorded_runs(monkeypatch, bundle, run) -> Recording:
 
     made = []
 
-    def backend_for(b, providers):
+    def backend_for(b, providers, small_ops=False):
         made.append(Recording(b, providers))
         return made[-1]
 

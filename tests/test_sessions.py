@@ -19,6 +19,8 @@ from onnx import TensorProto, helper
 from edge_sel.runtime import sessions
 if sys.argv[1] != "measured":  # the auto rule given this many free cores
     sessions.free_cores = lambda sample_s=0: float(sys.argv[1])
+if sys.argv[2] == "owned":  # as the edge-sel command and the benchmark workers declare
+    sessions.own_process()
 g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "g",
                       [helper.make_tensor_value_info(n, TensorProto.FLOAT, [256, 256]) for n in "ab"],
                       [helper.make_tensor_value_info("c", TensorProto.FLOAT, [256, 256])])
@@ -38,11 +40,11 @@ print(sessions.shared_pool_threads(2, small_ops=True), rerank.use_per_session_th
 """
 
 
-def child(value: str | None, free: str = "measured") -> list[str]:
+def child(value: str | None, free: str = "measured", owned: bool = True) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != SHARED_THREADS_ENV}
     if value is not None:
         env[SHARED_THREADS_ENV] = value
-    out = subprocess.run([sys.executable, "-c", CHILD, free], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", CHILD, free, "owned" if owned else "library"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.split()[-6:]
 
@@ -60,6 +62,12 @@ def test_auto_uses_the_shared_pool_only_for_small_op_sessions_when_the_cores_are
     assert child(None, free="2") == ["2", "0", "2", "True", "False", "False"]
     assert child("auto", free="1.9")[2:] == ["2", "True", "False", "False"]
     assert child(None, free="1.2")[2:] == ["0", "True", "True", "True"]  # a core busy at our priority: no spinning
+
+
+def test_a_library_process_keeps_per_session_pools_unless_asked():
+    # inside someone else's program the shared pool would make onnxruntime refuse that program's own sessions
+    assert child(None, free="2", owned=False)[2:] == ["0", "True", "True", "True"]
+    assert child("auto", free="2", owned=False)[2:] == ["2", "True", "False", "False"]
 
 
 def test_free_cores_is_a_share_of_the_machine():
