@@ -169,19 +169,9 @@ def int8_kv_core(model, heads: int, kv_heads: int, head_dim: int, float_inputs: 
 
 def _topological(g) -> None:
     """Order ``g``'s nodes so each comes after its inputs' producers."""
-    ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
-    pending, ordered = list(g.node), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise ValueError("attn graph: a node's input is never produced")
-        pending = rest
+    from edge_sel.export.merge_nbits import topological_order
+
+    ordered = topological_order(list(g.node), {i.name for i in g.input} | {i.name for i in g.initializer})
     del g.node[:]
     g.node.extend(ordered)
 

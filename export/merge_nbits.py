@@ -89,7 +89,7 @@ def merge_shared_input(model) -> int:
         dead = {id(n) for n, _ in members} | {id(x) for _, t in members if t for x in t}
         keep = [n for n in g.node if id(n) not in dead]
         del g.node[:]
-        g.node.extend(_topological(keep + nodes, {i.name for i in g.input} | set(inits) | set(new_i.name for new_i in new_inits)))
+        g.node.extend(topological_order(keep + nodes, {i.name for i in g.input} | set(inits) | set(new_i.name for new_i in new_inits)))
         g.initializer.extend(new_inits)
         inits.update({t.name: t for t in new_inits})
         merged += len(members) - 1
@@ -101,7 +101,7 @@ def merge_shared_input(model) -> int:
     return merged
 
 
-def _topological(nodes: list, available: set[str]) -> list:
+def topological_order(nodes: list, available: set[str]) -> list:
     """``nodes`` in an order where every input is produced before it is read (stable: the given order otherwise)."""
     done, out, pending = set(available) | {""}, [], list(nodes)
     while pending:
