@@ -73,3 +73,16 @@ def test_a_library_process_keeps_per_session_pools_unless_asked():
 def test_free_cores_is_a_share_of_the_machine():
     f = free_cores(0.05)
     assert 0.0 <= f <= (psutil.cpu_count() or 1) + 1e-9
+
+
+def test_the_edge_sel_command_owns_its_process():
+    # the console entry declares the process its own, so an unset variable means auto there
+    code = ("import os, sys; from edge_sel import cli; from edge_sel.runtime import sessions\n"
+            "sessions.free_cores = lambda sample_s=0: 2.0\n"
+            "cli.main = lambda argv=None: 0\n"
+            "assert cli.console_main() == 0\n"
+            "print(sessions.shared_pool_threads(2, small_ops=True))")
+    env = {k: v for k, v in os.environ.items() if k != SHARED_THREADS_ENV}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "2"
