@@ -39,7 +39,7 @@ from ..providers import resolve as resolve_provider
 from ..sessions import backend_for
 from ..tokenizer import Tokenizer
 from .call import Call
-from .decode import decode_step
+from .decode import BoundDecoder, bindable, decode_step
 from .model import DecoderModel
 from .prefill import prefill
 from .reconstruct import INSTRUCTION, repeat_passes
@@ -285,6 +285,8 @@ class Generator:
             trace.counter("engine", lambda: {"kv_bytes": sum(c.nbytes for c in call.caches) + (call.scratch.nbytes if call.scratch else 0)})
             rng = np.random.default_rng(seed)
             logits = prefill(self.model, call, self.chunk_tokens, self.heads)
+            # the decode steps run over IO bindings made at the first one (onnxruntime sessions; Core ML stages take feeds)
+            bound, can_bind = None, bindable(self.model)
             rec = StatsRecorder(self.planner, call, tracker, time.perf_counter() - t0)
             pos = N
             n_decode = 0
@@ -298,7 +300,9 @@ class Generator:
                 if (stop and tok in self.stop_ids) or step == max_new - 1:
                     break
                 tk = trace.begin("decode", step=n_decode)
-                logits = decode_step(self.model, call, tok, pos)
+                if bound is None and can_bind:
+                    bound = BoundDecoder(self.model, call, self.H, self.heads, self.kv_heads, self.head_dim)
+                logits = bound.step(tok, pos) if bound is not None else decode_step(self.model, call, tok, pos)
                 trace.end(tk)
                 pos += 1
                 n_decode += 1
