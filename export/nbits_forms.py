@@ -8,14 +8,14 @@ onnxruntime's fast one-row ``MatMulNBits`` kernels.
   loads them). Same codes, scales and minimums on disk; ``d * (q - 8) + (m + 8d) = d * q + m``. onnxruntime's CPU
   kernels have a dedicated one-row path for symmetric blocks with int8 activations (faster, and closer to the float
   product than its zero-point path).
-* **Float activations as two int8 rows** (:func:`split_float_activations`). A product kept at float activations
-  (``accuracy_level`` 0, the MLP's down projection) runs onnxruntime's float kernel, several times slower per row
-  than the int8-activation one. Each 32-value block of the activation ``x`` is rounded to the int8 grid the kernel
-  itself uses (``s = max|x| / 127``, ``x_q = round(x / s) * s``, exactly representable there) and the remainder
-  ``r = x - x_q`` is a second row: ``W x = W x_q + W r`` at ``accuracy_level`` 4, where ``x_q`` is quantized without
-  error and ``r`` (at most ``s / 2`` per value) with an error about 254 times smaller than ``x``'s would be. The two
-  rows read the weights once. This is the residual (two-term) decomposition of an activation into a coarse and a
-  fine quantized part (cf. the outlier decomposition of Dettmers et al., LLM.int8(), 2022).
+* **Float activations as two int8 rows** (:func:`split_float_activations`; no longer applied, and undone in older
+  bundles by :func:`join_float_activations`). A product kept at float activations (``accuracy_level`` 0, the MLP's
+  down projection) can instead run as one ``accuracy_level`` 4 product over two rows: each 32-value block of ``x``
+  rounded to the kernel's int8 grid (``s = max|x| / 127``, ``x_q = round(x / s) * s``) and the remainder
+  ``r = x - x_q``, ``W x = W x_q + W r`` (a residual two-term decomposition, cf. Dettmers et al., LLM.int8(), 2022).
+  On AVX2 without VNNI that was faster than onnxruntime's float-activation kernel; on AVX-512 VNNI the float kernel
+  on one row plus no helper nodes is faster at decode (0.93-0.95x the 30 attn graphs' time, SmolLM2 int4) and at
+  prefill (one row per token instead of two), and it is the exact float product, so the one-row float form is kept.
 """
 
 from __future__ import annotations
@@ -187,6 +187,47 @@ def with_float_activations(model):
     return m
 
 
+def join_float_activations(model) -> int:
+    """Undo :func:`split_float_activations` in place: every ``MatMulNBits`` over the rows ``[x_q; x - x_q]`` followed by
+    ``Split`` + ``Add`` becomes one ``accuracy_level`` 0 product over ``x`` (the exact float product the split
+    approximated). Returns how many were joined."""
+    g = model.graph
+    producer, consumers = _index(g)
+    count = 0
+    for n in list(g.node):
+        if n.op_type != "MatMulNBits" or (_attr(n, "accuracy_level") or 0) != 4:
+            continue
+        flat = producer.get(n.input[0])
+        cat = producer.get(flat.input[0]) if flat is not None and flat.op_type == "Reshape" else None
+        if cat is None or cat.op_type != "Concat" or len(cat.input) != 2:
+            continue
+        sub = producer.get(cat.input[1])  # r = x_blocks - x_q
+        if sub is None or sub.op_type != "Sub" or sub.input[1] != cat.input[0]:
+            continue
+        blocked = producer.get(sub.input[0])  # x_blocks = Reshape(x)
+        if blocked is None or blocked.op_type != "Reshape":
+            continue
+        users = consumers.get(n.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Split" or len(users[0].output) != 2:
+            continue
+        split = users[0]
+        adds = consumers.get(split.output[0], [])
+        if len(adds) != 1 or adds[0].op_type != "Add" or sorted(adds[0].input) != sorted(split.output):
+            continue
+        add = adds[0]
+        n.input[0], n.output[0] = blocked.input[0], add.output[0]
+        _set_attr(n, "accuracy_level", 0)
+        g.node.remove(split)
+        g.node.remove(add)
+        count += 1
+    if count:
+        from .prefix_layers import prune_dead
+
+        prune_dead(g, [o.name for o in g.output])  # the rows' helper nodes and constants are no longer read
+    return count
+
+
 def decode_forms(model) -> int:
-    """Both rewrites, in order (the split needs the symmetric form). Returns how many matrices changed form."""
-    return symmetric_offsets(model) + split_float_activations(model)
+    """The current one-row forms: the symmetric form of kept Q4_1 matrices, and products at float activations as one
+    float row (an older bundle's two int8 rows joined back). Returns how many matrices changed form."""
+    return symmetric_offsets(model) + join_float_activations(model)

@@ -79,7 +79,7 @@ def test_symmetric_form_is_the_same_product(tmp_path, level):
 
 
 def test_float_activation_product_as_two_int8_rows(tmp_path):
-    from edge_sel.export.nbits_forms import decode_forms, split_float_activations, with_float_activations
+    from edge_sel.export.nbits_forms import split_float_activations, symmetric_offsets, with_float_activations
 
     m, w = _q4_1_model(tmp_path, 0)
     int8 = copy.deepcopy(m)
@@ -88,7 +88,7 @@ def test_float_activation_product_as_two_int8_rows(tmp_path):
             if a.name == "accuracy_level":
                 a.i = 4
     assert split_float_activations(copy.deepcopy(m)) == 0  # zero points: the kernel's two-row path is slow there
-    assert decode_forms(m) == 2
+    assert symmetric_offsets(m) + split_float_activations(m) == 2
     nb = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
     assert [a.i for a in nb[0].attribute if a.name == "accuracy_level"] == [4]
     for rows in (1, 5):
@@ -102,3 +102,25 @@ def test_float_activation_product_as_two_int8_rows(tmp_path):
         np.testing.assert_allclose(_run(with_float_activations(m), x), want, rtol=0, atol=1e-5 * np.abs(want).max())
     zero = np.zeros((1, 2, 256), np.float32)  # an all-zero block: no division by zero
     assert np.array_equal(_run(m, zero), np.zeros((1, 2, 48), np.float32))
+
+
+def test_two_rows_joined_back_into_the_float_product(tmp_path):
+    """decode_forms keeps a float-activation product as one float row (faster than two int8 rows on AVX-512 VNNI, and
+    exact); an older graph's two rows are joined back into exactly that product, its helper nodes and constants gone."""
+    from edge_sel.export.nbits_forms import decode_forms, join_float_activations, split_float_activations, symmetric_offsets
+
+    m, w = _q4_1_model(tmp_path, 0)
+    fresh = copy.deepcopy(m)
+    assert decode_forms(fresh) == 1  # the symmetric form only
+    nb = [n for n in fresh.graph.node if n.op_type == "MatMulNBits"]
+    assert [a.i for a in nb[0].attribute if a.name == "accuracy_level"] == [0]
+    old = copy.deepcopy(m)
+    assert symmetric_offsets(old) + split_float_activations(old) == 2  # the two-row form of earlier bundles
+    assert decode_forms(old) == 1 and join_float_activations(old) == 0  # joined once, then current
+    assert sorted(n.op_type for n in old.graph.node) == sorted(n.op_type for n in fresh.graph.node)
+    assert {t.name for t in old.graph.initializer} == {t.name for t in fresh.graph.initializer}
+    for rows in (1, 5):
+        x = _x(rows)
+        want = x.astype(np.float64) @ w.astype(np.float64)
+        np.testing.assert_array_equal(_run(old, x), _run(fresh, x))
+        np.testing.assert_allclose(_run(old, x), want, rtol=0, atol=1e-5 * np.abs(want).max())

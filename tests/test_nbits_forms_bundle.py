@@ -1,6 +1,7 @@
 """The one-row MatMulNBits forms end to end: a tiny Llama whose matrices are exactly a GGUF's Q4_1 blocks, exported,
 quantized to int4 from that GGUF (the blocks kept), run by the generate engine; an int4 bundle written without the
-forms is brought to them by upgrade_generate_bundle and then generates exactly what the fresh one does."""
+forms, and one written with the down projection as two int8 rows, are brought to them by upgrade_generate_bundle and
+then generate exactly what the fresh one does."""
 
 from __future__ import annotations
 
@@ -61,18 +62,21 @@ def _run(path):
     return res.tokens, np.stack(res.logits)
 
 
-def _forms(path) -> tuple[int, int]:
-    """(MatMulNBits nodes with a zero-point input, float-activation products computed as two rows) over the layers."""
+def _forms(path) -> tuple[int, int, int]:
+    """(MatMulNBits nodes with a zero-point input, float-activation products computed as two rows, products at float
+    activations (``accuracy_level`` 0)) over the layers."""
     import onnx
 
     b = Bundle.open(path)
-    zp = rows = 0
+    zp = rows = floats = 0
     for i, layer in enumerate(b.spec.layers):
         for rel in (layer.file, b.spec.qkv_graph(i).file):
             g = onnx.load(str(b.path(rel)), load_external_data=False).graph
             zp += sum(n.op_type == "MatMulNBits" and len(n.input) > 3 and bool(n.input[3]) for n in g.node)
             rows += sum(n.op_type == "Concat" and n.name.endswith("_rows_9") for n in g.node)
-    return zp, rows
+            floats += sum(n.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" and a.i for a in n.attribute)
+                          for n in g.node)
+    return zp, rows, floats
 
 
 def test_gguf_int4_bundle_in_the_one_row_forms(q4_1_model, tmp_path, monkeypatch):
@@ -87,11 +91,15 @@ def test_gguf_int4_bundle_in_the_one_row_forms(q4_1_model, tmp_path, monkeypatch
     w = Bundle.open(new).manifest["weights"]
     assert "gguf:Q4_1" in {t.get("source") for t in w["tensors"].values()}
     assert max(t.get("max_abs_diff") or 0.0 for t in w["tensors"].values()) == 0.0  # the file's blocks, exactly
-    assert _forms(new) == (0, 2)  # no zero points; each layer's down projection as two rows
+    assert _forms(new) == (0, 0, 2)  # no zero points; each layer's down projection one row at float activations
     with monkeypatch.context() as m:  # an int4 bundle as written before the forms
         m.setattr(nf, "decode_forms", lambda model: 0)
         old = convert_bundle(fp32, tmp_path / "old", "int4", measure=False, gguf=gguf_path)
-    assert _forms(old) == (8, 0)  # q/k/v, o, gate/up, down of both layers with zero points 0
+    assert _forms(old) == (8, 0, 2)  # q/k/v, o, gate/up, down of both layers with zero points 0
+    with monkeypatch.context() as m:  # as written when the down projection ran as two int8 rows
+        m.setattr(nf, "decode_forms", lambda model: nf.symmetric_offsets(model) + nf.split_float_activations(model))
+        rows = convert_bundle(fp32, tmp_path / "rows", "int4", measure=False, gguf=gguf_path)
+    assert _forms(rows) == (0, 2, 0)
     ref_tokens, ref = _run(fp32)
     new_tokens, new_logits = _run(new)
     _, old_logits = _run(old)
@@ -99,8 +107,9 @@ def test_gguf_int4_bundle_in_the_one_row_forms(q4_1_model, tmp_path, monkeypatch
     # file) dominates both errors here, the graph-level tests in test_nbits_forms compare the forms themselves
     err_new, err_old = np.abs(new_logits[0] - ref[0]).max(), np.abs(old_logits[0] - ref[0]).max()
     assert err_new < 0.15 * np.ptp(ref[0]) and err_new < 1.25 * err_old
-    assert upgrade_generate_bundle(old) is True
-    assert _forms(old) == (0, 2)
-    up_tokens, up_logits = _run(old)
-    assert up_tokens == new_tokens and np.array_equal(up_logits, new_logits)  # the same graphs as a fresh conversion
-    assert upgrade_generate_bundle(old) is False  # already current
+    for earlier in (old, rows):
+        assert upgrade_generate_bundle(earlier) is True
+        assert _forms(earlier) == (0, 0, 2)
+        up_tokens, up_logits = _run(earlier)
+        assert up_tokens == new_tokens and np.array_equal(up_logits, new_logits)  # the same graphs as a fresh conversion
+        assert upgrade_generate_bundle(earlier) is False  # already current
