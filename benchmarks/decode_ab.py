@@ -86,7 +86,7 @@ def bundles_ab(paths: list[str], n: int, threads: int, rounds: int, steps: int) 
         it.close()
         g.close()
     return {"prompt_tokens": n, "threads": threads, "shared_pool": gens[0][0].model.shared_pool,
-            "ms": {p: round(1e3 * m, 3) for p, m in zip(paths, med)}, "ratio": {p: round(m / med[0], 3) for p, m in zip(paths, med)}}
+            "bundles": paths, "ms": [round(1e3 * m, 3) for m in med], "ratio": [round(m / med[0], 3) for m in med]}
 
 
 def main(argv=None) -> int:
