@@ -476,15 +476,10 @@ def markdown(doc: dict) -> str:
 
 # ---- driver -------------------------------------------------------------------------------------
 def _tokenizer(bundle: str):
-    from tokenizers import Tokenizer
-
+    from edge_sel.bench import bundle_tokenizer
     from edge_sel.runtime.bundle import Bundle
 
-    b = Bundle.open(bundle)
-    tok = Tokenizer.from_file(str(b.path(b.spec.tokenizer.file)))
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
+    return bundle_tokenizer(Bundle.open(bundle))
 
 
 def _run_one(cfg: dict, tmp: str, bundle: str, kvpress_py: Path | None) -> dict:

@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     specs = [b.rsplit("@", 1) for b in args.bundles]
     rerankers = [Reranker(path, memory_budget=budget, pruning="off") for path, budget in specs]
     queries = build_queries(_tokenizer(specs[0][0]), args.queries, args.n_docs, corpus="docstrings")
-    k = args.top_k
+    k = min(args.top_k, args.n_docs)  # a top-k wider than the candidates is all of them
     tops: list[list[set]] = [[] for _ in specs]
     secs: list[list[float]] = [[] for _ in specs]
     windows: list = [None] * len(specs)
@@ -59,15 +59,10 @@ def main(argv=None) -> int:
 
 
 def _tokenizer(path: str):
-    from tokenizers import Tokenizer
-
+    from edge_sel.bench import bundle_tokenizer
     from edge_sel.runtime.bundle import Bundle
 
-    b = Bundle.open(path)
-    t = Tokenizer.from_file(str(b.path(b.spec.tokenizer.file)))
-    t.no_padding()
-    t.no_truncation()
-    return t
+    return bundle_tokenizer(Bundle.open(path))
 
 
 if __name__ == "__main__":
