@@ -17,9 +17,12 @@ The output is written atomically (:class:`edge_sel.runtime.bundle_writer.BundleW
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,24 +38,33 @@ from ..staging import link_files, stage_manifest
 WEIGHT_TYPES = ("int8", "uint8")
 
 
-def _quantize_graph(src: Path, dst: Path, weight_type: str, per_channel: bool, data: Path | None = None) -> None:
-    import tempfile
+@contextlib.contextmanager
+def _readable(src: Path, data: Path | None):
+    """``src`` itself, or a private copy of it and its weights when those are hard-linked."""
+    if data is None or not data.exists() or os.stat(data).st_nlink == 1:
+        yield src
+        return
+    # onnx refuses external data with several hard links ("potential hardlink attack"), and bundles share
+    # unchanged files by hard links (quantize, drop-layers, the bench cache): read a private copy
+    with tempfile.TemporaryDirectory(prefix="edge_sel_quant_") as tmp:
+        shutil.copy2(src, Path(tmp) / src.name)
+        shutil.copy2(data, Path(tmp) / data.name)
+        yield Path(tmp) / src.name
 
+
+def _quantize_graph(src: Path, dst: Path, weight_type: str, per_channel: bool) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     qtype = QuantType.QInt8 if weight_type == "int8" else QuantType.QUInt8
-    with tempfile.TemporaryDirectory(prefix="edge_sel_quant_") as tmp:
-        if data is not None and data.exists() and os.stat(data).st_nlink > 1:
-            # onnx refuses external data with several hard links ("potential hardlink attack"), and bundles
-            # share unchanged files by hard links (quantize, drop-layers, the bench cache): read a private copy
-            shutil.copy2(src, Path(tmp) / src.name)
-            shutil.copy2(data, Path(tmp) / data.name)
-            src = Path(tmp) / src.name
-        # fused rerank graphs feed o_proj from a com.microsoft MultiHeadAttention node, whose output type onnx's
-        # shape inference cannot name; every activation in a bundle is float32
+    # fused rerank graphs feed o_proj from a com.microsoft MultiHeadAttention node, whose output type onnx's
+    # shape inference cannot name; every activation in a bundle is float32
+    logging.disable(logging.WARNING)  # its advice to run pre-processing (for image models) is noise here, once per graph
+    try:
         quantize_dynamic(src, dst, op_types_to_quantize=["MatMul"], per_channel=per_channel, weight_type=qtype,
                          use_external_data_format=True, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def agreement(source: Bundle, quantized: Bundle, n_queries: int = 8, n_candidates: int = 32, top: int = 10) -> dict:
@@ -77,8 +89,12 @@ def agreement(source: Bundle, quantized: Bundle, n_queries: int = 8, n_candidate
 
 
 def quantize_bundle(path: str | os.PathLike, out: str | os.PathLike, weight_type: str = "int8", per_channel: bool = True,
-                    measure: bool = True, force: bool = False, say: Callable[[str], None] | None = None) -> Path:
-    """Write a copy of the bundle at ``path`` to ``out`` with int8 layer weights; returns ``out``."""
+                    measure: bool = True, force: bool = False, say: Callable[[str], None] | None = None,
+                    rewrite: Callable[[Path, Path], None] | None = None, method: str | None = None) -> Path:
+    """Write a copy of the bundle at ``path`` to ``out`` with int8 layer weights; returns ``out``.
+
+    ``rewrite(src_graph, dst_graph)`` replaces onnxruntime's rewrite of each graph (benchmarks probe
+    other int8 forms through it; ``method`` names it in the manifest)."""
     say = say or (lambda msg: None)
     if weight_type not in WEIGHT_TYPES:
         raise InputError(f"unknown weight type {weight_type!r}; choose one of {', '.join(WEIGHT_TYPES)}")
@@ -98,11 +114,15 @@ def quantize_bundle(path: str | os.PathLike, out: str | os.PathLike, weight_type
             written.update(f for f in (g.file, g.weights) if f)
             dst = w.file(g.file)
             say(f"quantizing {g.file} ({n}/{len(graphs)})")
-            _quantize_graph(src.path(g.file), dst, weight_type, per_channel, src.path(g.weights) if g.weights else None)
+            with _readable(src.path(g.file), src.path(g.weights) if g.weights else None) as graph:
+                if rewrite is None:
+                    _quantize_graph(graph, dst, weight_type, per_channel)
+                else:
+                    rewrite(graph, dst)
             data = dst.with_name(dst.name + ".data")
             weights[g.file] = Path(g.file).with_name(data.name).as_posix() if data.exists() else None
         link_files(src, w, [rel for rel in spec.files if rel not in written])
-        quant = {"method": "onnxruntime.quantization.quantize_dynamic", "weights": weight_type, "per_channel": per_channel,
+        quant = {"method": method or "onnxruntime.quantization.quantize_dynamic", "weights": weight_type, "per_channel": per_channel,
                  "ops": ["MatMul"], "source_bytes": sum(src.layer_weight_bytes(i) for i in range(len(spec.layers))),
                  "seconds": round(time.perf_counter() - t0, 2)}
         new = spec.replace(layers=[dataclasses.replace(x, weights=weights[x.file]) for x in spec.layers],
