@@ -63,7 +63,7 @@ writes trace.json (open in ui.perfetto.dev or chrome://tracing), memory.png, rep
   edge-sel devices probe --bundle bundles/minilm --bundle bundles/smol-gen""",
     "plan": """examples:
   edge-sel plan bundles/smollm2 --device iphone-se-3 --task rerank --candidates 200 --doc-tokens 128
-  edge-sel plan bundles/minilm --device this-machine --task rerank -n 512 --doc-tokens 96 --budget 128MB --json
+  edge-sel plan bundles/minilm --device this-machine --task rerank -n 512 --doc-tokens 96 --budget 128MB --json   # after `edge-sel devices probe`
   edge-sel plan bundles/smol-gen --device pixel-8 --task generate --prompt-tokens 2048 --new-tokens 64 --kv-budget 0.1 --policy mpcache_recall
 an infeasible plan exits 2 with the reason, the smallest budget and the smallest device that would work.""",
     "verify": """examples:
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", "-k", type=int, default=10)
     r.add_argument("--memory-budget", "-m", type=_size, help="e.g. 128MB, 1.5GiB (default: all layers resident)")
     r.add_argument("--instruction", help="decoder rerankers: the <Instruct> line of the prompt")
-    r.add_argument("--show-text", action="store_true", help="print document text with the results")
+    r.add_argument("--show-text", action="store_true",
+                   help="with --json: add each result's document text (the table always shows it, shortened)")
     r.add_argument("--pruning", choices=["auto", "on", "off"], default="auto",
                    help="early-ranking pruning: auto = the bundle's calibrated schedule if it has one; on = require one; off")
     r.add_argument("--shadow", type=float, nargs="?", const=1.0, default=0.0, metavar="FRACTION",
@@ -155,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
                    "this onnxruntime build has it, else cpu), coreml (on a bundle with CoreML packages: Core ML "
                    "runs them, macOS only), or another provider name")
-    r.add_argument("--json", action="store_true", help="print {results, stats} as JSON")
+    r.add_argument("--json", action="store_true",
+                   help="print {results, stats, plan} as JSON (plan: the memory estimate next to what was measured)")
 
     d = cmd("demo", "select from real text (CPython docstrings) with a packaged model")
     d.add_argument("--model", default="all-minilm-l6-v2", help="all-minilm-l6-v2 (default) or smollm2-135m-instruct")
@@ -205,17 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
                    "this onnxruntime build has it, else cpu), coreml (on a bundle with CoreML packages: Core ML "
                    "runs them, macOS only), or another provider name")
-    g.add_argument("--json", action="store_true", help='print {"text", "tokens", "stats"} as JSON')
+    g.add_argument("--json", action="store_true", help='print {"text", "tokens", "finish_reason", "stats", "plan"} as JSON')
 
-    qz = cmd("quantize", "write a copy of a bundle with int8 layer weights (onnxruntime dynamic quantization) and measure "
-             "what it costs in ranking agreement")
+    qz = cmd("quantize", "write a copy of a bundle with smaller weights (fp16, or int8 / int4 MatMulNBits blocks; "
+             "--method dynamic: onnxruntime's dynamic int8 quantization) and measure what it costs in ranking agreement")
     qz.add_argument("bundle")
     qz.add_argument("-o", "--out", required=True, help="bundle directory to write (atomically)")
     qz.add_argument("--weights", default="int8", metavar="{fp16,int8,int4,uint8}",
-                    help="fp16 / int8 / int4: weight-only, every matrix, the embedding table and the head (default int8); "
+                    help="fp16 / int8 / int4: weight-only, every matrix, the embedding table and a head over 1 MiB (the "
+                         "generate LM head; smaller heads stay float32) (default int8); "
                          "with --method dynamic: int8 / uint8 layer weights with activations quantized per call")
     qz.add_argument("--method", default="weight-only", choices=["weight-only", "dynamic"],
-                    help="weight-only (default: MatMulNBits blocks, float activations) or dynamic (MatMulInteger)")
+                    help="weight-only (default: MatMulNBits blocks, activations as --accuracy-level says) or dynamic "
+                         "(MatMulInteger)")
     qz.add_argument("--block-size", type=int, default=32, help="int8/int4: values sharing one scale (default 32)")
     qz.add_argument("--accuracy-level", type=int, choices=[0, 4], default=None,
                     help="int8/int4: MatMulNBits' compute precision, 0 = float activations, 4 = int8 activations (faster "
