@@ -21,6 +21,7 @@ from edge_sel.runtime.errors import InputError
 from edge_sel.runtime.manifest import CREATED_BY, embed_files, graph_entries
 
 from .adapters import Adapter, BundleGraphs, adapter_for_model, model_config, model_type, model_types_for
+from .adapters.base import quiet_transformers
 from .graphs import export_graph
 from .sources import resolve
 from .staging import stage_manifest
@@ -82,7 +83,8 @@ def export(model: str | os.PathLike, out: str | os.PathLike, task: str = "rerank
 
     t0 = time.perf_counter()
     say("load", 0, 1)
-    torch_model, tokenizer = adapter.load(resolved, scoring, seed)
+    with quiet_transformers():
+        torch_model, tokenizer = adapter.load(resolved, scoring, seed)
     say("load", 1, 1)
     if task == "generate":
         graphs = adapter.generate_graphs(torch_model, tokenizer, max_length)

@@ -42,3 +42,26 @@ def test_refusals_name_the_supported_choices(tmp_path):
     with pytest.raises(InputError, match="model type 'mamba' is not supported; supported: .*llama.*phi3"):
         export(hf, tmp_path / "m")
     assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_export_prints_edge_sel_lines_not_transformers_chatter(tmp_path, capfd, caplog):
+    """A plain encoder (saved with its pooler) exported as a bi-encoder drops the pooler on purpose: transformers'
+    "Some weights ... were not used" is noise. As a cross-encoder its classifier is new: one edge_sel line says so
+    instead of transformers' "newly initialized ... TRAIN this model"."""
+    from edge_sel.cli import main
+    from tiny_models import make_bert
+
+    hf = make_bert(tmp_path / "hf", layers=1)
+    capfd.readouterr()
+    assert main(["export", str(hf), "-o", str(tmp_path / "bi"), "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["scoring"] == "bi_encoder"
+    assert "were not used" not in err and "Some weights" not in err, err
+    assert main(["export", str(hf), "-o", str(tmp_path / "ce"), "--scoring", "cross_encoder", "--seed", "3", "--json"]) == 0
+    out, err = capfd.readouterr()
+    assert json.loads(out)["scoring"] == "cross_encoder"
+    assert "newly initialized" not in err and "TRAIN" not in err, err
+    assert "has no classifier: the cross-encoder head is initialised at random (seed 3)" in caplog.text
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.get_verbosity() == hf_logging.WARNING  # transformers' own level is back after the load

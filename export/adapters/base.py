@@ -18,11 +18,42 @@ Adding a family = one module here with an :class:`Adapter` subclass and one line
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Load a model without transformers' chatter: its warnings about weights an adapter leaves out on purpose (a
+    bi-encoder's pooler), the legacy-tokenizer notice and the GGUF loader's tqdm bar. The export prints its own
+    progress, and an adapter says in one line what the user must know (a seeded, untrained head)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    gguf = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    if gguf is None:
+        with contextlib.suppress(ImportError):  # transformers without GGUF support: nothing to quieten
+            import transformers.modeling_gguf_pytorch_utils as gguf
+    bar = getattr(gguf, "tqdm", None)
+    if bar is not None:  # a plain tqdm (not transformers' switchable one): disabled for this load only
+        gguf.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        if bar is not None:
+            gguf.tqdm = bar
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass

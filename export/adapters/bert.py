@@ -10,11 +10,13 @@ Head: cross-encoder = pooler/classifier on the first token; bi-encoder = L2-norm
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 
 from .base import Adapter, BundleGraphs, GraphSpec, LayerGraphs
 
+log = logging.getLogger("edge_sel")
 
 def _torch():
     import torch
@@ -43,6 +45,8 @@ class BertAdapter(Adapter):
             kwargs = {}
             if not any("SequenceClassification" in a for a in (config.architectures or [])):
                 kwargs["num_labels"] = 1  # seeded classifier head on a plain encoder (tests, demos)
+                log.warning("%s has no classifier: the cross-encoder head is initialised at random (seed %d), so its "
+                            "scores rank nothing until it is trained", resolved.name, seed)
             model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager", **kwargs)
         else:
             model = AutoModel.from_pretrained(path, attn_implementation="eager", add_pooling_layer=False)
