@@ -303,7 +303,8 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     br.add_argument("--documents", "-d", help="use these documents instead (text, one per line, or JSONL)")
     br.add_argument("--query", "-q", help="the query (default: synthetic)")
     br.add_argument("--memory-budget", "-m", default="none", help="comma-separated sizes; none = all layers resident")
-    br.add_argument("--pruning", default="off,on", help="comma-separated: off, on (needs a calibrated bundle), auto")
+    br.add_argument("--pruning", default=None, help="comma-separated: off, on (needs a calibrated bundle), auto "
+                    "(default: off,on on a calibrated bundle, off on one without a schedule)")
     br.add_argument("--top-k", "-k", type=int, default=10)
     br.add_argument("--spill-dir", help="folder for hidden states spilled under a tight budget (default: system temp)")
     bg = b.add_argument_group("generate bundles")
@@ -330,7 +331,7 @@ def _csv(text: str, convert=str, none_ok: bool = False) -> list:
 
 # options of one task given explicitly (not at their defaults) to a bundle of the other task are refused
 _TASK_OPTIONS = {"rerank": {"n_docs": "64", "doc_tokens": 128, "documents": None, "query": None, "memory_budget": "none",
-                            "pruning": "off,on", "top_k": 10, "spill_dir": None},
+                            "pruning": None, "top_k": 10, "spill_dir": None},
                  "generate": {"prompt_tokens": "512", "new_tokens": 32, "policy": "full", "kv_budget": "none",
                               "prompt_file": None}}
 
@@ -360,14 +361,18 @@ def command(args: argparse.Namespace, console) -> int:
                 prompt_text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read prompt file {args.prompt_file}: {e}") from None
+    bundle = Bundle.open(args.bundle)
+    _check_task(args, bundle.task)
+    pruning = args.pruning  # unasked, "on" is measured only where a schedule exists (else it is a refused row)
+    if pruning is None:
+        pruning = "off,on" if bundle.task == "rerank" and bundle.spec.schedule is not None else "off"
     settings = Settings(
         repeats=args.repeats, warmup=args.warmup, seed=args.seed, n_docs=_csv(args.n_docs, int), doc_tokens=args.doc_tokens,
         documents=read_documents(args.documents) if args.documents else None, query=args.query,
-        memory_budgets=_csv(args.memory_budget, parse_size, none_ok=True), pruning=_csv(args.pruning), top_k=args.top_k,
+        memory_budgets=_csv(args.memory_budget, parse_size, none_ok=True), pruning=_csv(pruning), top_k=args.top_k,
         prompt_tokens=_csv(args.prompt_tokens, int), new_tokens=args.new_tokens, policies=_csv(args.policy),
         kv_budgets=_csv(args.kv_budget, none_ok=True), prompt_text=prompt_text,
         spill_dir=writable_dir(args.spill_dir, "--spill-dir"), provider=args.provider)
-    _check_task(args, Bundle.open(args.bundle).task)
     report = run(args.bundle, settings)
     if report["rows"] and all("error" in r for r in report["rows"]):  # nothing measured: the reason is the answer
         raise InputError(f"no configuration could run: {report['rows'][0]['error']}")

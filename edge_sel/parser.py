@@ -71,7 +71,7 @@ an infeasible plan exits 2 with the reason, the smallest budget and the smallest
     "info": """examples:
   edge-sel info bundles/minilm""",
     "bench": """examples:
-  edge-sel bench bundles/minilm                                    # 64 synthetic candidates of 128 tokens, pruning off/on
+  edge-sel bench bundles/minilm                                    # 64 synthetic candidates of 128 tokens, pruning off (and on, if calibrated)
   edge-sel bench bundles/smollm2 -n 32,128 -m none,128MB --pruning off,on --json
   edge-sel bench bundles/minilm -n 100 --documents docs.txt --query "copy a file"
   edge-sel bench bundles/smol-gen -p 512,2048 --policy full,mpcache --kv-budget none,0.2

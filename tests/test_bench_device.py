@@ -53,6 +53,18 @@ def test_rerank_with_documents_file_through_the_cli(llama_bundle, tmp_path, caps
     assert row["n_docs"] == 5 and row["pruning"] == "off" and row["median_s"] > 0  # 3 documents cycled to 5
 
 
+def test_default_pruning_measures_on_only_where_a_schedule_exists(bert_bi_bundle, capsys):
+    # unasked, "on" on an uncalibrated bundle would only be a refused row (a long error squeezed into the table)
+    assert main(["bench", str(bert_bi_bundle), "-n", "4", "-t", "8", "-r", "1", "--warmup", "0", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["pruning"] for r in rows] == ["off"] and "error" not in rows[0]
+    # asked for, it is still measured (and refused with the reason)
+    assert main(["bench", str(bert_bi_bundle), "-n", "4", "-t", "8", "-r", "1", "--warmup", "0", "--pruning", "off,on",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["pruning"] for r in rows] == ["off", "on"] and "calibrate" in rows[1]["error"]
+
+
 def test_generate_policies_and_budgets(gen_llama_bundle):
     s = Settings(repeats=2, warmup=0, prompt_tokens=[48, 96], new_tokens=4, policies=["full", "streaming_llm"],
                  kv_budgets=[None, "0.5"])
