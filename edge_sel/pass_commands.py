@@ -22,7 +22,8 @@ def cmd_calibrate(args, console) -> int:
     check = tuple(d.strip() for d in args.check.split(",") if d.strip())
     with Progress(TextColumn("calibrating"), BarColumn(), TextColumn("{task.completed}/{task.total} queries"),
                   TextColumn("{task.fields[tokens]}"), TimeElapsedColumn(), TextColumn("remaining"), TimeRemainingColumn(),
-                  console=console, transient=True, disable=args.json) as prog:
+                  console=console, transient=True,
+                  disable=args.json or not console.is_terminal) as prog:  # off a terminal rich leaves a blank line
         task = prog.add_task("cal", total=None, tokens="")
 
         def progress(i, n, info):

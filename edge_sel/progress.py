@@ -8,7 +8,8 @@ def export_progress(console):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     prog = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)  # off a terminal a bar is noise (rich leaves a blank line behind)
     tasks = {}
 
     def cb(stage, i, n):

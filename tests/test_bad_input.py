@@ -265,6 +265,7 @@ def test_bad_input(ctx, capsys, case):
     assert "Traceback" not in err
     assert len(lines) == 1, err
     assert lines[0].startswith("edge-sel: error: ") and needle in lines[0], lines[0]
+    assert out == "", f"a refused command printed {out!r} to stdout"  # e.g. a progress bar's leftover blank line
     assert snapshot(*owned) == before, "a bad input changed or left files behind"
 
 
