@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = cmd("rerank", "rank documents for a query with a bundle")
     r.add_argument("bundle")
     r.add_argument("--query", "-q", required=True)
-    r.add_argument("--documents", "-d", required=True, help="text file (one per line) or JSONL with 'text'")
+    r.add_argument("--documents", "-d", required=True, help="text file (one per line) or JSONL with 'text'; - reads standard input")
     r.add_argument("--top-k", "-k", type=int, default=10)
     r.add_argument("--memory-budget", "-m", type=_size, help="e.g. 128MB, 1.5GiB (default: all layers resident)")
     r.add_argument("--instruction", help="decoder rerankers: the <Instruct> line of the prompt")

@@ -7,8 +7,8 @@ otherwise plain text, so a text line that merely starts with ``{`` stays a docum
 :class:`DocumentsFile` never holds the whole file: one pass up front checks every line (so a bad line is refused
 before any model work), then the engine reads the documents again in order, batch by batch, as it consumes them.
 A line may hold at most :data:`MAX_LINE_BYTES`, a file at most :data:`MAX_FILE_BYTES`. Input that cannot be read
-twice (a pipe, ``/dev/stdin``) is copied while it is checked into an unnamed temporary file, which the system
-removes even when the process is killed.
+twice (a pipe, ``/dev/stdin``; ``-`` names standard input) is copied while it is checked into an unnamed temporary
+file, which the system removes even when the process is killed.
 """
 
 from __future__ import annotations
@@ -36,14 +36,15 @@ class DocumentsFile:
 
     def __init__(self, path: str | os.PathLike, max_line_bytes: int = MAX_LINE_BYTES,
                  max_file_bytes: int = MAX_FILE_BYTES, spool_dir: str | os.PathLike | None = None):
-        p = self.path = Path(path)
+        stdin = str(path) == "-"  # the usual name of standard input (`... | edge-sel rerank B -q Q -d -`)
+        p = self.path = Path("<stdin>") if stdin else Path(path)
         self.max_line_bytes, self.max_file_bytes = int(max_line_bytes), int(max_file_bytes)
-        if p.is_dir():
+        if not stdin and p.is_dir():
             raise InputError(f"{p} is a folder; --documents takes a file (one document per line, or JSONL)")
-        if not p.exists():
+        if not stdin and not p.exists():
             raise InputError(f"documents file not found: {p}")
         try:
-            src = open(p, "rb")
+            src = os.fdopen(os.dup(0), "rb") if stdin else open(p, "rb")  # a copy of fd 0: closing it leaves stdin
         except OSError as e:
             raise InputError(f"cannot read {p}: {e.strerror}") from None
         try:

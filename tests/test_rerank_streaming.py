@@ -148,3 +148,21 @@ def test_long_documents_are_cut_before_tokenizing_with_the_same_ids(fixture, req
     for i in range(len(ids)):
         np.testing.assert_array_equal(store.item(i), ids[i])
     np.testing.assert_array_equal(rr.predict(queries[0], long_docs), rr.score_encoded(enc))
+
+
+def test_dash_reads_standard_input(tmp_path, bert_bi_bundle):
+    """``-d -``: the documents come from standard input (a pipe, copied once like any other)."""
+    import subprocess
+    import sys
+
+    lines = [f"document {i} about pipes" for i in range(40)] + ["copy a file to another place"]
+    code = ("import sys; from edge_sel.cli import main; "
+            f"sys.exit(main(['rerank', {str(bert_bi_bundle)!r}, '-q', 'copy a file', '-d', '-', '-k', '3', '--json']))")
+    res = subprocess.run([sys.executable, "-c", code], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert out["stats"]["n_documents"] == 41 and len(out["results"]) == 3
+    res = subprocess.run([sys.executable, "-c", code], input="\n\n", capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip() == "edge-sel: error: <stdin> holds no documents (empty file)"
