@@ -16,6 +16,16 @@ from edge_sel.runtime.manifest import thaw
 from vectors.make import CASES, compare, make_vectors
 
 VECTORS = Path(__file__).resolve().parent / "vectors"
+# the rows of docs/BUNDLE.md's table of the operator sets the converter records, per vector bundle
+DOC_ROWS = {"tiny_bert_ce": "BERT cross-encoder", "tiny_bert_bi": "BERT bi-encoder",
+            "tiny_llama_yes_no": "Llama yes/no, split layers"}
+
+
+def documented_operators(case: str) -> dict[str, set[str]]:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "BUNDLE.md").read_text(encoding="utf-8")
+    (row,) = [ln for ln in text.splitlines() if ln.startswith(f"| {DOC_ROWS[case]}")]
+    _, _, onnx, ms, _ = row.split("|")
+    return {"ai.onnx": {op.strip() for op in onnx.split(",")}, "com.microsoft": {op.strip() for op in ms.split(",")}}
 
 
 def _cli(*args):
@@ -33,6 +43,10 @@ def test_ort_bundle_reproduces_vectors(case, vector_bundles_ort):
     assert parse_operator_config(config) == thaw(s.ort.operators)
     if s.scoring == "yes_no":  # the fused rerank form's contrib ops must be in a reduced build's config
         assert {"MultiHeadAttention", "RotaryEmbedding"} <= set(s.ort.operators["com.microsoft;1"])
+    recorded = {"ai.onnx": set(), "com.microsoft": set()}
+    for key, ops in thaw(s.ort.operators).items():
+        recorded[key.split(";")[0]] |= set(ops)
+    assert recorded == documented_operators(case), "docs/BUNDLE.md's operator table is out of date"
     expected = json.loads((VECTORS / f"{case}.json").read_text(encoding="utf-8"))
     bad = compare(expected, make_vectors(b.root, case, with_plans=False))
     assert not bad, "\n".join(bad[:10])
