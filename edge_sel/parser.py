@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = cmd("demo", "select from real text (CPython docstrings) with a packaged model")
     d.add_argument("--model", default="all-minilm-l6-v2", help="all-minilm-l6-v2 (default) or smollm2-135m-instruct")
     d.add_argument("--memory-budget", "-m", type=_size, default=None, help="default: 128MB (MiniLM) / 192MB (SmolLM2)")
-    d.add_argument("--pool", type=int, default=None, help="number of candidate docstrings (default: 200 MiniLM, 48 SmolLM2)")
+    d.add_argument("--pool", type=int, default=None, help="number of candidate docstrings, the questions' answers added when not among "
+                   "them (default: 200 MiniLM, 48 SmolLM2)")
     d.add_argument("--top-k", "-k", type=int, default=3)
     d.add_argument("--json", action="store_true")
 
