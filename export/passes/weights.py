@@ -344,6 +344,8 @@ def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, bl
     index, blocks = None, None
     if gguf is not None:
         gguf = Path(gguf).expanduser()
+        if not gguf.exists():
+            raise InputError(f"--gguf {gguf}: file not found")
         if not gguf.is_file() or _magic(gguf) != b"GGUF":
             raise InputError(f"--gguf {gguf}: not a GGUF file (expected a file starting with the GGUF magic bytes)")
     gguf = gguf if gguf is not None else source_gguf(spec.model.source)
