@@ -274,7 +274,7 @@ def test_recall_is_deterministic(llama, ids, question):
     assert a.stats["cold"] == b.stats["cold"]
 
 
-def test_fetch_area_never_takes_the_resident_minimum(llama, ids):
+def test_fetch_area_never_takes_the_resident_minimum(llama, ids, caplog):
     g = Generator(llama, kv_budget=64, policy="mpcache_recall")  # 64 = the resident minimum: no room to fetch
     r = g.generate(ids, max_new_tokens=4, stop=False)
     assert r.stats["kv_fetch_tokens"] == 0 and r.stats["kv_resident_tokens"] == 64 and "cold" not in r.stats
@@ -296,8 +296,10 @@ def test_fetch_area_never_takes_the_resident_minimum(llama, ids):
     r = Generator(llama, kv_budget=140, policy="mpcache_recall").generate(ids + q, max_new_tokens=4, stop=False,
                                                                           protect_suffix=len(q))
     assert r.stats["kv_fetch_tokens"] == 48 and r.stats["kv_tokens_peak_per_layer"] <= 140
+    caplog.clear()
     with pytest.raises(BudgetError, match="minimum") as e:
         Generator(llama, kv_budget=32, policy="mpcache_recall").generate(ids, max_new_tokens=4, stop=False)
+    assert "running without recall" not in caplog.text  # a refused budget is one line, not a warning and then it
     per_tok = g.bytes_per_token()
     assert e.value.minimum_bytes >= 64 * per_tok
     ok = Generator(llama, kv_budget=f"{e.value.minimum_bytes}B", policy="mpcache_recall")

@@ -156,7 +156,8 @@ class KVPlanner:
             else:
                 cap = min(-(-whole // a) * a, cap // a * a)
         fetch = 0
-        if self.budget is not None:  # the fetch area only takes what the resident minimum leaves
+        if self.budget is not None and cap >= need:  # the fetch area only takes what the resident minimum leaves
+            # (below the minimum the budget is refused next: no "running without recall" warning before the error)
             fetch = policy.fetch_tokens(cap, suffix, whole, max(0, cap - max(need, suffix + 8 if suffix else 0)))
         res = cap - fetch
         if (res < need or (suffix and res - suffix < 8)) and res < whole:
