@@ -47,8 +47,10 @@ def cmd_models(args, console) -> int:
         from rich.table import Table
 
         t = Table(title="packaged models")
-        for col in ("name", "fetched", "family", "scoring", "package", "path"):
-            t.add_column(col)
+        for col in ("name", "fetched", "family", "scoring"):  # the name is what `models fetch` and `export` take
+            t.add_column(col, no_wrap=True)
+        for col in ("package", "path"):
+            t.add_column(col, overflow="fold")  # folded, not cut with an ellipsis: the path is there to be copied
         for r in rows:
             t.add_row(r["name"], "yes" if r["fetched"] else "no", r["family"], r["scoring"], r["package"], r["path"])
         console.print(t)

@@ -83,6 +83,14 @@ def test_models_list_json():
     assert {"all-minilm-l6-v2", "smollm2-135m-instruct"} <= names
 
 
+def test_models_list_table_shows_whole_names_at_80_columns():
+    import os
+
+    out = run("models", "list", env={**os.environ, "COLUMNS": "80"})
+    assert out.returncode == 0, out.stderr
+    assert "all-minilm-l6-v2 " in out.stdout and "smollm2-135m-instruct " in out.stdout  # the names to type, whole
+
+
 def test_unknown_model_message(tmp_path):
     out = run("export", "no-such/model-xyz", "-o", tmp_path / "b")
     assert out.returncode == 2
