@@ -22,7 +22,8 @@ def cmd_devices(args, console) -> int:
         from rich.table import Table
 
         t = Table(title="device profiles")
-        for col in ("name", "device", "RAM", "app limit", "mem BW", "storage read", "GFLOPS (est.)"):
+        t.add_column("name", no_wrap=True)  # what --device takes: never cut short
+        for col in ("device", "RAM", "app limit", "mem BW", "storage read", "GFLOPS (est.)"):
             t.add_column(col)
         for d in rows:
             t.add_row(d["name"], d["title"], format_size(d["ram_bytes"]),

@@ -27,6 +27,14 @@ def test_packaged_profiles_validate_and_cite_sources():
         assert sum(c["cores"] for c in doc["cpu"]["clusters"]) == doc["cpu"]["cores"]
 
 
+def test_devices_list_table_shows_whole_names(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["devices", "list"]) == 0
+    out = capsys.readouterr().out
+    for name in REQUIRED:  # what --device takes, not "raspber…"
+        assert f" {name} " in out, name
+
+
 @pytest.mark.parametrize("damage", [
     lambda d: d.pop("ram_bytes"),
     lambda d: d.update(sources=[]),
