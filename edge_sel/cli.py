@@ -105,7 +105,8 @@ def cmd_export(args, console) -> int:
     else:
         msg = f"[green]bundle written[/] {out}  ({s.scoring}, {len(s.layers)} layers, {format_size(b.total_bytes())}, {ex.seconds} s)"
         if ex.verified_max_abs_diff is not None:
-            msg += f"\nverified against torch: max |score diff| = {ex.verified_max_abs_diff:.2e}"
+            what = "logit" if s.model.task == "generate" else "score"
+            msg += f"\nverified against torch: max |{what} diff| = {ex.verified_max_abs_diff:.2e}"
         if s.dropped_layers:
             msg += "\n" + dropped_line(s)
         if s.schedule is not None:

@@ -89,3 +89,12 @@ def test_generator_never_imports_torch(gen_bundle):
     out = subprocess.run([sys.executable, "-c", cli, str(gen_bundle)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "BANNED []" in out.stdout
+
+
+def test_export_generate_verify_reports_logits(tmp_path, capsys):
+    """A generate bundle is verified on its logits (there is no score): the export line says which."""
+    hf = make_gen_decoder(tmp_path / "hf", layers=1)
+    capsys.readouterr()
+    assert _cli("export", hf, "-o", tmp_path / "b", "--task", "generate", "--verify") == 0
+    out = capsys.readouterr().out
+    assert "max |logit diff|" in out and "score diff" not in out, out
