@@ -250,6 +250,13 @@ def table(report: dict[str, Any]):
     def size(v):
         return "-" if v is None else format_size(v)
 
+    reasons: list[str] = []  # a refused configuration's reason goes under the table: in a cell it wraps down a page
+
+    def refused(r) -> str:
+        if r["error"] not in reasons:
+            reasons.append(r["error"])
+        return f"[red]({reasons.index(r['error']) + 1})[/]"  # short: the rerank table has ten columns
+
     d = report["device"]
     t = Table(title=f"edge-sel bench {report['bundle']} ({report['task']}) · {d['machine']}, {d['cpu_count']} cores, "
                     f"onnxruntime {d['onnxruntime']} · median of {report['repeats']}")
@@ -261,24 +268,32 @@ def table(report: dict[str, Any]):
             head = [str(r["n_docs"]), f"{r['doc_tokens_mean']:.0f}" if "doc_tokens_mean" in r else "-",
                     size(r["memory_budget_bytes"]) if r["memory_budget_bytes"] else "none", r["pruning"]]
             if "error" in r:
-                t.add_row(*head, f"[red]{r['error'][:120]}[/]", *[""] * (len(cols) - 5))
+                t.add_row(*head, refused(r), *[""] * (len(cols) - 5))
                 continue
             saved = r.get("layer_work_saved")
             t.add_row(*head, f"{r['median_s']:.3f}", f"{r['min_s']:.3f}-{r['max_s']:.3f}", f"{r['docs_per_s']:.1f}",
                       size(r["peak_rss_bytes"]), f"{100 * saved:.0f}%" if saved is not None else "-",
                       f"{r['window_layers']}/{r['n_layers']}" if r.get("n_layers") else "-")
-        return t
+        return _noted(t, reasons)
     cols = ("policy", "kv budget", "prompt tok", "prefill tok/s", "prefill s", "decode ms/tok", "KV peak", "peak RSS")
     for c in cols:
         t.add_column(c, justify="left" if c == "policy" else "right")
     for r in report["rows"]:
         head = [r["policy"], str(r["kv_budget"]) if r["kv_budget"] is not None else "none", str(r["prompt_tokens"])]
         if "error" in r:
-            t.add_row(*head, f"[red]{r['error'][:120]}[/]", *[""] * (len(cols) - 4))
+            t.add_row(*head, refused(r), *[""] * (len(cols) - 4))
             continue
         ms = r["decode_ms_per_token"]
         t.add_row(*head, f"{r['prefill_tokens_per_s']:.0f}", f"{r['prefill_s']:.3f}", f"{ms:.1f}" if ms is not None else "-",
                   size(r["kv_bytes_peak"]), size(r["peak_rss_bytes"]))
+    return _noted(t, reasons)
+
+
+def _noted(t, reasons: list[str]):
+    """The table with each refused configuration's reason, numbered, as its caption."""
+    if reasons:
+        t.caption = "\n".join(f"({i}) refused: {why}" for i, why in enumerate(reasons, 1))
+        t.caption_justify = "left"
     return t
 
 

@@ -40,7 +40,13 @@ def test_rerank_grid_budget_and_pruning(bert_bi_bundle):
     # the tiny bundle is not calibrated: pruning "on" is refused by the engine and reported, not fatal
     refused = [r for r in rows if r["pruning"] == "on"]
     assert len(refused) == 4 and all("calibrate" in r["error"] for r in refused)
-    table(rep)  # renders
+    from rich.console import Console
+
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(table(rep))
+    text = console.export_text()
+    # each refused row points to its reason, printed once under the table (not squeezed into a narrow cell)
+    assert text.count("(1)") == 5 and text.count("(1) refused: " + refused[0]["error"][:20]) == 1, text
 
 
 def test_rerank_with_documents_file_through_the_cli(llama_bundle, tmp_path, capsys):
