@@ -213,6 +213,8 @@ def cmd_info(args, console) -> int:
             "layers": len(s.layers), "bytes": b.total_bytes(), "dropped_layers": list(s.dropped_layers),
             "drop_cost": thaw(s.drop_cost), "quantization": thaw(s.quantization),
             "schedule": thaw(s.schedule), "export": thaw(s.export)}
+    if s.weights is not None:  # fp16 / int8 / int4 (format version 2): the format and its measured agreement
+        info["weights"] = {k: v for k, v in thaw(s.weights).items() if k != "tensors"}
     if s.fused is not None:
         info["fused"] = thaw(s.fused)
     if args.json:

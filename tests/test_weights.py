@@ -174,3 +174,14 @@ def test_generate_int4_levels(converted, gen_llama_bundle, tmp_path):
     assert levels(q) == {"wide": {0}, "hidden": {4}}
     flat = Bundle.open(convert_bundle(gen_llama_bundle, tmp_path / "l0", "int4", accuracy_level=0, measure=False))
     assert levels(flat) == {"wide": {0}, "hidden": {0}}
+
+
+def test_info_shows_the_weight_format(converted, bert_bi_bundle, capsys):
+    """`edge-sel info` on an fp16/int8/int4 bundle names its format (it said only `quantization: None`)."""
+    from edge_sel.cli import main
+
+    assert main(["info", str(converted["bert", "int4"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["weights"]["format"] == "int4" and info["weights"]["block_size"] == 32 and "tensors" not in info["weights"]
+    assert main(["info", str(bert_bi_bundle), "--json"]) == 0
+    assert "weights" not in json.loads(capsys.readouterr().out)  # float32: no weights field
