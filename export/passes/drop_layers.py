@@ -62,6 +62,7 @@ def choose_layers(bundle: Bundle, n: int | str, threshold: float = DEFAULT_THRES
             raise InputError(f"--drop-layers {n}: the model has {L} layers; at most {L - 1} can be dropped (at least one must stay)")
     data = builtin_data(n_queries, n_candidates, seed=1)
     rr = Reranker(bundle, pruning="off")
+    rr.warn_truncated = False  # the calibration text's long passages: not the user's documents, no warning per call
     try:
         traces = collect_traces(rr, data)
         refs = [np.argsort(-t.final, kind="stable") for t in traces]

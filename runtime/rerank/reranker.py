@@ -107,6 +107,9 @@ class Reranker:
         if self.memory_budget is not None:
             tune_allocator()  # under a budget, freed activations must leave the process (glibc; see edge_sel.runtime.memory)
         self.split = is_split(self.bundle)  # qkv + attn layer graphs: the shared prompt prefix is computed once
+        # one warning per call that truncates documents; a pass measuring on its own fixed text (drop-layers,
+        # quantize's agreement) turns it off rather than print it for every one of its calls
+        self.warn_truncated = True
         self.planner = planner_for(self.bundle, self.backend)
         if self.memory_budget is not None and self.memory_budget < self.planner.static_minimum():
             need = self.planner.static_minimum()
@@ -283,7 +286,7 @@ class Reranker:
                 tokens.freeze()
                 trace.end(tk, documents=text.n_docs)
                 t_tok = time.perf_counter() - t0
-                if text.n_truncated:
+                if text.n_truncated and self.warn_truncated:
                     log.warning("%d of %d documents were longer than the model's maximum of %d tokens and were truncated",
                                 text.n_truncated, text.n_docs, self.bundle.max_length)
                 scores = self._score(tokens, text, top_k, prune, observer, guard)
