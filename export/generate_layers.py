@@ -131,7 +131,7 @@ def merge_graph_file(src: Path, src_data: Path | None, dst: Path, kind: str, dim
 
     if b"MatMulNBits" not in src.read_bytes():
         return False
-    with tempfile.TemporaryDirectory(prefix="edge_sel_merge_") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".edge_sel_merge_", dir=dst.parent) as tmp:  # renamed into place: same fs
         model = load_graph(src, src_data, Path(tmp))
         if not merge_shared_input(model):
             return False
@@ -168,7 +168,7 @@ def forms_graph_file(path: Path, data: Path | None, kind: str, dims: dict) -> bo
 
     if b"MatMulNBits" not in path.read_bytes():
         return False
-    with tempfile.TemporaryDirectory(prefix="edge_sel_forms_") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".edge_sel_forms_", dir=path.parent) as tmp:  # renamed into place: same fs
         old = load_graph(path, data, Path(tmp))
         model = copy.deepcopy(old)
         if not decode_forms(model):

@@ -185,3 +185,28 @@ def test_info_shows_the_weight_format(converted, bert_bi_bundle, capsys):
     assert info["weights"]["format"] == "int4" and info["weights"]["block_size"] == 32 and "tensors" not in info["weights"]
     assert main(["info", str(bert_bi_bundle), "--json"]) == 0
     assert "weights" not in json.loads(capsys.readouterr().out)  # float32: no weights field
+
+
+def test_conversion_never_renames_across_filesystems(bert_bi_bundle, gen_llama_bundle, tmp_path, monkeypatch):
+    """The system temp directory is often another filesystem than the output (a tmpfs /tmp): a converted graph written
+    there could not be renamed into the bundle (`quantize -o` failed with "Invalid cross-device link"). Here the temp
+    directory plays that other filesystem: a rename out of it fails as the kernel would."""
+    import errno
+    import os
+    import tempfile
+
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    real = os.replace
+
+    def replace(src, dst, **kw):
+        inside = lambda p: str(os.path.abspath(p)).startswith(str(systmp) + os.sep)  # noqa: E731
+        if inside(src) != inside(dst):
+            raise OSError(errno.EXDEV, "Invalid cross-device link", str(src))
+        return real(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    for name, bundle in (("bert", bert_bi_bundle), ("gen", gen_llama_bundle)):
+        out = convert_bundle(bundle, tmp_path / f"{name}-int4", "int4", measure=False)
+        assert Bundle.open(out, verify=True).spec.weights.format == "int4"

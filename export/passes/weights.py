@@ -156,7 +156,10 @@ def convert_graph(src: Path, src_data: Path | None, dst: Path, fmt: str, block_s
     converted and what was kept from the GGUF (:class:`edge_sel.export.gguf_blocks.Kept`, or None)."""
     import onnx
 
-    with tempfile.TemporaryDirectory(prefix="edge_sel_weights_") as tmp:
+    # the result is renamed into place: a scratch folder beside dst stays on its filesystem (os.replace cannot cross
+    # filesystems, and the system temp directory often is another one, e.g. a tmpfs /tmp)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".edge_sel_weights_", dir=dst.parent) as tmp:
         model = load_graph(src, src_data, Path(tmp))
         _gemm_to_matmul(model)
         kept = None
