@@ -187,6 +187,22 @@ def test_info_shows_the_weight_format(converted, bert_bi_bundle, capsys):
     assert "weights" not in json.loads(capsys.readouterr().out)  # float32: no weights field
 
 
+def test_converting_a_fused_bundle_drops_its_fused_graph(bert_bi_bundle, tmp_path):
+    """The fused graph reads the float layers' weight files at their offsets: a converted bundle must not keep it
+    (it kept the file, listed and hashed, which then failed to load in onnxruntime)."""
+    import shutil
+
+    from edge_sel.export.passes.fused import fuse_bundle
+
+    src = tmp_path / "src"
+    shutil.copytree(bert_bi_bundle, src, ignore=shutil.ignore_patterns(".verified"))
+    fuse_bundle(src)
+    assert Bundle.open(src).spec.fused is not None
+    out = convert_bundle(src, tmp_path / "int8", "int8", measure=False)
+    s = Bundle.open(out, verify=True).spec
+    assert s.fused is None and "fused.onnx" not in s.files and not (out / "fused.onnx").exists()
+
+
 def test_conversion_never_renames_across_filesystems(bert_bi_bundle, gen_llama_bundle, tmp_path, monkeypatch):
     """The system temp directory is often another filesystem than the output (a tmpfs /tmp): a converted graph written
     there could not be renamed into the bundle (`quantize -o` failed with "Invalid cross-device link"). Here the temp

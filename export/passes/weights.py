@@ -364,7 +364,9 @@ def convert_bundle(path: str | os.PathLike, out: str | os.PathLike, fmt: str, bl
         raw = editable(thaw(spec))
         new, replaced = convert_files(src.path, w, raw, fmt, spec.task, block_size, accuracy_level,
                                       table=np.asarray(src.array("embed")), say=say, table_blocks=blocks, gguf=index)
-        link_files(src, w, [rel for rel in spec.files if rel not in replaced])
+        # a fused graph reads the float weights at their old offsets: it goes with the manifest's `fused` field
+        stale = {spec.fused.file} if spec.fused is not None else set()
+        link_files(src, w, [rel for rel in spec.files if rel not in replaced and rel not in stale])
         new = with_weights_facts(new, seconds=round(time.perf_counter() - t0, 2))
         if measure and spec.task == "rerank":
             say and say("measuring the converted bundle against the float one on the builtin calibration data")
