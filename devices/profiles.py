@@ -53,6 +53,9 @@ def save(doc: dict, path: Path | None = None) -> Path:
     path = path or user_dir() / f"{doc['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)  # atomic: a reader never sees half a profile
+    try:
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(path)  # atomic: a reader never sees half a profile
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import textwrap
@@ -345,9 +346,25 @@ def _run(argv: list[str] | None, signals: list[int]) -> int:
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (timeout, systemd, docker): the writers' cleanup has run
         print("edge-sel: interrupted", file=sys.stderr)
         return 128 + signals[0] if signals else 130
+    except OSError as e:
+        if not disk_full(e):
+            print(f"edge-sel: internal error: {report_crash()}", file=sys.stderr)
+            return 1
+        # the machine's state, not a bug: the writers have removed their partial output
+        print(f"edge-sel: error: no space left on the device ({e}); free some space or write elsewhere", file=sys.stderr)
+        return 2
     except Exception:  # a bug, not a user error: one line saying where the traceback went
         print(f"edge-sel: internal error: {report_crash()}", file=sys.stderr)
         return 1
+
+
+def disk_full(e: OSError) -> bool:
+    """A write that failed for want of space: ENOSPC / EDQUOT, or numpy's own messages (it raises them without an
+    errno: ``tofile`` "N requested and M written", memmap's "Not enough free space to write ...")."""
+    import errno
+
+    return e.errno in (errno.ENOSPC, errno.EDQUOT) or (e.errno is None and (
+        "Not enough free space" in str(e) or re.fullmatch(r"\d+ requested and \d+ written", str(e)) is not None))
 
 
 def _raise_on_sigterm(signals: list[int]):

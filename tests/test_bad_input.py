@@ -331,3 +331,23 @@ def test_internal_error_is_one_line_and_logged(ctx, capsys, monkeypatch, debug):
         logs = list((ctx.tmp / "home" / "logs").iterdir())
         assert len(logs) == 1 and str(logs[0]) in last
         assert "ZeroDivisionError" in logs[0].read_text() and "Traceback" in logs[0].read_text()
+
+
+@pytest.mark.parametrize("error,code", [
+    (OSError(28, "No space left on device"), 2),
+    (OSError(122, "Disk quota exceeded"), 2),
+    (OSError("46881792 requested and 262144 written"), 2),  # numpy's tofile on a full disk: no errno
+    (OSError("Not enough free space to write 46881792 bytes after offset 0"), 2),  # numpy's memmap
+    (OSError(5, "Input/output error"), 1),  # not the user's to fix: still reported as a bug
+])
+def test_a_full_disk_is_one_line_and_exit_2(ctx, capsys, monkeypatch, error, code):
+    def writes(args, console):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_info", writes)
+    monkeypatch.setenv("EDGE_SEL_HOME", str(ctx.tmp / "home"))
+    monkeypatch.delenv("EDGE_SEL_DEBUG", raising=False)
+    got, out, err = run_cli(["info", ctx.bi], capsys)
+    assert got == code and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    if code == 2:
+        assert err.startswith("edge-sel: error: no space left on the device"), err

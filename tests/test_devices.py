@@ -120,3 +120,17 @@ def test_kv_plan_counts_query_heads_like_the_engine(gen_llama_bundle):
     gen.generate(list(range(5, 5 + n_prompt)), max_new_tokens=new)
     assert plan.resident == gen.last_stats["kv_resident_tokens"] == resident(budget, d.heads)
     assert gen.last_stats["kv_bytes_allocated"] <= kv <= int(budget[:-1])
+
+
+def test_a_failed_profile_save_leaves_no_temp_file(tmp_path, monkeypatch):
+    import pathlib
+
+    doc = profiles.load("pixel-8")
+
+    def full(self, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "replace", full)
+    with pytest.raises(OSError):
+        profiles.save(doc, tmp_path / "p.json")
+    assert list(tmp_path.iterdir()) == []  # not even the .p.json.tmp it was writing
