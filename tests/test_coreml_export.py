@@ -168,6 +168,20 @@ def test_cli_export_coreml_and_bad_options(tmp_path, capsys):
     assert not (tmp_path / "c").exists()
 
 
+def test_cli_export_coreml_prints_no_coremltools_chatter(tmp_path):
+    """A fresh process (coremltools not imported yet): its import warnings (an untested torch, the macOS-only
+    predictor proxies: nine lines on Linux) stay out of the export's output."""
+    import subprocess
+
+    from tiny_models import make_bert
+
+    hf = make_bert(tmp_path / "hf", layers=1)
+    code = f"from edge_sel.cli import main; raise SystemExit(main(['export', {str(hf)!r}, '-o', {str(tmp_path / 'b')!r}, '--format', 'coreml', '--json']))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "coremltools" not in res.stderr and "Failed to load" not in res.stderr, res.stderr
+
+
 def minilm_fetched() -> bool:
     from edge_sel.export.sources import is_fetched
 
