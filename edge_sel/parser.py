@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--format", dest="graph_format", choices=["ort"], default="ort", help="target graph format")
     cv.add_argument("-o", "--out", help="write a converted copy here (default: convert the bundle in place, atomically)")
     cv.add_argument("--optimization", choices=["basic", "extended", "all"], default="all",
-                    help="onnxruntime graph optimizations applied before saving (all: fastest, needs contrib ops)")
+                    help="onnxruntime graph optimizations applied before saving (default all: fastest, needs contrib ops)")
     cv.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     cv.add_argument("--json", action="store_true")
 
