@@ -320,7 +320,7 @@ def add_arguments(b: argparse.ArgumentParser) -> None:
     br.add_argument("--memory-budget", "-m", default="none", help="comma-separated sizes; none = all layers resident")
     br.add_argument("--pruning", default=None, help="comma-separated: off, on (needs a calibrated bundle), auto "
                     "(default: off,on on a calibrated bundle, off on one without a schedule)")
-    br.add_argument("--top-k", "-k", type=int, default=10)
+    br.add_argument("--top-k", "-k", type=int, default=10, help="results per call (default 10)")
     br.add_argument("--spill-dir", help="folder for hidden states spilled under a tight budget (default: system temp)")
     bg = b.add_argument_group("generate bundles")
     bg.add_argument("--prompt-tokens", "-p", default="512", help="prompt lengths in tokens, comma-separated (default 512)")

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = cmd("export", "export a model to a bundle")
     e.add_argument("model", help="packaged name, local HF directory, .gguf file, or an id in the local HF cache")
     e.add_argument("-o", "--out", required=True, help="bundle directory to write (atomically)")
-    e.add_argument("--task", default="rerank", choices=["rerank", "generate"])
+    e.add_argument("--task", default="rerank", choices=["rerank", "generate"], help="default rerank")
     e.add_argument("--scoring", choices=["yes_no", "cross_encoder", "bi_encoder"], help="default: from the model")
     e.add_argument("--max-length", type=int, help="maximum tokens per candidate (default: the model's)")
     e.add_argument("--verify", action="store_true", help="compare bundle and torch scores; fail above 1e-3")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("bundle")
     r.add_argument("--query", "-q", required=True)
     r.add_argument("--documents", "-d", required=True, help="text file (one per line) or JSONL with 'text'; - reads standard input")
-    r.add_argument("--top-k", "-k", type=int, default=10)
+    r.add_argument("--top-k", "-k", type=int, default=10, help="results to return (default 10)")
     r.add_argument("--memory-budget", "-m", type=_size, help="e.g. 128MB, 1.5GiB (default: all layers resident)")
     r.add_argument("--instruction", help="decoder rerankers: the <Instruct> line of the prompt")
     r.add_argument("--show-text", action="store_true",
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--memory-budget", "-m", type=_size, default=None, help="default: 128MB (MiniLM) / 192MB (SmolLM2)")
     d.add_argument("--pool", type=int, default=None, help="number of candidate docstrings, the questions' answers added when not among "
                    "them (default: 200 MiniLM, 48 SmolLM2)")
-    d.add_argument("--top-k", "-k", type=int, default=3)
+    d.add_argument("--top-k", "-k", type=int, default=3, help="results shown per question (default 3)")
     d.add_argument("--json", action="store_true")
 
     c = cmd("calibrate", "calibrate early-ranking pruning for a bundle (runtime only, no torch); rewrites its manifest")
@@ -197,13 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("bundle")
     g.add_argument("--prompt", "-p", help="the prompt text")
     g.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file")
-    g.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    g.add_argument("--max-new-tokens", "-n", type=int, default=128, help="default 128 (clamped to the context)")
     g.add_argument("--kv-budget", "-b", default=None, help="512 (tokens/layer) | 0.2 (of the prompt) | 64MB (bytes, whole cache)")
     g.add_argument("--policy", default="full", help=f"KV policy (default full): {policies}, or a+b")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the bundle's chat template")
     g.add_argument("--system", help="system message (with --chat)")
     g.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature (default 1.0: off)")
     g.add_argument("--seed", type=int, default=None, help="seed for sampling")
     g.add_argument("--provider", default="cpu", help="onnxruntime execution provider: cpu (default), auto (CoreML where "
                    "this onnxruntime build has it, else cpu), coreml (on a bundle with CoreML packages: Core ML "
