@@ -233,6 +233,11 @@ def read_prompt(args) -> str:
     if (args.prompt is None) == (args.prompt_file is None):
         raise InputError("give exactly one of --prompt or --prompt-file")
     prompt = args.prompt
+    if args.prompt_file == "-":  # standard input, as `rerank -d -`
+        try:
+            return sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"standard input is not UTF-8 text ({e})") from None
     if args.prompt_file is not None:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.epilog = f"{EXAMPLES['generate']}\npolicies: {policies} (combine with +)."
     g.add_argument("bundle")
     g.add_argument("--prompt", "-p", help="the prompt text")
-    g.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file")
+    g.add_argument("--prompt-file", help="read the prompt from a UTF-8 text file (- : standard input)")
     g.add_argument("--max-new-tokens", "-n", type=int, default=128, help="default 128 (clamped to the context)")
     g.add_argument("--kv-budget", "-b", default=None, help="512 (tokens/layer) | 0.2 (of the prompt) | 64MB (bytes, whole cache)")
     g.add_argument("--policy", default="full", help=f"KV policy (default full): {policies}, or a+b")

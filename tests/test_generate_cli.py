@@ -98,3 +98,12 @@ def test_export_generate_verify_reports_logits(tmp_path, capsys):
     assert _cli("export", hf, "-o", tmp_path / "b", "--task", "generate", "--verify") == 0
     out = capsys.readouterr().out
     assert "max |logit diff|" in out and "score diff" not in out, out
+
+
+def test_prompt_file_dash_reads_standard_input(gen_bundle):
+    code = ("import sys; from edge_sel.cli import main; "
+            f"sys.exit(main(['generate', {str(gen_bundle)!r}, '--prompt-file', '-', '-n', '3', '--json']))")
+    res = subprocess.run([sys.executable, "-c", code], input="Open a file and read it.", capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["stats"]["prompt_tokens"] > 3
