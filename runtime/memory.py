@@ -14,6 +14,8 @@ import time
 
 import psutil
 
+from .errors import InputError
+
 _PROC = psutil.Process()
 DARWIN_LIBSYSTEM = "/usr/lib/libSystem.B.dylib"
 
@@ -270,7 +272,7 @@ class HeapGuard:
             try:
                 fraction = float(raw)
             except ValueError:
-                raise ValueError(f"EDGE_SEL_HEAP_GUARD must be a fraction of the budget (0 = off), got {raw!r}") from None
+                raise InputError(f"EDGE_SEL_HEAP_GUARD must be a fraction of the budget (0 = off), got {raw!r}") from None
         on = budget is not None and fraction > 0 and _heap_release() is not None
         self.limit = rss_bytes() + int(fraction * budget) if on else None
         self.trims = 0

@@ -351,3 +351,10 @@ def test_a_full_disk_is_one_line_and_exit_2(ctx, capsys, monkeypatch, error, cod
     assert got == code and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     if code == 2:
         assert err.startswith("edge-sel: error: no space left on the device"), err
+
+
+def test_a_bad_heap_guard_setting_is_one_line(ctx, capsys, monkeypatch):
+    monkeypatch.setenv("EDGE_SEL_HEAP_GUARD", "maybe")
+    code, out, err = run_cli(["rerank", ctx.bi, "-q", "x", "-d", ctx.docs, "-m", "1GiB"], capsys)
+    assert code == 2 and err.strip() == ("edge-sel: error: EDGE_SEL_HEAP_GUARD must be a fraction of the budget "
+                                         "(0 = off), got 'maybe'"), err
