@@ -15,6 +15,7 @@ import time
 import psutil
 
 from .errors import InputError
+from .units import env_int
 
 _PROC = psutil.Process()
 DARWIN_LIBSYSTEM = "/usr/lib/libSystem.B.dylib"
@@ -228,8 +229,8 @@ def tune_allocator() -> bool:
     if libc is None:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    threshold = int(os.environ.get("EDGE_SEL_MMAP_THRESHOLD", MMAP_THRESHOLD))
-    trim = int(os.environ.get("EDGE_SEL_TRIM_THRESHOLD", TRIM_THRESHOLD))
+    threshold = env_int("EDGE_SEL_MMAP_THRESHOLD", MMAP_THRESHOLD)
+    trim = env_int("EDGE_SEL_TRIM_THRESHOLD", TRIM_THRESHOLD)
     _tuned = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
     return _tuned
 

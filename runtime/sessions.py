@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from edge_sel.runtime import trace
 from edge_sel.runtime.errors import BundleError
+from edge_sel.runtime.units import env_int
 from edge_sel.runtime.providers import Assignment
 
 log = logging.getLogger("edge_sel")
@@ -74,7 +75,7 @@ def free_cores(sample_s: float = FREE_SAMPLE_S) -> float:
 
 def _requested_threads(threads: int | None) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # not on macOS
-    return threads or int(os.environ.get("EDGE_SEL_THREADS", "0") or 0) or cores
+    return threads or env_int("EDGE_SEL_THREADS", 0) or cores
 
 
 def shared_pool_threads(threads: int | None = None, small_ops: bool = False) -> int:
@@ -125,7 +126,7 @@ def session_options(threads: int | None = None, optimize: str = "all", mem_patte
     if shared_pool_threads(threads, small_ops):  # the process-wide spinning pool runs this session
         so.use_per_session_threads = False
     else:
-        so.intra_op_num_threads = threads or int(os.environ.get("EDGE_SEL_THREADS", "0")) or 0
+        so.intra_op_num_threads = threads or env_int("EDGE_SEL_THREADS", 0)
         so.inter_op_num_threads = 1
     so.log_severity_level = 3
     return so

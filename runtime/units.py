@@ -1,7 +1,9 @@
-"""Human sizes: parse ``256MB`` / ``1.5GiB`` / ``1048576`` and print bytes readably."""
+"""Human sizes: parse ``256MB`` / ``1.5GiB`` / ``1048576`` and print bytes readably; integer settings from the
+environment (``EDGE_SEL_THREADS``, allocator thresholds) read with one clear error."""
 
 from __future__ import annotations
 
+import os
 import re
 
 from .errors import InputError
@@ -42,3 +44,15 @@ def format_size(n: float | int | None) -> str:
             return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.1f} {unit}"
         n /= 1024
     return f"{sign}{n:.1f} GiB"
+
+
+def env_int(name: str, default: int) -> int:
+    """The integer in environment variable ``name`` (unset or blank: ``default``); anything else is an InputError
+    naming it (a user's setting, not a bug)."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise InputError(f"{name} must be an integer, got {raw!r}") from None

@@ -353,8 +353,15 @@ def test_a_full_disk_is_one_line_and_exit_2(ctx, capsys, monkeypatch, error, cod
         assert err.startswith("edge-sel: error: no space left on the device"), err
 
 
-def test_a_bad_heap_guard_setting_is_one_line(ctx, capsys, monkeypatch):
-    monkeypatch.setenv("EDGE_SEL_HEAP_GUARD", "maybe")
+@pytest.mark.parametrize("name,needle", [
+    ("EDGE_SEL_HEAP_GUARD", "EDGE_SEL_HEAP_GUARD must be a fraction of the budget (0 = off), got 'maybe'"),
+    ("EDGE_SEL_THREADS", "EDGE_SEL_THREADS must be an integer, got 'maybe'"),
+    ("EDGE_SEL_MMAP_THRESHOLD", "EDGE_SEL_MMAP_THRESHOLD must be an integer, got 'maybe'"),
+])
+def test_a_bad_environment_setting_is_one_line(ctx, capsys, monkeypatch, name, needle):
+    import edge_sel.runtime.memory as memory
+
+    monkeypatch.setattr(memory, "_tuned", None)  # the allocator is tuned once per process: read the setting again
+    monkeypatch.setenv(name, "maybe")
     code, out, err = run_cli(["rerank", ctx.bi, "-q", "x", "-d", ctx.docs, "-m", "1GiB"], capsys)
-    assert code == 2 and err.strip() == ("edge-sel: error: EDGE_SEL_HEAP_GUARD must be a fraction of the budget "
-                                         "(0 = off), got 'maybe'"), err
+    assert code == 2 and err.strip() == f"edge-sel: error: {needle}", err
