@@ -94,3 +94,26 @@ def test_quantize_generate_bundle_with_hard_linked_weights(gen_llama_bundle, tmp
     assert len(b.tokens) == 4 and not np.array_equal(a.logits[0], b.logits[0])  # int8 arithmetic, same interface
     # the source's files are untouched (still the same inodes as the fixture's)
     assert os.path.samefile(Bundle.open(linked).layer_path(0), Bundle.open(gen_llama_bundle).layer_path(0))
+
+
+def test_quantizing_a_fused_bundle_drops_its_fused_graph(bert_bi_bundle, tmp_path):
+    """The fused graph reads the float layers' weight files at their offsets: the dynamic int8 copy must not keep it
+    (it kept it listed and hashed, and the file then failed to load)."""
+    import shutil
+
+    from edge_sel.export.passes.fused import fuse_bundle
+
+    src = tmp_path / "src"
+    shutil.copytree(bert_bi_bundle, src, ignore=shutil.ignore_patterns(".verified"))
+    fuse_bundle(src)
+    assert Bundle.open(src).spec.fused is not None
+    s = Bundle.open(quantize_bundle(src, tmp_path / "q", measure=False), verify=True).spec
+    assert s.fused is None and "fused.onnx" not in s.files and not (tmp_path / "q" / "fused.onnx").exists()
+
+
+def test_agreement_does_not_warn_per_call(bert_ce_bundle, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="edge_sel"):
+        quantize_bundle(bert_ce_bundle, tmp_path / "q")
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]

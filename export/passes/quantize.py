@@ -76,6 +76,7 @@ def agreement(source: Bundle, quantized: Bundle, n_queries: int = 8, n_candidate
         return {}
     data = builtin_data(n_queries=n_queries, n_candidates=n_candidates)
     a, b = Reranker(source, pruning="off"), Reranker(quantized, pruning="off")
+    a.warn_truncated = b.warn_truncated = False  # the calibration text's long passages: not the user's documents
     diff, over, ident = 0.0, [], []
     for q, docs in data:
         sa, sb = a.predict(q, docs), b.predict(q, docs)
@@ -121,13 +122,15 @@ def quantize_bundle(path: str | os.PathLike, out: str | os.PathLike, weight_type
                     rewrite(graph, dst)
             data = dst.with_name(dst.name + ".data")
             weights[g.file] = Path(g.file).with_name(data.name).as_posix() if data.exists() else None
-        link_files(src, w, [rel for rel in spec.files if rel not in written])
+        # a fused graph reads the float weights at their old offsets: it goes, with the manifest's `fused` field
+        stale = {spec.fused.file} if spec.fused is not None else set()
+        link_files(src, w, [rel for rel in spec.files if rel not in written and rel not in stale])
         quant = {"method": method or "onnxruntime.quantization.quantize_dynamic", "weights": weight_type, "per_channel": per_channel,
                  "ops": ["MatMul"], "source_bytes": sum(src.layer_weight_bytes(i) for i in range(len(spec.layers))),
                  "seconds": round(time.perf_counter() - t0, 2)}
         new = spec.replace(layers=[dataclasses.replace(x, weights=weights[x.file]) for x in spec.layers],
                            extra_graphs={k: dataclasses.replace(g, weights=weights[g.file]) for k, g in spec.extra_graphs.items()},
-                           quantization=quant)
+                           quantization=quant, fused=None)
         if measure and src.task == "rerank":
             staged = stage_manifest(w, new)
             say("measuring the quantized bundle against the float one on the builtin calibration data")
