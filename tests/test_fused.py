@@ -111,6 +111,19 @@ def test_passes_that_change_what_it_compiled_drop_it():
     assert "fused" not in with_schedule({"layers": []}, None, "early_probe", None)  # no key added to other bundles
 
 
+def test_a_new_schedule_drops_the_fused_file(bert_bi_bundle, tmp_path):
+    """The manifest drops a fused graph when the schedule it holds changes; its file must go too (it stayed listed)."""
+    from edge_sel.export.passes.calibrate import write_schedule
+
+    src = tmp_path / "src"
+    shutil.copytree(bert_bi_bundle, src, ignore=shutil.ignore_patterns(".verified"))
+    fuse_bundle(src, pruning=False)
+    b = Bundle.open(src)
+    write_schedule(b, Schedule(method="head", top_k=3, layers=[0], margins=[0.25], source_layers=[0]), None)
+    s = Bundle.open(src, verify=True).spec
+    assert s.fused is None and FUSED_FILE not in s.files and not (src / FUSED_FILE).exists()
+
+
 def test_unfusable_bundles_are_refused(vector_bundles, gen_llama_bundle):
     b = Bundle.open(vector_bundles["tiny_bert_ce"])
     odd = Schedule(method="head", top_k=3, layers=[0], margins=[0.1], rule="learned_gate")

@@ -282,7 +282,10 @@ def decide_schedule(b: Bundle, traces: list[Trace], all_scores: dict[str, list[n
 def write_schedule(bundle: Bundle, schedule: Schedule | None, probes: np.ndarray | None) -> None:
     """Store ``schedule`` (and its probe array, replacing a previous one) in the bundle through the staged writer."""
     old = bundle.spec.arrays.get(PROBE_ARRAY)
-    with rewriting(bundle, leave_out=[old.file] if old is not None else []) as w:
+    gone = [old.file] if old is not None else []
+    if bundle.spec.fused is not None:  # it holds the schedule it was built with: the manifest drops it, so do the files
+        gone.append(bundle.spec.fused.file)
+    with rewriting(bundle, leave_out=gone) as w:
         probe = None
         if probes is not None:
             probe = w.write_array(f"calibration/probe-{uuid.uuid4().hex[:8]}.bin", np.ascontiguousarray(probes, dtype="<f4"))
