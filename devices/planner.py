@@ -21,6 +21,14 @@ from edge_sel.runtime.policies import make_policy
 # What a generate call holds besides weights and cache, measured on this repository's bundles: the prompt's
 # hidden states (input, output and the q/k/v of one chunk) and a chunk's attention tensors.
 GEN_ATTENTION_TENSORS = 4
+# onnxruntime's own anonymous memory per open session (graph, kernels, arenas): ~30 MB over SmolLM2's 61 generate
+# sessions in every weight format (onnxruntime 1.32, Linux)
+SESSION_BYTES = 500_000
+# Weights a format makes onnxruntime copy into anonymous memory at load, per byte of weight file: MatMulNBits
+# prepacks its blocks (with per-block sums), fp16 matrices are cast to float32; float32 files stay file-backed
+# pages. Measured on SmolLM2-135M generate bundles (opening the engine, anonymous RSS beyond the sessions' fixed
+# part over the graphs' weight files plus a tied head's table): int4 1.30, int8 1.10, fp16 2.05.
+LOADED_COPY = {"fp32": 0.0, "fp16": 2.05, "int8": 1.10, "int4": 1.30}
 
 
 def depth_first(planner: Planner, plan, split: bool) -> bool:
@@ -119,11 +127,24 @@ def generate_prediction(bundle: Bundle, n_prompt: int, kv_bytes: int, scratch_by
     weights = sum(bundle.layer_weight_bytes(i) for i in range(len(spec.layers)))
     weights += sum(spec.files[g.weights].size for g in spec.extra_graphs.values() if g.weights)
     weights += spec.files[spec.head.weights].size if spec.head.weights else 0  # the LM head, mapped while decoding
+    fmt = spec.weights.format if spec.weights is not None else "fp32"
+    loaded = weights
+    if spec.head.weights is None and fmt != "fp32":  # a head tied to the quantized table reads the table's files
+        loaded += sum(spec.files[f].size for f in embed_files(spec))
+    # the weight files are read at load (counted as pages, conservatively), then what the kernels keep
+    sessions = SESSION_BYTES * (len(spec.layers) + len(spec.extra_graphs) + 1) + LOADED_COPY[fmt] * loaded
     hidden = 4 * d.hidden * n_prompt * 3 + 4 * d.intermediate * min(n_prompt, 256) * 3
     chunk = chunk_size(256, d.heads, n_prompt)
     attention = GEN_ATTENTION_TENSORS * min(PREFILL_SCORES_BYTES, 4 * d.heads * chunk * n_prompt)
-    return {"weights": int(weights), "kv": int(kv_bytes + scratch_bytes), "hidden": int(4 * d.hidden * n_prompt),
-            "total": int(weights + kv_bytes + scratch_bytes + hidden + attention)}
+    return {"weights": int(weights), "sessions": int(sessions), "kv": int(kv_bytes + scratch_bytes),
+            "hidden": int(4 * d.hidden * n_prompt),
+            "total": int(weights + sessions + kv_bytes + scratch_bytes + hidden + attention)}
+
+
+def embed_files(spec) -> list[str]:
+    """The files the embedding table is stored in: values, and a block encoding's scales and mins."""
+    enc = spec.embed.encoding
+    return [spec.embed.file] + ([enc.scales.file] + ([enc.mins.file] if enc.mins else []) if enc else [])
 
 
 def kv_plan(bundle: Bundle, n_prompt: int, max_new: int, kv_budget, policy: str = "full"):
@@ -229,6 +250,7 @@ def plan_generate(bundle: Bundle, device: dict, n_prompt: int, new_tokens: int, 
         from edge_sel.runtime.errors import BudgetError
 
         raise BudgetError(f"generation needs about {mem['total'] / 2**20:.0f} MiB (weights {mem['weights'] / 2**20:.0f} MiB "
-                          f"+ KV {mem['kv'] / 2**20:.0f} MiB + activations), above the {budget / 2**20:.0f} MiB budget",
+                          f"+ sessions {mem['sessions'] / 2**20:.0f} MiB + KV {mem['kv'] / 2**20:.0f} MiB + activations), "
+                          f"above the {budget / 2**20:.0f} MiB budget",
                           minimum_bytes=mem["total"])
     return out
