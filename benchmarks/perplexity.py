@@ -86,7 +86,8 @@ def _worker_edge_sel(cfg: dict) -> None:
         t0 = time.perf_counter()
         got = score_lockstep(gen, w["prefix"], w["cont"], configs)
         for name, r in got.items():
-            res["windows"].setdefault(name, {})[wname] = {"nll": r["nll"], "kept": r["kept"][0]}
+            res["windows"].setdefault(name, {})[wname] = {"nll": r["nll"], "kept": r["kept"][0]} | {
+                k: r[k] for k in ("fetch", "compress_s", "suffix_ms_per_token", "cold") if r.get(k)}
         print(f"edge_sel {wname}: {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
         Path(cfg["result"]).write_text(json.dumps(res))
 

@@ -44,6 +44,8 @@ class _Run:
     obs: int
     hidden: np.ndarray | None = None  # this configuration's continuation rows entering the current layer
     step_ms: list = field(default_factory=list)  # generation: each decode step's wall time
+    compress_s: float = 0.0  # wall time of this configuration's own compression (votes, eviction, cold-store writes)
+    suffix_s: float = 0.0    # wall time of its continuation over its own cache (recall: selection + disk reads)
 
 
 def _runs(gen: Generator, configs, prompt: list[int], n_sfx: int, max_new: int = 1, stream_suffix: bool = True) -> list[_Run]:
@@ -86,7 +88,12 @@ def score_lockstep(gen: Generator, prefix: list[int], cont: list[int], configs) 
             h = np.concatenate([ctx[:, -1:], r.hidden[:, :-1]], axis=1)[0]
             nll = log_softmax_nll(gen.model.head_logits(h), cont)
             res[r.name] = {"nll": float(nll.mean()), "ppl": float(np.exp(nll.mean())), "n": len(cont), "nll_tokens": nll.tolist(),
-                           "kept": [int((c.pos[0, :c.n] < n_ctx).sum()) for c in r.call.caches]}
+                           "kept": [int((c.pos[0, :c.n] < n_ctx).sum()) for c in r.call.caches],
+                           "fetch": r.call.caches[0].fetch, "compress_s": r.compress_s,
+                           "suffix_ms_per_token": 1000 * r.suffix_s / len(cont)}
+            cold = (r.policy.report(0) or {}).get("cold")
+            if cold:  # a recalling policy: its disk traffic (the shared prefix's time is no configuration's own)
+                res[r.name]["cold"] = cold
         return res
     finally:
         for r in runs:
@@ -164,10 +171,14 @@ def _prefill(gen: Generator, prefix: list[int], cont: list[int], runs: list[_Run
             run_passes(qkv, attn, ps, scratch, pass_chunk, lambda asum, amax, got=got: got.append((asum, amax)))
         for r in runs:
             rec = rebuilt.get(len(r.call.passes[0].ids), []) if r.look_once and r.call.passes else []
+            t0 = time.perf_counter()
             _compress_layer(r, L, scratch, seen, plan_chunks(n_ctx, chunk, r.obs), n_ctx, S, rec)
+            t1 = time.perf_counter()
             hid = np.concatenate([ctx, r.hidden], axis=1)
             out = np.concatenate([out_ctx, np.empty_like(r.hidden)], axis=1)
             qs = prefill_suffix(model, r.call, L, hid, positions, out, n_ctx, gen.chunk_tokens, q_last)
+            r.suffix_s += time.perf_counter() - t1
+            r.compress_s += t1 - t0
             if r.policy.after_layer(L, hid, out, qs[0, :, -1], r.call.caches[L], positions) is not None:
                 raise ValueError(f"{r.name}: a policy that drops prompt tokens from later layers is not scored in lockstep")
             r.hidden = out[:, n_ctx:]
