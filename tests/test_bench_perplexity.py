@@ -40,7 +40,8 @@ def test_window_ids_cut_the_same_tokens_and_refuse_a_window_past_the_end(monkeyp
         ppl_texts.window_ids(lambda b: list(range(1000)), ppl_texts.windows("held"))
 
 
-POLICIES = ["full", "mpcache", "snapkv", "streaming_llm", "mpcache_recall", "knorm", "mpcache_ea", "mpcache_ea_recall"]
+POLICIES = ["full", "mpcache", "snapkv", "streaming_llm", "mpcache_recall", "knorm", "mpcache_ea", "mpcache_ea_recall",
+            "mpcache_ea_survey_recall"]
 
 
 def test_lockstep_equals_the_engine_per_configuration(gen_llama_bundle):

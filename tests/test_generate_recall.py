@@ -530,14 +530,15 @@ def test_exact_selection_stays_fixed_while_decoding(llama, ids, question):
     assert any(not np.array_equal(seen[0][0][1], s[0][1]) for s in seen[1:])  # the tail changed
 
 
-def test_score_recall_is_causal_no_token_sees_a_later_one(llama, ids):
+@pytest.mark.parametrize("policy", ["mpcache_recall", "mpcache_ea_survey_recall"])
+def test_score_recall_is_causal_no_token_sees_a_later_one(llama, ids, policy):
     """score(compress_continuation=False) with recall: the fetch area of each continuation block is selected
     by the queries before it, so changing the continuation from token 60 on leaves the NLL of tokens 0..59
     bit-identical. The same check on the question path (every suffix query selects, up front) fails."""
     P = 500
     cont = ids[P:P + 100]
     other = cont[:60] + ids[P + 200:P + 240]
-    g = Generator(llama, kv_budget=0.2, policy="mpcache_recall")
+    g = Generator(llama, kv_budget=0.2, policy=policy)
     a = g.score(ids[:P], cont, compress_continuation=False)
     assert g.last_stats["kv_fetch_tokens"] > 0 and g.last_stats["cold"]["bytes_read_suffix"] > 0  # really recalls
     b = g.score(ids[:P], other, compress_continuation=False)

@@ -428,7 +428,8 @@ def test_prefill_chunks_bound_the_score_tensor():
     assert chunk_size(256, 9, 16) == 256
 
 
-@pytest.mark.parametrize("name", ["mpcache", "mpcache_ea", "mpcache_ea_layers", "mpcache_ea_mix", "mpcache_ea_alloc"])
+@pytest.mark.parametrize("name", ["mpcache", "mpcache_ea", "mpcache_ea_layers", "mpcache_ea_mix", "mpcache_ea_alloc",
+                                  "mpcache_ea_survey_recall"])
 def test_static_plus_dynamic_policies_refuse_an_unknown_option(name):
     REGISTRY[name](min_tokens_to_select=8)  # a dynamic-selection option is accepted
     with pytest.raises(ValueError, match="no option 'recnet_frac'"):

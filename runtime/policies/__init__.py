@@ -23,7 +23,7 @@ from .layer_skip import LayerSkip
 from .mpcache import MPCacheDynamic, MPCacheStatic, mpcache
 from .mpcache_recall import MPCacheRecall, mpcache_recall
 from .prompt_distill import PromptDistill
-from .prompt_allocation import MPCacheEASurvey, mpcache_ea_survey
+from .prompt_allocation import MPCacheEASurvey, mpcache_ea_survey, mpcache_ea_survey_recall
 from .recall import RecallPolicy
 from .reconstruction import MPCacheZip, mpcache_zip
 from .snapkv import SnapKV
@@ -51,6 +51,7 @@ REGISTRY: dict[str, Callable[[], Policy]] = {
     "mpcache_ea_alloc_static": MPCacheEAAlloc,
     "mpcache_ea_survey": mpcache_ea_survey,
     "mpcache_ea_survey_static": MPCacheEASurvey,
+    "mpcache_ea_survey_recall": mpcache_ea_survey_recall,
     "mpcache_zip": mpcache_zip,
     "mpcache_zip_static": MPCacheZip,
     "windowkv": WindowKV,
@@ -89,5 +90,5 @@ def make_policy(spec: "str | Policy | None") -> Policy:
 __all__ = ["Policy", "ScorePolicy", "RecallPolicy", "Composite", "Context", "REGISTRY", "make_policy", "policy_label",
            "Full", "StreamingLLM", "H2O", "SnapKV", "Knorm", "MPCacheStatic", "MPCacheDynamic", "mpcache", "MPCacheRecall",
            "mpcache_recall", "MPCacheEA", "mpcache_ea", "mpcache_ea_recall", "MPCacheEALayers", "mpcache_ea_layers",
-           "MPCacheEAAlloc", "mpcache_ea_alloc", "MPCacheZip", "mpcache_zip", "MPCacheEASurvey", "mpcache_ea_survey",
+           "MPCacheEAAlloc", "mpcache_ea_alloc", "MPCacheZip", "mpcache_zip", "MPCacheEASurvey", "mpcache_ea_survey", "mpcache_ea_survey_recall",
            "MPCacheEAMix", "mpcache_ea_mix", "WindowKV", "PromptDistill", "LayerSkip"]

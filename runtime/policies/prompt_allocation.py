@@ -153,3 +153,22 @@ def mpcache_ea_survey(**kw):
     """``mpcache_ea`` with per-layer budgets measured on the prompt (:class:`MPCacheEASurvey`) and MPCache's dynamic
     selection."""
     return with_dynamic_selection(MPCacheEASurvey, kw, "mpcache_ea_survey")
+
+
+def mpcache_ea_survey_recall(**kw):
+    """``mpcache_ea_survey`` + recall of evicted tokens from disk into a fetch area inside the budget
+    (:class:`MPCacheRecall`, as ``mpcache_ea_recall``): the survey splits the resident share between the layers, every
+    layer's fetch area is the same size. The survey sees the resident fraction (the budget less the fetch area)."""
+    from .composite import Composite
+    from .mpcache import MPCacheDynamic
+    from .mpcache_recall import MPCacheRecall
+
+    own = set(MPCacheRecall.__dataclass_fields__) - {"alpha", "share"}  # recall's alone
+    static_kw = {k: v for k, v in kw.items() if k in MPCacheEASurvey.__dataclass_fields__ and k not in own}
+    rec_kw = {k: v for k, v in kw.items() if k in MPCacheRecall.__dataclass_fields__}
+    dyn_kw = {k: v for k, v in kw.items() if k in MPCacheDynamic.__dataclass_fields__ and k not in own}
+    unknown = sorted(set(kw) - set(static_kw) - set(rec_kw) - set(dyn_kw))
+    if unknown:
+        raise ValueError(f"mpcache_ea_survey_recall has no option {unknown[0]!r}")
+    return Composite(parts=(MPCacheEASurvey(**static_kw), MPCacheRecall(**rec_kw), MPCacheDynamic(**dyn_kw)),
+                     title="mpcache_ea_survey_recall")
