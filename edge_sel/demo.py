@@ -83,6 +83,7 @@ def run_demo(args, console) -> int:
 
     full = Reranker(bundle)
     tight = Reranker(bundle, memory_budget=budget)
+    full.warn_truncated = tight.warn_truncated = False  # our own pool: said once in the header, not per call
     report = []
     for qi in chosen:
         query = items[qi][1]
@@ -100,13 +101,15 @@ def run_demo(args, console) -> int:
             "all_resident_latency_s": fst["latency_s"],
             "all_resident_model_share_bytes": fst["peak_rss_bytes"] - fst["start_rss_bytes"],
         })
+        truncated = int(st.get("n_truncated", 0))
     tight.close()
     full.close()
     if args.json:
         print(json.dumps({"model": model, "bundle": str(bundle.root), "memory_budget_bytes": budget,
-                          "n_candidates": len(docs), "queries": report}, indent=1))
+                          "n_candidates": len(docs), "n_truncated": truncated, "queries": report}, indent=1))
         return 0
-    console.print(f"[bold]edge_sel demo[/] · {model} ({bundle.scoring}) · {len(docs)} CPython docstrings · "
+    cut = f" ({truncated} cut to the model's {bundle.max_length} tokens)" if truncated else ""
+    console.print(f"[bold]edge_sel demo[/] · {model} ({bundle.scoring}) · {len(docs)} CPython docstrings{cut} · "
                   f"memory budget {format_size(budget)}\n")
     for r in report:
         console.print(f"[bold]Q:[/] which function: “{r['query']}”  [dim](answer: {r['answer']})[/]")

@@ -95,3 +95,24 @@ def test_unknown_model_message(tmp_path):
     out = run("export", "no-such/model-xyz", "-o", tmp_path / "b")
     assert out.returncode == 2
     assert "Looked for" in out.stderr and "models fetch" in out.stderr
+
+
+def test_demo_says_truncation_once(bert_bi_bundle, monkeypatch, capsys, caplog):
+    """The demo ranks its own docstring pool: documents cut to the model's length are said once in the header,
+    not warned about on every call (it printed the same warning six times)."""
+    import argparse
+    import logging
+
+    from rich.console import Console
+
+    from edge_sel import demo
+    from edge_sel.runtime import Bundle
+
+    bundle = Bundle.open(bert_bi_bundle)
+    monkeypatch.setattr(demo, "ensure_bundle", lambda model, console: bundle)
+    args = argparse.Namespace(model="tiny", memory_budget=None, pool=24, top_k=3, json=False)
+    with caplog.at_level(logging.WARNING, logger="edge_sel"):
+        assert demo.run_demo(args, Console(width=200)) == 0
+    assert not [r for r in caplog.records if "truncated" in r.getMessage()]
+    out = capsys.readouterr().out
+    assert f"cut to the model's {bundle.max_length} tokens" in out
