@@ -70,3 +70,25 @@ def test_node_refuses_a_budget_below_what_it_can_run_with_pythons_numbers(node_e
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert json.loads(out.stdout) == {"name": "BudgetError", "minimum": expected}, name
+
+
+def test_the_readme_install_line_gives_an_app_a_working_package(node_env, tmp_path):
+    """The package README's install line, run as written from a fresh app folder against a clean copy of the package
+    (no node_modules of its own, as in a fresh clone), gives an app whose ``import`` finds the package and its
+    dependencies; a bare ``npm install FOLDER`` only links the folder and the import fails on 'tokenizers'."""
+    line = next(l for l in (PACKAGE / "README.md").read_text().splitlines() if "npm install" in l and not l.startswith("#"))
+    package = tmp_path / "edge_sel" / "bindings" / "node"
+    package.mkdir(parents=True)
+    for name in ("package.json", "package-lock.json", "index.js", "lib"):
+        src = PACKAGE / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, package / name)
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "package.json").write_text('{"name": "app", "version": "1.0.0", "private": true}\n')
+    command = line.replace("/path/to/edge_sel/bindings/node", str(package))
+    out = subprocess.run(command, shell=True, cwd=app, env=node_env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (app / "app.mjs").write_text('import { Reranker, BudgetError } from "edge-sel";\n'
+                                 'console.log(typeof Reranker.open, typeof BudgetError);\n')
+    run = subprocess.run(["node", "app.mjs"], cwd=app, env=node_env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.split() == ["function", "function"], run.stderr[-2000:]

@@ -127,6 +127,13 @@ function parseManifest(d, where) {
   if (d === null || typeof d !== "object" || Array.isArray(d)) r.fail("(top level)", `expected an object, got ${show(d)}`);
   if (d.format !== FORMAT) r.fail("format", `not an edge_sel manifest (format=${show(d.format)}, expected "${FORMAT}")`);
   const version = d.format_version;
+  // Version 2 is what the Python runtime writes for quantized weights (fp16 / int8 / int4, an encoded embedding table):
+  // no release of this binding reads it, so "upgrade" would send the user looking for one; name the float32 way out.
+  if (version === 2) {
+    const w = d.weights && typeof d.weights === "object" ? d.weights.format : undefined;
+    const stored = typeof w === "string" && w !== "fp32" ? `${w} weights` : "quantized weights";
+    r.fail("format_version", `bundle format version 2 (${stored}) is not read by this binding, which runs float32 bundles (format version 1) only; use the float32 bundle it was quantized from, or export one without --weights`);
+  }
   if (Number.isInteger(version) && version > FORMAT_VERSION)
     r.fail("format_version", `bundle format version ${version} is newer than this binding understands (max ${FORMAT_VERSION}); upgrade edge-sel or re-export the bundle`);
   r.int(version, "format_version", { lo: 1, hi: FORMAT_VERSION });
