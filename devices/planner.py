@@ -190,10 +190,21 @@ def local_costs(bundle: Bundle, device: dict) -> tuple[dict | None, float]:
     return None, 1.0
 
 
+# Decoders' MLPs are gated (gate, up, down: three hidden x intermediate matrices); BERT's has two (up, down).
+GATED_MLP_SCORINGS = ("yes_no", "lm")
+
+
 def _layer_flops_per_token(bundle: Bundle, length: int) -> float:
+    """One layer's FLOPs for one token attending over ``length`` positions: 2 per weight of the q/k/v/o projections
+    and the MLP, counted from the manifest's dims, plus 4 per position and attention channel (QK^T and AV).
+    The weight files' bytes would count an fp16 / int8 / int4 bundle's weights 2-8x short and leave out a split
+    layer's qkv graph, so a quantized bundle's analytical latency came out several times too low."""
     d = bundle.spec.dims
-    params = bundle.layer_weight_bytes(0) / 4
-    return 2 * params + 4 * length * d.hidden
+    attn, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    inter = d.intermediate or 4 * d.hidden  # manifests without the field: the usual transformer ratio
+    mlp = (3 if bundle.spec.scoring in GATED_MLP_SCORINGS else 2) * d.hidden * inter
+    params = 2 * d.hidden * attn + 2 * d.hidden * kv + mlp
+    return 2 * params + 4 * length * attn
 
 
 def rerank_latency(bundle: Bundle, device: dict, tokens: int, max_len: int) -> tuple[float, str]:

@@ -165,3 +165,37 @@ def test_generate_prediction_counts_what_sessions_hold(gen_llama_bundle, tmp_pat
     gen.close()
     assert predicted >= 0.8 * grown, (predicted, grown)  # counted (within the allocator's slack) ...
     assert predicted <= 3 * grown + (8 << 20), (predicted, grown)  # ... and not wildly above
+
+
+def _matrix_weights(bundle, i: int) -> int:
+    """Weights of layer ``i``'s matrices (2-D float initializers) in a float32 bundle's graphs, its qkv graph too."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    layer = bundle.spec.layers[i]
+    files = [layer.file] + ([bundle.spec.qkv_graph(i).file] if layer.qkv is not None else [])
+    n = 0
+    for f in files:
+        g = onnx.load(str(bundle.root / f)).graph
+        n += sum(int(np.prod(t.dims)) for t in g.initializer if len(t.dims) == 2 and min(t.dims) > 1)
+    return n
+
+
+@pytest.mark.parametrize("fixture", ["bert_bi_bundle", "llama_bundle"])
+def test_analytical_latency_counts_weights_not_file_bytes(fixture, request, tmp_path):
+    """Without a probe the rerank latency is FLOPs / GFLOPS; the FLOPs counted weight-file bytes / 4, so an int4
+    bundle's came out ~6x too low (and a split decoder layer's qkv graph was left out even at float32)."""
+    from edge_sel.devices.planner import _layer_flops_per_token, rerank_latency
+    from edge_sel.export.passes.weights import convert_bundle
+    from edge_sel.runtime import Bundle
+
+    src = Bundle.open(request.getfixturevalue(fixture))
+    assert _layer_flops_per_token(src, 0) == 2 * _matrix_weights(src, 0)
+    device = profiles.load("pixel-8")
+    secs, how = rerank_latency(src, device, tokens=1000, max_len=64)
+    assert how.startswith("analytical")
+    for fmt in ("fp16", "int4"):
+        q = Bundle.open(convert_bundle(src.root, tmp_path / fmt, fmt, measure=False))
+        assert q.layer_weight_bytes(0) < src.layer_weight_bytes(0)
+        assert rerank_latency(q, device, tokens=1000, max_len=64) == (secs, how), fmt
