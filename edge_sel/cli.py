@@ -30,7 +30,9 @@ from .summaries import dropped_line, schedule_line
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    # Off a terminal (a pipe, a log file) a line is not folded at rich's default 80 columns: a folded 'wrote PATH'
+    # or plan line breaks whatever reads it; tables still fit the width.
+    return Console(stderr=False, highlight=False, soft_wrap=not sys.stdout.isatty())
 
 
 def cmd_models(args, console) -> int:

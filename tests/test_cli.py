@@ -116,3 +116,16 @@ def test_demo_says_truncation_once(bert_bi_bundle, monkeypatch, capsys, caplog):
     assert not [r for r in caplog.records if "truncated" in r.getMessage()]
     out = capsys.readouterr().out
     assert f"cut to the model's {bundle.max_length} tokens" in out
+
+
+def test_piped_text_lines_are_not_folded_at_80_columns(bert_bi_bundle, tmp_path):
+    """Off a terminal, rich folded every line at 80 columns: 'wrote PATH ...' and the plan's prediction line came out
+    in pieces, breaking a script that reads them."""
+    out = run("plan", bert_bi_bundle, "--device", "pixel-8", "--task", "rerank", "-n", 8, "--doc-tokens", 20)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if l.startswith("predicted peak"))
+    assert len(line) > 80 and "latency" in line and line.rstrip().endswith(")"), out.stdout
+    deep = tmp_path / ("a-rather-long-directory-name-" * 3) / "fused"
+    out = run("fuse", bert_bi_bundle, "-o", deep)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0].startswith(f"wrote {deep / 'fused.onnx'} ("), out.stdout

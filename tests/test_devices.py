@@ -177,7 +177,7 @@ def _matrix_weights(bundle, i: int) -> int:
     files = [layer.file] + ([bundle.spec.qkv_graph(i).file] if layer.qkv is not None else [])
     n = 0
     for f in files:
-        g = onnx.load(str(bundle.root / f)).graph
+        g = onnx.load(str(bundle.root / f), load_external_data=False).graph  # the shapes are enough
         n += sum(int(np.prod(t.dims)) for t in g.initializer if len(t.dims) == 2 and min(t.dims) > 1)
     return n
 
