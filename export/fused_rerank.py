@@ -49,7 +49,7 @@ def check_fusable(bundle, schedule: Schedule | None) -> None:
         raise InputError(f"{root} is a {spec.task!r} bundle; a fused graph ranks documents (export with --task rerank)")
     if spec.graph_format != "onnx":
         raise InputError(f"{root} holds {spec.graph_format.upper()}-format graphs; a fused graph is composed from the ONNX "
-                         "graphs, so fuse before `edge-sel convert`")
+                         "graphs and their weight files, which conversion removes: fuse the ONNX bundle it was converted from")
     if spec.embed.encoding is not None:
         raise InputError(f"{root}: the embedding table is stored block-encoded ({spec.embed.encoding.bits}-bit), which a "
                          "graph cannot gather from; fuse the fp32 or fp16 bundle")

@@ -75,3 +75,25 @@ def test_export_format_ort(tmp_path):
     assert out.returncode == 0, out.stderr
     s = Bundle.open(tmp_path / "b", verify=True).spec
     assert s.graph_format == "ort" and s.layers[0].file.endswith(".ort")
+
+
+def test_convert_a_quantized_bundle(vector_bundles, tmp_path):
+    """An int4 bundle converts (BUNDLE.md: a reduced build for it needs MatMulNBits): its per-graph weight facts follow
+    the graphs to their .ort names; the writer refused it ('weights.tensors: names layers/layer_000.onnx, which is not
+    listed in files', naming its own staging directory) and no int8/int4 bundle could be converted."""
+    from edge_sel.export.passes.weights import convert_bundle
+
+    q = convert_bundle(vector_bundles["tiny_llama_yes_no"], tmp_path / "int4", "int4", measure=False)
+    out = _cli("convert", q, "-o", tmp_path / "ort", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert "MatMulNBits" in info["operators"]["com.microsoft;1"]
+    b = Bundle.open(tmp_path / "ort", verify=True)
+    assert b.spec.weights.format == "int4" and all(rel in b.spec.files for rel in b.spec.weights.tensors)
+    assert any(rel.endswith(".ort") for rel in b.spec.weights.tensors)
+    a = _cli("rerank", q, "-q", "open a file", "-d", VECTORS / "make.py", "-k", 3, "--json")
+    c = _cli("rerank", tmp_path / "ort", "-q", "open a file", "-d", VECTORS / "make.py", "-k", 3, "--json")
+    assert a.returncode == 0 and c.returncode == 0, a.stderr + c.stderr
+    ra, rc = json.loads(a.stdout)["results"], json.loads(c.stdout)["results"]
+    assert [r["corpus_id"] for r in ra] == [r["corpus_id"] for r in rc]
+    assert max(abs(x["score"] - y["score"]) for x, y in zip(ra, rc)) < 1e-3

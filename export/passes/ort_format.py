@@ -100,6 +100,10 @@ def convert_to_ort(path: str | os.PathLike, out: str | os.PathLike | None = None
     spec = src.spec
     if spec.graph_format == "ort":
         raise InputError(f"{src.root} already holds ORT-format graphs")
+    if spec.fused is not None:  # refused before any work: the writer's validation named its own staging directory
+        raise InputError(f"{src.root} has a fused graph ({spec.fused.file}), which reads the ONNX graphs' weight files "
+                         "that an ORT-format bundle does not keep; convert the bundle without it (before `edge-sel fuse`, "
+                         "or exported without --fused)")
     graphs = [*spec.layers, *spec.extra_graphs.values(), spec.head]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="edge_sel-ort-") as tmp:
@@ -119,6 +123,8 @@ def convert_to_ort(path: str | os.PathLike, out: str | os.PathLike | None = None
         new["layers"] = [{**x, "file": moved[x["file"]], "weights": None} for x in new["layers"]]
         new["extra_graphs"] = {k: {**g, "file": moved[g["file"]], "weights": None} for k, g in new.get("extra_graphs", {}).items()}
         new["head"] = {**new["head"], "file": moved[new["head"]["file"]], "weights": None}
+        if new.get("weights"):  # a quantized bundle's per-graph facts follow their graphs to the .ort names
+            new["weights"] = {**new["weights"], "tensors": {moved.get(k, k): v for k, v in new["weights"]["tensors"].items()}}
         new["graph_format"] = "ort"
         new["ort"] = {"required_operators": CONFIG, "optimization_level": level, "optimization_style": "Fixed",
                       "onnxruntime": _ort_version(), "operators": ops, "seconds": round(time.perf_counter() - t0, 2)}
