@@ -199,3 +199,16 @@ def test_analytical_latency_counts_weights_not_file_bytes(fixture, request, tmp_
         q = Bundle.open(convert_bundle(src.root, tmp_path / fmt, fmt, measure=False))
         assert q.layer_weight_bytes(0) < src.layer_weight_bytes(0)
         assert rerank_latency(q, device, tokens=1000, max_len=64) == (secs, how), fmt
+
+
+@pytest.mark.parametrize("n_docs", [17, 64, 100, 133, 250])
+def test_the_named_smallest_budget_always_works(bert_bi_bundle, gen_llama_bundle, n_docs, capsys):
+    """The refusal's 'smallest budget that works' was the minimum rounded to 0.1 MiB, half the time down: SmolLM2's
+    81.24 MiB was printed '81.2 MiB', and `--budget 81.2MiB` was refused again. Rounded up, the figure works."""
+    cases = [[str(bert_bi_bundle), "--task", "rerank", "-n", str(n_docs), "--doc-tokens", "40"],
+             [str(gen_llama_bundle), "--task", "generate", "--prompt-tokens", str(2 * n_docs), "--new-tokens", "8"]]
+    for case in cases:
+        assert main(["plan", *case, "--device", "raspberry-pi-5-8gb", "--budget", "1KB"]) == 2
+        need = capsys.readouterr().err.split("smallest budget that works: ")[1].split(";")[0]
+        assert main(["plan", *case, "--device", "raspberry-pi-5-8gb", "--budget", need.replace(" ", ""), "--json"]) == 0, need
+        capsys.readouterr()
