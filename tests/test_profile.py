@@ -132,6 +132,8 @@ def test_attribution_adds_up_rerank_and_generate(llama_bundle, gen_llama_bundle)
     _adds_up(res.attribution(_sample_after_largest(res, "kv_bytes")))
     names = [e.name for e in res.events]
     assert names.count("prefill.layer") == 4 and names.count("decode") == 7 and "evict" in names
+    # building the engine (every layer's sessions; an int4 bundle's peak, when MatMulNBits prepacks) is a stage too
+    assert names.count("layer.load") == 4 and names.count("head.load") == 1
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="file-backed pages per mapping come from /proc (Linux)")

@@ -36,9 +36,12 @@ class DecoderModel:
         self.layers = []
         for i, layer in enumerate(spec.layers):
             qkv = bundle.path(spec.extra_graphs[layer.qkv].file)
-            self.layers.append((self.backend.open(qkv, threads, mem_pattern=False),
-                                self.backend.open(bundle.layer_path(i), threads, mem_pattern=False)))
-        self.head = self.backend.open(bundle.path(spec.head.file), threads, mem_pattern=False)
+            # a profile's stages name where the engine's build peaks (quantized kernels prepack their weights here)
+            with trace.span("layer.load", layer=i):
+                self.layers.append((self.backend.open(qkv, threads, mem_pattern=False),
+                                    self.backend.open(bundle.layer_path(i), threads, mem_pattern=False)))
+        with trace.span("head.load"):  # an LM head tied to an 8-bit table prepacks the whole vocabulary: often the peak
+            self.head = self.backend.open(bundle.path(spec.head.file), threads, mem_pattern=False)
         # the process-wide spinning pool these sessions run on (0: their own pools; sessions.shared_pool_threads)
         self.shared_pool = shared_pool_threads(threads, small_ops=True) if isinstance(self.backend, OnnxRuntimeBackend) else 0
         # each layer's weight files (qkv graph, attention+MLP graph)
