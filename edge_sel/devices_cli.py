@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from edge_sel.runtime.errors import BudgetError, InputError
-from edge_sel.runtime.units import format_size
+from edge_sel.runtime.units import format_min_size, format_size
 
 
 def cmd_devices(args, console) -> int:
@@ -58,18 +58,6 @@ def cmd_devices(args, console) -> int:
     return 0
 
 
-def _at_least(n: int) -> str:
-    """``format_size(n)`` rounded up at the precision it shows, so the figure given back as ``--budget`` works (81.24 MiB
-    printed as '81.2 MiB' was refused as below the minimum)."""
-    from edge_sel.runtime.units import parse_size
-
-    shown = format_size(n)
-    value, unit = shown.split()
-    if parse_size(shown.replace(" ", "")) >= n:
-        return shown
-    return f"{float(value) + (1 if unit == 'B' else 0.1):.{0 if unit == 'B' else 1}f} {unit}"
-
-
 def _smallest_device(need: int) -> str | None:
     from edge_sel.devices import profiles
     from edge_sel.devices.planner import device_budget
@@ -107,7 +95,7 @@ def cmd_plan(args, console) -> int:
         alt = _smallest_device(need) if need else None
         reason = str(e).split(". ")[0].rstrip(".")
         raise BudgetError(f"infeasible on {device['name']} with a {format_size(budget)} budget: {reason}; smallest budget "
-                          f"that works: {_at_least(need) if need else 'unknown'}; smallest device that works: "
+                          f"that works: {format_min_size(need) if need else 'unknown'}; smallest device that works: "
                           f"{alt or 'none of the profiles'}", minimum_bytes=need) from None
     if args.json:
         print(json.dumps(out))

@@ -46,6 +46,16 @@ def format_size(n: float | int | None) -> str:
     return f"{sign}{n:.1f} GiB"
 
 
+def format_min_size(n: int) -> str:
+    """``format_size(n)`` rounded up at the precision it shows, for a minimum: the figure given back as a budget works
+    ('50.4 MiB is below the minimum ... 50.4 MiB' when the minimum was 50.43 MiB)."""
+    shown = format_size(n)
+    if parse_size(shown.replace(" ", "")) >= n:
+        return shown
+    value, unit = shown.split()
+    return f"{float(value) + (1 if unit == 'B' else 0.1):.{0 if unit == 'B' else 1}f} {unit}"
+
+
 def env_int(name: str, default: int) -> int:
     """The integer in environment variable ``name`` (unset or blank: ``default``); anything else is an InputError
     naming it (a user's setting, not a bug)."""

@@ -23,7 +23,7 @@ import numpy as np
 
 from edge_sel.runtime.bundle import Bundle
 from edge_sel.runtime.errors import BudgetError
-from edge_sel.runtime.units import format_size
+from edge_sel.runtime.units import format_min_size, format_size
 
 SESSION_OVERHEAD = 3 * 1024**2   # per live onnxruntime session beyond its weight files (graph, kernels)
 FIXED_OVERHEAD = 14 * 1024**2    # head session, tokenizer state, numpy scratch, per-call Python objects, and a margin
@@ -236,7 +236,7 @@ class Planner:
                         else f"kept hidden states for {total_tokens} tokens")
                 kept += f" + bookkeeping for {n_items} candidates" if n_items else ""
                 raise BudgetError(
-                    f"memory budget {format_size(budget)} is below the minimum for this input: {format_size(need)} "
+                    f"memory budget {format_size(budget)} is below the minimum for this input: {format_min_size(need)} "
                     f"(2 layers x {format_size(self.layer_bytes)} + {kept} "
                     f"+ one {max_len}-token candidate's activations + fixed costs). Use --memory-budget {-(-need // 1024**2)}MiB "
                     f"or more, or rank shorter documents.",

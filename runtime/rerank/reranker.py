@@ -29,7 +29,7 @@ from edge_sel.runtime.providers import check_name as check_provider_name
 from edge_sel.runtime.providers import resolve as resolve_provider
 from edge_sel.runtime.planning.rerank import SESSION_OVERHEAD
 from edge_sel.runtime.sessions import backend_for
-from edge_sel.runtime.units import format_size, parse_size
+from edge_sel.runtime.units import format_min_size, format_size, parse_size
 
 from .chunks import ChunkStore, HiddenSpill, Packing, make_chunks
 from .execution import Call, Execution, Observer, chunk_workers
@@ -115,7 +115,7 @@ class Reranker:
             need = self.planner.static_minimum()
             raise BudgetError(
                 f"memory budget {format_size(self.memory_budget)} is below the minimum this bundle can run in: "
-                f"{format_size(need)} (two layers of {format_size(self.planner.layer_bytes)} + fixed costs)", minimum_bytes=need)
+                f"{format_min_size(need)} (two layers of {format_size(self.planner.layer_bytes)} + fixed costs)", minimum_bytes=need)
         self.encoder = TextEncoder(self.bundle)
         self.embedder = Embedder(self.bundle)
         head = self.backend.open(self.bundle.path(self.bundle.spec.head.file), threads)

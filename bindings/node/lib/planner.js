@@ -8,7 +8,7 @@
  * token ids in memory (it does not spill them to files), so its minimum is the reference's minimum without spilling.
  */
 const { BudgetError } = require("./errors");
-const { formatSize } = require("./units");
+const { formatSize, formatMinSize } = require("./units");
 const { SPLIT_PADDING_TOKENS } = require("./chunks");
 
 const SESSION_OVERHEAD = 3 * 1024 ** 2;
@@ -121,7 +121,7 @@ class Planner {
     const hidden = this.hiddenBytes(c.total, c.maxLen);
     const need = this.minimum(c);
     if (budget < need)
-      throw new BudgetError(`memory budget ${formatSize(budget)} is below the minimum for this input: ${formatSize(need)} `
+      throw new BudgetError(`memory budget ${formatSize(budget)} is below the minimum for this input: ${formatMinSize(need)} `
         + `(2 layers x ${formatSize(this.layerBytes)} + kept hidden states for ${c.total} tokens + bookkeeping for ${c.nItems} candidates `
         + `+ one ${c.maxLen}-token candidate's activations + fixed costs). Use memoryBudget ${Math.ceil(need / 1024 ** 2)}MiB or more, or rank fewer or shorter documents `
         + `(this package keeps hidden states in memory; the Python runtime can spill them to files under a smaller budget).`, need);

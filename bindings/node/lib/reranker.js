@@ -19,7 +19,7 @@ const { Scoring, pool, dot } = require("./scoring");
 const { loadSession, LayerStream, ort } = require("./sessions");
 const { parseManifest } = require("./manifest");
 const { BudgetError, InputError } = require("./errors");
-const { parseSize, formatSize } = require("./units");
+const { parseSize, formatSize, formatMinSize } = require("./units");
 
 const f32 = (data, dims) => new ort.Tensor("float32", data, dims);
 const i64 = (data, dims) => new ort.Tensor("int64", data, dims);
@@ -57,7 +57,7 @@ class Reranker {
     this.planner = new Planner(bundle);
     const need = this.planner.staticMinimum();
     if (this.memoryBudget !== null && this.memoryBudget < need)
-      throw new BudgetError(`memory budget ${formatSize(this.memoryBudget)} is below the minimum this bundle can run in: ${formatSize(need)} `
+      throw new BudgetError(`memory budget ${formatSize(this.memoryBudget)} is below the minimum this bundle can run in: ${formatMinSize(need)} `
         + `(two layers of ${formatSize(this.planner.layerBytes)} + fixed costs)`, need);
     this.schedule = this.resolveSchedule(pruning);
     this.probe = this.schedule && this.schedule.method === "probe" ? bundle.floatArray(this.schedule.probe) : null;

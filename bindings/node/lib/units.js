@@ -26,4 +26,13 @@ function formatSize(n) {
   return `${n} B`;
 }
 
-module.exports = { parseSize, formatSize };
+/** formatSize rounded up at the precision it shows, for a minimum: the figure given back as a budget works. */
+function formatMinSize(n) {
+  const shown = formatSize(n);
+  if (parseSize(shown.replace(" ", "")) >= n) return shown;
+  const [value, unit] = shown.split(" ");
+  const digits = unit === "B" ? 0 : unit === "GiB" ? 2 : 1;
+  return `${(parseFloat(value) + 10 ** -digits).toFixed(digits)} ${unit}`;
+}
+
+module.exports = { parseSize, formatSize, formatMinSize };

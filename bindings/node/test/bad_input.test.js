@@ -7,6 +7,7 @@ const os = require("node:os");
 const path = require("node:path");
 const { Reranker, Bundle, BundleError, BudgetError, InputError } = require("..");
 const { bundleOf } = require("./helpers");
+const { parseSize, formatMinSize } = require("../lib/units");
 
 const { dir: SOURCE, skip } = bundleOf("tiny_bert_ce");
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), "edge-sel-node-"));
@@ -131,6 +132,10 @@ test("infeasible budgets", { skip }, async () => {
   const minimum = await Reranker.open(SOURCE, { memoryBudget: "1MB" }).catch((e) => e.minimumBytes);
   await rejects(Reranker.open(SOURCE, { memoryBudget: minimum - 1 }), BudgetError, /below the minimum this bundle can run in/);
   const least = await Reranker.open(SOURCE, { memoryBudget: minimum });
+  // the figure the message shows works too: rounded up, not to nearest ('50.4 MiB is below the minimum: 50.4 MiB')
+  for (const n of [minimum, 52868710, 999_950, 2 ** 30 + 1]) assert.ok(parseSize(formatMinSize(n).replace(" ", "")) >= n, n);
+  const shown = await Reranker.open(SOURCE, { memoryBudget: "1MB" }).catch((e) => /can run in: ([0-9.]+ \w+)/.exec(e.message)[1]);
+  await (await Reranker.open(SOURCE, { memoryBudget: shown.replace(" ", "") })).close();
   assert.equal((await least.rank("how to copy a file", ["copy a file with shutil", "sockets"])).length, 2);
   await least.close();
   await rejects(Reranker.open(SOURCE, { memoryBudget: "lots" }), InputError, /cannot read memory size/);
