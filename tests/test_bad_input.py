@@ -146,7 +146,7 @@ CASES = [
     ("rerank-budget-too-small", lambda c: RERANK(c, c.bi, "-m", "1KB"), "minimum"),
     ("rerank-spill-dir-missing", lambda c: RERANK(c, c.bi, "--spill-dir", c.tmp / "nope"), "--spill-dir"),
     ("rerank-spill-dir-a-file", lambda c: RERANK(c, c.bi, "--spill-dir", c.docs), "--spill-dir"),
-    ("rerank-pruning-on-uncalibrated", lambda c: RERANK(c, c.bi, "--pruning", "on"), "calibrat"),
+    ("rerank-pruning-on-uncalibrated", lambda c: RERANK(c, c.bi, "--pruning", "on"), "`--pruning auto` from the command line"),
     ("rerank-shadow-above-one", lambda c: RERANK(c, c.bi, "--shadow", "1.5"), "shadow"),
     ("rerank-shadow-negative", lambda c: RERANK(c, c.bi, "--shadow=-0.1"), "shadow"),
     ("rerank-generate-bundle", lambda c: RERANK(c, c.gen), "generate"),

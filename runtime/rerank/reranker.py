@@ -153,7 +153,8 @@ class Reranker:
             if stored is None:
                 if pruning == "on":
                     raise InputError(f"{root} has no early-ranking schedule, so pruning cannot be used; "
-                                     f"calibrate it first: `edge-sel calibrate {root}` (or use pruning='auto'/'off')")
+                                     f"calibrate it first: `edge-sel calibrate {root}` (or pruning 'auto' / 'off': "
+                                     "`--pruning auto` from the command line)")
                 log.info("%s has no early-ranking schedule: ranking without pruning (run `edge-sel calibrate %s`)", root, root)
                 return None, "off (bundle not calibrated: run `edge-sel calibrate`)"
             sched = Schedule.from_manifest(stored.to_dict())
