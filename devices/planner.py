@@ -97,11 +97,12 @@ def rerank_plan(bundle: Bundle, n_docs: int, doc_tokens: int, query_tokens: int 
     per_item = min(bundle.max_length, doc_tokens + query_tokens + 4)  # pair / prompt around the document
     total, max_len = n_docs * per_item, per_item
     embed_bytes = _embed_touched(bundle, unique_tokens(total, spec.embed.shape[0]))
-    token_ram = total * (BYTES_PER_TOKEN + (BYTES_PER_TYPE if spec.scoring == "cross_encoder" else 0)) + n_docs * BYTES_PER_ITEM
+    n_items = n_docs + (spec.scoring == "bi_encoder")  # the engine encodes a bi-encoder's query as one more item
+    token_ram = total * (BYTES_PER_TOKEN + (BYTES_PER_TYPE if spec.scoring == "cross_encoder" else 0)) + n_items * BYTES_PER_ITEM
     if budget is not None and allow_spill and token_ram > planner.token_ram_limit(budget):
         token_ram = 0  # the engine keeps token ids in a file beyond budget / 16
-    plan = planner.plan(budget, total, max_len, embed_bytes, allow_spill, n_items=n_docs, token_ram=token_ram,
-                        count=ChunkCount(np.full(n_docs, max_len)))
+    plan = planner.plan(budget, total, max_len, embed_bytes, allow_spill, n_items=n_items, token_ram=token_ram,
+                        count=ChunkCount(np.full(n_items, max_len)))
     return planner, plan, {"total_tokens": total, "max_len": max_len}
 
 

@@ -212,3 +212,20 @@ def test_the_named_smallest_budget_always_works(bert_bi_bundle, gen_llama_bundle
         need = capsys.readouterr().err.split("smallest budget that works: ")[1].split(";")[0]
         assert main(["plan", *case, "--device", "raspberry-pi-5-8gb", "--budget", need.replace(" ", ""), "--json"]) == 0, need
         capsys.readouterr()
+
+
+def test_a_refusal_counts_documents_not_items(bert_bi_bundle, llama_bundle, capsys):
+    """A bi-encoder encodes the query as one more item: 50 documents were refused with 'bookkeeping for 51 candidates'
+    (engine, Node) while plan said 50 and left the query out; both now say '50 documents and the query'."""
+    from edge_sel.runtime import Reranker
+    from edge_sel.runtime.errors import BudgetError
+
+    assert main(["plan", str(bert_bi_bundle), "--device", "pixel-8", "--task", "rerank", "-n", "50", "--doc-tokens", "40",
+                 "--budget", "1MB"]) == 2
+    assert "bookkeeping for 50 documents and the query" in capsys.readouterr().err
+    rr = Reranker(bert_bi_bundle, memory_budget=Reranker(bert_bi_bundle).planner.static_minimum(), spill=False)
+    with pytest.raises(BudgetError, match="bookkeeping for 50 documents and the query "):
+        rr.rank("copy a file", ["copy a file to another place " * 3] * 50)
+    assert main(["plan", str(llama_bundle), "--device", "pixel-8", "--task", "rerank", "-n", "50", "--doc-tokens", "40",
+                 "--budget", "1MB"]) == 2
+    assert "bookkeeping for 50 candidates" in capsys.readouterr().err

@@ -234,7 +234,9 @@ class Planner:
             if budget < need:
                 kept = ("the chunk in flight's hidden states (the rest spilled to files)" if allow_spill
                         else f"kept hidden states for {total_tokens} tokens")
-                kept += f" + bookkeeping for {n_items} candidates" if n_items else ""
+                # a bi-encoder's query is one more item: '51 candidates' for 50 documents read as a miscount
+                items = f"{n_items - 1} documents and the query" if self.item_extra else f"{n_items} candidates"
+                kept += f" + bookkeeping for {items}" if n_items else ""
                 raise BudgetError(
                     f"memory budget {format_size(budget)} is below the minimum for this input: {format_min_size(need)} "
                     f"(2 layers x {format_size(self.layer_bytes)} + {kept} "

@@ -122,7 +122,7 @@ class Planner {
     const need = this.minimum(c);
     if (budget < need)
       throw new BudgetError(`memory budget ${formatSize(budget)} is below the minimum for this input: ${formatMinSize(need)} `
-        + `(2 layers x ${formatSize(this.layerBytes)} + kept hidden states for ${c.total} tokens + bookkeeping for ${c.nItems} candidates `
+        + `(2 layers x ${formatSize(this.layerBytes)} + kept hidden states for ${c.total} tokens + bookkeeping for ${this.itemExtra ? `${c.nItems - 1} documents and the query` : `${c.nItems} candidates`} `
         + `+ one ${c.maxLen}-token candidate's activations + fixed costs). Use memoryBudget ${Math.ceil(need / 1024 ** 2)}MiB or more, or rank fewer or shorter documents `
         + `(this package keeps hidden states in memory; the Python runtime can spill them to files under a smaller budget).`, need);
     const free = budget - this.fixed - hidden - this.bookkeeping(c, Math.max(c.maxLen, DEFAULT_CHUNK_TOKENS));
