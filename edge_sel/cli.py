@@ -31,8 +31,11 @@ def _console():
     from rich.console import Console
 
     # Off a terminal (a pipe, a log file) a line is not folded at rich's default 80 columns: a folded 'wrote PATH'
-    # or plan line breaks whatever reads it; tables still fit the width.
-    return Console(stderr=False, highlight=False, soft_wrap=not sys.stdout.isatty())
+    # or plan line breaks whatever reads it; tables get 160 columns there (COLUMNS still wins), so the device and
+    # bench tables' figures and headers are not cut to fit 80.
+    piped = not sys.stdout.isatty()
+    width = 160 if piped and not os.environ.get("COLUMNS") else None
+    return Console(stderr=False, highlight=False, soft_wrap=piped, width=width)
 
 
 def cmd_models(args, console) -> int:

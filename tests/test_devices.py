@@ -229,3 +229,15 @@ def test_a_refusal_counts_documents_not_items(bert_bi_bundle, llama_bundle, caps
     assert main(["plan", str(llama_bundle), "--device", "pixel-8", "--task", "rerank", "-n", "50", "--doc-tokens", "40",
                  "--budget", "1MB"]) == 2
     assert "bookkeeping for 50 candidates" in capsys.readouterr().err
+
+
+def test_devices_list_piped_keeps_headers_whole():
+    """In a pipe rich laid the table out at 80 columns and cut its headers ('stora…', 'GFLO…')."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run([sys.executable, "-m", "edge_sel.cli", "devices", "list"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "storage read" in out.stdout and "GFLOPS (est.)" in out.stdout and "…" not in out.stdout
