@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from edge_sel.runtime.bundle import Bundle
+from edge_sel.runtime.manifest import embed_files, thaw
 from edge_sel.runtime.generate.prefill import PREFILL_SCORES_BYTES, chunk_size
 from edge_sel.runtime.planning import KVPlanner, Planner
 from edge_sel.runtime.planning.rerank import ChunkCount
@@ -131,7 +132,7 @@ def generate_prediction(bundle: Bundle, n_prompt: int, kv_bytes: int, scratch_by
     fmt = spec.weights.format if spec.weights is not None else "fp32"
     loaded = weights
     if spec.head.weights is None and fmt != "fp32":  # a head tied to the quantized table reads the table's files
-        loaded += sum(spec.files[f].size for f in embed_files(spec))
+        loaded += sum(spec.files[f].size for f in embed_files({"embed": thaw(spec.embed)}))
     # the weight files are read at load (counted as pages, conservatively), then what the kernels keep
     sessions = SESSION_BYTES * (len(spec.layers) + len(spec.extra_graphs) + 1) + LOADED_COPY[fmt] * loaded
     hidden = 4 * d.hidden * n_prompt * 3 + 4 * d.intermediate * min(n_prompt, 256) * 3
@@ -141,11 +142,6 @@ def generate_prediction(bundle: Bundle, n_prompt: int, kv_bytes: int, scratch_by
             "hidden": int(4 * d.hidden * n_prompt),
             "total": int(weights + sessions + kv_bytes + scratch_bytes + hidden + attention)}
 
-
-def embed_files(spec) -> list[str]:
-    """The files the embedding table is stored in: values, and a block encoding's scales and mins."""
-    enc = spec.embed.encoding
-    return [spec.embed.file] + ([enc.scales.file] + ([enc.mins.file] if enc.mins else []) if enc else [])
 
 
 def kv_plan(bundle: Bundle, n_prompt: int, max_new: int, kv_budget, policy: str = "full"):
