@@ -143,7 +143,6 @@ def generate_prediction(bundle: Bundle, n_prompt: int, kv_bytes: int, scratch_by
             "total": int(weights + sessions + kv_bytes + scratch_bytes + hidden + attention)}
 
 
-
 def kv_plan(bundle: Bundle, n_prompt: int, max_new: int, kv_budget, policy: str = "full"):
     """The generator's KV plan and the bytes its caches and the policy's own RAM take (raises BudgetError like the engine)."""
     spec = bundle.spec

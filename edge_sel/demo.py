@@ -84,7 +84,7 @@ def run_demo(args, console) -> int:
     full = Reranker(bundle)
     tight = Reranker(bundle, memory_budget=budget)
     full.warn_truncated = tight.warn_truncated = False  # our own pool: said once in the header, not per call
-    report = []
+    report, truncated = [], 0
     for qi in chosen:
         query = items[qi][1]
         res = tight.rank(query, docs, top_k=args.top_k)
